@@ -1,0 +1,308 @@
+"""The pure device model: physical GPUs -> vGPU ids, health, preferred allocation, and
+what an Allocate grants a container. No I/O here; everything is plain values.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+from vgpu_agent.errors import VgpuError
+from vgpu_agent.gpu import Gpu
+
+HEALTHY = "Healthy"
+UNHEALTHY = "Unhealthy"
+#: GPU UUIDs never contain ':' so the last "::" splits an id unambiguously.
+VGPU_ID_SEPARATOR = "::"
+MAX_DEVICE_ID_LENGTH = 63
+
+
+class InvalidRequestError(VgpuError):
+    """A device plugin request the kubelet sent cannot be honoured (INVALID_ARGUMENT)."""
+
+
+def make_vgpu_id(gpu_uuid: str, replica: int) -> str:
+    """The vGPU id for replica ``replica`` of GPU ``gpu_uuid``."""
+    vgpu_id = f"{gpu_uuid}{VGPU_ID_SEPARATOR}{replica}"
+    if len(vgpu_id) > MAX_DEVICE_ID_LENGTH:
+        raise ValueError(
+            f"vGPU id {vgpu_id!r} is longer than the kubelet's {MAX_DEVICE_ID_LENGTH} characters"
+        )
+    return vgpu_id
+
+
+def parse_vgpu_id(vgpu_id: str) -> tuple[str, int]:
+    """Split a vGPU id into (GPU UUID, replica); raises InvalidRequestError if malformed."""
+    gpu_uuid, separator, replica_text = vgpu_id.rpartition(VGPU_ID_SEPARATOR)
+    if not separator or not gpu_uuid or not replica_text.isdigit() or not replica_text.isascii():
+        raise InvalidRequestError(
+            f"device id {_shorten(vgpu_id)!r} is not a vGPU id of this plugin "
+            f"(expected '<GPU UUID>{VGPU_ID_SEPARATOR}<n>')"
+        )
+    return gpu_uuid, int(replica_text)
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+@dataclass(frozen=True)
+class VGpu:
+    """One virtual GPU as advertised to the kubelet."""
+
+    vgpu_id: str
+    gpu_uuid: str
+    replica: int
+    health: str
+    numa_node: Optional[int]
+
+
+@dataclass(frozen=True)
+class ServedGpu:
+    """A physical GPU we serve, split into ``replicas`` vGPUs, with its health.
+
+    ``unhealthy_reasons`` holds every current cause (e.g. ``"xid 79"``, ``"mps daemon down"``);
+    the GPU is healthy when there is none.
+    """
+
+    gpu: Gpu
+    replicas: int
+    unhealthy_reasons: tuple[str, ...] = ()
+    #: The MPS pipe directory on the host, when MPS is used.
+    pipe_dir: Optional[str] = None
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the GPU's vGPUs are advertised Healthy."""
+        return not self.unhealthy_reasons
+
+    @property
+    def vgpu_ids(self) -> list[str]:
+        """The ids of this GPU's vGPUs in replica order."""
+        return [make_vgpu_id(self.gpu.uuid, replica) for replica in range(self.replicas)]
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """Everything the plugin serves: the GPUs in index order."""
+
+    gpus: tuple[ServedGpu, ...] = ()
+    _by_uuid: dict[str, ServedGpu] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._by_uuid.update({served.gpu.uuid: served for served in self.gpus})
+
+    def get(self, gpu_uuid: str) -> Optional[ServedGpu]:
+        """The served GPU with this UUID, if any."""
+        return self._by_uuid.get(gpu_uuid)
+
+    def vgpus(self) -> list[VGpu]:
+        """Every vGPU with its health, GPU by GPU."""
+        return [
+            VGpu(
+                vgpu_id=vgpu_id,
+                gpu_uuid=served.gpu.uuid,
+                replica=replica,
+                health=HEALTHY if served.healthy else UNHEALTHY,
+                numa_node=served.gpu.numa_node,
+            )
+            for served in self.gpus
+            for replica, vgpu_id in enumerate(served.vgpu_ids)
+        ]
+
+    @property
+    def vgpu_count(self) -> int:
+        """How many vGPUs are advertised."""
+        return sum(served.replicas for served in self.gpus)
+
+    @property
+    def unhealthy_vgpu_count(self) -> int:
+        """How many advertised vGPUs are Unhealthy."""
+        return sum(served.replicas for served in self.gpus if not served.healthy)
+
+    def with_reason(self, gpu_uuid: str, reason: str, present: bool) -> Inventory:
+        """A copy where ``reason`` is added to (present) or removed from a GPU's causes."""
+        gpus = []
+        for served in self.gpus:
+            if served.gpu.uuid == gpu_uuid:
+                reasons = tuple(r for r in served.unhealthy_reasons if r != reason)
+                if present:
+                    reasons = (*reasons, reason)
+                served = replace(served, unhealthy_reasons=reasons)
+            gpus.append(served)
+        return Inventory(tuple(gpus))
+
+
+def validate_allocation(inventory: Inventory, vgpu_ids: list[str]) -> ServedGpu:
+    """Check one container's requested ids; return the one GPU they all live on.
+
+    Raises InvalidRequestError, with a message for ``kubectl describe pod``, for an empty
+    request, unknown, duplicated or unhealthy ids, or ids on more than one GPU.
+    """
+    if not vgpu_ids:
+        raise InvalidRequestError("the request names no vGPU ids")
+    duplicates = sorted(vgpu_id for vgpu_id, count in Counter(vgpu_ids).items() if count > 1)
+    if duplicates:
+        shown = ", ".join(_shorten(vgpu_id) for vgpu_id in duplicates[:3])
+        raise InvalidRequestError(f"vGPU ids requested more than once: {shown}")
+    gpu_uuids: dict[str, None] = {}
+    for vgpu_id in vgpu_ids:
+        gpu_uuid, replica = parse_vgpu_id(vgpu_id)
+        served = inventory.get(gpu_uuid)
+        if served is None or replica >= served.replicas:
+            raise InvalidRequestError(
+                f"unknown vGPU id {_shorten(vgpu_id)!r}: this node serves no such vGPU "
+                "(the GPU may have been removed or reconfigured; delete the pod to reschedule it)"
+            )
+        if not served.healthy:
+            raise InvalidRequestError(
+                f"vGPU {vgpu_id} is unhealthy ({'; '.join(served.unhealthy_reasons)}); "
+                "delete the pod to reschedule it"
+            )
+        gpu_uuids[gpu_uuid] = None
+    if len(gpu_uuids) > 1:
+        raise InvalidRequestError(
+            f"the request spans {len(gpu_uuids)} physical GPUs ({', '.join(gpu_uuids)}); "
+            "a container's vGPUs must all be on one GPU under MPS"
+        )
+    served = inventory.get(next(iter(gpu_uuids)))
+    assert served is not None  # noqa: S101 - every id was looked up above
+    return served
+
+
+def preferred_allocation(
+    inventory: Inventory,
+    available_ids: list[str],
+    must_include_ids: list[str],
+    size: int,
+) -> list[str]:
+    """Pick ``size`` ids from ``available_ids`` on one GPU, best fit.
+
+    Best fit: among GPUs that can hold the whole request (after the must-include ids, which
+    fix the GPU when present), the one with the fewest free vGPUs, ties broken by index.
+    When no single GPU fits, the answer is the must-include ids plus as many as fit on the
+    GPU with the most free vGPUs: the kubelet treats our answer as a hint and fills the rest.
+    """
+    if size <= 0:
+        raise InvalidRequestError(f"allocation size must be at least 1, got {size}")
+    if len(must_include_ids) > size:
+        raise InvalidRequestError(
+            f"{len(must_include_ids)} must-include ids exceed the allocation size {size}"
+        )
+    available = set(available_ids)
+    missing = [vgpu_id for vgpu_id in must_include_ids if vgpu_id not in available]
+    if missing:
+        raise InvalidRequestError(
+            f"must-include id {_shorten(missing[0])!r} is not among the available ids"
+        )
+    free_by_gpu: dict[str, list[str]] = {}
+    for served in inventory.gpus:
+        if served.healthy:
+            free_by_gpu[served.gpu.uuid] = [i for i in served.vgpu_ids if i in available]
+    pinned_gpus = {parse_vgpu_id(vgpu_id)[0] for vgpu_id in must_include_ids}
+    candidates = [uuid for uuid in free_by_gpu if not pinned_gpus or uuid in pinned_gpus]
+    if not candidates:
+        return list(must_include_ids)
+
+    def pick(gpu_uuid: str) -> list[str]:
+        chosen = [i for i in must_include_ids if parse_vgpu_id(i)[0] == gpu_uuid]
+        chosen_set = set(chosen)
+        for vgpu_id in free_by_gpu[gpu_uuid]:
+            if len(chosen) >= size:
+                break
+            if vgpu_id not in chosen_set:
+                chosen.append(vgpu_id)
+        return chosen
+
+    fitting = [uuid for uuid in candidates if len(free_by_gpu[uuid]) >= size]
+    if fitting:
+        return pick(min(fitting, key=lambda uuid: len(free_by_gpu[uuid])))
+    best = max(candidates, key=lambda uuid: len(free_by_gpu[uuid]))
+    others = [i for i in must_include_ids if parse_vgpu_id(i)[0] != best]
+    return others + pick(best)
+
+
+@dataclass(frozen=True)
+class MountGrant:
+    """A host path the container gets at ``container_path``."""
+
+    container_path: str
+    host_path: str
+    read_only: bool
+
+
+@dataclass(frozen=True)
+class MpsGrantPolicy:
+    """How Allocate sets up MPS for a container (from the ``[mps]`` config)."""
+
+    container_pipe_dir: str = "/run/nvidia-mps"
+    #: "proportional", "none", or a fixed percentage.
+    thread_limit: object = "proportional"
+    #: "proportional", "none", or a fixed number of MiB.
+    memory_limit: object = "proportional"
+    memory_headroom_mib: int = 0
+    share_host_shm: bool = False
+    pipe_dir_read_only: bool = False
+
+
+@dataclass(frozen=True)
+class ContainerGrant:
+    """What Allocate returns for one container."""
+
+    envs: dict[str, str]
+    mounts: tuple[MountGrant, ...] = ()
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+def thread_percentage(policy: object, vgpus: int, replicas: int) -> Optional[int]:
+    """CUDA_MPS_ACTIVE_THREAD_PERCENTAGE for ``vgpus`` of ``replicas``; None for no limit."""
+    if policy == "none":
+        return None
+    if policy == "proportional":
+        return max(1, min(100, (vgpus * 100) // replicas))
+    if isinstance(policy, int):
+        return policy
+    raise ValueError(f"unknown thread limit policy {policy!r}")
+
+
+def memory_limit_mib(
+    policy: object, vgpus: int, replicas: int, memory_mib: int, headroom_mib: int
+) -> Optional[int]:
+    """Pinned device memory for ``vgpus`` of ``replicas`` in MiB; None for no limit."""
+    if policy == "none":
+        return None
+    if policy == "proportional":
+        return max(1, (max(memory_mib - headroom_mib, 0) * vgpus) // replicas)
+    if isinstance(policy, int):
+        return policy
+    raise ValueError(f"unknown memory limit policy {policy!r}")
+
+
+def grant(served: ServedGpu, vgpus: int, mps: Optional[MpsGrantPolicy]) -> ContainerGrant:
+    """What a container holding ``vgpus`` of ``served`` needs: its GPU and, with MPS,
+    the pipe directory and its per-client limits."""
+    envs = {"NVIDIA_VISIBLE_DEVICES": served.gpu.uuid}
+    annotations = {"vgpu.eks.amazonaws.com/gpu-uuid": served.gpu.uuid}
+    if mps is None or served.pipe_dir is None:
+        return ContainerGrant(envs=envs, annotations=annotations)
+    envs["CUDA_MPS_PIPE_DIRECTORY"] = mps.container_pipe_dir
+    mounts = [MountGrant(mps.container_pipe_dir, served.pipe_dir, mps.pipe_dir_read_only)]
+    if mps.share_host_shm:
+        mounts.append(MountGrant("/dev/shm", "/dev/shm", read_only=False))
+    threads = thread_percentage(mps.thread_limit, vgpus, served.replicas)
+    if threads is not None:
+        envs["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(threads)
+    memory = memory_limit_mib(
+        mps.memory_limit, vgpus, served.replicas, served.gpu.memory_mib, mps.memory_headroom_mib
+    )
+    if memory is not None:
+        # The container sees only its GPU, so it is device 0 there.
+        envs["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = f"0={memory}M"
+    return ContainerGrant(envs=envs, mounts=tuple(mounts), annotations=annotations)
+
+
+def pipe_dir_for(pipe_root: str, gpu_uuid: str) -> str:
+    """The host pipe directory of a GPU's MPS daemon."""
+    return os.path.join(pipe_root, gpu_uuid)
