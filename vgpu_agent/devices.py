@@ -126,12 +126,13 @@ class Inventory:
         """A copy where ``reason`` is added to (present) or removed from a GPU's causes."""
         gpus = []
         for served in self.gpus:
+            updated = served
             if served.gpu.uuid == gpu_uuid:
                 reasons = tuple(r for r in served.unhealthy_reasons if r != reason)
                 if present:
                     reasons = (*reasons, reason)
-                served = replace(served, unhealthy_reasons=reasons)
-            gpus.append(served)
+                updated = replace(served, unhealthy_reasons=reasons)
+            gpus.append(updated)
         return Inventory(tuple(gpus))
 
 
