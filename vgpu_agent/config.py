@@ -1,14 +1,41 @@
 """The versioned config schema (``version = 1``) as frozen dataclasses.
 
 ``parse(text, source)`` turns TOML text into a :class:`Config`; ``load(path)`` reads a
-file and parses it. Every error is a :class:`ConfigError` naming the file, the key path
-and the bad value, and saying what is allowed. Unknown keys are errors.
+file and parses it; ``to_toml(config)`` renders a Config back to TOML that parses to the
+same Config. Every error is a :class:`ConfigError` naming the file, the key path and the
+bad value, and saying what is allowed. Unknown keys are errors.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+import datetime
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field, fields
+from typing import (
+    TYPE_CHECKING,
+    Callable,
+    Literal,
+    Mapping,
+    NoReturn,
+    Optional,
+    Sequence,
+    TypeVar,
+    Union,
+)
+
+from vgpu_agent.errors import ConfigError
+from vgpu_agent.gpu import MPS_CLIENT_LIMIT_PRE_VOLTA, MPS_CLIENT_LIMIT_VOLTA
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 DEFAULT_CONFIG_PATH = "/etc/vgpu/config.toml"
 CONFIG_ENV_VAR = "VGPU_CONFIG"
@@ -148,3 +175,889 @@ class Config:
             if key.lower() in lowered and (best is None or len(key) > len(best[0])):
                 best = (key, replicas)
         return best[1] if best is not None else self.gpus.replicas_per_gpu
+
+
+# --------------------------------------------------------------------------------------
+# Parsing: untyped TOML -> the typed dataclasses above. Each validator takes a _Value
+# (the raw value plus where it came from) and returns the typed value or raises a
+# ConfigError that names the file, the key path, the bad value and what is allowed.
+# The first error found wins; tables are checked for unknown keys before their values
+# and values in the order of the dataclass fields, so the same document always gives the
+# same message.
+# --------------------------------------------------------------------------------------
+
+_T = TypeVar("_T")
+
+#: Replicas above this fail on every GPU; pre-Volta GPUs (16) are checked per GPU at start.
+MAX_REPLICAS_PER_GPU = MPS_CLIENT_LIMIT_VOLTA
+#: The most GPUs the simulated backend will invent.
+MAX_SIMULATED_GPUS = 64
+#: A proportional memory slice below this leaves an MPS client almost nothing once its own
+#: CUDA context is counted against the limit (measured: a 1 GiB limit left 0.39 GiB free).
+MIN_USEFUL_SLICE_MIB = 640
+#: vGPU ids are "<uuid>::<replica>" and at most 63 characters; replicas need up to 2 digits.
+MAX_GPU_UUID_LENGTH = 63 - len("::") - len(str(MAX_REPLICAS_PER_GPU - 1))
+#: sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH_BYTES = 107
+
+_REPLICAS_ALLOWED = (
+    f"an integer from 1 to {MAX_REPLICAS_PER_GPU} (the MPS client limit on Volta and newer "
+    f"GPUs; pre-Volta GPUs allow {MPS_CLIENT_LIMIT_PRE_VOLTA}, which is checked per GPU "
+    "when the agent starts)"
+)
+_UUID_ALLOWED = (
+    "a GPU UUID as nvidia-smi -L prints it, 'GPU-' followed by letters, digits and '-' "
+    f"(at most {MAX_GPU_UUID_LENGTH} characters)"
+)
+_GPU_UUID_RE = re.compile(r"GPU-[A-Za-z0-9-]+")
+_DNS_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_QUALIFIED_NAME_RE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+_COMPUTE_CAPABILITY_RE = re.compile(r"([0-9]{1,2})\.([0-9]{1,2})")
+_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+_SHOW_LIMIT = 60
+
+_BACKENDS: dict[str, BackendName] = {"nvml": "nvml", "simulated": "simulated"}
+_COMPUTE_MODES: dict[str, ComputeModeSetting] = {
+    "exclusive_process": "exclusive_process",
+    "default": "default",
+    "unchanged": "unchanged",
+}
+_MPS_MANAGERS: dict[str, MpsManager] = {
+    "direct": "direct",
+    "systemd": "systemd",
+    "external": "external",
+}
+_MULTI_USER: dict[str, MultiUser] = {"auto": "auto", "on": "on", "off": "off"}
+_LOG_LEVELS: dict[str, LogLevel] = {
+    "debug": "debug",
+    "info": "info",
+    "warning": "warning",
+    "error": "error",
+}
+_POLICIES: dict[str, Literal["proportional", "none"]] = {
+    "proportional": "proportional",
+    "none": "none",
+}
+
+
+def _show(value: object) -> str:
+    """The bad value as the message shows it: TOML spelling for booleans, else repr."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    text = repr(value)
+    return text if len(text) <= _SHOW_LIMIT else text[: _SHOW_LIMIT - 3] + "..."
+
+
+def _type_name(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, datetime.datetime):
+        return "a date-time"
+    if isinstance(value, datetime.date):
+        return "a date"
+    if isinstance(value, datetime.time):
+        return "a time"
+    return f"a {type(value).__name__}"
+
+
+def _quote_key(key: str) -> str:
+    """A key as TOML spells it: bare when it can be, else a basic string."""
+    return key if _BARE_KEY_RE.fullmatch(key) else _toml_string(key)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+@dataclass(frozen=True)
+class _Value:
+    """A raw TOML value and where it came from."""
+
+    source: str
+    path: str
+    raw: object
+
+    def fail(
+        self, expected: str, reason: Optional[str] = None, *, wrong_type: bool = False
+    ) -> NoReturn:
+        """Raise the ConfigError for this value."""
+        shown = _show(self.raw)
+        if wrong_type:
+            shown += f" ({_type_name(self.raw)})"
+        because = f": {reason}" if reason else ""
+        raise ConfigError(
+            f"{self.source}: {self.path}: invalid value {shown}{because}; expected {expected}"
+        )
+
+
+class _Table:
+    """One TOML table of the schema: refuses unknown keys, hands out typed values."""
+
+    def __init__(
+        self, source: str, path: str, title: str, data: Mapping[str, object], allowed: Sequence[str]
+    ) -> None:
+        self.source = source
+        self.path = path
+        self._data = data
+        for key in data:
+            if key not in allowed:
+                raise ConfigError(
+                    f"{source}: {_join(path, _quote_key(key))}: unknown key; "
+                    f"the keys allowed in {title} are: {', '.join(allowed)}"
+                )
+
+    def value(self, key: str) -> _Value:
+        """The raw value of a key known to be present."""
+        return _Value(self.source, _join(self.path, key), self._data[key])
+
+    def value_of(self, key: str, converted: object) -> _Value:
+        """A checked value of this table, for errors that involve more than one key."""
+        return _Value(self.source, _join(self.path, key), converted)
+
+    def has(self, key: str) -> bool:
+        """Whether the document sets this key."""
+        return key in self._data
+
+    def get(self, key: str, default: _T, convert: Callable[[_Value], _T]) -> _T:
+        """The converted value of ``key``, or ``default`` when the document omits it."""
+        if key not in self._data:
+            return default
+        return convert(self.value(key))
+
+    def table(self, key: str, title: str, allowed: Sequence[str]) -> _Table:
+        """The sub-table ``key`` (empty when omitted)."""
+        if key not in self._data:
+            return _Table(self.source, _join(self.path, key), title, {}, allowed)
+        value = self.value(key)
+        return _Table(self.source, value.path, title, _as_table(value), allowed)
+
+
+def _keys(cls: type[DataclassInstance]) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls) if f.name != "source")
+
+
+def _as_table(value: _Value) -> dict[str, object]:
+    if not isinstance(value.raw, dict):
+        value.fail("a table", wrong_type=True)
+    return {str(key): item for key, item in value.raw.items()}
+
+
+def _as_list(value: _Value, expected: str) -> list[object]:
+    if not isinstance(value.raw, list):
+        value.fail(expected, wrong_type=True)
+    items: list[object] = list(value.raw)
+    return items
+
+
+def _item(value: _Value, index: int, raw: object) -> _Value:
+    return _Value(value.source, f"{value.path}[{index}]", raw)
+
+
+def _bool(value: _Value) -> bool:
+    if not isinstance(value.raw, bool):
+        value.fail("true or false", wrong_type=True)
+    return value.raw
+
+
+def _int(value: _Value, expected: str, low: int, high: Optional[int] = None) -> int:
+    raw = value.raw
+    # bool is an int subclass in Python; TOML's true is not a number.
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        value.fail(expected, wrong_type=True)
+    if raw < low or (high is not None and raw > high):
+        value.fail(expected, "out of range")
+    return raw
+
+
+def _int_range(low: int, high: Optional[int], expected: str) -> Callable[[_Value], int]:
+    def convert(value: _Value) -> int:
+        return _int(value, expected, low, high)
+
+    return convert
+
+
+def _seconds(*, allow_zero: bool, note: str = "") -> Callable[[_Value], float]:
+    expected = ("a number of seconds >= 0" if allow_zero else "a number of seconds > 0") + note
+
+    def convert(value: _Value) -> float:
+        raw = value.raw
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            value.fail(expected, wrong_type=True)
+        seconds = float(raw)
+        if not math.isfinite(seconds):
+            value.fail(expected, "not a finite number")
+        if seconds < 0 or (seconds == 0 and not allow_zero):
+            value.fail(expected, "out of range")
+        return seconds
+
+    return convert
+
+
+def _string(value: _Value, expected: str) -> str:
+    if not isinstance(value.raw, str):
+        value.fail(expected, wrong_type=True)
+    if "\x00" in value.raw:
+        value.fail(expected, "contains a NUL character")
+    return value.raw
+
+
+def _text(value: _Value) -> str:
+    expected = "a non-empty string"
+    text = _string(value, expected)
+    if not text.strip():
+        value.fail(expected, "empty")
+    return text
+
+
+def _choice(choices: Mapping[str, _T]) -> Callable[[_Value], _T]:
+    expected = "one of " + ", ".join(_toml_string(name) for name in choices)
+
+    def convert(value: _Value) -> _T:
+        text = _string(value, expected)
+        if text not in choices:
+            value.fail(expected)
+        return choices[text]
+
+    return convert
+
+
+def _absolute_path(value: _Value) -> str:
+    expected = "an absolute path (starting with '/')"
+    path = _string(value, expected)
+    if not path.startswith("/"):
+        value.fail(expected, "not absolute")
+    return path
+
+
+def _program(value: _Value) -> str:
+    expected = "a program name looked up in PATH, or an absolute path to it"
+    program = _string(value, expected)
+    if not program.strip():
+        value.fail(expected, "empty")
+    if "/" in program and not program.startswith("/"):
+        value.fail(expected, "a relative path")
+    return program
+
+
+def _socket_file_name(value: _Value) -> str:
+    expected = "a plain file name ending in '.sock' (no '/')"
+    name = _string(value, expected)
+    if "/" in name or name in (".sock",) or not name.endswith(".sock"):
+        value.fail(expected)
+    return name
+
+
+def _resource_name(value: _Value) -> str:
+    expected = (
+        "an extended resource name '<domain>/<name>': the domain a lowercase DNS subdomain "
+        "outside kubernetes.io, the name at most 63 letters, digits, '-', '_' or '.' that "
+        "starts and ends with a letter or digit"
+    )
+    name = _string(value, expected)
+    domain, slash, short = name.partition("/")
+    if not slash:
+        value.fail(expected, "no '/'")
+    if len(domain) > 253 or not all(
+        _DNS_LABEL_RE.fullmatch(label) and len(label) <= 63 for label in domain.split(".")
+    ):
+        value.fail(expected, f"{domain!r} is not a DNS subdomain")
+    # The kubelet treats anything under kubernetes.io/ as a native resource and refuses it.
+    if "kubernetes.io/" in name:
+        value.fail(expected, "kubernetes.io is reserved for Kubernetes' own resources")
+    if len(short) > 63 or not _QUALIFIED_NAME_RE.fullmatch(short):
+        value.fail(expected, f"{short!r} is not a valid name")
+    return name
+
+
+def _gpu_uuid(value: _Value) -> str:
+    uuid = _string(value, _UUID_ALLOWED)
+    if not _GPU_UUID_RE.fullmatch(uuid) or len(uuid) > MAX_GPU_UUID_LENGTH:
+        value.fail(_UUID_ALLOWED)
+    return uuid
+
+
+def _serve(value: _Value) -> Union[Literal["all"], tuple[Union[str, int], ...]]:
+    expected = (
+        f'"all", or a non-empty array of GPU indices (integers >= 0) and UUIDs ({_UUID_ALLOWED})'
+    )
+    if value.raw == "all" and isinstance(value.raw, str):
+        return "all"
+    if isinstance(value.raw, str):
+        value.fail(expected)
+    items = _as_list(value, expected)
+    if not items:
+        value.fail(expected, "empty: that serves no GPU")
+    serve: list[Union[str, int]] = []
+    for index, raw in enumerate(items):
+        item = _item(value, index, raw)
+        chosen: Union[str, int]
+        if isinstance(raw, str):
+            chosen = _gpu_uuid(item)
+        elif isinstance(raw, int) and not isinstance(raw, bool):
+            chosen = _int(item, "a GPU index (an integer >= 0) or a GPU UUID string", 0)
+        else:
+            item.fail("a GPU index (an integer >= 0) or a GPU UUID string", wrong_type=True)
+        if chosen in serve:
+            item.fail(expected, "listed twice")
+        serve.append(chosen)
+    return tuple(serve)
+
+
+def _replicas_by_model(value: _Value) -> tuple[tuple[str, int], ...]:
+    table = _as_table(value)
+    pairs: list[tuple[str, int]] = []
+    seen: dict[str, str] = {}
+    for model, raw in table.items():
+        item = _Value(value.source, f"{value.path}.{_toml_string(model)}", raw)
+        if not model.strip():
+            item.fail(_REPLICAS_ALLOWED, "the model name is empty and would match every GPU")
+        lowered = model.lower()
+        if lowered in seen:
+            item.fail(
+                _REPLICAS_ALLOWED,
+                f"the model {model!r} is also given as {seen[lowered]!r} (names match "
+                "case-insensitively)",
+            )
+        seen[lowered] = model
+        pairs.append((model, _int(item, _REPLICAS_ALLOWED, 1, MAX_REPLICAS_PER_GPU)))
+    return tuple(pairs)
+
+
+def _limit(*, unit: str, high: Optional[int]) -> Callable[[_Value], LimitPolicy]:
+    bound = f"from 1 to {high}" if high is not None else ">= 1"
+    expected = f'"proportional", "none", or a fixed {unit} (an integer {bound})'
+
+    def convert(value: _Value) -> LimitPolicy:
+        if isinstance(value.raw, str):
+            if value.raw not in _POLICIES:
+                value.fail(expected)
+            return _POLICIES[value.raw]
+        return _int(value, expected, 1, high)
+
+    return convert
+
+
+def _multi_user(value: _Value) -> MultiUser:
+    if value.raw is True:
+        return "on"
+    if value.raw is False:
+        return "off"
+    return _choice(_MULTI_USER)(value)
+
+
+def _xids(value: _Value) -> tuple[int, ...]:
+    expected = "an array of XID numbers (integers from 0 to 65535)"
+    xids: list[int] = []
+    for index, raw in enumerate(_as_list(value, expected)):
+        item = _item(value, index, raw)
+        xid = _int(item, "an XID number (an integer from 0 to 65535)", 0, 65535)
+        if xid in xids:
+            item.fail(expected, "listed twice")
+        xids.append(xid)
+    return tuple(xids)
+
+
+def _compute_capability(value: _Value) -> tuple[int, int]:
+    expected = 'a CUDA compute capability "<major>.<minor>" such as "9.0" or "8.6"'
+    text = _string(value, expected)
+    match = _COMPUTE_CAPABILITY_RE.fullmatch(text)
+    if match is None or int(match.group(1)) < 1:
+        value.fail(expected)
+    return int(match.group(1)), int(match.group(2))
+
+
+_MEMORY_ALLOWED = "the GPU's memory in MiB (an integer >= 1)"
+
+
+def _simulated_gpu(value: _Value) -> SimulatedGpu:
+    table = _Table(
+        value.source, value.path, "[[simulated.gpus]]", _as_table(value), _keys(SimulatedGpu)
+    )
+    if not table.has("uuid"):
+        raise ConfigError(
+            f"{value.source}: {_join(value.path, 'uuid')}: missing; every [[simulated.gpus]] "
+            f"entry needs a uuid, {_UUID_ALLOWED}"
+        )
+    return SimulatedGpu(
+        uuid=_gpu_uuid(table.value("uuid")),
+        model=table.get("model", SimulatedGpu.model, _text),
+        memory_mib=table.get(
+            "memory_mib", SimulatedGpu.memory_mib, _int_range(1, None, _MEMORY_ALLOWED)
+        ),
+        compute_capability=table.get(
+            "compute_capability", SimulatedGpu.compute_capability, _compute_capability
+        ),
+        numa_node=table.get(
+            "numa_node", None, _int_range(0, None, "a NUMA node number (an integer >= 0)")
+        ),
+        mig_enabled=table.get("mig_enabled", False, _bool),
+    )
+
+
+def _simulated_gpus(value: _Value) -> tuple[SimulatedGpu, ...]:
+    expected = f"an array of tables ([[simulated.gpus]]), at most {MAX_SIMULATED_GPUS}"
+    items = _as_list(value, expected)
+    if len(items) > MAX_SIMULATED_GPUS:
+        value.fail(expected, f"{len(items)} GPUs")
+    gpus: list[SimulatedGpu] = []
+    for index, raw in enumerate(items):
+        gpu = _simulated_gpu(_item(value, index, raw))
+        if any(other.uuid == gpu.uuid for other in gpus):
+            _item(value, index, raw).fail(
+                "GPUs with distinct uuids", f"uuid {gpu.uuid!r} is used twice"
+            )
+        gpus.append(gpu)
+    return tuple(gpus)
+
+
+def _parse_agent(table: _Table) -> AgentConfig:
+    defaults = AgentConfig()
+    return AgentConfig(
+        log_level=table.get("log_level", defaults.log_level, _choice(_LOG_LEVELS)),
+        state_dir=table.get("state_dir", defaults.state_dir, _absolute_path),
+    )
+
+
+def _parse_plugin(table: _Table) -> PluginConfig:
+    defaults = PluginConfig()
+    plugin = PluginConfig(
+        resource_name=table.get("resource_name", defaults.resource_name, _resource_name),
+        plugin_dir=table.get("plugin_dir", defaults.plugin_dir, _absolute_path),
+        socket_name=table.get("socket_name", defaults.socket_name, _socket_file_name),
+        kubelet_socket_name=table.get(
+            "kubelet_socket_name", defaults.kubelet_socket_name, _socket_file_name
+        ),
+        register_timeout_s=table.get(
+            "register_timeout_s", defaults.register_timeout_s, _seconds(allow_zero=False)
+        ),
+    )
+    if plugin.socket_name in (plugin.kubelet_socket_name, "kubelet.sock"):
+        table.value_of("socket_name", plugin.socket_name).fail(
+            "a socket name of our own", "that is the kubelet's socket"
+        )
+    for key, name in (
+        ("socket_name", plugin.socket_name),
+        ("kubelet_socket_name", plugin.kubelet_socket_name),
+    ):
+        path = os.path.join(plugin.plugin_dir, name)
+        if len(path.encode("utf-8", "surrogatepass")) > MAX_SOCKET_PATH_BYTES:
+            # Blame the directory when the file sets it: that is the long part.
+            blamed = (
+                table.value_of("plugin_dir", plugin.plugin_dir)
+                if table.has("plugin_dir")
+                else table.value_of(key, name)
+            )
+            blamed.fail(
+                "a plugin_dir and socket name whose joined path fits a unix socket "
+                f"(at most {MAX_SOCKET_PATH_BYTES} bytes)",
+                f"{path!r} is too long",
+            )
+    return plugin
+
+
+def _parse_gpus(table: _Table) -> GpusConfig:
+    defaults = GpusConfig()
+    return GpusConfig(
+        backend=table.get("backend", defaults.backend, _choice(_BACKENDS)),
+        replicas_per_gpu=table.get(
+            "replicas_per_gpu",
+            defaults.replicas_per_gpu,
+            _int_range(1, MAX_REPLICAS_PER_GPU, _REPLICAS_ALLOWED),
+        ),
+        replicas_by_model=table.get(
+            "replicas_by_model", defaults.replicas_by_model, _replicas_by_model
+        ),
+        serve=table.get("serve", defaults.serve, _serve),
+        compute_mode=table.get("compute_mode", defaults.compute_mode, _choice(_COMPUTE_MODES)),
+        restore_compute_mode=table.get(
+            "restore_compute_mode", defaults.restore_compute_mode, _bool
+        ),
+        allow_unconfined_sharing=table.get(
+            "allow_unconfined_sharing", defaults.allow_unconfined_sharing, _bool
+        ),
+    )
+
+
+def _parse_mps(table: _Table) -> MpsConfig:
+    defaults = MpsConfig()
+    return MpsConfig(
+        enabled=table.get("enabled", defaults.enabled, _bool),
+        manager=table.get("manager", defaults.manager, _choice(_MPS_MANAGERS)),
+        pipe_root=table.get("pipe_root", defaults.pipe_root, _absolute_path),
+        log_root=table.get("log_root", defaults.log_root, _absolute_path),
+        control_binary=table.get("control_binary", defaults.control_binary, _program),
+        multi_user=table.get("multi_user", defaults.multi_user, _multi_user),
+        container_pipe_dir=table.get(
+            "container_pipe_dir", defaults.container_pipe_dir, _absolute_path
+        ),
+        thread_limit=table.get(
+            "thread_limit", defaults.thread_limit, _limit(unit="percentage", high=100)
+        ),
+        memory_limit=table.get(
+            "memory_limit", defaults.memory_limit, _limit(unit="number of MiB", high=None)
+        ),
+        memory_headroom_mib=table.get(
+            "memory_headroom_mib",
+            defaults.memory_headroom_mib,
+            _int_range(0, None, "a number of MiB (an integer >= 0)"),
+        ),
+        share_host_shm=table.get("share_host_shm", defaults.share_host_shm, _bool),
+        control_timeout_s=table.get(
+            "control_timeout_s", defaults.control_timeout_s, _seconds(allow_zero=False)
+        ),
+    )
+
+
+def _parse_health(table: _Table) -> HealthConfig:
+    defaults = HealthConfig()
+    return HealthConfig(
+        xid_enabled=table.get("xid_enabled", defaults.xid_enabled, _bool),
+        ignored_xids=table.get("ignored_xids", defaults.ignored_xids, _xids),
+        mps_liveness_enabled=table.get(
+            "mps_liveness_enabled", defaults.mps_liveness_enabled, _bool
+        ),
+        mps_check_interval_s=table.get(
+            "mps_check_interval_s", defaults.mps_check_interval_s, _seconds(allow_zero=False)
+        ),
+        recovery_quiet_period_s=table.get(
+            "recovery_quiet_period_s",
+            defaults.recovery_quiet_period_s,
+            _seconds(allow_zero=True, note=" (0 means never: only 'vgpu-agent health reset')"),
+        ),
+        poll_interval_s=table.get(
+            "poll_interval_s", defaults.poll_interval_s, _seconds(allow_zero=False)
+        ),
+    )
+
+
+_SINGLE_MODEL_KEYS = ("count", "model", "memory_mib", "compute_capability")
+
+
+def _parse_simulated(table: _Table) -> SimulatedConfig:
+    defaults = SimulatedConfig()
+    gpus = table.get("gpus", defaults.gpus, _simulated_gpus)
+    if gpus:
+        # Both forms at once would leave some keys silently unused.
+        for key in _SINGLE_MODEL_KEYS:
+            if table.has(key):
+                value = table.value(key)
+                raise ConfigError(
+                    f"{table.source}: {value.path}: invalid value {_show(value.raw)}: "
+                    f"[[simulated.gpus]] lists the GPUs, so {key} would be ignored; "
+                    f"expected either {', '.join(_SINGLE_MODEL_KEYS)} or [[simulated.gpus]], "
+                    "not both"
+                )
+    return SimulatedConfig(
+        count=table.get(
+            "count",
+            defaults.count,
+            _int_range(1, MAX_SIMULATED_GPUS, f"an integer from 1 to {MAX_SIMULATED_GPUS}"),
+        ),
+        model=table.get("model", defaults.model, _text),
+        memory_mib=table.get(
+            "memory_mib", defaults.memory_mib, _int_range(1, None, _MEMORY_ALLOWED)
+        ),
+        compute_capability=table.get(
+            "compute_capability", defaults.compute_capability, _compute_capability
+        ),
+        gpus=gpus,
+    )
+
+
+def _version(value: _Value) -> int:
+    expected = f"{SCHEMA_VERSION} (the only schema version this agent understands)"
+    version = _int(value, expected, 0)
+    if version != SCHEMA_VERSION:
+        value.fail(expected, "this agent does not understand that schema version")
+    return version
+
+
+def parse(text: str, source: str = "<string>") -> Config:
+    """Parse config TOML ``text`` read from ``source`` (used in messages) into a Config."""
+    try:
+        document: dict[str, object] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    except ValueError as exc:  # an integer with more digits than Python converts
+        reason = str(exc).split(";")[0]
+        raise ConfigError(f"{source}: not valid TOML: a value cannot be read: {reason}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{source}: not valid TOML: arrays or tables nested too deeply") from exc
+    root = _Table(source, "", "the top level", document, _keys(Config))
+    # The version decides what the rest means, so it is checked before anything else.
+    version = root.get("version", SCHEMA_VERSION, _version)
+    return Config(
+        version=version,
+        agent=_parse_agent(root.table("agent", "[agent]", _keys(AgentConfig))),
+        plugin=_parse_plugin(root.table("plugin", "[plugin]", _keys(PluginConfig))),
+        gpus=_parse_gpus(root.table("gpus", "[gpus]", _keys(GpusConfig))),
+        mps=_parse_mps(root.table("mps", "[mps]", _keys(MpsConfig))),
+        health=_parse_health(root.table("health", "[health]", _keys(HealthConfig))),
+        simulated=_parse_simulated(root.table("simulated", "[simulated]", _keys(SimulatedConfig))),
+        source=source,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Rendering: Config -> TOML that parse() reads back to an equal Config.
+# --------------------------------------------------------------------------------------
+
+_ESCAPES = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+}
+
+
+def _toml_string(text: str) -> str:
+    """``text`` as a TOML basic string."""
+    out = ['"']
+    for char in text:
+        if char in _ESCAPES:
+            out.append(_ESCAPES[char])
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            out.append(f"\\u{ord(char):04X}")
+        else:
+            out.append(char)
+    out.append('"')
+    return "".join(out)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"cannot render {value!r} as TOML")
+
+
+def _compute_capability_text(capability: tuple[int, int]) -> str:
+    return f"{capability[0]}.{capability[1]}"
+
+
+def to_toml(config: Config) -> str:
+    """The config as TOML, every key spelled out, that ``parse`` reads back unchanged."""
+    lines = [f"# vgpu-agent effective configuration (from {_toml_string(config.source)})", ""]
+    lines.append(f"version = {config.version}")
+
+    def table(name: str, pairs: Sequence[tuple[str, object]]) -> None:
+        lines.extend(["", f"[{name}]"])
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in pairs)
+
+    agent, plugin, gpus, mps = config.agent, config.plugin, config.gpus, config.mps
+    table("agent", [("log_level", agent.log_level), ("state_dir", agent.state_dir)])
+    table(
+        "plugin",
+        [
+            ("resource_name", plugin.resource_name),
+            ("plugin_dir", plugin.plugin_dir),
+            ("socket_name", plugin.socket_name),
+            ("kubelet_socket_name", plugin.kubelet_socket_name),
+            ("register_timeout_s", plugin.register_timeout_s),
+        ],
+    )
+    table(
+        "gpus",
+        [
+            ("backend", gpus.backend),
+            ("replicas_per_gpu", gpus.replicas_per_gpu),
+            ("serve", gpus.serve),
+            ("compute_mode", gpus.compute_mode),
+            ("restore_compute_mode", gpus.restore_compute_mode),
+            ("allow_unconfined_sharing", gpus.allow_unconfined_sharing),
+        ],
+    )
+    table(
+        "gpus.replicas_by_model", [(_toml_string(model), n) for model, n in gpus.replicas_by_model]
+    )
+    table(
+        "mps",
+        [
+            ("enabled", mps.enabled),
+            ("manager", mps.manager),
+            ("pipe_root", mps.pipe_root),
+            ("log_root", mps.log_root),
+            ("control_binary", mps.control_binary),
+            ("multi_user", mps.multi_user),
+            ("container_pipe_dir", mps.container_pipe_dir),
+            ("thread_limit", mps.thread_limit),
+            ("memory_limit", mps.memory_limit),
+            ("memory_headroom_mib", mps.memory_headroom_mib),
+            ("share_host_shm", mps.share_host_shm),
+            ("control_timeout_s", mps.control_timeout_s),
+        ],
+    )
+    health = config.health
+    table(
+        "health",
+        [
+            ("xid_enabled", health.xid_enabled),
+            ("ignored_xids", health.ignored_xids),
+            ("mps_liveness_enabled", health.mps_liveness_enabled),
+            ("mps_check_interval_s", health.mps_check_interval_s),
+            ("recovery_quiet_period_s", health.recovery_quiet_period_s),
+            ("poll_interval_s", health.poll_interval_s),
+        ],
+    )
+    simulated = config.simulated
+    if simulated.gpus:
+        # parse() refuses the single-model keys next to an explicit list.
+        table("simulated", [])
+        for gpu in simulated.gpus:
+            lines.extend(["", "[[simulated.gpus]]"])
+            pairs: list[tuple[str, object]] = [
+                ("uuid", gpu.uuid),
+                ("model", gpu.model),
+                ("memory_mib", gpu.memory_mib),
+                ("compute_capability", _compute_capability_text(gpu.compute_capability)),
+            ]
+            if gpu.numa_node is not None:
+                pairs.append(("numa_node", gpu.numa_node))
+            pairs.append(("mig_enabled", gpu.mig_enabled))
+            lines.extend(f"{key} = {_toml_value(value)}" for key, value in pairs)
+    else:
+        table(
+            "simulated",
+            [
+                ("count", simulated.count),
+                ("model", simulated.model),
+                ("memory_mib", simulated.memory_mib),
+                ("compute_capability", _compute_capability_text(simulated.compute_capability)),
+            ],
+        )
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------
+# Files and paths: the only I/O in this module.
+# --------------------------------------------------------------------------------------
+
+
+def resolve_path(cli_value: Optional[str], environ: Mapping[str, str]) -> str:
+    """The config path to use: ``--config``, else ``$VGPU_CONFIG``, else the default."""
+    if cli_value is not None:
+        return cli_value
+    from_env = environ.get(CONFIG_ENV_VAR, "")
+    return from_env if from_env else DEFAULT_CONFIG_PATH
+
+
+def _read_text(path: str, *, missing_ok: bool) -> Optional[str]:
+    """The file's text; None when it is missing and ``missing_ok``; else a ConfigError."""
+    action = f"reading config file {path}"
+    if not path:
+        raise ConfigError("reading config file: the path is empty; give a file name")
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError as exc:
+        if missing_ok:
+            return None
+        raise ConfigError(
+            f"{action}: {exc.strerror or 'no such file'}; create it (see the commented "
+            f"example shipped as {DEFAULT_CONFIG_PATH}) or point --config or "
+            f"${CONFIG_ENV_VAR} at an existing file"
+        ) from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(
+            f"{action}: it is a directory; give the path of the TOML file inside it"
+        ) from exc
+    except PermissionError as exc:
+        raise ConfigError(
+            f"{action}: {exc.strerror or 'permission denied'}; run as root or make the "
+            "file readable by the agent's user"
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(
+            f"{action}: {exc.strerror or exc}; check that the path names a readable file"
+        ) from exc
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{action}: not UTF-8 text (byte {exc.start}); TOML files must be UTF-8"
+        ) from exc
+
+
+def load(path: str) -> Config:
+    """Read and parse the config file at ``path``; its path becomes ``Config.source``."""
+    text = _read_text(path, missing_ok=False)
+    assert text is not None  # noqa: S101 - missing_ok=False never returns None
+    return parse(text, source=path)
+
+
+def load_or_default(path: str, required: bool) -> Config:
+    """Like ``load``, but a missing file gives the defaults unless ``required``.
+
+    The agent runs without a config file at the default path; a file someone named
+    (``--config``, ``$VGPU_CONFIG``) must exist.
+    """
+    text = _read_text(path, missing_ok=not required)
+    if text is None:
+        return Config()
+    return parse(text, source=path)
+
+
+def load_effective(cli_value: Optional[str], environ: Mapping[str, str]) -> Config:
+    """The config the agent runs with: resolve the path, then load it (required when named)."""
+    path = resolve_path(cli_value, environ)
+    explicit = cli_value is not None or bool(environ.get(CONFIG_ENV_VAR, ""))
+    return load_or_default(path, required=explicit)
+
+
+# --------------------------------------------------------------------------------------
+# Advice that depends on the GPU, so it cannot be an error at parse time.
+# --------------------------------------------------------------------------------------
+
+
+def slice_warnings(config: Config, model: str, memory_mib: int) -> list[str]:
+    """Warnings about the MPS memory slices a GPU of ``model`` with ``memory_mib`` would get."""
+    mps = config.mps
+    if not mps.enabled:
+        return []
+    replicas = config.replicas_for_model(model)
+    if mps.memory_limit == "none":
+        return []
+    if mps.memory_limit == "proportional":
+        usable_mib = memory_mib - mps.memory_headroom_mib
+        slice_mib = max(usable_mib, 0) // replicas
+        if slice_mib >= MIN_USEFUL_SLICE_MIB:
+            return []
+        return [
+            f"{model} ({memory_mib} MiB, {mps.memory_headroom_mib} MiB headroom) split into "
+            f"{replicas} vGPUs gives each {slice_mib} MiB of memory; below "
+            f"{MIN_USEFUL_SLICE_MIB} MiB a client has almost nothing left after its CUDA "
+            "context: lower gpus.replicas_per_gpu or add a gpus.replicas_by_model entry "
+            "for this model, or lower mps.memory_headroom_mib"
+        ]
+    warnings: list[str] = []
+    if mps.memory_limit < MIN_USEFUL_SLICE_MIB:
+        warnings.append(
+            f"mps.memory_limit = {mps.memory_limit} MiB per vGPU leaves a client almost "
+            f"nothing after its CUDA context (below {MIN_USEFUL_SLICE_MIB} MiB)"
+        )
+    if mps.memory_limit > memory_mib:
+        warnings.append(
+            f"mps.memory_limit = {mps.memory_limit} MiB per vGPU is more than the "
+            f"{memory_mib} MiB of {model}: the limit confines nothing"
+        )
+    return warnings
