@@ -1,0 +1,80 @@
+"""A CUDA client for the real-GPU tests: reports what it saw as one JSON line on stdout.
+
+Run with exactly the environment a container would get from Allocate. It records when
+it started, when its first kernel finished (an MPS client of another user waits here
+when the daemon is not in multi-user mode), the memory it sees, and the outcome of the
+allocations it was asked to try. Exit status 0 whenever it could report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+MIB = 1024 * 1024
+
+
+def main() -> int:
+    """Run the requested CUDA work and print the report."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--label", default="client")
+    parser.add_argument("--hold-s", type=float, default=0.0, help="keep the GPU busy this long")
+    parser.add_argument(
+        "--alloc-mib", type=int, action="append", default=[], help="try allocating this much"
+    )
+    args = parser.parse_args()
+    report: dict[str, object] = {
+        "label": args.label,
+        "uid": os.getuid(),
+        "pid": os.getpid(),
+        "start": time.time(),
+        "env": {
+            key: value for key, value in os.environ.items() if key.startswith(("CUDA", "NVIDIA"))
+        },
+    }
+    try:
+        import torch
+
+        report["device_count"] = torch.cuda.device_count()
+        a = torch.randn(256, 1024, device="cuda", dtype=torch.float16)
+        b = torch.randn(1024, 1024, device="cuda", dtype=torch.float16)
+        (a @ b).sum().item()
+        report["first_kernel"] = time.time()
+        properties = torch.cuda.get_device_properties(0)
+        report["device_name"] = properties.name
+        report["device_uuid"] = "GPU-" + str(getattr(properties, "uuid", ""))
+        free, total = torch.cuda.mem_get_info()
+        report["free_mib"] = free // MIB
+        report["total_mib"] = total // MIB
+        kernels = 0
+        while time.time() - float(report["first_kernel"]) < args.hold_s:  # type: ignore[arg-type]
+            for _ in range(20):
+                a @ b
+            torch.cuda.synchronize()
+            kernels += 20
+        report["held_until"] = time.time()
+        report["kernels"] = kernels
+        allocations = []
+        for size_mib in args.alloc_mib:
+            try:
+                block = torch.empty(size_mib * MIB, dtype=torch.uint8, device="cuda")
+                block[-1] = 1
+                torch.cuda.synchronize()
+                allocations.append({"mib": size_mib, "ok": True})
+                del block
+            except torch.cuda.OutOfMemoryError as exc:
+                allocations.append({"mib": size_mib, "ok": False, "error": str(exc)[:200]})
+            torch.cuda.empty_cache()
+        report["allocations"] = allocations
+    except Exception as exc:  # noqa: BLE001 - the report must carry any CUDA failure
+        report["error"] = f"{type(exc).__name__}: {exc}"[:500]
+    report["end"] = time.time()
+    sys.stdout.write(json.dumps(report) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
