@@ -1,0 +1,328 @@
+"""The `vgpu-agent` command line: parses arguments, calls into the rest, prints.
+
+Every error a person can cause or meet (bad config, no GPU, no agent running, no
+permission) ends as one line on stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+from types import FrameType
+from typing import Any, Callable, Optional, TypeVar
+
+import click
+
+from vgpu_agent import __version__, control
+from vgpu_agent import config as config_module
+from vgpu_agent.agent import EXIT_CONFIG, Agent, build_backend, plan_gpus
+from vgpu_agent.config import Config
+from vgpu_agent.errors import ConfigError, VgpuError
+from vgpu_agent.gpu import ComputeMode
+
+F = TypeVar("F", bound=Callable[..., Any])
+EXIT_ERROR = 1
+
+
+class _Group(click.Group):
+    """A click group that turns our errors into one line and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            click.echo(f"vgpu-agent: config error: {exc}", err=True)
+            sys.exit(EXIT_CONFIG)
+        except VgpuError as exc:
+            click.echo(f"vgpu-agent: error: {exc}", err=True)
+            sys.exit(EXIT_ERROR)
+        except KeyboardInterrupt:
+            click.echo("vgpu-agent: interrupted", err=True)
+            sys.exit(130)
+
+
+@dataclasses.dataclass
+class _Options:
+    config_path: Optional[str]
+
+
+def _load(ctx: click.Context) -> Config:
+    options: _Options = ctx.find_root().obj
+    return config_module.load_effective(options.config_path, os.environ)
+
+
+def with_overrides(
+    config: Config, *, simulate: Optional[int] = None, plugin_dir: Optional[str] = None
+) -> Config:
+    """The config with command-line overrides applied."""
+    if simulate is not None:
+        config = dataclasses.replace(
+            config,
+            gpus=dataclasses.replace(config.gpus, backend="simulated", serve="all"),
+            simulated=dataclasses.replace(config.simulated, count=simulate, gpus=()),
+        )
+    if plugin_dir is not None:
+        config = dataclasses.replace(
+            config,
+            plugin=dataclasses.replace(config.plugin, plugin_dir=os.path.abspath(plugin_dir)),
+        )
+    return config
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    metavar="PATH",
+    help=f"Config file (default: ${config_module.CONFIG_ENV_VAR} or "
+    f"{config_module.DEFAULT_CONFIG_PATH}).",
+)
+@click.version_option(__version__, prog_name="vgpu-agent")
+@click.pass_context
+def cli(ctx: click.Context, config_path: Optional[str]) -> None:
+    """Share NVIDIA GPUs between Kubernetes pods through CUDA MPS."""
+    ctx.obj = _Options(config_path)
+
+
+# -- run ---------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--simulate", type=click.IntRange(1, 64), metavar="N", help="Serve N simulated GPUs.")
+@click.option("--plugin-dir", metavar="DIR", help="Kubelet device plugin directory.")
+@click.pass_context
+def run(ctx: click.Context, simulate: Optional[int], plugin_dir: Optional[str]) -> None:
+    """Run the agent (the daemon systemd starts)."""
+    from vgpu_agent.log import setup_logging
+    from vgpu_agent.systemd import Notifier
+
+    options: _Options = ctx.find_root().obj
+
+    def load() -> Config:
+        loaded = config_module.load_effective(options.config_path, os.environ)
+        return with_overrides(loaded, simulate=simulate, plugin_dir=plugin_dir)
+
+    notifier = Notifier.from_environ(os.environ)
+    try:
+        config = load()
+    except ConfigError as exc:
+        setup_logging("info", os.environ)
+        notifier.status(f"bad config: {exc}")
+        click.echo(f"vgpu-agent: config error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    setup_logging(config.agent.log_level, os.environ)
+    agent = Agent(config, notifier=notifier, config_loader=load)
+
+    def on_stop(signum: int, _frame: Optional[FrameType]) -> None:
+        agent.request_stop(f"signal {signal.Signals(signum).name}")
+
+    def on_reload(_signum: int, _frame: Optional[FrameType]) -> None:
+        agent.request_reload()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_reload)
+    sys.exit(agent.run())
+
+
+# -- config ------------------------------------------------------------------------------------
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Check and show the configuration."""
+
+
+@config_group.command("check")
+@click.argument("path", required=False)
+@click.pass_context
+def config_check(ctx: click.Context, path: Optional[str]) -> None:
+    """Check a config file (default: the one the agent would use)."""
+    loaded = config_module.load(path) if path is not None else _load(ctx)
+    click.echo(f"{loaded.source}: ok")
+
+
+@config_group.command("show")
+@click.pass_context
+def config_show(ctx: click.Context) -> None:
+    """Print the effective config, defaults included."""
+    loaded = _load(ctx)
+    click.echo(f"# effective config from {loaded.source}")
+    click.echo(config_module.to_toml(loaded), nl=False)
+
+
+# -- gpus --------------------------------------------------------------------------------------
+
+
+@cli.group("gpus", invoke_without_command=True)
+@click.option("--simulate", type=click.IntRange(1, 64), metavar="N", help="Show N simulated GPUs.")
+@click.pass_context
+def gpus_group(ctx: click.Context, simulate: Optional[int]) -> None:
+    """List the GPUs the backend sees and the vGPUs each would get."""
+    if ctx.invoked_subcommand is not None:
+        return
+    loaded = with_overrides(_load(ctx), simulate=simulate)
+    backend = build_backend(loaded)
+    try:
+        gpus = backend.list_gpus()
+        plan = plan_gpus(loaded, gpus)
+        served = {gpu.uuid: replicas for gpu, replicas in plan.served}
+        header = f"{'IDX':<4}{'UUID':<42}{'MODEL':<28}{'MEMORY':>11}  {'COMPUTE MODE':<18}VGPUS"
+        click.echo(header)
+        for gpu in gpus:
+            mode = backend.get_compute_mode(gpu.uuid).value
+            vgpus = str(served.get(gpu.uuid, "-"))
+            click.echo(
+                f"{gpu.index:<4}{gpu.uuid:<42}{gpu.model[:27]:<28}"
+                f"{gpu.memory_mib:>7} MiB  {mode:<18}{vgpus}"
+            )
+        for problem in plan.refused:
+            click.echo(f"not served: {problem}")
+        for gpu in gpus:
+            for warning in config_module.slice_warnings(loaded, gpu.model, gpu.memory_mib):
+                click.echo(f"warning: GPU {gpu.index}: {warning}")
+    finally:
+        backend.close()
+
+
+def _apply_modes(loaded: Config, mode: ComputeMode, refs: tuple[str, ...]) -> None:
+    backend = build_backend(loaded)
+    try:
+        gpus = backend.list_gpus()
+        if refs:
+            chosen = [g for g in gpus if g.uuid in refs or str(g.index) in refs]
+            missing = set(refs) - {g.uuid for g in chosen} - {str(g.index) for g in chosen}
+            if missing:
+                raise VgpuError(f"no such GPU: {', '.join(sorted(missing))}")
+        else:
+            chosen = [gpu for gpu, _ in plan_gpus(loaded, gpus).served]
+        for gpu in chosen:
+            before = backend.get_compute_mode(gpu.uuid)
+            if before is not mode:
+                backend.set_compute_mode(gpu.uuid, mode)
+            after = backend.get_compute_mode(gpu.uuid)
+            if after is not mode:
+                raise VgpuError(f"GPU {gpu.uuid}: compute mode reads back as {after.value}")
+            click.echo(f"GPU {gpu.index} {gpu.uuid}: {before.value} -> {after.value}")
+    finally:
+        backend.close()
+
+
+@gpus_group.command("apply-compute-mode")
+@click.pass_context
+def gpus_apply(ctx: click.Context) -> None:
+    """Set every served GPU's compute mode to gpus.compute_mode (for the boot unit)."""
+    loaded = _load(ctx)
+    if loaded.gpus.compute_mode == "unchanged":
+        click.echo("gpus.compute_mode is 'unchanged': leaving every GPU as it is")
+        return
+    _apply_modes(loaded, ComputeMode(loaded.gpus.compute_mode), ())
+
+
+@gpus_group.command("set-compute-mode")
+@click.argument("mode", type=click.Choice(["exclusive_process", "default"]))
+@click.argument("gpus", nargs=-1, metavar="[GPU]...")
+@click.pass_context
+def gpus_set(ctx: click.Context, mode: str, gpus: tuple[str, ...]) -> None:
+    """Set the compute mode of the given GPUs (UUID or index; default: every served GPU)."""
+    _apply_modes(_load(ctx), ComputeMode(mode), gpus)
+
+
+# -- talking to the running agent ----------------------------------------------------------------
+
+
+def _ask(ctx: click.Context, command: dict[str, Any]) -> dict[str, Any]:
+    loaded = _load(ctx)
+    answer = control.request(os.path.join(loaded.agent.state_dir, "control.sock"), command)
+    if not answer.get("ok"):
+        raise VgpuError(str(answer.get("error", "the agent refused the request")))
+    return answer
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the agent's answer as JSON.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Show the running agent: each GPU, its vGPUs and their health."""
+    answer = _ask(ctx, {"command": "status"})
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+        return
+    click.echo(answer["status"])
+    for gpu in answer["gpus"]:
+        health = "Healthy" if gpu["healthy"] else "Unhealthy: " + "; ".join(gpu["reasons"])
+        click.echo(
+            f"GPU {gpu['index']} {gpu['uuid']} {gpu['model']}: {gpu['replicas']} vGPUs, {health}"
+        )
+        for vgpu_id in gpu["vgpu_ids"]:
+            click.echo(f"  {vgpu_id}  {'Healthy' if gpu['healthy'] else 'Unhealthy'}")
+
+
+@cli.group("health")
+def health_group() -> None:
+    """Act on the running agent's health checks."""
+
+
+@health_group.command("reset")
+@click.argument("gpu")
+@click.pass_context
+def health_reset(ctx: click.Context, gpu: str) -> None:
+    """Mark GPU (UUID or index) healthy again after XID errors, at once."""
+    answer = _ask(ctx, {"command": "health-reset", "gpu": gpu})
+    cleared = ", ".join(answer["cleared"]) or "nothing to clear"
+    click.echo(f"GPU {answer['gpu']}: cleared {cleared}")
+
+
+@cli.group("simulate")
+def simulate_group() -> None:
+    """Inject faults into a running agent that uses the simulated backend."""
+
+
+def _simulate(ctx: click.Context, action: str, gpu: str, **extra: Any) -> None:
+    answer = _ask(ctx, {"command": "simulate", "action": action, "gpu": gpu, **extra})
+    click.echo(f"GPU {answer['gpu']}: {action} injected")
+
+
+@simulate_group.command("xid")
+@click.argument("gpu")
+@click.argument("xid", type=click.IntRange(0, 65535))
+@click.pass_context
+def simulate_xid(ctx: click.Context, gpu: str, xid: int) -> None:
+    """An XID error on GPU."""
+    _simulate(ctx, "xid", gpu, xid=xid)
+
+
+def _simple_simulation(action: str, doc: str) -> None:
+    @simulate_group.command(action)
+    @click.argument("gpu")
+    @click.pass_context
+    def command(ctx: click.Context, gpu: str) -> None:
+        _simulate(ctx, action, gpu)
+
+    command.help = doc
+
+
+_simple_simulation("ecc", "A double-bit ECC error on GPU.")
+_simple_simulation("lose", "GPU falls off the bus.")
+_simple_simulation("recover", "A lost GPU answers again.")
+_simple_simulation("mps-down", "GPU's MPS daemon stops answering.")
+_simple_simulation("mps-up", "GPU's MPS daemon answers again.")
+
+
+# -- demo --------------------------------------------------------------------------------------
+
+
+@cli.command()
+def demo() -> None:
+    """Run the agent on simulated GPUs against a built-in kubelet stand-in, and show it work."""
+    from vgpu_agent.demo import run_demo
+
+    sys.exit(run_demo(click.echo))
+
+
+def main() -> None:
+    """Entry point of the `vgpu-agent` program."""
+    cli(prog_name="vgpu-agent")

@@ -1,0 +1,103 @@
+"""`vgpu-agent demo`: the agent on simulated GPUs against the built-in kubelet stand-in.
+
+Everything runs in one process inside a temporary directory; nothing on the machine is
+touched. It shows what a real node does: registration, the device list, a preferred
+allocation, an Allocate response, and a GPU fault turning vGPUs Unhealthy and back.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+from typing import Callable
+
+from vgpu_agent.agent import Agent
+from vgpu_agent.config import (
+    AgentConfig,
+    Config,
+    GpusConfig,
+    HealthConfig,
+    MpsConfig,
+    PluginConfig,
+    SimulatedConfig,
+)
+from vgpu_agent.kubelet_standin import KubeletStandin
+from vgpu_agent.systemd import Notifier
+
+Echo = Callable[[str], None]
+WAIT_S = 10.0
+
+
+def demo_config(root: str) -> Config:
+    """Two simulated H100s, 4 vGPUs each, everything under ``root``."""
+    return Config(
+        agent=AgentConfig(state_dir=f"{root}/state"),
+        plugin=PluginConfig(plugin_dir=f"{root}/device-plugins"),
+        gpus=GpusConfig(backend="simulated", replicas_per_gpu=4),
+        mps=MpsConfig(pipe_root=f"{root}/mps", log_root=f"{root}/mps-log"),
+        health=HealthConfig(recovery_quiet_period_s=1.0, poll_interval_s=0.2),
+        simulated=SimulatedConfig(count=2),
+        source="<demo>",
+    )
+
+
+def run_demo(echo: Echo) -> int:
+    """Run the demo, printing what happens; returns the exit code."""
+    root = tempfile.mkdtemp(prefix="vgpu-demo-")
+    config = demo_config(root)
+    resource = config.plugin.resource_name
+    standin = KubeletStandin(config.plugin.plugin_dir)
+    agent = Agent(config, notifier=Notifier(None))
+    thread = threading.Thread(target=agent.run, name="vgpu-agent", daemon=True)
+    try:
+        echo(f"== kubelet stand-in listening in {config.plugin.plugin_dir}")
+        standin.start()
+        started = time.monotonic()
+        thread.start()
+        registration = standin.wait_for_registration(1, WAIT_S)
+        echo(
+            f"== agent registered in {time.monotonic() - started:.2f} s: "
+            f"resource {registration.resource_name}, endpoint {registration.endpoint}, "
+            f"API {registration.version}"
+        )
+        devices = standin.wait_for_devices(resource, lambda devs: len(devs) == 8, WAIT_S)
+        echo(f"== ListAndWatch: {len(devices)} vGPUs")
+        for device in devices:
+            echo(f"   {device.ID}  {device.health}  NUMA {list(device.numa_nodes)}")
+        available = [device.ID for device in devices]
+        preferred = standin.preferred_allocation(resource, available, [], 2)
+        echo(f"== GetPreferredAllocation(size=2) -> {preferred}")
+        response = standin.allocate(resource, preferred)
+        echo("== Allocate -> the container gets:")
+        for name, value in sorted(response.envs.items()):
+            echo(f"   env   {name}={value}")
+        for mount in response.mounts:
+            mode = "ro" if mount.read_only else "rw"
+            echo(f"   mount {mount.host_path} -> {mount.container_path} ({mode})")
+        gpu0 = agent.describe()["gpus"][0]["uuid"]
+        echo(f"== simulating XID 79 (GPU fallen off the bus) on GPU 0 {gpu0}")
+        agent.submit({"command": "simulate", "action": "xid", "gpu": "0", "xid": 79})
+        devices = standin.wait_for_devices(
+            resource, lambda devs: sum(d.health == "Unhealthy" for d in devs) == 4, WAIT_S
+        )
+        unhealthy = sum(device.health == "Unhealthy" for device in devices)
+        echo(f"   ListAndWatch: {unhealthy} of {len(devices)} vGPUs Unhealthy")
+        echo(f"   status: {agent.describe()['status']}")
+        echo("== after the quiet period (1 s in the demo, 5 min by default) it heals:")
+        devices = standin.wait_for_devices(
+            resource, lambda devs: all(d.health == "Healthy" for d in devs), WAIT_S
+        )
+        echo(f"   ListAndWatch: {len(devices)} of {len(devices)} vGPUs Healthy")
+        echo("== kubelet restart: it deletes our socket; the agent registers again")
+        standin.restart()
+        standin.wait_for_registration(2, WAIT_S)
+        echo(f"   registered again ({agent.registrations} registrations in all)")
+        echo("== done")
+        return 0
+    finally:
+        agent.request_stop("demo finished")
+        thread.join(timeout=WAIT_S)
+        standin.stop()
+        shutil.rmtree(root, ignore_errors=True)

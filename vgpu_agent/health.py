@@ -1,0 +1,266 @@
+"""Watchers that turn GPU faults and dead MPS daemons into health changes.
+
+They never touch the device list themselves: each finding becomes a :class:`HealthChange`
+handed to ``emit`` (the agent's event queue), and the agent's loop applies it. A GPU is
+Unhealthy while it has at least one reason; reasons come and go independently:
+
+- ``xid <n>`` / ``double-bit ECC error``: a critical NVML event; cleared after the quiet
+  period with no new event and a successful query (never, when the period is 0), or by
+  ``vgpu-agent health reset``.
+- ``GPU lost``: the GPU fell off the bus; cleared only when a query succeeds again.
+- ``MPS daemon ...``: the GPU's MPS daemon does not answer; cleared when it answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from vgpu_agent.config import HealthConfig
+from vgpu_agent.errors import GpuError, GpuLostError
+from vgpu_agent.gpu import GpuBackend, GpuEvent, GpuEventKind
+from vgpu_agent.mps import MpsDaemons
+
+log = logging.getLogger(__name__)
+
+REASON_LOST = "GPU lost"
+REASON_DBE = "double-bit ECC error"
+MPS_REASON_PREFIX = "MPS daemon"
+#: How long the event thread blocks in one wait; bounds how long stop() takes.
+EVENT_WAIT_S = 0.5
+
+
+def xid_reason(xid: int) -> str:
+    """The health reason for a critical XID."""
+    return f"xid {xid}"
+
+
+def is_fault_reason(reason: str) -> bool:
+    """Whether a reason came from a GPU fault event (cleared by quiet period or reset)."""
+    return reason.startswith("xid ") or reason == REASON_DBE
+
+
+@dataclass(frozen=True)
+class HealthChange:
+    """A reason for a GPU to be Unhealthy appears (``present``) or goes away."""
+
+    gpu_uuid: str
+    reason: str
+    present: bool
+    xid: Optional[int] = None
+    detail: str = ""
+
+
+Emit = Callable[[HealthChange], None]
+
+
+class HealthMonitor:
+    """Background watchers for a fixed set of GPUs: NVML events, polling, MPS liveness."""
+
+    def __init__(
+        self,
+        backend: GpuBackend,
+        mps: Optional[MpsDaemons],
+        config: HealthConfig,
+        gpu_uuids: list[str],
+        *,
+        emit: Emit,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._backend = backend
+        self._mps = mps
+        self._config = config
+        self._gpu_uuids = list(gpu_uuids)
+        self._emit = emit
+        self._clock = clock
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        #: GPU -> (fault reasons currently raised, time of the last critical event)
+        self._faults: dict[str, tuple[set[str], float]] = {}
+        self._lost: set[str] = set()
+        self._polled: set[str] = set()
+        self._mps_down: dict[str, str] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the watcher threads the config asks for."""
+        if self._config.xid_enabled and self._gpu_uuids:
+            try:
+                unwatchable = self._backend.watch_events(self._gpu_uuids)
+            except GpuError as exc:
+                log.warning("watching GPU events failed (%s); polling every GPU instead", exc)
+                unwatchable = list(self._gpu_uuids)
+            for gpu_uuid in unwatchable:
+                log.warning(
+                    "GPU %s does not support NVML event registration; polling it every %.0f s",
+                    gpu_uuid,
+                    self._config.poll_interval_s,
+                )
+            self._polled = set(unwatchable)
+            self._spawn("vgpu-health-events", self._event_loop)
+        self._spawn("vgpu-health-poll", self._poll_loop)
+        if self._config.mps_liveness_enabled and self._mps is not None:
+            for gpu_uuid in self._gpu_uuids:
+                self._spawn(f"vgpu-mps-probe-{gpu_uuid[:12]}", self._mps_loop, gpu_uuid)
+
+    def stop(self) -> None:
+        """Stop every watcher thread and wait for them."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=max(EVENT_WAIT_S * 4, self._mps_timeout() + 1))
+        self._threads.clear()
+
+    def _spawn(self, name: str, target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _mps_timeout(self) -> float:
+        return 2.0
+
+    # -- commands from the agent -----------------------------------------------------------
+
+    def reset(self, gpu_uuid: str) -> list[str]:
+        """Clear the GPU's fault reasons at once (an operator decided); returns them."""
+        with self._lock:
+            reasons, _ = self._faults.pop(gpu_uuid, (set(), 0.0))
+        for reason in sorted(reasons):
+            self._emit(HealthChange(gpu_uuid, reason, present=False, detail="reset by operator"))
+        return sorted(reasons)
+
+    # -- GPU events --------------------------------------------------------------------------
+
+    def _event_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                events = self._backend.wait_events(EVENT_WAIT_S)
+            except GpuError as exc:
+                log.warning("waiting for GPU events failed: %s", exc)
+                self._stop.wait(1.0)
+                continue
+            for event in events:
+                self._on_event(event)
+
+    def _on_event(self, event: GpuEvent) -> None:
+        targets = [event.gpu_uuid] if event.gpu_uuid is not None else list(self._gpu_uuids)
+        if event.kind is GpuEventKind.XID:
+            xid = event.xid if event.xid is not None else -1
+            if xid in self._config.ignored_xids:
+                log.info(
+                    "GPU %s reported XID %d, an application fault: ignored",
+                    ", ".join(targets),
+                    xid,
+                    extra={"fields": {"GPU_UUID": ",".join(targets), "XID": str(xid)}},
+                )
+                return
+            reason = xid_reason(xid)
+        elif event.kind is GpuEventKind.DOUBLE_BIT_ECC:
+            reason = REASON_DBE
+        else:
+            with self._lock:
+                self._lost.update(targets)
+            for gpu_uuid in targets:
+                self._emit(HealthChange(gpu_uuid, REASON_LOST, True, detail=event.detail))
+            return
+        now = self._clock()
+        for gpu_uuid in targets:
+            if gpu_uuid not in self._gpu_uuids:
+                continue
+            with self._lock:
+                reasons, _ = self._faults.get(gpu_uuid, (set(), now))
+                reasons.add(reason)
+                self._faults[gpu_uuid] = (reasons, now)
+            self._emit(HealthChange(gpu_uuid, reason, True, xid=event.xid, detail=event.detail))
+
+    # -- polling: lost GPUs, unwatchable GPUs, recovery --------------------------------------
+
+    def _poll_loop(self) -> None:
+        # Recovery needs a finer tick than the poll interval when the quiet period is short.
+        tick = min(self._config.poll_interval_s, max(self._config.recovery_quiet_period_s, 0.1))
+        next_poll = 0.0
+        while not self._stop.wait(tick if next_poll else 0):
+            now = self._clock()
+            if now >= next_poll:
+                next_poll = now + self._config.poll_interval_s
+                self._poll_gpus()
+            self._recover_quiet_gpus(now)
+
+    def _poll_gpus(self) -> None:
+        with self._lock:
+            to_check = sorted(self._polled | self._lost)
+        for gpu_uuid in to_check:
+            try:
+                self._backend.check(gpu_uuid)
+            except GpuLostError as exc:
+                with self._lock:
+                    newly_lost = gpu_uuid not in self._lost
+                    self._lost.add(gpu_uuid)
+                if newly_lost:
+                    self._emit(HealthChange(gpu_uuid, REASON_LOST, True, detail=str(exc)))
+            except GpuError as exc:
+                log.debug("polling GPU %s failed: %s", gpu_uuid, exc)
+            else:
+                with self._lock:
+                    was_lost = gpu_uuid in self._lost
+                    self._lost.discard(gpu_uuid)
+                if was_lost:
+                    self._emit(
+                        HealthChange(gpu_uuid, REASON_LOST, False, detail="GPU answers again")
+                    )
+
+    def _recover_quiet_gpus(self, now: float) -> None:
+        quiet_s = self._config.recovery_quiet_period_s
+        if quiet_s <= 0:
+            return
+        with self._lock:
+            due = [
+                gpu_uuid
+                for gpu_uuid, (reasons, last_event) in self._faults.items()
+                if reasons and now - last_event >= quiet_s and gpu_uuid not in self._lost
+            ]
+        for gpu_uuid in due:
+            try:
+                self._backend.check(gpu_uuid)
+            except GpuError as exc:
+                log.info("GPU %s is not recovered yet: %s", gpu_uuid, exc)
+                continue
+            with self._lock:
+                reasons, _ = self._faults.pop(gpu_uuid, (set(), now))
+            for reason in sorted(reasons):
+                detail = f"no critical event for {quiet_s:g} s and the GPU answers"
+                self._emit(HealthChange(gpu_uuid, reason, False, detail=detail))
+
+    # -- MPS liveness ---------------------------------------------------------------------------
+
+    def _mps_loop(self, gpu_uuid: str) -> None:
+        assert self._mps is not None  # noqa: S101 - only started with MPS
+        interval_s = self._config.mps_check_interval_s
+        while not self._stop.is_set():
+            started = self._clock()
+            try:
+                problem = self._mps.probe(gpu_uuid)
+            except Exception as exc:  # a probe must never kill its watcher
+                log.exception("probing the MPS daemon of GPU %s failed", gpu_uuid)
+                problem = f"{MPS_REASON_PREFIX} probe failed: {exc}"
+            previous = self._mps_down.get(gpu_uuid)
+            if problem is not None:
+                reason = (
+                    problem
+                    if problem.startswith(MPS_REASON_PREFIX)
+                    else (f"{MPS_REASON_PREFIX}: {problem}")
+                )
+                if previous != reason:
+                    if previous is not None:
+                        self._emit(HealthChange(gpu_uuid, previous, False))
+                    self._mps_down[gpu_uuid] = reason
+                    self._emit(HealthChange(gpu_uuid, reason, True))
+            elif previous is not None:
+                del self._mps_down[gpu_uuid]
+                self._emit(HealthChange(gpu_uuid, previous, False, detail="MPS daemon answers"))
+            elapsed = self._clock() - started
+            self._stop.wait(max(interval_s - elapsed, 0.0))
