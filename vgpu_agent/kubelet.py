@@ -1,0 +1,105 @@
+"""Registration with the kubelet, and what the agent loop needs to notice a kubelet restart.
+
+The kubelet serves ``Registration`` on ``<plugin dir>/kubelet.sock``. When it restarts it
+deletes every file in the plugin directory (our socket included) and listens on a new
+``kubelet.sock``; :func:`kubelet_socket_identity` lets the loop see that replacement.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Any, Callable, Optional, cast
+
+import grpc
+
+from vgpu_agent._proto import deviceplugin_pb2 as pb
+from vgpu_agent._proto import deviceplugin_pb2_grpc as pb_grpc
+from vgpu_agent.errors import RegistrationError
+
+#: The device plugin API version we speak.
+API_VERSION = "v1beta1"
+#: Where the kubelet looks for device plugins, and the socket it listens on there.
+DEFAULT_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
+KUBELET_SOCKET_NAME = "kubelet.sock"
+#: The kubelet's own file in the plugin directory; it survives kubelet restarts.
+KUBELET_CHECKPOINT_NAME = "kubelet_internal_checkpoint"
+
+CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    # A local unix socket: never route through an HTTP proxy from the environment.
+    ("grpc.enable_http_proxy", 0),
+    # A refused registration must fail now, not be retried behind our back.
+    ("grpc.enable_retries", 0),
+)
+
+# The generated gRPC module has no type stubs.
+_registration_stub = cast(Callable[[Any], Any], pb_grpc.RegistrationStub)
+
+
+def unix_target(path: str) -> str:
+    """The gRPC target for the unix socket at ``path``."""
+    return f"unix://{os.path.abspath(path)}"
+
+
+def kubelet_socket_identity(path: str) -> Optional[tuple[int, int]]:
+    """(st_dev, st_ino) of the socket at ``path``, or None when there is no socket there.
+
+    A different value than last time means the kubelet made a new socket: it restarted.
+    Inode numbers can be reused once a file is deleted, so the agent also watches its own
+    socket, which a restarting kubelet always deletes.
+    """
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISSOCK(info.st_mode):
+        return None
+    return info.st_dev, info.st_ino
+
+
+def register(
+    plugin_dir: str,
+    kubelet_socket_name: str,
+    endpoint_socket_name: str,
+    resource_name: str,
+    timeout_s: float,
+) -> None:
+    """Register our plugin socket ``endpoint_socket_name`` (a file in ``plugin_dir``) for
+    ``resource_name`` with the kubelet. Our server must already be serving: the kubelet
+    dials it back before it answers. Raises RegistrationError saying what failed."""
+    kubelet_path = os.path.join(plugin_dir, kubelet_socket_name)
+    action = f"registering {resource_name} with the kubelet at {kubelet_path}"
+    if kubelet_socket_identity(kubelet_path) is None:
+        raise RegistrationError(
+            f"{action}: no socket there (is the kubelet running, and is the plugin directory "
+            f"{plugin_dir} the one it uses?)"
+        )
+    request = pb.RegisterRequest(
+        version=API_VERSION,
+        endpoint=endpoint_socket_name,
+        resource_name=resource_name,
+        options=pb.DevicePluginOptions(
+            pre_start_required=False, get_preferred_allocation_available=True
+        ),
+    )
+    with grpc.insecure_channel(unix_target(kubelet_path), options=CHANNEL_OPTIONS) as channel:
+        try:
+            _registration_stub(channel).Register(request, timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise RegistrationError(_describe_failure(action, exc, timeout_s)) from exc
+
+
+def _describe_failure(action: str, exc: Any, timeout_s: float) -> str:
+    code = exc.code()
+    details = exc.details() or "no details"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return (
+            f"{action}: timed out after {timeout_s:g} s (the kubelet did not answer; it dials "
+            "our socket back during registration, so check that the plugin socket is served)"
+        )
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return (
+            f"{action}: nobody answers on the socket ({details}); the kubelet is not "
+            "running or is restarting"
+        )
+    return f"{action}: the kubelet refused: {details}"

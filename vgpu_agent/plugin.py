@@ -1,0 +1,542 @@
+"""The DevicePlugin gRPC service: converts between protobuf messages and the device model.
+
+:class:`DeviceState` holds the current :class:`~vgpu_agent.devices.Inventory` and wakes the
+ListAndWatch streams when it changes; :class:`PluginServicer` answers the five RPCs;
+:class:`PluginServer` owns the gRPC server on the unix socket in the plugin directory.
+This module and :mod:`vgpu_agent.kubelet` are the only ones that touch generated code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import stat
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from typing import Any, Callable, NoReturn, Optional, Protocol, TypeVar, cast
+
+import grpc
+
+from vgpu_agent._proto import deviceplugin_pb2 as pb
+from vgpu_agent._proto import deviceplugin_pb2_grpc as pb_grpc
+from vgpu_agent.devices import (
+    MAX_DEVICE_ID_LENGTH,
+    InvalidRequestError,
+    Inventory,
+    MpsGrantPolicy,
+    grant,
+    preferred_allocation,
+    validate_allocation,
+)
+from vgpu_agent.errors import AgentError
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+#: The most device ids one request may carry in total; a real node has a few hundred vGPUs,
+#: so anything near this is a broken or hostile client, refused before any work is done.
+MAX_IDS_PER_REQUEST = 10_000
+#: Streams wake at least this often to notice a cancelled RPC whose callback was missed.
+LIST_AND_WATCH_RECHECK_S = 5.0
+#: gRPC worker threads. Each open ListAndWatch stream holds one for as long as it lasts.
+SERVER_WORKERS = 16
+#: At most this many ListAndWatch streams at once, so the unary RPCs always find a worker.
+MAX_LIST_AND_WATCH_STREAMS = 12
+#: Unix socket paths are limited to 108 bytes including the terminating NUL.
+MAX_UNIX_SOCKET_PATH_BYTES = 107
+#: A request larger than this is refused by gRPC itself (RESOURCE_EXHAUSTED); 10,000 ids of
+#: 63 characters take about 0.7 MiB.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # The kubelet is on the same host: no keepalive pings needed to keep NATs open, and
+    # none wanted, since every ping wakes the process (idle CPU should stay near zero).
+    ("grpc.keepalive_time_ms", 2 * 60 * 60 * 1000),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+
+# The generated gRPC module has no type stubs; these are the two functions we call from it.
+_add_servicer_to_server = cast(
+    Callable[[Any, Any], None], pb_grpc.add_DevicePluginServicer_to_server
+)
+
+
+class RpcContext(Protocol):
+    """The part of ``grpc.ServicerContext`` the servicer uses (grpc ships no type stubs)."""
+
+    def is_active(self) -> bool:
+        """Whether the RPC is still running (not cancelled, not timed out, not finished)."""
+        ...
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        """Call ``callback`` when the RPC ends; False if it has already ended."""
+        ...
+
+    def abort(self, code: Any, details: str) -> NoReturn:
+        """End the RPC with a status code and message."""
+        ...
+
+
+class DeviceState:
+    """The current inventory, shared between the agent loop and the ListAndWatch streams.
+
+    Every change that makes the inventory different bumps a version counter and wakes the
+    waiting streams; setting an equal inventory changes nothing, so no stream re-sends.
+    """
+
+    def __init__(self, inventory: Inventory) -> None:
+        self._condition = threading.Condition()
+        self._inventory = inventory
+        self._version = 0
+        self._wakeups = 0
+        self._closed = False
+
+    def get(self) -> Inventory:
+        """The current inventory."""
+        with self._condition:
+            return self._inventory
+
+    def snapshot(self) -> tuple[int, Inventory]:
+        """The current version and inventory, read together."""
+        with self._condition:
+            return self._version, self._inventory
+
+    @property
+    def version(self) -> int:
+        """Incremented on every change of the inventory."""
+        with self._condition:
+            return self._version
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        with self._condition:
+            return self._closed
+
+    def set(self, inventory: Inventory) -> None:
+        """Replace the inventory; wakes the streams if it differs from the current one."""
+        with self._condition:
+            self._replace(inventory)
+
+    def update(self, change: Callable[[Inventory], Inventory]) -> Inventory:
+        """Replace the inventory by ``change(current)`` atomically; returns the new one."""
+        with self._condition:
+            inventory = change(self._inventory)
+            self._replace(inventory)
+            return inventory
+
+    def _replace(self, inventory: Inventory) -> None:
+        if inventory == self._inventory:
+            return
+        self._inventory = inventory
+        self._version += 1
+        self._condition.notify_all()
+
+    def wait_for_change(self, version: int, timeout_s: float) -> tuple[int, Inventory]:
+        """Block until the version differs from ``version``, :meth:`wake` or :meth:`close` is
+        called, or ``timeout_s`` passes; returns the version and inventory at that point."""
+        with self._condition:
+            wakeups = self._wakeups
+            self._condition.wait_for(
+                lambda: self._version != version or self._closed or self._wakeups != wakeups,
+                timeout=timeout_s,
+            )
+            return self._version, self._inventory
+
+    def wake(self) -> None:
+        """Wake every waiter without a change, so it re-checks why it waits."""
+        with self._condition:
+            self._wakeups += 1
+            self._condition.notify_all()
+
+    def close(self) -> None:
+        """Wake every waiter for good: the streams end (used at shutdown)."""
+        with self._condition:
+            self._closed = True
+            self._condition.notify_all()
+
+
+def plugin_options() -> pb.DevicePluginOptions:
+    """What the plugin tells the kubelet it supports."""
+    return pb.DevicePluginOptions(pre_start_required=False, get_preferred_allocation_available=True)
+
+
+def list_response(inventory: Inventory) -> pb.ListAndWatchResponse:
+    """The ListAndWatch message for ``inventory``: every vGPU, its health and NUMA node."""
+    devices = []
+    for vgpu in inventory.vgpus():
+        device = pb.Device(ID=vgpu.vgpu_id, health=vgpu.health)
+        if vgpu.numa_node is not None:
+            device.topology.nodes.append(pb.NUMANode(ID=vgpu.numa_node))
+        devices.append(device)
+    return pb.ListAndWatchResponse(devices=devices)
+
+
+def check_device_ids(device_ids: Any, what: str) -> None:
+    """Refuse hostile or broken id lists before any work: too many ids, or an id longer
+    than the kubelet allows. ``what`` names the list in the message."""
+    if len(device_ids) > MAX_IDS_PER_REQUEST:
+        raise InvalidRequestError(
+            f"{what} holds {len(device_ids)} device ids; at most {MAX_IDS_PER_REQUEST} are accepted"
+        )
+    for device_id in device_ids:
+        if len(device_id) > MAX_DEVICE_ID_LENGTH:
+            raise InvalidRequestError(
+                f"{what} holds a device id of {len(device_id)} characters "
+                f"({device_id[:40]!r}...); device ids are at most {MAX_DEVICE_ID_LENGTH}"
+            )
+
+
+class PluginServicer(pb_grpc.DevicePluginServicer):
+    """The DevicePlugin service over a :class:`DeviceState`.
+
+    ``mps_policy`` is what Allocate grants for MPS (None: the GPU only); ``on_allocate`` is
+    called with each container's ids after a successful Allocate (its errors are logged).
+    """
+
+    def __init__(
+        self,
+        state: DeviceState,
+        mps_policy: Optional[MpsGrantPolicy],
+        on_allocate: Optional[Callable[[list[str]], None]] = None,
+        max_streams: int = MAX_LIST_AND_WATCH_STREAMS,
+    ) -> None:
+        self._state = state
+        self._mps_policy = mps_policy
+        self._on_allocate = on_allocate
+        self._max_streams = max_streams
+        self._lock = threading.Lock()
+        self._streams = 0
+        # Streams started under an older generation end; see end_streams().
+        self._generation = 0
+        self._cached_response: Optional[tuple[int, pb.ListAndWatchResponse]] = None
+
+    def set_mps_policy(self, mps_policy: Optional[MpsGrantPolicy]) -> None:
+        """Use a new MPS policy for the following Allocate calls (config reload)."""
+        self._mps_policy = mps_policy
+
+    @property
+    def open_streams(self) -> int:
+        """How many ListAndWatch streams are running now."""
+        with self._lock:
+            return self._streams
+
+    def end_streams(self) -> None:
+        """End every ListAndWatch stream running now (the server is about to stop);
+        streams opened later are served normally, so the servicer can be reused."""
+        with self._lock:
+            self._generation += 1
+        self._state.wake()
+
+    # -- the RPCs -----------------------------------------------------------------------------
+
+    def GetDevicePluginOptions(  # noqa: N802 - the gRPC method name
+        self, request: pb.Empty, context: RpcContext
+    ) -> pb.DevicePluginOptions:
+        """Options: no PreStartContainer needed, GetPreferredAllocation available."""
+        return plugin_options()
+
+    def ListAndWatch(  # noqa: N802 - the gRPC method name
+        self, request: pb.Empty, context: RpcContext
+    ) -> Iterator[pb.ListAndWatchResponse]:
+        """The full device list now, then again after every change, until the RPC ends,
+        the server stops or the state is closed."""
+        with self._lock:
+            if self._streams >= self._max_streams:
+                too_many = True
+            else:
+                too_many = False
+                self._streams += 1
+                generation = self._generation
+        if too_many:
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"vgpu-agent already serves {self._max_streams} ListAndWatch streams",
+            )
+        try:
+            ended = threading.Event()
+
+            def on_rpc_end() -> None:
+                ended.set()
+                self._state.wake()
+
+            context.add_callback(on_rpc_end)
+            version, inventory = self._state.snapshot()
+            yield self._list_response(version, inventory)
+            while True:
+                new_version, inventory = self._state.wait_for_change(
+                    version, LIST_AND_WATCH_RECHECK_S
+                )
+                if (
+                    ended.is_set()
+                    or self._state.closed
+                    or self._generation != generation
+                    or not context.is_active()
+                ):
+                    return
+                if new_version != version:
+                    version = new_version
+                    yield self._list_response(version, inventory)
+        finally:
+            with self._lock:
+                self._streams -= 1
+
+    def GetPreferredAllocation(  # noqa: N802 - the gRPC method name
+        self, request: pb.PreferredAllocationRequest, context: RpcContext
+    ) -> pb.PreferredAllocationResponse:
+        """Best-fit ids on one GPU for each container request."""
+        return _answer(context, "GetPreferredAllocation", lambda: self._preferred(request))
+
+    def Allocate(  # noqa: N802 - the gRPC method name
+        self, request: pb.AllocateRequest, context: RpcContext
+    ) -> pb.AllocateResponse:
+        """Validate each container's ids and return its environment, mounts, annotations."""
+        return _answer(context, "Allocate", lambda: self._allocate(request))
+
+    def PreStartContainer(  # noqa: N802 - the gRPC method name
+        self, request: pb.PreStartContainerRequest, context: RpcContext
+    ) -> pb.PreStartContainerResponse:
+        """Nothing to prepare: the kubelet does not call this (pre_start_required is False)."""
+        return pb.PreStartContainerResponse()
+
+    # -- the work -----------------------------------------------------------------------------
+
+    def _list_response(self, version: int, inventory: Inventory) -> pb.ListAndWatchResponse:
+        # Every stream sends the same message for a version: build it once.
+        cached = self._cached_response
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        response = list_response(inventory)
+        self._cached_response = (version, response)
+        return response
+
+    def _preferred(self, request: pb.PreferredAllocationRequest) -> pb.PreferredAllocationResponse:
+        _check_request_size(
+            sum(
+                len(c.available_deviceIDs) + len(c.must_include_deviceIDs)
+                for c in request.container_requests
+            ),
+            "the preferred allocation request",
+        )
+        inventory = self._state.get()
+        response = pb.PreferredAllocationResponse()
+        for container in request.container_requests:
+            check_device_ids(container.available_deviceIDs, "the available device ids")
+            check_device_ids(container.must_include_deviceIDs, "the must-include device ids")
+            if container.allocation_size > MAX_IDS_PER_REQUEST:
+                raise InvalidRequestError(
+                    f"allocation size {container.allocation_size} is larger than "
+                    f"{MAX_IDS_PER_REQUEST}"
+                )
+            chosen = preferred_allocation(
+                inventory,
+                list(container.available_deviceIDs),
+                list(container.must_include_deviceIDs),
+                container.allocation_size,
+            )
+            response.container_responses.append(
+                pb.ContainerPreferredAllocationResponse(deviceIDs=chosen)
+            )
+        return response
+
+    def _allocate(self, request: pb.AllocateRequest) -> pb.AllocateResponse:
+        if not request.container_requests:
+            raise InvalidRequestError("the Allocate request holds no container requests")
+        _check_request_size(
+            sum(len(c.devices_ids) for c in request.container_requests), "the Allocate request"
+        )
+        inventory = self._state.get()
+        mps_policy = self._mps_policy
+        response = pb.AllocateResponse()
+        granted: list[tuple[str, list[str]]] = []
+        for container in request.container_requests:
+            check_device_ids(container.devices_ids, "the Allocate request")
+            vgpu_ids = list(container.devices_ids)
+            served = validate_allocation(inventory, vgpu_ids)
+            container_grant = grant(served, len(vgpu_ids), mps_policy)
+            response.container_responses.append(
+                pb.ContainerAllocateResponse(
+                    envs=container_grant.envs,
+                    mounts=[
+                        pb.Mount(
+                            container_path=mount.container_path,
+                            host_path=mount.host_path,
+                            read_only=mount.read_only,
+                        )
+                        for mount in container_grant.mounts
+                    ],
+                    annotations=container_grant.annotations,
+                )
+            )
+            granted.append((served.gpu.uuid, vgpu_ids))
+        for gpu_uuid, vgpu_ids in granted:
+            log.info(
+                "allocated %d vGPU(s) on GPU %s: %s",
+                len(vgpu_ids),
+                gpu_uuid,
+                ", ".join(vgpu_ids),
+                extra={"fields": {"VGPU_EVENT": "allocate", "GPU_UUID": gpu_uuid}},
+            )
+            self._notify_allocated(vgpu_ids)
+        return response
+
+    def _notify_allocated(self, vgpu_ids: list[str]) -> None:
+        if self._on_allocate is None:
+            return
+        try:
+            self._on_allocate(vgpu_ids)
+        except Exception:
+            # The container already has its answer; a failing observer must not fail the pod.
+            log.exception("the Allocate observer failed for %s", ", ".join(vgpu_ids))
+
+
+def _check_request_size(total_ids: int, what: str) -> None:
+    if total_ids > MAX_IDS_PER_REQUEST:
+        raise InvalidRequestError(
+            f"{what} holds {total_ids} device ids; at most {MAX_IDS_PER_REQUEST} are accepted"
+        )
+
+
+def _answer(context: RpcContext, rpc_name: str, work: Callable[[], _T]) -> _T:
+    """Run an RPC's work; turn our request errors into INVALID_ARGUMENT and anything
+    unexpected into INTERNAL (logged), so no request can take the server down."""
+    try:
+        return work()
+    except InvalidRequestError as exc:
+        log.warning("%s refused: %s", rpc_name, exc)
+        code, details = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    except Exception as exc:
+        log.exception("%s failed inside vgpu-agent", rpc_name)
+        code = grpc.StatusCode.INTERNAL
+        details = f"vgpu-agent failed to answer {rpc_name}: {type(exc).__name__}: {exc}"
+    return context.abort(code, details)
+
+
+def _socket_inode(path: str) -> Optional[tuple[int, int]]:
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISSOCK(info.st_mode):
+        return None
+    return info.st_dev, info.st_ino
+
+
+def socket_answers(path: str, timeout_s: float = 0.5) -> bool:
+    """Whether some process accepts connections on the unix socket at ``path``."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(timeout_s)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+class PluginServer:
+    """The gRPC server of one :class:`PluginServicer` on a unix socket.
+
+    One instance serves once: after :meth:`stop` make a new one (the servicer can be reused).
+    """
+
+    def __init__(
+        self, socket_path: str, servicer: PluginServicer, workers: int = SERVER_WORKERS
+    ) -> None:
+        self._socket_path = os.path.abspath(socket_path)
+        self._servicer = servicer
+        self._workers = workers
+        self._server: Optional[Any] = None
+        self._identity: Optional[tuple[int, int]] = None
+
+    @property
+    def socket_path(self) -> str:
+        """The absolute path of the socket."""
+        return self._socket_path
+
+    def start(self) -> None:
+        """Listen on the socket and serve. Removes a stale socket file first; raises
+        AgentError if another live process serves there or the socket cannot be made."""
+        if self._server is not None:
+            raise AgentError(f"the plugin server on {self._socket_path} is already started")
+        path = self._socket_path
+        if len(os.fsencode(path)) > MAX_UNIX_SOCKET_PATH_BYTES:
+            raise AgentError(
+                f"cannot serve on {path}: a unix socket path is at most "
+                f"{MAX_UNIX_SOCKET_PATH_BYTES} bytes (choose a shorter plugin directory)"
+            )
+        self._remove_stale_socket()
+        server = grpc.server(
+            futures.ThreadPoolExecutor(
+                max_workers=self._workers, thread_name_prefix="vgpu-plugin-rpc"
+            ),
+            options=SERVER_OPTIONS,
+        )
+        _add_servicer_to_server(self._servicer, server)
+        try:
+            port = server.add_insecure_port(f"unix://{path}")
+        except RuntimeError as exc:  # newer grpcio raises, older ones return 0
+            raise AgentError(f"cannot listen on unix socket {path}: {exc}") from exc
+        if port == 0:
+            raise AgentError(
+                f"cannot listen on unix socket {path} "
+                "(does the directory exist and is it writable by this user?)"
+            )
+        server.start()
+        self._server = server
+        self._identity = _socket_inode(path)
+        log.debug("device plugin serving on %s", path)
+
+    def _remove_stale_socket(self) -> None:
+        path = self._socket_path
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise AgentError(f"cannot inspect {path}: {exc.strerror}") from exc
+        if not stat.S_ISSOCK(info.st_mode):
+            raise AgentError(
+                f"cannot serve on {path}: a file that is not a socket is in the way; remove it"
+            )
+        if socket_answers(path):
+            raise AgentError(
+                f"cannot serve on {path}: another process is serving on that socket "
+                "(is another vgpu-agent running? stop it first)"
+            )
+        log.info("removing stale socket %s", path)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise AgentError(f"cannot remove stale socket {path}: {exc.strerror}") from exc
+
+    def socket_exists(self) -> bool:
+        """Whether our socket file is still there (the kubelet deletes it when it restarts)."""
+        return self._identity is not None and _socket_inode(self._socket_path) == self._identity
+
+    def stop(self, grace_s: float = 0.5) -> None:
+        """End the streams, stop serving (in-flight calls get ``grace_s``), and remove the
+        socket file if it is still the one we created. Safe to call more than once."""
+        server = self._server
+        if server is None:
+            return
+        self._server = None
+        self._servicer.end_streams()
+        server.stop(grace_s).wait()
+        if self._identity is not None and _socket_inode(self._socket_path) == self._identity:
+            try:
+                os.unlink(self._socket_path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cannot remove socket %s: %s", self._socket_path, exc.strerror)
+        self._identity = None
+        log.debug("device plugin stopped serving on %s", self._socket_path)
