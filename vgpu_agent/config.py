@@ -795,9 +795,11 @@ def parse(text: str, source: str = "<string>") -> Config:
         raise ConfigError(f"{source}: not valid TOML: a value cannot be read: {reason}") from exc
     except RecursionError as exc:
         raise ConfigError(f"{source}: not valid TOML: arrays or tables nested too deeply") from exc
-    root = _Table(source, "", "the top level", document, _keys(Config))
     # The version decides what the rest means, so it is checked before anything else.
-    version = root.get("version", SCHEMA_VERSION, _version)
+    version = SCHEMA_VERSION
+    if "version" in document:
+        version = _version(_Value(source, "version", document["version"]))
+    root = _Table(source, "", "the top level", document, _keys(Config))
     return Config(
         version=version,
         agent=_parse_agent(root.table("agent", "[agent]", _keys(AgentConfig))),
