@@ -135,6 +135,27 @@ def test_notify_sends_exact_datagram(
     assert receiver.recv(4096) == expected
 
 
+def test_libsystemd_sends_the_same_datagrams(
+    notify_receiver: tuple[str, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With systemd-python installed, its sd_notify produces what our own code does."""
+    pytest.importorskip("systemd.daemon")
+    path, receiver = notify_receiver
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    for use_libsystemd in (True, False):
+        sender = Notifier.from_environ({"NOTIFY_SOCKET": path}, use_libsystemd=use_libsystemd)
+        try:
+            sent = [sender.ready("serving"), sender.watchdog(), sender.stopping()]
+        finally:
+            sender.close()
+        assert sent == [True, True, True]
+        assert [receiver.recv(4096) for _ in range(3)] == [
+            b"READY=1\nSTATUS=serving",
+            b"WATCHDOG=1",
+            b"STOPPING=1",
+        ]
+
+
 def test_reloading_carries_monotonic_time(
     notifier: Notifier, notify_receiver: tuple[str, socket.socket]
 ) -> None:

@@ -325,7 +325,9 @@ class Journal:
         entry = _entry_fields(message, priority, fields)
         try:
             if self._libsystemd is not None:
-                self._libsystemd.send(**entry)
+                # sendv takes ready-made assignments; send() would insist on an int CODE_LINE
+                # and invent a code location when none is given.
+                self._libsystemd.sendv(*(f"{name}={value}" for name, value in entry.items()))
             else:
                 self._send_native(entry)
             return True
