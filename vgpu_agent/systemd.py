@@ -36,7 +36,8 @@ _log = logging.getLogger(__name__)
 
 
 def _import_optional(name: str) -> Optional[ModuleType]:
-    # systemd-python is optional and untyped; imported by name so only this module sees it.
+    # systemd-python is optional and untyped. Imported by name so that only this module
+    # sees it, and so mypy does not mistake the repository's systemd/ unit directory for it.
     try:
         return importlib.import_module(name)
     except ImportError:
