@@ -492,7 +492,7 @@ class Agent:
         )
         after = self.state.get().get(change.gpu_uuid)
         healthy = after is not None and after.healthy
-        verb = "unhealthy" if change.present else "recovered from"
+        verb = "" if change.present else "cleared "
         fields = {
             "GPU_UUID": change.gpu_uuid,
             "VGPU_EVENT": "health",
@@ -505,7 +505,7 @@ class Agent:
         log_event(
             log,
             logging.WARNING if change.present else logging.INFO,
-            f"GPU {change.gpu_uuid} {verb} {change.reason}{detail}; its vGPUs are now "
+            f"GPU {change.gpu_uuid}: {verb}{change.reason}{detail}; its vGPUs are now "
             f"{fields['VGPU_HEALTH']}",
             **fields,
         )

@@ -25,6 +25,8 @@ from vgpu_agent.gpu import ComputeMode
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_ERROR = 1
+#: EX_SOFTWARE: an internal error (a bug), as opposed to a problem a person can fix.
+EXIT_INTERNAL = 70
 
 
 class _Group(click.Group):
@@ -42,6 +44,17 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("vgpu-agent: interrupted", err=True)
             sys.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            if os.environ.get("VGPU_DEBUG"):
+                raise
+            click.echo(
+                f"vgpu-agent: internal error: {type(exc).__name__}: {exc} "
+                "(a bug: please report it; VGPU_DEBUG=1 shows the traceback)",
+                err=True,
+            )
+            sys.exit(EXIT_INTERNAL)
 
 
 @dataclasses.dataclass

@@ -24,6 +24,7 @@ from vgpu_agent.config import (
     SimulatedConfig,
 )
 from vgpu_agent.kubelet_standin import KubeletStandin
+from vgpu_agent.log import setup_logging
 from vgpu_agent.systemd import Notifier
 
 Echo = Callable[[str], None]
@@ -45,6 +46,7 @@ def demo_config(root: str) -> Config:
 
 def run_demo(echo: Echo) -> int:
     """Run the demo, printing what happens; returns the exit code."""
+    setup_logging("warning", {})
     root = tempfile.mkdtemp(prefix="vgpu-demo-")
     config = demo_config(root)
     resource = config.plugin.resource_name
@@ -62,14 +64,14 @@ def run_demo(echo: Echo) -> int:
             f"resource {registration.resource_name}, endpoint {registration.endpoint}, "
             f"API {registration.version}"
         )
-        devices = standin.wait_for_devices(resource, lambda devs: len(devs) == 8, WAIT_S)
+        devices = standin.wait_for_devices(lambda devs: len(devs) == 8, WAIT_S, resource)
         echo(f"== ListAndWatch: {len(devices)} vGPUs")
         for device in devices:
-            echo(f"   {device.ID}  {device.health}  NUMA {list(device.numa_nodes)}")
-        available = [device.ID for device in devices]
+            echo(f"   {device.device_id}  {device.health}  NUMA {list(device.numa_nodes)}")
+        available = [device.device_id for device in devices]
         preferred = standin.preferred_allocation(resource, available, [], 2)
         echo(f"== GetPreferredAllocation(size=2) -> {preferred}")
-        response = standin.allocate(resource, preferred)
+        response = standin.allocate(resource, preferred).container_responses[0]
         echo("== Allocate -> the container gets:")
         for name, value in sorted(response.envs.items()):
             echo(f"   env   {name}={value}")
@@ -80,20 +82,20 @@ def run_demo(echo: Echo) -> int:
         echo(f"== simulating XID 79 (GPU fallen off the bus) on GPU 0 {gpu0}")
         agent.submit({"command": "simulate", "action": "xid", "gpu": "0", "xid": 79})
         devices = standin.wait_for_devices(
-            resource, lambda devs: sum(d.health == "Unhealthy" for d in devs) == 4, WAIT_S
+            lambda devs: sum(d.health == "Unhealthy" for d in devs) == 4, WAIT_S, resource
         )
         unhealthy = sum(device.health == "Unhealthy" for device in devices)
         echo(f"   ListAndWatch: {unhealthy} of {len(devices)} vGPUs Unhealthy")
         echo(f"   status: {agent.describe()['status']}")
         echo("== after the quiet period (1 s in the demo, 5 min by default) it heals:")
         devices = standin.wait_for_devices(
-            resource, lambda devs: all(d.health == "Healthy" for d in devs), WAIT_S
+            lambda devs: all(d.health == "Healthy" for d in devs), WAIT_S, resource
         )
         echo(f"   ListAndWatch: {len(devices)} of {len(devices)} vGPUs Healthy")
         echo("== kubelet restart: it deletes our socket; the agent registers again")
         standin.restart()
         standin.wait_for_registration(2, WAIT_S)
-        echo(f"   registered again ({agent.registrations} registrations in all)")
+        echo(f"   registered again ({len(standin.registrations)} registrations in all)")
         echo("== done")
         return 0
     finally:

@@ -1,0 +1,154 @@
+"""The command line: output and exit codes, with no traceback for any error a person meets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from vgpu_agent.cli import cli
+
+SIMULATED = """
+version = 1
+[agent]
+state_dir = "{state}"
+[gpus]
+backend = "simulated"
+replicas_per_gpu = 4
+[gpus.replicas_by_model]
+"A10G" = 7
+[simulated]
+count = 2
+"""
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    """A config using the simulated backend, its state dir in tmp_path."""
+    path = tmp_path / "config.toml"
+    path.write_text(SIMULATED.format(state=tmp_path / "state"))
+    return path
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run the CLI in-process; returns exit code, stdout and stderr."""
+    runner = CliRunner(mix_stderr=False)
+    result = runner.invoke(cli, list(args), env=env, catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_config_check_ok(config_file: Path) -> None:
+    """A valid file is reported ok with its path."""
+    code, out, _ = invoke("config", "check", str(config_file))
+    assert code == 0
+    assert f"{config_file}: ok" in out
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("version = 2\n", "version"),
+        ("[gpus]\nreplicas_per_gpu = 0\n", "gpus.replicas_per_gpu"),
+        ("[gpus]\nbogus = 1\n", "gpus.bogus"),
+        ("[gpus\n", "config.toml"),
+    ],
+    ids=["version", "out-of-range", "unknown-key", "syntax"],
+)
+def test_config_check_bad(tmp_path: Path, text: str, expected: str) -> None:
+    """A bad file gives one line naming the problem and exit code 78, no traceback."""
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    code, _, err = invoke("config", "check", str(path))
+    assert code == 78
+    assert expected in err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_config_check_missing_named_file(tmp_path: Path) -> None:
+    """A named config that does not exist is an error naming the path."""
+    missing = tmp_path / "nope.toml"
+    code, _, err = invoke("--config", str(missing), "config", "check")
+    assert code == 78
+    assert str(missing) in err
+
+
+def test_config_show_round_trips(config_file: Path, tmp_path: Path) -> None:
+    """`config show` prints the effective config, which parses back to the same values."""
+    code, out, _ = invoke("--config", str(config_file), "config", "show")
+    assert code == 0
+    assert "replicas_per_gpu = 4" in out
+    shown = tmp_path / "shown.toml"
+    shown.write_text(out)
+    code, _, _ = invoke("config", "check", str(shown))
+    assert code == 0
+
+
+def test_gpus_lists_simulated(config_file: Path) -> None:
+    """`gpus` shows each simulated GPU with its compute mode and vGPU count."""
+    code, out, _ = invoke("--config", str(config_file), "gpus")
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("IDX")
+    assert len(lines) == 3
+    assert all("default" in line and line.rstrip().endswith("4") for line in lines[1:])
+
+
+def test_gpus_simulate_flag_overrides_count() -> None:
+    """`gpus --simulate 3` shows three simulated GPUs with no config file."""
+    code, out, _ = invoke("gpus", "--simulate", "3", env={"VGPU_CONFIG": ""})
+    assert code == 0
+    assert len(out.strip().splitlines()) == 4
+
+
+def test_set_compute_mode_on_simulated(config_file: Path) -> None:
+    """`gpus set-compute-mode` reports the change it made and read back."""
+    code, out, _ = invoke(
+        "--config", str(config_file), "gpus", "set-compute-mode", "exclusive_process", "1"
+    )
+    assert code == 0
+    assert "default -> exclusive_process" in out
+
+
+def test_set_compute_mode_unknown_gpu(config_file: Path) -> None:
+    """Naming a GPU that does not exist is a one-line error."""
+    code, _, err = invoke("--config", str(config_file), "gpus", "set-compute-mode", "default", "9")
+    assert code == 1
+    assert "no such GPU: 9" in err
+
+
+def test_apply_compute_mode_unchanged(tmp_path: Path) -> None:
+    """With compute_mode unchanged, apply-compute-mode touches nothing and says so."""
+    path = tmp_path / "c.toml"
+    path.write_text('[gpus]\nbackend = "simulated"\ncompute_mode = "unchanged"\n')
+    code, out, _ = invoke("--config", str(path), "gpus", "apply-compute-mode")
+    assert code == 0
+    assert "unchanged" in out
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("status",),
+        ("health", "reset", "0"),
+        ("simulate", "xid", "0", "79"),
+        ("simulate", "mps-down", "0"),
+    ],
+    ids=["status", "health-reset", "simulate-xid", "simulate-mps-down"],
+)
+def test_commands_without_agent(config_file: Path, args: tuple[str, ...]) -> None:
+    """Commands that need the running agent say it is not running, in one line."""
+    code, _, err = invoke("--config", str(config_file), *args)
+    assert code == 1
+    assert "the agent is not running" in err
+    assert "Traceback" not in err
+
+
+def test_run_bad_config_exits_78(tmp_path: Path) -> None:
+    """`run` with a bad config exits 78 (systemd then does not restart it) with one line."""
+    path = tmp_path / "c.toml"
+    path.write_text("[plugin]\nresource_name = 'no-slash'\n")
+    code, _, err = invoke("--config", str(path), "run")
+    assert code == 78
+    assert "plugin.resource_name" in err
