@@ -1,14 +1,58 @@
 """Per-GPU CUDA MPS control daemons: directories, start/stop, control commands, liveness.
 
-(Skeleton: the Protocol below is the contract the agent uses; implementations follow.)
+One ``nvidia-cuda-mps-control`` runs per served GPU, pinned to it with
+``CUDA_VISIBLE_DEVICES=<uuid>``, with its own pipe directory ``<pipe_root>/<uuid>`` and
+log directory ``<log_root>/<uuid>``. Three managers implement :class:`MpsDaemons`:
+
+- :class:`DirectMpsDaemons` starts the daemons as child processes (no systemd; the
+  real-GPU tests drive this one),
+- :class:`SystemdMpsDaemons` starts ``vgpu-mps@<uuid>.service`` units and never stops them,
+- :class:`ExternalMpsDaemons` only uses and watches daemons someone else runs.
+
+:func:`daemon_command` and :func:`daemon_environment` are what the systemd unit runs too
+(through ``vgpu-agent mps run-daemon``, which calls :func:`exec_daemon`), so both paths
+start the daemon the same way. What was measured on a real GPU is in docs/mps.md.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+import stat
+import subprocess
+import threading
+import time
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import IO, Callable, Optional, Protocol
 
+from vgpu_agent.config import MpsConfig
+from vgpu_agent.devices import pipe_dir_for
+from vgpu_agent.errors import MpsError
 from vgpu_agent.gpu import Gpu
+
+_log = logging.getLogger(__name__)
+
+#: The daemon's control socket inside the pipe directory; clients connect to it too.
+CONTROL_SOCKET = "control"
+#: The daemon writes its pid here (driver 580).
+PID_FILE = "nvidia-cuda-mps-control.pid"
+#: The daemon's flock; anyone who can open it can hold it and block a daemon restart.
+LOCK_FILE = "control_lock"
+#: Directories any container uid can traverse and read, only root can change.
+DIRECTORY_MODE = 0o755
+SYSTEMD_UNIT_TEMPLATE = "vgpu-mps@{gpu_uuid}.service"
+MULTI_USER_UNSUPPORTED = (
+    "this driver's nvidia-cuda-mps-control has no multi-user option (-M): pods running as "
+    "different users will queue on a GPU, each waiting until every pod of another user on "
+    "that GPU has exited"
+)
+MULTI_USER_OFF = (
+    "MPS multi-user mode is off (mps.multi_user = off): pods running as different users "
+    "will queue on a GPU"
+)
+
+_MULTI_USER_OPTION = re.compile(r"(?m)^\s*-M\b|--multiuser-server\b|--multi-?user\b")
 
 
 @dataclass(frozen=True)
@@ -19,6 +63,10 @@ class MpsDaemonInfo:
     pipe_dir: str
     log_dir: str
     multi_user: bool
+    #: The control daemon's pid when known (read from its pid file).
+    pid: Optional[int] = None
+    #: Whether an already-running daemon was found and kept rather than started.
+    reused: bool = False
 
 
 class MpsDaemons(Protocol):
@@ -35,3 +83,509 @@ class MpsDaemons(Protocol):
     def probe(self, gpu_uuid: str) -> Optional[str]:
         """None if the GPU's daemon answers a control command; else why it does not."""
         ...
+
+
+# -- paths and the daemon's command line ----------------------------------------------
+
+
+def log_dir_for(log_root: str, gpu_uuid: str) -> str:
+    """The host log directory of a GPU's MPS daemon."""
+    return os.path.join(log_root, gpu_uuid)
+
+
+def daemon_command(config: MpsConfig, multi_user: bool) -> list[str]:
+    """The control daemon's command line: in the foreground, so its supervisor (the agent
+    or systemd) owns the real process; ``-M`` for multi-user mode."""
+    command = [config.control_binary, "-f"]
+    if multi_user:
+        command.append("-M")
+    return command
+
+
+def daemon_environment(config: MpsConfig, gpu_uuid: str) -> dict[str, str]:
+    """The variables that pin a daemon to its GPU and give it its directories."""
+    return {
+        "CUDA_VISIBLE_DEVICES": gpu_uuid,
+        "CUDA_MPS_PIPE_DIRECTORY": pipe_dir_for(config.pipe_root, gpu_uuid),
+        "CUDA_MPS_LOG_DIRECTORY": log_dir_for(config.log_root, gpu_uuid),
+    }
+
+
+def prepare_directories(config: MpsConfig, gpu_uuid: str) -> tuple[str, str]:
+    """Create the GPU's pipe and log directories (mode 0755, whatever the umask).
+
+    The daemon would create a missing pipe directory itself with mode 0777, which lets
+    any pod replace its sockets; so we create it first. Returns (pipe_dir, log_dir).
+    """
+    pipe_dir = pipe_dir_for(config.pipe_root, gpu_uuid)
+    log_dir = log_dir_for(config.log_root, gpu_uuid)
+    for root, directory, key in (
+        (config.pipe_root, pipe_dir, "mps.pipe_root"),
+        (config.log_root, log_dir, "mps.log_root"),
+    ):
+        try:
+            os.makedirs(directory, mode=DIRECTORY_MODE, exist_ok=True)
+            for path in (root, directory):
+                os.chmod(path, DIRECTORY_MODE)
+        except OSError as exc:
+            raise MpsError(
+                f"creating MPS directory {directory} for GPU {gpu_uuid}: {exc.strerror} "
+                f"(run the agent as root, or set {key} to a writable directory)"
+            ) from exc
+    return pipe_dir, log_dir
+
+
+def restrict_pipe_dir(pipe_dir: str) -> None:
+    """Take away from other users what clients do not need in a multi-user daemon's pipe dir.
+
+    The daemon creates its lock file 0666: anyone who can open it can take the flock and
+    keep a restarted daemon from starting. Clients never open it (checked on the GPU,
+    docs/mps.md), so it becomes root-only. Only in multi-user mode: there the servers run
+    as root, while in single-user mode they run as the client's uid. The control socket
+    must stay 0666: a client that cannot connect silently runs outside MPS, unconfined.
+    """
+    for name, mode in ((LOCK_FILE, 0o600), (PID_FILE, 0o644)):
+        path = os.path.join(pipe_dir, name)
+        try:
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                os.chmod(path, mode)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            _log.warning("restricting %s: %s", path, exc.strerror)
+
+
+# -- multi-user mode -----------------------------------------------------------------
+
+
+def help_supports_multi_user(help_text: str) -> bool:
+    """Whether the control program's usage text offers multi-user mode (``-M``)."""
+    return _MULTI_USER_OPTION.search(help_text) is not None
+
+
+def control_help(control_binary: str, timeout_s: float = 5.0) -> str:
+    """The control program's usage text (``-h``), stdout and stderr together."""
+    try:
+        completed = subprocess.run(
+            [control_binary, "-h"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout_s,
+            check=False,
+        )
+    except FileNotFoundError as exc:
+        raise _missing_binary(control_binary) from exc
+    except PermissionError as exc:
+        raise MpsError(f"running {control_binary} -h: permission denied") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise MpsError(f"running {control_binary} -h: no answer within {timeout_s:g} s") from exc
+    return (completed.stdout + completed.stderr).decode("utf-8", "replace")
+
+
+def resolve_multi_user(config: MpsConfig) -> bool:
+    """Whether to start daemons in multi-user mode, from ``mps.multi_user`` and the driver.
+
+    "auto" uses it where the control program offers it; "on" insists (MpsError if the
+    driver lacks it); "off" never uses it. Whenever pods of different users will queue,
+    this logs a warning saying so.
+    """
+    if config.multi_user == "off":
+        _log.warning("%s", MULTI_USER_OFF)
+        return False
+    supported = help_supports_multi_user(control_help(config.control_binary))
+    if supported:
+        return True
+    if config.multi_user == "on":
+        raise MpsError(
+            f"mps.multi_user = on, but {config.control_binary} offers no multi-user option "
+            "(-M); upgrade the NVIDIA driver or set mps.multi_user = auto"
+        )
+    _log.warning("%s", MULTI_USER_UNSUPPORTED)
+    return False
+
+
+# -- talking to a daemon -------------------------------------------------------------
+
+
+def _missing_binary(control_binary: str) -> MpsError:
+    return MpsError(
+        f"the MPS control program {control_binary!r} was not found: install the NVIDIA "
+        "driver's MPS binaries (nvidia-cuda-mps-control, nvidia-cuda-mps-server) or set "
+        "mps.control_binary to its path"
+    )
+
+
+def control_command(config: MpsConfig, pipe_dir: str, command: str) -> str:
+    """Send one control command to the daemon of ``pipe_dir``; return its answer.
+
+    Raises MpsError when the control program is missing, the daemon does not answer
+    within ``config.control_timeout_s`` (stopped or hung) or is not running.
+    """
+    environment = dict(os.environ)
+    environment["CUDA_MPS_PIPE_DIRECTORY"] = pipe_dir
+    timeout_s = config.control_timeout_s
+    try:
+        completed = subprocess.run(
+            [config.control_binary],
+            input=(command + "\n").encode(),
+            capture_output=True,
+            env=environment,
+            timeout=timeout_s,
+            check=False,
+        )
+    except FileNotFoundError as exc:
+        raise _missing_binary(config.control_binary) from exc
+    except subprocess.TimeoutExpired as exc:
+        raise MpsError(
+            f"MPS daemon of {pipe_dir} not answering within {timeout_s:g} s (stopped or hung?)"
+        ) from exc
+    output = (completed.stdout + completed.stderr).decode("utf-8", "replace").strip()
+    if completed.returncode != 0:
+        raise MpsError(
+            f"MPS daemon of {pipe_dir} is not running ({output or f'exit {completed.returncode}'})"
+        )
+    return output
+
+
+def probe_pipe_dir(config: MpsConfig, pipe_dir: str) -> Optional[str]:
+    """None if a daemon answers ``get_server_list`` on ``pipe_dir``; else why not."""
+    if not os.path.isdir(pipe_dir):
+        return f"MPS pipe directory {pipe_dir} is missing"
+    if not os.path.exists(os.path.join(pipe_dir, CONTROL_SOCKET)):
+        return f"MPS daemon not running: no control socket in {pipe_dir}"
+    try:
+        control_command(config, pipe_dir, "get_server_list")
+    except MpsError as exc:
+        return str(exc)
+    return None
+
+
+def daemon_pid(pipe_dir: str) -> Optional[int]:
+    """The pid the daemon of ``pipe_dir`` wrote to its pid file, if readable."""
+    try:
+        with open(os.path.join(pipe_dir, PID_FILE), encoding="ascii") as pid_file:
+            return int(pid_file.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def running_multi_user(pid: int) -> Optional[bool]:
+    """Whether the running control daemon ``pid`` was started with ``-M`` (None: unknown)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            arguments = cmdline.read().split(b"\0")[1:]
+    except OSError:
+        return None
+    return any(argument in (b"-M", b"--multiuser-server") for argument in arguments)
+
+
+def quit_daemon(config: MpsConfig, gpu_uuid: str) -> None:
+    """Ask the GPU's daemon to quit (what ``vgpu-agent mps quit`` and ExecStop do)."""
+    control_command(config, pipe_dir_for(config.pipe_root, gpu_uuid), "quit")
+
+
+def exec_daemon(config: MpsConfig, gpu_uuid: str) -> None:
+    """Become the GPU's control daemon (``vgpu-agent mps run-daemon <uuid>``, systemd's
+    ExecStart): prepare its directories, then exec it in the foreground."""
+    prepare_directories(config, gpu_uuid)
+    command = daemon_command(config, resolve_multi_user(config))
+    environment = dict(os.environ)
+    environment.update(daemon_environment(config, gpu_uuid))
+    try:
+        os.execvpe(command[0], command, environment)  # noqa: S606 - replaces this process on purpose
+    except FileNotFoundError as exc:
+        raise _missing_binary(config.control_binary) from exc
+    except OSError as exc:
+        raise MpsError(f"starting {command[0]} for GPU {gpu_uuid}: {exc.strerror}") from exc
+
+
+def _wait_until_answers(
+    config: MpsConfig,
+    pipe_dir: str,
+    timeout_s: float,
+    exited: Callable[[], Optional[str]],
+) -> Optional[str]:
+    """Poll until the daemon answers (None) or ``timeout_s`` passes (the last reason).
+
+    ``exited`` says why the daemon can no longer come up (it exited), else None.
+    """
+    deadline = time.monotonic() + timeout_s
+    reason: Optional[str] = "not checked"
+    while True:
+        reason = probe_pipe_dir(config, pipe_dir)
+        if reason is None:
+            return None
+        gone = exited()
+        if gone is not None:
+            return gone
+        if time.monotonic() >= deadline:
+            return reason
+        time.sleep(0.05)
+
+
+def _reuse_info(config: MpsConfig, gpu_uuid: str, pipe_dir: str, log_dir: str) -> MpsDaemonInfo:
+    pid = daemon_pid(pipe_dir)
+    multi_user = running_multi_user(pid) if pid is not None else None
+    if multi_user is None:
+        multi_user = config.multi_user != "off"
+    return MpsDaemonInfo(gpu_uuid, pipe_dir, log_dir, multi_user, pid=pid, reused=True)
+
+
+# -- the managers --------------------------------------------------------------------
+
+
+@dataclass
+class _Started:
+    process: subprocess.Popen[bytes]
+    log_file: IO[bytes]
+
+
+class DirectMpsDaemons:
+    """Starts each GPU's control daemon as a child process of the agent.
+
+    A daemon that already answers on the GPU's pipe directory is reused and never
+    stopped by this object, so restarting the agent never kills running jobs. Daemons
+    get their own session, so a signal to the agent's process group does not reach them;
+    their output goes to ``<log_dir>/control.log``.
+    """
+
+    def __init__(
+        self,
+        config: MpsConfig,
+        *,
+        multi_user: Optional[bool] = None,
+        start_timeout_s: float = 15.0,
+        stop_timeout_s: float = 10.0,
+    ) -> None:
+        self._config = config
+        self._multi_user = multi_user
+        self._start_timeout_s = start_timeout_s
+        self._stop_timeout_s = stop_timeout_s
+        self._lock = threading.Lock()
+        self._started: dict[str, _Started] = {}
+
+    def _resolved_multi_user(self) -> bool:
+        if self._multi_user is None:
+            self._multi_user = resolve_multi_user(self._config)
+        return self._multi_user
+
+    def start(self, gpu: Gpu) -> MpsDaemonInfo:
+        """Make sure the GPU's daemon runs and answers, starting it if needed."""
+        config = self._config
+        pipe_dir, log_dir = prepare_directories(config, gpu.uuid)
+        with self._lock:
+            if gpu.uuid in self._started and self._started[gpu.uuid].process.poll() is None:
+                return self._info(gpu.uuid, pipe_dir, log_dir)
+        if probe_pipe_dir(config, pipe_dir) is None:
+            info = _reuse_info(config, gpu.uuid, pipe_dir, log_dir)
+            _log.info("reusing the MPS daemon (pid %s) already answering on %s", info.pid, pipe_dir)
+            if info.multi_user:
+                restrict_pipe_dir(pipe_dir)
+            return info
+        multi_user = self._resolved_multi_user()
+        command = daemon_command(config, multi_user)
+        environment = dict(os.environ)
+        environment.update(daemon_environment(config, gpu.uuid))
+        log_path = os.path.join(log_dir, "control.log")
+        try:
+            log_file = open(log_path, "ab")  # noqa: SIM115 - kept open for the daemon's life
+        except OSError as exc:
+            raise MpsError(f"opening the MPS log {log_path}: {exc.strerror}") from exc
+        try:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=environment,
+                start_new_session=True,
+            )
+        except FileNotFoundError as exc:
+            log_file.close()
+            raise _missing_binary(config.control_binary) from exc
+        except OSError as exc:
+            log_file.close()
+            raise MpsError(f"starting {command[0]} for GPU {gpu.uuid}: {exc.strerror}") from exc
+
+        def exited() -> Optional[str]:
+            code = process.poll()
+            if code is None:
+                return None
+            return f"it exited with status {code}: {_tail(log_path)}"
+
+        reason = _wait_until_answers(config, pipe_dir, self._start_timeout_s, exited)
+        if reason is not None:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            log_file.close()
+            raise MpsError(
+                f"starting the MPS daemon of GPU {gpu.uuid} ({' '.join(command)}): {reason}; "
+                f"see {log_path}"
+            )
+        if multi_user:
+            restrict_pipe_dir(pipe_dir)
+        with self._lock:
+            self._started[gpu.uuid] = _Started(process, log_file)
+        _log.info(
+            "started the MPS daemon of GPU %s (pid %d, %s)",
+            gpu.uuid,
+            process.pid,
+            "multi-user" if multi_user else "single-user",
+        )
+        return self._info(gpu.uuid, pipe_dir, log_dir)
+
+    def _info(self, gpu_uuid: str, pipe_dir: str, log_dir: str) -> MpsDaemonInfo:
+        started = self._started[gpu_uuid]
+        return MpsDaemonInfo(
+            gpu_uuid, pipe_dir, log_dir, self._resolved_multi_user(), pid=started.process.pid
+        )
+
+    def stop(self, gpu_uuid: str) -> None:
+        """Quit the daemon this object started (``quit``, then kill after a timeout)."""
+        with self._lock:
+            started = self._started.pop(gpu_uuid, None)
+        if started is None:
+            return
+        process = started.process
+        try:
+            if process.poll() is None:
+                try:
+                    control_command(
+                        self._config, pipe_dir_for(self._config.pipe_root, gpu_uuid), "quit"
+                    )
+                except MpsError as exc:
+                    _log.warning("asking the MPS daemon of GPU %s to quit: %s", gpu_uuid, exc)
+                try:
+                    process.wait(self._stop_timeout_s)
+                except subprocess.TimeoutExpired:
+                    _log.warning(
+                        "the MPS daemon of GPU %s did not quit within %g s; killing it",
+                        gpu_uuid,
+                        self._stop_timeout_s,
+                    )
+                    process.kill()
+                    process.wait()
+        finally:
+            started.log_file.close()
+
+    def stop_all(self) -> None:
+        """Quit every daemon this object started."""
+        with self._lock:
+            gpu_uuids = list(self._started)
+        for gpu_uuid in gpu_uuids:
+            self.stop(gpu_uuid)
+
+    def probe(self, gpu_uuid: str) -> Optional[str]:
+        """None if the GPU's daemon answers; else why not (exited, hung, missing)."""
+        with self._lock:
+            started = self._started.get(gpu_uuid)
+        if started is not None:
+            code = started.process.poll()
+            if code is not None:
+                return f"MPS daemon exited with status {code}"
+        return probe_pipe_dir(self._config, pipe_dir_for(self._config.pipe_root, gpu_uuid))
+
+
+class SystemdMpsDaemons:
+    """Starts ``vgpu-mps@<uuid>.service`` for each GPU; never stops the units, so an agent
+    stop or upgrade never kills MPS jobs."""
+
+    def __init__(
+        self,
+        config: MpsConfig,
+        *,
+        systemctl: str = "systemctl",
+        start_timeout_s: float = 30.0,
+    ) -> None:
+        self._config = config
+        self._systemctl = systemctl
+        self._start_timeout_s = start_timeout_s
+
+    def start(self, gpu: Gpu) -> MpsDaemonInfo:
+        """Start the GPU's unit (a no-op when it runs) and wait until the daemon answers."""
+        config = self._config
+        pipe_dir, log_dir = prepare_directories(config, gpu.uuid)
+        unit = SYSTEMD_UNIT_TEMPLATE.format(gpu_uuid=gpu.uuid)
+        try:
+            completed = subprocess.run(
+                [self._systemctl, "start", unit],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=self._start_timeout_s,
+                check=False,
+            )
+        except FileNotFoundError as exc:
+            raise MpsError(
+                f"starting {unit}: {self._systemctl} not found; without systemd set "
+                "mps.manager = direct"
+            ) from exc
+        except subprocess.TimeoutExpired as exc:
+            raise MpsError(
+                f"starting {unit}: systemctl did not return within {self._start_timeout_s:g} s"
+            ) from exc
+        if completed.returncode != 0:
+            output = (completed.stderr or completed.stdout).decode("utf-8", "replace").strip()
+            raise MpsError(
+                f"starting {unit}: {output or f'systemctl exit {completed.returncode}'} "
+                f"(see systemctl status {unit} and journalctl -u {unit})"
+            )
+        reason = _wait_until_answers(config, pipe_dir, self._start_timeout_s, lambda: None)
+        if reason is not None:
+            raise MpsError(f"{unit} started but its MPS daemon does not answer: {reason}")
+        info = _reuse_info(config, gpu.uuid, pipe_dir, log_dir)
+        if info.multi_user:
+            restrict_pipe_dir(pipe_dir)
+        return info
+
+    def stop(self, gpu_uuid: str) -> None:
+        """Leave the unit running: an agent stop or upgrade must not kill MPS jobs."""
+
+    def probe(self, gpu_uuid: str) -> Optional[str]:
+        """None if the GPU's daemon answers a control command; else why not."""
+        return probe_pipe_dir(self._config, pipe_dir_for(self._config.pipe_root, gpu_uuid))
+
+
+class ExternalMpsDaemons:
+    """Uses daemons someone else runs on ``<pipe_root>/<uuid>``; only checks them."""
+
+    def __init__(self, config: MpsConfig) -> None:
+        self._config = config
+
+    def start(self, gpu: Gpu) -> MpsDaemonInfo:
+        """Check that the GPU's daemon answers; MpsError naming what is wrong if not."""
+        pipe_dir = pipe_dir_for(self._config.pipe_root, gpu.uuid)
+        log_dir = log_dir_for(self._config.log_root, gpu.uuid)
+        reason = probe_pipe_dir(self._config, pipe_dir)
+        if reason is not None:
+            raise MpsError(
+                f"mps.manager = external, but GPU {gpu.uuid}'s MPS daemon does not answer: {reason}"
+            )
+        return _reuse_info(self._config, gpu.uuid, pipe_dir, log_dir)
+
+    def stop(self, gpu_uuid: str) -> None:
+        """Never stops a daemon it did not start."""
+
+    def probe(self, gpu_uuid: str) -> Optional[str]:
+        """None if the GPU's daemon answers a control command; else why not."""
+        return probe_pipe_dir(self._config, pipe_dir_for(self._config.pipe_root, gpu_uuid))
+
+
+def build_mps_daemons(config: MpsConfig) -> MpsDaemons:
+    """The MPS manager ``mps.manager`` names."""
+    if config.manager == "direct":
+        return DirectMpsDaemons(config)
+    if config.manager == "systemd":
+        return SystemdMpsDaemons(config)
+    return ExternalMpsDaemons(config)
+
+
+def _tail(path: str, lines: int = 5) -> str:
+    try:
+        with open(path, "rb") as log_file:
+            log_file.seek(0, os.SEEK_END)
+            log_file.seek(max(0, log_file.tell() - 4096))
+            text = log_file.read().decode("utf-8", "replace")
+    except OSError:
+        return "(no log)"
+    return " | ".join(text.strip().splitlines()[-lines:]) or "(no output)"
