@@ -41,12 +41,12 @@ def unix_target(path: str) -> str:
     return f"unix://{os.path.abspath(path)}"
 
 
-def kubelet_socket_identity(path: str) -> Optional[tuple[int, int]]:
-    """(st_dev, st_ino) of the socket at ``path``, or None when there is no socket there.
+def socket_identity(path: str) -> Optional[tuple[int, int]]:
+    """(inode, ctime in ns) of the unix socket at ``path``, or None when there is none.
 
-    A different value than last time means the kubelet made a new socket: it restarted.
-    Inode numbers can be reused once a file is deleted, so the agent also watches its own
-    socket, which a restarting kubelet always deletes.
+    The inode alone is not enough: a filesystem such as ext4 hands a freed inode number to
+    the next file made, so a socket deleted and made again usually has the same inode. Its
+    change time tells the two apart.
     """
     try:
         info = os.stat(path)
@@ -54,7 +54,14 @@ def kubelet_socket_identity(path: str) -> Optional[tuple[int, int]]:
         return None
     if not stat.S_ISSOCK(info.st_mode):
         return None
-    return info.st_dev, info.st_ino
+    return info.st_ino, info.st_ctime_ns
+
+
+def kubelet_socket_identity(path: str) -> Optional[tuple[int, int]]:
+    """The identity of the kubelet's socket at ``path`` (see :func:`socket_identity`), or
+    None when there is no socket. A value different from last time means the kubelet made
+    a new socket: it restarted, and the plugin must register again."""
+    return socket_identity(path)
 
 
 def register(

@@ -36,6 +36,7 @@ from vgpu_agent.kubelet import (
     KUBELET_SOCKET_NAME,
     unix_target,
 )
+from vgpu_agent.plugin import AdvertisedDevice, advertised_devices, device_plugin_stub
 
 #: How long Register waits for the plugin's socket to answer, like the kubelet's dial timeout.
 DIAL_TIMEOUT_S = 5.0
@@ -43,7 +44,6 @@ DIAL_TIMEOUT_S = 5.0
 _EMPTY_CHECKPOINT = '{"Data":{"PodDeviceEntries":null,"RegisteredDevices":{}},"Checksum":0}\n'
 
 # The generated gRPC module has no type stubs.
-_device_plugin_stub = cast(Callable[[Any], Any], pb_grpc.DevicePluginStub)
 _add_registration_servicer = cast(
     Callable[[Any, Any], None], pb_grpc.add_RegistrationServicer_to_server
 )
@@ -62,13 +62,8 @@ class Registration:
     at: float
 
 
-@dataclass(frozen=True)
-class StandinDevice:
-    """One device of a ListAndWatch message."""
-
-    device_id: str
-    health: str
-    numa_nodes: tuple[int, ...] = ()
+#: One device of a ListAndWatch message (kept under this name for readers of the tests).
+StandinDevice = AdvertisedDevice
 
 
 @dataclass(frozen=True)
@@ -369,7 +364,7 @@ class KubeletStandin:
             )
         endpoint_path = os.path.join(self.plugin_dir, request.endpoint)
         channel = grpc.insecure_channel(unix_target(endpoint_path), options=CHANNEL_OPTIONS)
-        stub = _device_plugin_stub(channel)
+        stub = device_plugin_stub(channel)
         try:
             grpc.channel_ready_future(channel).result(timeout=self._dial_timeout_s)
             options = stub.GetDevicePluginOptions(pb.Empty(), timeout=self._dial_timeout_s)
@@ -414,14 +409,7 @@ class KubeletStandin:
     def _consume(self, client: _PluginClient) -> None:
         try:
             for response in client.call or ():
-                devices = tuple(
-                    StandinDevice(
-                        device_id=device.ID,
-                        health=device.health,
-                        numa_nodes=tuple(node.ID for node in device.topology.nodes),
-                    )
-                    for device in response.devices
-                )
+                devices = advertised_devices(response)
                 update = DeviceListUpdate(client.resource_name, devices, time.monotonic())
                 with self._condition:
                     self._updates.append(update)

@@ -15,6 +15,7 @@ import stat
 import threading
 from collections.abc import Iterator
 from concurrent import futures
+from dataclasses import dataclass
 from typing import Any, Callable, NoReturn, Optional, Protocol, TypeVar, cast
 
 import grpc
@@ -31,6 +32,7 @@ from vgpu_agent.devices import (
     validate_allocation,
 )
 from vgpu_agent.errors import AgentError
+from vgpu_agent.kubelet import socket_identity
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,8 @@ SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.http2.max_pings_without_data", 0),
 )
 
-# The generated gRPC module has no type stubs; these are the two functions we call from it.
+# The generated gRPC module has no type stubs; these are what we call from it.
+_device_plugin_stub = cast(Callable[[Any], Any], pb_grpc.DevicePluginStub)
 _add_servicer_to_server = cast(
     Callable[[Any, Any], None], pb_grpc.add_DevicePluginServicer_to_server
 )
@@ -93,7 +96,6 @@ class DeviceState:
         self._condition = threading.Condition()
         self._inventory = inventory
         self._version = 0
-        self._wakeups = 0
         self._closed = False
 
     def get(self) -> Inventory:
@@ -137,21 +139,28 @@ class DeviceState:
         self._version += 1
         self._condition.notify_all()
 
-    def wait_for_change(self, version: int, timeout_s: float) -> tuple[int, Inventory]:
-        """Block until the version differs from ``version``, :meth:`wake` or :meth:`close` is
-        called, or ``timeout_s`` passes; returns the version and inventory at that point."""
+    def wait_for_change(
+        self,
+        version: int,
+        timeout_s: float,
+        give_up: Optional[Callable[[], bool]] = None,
+    ) -> tuple[int, Inventory]:
+        """Block until the version differs from ``version``, :meth:`close` is called,
+        ``give_up()`` is true (checked now and after every :meth:`wake`), or ``timeout_s``
+        passes; returns the version and inventory at that point."""
         with self._condition:
-            wakeups = self._wakeups
             self._condition.wait_for(
-                lambda: self._version != version or self._closed or self._wakeups != wakeups,
+                lambda: (
+                    self._version != version or self._closed or (give_up is not None and give_up())
+                ),
                 timeout=timeout_s,
             )
             return self._version, self._inventory
 
     def wake(self) -> None:
-        """Wake every waiter without a change, so it re-checks why it waits."""
+        """Make every waiter check its ``give_up`` again. Call it after changing what that
+        checks: waiters evaluate it under this lock, so no wake-up is lost."""
         with self._condition:
-            self._wakeups += 1
             self._condition.notify_all()
 
     def close(self) -> None:
@@ -268,16 +277,15 @@ class PluginServicer(pb_grpc.DevicePluginServicer):
             context.add_callback(on_rpc_end)
             version, inventory = self._state.snapshot()
             yield self._list_response(version, inventory)
+
+            def should_end() -> bool:
+                return ended.is_set() or self._generation != generation
+
             while True:
                 new_version, inventory = self._state.wait_for_change(
-                    version, LIST_AND_WATCH_RECHECK_S
+                    version, LIST_AND_WATCH_RECHECK_S, should_end
                 )
-                if (
-                    ended.is_set()
-                    or self._state.closed
-                    or self._generation != generation
-                    or not context.is_active()
-                ):
+                if should_end() or self._state.closed or not context.is_active():
                     return
                 if new_version != version:
                     version = new_version
@@ -417,14 +425,57 @@ def _answer(context: RpcContext, rpc_name: str, work: Callable[[], _T]) -> _T:
     return context.abort(code, details)
 
 
-def _socket_inode(path: str) -> Optional[tuple[int, int]]:
-    try:
-        info = os.lstat(path)
-    except OSError:
-        return None
-    if not stat.S_ISSOCK(info.st_mode):
-        return None
-    return info.st_dev, info.st_ino
+@dataclass(frozen=True)
+class AdvertisedDevice:
+    """One device as a ListAndWatch message lists it."""
+
+    device_id: str
+    health: str
+    numa_nodes: tuple[int, ...] = ()
+
+
+def device_plugin_stub(channel: Any) -> Any:
+    """A DevicePlugin client on ``channel`` (the generated stub, untyped)."""
+    return _device_plugin_stub(channel)
+
+
+def advertised_devices(response: pb.ListAndWatchResponse) -> tuple[AdvertisedDevice, ...]:
+    """The devices of one ListAndWatch message as plain values."""
+    return tuple(
+        AdvertisedDevice(
+            device_id=device.ID,
+            health=device.health,
+            numa_nodes=tuple(node.ID for node in device.topology.nodes),
+        )
+        for device in response.devices
+    )
+
+
+def query_devices(socket_path: str, timeout_s: float = 2.0) -> tuple[AdvertisedDevice, ...]:
+    """Ask a running plugin at ``socket_path`` for its device list (the first ListAndWatch
+    message), as ``vgpu-agent status`` does. Raises AgentError when nothing answers."""
+    if socket_identity(socket_path) is None:
+        raise AgentError(
+            f"asking the agent for its devices: no socket at {socket_path} "
+            "(is vgpu-agent running, with this plugin directory and socket name?)"
+        )
+    with grpc.insecure_channel(f"unix://{os.path.abspath(socket_path)}") as channel:
+        stream = device_plugin_stub(channel).ListAndWatch(pb.Empty(), timeout=timeout_s)
+        try:
+            first = next(stream)
+        except StopIteration:
+            raise AgentError(
+                f"asking the agent on {socket_path} for its devices: it ended the stream "
+                "without a device list (is it shutting down?)"
+            ) from None
+        except grpc.RpcError as exc:
+            raise AgentError(
+                f"asking the agent on {socket_path} for its devices: "
+                f"{exc.code().name}: {exc.details()} (is vgpu-agent running?)"
+            ) from exc
+        finally:
+            stream.cancel()
+    return advertised_devices(first)
 
 
 def socket_answers(path: str, timeout_s: float = 0.5) -> bool:
@@ -490,7 +541,7 @@ class PluginServer:
             )
         server.start()
         self._server = server
-        self._identity = _socket_inode(path)
+        self._identity = socket_identity(path)
         log.debug("device plugin serving on %s", path)
 
     def _remove_stale_socket(self) -> None:
@@ -520,7 +571,7 @@ class PluginServer:
 
     def socket_exists(self) -> bool:
         """Whether our socket file is still there (the kubelet deletes it when it restarts)."""
-        return self._identity is not None and _socket_inode(self._socket_path) == self._identity
+        return self._identity is not None and socket_identity(self._socket_path) == self._identity
 
     def stop(self, grace_s: float = 0.5) -> None:
         """End the streams, stop serving (in-flight calls get ``grace_s``), and remove the
@@ -530,13 +581,29 @@ class PluginServer:
             return
         self._server = None
         self._servicer.end_streams()
-        server.stop(grace_s).wait()
-        if self._identity is not None and _socket_inode(self._socket_path) == self._identity:
+        path = self._socket_path
+        current = socket_identity(path)
+        foreign = current is not None and current != self._identity
+        if foreign:
+            # gRPC unlinks its socket path when it stops, whoever's socket is there now; keep
+            # a socket another server made at our path (after ours was deleted) out of reach.
+            aside = f"{path}.{os.getpid()}.keep"
             try:
-                os.unlink(self._socket_path)
+                os.rename(path, aside)
+            except OSError as exc:
+                log.warning("cannot protect the socket now at %s: %s", path, exc.strerror)
+                foreign = False
+        try:
+            server.stop(grace_s).wait()
+        finally:
+            if foreign:
+                os.replace(aside, path)
+        if socket_identity(path) == self._identity:
+            try:
+                os.unlink(path)
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                log.warning("cannot remove socket %s: %s", self._socket_path, exc.strerror)
+                log.warning("cannot remove socket %s: %s", path, exc.strerror)
         self._identity = None
         log.debug("device plugin stopped serving on %s", self._socket_path)
