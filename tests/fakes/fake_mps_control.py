@@ -1,0 +1,151 @@
+"""A stand-in for nvidia-cuda-mps-control, for tests without a GPU.
+
+It behaves like the real program where the agent can tell (driver 580, see docs/mps.md):
+
+- ``-h``: prints usage; with ``FAKE_MPS_HELP=legacy`` the usage lacks the multi-user
+  option, with ``FAKE_MPS_HELP=long`` only the long spelling is listed.
+- ``-f [-M]``: the daemon in the foreground. It takes an flock on ``control_lock`` in
+  ``$CUDA_MPS_PIPE_DIRECTORY`` (another daemon holding it: "An instance of this daemon is
+  already running", exit 1), writes ``nvidia-cuda-mps-control.pid`` and serves the unix
+  socket ``control``: one command per line, each answered and the connection closed.
+  ``quit`` ends it. ``FAKE_MPS_START_DELAY_S`` delays listening; ``FAKE_MPS_HANG=1`` makes
+  it accept connections but never answer (a hung daemon; SIGSTOP works as well).
+- ``-d``: the same, detached into its own session.
+- no option: the client. It sends each line of stdin to the daemon and prints the
+  answers; no daemon: "Cannot find MPS control daemon process", exit 1.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import sys
+import time
+
+HELP = """nvidia-cuda-mps-control [options] [command]
+OPTIONS:
+  -h,--help                Print this message
+  -d,--daemon              Setup the daemon in the background
+  -f,--forground           Setup the daemon in the foreground
+{multi_user}  -q,--ready-devices      Prepare the daemon to query devices on startup
+
+COMMAND:
+  quit
+                       Terminate the controller
+  get_server_list
+                       Print out a list of servers
+"""
+MULTI_USER_LINES = {
+    "": "  -M,--multiuser-server    Enable multi-user mode\n",
+    "long": "  --multiuser-server       Enable multi-user mode\n",
+    "legacy": "",
+}
+
+
+def pipe_dir() -> str:
+    """The pipe directory, as the real program defaults it."""
+    return os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
+
+
+def answer(command: str, state: dict[str, str]) -> str:
+    """The daemon's reply to one control command."""
+    words = command.split()
+    if not words:
+        return ""
+    if words[0] == "get_server_list":
+        return state.get("servers", "")
+    if words[0] == "set_default_active_thread_percentage" and len(words) == 2:
+        state["threads"] = words[1]
+        return ""
+    if words[0] == "get_default_active_thread_percentage":
+        return f"{float(state.get('threads', '100')):.1f}"
+    if words[0] == "quit":
+        return ""
+    return f"Unrecognized command {words[0]}"
+
+
+def serve(multi_user: bool) -> int:
+    """Run the control daemon until ``quit``."""
+    directory = pipe_dir()
+    os.makedirs(directory, exist_ok=True)
+    lock = open(os.path.join(directory, "control_lock"), "a")  # noqa: SIM115 - held for life
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        sys.stdout.write("An instance of this daemon is already running\n")
+        return 1
+    with open(os.path.join(directory, "nvidia-cuda-mps-control.pid"), "w") as pid_file:
+        pid_file.write(str(os.getpid()))
+    time.sleep(float(os.environ.get("FAKE_MPS_START_DELAY_S", "0")))
+    path = os.path.join(directory, "control")
+    if os.path.exists(path):
+        os.unlink(path)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    os.chmod(path, 0o666)  # noqa: S103 - the real daemon's control socket is 0666
+    server.listen(16)
+    sys.stdout.write(f"Starting control daemon using socket {path} (multi-user: {multi_user})\n")
+    sys.stdout.flush()
+    hang = os.environ.get("FAKE_MPS_HANG") == "1"
+    held = []
+    state: dict[str, str] = {}
+    while True:
+        connection, _ = server.accept()
+        if hang:
+            held.append(connection)
+            continue
+        with connection:
+            try:
+                command = connection.makefile("r").readline().strip()
+                connection.sendall(answer(command, state).encode() + b"\n")
+            except OSError:
+                # The client gave up (timed out) before the answer: like the real daemon,
+                # carry on serving.
+                continue
+        if command == "quit":
+            server.close()
+            os.unlink(path)
+            return 0
+
+
+def client() -> int:
+    """Send each stdin line to the daemon and print its answers."""
+    path = os.path.join(pipe_dir(), "control")
+    for line in sys.stdin:
+        command = line.strip()
+        if not command:
+            continue
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            connection.connect(path)
+        except OSError:
+            sys.stdout.write("Cannot find MPS control daemon process\n")
+            return 1
+        with connection:
+            connection.sendall(command.encode() + b"\n")
+            reply = connection.makefile("r").read()
+        if reply.strip():
+            sys.stdout.write(reply if reply.endswith("\n") else reply + "\n")
+    return 0
+
+
+def main(arguments: list[str]) -> int:
+    """Dispatch on the options like the real program."""
+    if "-h" in arguments or "--help" in arguments:
+        variant = os.environ.get("FAKE_MPS_HELP", "")
+        sys.stdout.write(HELP.format(multi_user=MULTI_USER_LINES[variant]))
+        return 0
+    multi_user = "-M" in arguments or "--multiuser-server" in arguments
+    if "-f" in arguments:
+        return serve(multi_user)
+    if "-d" in arguments:
+        if os.fork() > 0:
+            return 0
+        os.setsid()
+        return serve(multi_user)
+    return client()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
