@@ -1,0 +1,543 @@
+"""The agent end to end: simulated GPUs, a kubelet stand-in on real unix sockets, a real
+sd_notify datagram socket, the control socket, signals on a real process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+
+from vgpu_agent import control
+from vgpu_agent.agent import EXIT_FAILURE, EXIT_OK, Agent, build_backend, build_mps, plan_gpus
+from vgpu_agent.config import (
+    AgentConfig,
+    Config,
+    GpusConfig,
+    HealthConfig,
+    MpsConfig,
+    PluginConfig,
+    SimulatedConfig,
+    SimulatedGpu,
+    parse,
+)
+from vgpu_agent.errors import ConfigError, GpuError
+from vgpu_agent.gpu import ComputeMode, Gpu, GpuBackend
+from vgpu_agent.kubelet_standin import KubeletStandin, StandinDevice
+from vgpu_agent.simulated import SimulatedBackend, gpus_from_config
+from vgpu_agent.systemd import Notifier
+
+RESOURCE = "eks.amazonaws.com/vgpu"
+WAIT_S = 10.0
+#: Generous bound for "promptly" on a loaded 2-core CI machine; bench/ has the real numbers.
+PROMPT_S = 3.0
+
+
+class NotifyListener:
+    """A real datagram socket standing in for systemd's NOTIFY_SOCKET."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.settimeout(0.1)
+        self.messages: list[str] = []
+        self._lock = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop:
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self.messages.append(data.decode())
+                self._lock.notify_all()
+
+    def wait_for(self, predicate: Callable[[str], bool], timeout_s: float = WAIT_S) -> str:
+        """The first datagram matching ``predicate``."""
+        with self._lock:
+            found: list[str] = []
+
+            def matched() -> bool:
+                found[:] = [m for m in self.messages if predicate(m)]
+                return bool(found)
+
+            if not self._lock.wait_for(matched, timeout=timeout_s):
+                raise TimeoutError(f"no matching notification in {self.messages!r}")
+            return found[0]
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join()
+        self.sock.close()
+
+
+@dataclass
+class Harness:
+    """A running agent with its kubelet stand-in and notify socket."""
+
+    agent: Agent
+    standin: KubeletStandin
+    notify: NotifyListener
+    thread: threading.Thread
+    root: str
+    exit_code: list[int]
+    notifier: Notifier
+
+    def devices(
+        self, predicate: Callable[[tuple[StandinDevice, ...]], bool]
+    ) -> tuple[StandinDevice, ...]:
+        return self.standin.wait_for_devices(predicate, WAIT_S, RESOURCE)
+
+    def stop(self) -> int:
+        self.agent.request_stop("test finished")
+        self.thread.join(timeout=WAIT_S)
+        assert not self.thread.is_alive()
+        return self.exit_code[0]
+
+
+def make_config(root: str, **overrides: object) -> Config:
+    """Two simulated GPUs of 4 vGPUs, fast health checks, everything under ``root``."""
+    config = Config(
+        agent=AgentConfig(state_dir=f"{root}/state"),
+        plugin=PluginConfig(plugin_dir=f"{root}/dp"),
+        gpus=GpusConfig(backend="simulated", replicas_per_gpu=4),
+        mps=MpsConfig(pipe_root=f"{root}/mps", log_root=f"{root}/mpslog"),
+        health=HealthConfig(
+            recovery_quiet_period_s=0.5, poll_interval_s=0.05, mps_check_interval_s=0.05
+        ),
+        simulated=SimulatedConfig(count=2),
+    )
+    return replace(config, **overrides)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def start_agent(short_tmp_dir: str) -> Iterator[Callable[..., Harness]]:
+    """Start an agent (in a thread) with a kubelet stand-in; stopped at the end."""
+    harnesses: list[Harness] = []
+
+    def start(
+        config: Optional[Config] = None,
+        *,
+        kubelet: bool = True,
+        watchdog_usec: Optional[int] = None,
+        config_loader: Optional[Callable[[], Config]] = None,
+        backend_factory: Callable[[Config], GpuBackend] = build_backend,
+    ) -> Harness:
+        config = config or make_config(short_tmp_dir)
+        standin = KubeletStandin(config.plugin.plugin_dir)
+        if kubelet:
+            standin.start()
+        notify = NotifyListener(os.path.join(short_tmp_dir, "notify"))
+        notifier = Notifier(notify.path, watchdog_usec=watchdog_usec, use_libsystemd=False)
+        agent = Agent(
+            config,
+            notifier=notifier,
+            config_loader=config_loader,
+            backend_factory=backend_factory,
+        )
+        exit_code: list[int] = []
+        thread = threading.Thread(target=lambda: exit_code.append(agent.run()), daemon=True)
+        thread.start()
+        harness = Harness(agent, standin, notify, thread, short_tmp_dir, exit_code, notifier)
+        harnesses.append(harness)
+        return harness
+
+    yield start
+    for harness in harnesses:
+        if harness.thread.is_alive():
+            harness.stop()
+        harness.standin.stop()
+        harness.notifier.close()
+        harness.notify.close()
+
+
+def test_registers_and_advertises(start_agent: Callable[..., Harness]) -> None:
+    """The agent registers and lists 4 healthy vGPUs per GPU with NUMA nodes."""
+    harness = start_agent()
+    registration = harness.standin.wait_for_registration(1, WAIT_S)
+    assert (registration.version, registration.resource_name) == ("v1beta1", RESOURCE)
+    assert registration.endpoint == "vgpu.sock"
+    devices = harness.devices(lambda devs: len(devs) == 8)
+    assert all(device.health == "Healthy" for device in devices)
+    assert {device.numa_nodes for device in devices} == {(0,), (1,)}
+    harness.notify.wait_for(lambda m: "READY=1" in m)
+    harness.notify.wait_for(
+        lambda m: (
+            "STATUS=serving 8 vGPUs on 2 GPUs as eks.amazonaws.com/vgpu; "
+            "registered with kubelet" in m
+        )
+    )
+
+
+def test_allocate_through_kubelet(start_agent: Callable[..., Harness]) -> None:
+    """Allocate over the wire gives the GPU, the pipe directory and proportional limits."""
+    harness = start_agent()
+    devices = harness.devices(lambda devs: len(devs) == 8)
+    ids = [device.device_id for device in devices[:2]]
+    response = harness.standin.allocate(RESOURCE, ids).container_responses[0]
+    gpu_uuid = ids[0].split("::")[0]
+    assert response.envs["NVIDIA_VISIBLE_DEVICES"] == gpu_uuid
+    assert response.envs["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50"
+    assert response.envs["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == f"0={81559 // 2}M"
+    assert [(m.host_path, m.container_path) for m in response.mounts] == [
+        (f"{harness.root}/mps/{gpu_uuid}", "/run/nvidia-mps")
+    ]
+
+
+def test_waits_for_kubelet_then_registers(start_agent: Callable[..., Harness]) -> None:
+    """Without kubelet.sock the agent waits (STATUS says so) and registers when it appears."""
+    harness = start_agent(kubelet=False)
+    harness.notify.wait_for(lambda m: "waiting for kubelet" in m)
+    assert harness.thread.is_alive()
+    harness.standin.start()
+    harness.standin.wait_for_registration(1, WAIT_S)
+    harness.notify.wait_for(lambda m: "registered with kubelet" in m)
+
+
+def test_kubelet_restart_reregisters(start_agent: Callable[..., Harness]) -> None:
+    """A kubelet restart (socket files deleted, new kubelet.sock) is followed by a new
+    registration, promptly, and the device list flows again."""
+    harness = start_agent()
+    harness.standin.wait_for_registration(1, WAIT_S)
+    for round_number in range(2, 5):
+        restarted = time.monotonic()
+        harness.standin.restart()
+        harness.standin.wait_for_registration(round_number, WAIT_S)
+        assert time.monotonic() - restarted < PROMPT_S
+    harness.devices(lambda devs: len(devs) == 8)
+    assert os.path.exists(os.path.join(harness.agent.config.plugin.plugin_dir, "vgpu.sock"))
+
+
+def test_plugin_socket_deleted_reregisters(start_agent: Callable[..., Harness]) -> None:
+    """If only our socket is deleted, the agent recreates it and registers again."""
+    harness = start_agent()
+    harness.standin.wait_for_registration(1, WAIT_S)
+    os.unlink(os.path.join(harness.agent.config.plugin.plugin_dir, "vgpu.sock"))
+    harness.standin.wait_for_registration(2, WAIT_S)
+
+
+def test_stale_socket_replaced(short_tmp_dir: str, start_agent: Callable[..., Harness]) -> None:
+    """A socket file left by a killed agent is replaced at start."""
+    config = make_config(short_tmp_dir)
+    os.makedirs(config.plugin.plugin_dir)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(os.path.join(config.plugin.plugin_dir, "vgpu.sock"))
+    stale.close()
+    harness = start_agent(config)
+    harness.standin.wait_for_registration(1, WAIT_S)
+    harness.devices(lambda devs: len(devs) == 8)
+
+
+@pytest.mark.parametrize(
+    ("xid", "unhealthy"),
+    [(79, 4), (48, 4), (13, 0), (43, 0)],
+    ids=["xid79-fallen-off-bus", "xid48-dbe", "xid13-app-fault-ignored", "xid43-ignored"],
+)
+def test_xid_marks_gpu(
+    short_tmp_dir: str, start_agent: Callable[..., Harness], xid: int, unhealthy: int
+) -> None:
+    """A critical XID marks the GPU's vGPUs Unhealthy promptly; application XIDs do not."""
+    health = HealthConfig(recovery_quiet_period_s=0, poll_interval_s=0.05)
+    harness = start_agent(make_config(short_tmp_dir, health=health))
+    harness.devices(lambda devs: len(devs) == 8)
+    sent = time.monotonic()
+    harness.agent.submit({"command": "simulate", "action": "xid", "gpu": "1", "xid": xid})
+    if unhealthy:
+        devices = harness.devices(lambda devs: sum(d.health == "Unhealthy" for d in devs) == 4)
+        assert time.monotonic() - sent < PROMPT_S
+        assert {d.device_id.split("::")[0] for d in devices if d.health == "Unhealthy"} == {
+            harness.agent.describe()["gpus"][1]["uuid"]
+        }
+        harness.notify.wait_for(lambda m: f"4 unhealthy (GPU 1: xid {xid})" in m)
+    else:
+        time.sleep(0.3)
+        assert all(d.health == "Healthy" for d in harness.standin.latest_devices(RESOURCE) or ())
+
+
+def test_xid_recovers_after_quiet_period(start_agent: Callable[..., Harness]) -> None:
+    """After the quiet period with no new event and a good query, the GPU is Healthy again."""
+    harness = start_agent()
+    harness.devices(lambda devs: len(devs) == 8)
+    harness.agent.submit({"command": "simulate", "action": "xid", "gpu": "0", "xid": 79})
+    harness.devices(lambda devs: sum(d.health == "Unhealthy" for d in devs) == 4)
+    harness.devices(lambda devs: all(d.health == "Healthy" for d in devs))
+
+
+def test_health_reset_clears_xid(short_tmp_dir: str, start_agent: Callable[..., Harness]) -> None:
+    """`health reset` over the control socket clears an XID at once, even with no quiet period."""
+    config = make_config(
+        short_tmp_dir,
+        health=HealthConfig(recovery_quiet_period_s=0, poll_interval_s=0.05),
+    )
+    harness = start_agent(config)
+    harness.devices(lambda devs: len(devs) == 8)
+    sock = os.path.join(config.agent.state_dir, "control.sock")
+    assert control.request(sock, {"command": "simulate", "action": "xid", "gpu": "0", "xid": 94})[
+        "ok"
+    ]
+    harness.devices(lambda devs: sum(d.health == "Unhealthy" for d in devs) == 4)
+    status = control.request(sock, {"command": "status"})
+    assert status["gpus"][0]["reasons"] == ["xid 94"]
+    answer = control.request(sock, {"command": "health-reset", "gpu": "0"})
+    assert answer["cleared"] == ["xid 94"]
+    harness.devices(lambda devs: all(d.health == "Healthy" for d in devs))
+
+
+def test_gpu_lost_until_it_answers(start_agent: Callable[..., Harness]) -> None:
+    """A lost GPU stays Unhealthy until a query succeeds again."""
+    harness = start_agent()
+    harness.devices(lambda devs: len(devs) == 8)
+    harness.agent.submit({"command": "simulate", "action": "lose", "gpu": "1"})
+    harness.devices(lambda devs: sum(d.health == "Unhealthy" for d in devs) == 4)
+    time.sleep(0.7)  # longer than the quiet period: loss is not healed by time
+    assert harness.agent.describe()["gpus"][1]["reasons"] == ["GPU lost"]
+    harness.agent.submit({"command": "simulate", "action": "recover", "gpu": "1"})
+    harness.devices(lambda devs: all(d.health == "Healthy" for d in devs))
+
+
+def test_mps_down_and_up(start_agent: Callable[..., Harness]) -> None:
+    """A dead MPS daemon marks its GPU Unhealthy; when it answers again the GPU heals."""
+    harness = start_agent()
+    harness.devices(lambda devs: len(devs) == 8)
+    harness.agent.submit({"command": "simulate", "action": "mps-down", "gpu": "0"})
+    harness.devices(lambda devs: sum(d.health == "Unhealthy" for d in devs) == 4)
+    reasons = harness.agent.describe()["gpus"][0]["reasons"]
+    assert reasons == ["MPS daemon down (simulated)"]
+    harness.agent.submit({"command": "simulate", "action": "mps-up", "gpu": "0"})
+    harness.devices(lambda devs: all(d.health == "Healthy" for d in devs))
+
+
+def test_reload_changes_replicas(short_tmp_dir: str, start_agent: Callable[..., Harness]) -> None:
+    """A reload with a new vGPU count advertises the new list; a bad file keeps the old."""
+    configs: list[Callable[[], Config]] = []
+
+    def loader() -> Config:
+        return configs[-1]()
+
+    base = make_config(short_tmp_dir)
+    harness = start_agent(base, config_loader=loader)
+    harness.devices(lambda devs: len(devs) == 8)
+    configs.append(lambda: replace(base, gpus=replace(base.gpus, replicas_per_gpu=6)))
+    harness.agent.request_reload()
+    harness.devices(lambda devs: len(devs) == 12)
+    harness.notify.wait_for(lambda m: "RELOADING=1" in m)
+
+    def bad() -> Config:
+        return parse("[gpus]\nreplicas_per_gpu = 99\n", "bad.toml")
+
+    configs.append(bad)
+    harness.agent.request_reload()
+    time.sleep(0.3)
+    assert harness.agent.config.gpus.replicas_per_gpu == 6
+    assert len(harness.standin.latest_devices(RESOURCE) or ()) == 12
+
+
+def test_stop_removes_socket(start_agent: Callable[..., Harness]) -> None:
+    """Stopping removes our socket, sends STOPPING=1 and returns exit code 0."""
+    harness = start_agent()
+    harness.standin.wait_for_registration(1, WAIT_S)
+    sock = os.path.join(harness.agent.config.plugin.plugin_dir, "vgpu.sock")
+    assert os.path.exists(sock)
+    assert harness.stop() == EXIT_OK
+    assert not os.path.exists(sock)
+    harness.notify.wait_for(lambda m: "STOPPING=1" in m)
+
+
+def test_watchdog_pings(start_agent: Callable[..., Harness]) -> None:
+    """With WATCHDOG_USEC set, the loop sends WATCHDOG=1 at half the interval."""
+    harness = start_agent(watchdog_usec=200_000)
+    harness.standin.wait_for_registration(1, WAIT_S)
+    time.sleep(0.5)
+    pings = [m for m in harness.notify.messages if m == "WATCHDOG=1"]
+    assert len(pings) >= 3
+
+
+def test_backend_retries_until_driver(start_agent: Callable[..., Harness]) -> None:
+    """An NVML that fails at boot is retried with a STATUS that says why; no exit."""
+    attempts: list[int] = []
+
+    def flaky(config: Config) -> GpuBackend:
+        attempts.append(1)
+        if len(attempts) < 2:
+            raise GpuError("NVML: driver not loaded (is the NVIDIA driver installed?)")
+        return build_backend(config)
+
+    harness = start_agent(backend_factory=flaky)
+    harness.notify.wait_for(lambda m: "waiting for the GPU driver" in m)
+    harness.standin.wait_for_registration(1, WAIT_S)
+    assert len(attempts) == 2
+
+
+def test_no_servable_gpu_fails(short_tmp_dir: str, start_agent: Callable[..., Harness]) -> None:
+    """When every GPU is refused the agent exits 1 and says why."""
+    config = make_config(
+        short_tmp_dir,
+        simulated=SimulatedConfig(
+            gpus=(SimulatedGpu(uuid="GPU-old", model="Tesla P100", compute_capability=(6, 0)),)
+        ),
+    )
+    harness = start_agent(config)
+    harness.thread.join(timeout=WAIT_S)
+    assert harness.exit_code == [EXIT_FAILURE]
+
+
+def _gpu(index: int, model: str = "NVIDIA A10G", cc: tuple[int, int] = (8, 6)) -> Gpu:
+    return Gpu(index, f"GPU-{index}", model, 24_000, cc)
+
+
+@pytest.mark.parametrize(
+    ("config_text", "gpus", "served", "refused_words"),
+    [
+        ("", [_gpu(0), _gpu(1)], [("GPU-0", 10), ("GPU-1", 10)], []),
+        ("[gpus]\nserve = [1]\n", [_gpu(0), _gpu(1)], [("GPU-1", 10)], []),
+        ('[gpus]\nserve = ["GPU-7"]\n', [_gpu(0)], [], ["no such GPU"]),
+        ('[gpus.replicas_by_model]\n"A10G" = 7\n', [_gpu(0)], [("GPU-0", 7)], []),
+        ("[gpus]\nreplicas_per_gpu = 20\n", [_gpu(0, "Tesla P100", (6, 0))], [], ["Volta"]),
+        (
+            "[gpus]\nreplicas_per_gpu = 20\nallow_unconfined_sharing = true\n",
+            [_gpu(0, "Tesla P100", (6, 0))],
+            [],
+            ["16 MPS clients"],
+        ),
+        (
+            "[gpus]\nallow_unconfined_sharing = true\n",
+            [_gpu(0, "Tesla P100", (6, 0))],
+            [("GPU-0", 10)],
+            [],
+        ),
+        ("[mps]\nenabled = false\n", [_gpu(0, "Tesla P100", (6, 0))], [("GPU-0", 10)], []),
+    ],
+    ids=[
+        "all",
+        "by-index",
+        "missing-uuid",
+        "model-override",
+        "pre-volta-refused",
+        "pre-volta-over-16",
+        "pre-volta-allowed",
+        "no-mps-no-limit",
+    ],
+)
+def test_plan_gpus(
+    config_text: str, gpus: list[Gpu], served: list[tuple[str, int]], refused_words: list[str]
+) -> None:
+    """GPU selection honours serve, model overrides, the MPS client limit and Volta."""
+    plan = plan_gpus(parse(config_text), gpus)
+    assert [(gpu.uuid, replicas) for gpu, replicas in plan.served] == served
+    assert len(plan.refused) == len(refused_words)
+    for message, word in zip(plan.refused, refused_words):
+        assert word in message
+
+
+def test_mig_refused() -> None:
+    """A GPU in MIG mode is refused under MPS with the reason."""
+    gpu = Gpu(0, "GPU-0", "NVIDIA A100", 40_000, (8, 0), mig_enabled=True)
+    plan = plan_gpus(Config(), [gpu])
+    assert not plan.served
+    assert "MIG" in plan.refused[0]
+
+
+def test_compute_mode_applied_and_restored(short_tmp_dir: str) -> None:
+    """exclusive_process is set and read back at start; restored on stop when asked."""
+    config = make_config(
+        short_tmp_dir,
+        gpus=GpusConfig(
+            backend="simulated", compute_mode="exclusive_process", restore_compute_mode=True
+        ),
+    )
+    backend = SimulatedBackend(gpus_from_config(config.simulated))
+    standin = KubeletStandin(config.plugin.plugin_dir)
+    standin.start()
+    agent = Agent(config, notifier=Notifier(None), backend_factory=lambda _c: backend)
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        standin.wait_for_registration(1, WAIT_S)
+        modes = {backend.get_compute_mode(gpu.uuid) for gpu in backend.list_gpus()}
+        assert modes == {ComputeMode.EXCLUSIVE_PROCESS}
+    finally:
+        agent.request_stop()
+        thread.join(WAIT_S)
+        standin.stop()
+    modes = {backend.get_compute_mode(gpu.uuid) for gpu in backend.list_gpus()}
+    assert modes == {ComputeMode.DEFAULT}
+
+
+def test_build_mps_off() -> None:
+    """With MPS disabled there is no daemon manager and Allocate hands out only the GPU."""
+    assert build_mps(parse("[mps]\nenabled = false\n")) is None
+
+
+# -- the real process: signals -----------------------------------------------------------------
+
+
+def _spawn(config_path: Path, notify: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "NOTIFY_SOCKET": notify, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "vgpu_agent", "--config", str(config_path), "run"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def test_process_signals(short_tmp_dir: str) -> None:
+    """The real process: SIGHUP reloads (bad config kept out), SIGTERM stops with exit 0."""
+    root = short_tmp_dir
+    config_path = Path(root) / "config.toml"
+    body = (
+        f'[agent]\nstate_dir = "{root}/state"\n[plugin]\nplugin_dir = "{root}/dp"\n'
+        f'[mps]\npipe_root = "{root}/mps"\n[gpus]\nbackend = "simulated"\n'
+    )
+    config_path.write_text(body + "replicas_per_gpu = 3\n")
+    standin = KubeletStandin(f"{root}/dp")
+    standin.start()
+    notify = NotifyListener(f"{root}/notify")
+    process = _spawn(config_path, notify.path)
+    try:
+        standin.wait_for_devices(lambda devs: len(devs) == 6, WAIT_S, RESOURCE)
+        notify.wait_for(lambda m: "READY=1" in m)
+        config_path.write_text(body + "replicas_per_gpu = 5\n")
+        process.send_signal(signal.SIGHUP)
+        standin.wait_for_devices(lambda devs: len(devs) == 10, WAIT_S, RESOURCE)
+        config_path.write_text(body + "replicas_per_gpu = 'many'\n")
+        process.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert process.poll() is None
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(WAIT_S) == 0
+        output = process.stdout.read().decode() if process.stdout else ""
+        assert "keeping the running config" in output
+        assert "gpus.replicas_per_gpu" in output
+        assert "Traceback" not in output
+        assert not os.path.exists(f"{root}/dp/vgpu.sock")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+        standin.stop()
+        notify.close()
+
+
+def test_config_error_is_config_error() -> None:
+    """parse() raises our ConfigError (the run command maps it to exit 78)."""
+    with pytest.raises(ConfigError):
+        parse("[gpus]\nreplicas_per_gpu = 0\n")
