@@ -1,0 +1,75 @@
+"""The NVML backend's parts that need no GPU: error translation, PCI/NUMA lookup, and how it
+fails on a machine without the NVIDIA driver."""
+
+from __future__ import annotations
+
+import ctypes.util
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+from vgpu_agent import nvml
+from vgpu_agent.errors import GpuError, GpuLostError
+
+
+@pytest.mark.parametrize(
+    ("code", "kind", "hint"),
+    [
+        (nvml.NVML_ERROR_LIBRARY_NOT_FOUND, GpuError, "is the NVIDIA driver installed and loaded?"),
+        (nvml.NVML_ERROR_DRIVER_NOT_LOADED, GpuError, "is the NVIDIA driver installed and loaded?"),
+        (nvml.NVML_ERROR_NO_PERMISSION, GpuError, "run as root"),
+        (nvml.NVML_ERROR_GPU_IS_LOST, GpuLostError, "lost"),
+        (nvml.NVML_ERROR_GPU_NOT_FOUND, GpuLostError, "gone"),
+        (nvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH, GpuError, "reboot or reload the driver"),
+        (999, GpuError, ""),
+    ],
+    ids=["no-library", "driver-not-loaded", "no-permission", "lost", "gone", "mismatch", "unknown"],
+)
+def test_nvml_errors_become_ours_with_a_hint(code: int, kind: type, hint: str) -> None:
+    """Each NVML error code becomes GpuError or GpuLostError naming the action and what to check."""
+    error = nvml.translate_error("setting compute mode on GPU-1", code, "Some NVML Text")
+    assert type(error) is kind
+    assert str(error).startswith("setting compute mode on GPU-1: NVML error: Some NVML Text")
+    assert hint in str(error)
+
+
+@pytest.mark.parametrize(
+    ("bus_id", "sysfs_name"),
+    [
+        ("00000000:3B:00.0", "0000:3b:00.0"),
+        ("0000:3b:00.0", "0000:3b:00.0"),
+        ("00000001:AF:00.0", "0001:af:00.0"),
+        ("3b:00.0", "003b:00.0"),
+        ("bogus", "bogus"),
+    ],
+    ids=["nvml-8-digit", "already-sysfs", "domain-1", "no-domain", "garbage"],
+)
+def test_pci_bus_id_is_normalised_to_the_sysfs_name(bus_id: str, sysfs_name: str) -> None:
+    """NVML's upper-case 8-digit-domain bus ids map to sysfs device names."""
+    assert nvml.normalise_pci_bus_id(bus_id) == sysfs_name
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [("1\n", 1), ("0\n", 0), ("-1\n", None), ("junk", None), (None, None)],
+    ids=["node-1", "node-0", "unknown", "unreadable", "missing"],
+)
+def test_numa_node_comes_from_sysfs(
+    tmp_path: Path, content: Optional[str], expected: Optional[int]
+) -> None:
+    """The sysfs numa_node file gives the node; -1, junk or no file mean unknown."""
+    device = tmp_path / "0000:3b:00.0"
+    device.mkdir()
+    if content is not None:
+        (device / "numa_node").write_text(content)
+    assert nvml.numa_node_from_sysfs("00000000:3B:00.0", str(tmp_path)) == expected
+
+
+@pytest.mark.skipif(
+    ctypes.util.find_library("nvidia-ml") is not None, reason="this machine has the NVIDIA driver"
+)
+def test_without_the_driver_the_backend_says_to_install_it() -> None:
+    """Opening NVML where libnvidia-ml is absent fails with a GpuError pointing at the driver."""
+    with pytest.raises(GpuError, match="is the NVIDIA driver installed and loaded"):
+        nvml.NvmlBackend()
