@@ -454,7 +454,7 @@ def _program(value: _Value) -> str:
 def _socket_file_name(value: _Value) -> str:
     expected = "a plain file name ending in '.sock' (no '/')"
     name = _string(value, expected)
-    if "/" in name or name in (".sock",) or not name.endswith(".sock"):
+    if "/" in name or name == ".sock" or not name.endswith(".sock"):
         value.fail(expected)
     return name
 
@@ -492,10 +492,10 @@ def _serve(value: _Value) -> Union[Literal["all"], tuple[Union[str, int], ...]]:
     expected = (
         f'"all", or a non-empty array of GPU indices (integers >= 0) and UUIDs ({_UUID_ALLOWED})'
     )
-    if value.raw == "all" and isinstance(value.raw, str):
-        return "all"
     if isinstance(value.raw, str):
-        value.fail(expected)
+        if value.raw != "all":
+            value.fail(expected)
+        return "all"
     items = _as_list(value, expected)
     if not items:
         value.fail(expected, "empty: that serves no GPU")
