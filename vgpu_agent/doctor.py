@@ -308,11 +308,13 @@ def _check_gpus(report: _Report, config: Config, probes: DoctorProbes, node: _No
     try:
         node.backend = probes.open_backend(config)
     except VgpuError as exc:
-        report.fail(
-            check,
-            f'{exc}; check that `nvidia-smi` works, or set gpus.backend = "simulated" '
-            "to try the agent without a GPU",
+        hint = (
+            "check the [simulated] table"
+            if simulated
+            else 'check that `nvidia-smi` works, or set gpus.backend = "simulated" to try '
+            "the agent without a GPU"
         )
+        report.fail(check, f"{exc}; {hint}")
         return
     if simulated:
         report.ok(
@@ -416,6 +418,16 @@ def _daemon_hint(config: Config, gpu_uuid: str) -> str:
     return 'mps.manager = "external": start the daemon the way this node runs it'
 
 
+def _restart_hint(config: Config, gpu_uuid: str) -> str:
+    when = "once no job uses the GPU (restarting it ends the jobs on it)"
+    if config.mps.manager == "systemd":
+        unit = mps.SYSTEMD_UNIT_TEMPLATE.format(gpu_uuid=gpu_uuid)
+        return f"`systemctl restart {unit}` {when}"
+    if config.mps.manager == "direct":
+        return f"quit it and restart the agent, which starts it in multi-user mode, {when}"
+    return f"restart it with -M, {when}"
+
+
 def _check_mps_daemons(report: _Report, config: Config, probes: DoctorProbes, node: _Node) -> None:
     check = "mps daemon"
     if not config.mps.enabled:
@@ -442,16 +454,18 @@ def _check_mps_daemons(report: _Report, config: Config, probes: DoctorProbes, no
             report.warn(
                 check,
                 f"GPU {gpu.index}: the daemon on {pipe_dir} answers but runs without "
-                "multi-user mode (-M): pods running as different users will queue on this "
-                "GPU; restart it through the agent (or its vgpu-mps@ unit)",
+                "multi-user mode (-M): pods running as different users will queue on a GPU; "
+                f"{_restart_hint(config, gpu.uuid)}",
             )
             continue
         report.ok(check, f"GPU {gpu.index}: the daemon on {pipe_dir} answers{simulated}")
-    _check_multi_user(report, config, probes)
 
 
 def _check_multi_user(report: _Report, config: Config, probes: DoctorProbes) -> None:
     check = "mps multi-user"
+    if not config.mps.enabled:
+        report.ok(check, "not checked: MPS is off (mps.enabled = false)")
+        return
     if config.mps.multi_user == "off":
         status, message = judge_multi_user("off", supported=False)
         report.add(status, check, message)
@@ -809,6 +823,7 @@ def run_doctor(
         _guarded(
             report, "mps daemon", lambda: _check_mps_daemons(report, config, node_probes, node)
         )
+        _guarded(report, "mps multi-user", lambda: _check_multi_user(report, config, node_probes))
     finally:
         if node.backend is not None:
             backend = node.backend
