@@ -163,7 +163,6 @@ def config_check(ctx: click.Context, path: Optional[str]) -> None:
 def config_show(ctx: click.Context) -> None:
     """Print the effective config, defaults included."""
     loaded = _load(ctx)
-    click.echo(f"# effective config from {loaded.source}")
     click.echo(config_module.to_toml(loaded), nl=False)
 
 

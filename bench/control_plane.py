@@ -1,0 +1,214 @@
+"""Control-plane benchmark: the real `vgpu-agent run` process on 8 simulated GPUs x 48 vGPUs.
+
+Prints: time from process start to READY=1, RSS after start, Allocate and
+GetPreferredAllocation latency (p50/p99 over 5,000 calls each over the unix socket),
+re-registration time after a simulated kubelet restart, time from an injected XID and from
+a dead MPS daemon to the ListAndWatch update, and CPU used while idle.
+
+Usage: python bench/control_plane.py [--calls 5000] [--idle-seconds 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable
+
+from vgpu_agent import control
+from vgpu_agent.kubelet_standin import KubeletStandin, StandinDevice
+
+RESOURCE = "eks.amazonaws.com/vgpu"
+GPUS = 8
+REPLICAS = 48
+WAIT_S = 30.0
+
+CONFIG = """
+version = 1
+[agent]
+state_dir = "{root}/state"
+log_level = "warning"
+[plugin]
+plugin_dir = "{root}/dp"
+[gpus]
+backend = "simulated"
+replicas_per_gpu = {replicas}
+[mps]
+pipe_root = "{root}/mps"
+log_root = "{root}/mpslog"
+[health]
+mps_check_interval_s = 0.5
+[simulated]
+count = {gpus}
+"""
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    """The ``fraction`` quantile of ``samples`` (nearest rank)."""
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def wait_ready(notify: socket.socket, deadline_s: float) -> float:
+    """Block until READY=1 arrives on the notify socket; returns the time it did."""
+    notify.settimeout(deadline_s)
+    while True:
+        if b"READY=1" in notify.recv(65536):
+            return time.monotonic()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process from /proc."""
+    with open(f"/proc/{pid}/stat") as stat_file:
+        fields = stat_file.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process in MiB."""
+    with open(f"/proc/{pid}/status") as status_file:
+        for line in status_file:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def timed(calls: int, call: Callable[[], object]) -> list[float]:
+    """Latencies of ``calls`` calls in milliseconds."""
+    samples = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+def time_to_update(
+    standin: KubeletStandin,
+    predicate: Callable[[tuple[StandinDevice, ...]], bool],
+    act: Callable[[], object],
+) -> float:
+    """Milliseconds from ``act`` to a ListAndWatch update that satisfies ``predicate``."""
+    started = time.monotonic()
+    act()
+    standin.wait_for_devices(predicate, WAIT_S, RESOURCE)
+    return (time.monotonic() - started) * 1000
+
+
+def main() -> int:
+    """Run the benchmark and print its numbers."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=5000)
+    parser.add_argument("--idle-seconds", type=float, default=30.0)
+    args = parser.parse_args()
+
+    root = tempfile.mkdtemp(prefix="vgb", dir="/tmp")
+    config_path = os.path.join(root, "config.toml")
+    with open(config_path, "w") as config_file:
+        config_file.write(CONFIG.format(root=root, gpus=GPUS, replicas=REPLICAS))
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(os.path.join(root, "notify"))
+    standin = KubeletStandin(os.path.join(root, "dp"))
+    standin.start()
+    env = {**os.environ, "NOTIFY_SOCKET": os.path.join(root, "notify")}
+    started = time.monotonic()
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "vgpu_agent", "--config", config_path, "run"], env=env
+    )
+    try:
+        ready_s = wait_ready(notify, WAIT_S) - started
+        total = GPUS * REPLICAS
+        devices = standin.wait_for_devices(lambda devs: len(devs) == total, WAIT_S, RESOURCE)
+        time.sleep(0.5)
+        rss = rss_mib(agent.pid)
+        ids = [device.device_id for device in devices]
+        print(f"GPUs x vGPUs:                 {GPUS} x {REPLICAS} = {total} vGPUs")
+        print(f"process start -> READY:       {ready_s * 1000:.0f} ms")
+        print(f"RSS after start:              {rss:.1f} MiB")
+
+        one_gpu = ids[:REPLICAS]
+        allocate = timed(args.calls, lambda: standin.allocate(RESOURCE, one_gpu[:2]))
+        print(
+            f"Allocate (2 vGPUs):           p50 {percentile(allocate, 0.5):.3f} ms  "
+            f"p99 {percentile(allocate, 0.99):.3f} ms  ({args.calls} calls)"
+        )
+        preferred = timed(args.calls, lambda: standin.preferred_allocation(RESOURCE, ids, [], 4))
+        print(
+            f"GetPreferredAllocation (4 of {total}): p50 {percentile(preferred, 0.5):.3f} ms  "
+            f"p99 {percentile(preferred, 0.99):.3f} ms  ({args.calls} calls)"
+        )
+
+        reregister = []
+        for round_number in range(2, 7):
+            restart_at = time.monotonic()
+            standin.restart()
+            standin.wait_for_registration(round_number, WAIT_S)
+            reregister.append((time.monotonic() - restart_at) * 1000)
+        print(
+            f"re-registration after kubelet restart: median {statistics.median(reregister):.0f} ms"
+            f"  max {max(reregister):.0f} ms  (5 restarts)"
+        )
+        standin.wait_for_devices(lambda devs: len(devs) == total, WAIT_S, RESOURCE)
+
+        sock = os.path.join(root, "state", "control.sock")
+        gpu0 = ids[0].split("::")[0]
+
+        def unhealthy_on_gpu0(devs: tuple[StandinDevice, ...]) -> bool:
+            return (
+                sum(d.health == "Unhealthy" and d.device_id.startswith(gpu0) for d in devs)
+                == REPLICAS
+            )
+
+        def all_healthy(devs: tuple[StandinDevice, ...]) -> bool:
+            return all(d.health == "Healthy" for d in devs)
+
+        xid_ms = time_to_update(
+            standin,
+            unhealthy_on_gpu0,
+            lambda: control.request(
+                sock, {"command": "simulate", "action": "xid", "gpu": "0", "xid": 79}
+            ),
+        )
+        print(f"injected XID -> ListAndWatch update:      {xid_ms:.1f} ms")
+        control.request(sock, {"command": "health-reset", "gpu": "0"})
+        standin.wait_for_devices(all_healthy, WAIT_S, RESOURCE)
+        mps_ms = time_to_update(
+            standin,
+            unhealthy_on_gpu0,
+            lambda: control.request(
+                sock, {"command": "simulate", "action": "mps-down", "gpu": "0"}
+            ),
+        )
+        print(
+            f"dead MPS daemon -> ListAndWatch update:   {mps_ms:.1f} ms "
+            "(simulated daemon; probe interval 0.5 s)"
+        )
+        control.request(sock, {"command": "simulate", "action": "mps-up", "gpu": "0"})
+        standin.wait_for_devices(all_healthy, WAIT_S, RESOURCE)
+
+        time.sleep(1.0)
+        cpu_before = cpu_seconds(agent.pid)
+        time.sleep(args.idle_seconds)
+        cpu_used = cpu_seconds(agent.pid) - cpu_before
+        print(
+            f"idle CPU over {args.idle_seconds:.0f} s:            "
+            f"{cpu_used / args.idle_seconds * 100:.3f} % of one core"
+        )
+        return 0
+    finally:
+        agent.terminate()
+        agent.wait(WAIT_S)
+        standin.stop()
+        notify.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
