@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from vgpu_agent._proto import deviceplugin_pb2 as pb
-from vgpu_agent.devices import Inventory, MpsGrantPolicy
+from vgpu_agent.devices import Inventory, MpsGrantPolicy, VGpu
 from vgpu_agent.errors import AgentError
 from vgpu_agent.plugin import DeviceState, PluginServer, PluginServicer, device_plugin_stub
 
@@ -193,6 +193,26 @@ def test_too_many_streams_are_refused_and_unary_calls_still_served(
         assert_still_serving(served)
         for stream in streams:
             stream.cancel()
+
+
+class BrokenInventory(Inventory):
+    """A fake inventory that fails when asked for its vGPUs."""
+
+    def vgpus(self) -> list[VGpu]:
+        raise RuntimeError("inventory broke")
+
+
+def test_list_and_watch_failure_inside_is_internal(
+    short_tmp_dir: str, inventory: Inventory
+) -> None:
+    """An unexpected error while streaming becomes INTERNAL with a message; the server lives."""
+    with serve(short_tmp_dir, BrokenInventory(inventory.gpus)) as served:
+        with pytest.raises(grpc.RpcError) as raised:
+            next(served.stub.ListAndWatch(pb.Empty(), timeout=PROMPT_S))
+        assert raised.value.code() == grpc.StatusCode.INTERNAL
+        assert "ListAndWatch: RuntimeError: inventory broke" in raised.value.details()
+        assert served.servicer.open_streams == 0
+        assert_still_serving(served)
 
 
 def test_device_state_ignores_an_equal_inventory(inventory: Inventory) -> None:

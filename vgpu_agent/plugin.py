@@ -268,28 +268,13 @@ class PluginServicer(pb_grpc.DevicePluginServicer):
                 f"vgpu-agent already serves {self._max_streams} ListAndWatch streams",
             )
         try:
-            ended = threading.Event()
-
-            def on_rpc_end() -> None:
-                ended.set()
-                self._state.wake()
-
-            context.add_callback(on_rpc_end)
-            version, inventory = self._state.snapshot()
-            yield self._list_response(version, inventory)
-
-            def should_end() -> bool:
-                return ended.is_set() or self._generation != generation
-
-            while True:
-                new_version, inventory = self._state.wait_for_change(
-                    version, LIST_AND_WATCH_RECHECK_S, should_end
-                )
-                if should_end() or self._state.closed or not context.is_active():
-                    return
-                if new_version != version:
-                    version = new_version
-                    yield self._list_response(version, inventory)
+            yield from self._watch(context, generation)
+        except Exception as exc:
+            log.exception("ListAndWatch failed inside vgpu-agent")
+            context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"vgpu-agent failed to answer ListAndWatch: {type(exc).__name__}: {exc}",
+            )
         finally:
             with self._lock:
                 self._streams -= 1
@@ -313,6 +298,29 @@ class PluginServicer(pb_grpc.DevicePluginServicer):
         return pb.PreStartContainerResponse()
 
     # -- the work -----------------------------------------------------------------------------
+
+    def _watch(self, context: RpcContext, generation: int) -> Iterator[pb.ListAndWatchResponse]:
+        ended = threading.Event()
+
+        def on_rpc_end() -> None:
+            ended.set()
+            self._state.wake()
+
+        def should_end() -> bool:
+            return ended.is_set() or self._generation != generation
+
+        context.add_callback(on_rpc_end)
+        version, inventory = self._state.snapshot()
+        yield self._list_response(version, inventory)
+        while True:
+            new_version, inventory = self._state.wait_for_change(
+                version, LIST_AND_WATCH_RECHECK_S, should_end
+            )
+            if should_end() or self._state.closed or not context.is_active():
+                return
+            if new_version != version:
+                version = new_version
+                yield self._list_response(version, inventory)
 
     def _list_response(self, version: int, inventory: Inventory) -> pb.ListAndWatchResponse:
         # Every stream sends the same message for a version: build it once.
