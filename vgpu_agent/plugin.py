@@ -13,7 +13,7 @@ import os
 import socket
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any, Callable, NoReturn, Optional, Protocol, TypeVar, cast
@@ -56,10 +56,10 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    # The kubelet is on the same host: no keepalive pings needed to keep NATs open, and
-    # none wanted, since every ping wakes the process (idle CPU should stay near zero).
+    # The kubelet is on the same host: no keepalive pings are needed to notice a dead peer
+    # (the kernel closes the socket), and every ping would wake the process, whose idle CPU
+    # should stay near zero.
     ("grpc.keepalive_time_ms", 2 * 60 * 60 * 1000),
-    ("grpc.http2.max_pings_without_data", 0),
 )
 
 # The generated gRPC module has no type stubs; these are what we call from it.
@@ -186,7 +186,7 @@ def list_response(inventory: Inventory) -> pb.ListAndWatchResponse:
     return pb.ListAndWatchResponse(devices=devices)
 
 
-def check_device_ids(device_ids: Any, what: str) -> None:
+def check_device_ids(device_ids: Sequence[str], what: str) -> None:
     """Refuse hostile or broken id lists before any work: too many ids, or an id longer
     than the kubelet allows. ``what`` names the list in the message."""
     if len(device_ids) > MAX_IDS_PER_REQUEST:
@@ -309,7 +309,8 @@ class PluginServicer(pb_grpc.DevicePluginServicer):
         def should_end() -> bool:
             return ended.is_set() or self._generation != generation
 
-        context.add_callback(on_rpc_end)
+        if not context.add_callback(on_rpc_end):
+            return  # the RPC already ended
         version, inventory = self._state.snapshot()
         yield self._list_response(version, inventory)
         while True:
