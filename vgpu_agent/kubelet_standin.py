@@ -358,8 +358,8 @@ class KubeletStandin:
         if not is_extended_resource_name(request.resource_name):
             context.abort(
                 grpc.StatusCode.UNKNOWN,
-                f"invalid name of device plugin socket: resource name "
-                f"{request.resource_name!r} is not an extended resource name "
+                f"the ResourceName {request.resource_name!r} is invalid: it is not an "
+                "extended resource name "
                 "(it must be <domain>/<name> outside the kubernetes.io domain)",
             )
         endpoint_path = os.path.join(self.plugin_dir, request.endpoint)
