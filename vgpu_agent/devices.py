@@ -36,7 +36,14 @@ def make_vgpu_id(gpu_uuid: str, replica: int) -> str:
 def parse_vgpu_id(vgpu_id: str) -> tuple[str, int]:
     """Split a vGPU id into (GPU UUID, replica); raises InvalidRequestError if malformed."""
     gpu_uuid, separator, replica_text = vgpu_id.rpartition(VGPU_ID_SEPARATOR)
-    if not separator or not gpu_uuid or not replica_text.isdigit() or not replica_text.isascii():
+    # Only the canonical spelling make_vgpu_id writes: "01" would name replica 1 under a
+    # second id and slip past the duplicate check of validate_allocation.
+    canonical = (
+        replica_text.isascii()
+        and replica_text.isdigit()
+        and (replica_text == "0" or not replica_text.startswith("0"))
+    )
+    if not separator or not gpu_uuid or not canonical:
         raise InvalidRequestError(
             f"device id {_shorten(vgpu_id)!r} is not a vGPU id of this plugin "
             f"(expected '<GPU UUID>{VGPU_ID_SEPARATOR}<n>')"
@@ -89,7 +96,11 @@ class Inventory:
     """Everything the plugin serves: the GPUs in index order."""
 
     gpus: tuple[ServedGpu, ...] = ()
-    _by_uuid: dict[str, ServedGpu] = field(default_factory=dict, compare=False, repr=False)
+    # Not an init field: dataclasses.replace() would otherwise hand the old inventory's
+    # index to the copy, and filling it would change what the old one finds.
+    _by_uuid: dict[str, ServedGpu] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         self._by_uuid.update({served.gpu.uuid: served for served in self.gpus})
@@ -208,7 +219,9 @@ def preferred_allocation(
         return list(must_include_ids)
 
     def pick(gpu_uuid: str) -> list[str]:
-        chosen = [i for i in must_include_ids if parse_vgpu_id(i)[0] == gpu_uuid]
+        # Every must-include id stays in the answer (even on another GPU), and the answer
+        # never holds more than ``size`` ids.
+        chosen = list(must_include_ids)
         chosen_set = set(chosen)
         for vgpu_id in free_by_gpu[gpu_uuid]:
             if len(chosen) >= size:
@@ -217,12 +230,13 @@ def preferred_allocation(
                 chosen.append(vgpu_id)
         return chosen
 
-    fitting = [uuid for uuid in candidates if len(free_by_gpu[uuid]) >= size]
+    # Must-include ids on several GPUs already span GPUs: no single GPU can fit them.
+    fitting = [
+        uuid for uuid in candidates if len(pinned_gpus) <= 1 and len(free_by_gpu[uuid]) >= size
+    ]
     if fitting:
         return pick(min(fitting, key=lambda uuid: len(free_by_gpu[uuid])))
-    best = max(candidates, key=lambda uuid: len(free_by_gpu[uuid]))
-    others = [i for i in must_include_ids if parse_vgpu_id(i)[0] != best]
-    return others + pick(best)
+    return pick(max(candidates, key=lambda uuid: len(free_by_gpu[uuid])))
 
 
 @dataclass(frozen=True)
