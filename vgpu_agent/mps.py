@@ -374,8 +374,13 @@ class DirectMpsDaemons:
         config = self._config
         pipe_dir, log_dir = prepare_directories(config, gpu.uuid)
         with self._lock:
-            if gpu.uuid in self._started and self._started[gpu.uuid].process.poll() is None:
-                return self._info(gpu.uuid, pipe_dir, log_dir)
+            previous = self._started.get(gpu.uuid)
+            if previous is not None:
+                if previous.process.poll() is None:
+                    return self._info(gpu.uuid, pipe_dir, log_dir)
+                # It died (killed, crashed): forget it and start a new one below.
+                del self._started[gpu.uuid]
+                previous.log_file.close()
         if probe_pipe_dir(config, pipe_dir) is None:
             info = _reuse_info(config, gpu.uuid, pipe_dir, log_dir)
             _log.info("reusing the MPS daemon (pid %s) already answering on %s", info.pid, pipe_dir)

@@ -1,0 +1,1 @@
+"""Real-GPU tests (marker ``gpu``); see conftest.py."""
