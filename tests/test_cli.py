@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -152,3 +154,50 @@ def test_run_bad_config_exits_78(tmp_path: Path) -> None:
     code, _, err = invoke("--config", str(path), "run")
     assert code == 78
     assert "plugin.resource_name" in err
+
+
+def test_mps_start_status_stop(short_tmp_dir: str) -> None:
+    """`mps start`, `status` and `stop` drive each served GPU's daemon (a stand-in program)."""
+    root = Path(short_tmp_dir)
+    fake = root / "fakectl"
+    program = Path(__file__).parent / "fakes" / "fake_mps_control.py"
+    fake.write_text(f'#!/bin/sh\nexec {sys.executable} {program} "$@"\n')
+    fake.chmod(0o755)
+    config = root / "c.toml"
+    config.write_text(
+        f'[gpus]\nbackend = "simulated"\n[mps]\nmanager = "direct"\ncontrol_binary = "{fake}"\n'
+        f'pipe_root = "{root}/p"\nlog_root = "{root}/l"\n'
+    )
+    try:
+        # In its own process, as a person runs it: the daemons outlive the command.
+        started = subprocess.run(
+            [sys.executable, "-m", "vgpu_agent", "--config", str(config), "mps", "start"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert started.returncode == 0, started.stderr
+        assert started.stdout.count("MPS daemon answers") == 2
+        code, out, _ = invoke("--config", str(config), "mps", "status")
+        assert (code, out.count(": answers")) == (0, 2)
+        code, out, _ = invoke("--config", str(config), "mps", "stop", "0")
+        assert code == 0
+        code, out, _ = invoke("--config", str(config), "mps", "status")
+        assert code == 1
+        assert "not running" in out.splitlines()[0]
+        assert ": answers" in out.splitlines()[1]
+    finally:
+        invoke("--config", str(config), "mps", "stop")
+    code, out, _ = invoke("--config", str(config), "mps", "status")
+    assert (code, out.count("not running")) == (1, 2)
+
+
+def test_mps_quit_missing_binary(tmp_path: Path) -> None:
+    """A missing MPS control program is a one-line error saying what to install."""
+    config = tmp_path / "c.toml"
+    config.write_text('[mps]\ncontrol_binary = "/nonexistent/mps-control"\n')
+    code, _, err = invoke("--config", str(config), "mps", "quit", "GPU-1")
+    assert code == 1
+    assert "/nonexistent/mps-control" in err
+    assert "Traceback" not in err

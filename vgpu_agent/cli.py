@@ -16,12 +16,12 @@ from typing import Any, Callable, Optional, TypeVar
 
 import click
 
-from vgpu_agent import __version__, control
+from vgpu_agent import __version__, control, mps
 from vgpu_agent import config as config_module
 from vgpu_agent.agent import EXIT_CONFIG, Agent, build_backend, plan_gpus
 from vgpu_agent.config import Config
 from vgpu_agent.errors import ConfigError, VgpuError
-from vgpu_agent.gpu import ComputeMode
+from vgpu_agent.gpu import ComputeMode, Gpu
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_ERROR = 1
@@ -322,6 +322,101 @@ _simple_simulation("lose", "GPU falls off the bus.")
 _simple_simulation("recover", "A lost GPU answers again.")
 _simple_simulation("mps-down", "GPU's MPS daemon stops answering.")
 _simple_simulation("mps-up", "GPU's MPS daemon answers again.")
+
+
+# -- mps ----------------------------------------------------------------------------------------
+
+
+@cli.group("mps")
+def mps_group() -> None:
+    """Run and check the per-GPU MPS control daemons (without systemd, or for its units)."""
+
+
+def _served_gpus(loaded: Config, refs: tuple[str, ...]) -> list[Gpu]:
+    backend = build_backend(loaded)
+    try:
+        gpus = [gpu for gpu, _ in plan_gpus(loaded, backend.list_gpus()).served]
+    finally:
+        backend.close()
+    if not refs:
+        return gpus
+    chosen = [gpu for gpu in gpus if gpu.uuid in refs or str(gpu.index) in refs]
+    missing = set(refs) - {g.uuid for g in chosen} - {str(g.index) for g in chosen}
+    if missing:
+        raise VgpuError(f"no such served GPU: {', '.join(sorted(missing))}")
+    return chosen
+
+
+@mps_group.command("exec-daemon")
+@click.argument("gpu_uuid")
+@click.pass_context
+def mps_exec_daemon(ctx: click.Context, gpu_uuid: str) -> None:
+    """Become GPU_UUID's MPS control daemon in the foreground (vgpu-mps@.service)."""
+    mps.exec_daemon(_load(ctx).mps, gpu_uuid)
+
+
+@mps_group.command("quit")
+@click.argument("gpu_uuid")
+@click.pass_context
+def mps_quit(ctx: click.Context, gpu_uuid: str) -> None:
+    """Ask GPU_UUID's MPS control daemon to quit (vgpu-mps@.service's ExecStop)."""
+    mps.quit_daemon(_load(ctx).mps, gpu_uuid)
+
+
+@mps_group.command("start")
+@click.argument("gpus", nargs=-1, metavar="[GPU]...")
+@click.pass_context
+def mps_start(ctx: click.Context, gpus: tuple[str, ...]) -> None:
+    """Start the MPS daemons of the served GPUs directly (no systemd); they keep running."""
+    loaded = _load(ctx)
+    daemons = mps.DirectMpsDaemons(loaded.mps)
+    for gpu in _served_gpus(loaded, gpus):
+        info = daemons.start(gpu)
+        mode = "multi-user" if info.multi_user else "single-user"
+        click.echo(f"GPU {gpu.index} {gpu.uuid}: MPS daemon answers on {info.pipe_dir} ({mode})")
+
+
+@mps_group.command("stop")
+@click.argument("gpus", nargs=-1, metavar="[GPU]...")
+@click.pass_context
+def mps_stop(ctx: click.Context, gpus: tuple[str, ...]) -> None:
+    """Ask the served GPUs' MPS daemons to quit."""
+    loaded = _load(ctx)
+    for gpu in _served_gpus(loaded, gpus):
+        problem = mps.probe_pipe_dir(loaded.mps, os.path.join(loaded.mps.pipe_root, gpu.uuid))
+        if problem is not None:
+            click.echo(f"GPU {gpu.index} {gpu.uuid}: nothing to stop ({problem})")
+            continue
+        mps.quit_daemon(loaded.mps, gpu.uuid)
+        click.echo(f"GPU {gpu.index} {gpu.uuid}: MPS daemon asked to quit")
+
+
+@mps_group.command("status")
+@click.pass_context
+def mps_status(ctx: click.Context) -> None:
+    """Whether each served GPU's MPS daemon answers (exit 1 if one does not)."""
+    loaded = _load(ctx)
+    failed = False
+    for gpu in _served_gpus(loaded, ()):
+        pipe_dir = os.path.join(loaded.mps.pipe_root, gpu.uuid)
+        problem = mps.probe_pipe_dir(loaded.mps, pipe_dir)
+        failed = failed or problem is not None
+        click.echo(f"GPU {gpu.index} {gpu.uuid}: {problem or 'answers'} ({pipe_dir})")
+    if failed:
+        sys.exit(EXIT_ERROR)
+
+
+# -- doctor -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.pass_context
+def doctor(ctx: click.Context) -> None:
+    """Check this node the way an operator would before trusting it."""
+    from vgpu_agent.doctor import run_doctor
+
+    options: _Options = ctx.find_root().obj
+    sys.exit(run_doctor(options.config_path, os.environ, click.echo))
 
 
 # -- demo --------------------------------------------------------------------------------------
