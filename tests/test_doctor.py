@@ -373,7 +373,23 @@ def test_no_gpu_fails(node: Node) -> None:
         probes_for(node, open_backend=lambda _config: SimulatedBackend([])),
     )
     assert result.statuses("gpus") == [FAIL]
+    assert result.statuses("compute mode") == [WARN]
     assert result.exit_code == 1
+
+
+def test_gpu_listing_failure_fails_the_gpu_check(node: Node) -> None:
+    """A backend that opens but cannot list GPUs fails the GPU line, not the driver line."""
+
+    def failing(config: Config) -> GpuBackend:
+        backend = SimulatedBackend(gpus_from_config(config.simulated))
+        backend.fail_calls("NVML error: Unknown Error")
+        return backend
+
+    result = doctor(node.config(), probes_for(node, open_backend=failing))
+    assert result.statuses("driver") == [OK]
+    assert result.statuses("gpus") == [FAIL]
+    assert "Unknown Error" in result.text("gpus")
+    assert result.statuses("mps daemon") == [WARN]
 
 
 def test_gpus_not_served_are_listed_with_the_reason(node: Node) -> None:

@@ -324,7 +324,11 @@ def _check_gpus(report: _Report, config: Config, probes: DoctorProbes, node: _No
         version_of = getattr(node.backend, "driver_version", None)
         version = version_of() if callable(version_of) else None
         report.ok(check, f"NVML loaded, NVIDIA driver {version or 'version unknown'}")
-    gpus = node.backend.list_gpus()
+    try:
+        gpus = node.backend.list_gpus()
+    except VgpuError as exc:
+        report.fail("gpus", f"{exc}; check `nvidia-smi -L` and the kernel log")
+        return
     if not gpus:
         report.fail("gpus", "the backend sees no GPU; check `nvidia-smi -L` and the kernel log")
         return
@@ -383,24 +387,25 @@ def _check_mps_binaries(report: _Report, config: Config, probes: DoctorProbes) -
     report.ok(check, f"{control_path} and {server_path}")
 
 
-def _not_checked(report: _Report, check: str, node: _Node) -> bool:
-    """Say so and return True when there are no GPUs to check."""
+def _served_backend(report: _Report, check: str, node: _Node) -> Optional[GpuBackend]:
+    """The open backend when there are served GPUs to check; else say why not, and None."""
     if node.backend is None:
         report.warn(check, "not checked: the GPU backend did not open (see above)")
-        return True
-    return False
+        return None
+    if not node.served:
+        report.warn(check, "not checked: no GPU is served (see above)")
+        return None
+    return node.backend
 
 
-def _check_compute_modes(
-    report: _Report, config: Config, probes: DoctorProbes, node: _Node
-) -> None:
+def _check_compute_modes(report: _Report, config: Config, node: _Node) -> None:
     check = "compute mode"
-    if _not_checked(report, check, node):
+    backend = _served_backend(report, check, node)
+    if backend is None:
         return
-    assert node.backend is not None  # noqa: S101 - _not_checked returned False
     for gpu in node.served:
         try:
-            mode = node.backend.get_compute_mode(gpu.uuid)
+            mode = backend.get_compute_mode(gpu.uuid)
         except VgpuError as exc:
             report.fail(check, f"GPU {gpu.index}: {exc}")
             continue
@@ -433,7 +438,7 @@ def _check_mps_daemons(report: _Report, config: Config, probes: DoctorProbes, no
     if not config.mps.enabled:
         report.ok(check, "not checked: MPS is off (mps.enabled = false)")
         return
-    if _not_checked(report, check, node):
+    if _served_backend(report, check, node) is None:
         return
     simulated = " (simulated)" if config.gpus.backend == "simulated" else ""
     for gpu in node.served:
@@ -817,9 +822,7 @@ def run_doctor(
     try:
         _guarded(report, "driver", lambda: _check_gpus(report, config, node_probes, node))
         _guarded(report, "mps binaries", lambda: _check_mps_binaries(report, config, node_probes))
-        _guarded(
-            report, "compute mode", lambda: _check_compute_modes(report, config, node_probes, node)
-        )
+        _guarded(report, "compute mode", lambda: _check_compute_modes(report, config, node))
         _guarded(
             report, "mps daemon", lambda: _check_mps_daemons(report, config, node_probes, node)
         )
