@@ -230,7 +230,7 @@ _plain_names = st.builds(
 _absolute_paths = _path_text.map(lambda text: "/" + text)
 _seconds = st.floats(min_value=0, exclude_min=True, allow_nan=False, allow_infinity=False)
 _uuids = st.from_regex(r"GPU-[A-Za-z0-9-]{1,55}", fullmatch=True)
-_resource_names = st.from_regex(
+_resource_names: st.SearchStrategy[str] = st.from_regex(
     r"[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?){0,3}"
     r"/[A-Za-z0-9]([A-Za-z0-9_.-]{0,20}[A-Za-z0-9])?",
     fullmatch=True,
