@@ -103,12 +103,14 @@ class SimulatedBackend:
     def watch_events(self, gpu_uuids: list[str]) -> list[str]:
         """Watch these GPUs; those marked unwatchable must be polled."""
         with self._lock:
+            self._maybe_fail("registering for events of GPUs " + ", ".join(gpu_uuids))
             self._watched.update(gpu_uuids)
             return [uuid for uuid in gpu_uuids if uuid in self._unwatchable]
 
     def wait_events(self, timeout_s: float) -> list[GpuEvent]:
         """Injected events for watched GPUs, waiting up to ``timeout_s`` for one."""
         with self._events_ready:
+            self._maybe_fail("waiting for GPU events")
             if not self._events:
                 self._events_ready.wait(timeout_s)
             events = [
@@ -194,7 +196,7 @@ class SimulatedMpsDaemons:
         self._down: dict[str, str] = {}
 
     def start(self, gpu: Gpu) -> MpsDaemonInfo:
-        """'Start' the GPU's daemon; fails if it was set down with refuse_start."""
+        """'Start' the GPU's daemon (always succeeds; see :meth:`refuse` for failures)."""
         with self._lock:
             self._running.add(gpu.uuid)
         return MpsDaemonInfo(
