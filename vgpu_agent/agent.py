@@ -60,7 +60,10 @@ def build_mps(config: Config) -> Optional[MpsDaemons]:
     """The MPS daemon manager for the config (None when MPS is off)."""
     if not config.mps.enabled:
         return None
-    if config.gpus.backend == "simulated":
+    if config.gpus.backend == "simulated" and config.mps.manager == "systemd":
+        # Simulated GPUs get simulated daemons unless the config asks to run or watch a
+        # control program itself ("direct", "external"), as the fault tests do with a
+        # stand-in program.
         return SimulatedMpsDaemons(config.mps.pipe_root, config.mps.log_root)
     from vgpu_agent.mps import build_mps_daemons
 
