@@ -146,14 +146,16 @@ def main() -> int:
         )
 
         reregister = []
-        for round_number in range(2, 7):
-            restart_at = time.monotonic()
+        for round_number in range(2, 12):
             standin.restart()
+            # The stand-in deleted the sockets and listens again: from here it is the agent.
+            listening_at = time.monotonic()
             standin.wait_for_registration(round_number, WAIT_S)
-            reregister.append((time.monotonic() - restart_at) * 1000)
+            reregister.append((time.monotonic() - listening_at) * 1000)
         print(
-            f"re-registration after kubelet restart: median {statistics.median(reregister):.0f} ms"
-            f"  max {max(reregister):.0f} ms  (5 restarts)"
+            "re-registration after kubelet restart (new kubelet.sock -> Register): "
+            f"median {statistics.median(reregister):.0f} ms  max {max(reregister):.0f} ms  "
+            f"({len(reregister)} restarts)"
         )
         standin.wait_for_devices(lambda devs: len(devs) == total, WAIT_S, RESOURCE)
 
