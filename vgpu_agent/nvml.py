@@ -261,8 +261,8 @@ class NvmlBackend:
     def watch_events(self, gpu_uuids: list[str]) -> list[str]:
         """Register for XID, double-bit ECC and GPU-unavailable events on these GPUs.
 
-        Returns the GPUs whose driver supports none of the critical events; each is
-        logged once and must be polled with :meth:`check` instead.
+        Returns the GPUs whose driver cannot report XID events; the caller reports them
+        and polls them with :meth:`check` instead. Never raises for NOT_SUPPORTED.
         """
         nvml = self._nvml
         wanted = _EVENT_XID | _EVENT_DOUBLE_BIT_ECC | _EVENT_GPU_UNAVAILABLE
@@ -296,10 +296,9 @@ class NvmlBackend:
                 address = _handle_address(handle)
                 if address is not None:
                     self._uuid_by_handle[address] = gpu_uuid
+        # The caller (the health monitor) reports these once and polls them instead.
         for gpu_uuid in unwatched:
-            _log.warning(
-                "GPU %s does not report XID events through NVML; polling it instead", gpu_uuid
-            )
+            _log.debug("GPU %s: no NVML XID event support", gpu_uuid)
         return unwatched
 
     def wait_events(self, timeout_s: float) -> list[GpuEvent]:
