@@ -415,3 +415,18 @@ def test_unsupported_multi_user_message_is_plain() -> None:
     """The warning names the consequence a person sees: pods of different users queue."""
     assert "different users" in MULTI_USER_UNSUPPORTED
     assert "queue" in MULTI_USER_UNSUPPORTED
+
+
+def test_a_found_single_user_daemon_is_reported(
+    fake_mps: FakeMps, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A running daemon without -M, found by another manager, is logged as making users queue."""
+    single = DirectMpsDaemons(fake_mps.config, multi_user=False)
+    try:
+        single.start(GPU)
+        with caplog.at_level(logging.WARNING, logger="vgpu_agent.mps"):
+            info = ExternalMpsDaemons(fake_mps.config).start(GPU)
+        assert not info.multi_user
+        assert "will queue on this GPU" in caplog.text
+    finally:
+        single.stop_all()

@@ -328,6 +328,12 @@ def _reuse_info(config: MpsConfig, gpu_uuid: str, pipe_dir: str, log_dir: str) -
     multi_user = running_multi_user(pid) if pid is not None else None
     if multi_user is None:
         multi_user = config.multi_user != "off"
+    if not multi_user:
+        _log.warning(
+            "the MPS daemon of GPU %s runs without multi-user mode (-M): pods running as "
+            "different users will queue on this GPU",
+            gpu_uuid,
+        )
     return MpsDaemonInfo(gpu_uuid, pipe_dir, log_dir, multi_user, pid=pid, reused=True)
 
 
