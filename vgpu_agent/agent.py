@@ -80,6 +80,9 @@ def mps_policy(config: Config) -> Optional[MpsGrantPolicy]:
         memory_limit=config.mps.memory_limit,
         memory_headroom_mib=config.mps.memory_headroom_mib,
         share_host_shm=config.mps.share_host_shm,
+        # Clients only connect to the daemon's sockets (shown on an H200, docs/mps.md);
+        # read-only keeps pods from touching its lock and pid files.
+        pipe_dir_read_only=True,
     )
 
 

@@ -260,6 +260,72 @@ def probe_pipe_dir(config: MpsConfig, pipe_dir: str) -> Optional[str]:
     return None
 
 
+#: A daemon that passes the cheap check is asked a real control command this often.
+FULL_PROBE_INTERVAL_S = 5.0
+
+
+def process_state(pid: int) -> Optional[str]:
+    """The state letter of process ``pid`` from /proc (R, S, T, Z, ...); None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat_file:
+            return stat_file.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def quick_check(pipe_dir: str) -> Optional[str]:
+    """Liveness without starting a process: the pipe directory and control socket exist,
+    and the daemon named in the pid file runs and is not stopped. None when all is well."""
+    if not os.path.isdir(pipe_dir):
+        return f"MPS pipe directory {pipe_dir} is missing"
+    if not os.path.exists(os.path.join(pipe_dir, CONTROL_SOCKET)):
+        return f"MPS daemon not running: no control socket in {pipe_dir}"
+    pid = daemon_pid(pipe_dir)
+    if pid is None:
+        return None  # no pid file to go by: the periodic control command decides
+    state = process_state(pid)
+    if state is None or state in ("Z", "X"):
+        return f"MPS daemon of {pipe_dir} (pid {pid}) is not running"
+    if state in ("T", "t"):
+        return f"MPS daemon of {pipe_dir} (pid {pid}) is stopped and cannot answer"
+    return None
+
+
+class LivenessProber:
+    """Checks daemons cheaply on every call and with a real control command every
+    ``full_interval_s``: a probe every half second then costs a few /proc reads, while a
+    killed or stopped daemon is still seen at once and a hung one within the interval."""
+
+    def __init__(
+        self,
+        config: MpsConfig,
+        full_interval_s: float = FULL_PROBE_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._config = config
+        self._full_interval_s = full_interval_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._answered_at: dict[str, float] = {}
+
+    def probe(self, pipe_dir: str) -> Optional[str]:
+        """None if the daemon of ``pipe_dir`` is alive; else why not."""
+        problem = quick_check(pipe_dir)
+        now = self._clock()
+        with self._lock:
+            if problem is not None:
+                self._answered_at.pop(pipe_dir, None)
+                return problem
+            answered_at = self._answered_at.get(pipe_dir)
+            if answered_at is not None and now - answered_at < self._full_interval_s:
+                return None
+        problem = probe_pipe_dir(self._config, pipe_dir)
+        if problem is None:
+            with self._lock:
+                self._answered_at[pipe_dir] = now
+        return problem
+
+
 def daemon_pid(pipe_dir: str) -> Optional[int]:
     """The pid the daemon of ``pipe_dir`` wrote to its pid file, if readable."""
     try:
@@ -369,6 +435,7 @@ class DirectMpsDaemons:
         self._stop_timeout_s = stop_timeout_s
         self._lock = threading.Lock()
         self._started: dict[str, _Started] = {}
+        self._prober = LivenessProber(config)
 
     def _resolved_multi_user(self) -> bool:
         if self._multi_user is None:
@@ -495,7 +562,7 @@ class DirectMpsDaemons:
             code = started.process.poll()
             if code is not None:
                 return f"MPS daemon exited with status {code}"
-        return probe_pipe_dir(self._config, pipe_dir_for(self._config.pipe_root, gpu_uuid))
+        return self._prober.probe(pipe_dir_for(self._config.pipe_root, gpu_uuid))
 
 
 class SystemdMpsDaemons:
@@ -512,6 +579,7 @@ class SystemdMpsDaemons:
         self._config = config
         self._systemctl = systemctl
         self._start_timeout_s = start_timeout_s
+        self._prober = LivenessProber(config)
 
     def start(self, gpu: Gpu) -> MpsDaemonInfo:
         """Start the GPU's unit (a no-op when it runs) and wait until the daemon answers."""
@@ -554,7 +622,7 @@ class SystemdMpsDaemons:
 
     def probe(self, gpu_uuid: str) -> Optional[str]:
         """None if the GPU's daemon answers a control command; else why not."""
-        return probe_pipe_dir(self._config, pipe_dir_for(self._config.pipe_root, gpu_uuid))
+        return self._prober.probe(pipe_dir_for(self._config.pipe_root, gpu_uuid))
 
 
 class ExternalMpsDaemons:
@@ -562,6 +630,7 @@ class ExternalMpsDaemons:
 
     def __init__(self, config: MpsConfig) -> None:
         self._config = config
+        self._prober = LivenessProber(config)
 
     def start(self, gpu: Gpu) -> MpsDaemonInfo:
         """Check that the GPU's daemon answers; MpsError naming what is wrong if not."""
@@ -579,7 +648,7 @@ class ExternalMpsDaemons:
 
     def probe(self, gpu_uuid: str) -> Optional[str]:
         """None if the GPU's daemon answers a control command; else why not."""
-        return probe_pipe_dir(self._config, pipe_dir_for(self._config.pipe_root, gpu_uuid))
+        return self._prober.probe(pipe_dir_for(self._config.pipe_root, gpu_uuid))
 
 
 def build_mps_daemons(config: MpsConfig) -> MpsDaemons:
