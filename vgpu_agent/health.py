@@ -78,7 +78,8 @@ class HealthMonitor:
         self._clock = clock
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
+        # Reentrant: changes are emitted under it, and an emit callback may call reset().
+        self._lock = threading.RLock()
         #: GPU -> (fault reasons currently raised, time of the last critical event)
         self._faults: dict[str, tuple[set[str], float]] = {}
         self._lost: set[str] = set()
@@ -93,16 +94,22 @@ class HealthMonitor:
             try:
                 unwatchable = self._backend.watch_events(self._gpu_uuids)
             except GpuError as exc:
-                log.warning("watching GPU events failed (%s); polling every GPU instead", exc)
-                unwatchable = list(self._gpu_uuids)
-            for gpu_uuid in unwatchable:
+                # Nothing is registered, so an event thread would only fail in a loop.
                 log.warning(
-                    "GPU %s does not support NVML event registration; polling it every %.0f s",
-                    gpu_uuid,
+                    "watching GPU events failed (%s); polling every GPU every %g s instead",
+                    exc,
                     self._config.poll_interval_s,
                 )
-            self._polled = set(unwatchable)
-            self._spawn("vgpu-health-events", self._event_loop)
+                self._polled = set(self._gpu_uuids)
+            else:
+                for gpu_uuid in unwatchable:
+                    log.warning(
+                        "GPU %s does not support NVML event registration; polling it every %g s",
+                        gpu_uuid,
+                        self._config.poll_interval_s,
+                    )
+                self._polled = set(unwatchable)
+                self._spawn("vgpu-health-events", self._event_loop)
         self._spawn("vgpu-health-poll", self._poll_loop)
         if self._config.mps_liveness_enabled and self._mps is not None:
             for gpu_uuid in self._gpu_uuids:
@@ -129,25 +136,40 @@ class HealthMonitor:
         """Clear the GPU's fault reasons at once (an operator decided); returns them."""
         with self._lock:
             reasons, _ = self._faults.pop(gpu_uuid, (set(), 0.0))
-        for reason in sorted(reasons):
-            self._emit(HealthChange(gpu_uuid, reason, present=False, detail="reset by operator"))
+            for reason in sorted(reasons):
+                self._emit(
+                    HealthChange(gpu_uuid, reason, present=False, detail="reset by operator")
+                )
         return sorted(reasons)
 
     # -- GPU events --------------------------------------------------------------------------
 
     def _event_loop(self) -> None:
+        failing = False
         while not self._stop.is_set():
             try:
                 events = self._backend.wait_events(EVENT_WAIT_S)
             except GpuError as exc:
-                log.warning("waiting for GPU events failed: %s", exc)
+                # Once per streak: a persistent failure must not flood the journal.
+                if not failing:
+                    log.warning("waiting for GPU events failed (retrying every 1 s): %s", exc)
+                failing = True
                 self._stop.wait(1.0)
                 continue
+            if failing:
+                log.info("waiting for GPU events works again")
+                failing = False
             for event in events:
                 self._on_event(event)
 
     def _on_event(self, event: GpuEvent) -> None:
-        targets = [event.gpu_uuid] if event.gpu_uuid is not None else list(self._gpu_uuids)
+        if event.gpu_uuid is None:
+            targets = list(self._gpu_uuids)
+        elif event.gpu_uuid in self._gpu_uuids:
+            targets = [event.gpu_uuid]
+        else:
+            log.debug("ignoring a %s event of unserved GPU %s", event.kind.value, event.gpu_uuid)
+            return
         if event.kind is GpuEventKind.XID:
             xid = event.xid if event.xid is not None else -1
             if xid in self._config.ignored_xids:
@@ -164,24 +186,27 @@ class HealthMonitor:
         else:
             with self._lock:
                 self._lost.update(targets)
-            for gpu_uuid in targets:
-                self._emit(HealthChange(gpu_uuid, REASON_LOST, True, detail=event.detail))
+                for gpu_uuid in targets:
+                    self._emit(HealthChange(gpu_uuid, REASON_LOST, True, detail=event.detail))
             return
         now = self._clock()
-        for gpu_uuid in targets:
-            if gpu_uuid not in self._gpu_uuids:
-                continue
-            with self._lock:
+        # Emitting under the lock keeps a change and a concurrent reset or recovery of the
+        # same reason in the order the monitor's own state saw them.
+        with self._lock:
+            for gpu_uuid in targets:
                 reasons, _ = self._faults.get(gpu_uuid, (set(), now))
                 reasons.add(reason)
                 self._faults[gpu_uuid] = (reasons, now)
-            self._emit(HealthChange(gpu_uuid, reason, True, xid=event.xid, detail=event.detail))
+                self._emit(HealthChange(gpu_uuid, reason, True, xid=event.xid, detail=event.detail))
 
     # -- polling: lost GPUs, unwatchable GPUs, recovery --------------------------------------
 
     def _poll_loop(self) -> None:
-        # Recovery needs a finer tick than the poll interval when the quiet period is short.
-        tick = min(self._config.poll_interval_s, max(self._config.recovery_quiet_period_s, 0.1))
+        # Recovery needs a finer tick than the poll interval when the quiet period is short;
+        # with no recovery (quiet period 0) the poll interval is all there is to do.
+        tick = self._config.poll_interval_s
+        if self._config.recovery_quiet_period_s > 0:
+            tick = min(tick, max(self._config.recovery_quiet_period_s, 0.1))
         next_poll = 0.0
         while not self._stop.wait(tick if next_poll else 0):
             now = self._clock()
@@ -198,20 +223,18 @@ class HealthMonitor:
                 self._backend.check(gpu_uuid)
             except GpuLostError as exc:
                 with self._lock:
-                    newly_lost = gpu_uuid not in self._lost
-                    self._lost.add(gpu_uuid)
-                if newly_lost:
-                    self._emit(HealthChange(gpu_uuid, REASON_LOST, True, detail=str(exc)))
+                    if gpu_uuid not in self._lost:
+                        self._lost.add(gpu_uuid)
+                        self._emit(HealthChange(gpu_uuid, REASON_LOST, True, detail=str(exc)))
             except GpuError as exc:
                 log.debug("polling GPU %s failed: %s", gpu_uuid, exc)
             else:
                 with self._lock:
-                    was_lost = gpu_uuid in self._lost
-                    self._lost.discard(gpu_uuid)
-                if was_lost:
-                    self._emit(
-                        HealthChange(gpu_uuid, REASON_LOST, False, detail="GPU answers again")
-                    )
+                    if gpu_uuid in self._lost:
+                        self._lost.discard(gpu_uuid)
+                        self._emit(
+                            HealthChange(gpu_uuid, REASON_LOST, False, detail="GPU answers again")
+                        )
 
     def _recover_quiet_gpus(self, now: float) -> None:
         quiet_s = self._config.recovery_quiet_period_s
@@ -229,11 +252,15 @@ class HealthMonitor:
             except GpuError as exc:
                 log.info("GPU %s is not recovered yet: %s", gpu_uuid, exc)
                 continue
+            detail = f"no critical event for {quiet_s:g} s and the GPU answers"
             with self._lock:
-                reasons, _ = self._faults.pop(gpu_uuid, (set(), now))
-            for reason in sorted(reasons):
-                detail = f"no critical event for {quiet_s:g} s and the GPU answers"
-                self._emit(HealthChange(gpu_uuid, reason, False, detail=detail))
+                entry = self._faults.get(gpu_uuid)
+                # A new event while the GPU was being queried restarts its quiet period.
+                if entry is None or now - entry[1] < quiet_s:
+                    continue
+                del self._faults[gpu_uuid]
+                for reason in sorted(entry[0]):
+                    self._emit(HealthChange(gpu_uuid, reason, False, detail=detail))
 
     # -- MPS liveness ---------------------------------------------------------------------------
 
@@ -245,8 +272,9 @@ class HealthMonitor:
             try:
                 problem = self._mps.probe(gpu_uuid)
             except Exception as exc:  # a probe must never kill its watcher
-                log.exception("probing the MPS daemon of GPU %s failed", gpu_uuid)
                 problem = f"{MPS_REASON_PREFIX} probe failed: {exc}"
+                if problem != self._mps_down.get(gpu_uuid):
+                    log.exception("probing the MPS daemon of GPU %s failed", gpu_uuid)
             previous = self._mps_down.get(gpu_uuid)
             if problem is not None:
                 reason = (
