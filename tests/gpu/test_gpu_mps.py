@@ -227,8 +227,8 @@ def test_killed_daemon_turns_the_vgpus_unhealthy_until_restarted(make_node: Node
         monitor.stop()
 
 
-def test_stopped_daemon_is_reported_within_the_control_timeout(make_node: NodeFactory) -> None:
-    """A SIGSTOPped (hung) daemon is reported within mps.control_timeout_s, and recovers."""
+def test_stopped_daemon_is_reported_at_once(make_node: NodeFactory) -> None:
+    """A SIGSTOPped (hung) daemon is reported by the next probe, well within 1 s, and recovers."""
     node = make_node()
     pipe_dir = node.state.get().gpus[0].pipe_dir
     assert pipe_dir is not None
@@ -242,8 +242,9 @@ def test_stopped_daemon_is_reported_within_the_control_timeout(make_node: NodeFa
     finally:
         os.kill(pid, signal.SIGCONT)
     assert reason is not None
-    assert "not answering within 2 s" in reason
-    assert elapsed_s < 5.0
+    assert "stopped" in reason
+    print(f"stopped daemon reported by the probe in {elapsed_s * 1000:.1f} ms")
+    assert elapsed_s < 1.0
     assert node.daemons.probe(node.gpus[0].uuid) is None
 
 
