@@ -63,11 +63,16 @@ def test_gpus_from_explicit_list() -> None:
     """Explicit [[simulated.gpus]] entries keep their UUID, model, memory, NUMA and MIG."""
     config = SimulatedConfig(
         gpus=(
-            SimulatedGpu(uuid="GPU-aaaa", model="Tesla V100", memory_mib=16_160,
-                         compute_capability=(7, 0), numa_node=1),
+            SimulatedGpu(
+                uuid="GPU-aaaa",
+                model="Tesla V100",
+                memory_mib=16_160,
+                compute_capability=(7, 0),
+                numa_node=1,
+            ),
             SimulatedGpu(uuid="GPU-bbbb", mig_enabled=True),
         )
-    )  # fmt: skip
+    )
     first, second = gpus_from_config(config)
     assert (first.index, first.uuid, first.model, first.memory_mib) == (
         0,
