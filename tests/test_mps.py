@@ -30,6 +30,7 @@ from vgpu_agent.mps import (
     daemon_environment,
     help_supports_multi_user,
     prepare_directories,
+    probe_pipe_dir,
     quit_daemon,
     resolve_multi_user,
 )
@@ -258,27 +259,28 @@ def test_probe_reports_a_killed_daemon(fake_mps: FakeMps, direct: DirectMpsDaemo
 def test_probe_reports_a_hung_daemon_within_the_timeout(
     fake_mps: FakeMps, direct: DirectMpsDaemons
 ) -> None:
-    """A SIGSTOPped daemon makes the probe give up after control_timeout_s with a reason."""
+    """A SIGSTOPped daemon makes the control command give up after control_timeout_s with a
+    reason (the managers' probes also see the stopped state at once: test_mps_liveness)."""
     info = direct.start(GPU)
     assert info.pid is not None
-    daemons = ExternalMpsDaemons(
-        MpsConfig(
-            pipe_root=fake_mps.config.pipe_root,
-            control_binary=fake_mps.config.control_binary,
-            control_timeout_s=0.5,
-        )
+    config = MpsConfig(
+        pipe_root=fake_mps.config.pipe_root,
+        control_binary=fake_mps.config.control_binary,
+        control_timeout_s=0.5,
     )
+    pipe_dir = str(fake_mps.pipe_dir())
     os.kill(info.pid, signal.SIGSTOP)
     try:
         started = time.monotonic()
-        reason = daemons.probe(GPU.uuid)
+        reason = probe_pipe_dir(config, pipe_dir)
         elapsed_s = time.monotonic() - started
+        assert "stopped" in (ExternalMpsDaemons(config).probe(GPU.uuid) or "")
     finally:
         os.kill(info.pid, signal.SIGCONT)
     assert reason is not None
     assert "not answering within 0.5 s" in reason
     assert elapsed_s < 5.0
-    assert daemons.probe(GPU.uuid) is None
+    assert probe_pipe_dir(config, pipe_dir) is None
 
 
 def test_probe_reports_a_missing_pipe_dir(fake_mps: FakeMps, direct: DirectMpsDaemons) -> None:

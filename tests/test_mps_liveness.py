@@ -89,3 +89,22 @@ def test_prober_reports_killed_daemon_at_once(
     problem = prober.probe(pipe_dir)
     assert problem is not None
     assert "is not running" in problem
+
+
+def test_direct_daemon_replaced_after_death_is_healthy(
+    fake_mps: FakeMps,  # noqa: F811 - fixture
+    direct: DirectMpsDaemons,  # noqa: F811 - fixture
+) -> None:
+    """When the daemon the agent started dies and another one is started on its pipe
+    directory, the probe reports the GPU alive again."""
+    info = direct.start(GPU)
+    assert info.pid is not None
+    os.kill(info.pid, signal.SIGKILL)
+    time.sleep(0.2)
+    assert "exited" in (direct.probe(GPU.uuid) or "")
+    other = DirectMpsDaemons(fake_mps.config)
+    try:
+        other.start(GPU)
+        assert direct.probe(GPU.uuid) is None
+    finally:
+        other.stop_all()

@@ -44,6 +44,11 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("vgpu-agent: interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:
+            # The reader went away (`vgpu-agent status | head`): stop quietly, as cat does.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(0)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except Exception as exc:

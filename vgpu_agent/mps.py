@@ -558,11 +558,19 @@ class DirectMpsDaemons:
         """None if the GPU's daemon answers; else why not (exited, hung, missing)."""
         with self._lock:
             started = self._started.get(gpu_uuid)
+        problem = self._prober.probe(pipe_dir_for(self._config.pipe_root, gpu_uuid))
         if started is not None:
             code = started.process.poll()
             if code is not None:
+                if problem is None:
+                    # Ours died and another daemon answers now (an operator or systemd
+                    # brought it back): that one serves the GPU from here on.
+                    with self._lock:
+                        self._started.pop(gpu_uuid, None)
+                    started.log_file.close()
+                    return None
                 return f"MPS daemon exited with status {code}"
-        return self._prober.probe(pipe_dir_for(self._config.pipe_root, gpu_uuid))
+        return problem
 
 
 class SystemdMpsDaemons:
