@@ -559,7 +559,7 @@ def test_grant_mounts(policy: MpsGrantPolicy, expected_mounts: tuple[MountGrant,
         ("proportional", "proportional", 0, 4, "100", "0=24576M"),
         ("proportional", "proportional", 576, 1, "25", "0=6000M"),
         ("none", "none", 0, 2, None, None),
-        (30, 4096, 0, 2, "30", "0=4096M"),
+        (30, 4096, 0, 2, "60", "0=8192M"),
         ("none", "proportional", 1000, 2, None, "0=11788M"),
     ],
     ids=[
@@ -600,7 +600,8 @@ def test_grant_limits(  # noqa: PLR0917 - one argument per table column
         ("proportional", 7, 7, 100),
         ("none", 1, 4, None),
         (50, 1, 4, 50),
-        (100, 4, 4, 100),
+        (30, 2, 4, 60),
+        (40, 3, 4, 100),
     ],
     ids=[
         "third-floors",
@@ -611,13 +612,14 @@ def test_grant_limits(  # noqa: PLR0917 - one argument per table column
         "seven-of-seven",
         "none",
         "fixed",
-        "fixed-100",
+        "fixed-per-vgpu",
+        "fixed-capped-at-100",
     ],
 )
 def test_thread_percentage(
     policy: object, vgpus: int, replicas: int, expected: Optional[int]
 ) -> None:
-    """Proportional is floor(n*100/R), at least 1; none is no limit; a number is fixed."""
+    """Proportional is floor(n*100/R), at least 1; none is no limit; a number is per vGPU."""
     assert thread_percentage(policy, vgpus, replicas) == expected
 
 
@@ -629,7 +631,7 @@ def test_thread_percentage(
         ("proportional", 2, 4, 24_576, 4_576, 10_000),
         ("proportional", 1, 4, 1_000, 5_000, 1),
         ("none", 1, 4, 24_576, 0, None),
-        (2048, 3, 4, 24_576, 1_000, 2048),
+        (2048, 3, 4, 24_576, 1_000, 6144),
     ],
     ids=["quarter", "floors", "headroom", "headroom-over-memory-min-one", "none", "fixed"],
 )
@@ -641,7 +643,8 @@ def test_memory_limit_mib(  # noqa: PLR0917 - one argument per table column
     headroom_mib: int,
     expected: Optional[int],
 ) -> None:
-    """Proportional is (memory - headroom) * n / R (floored, at least 1); none; or fixed."""
+    """Proportional is (memory - headroom) * n / R (floored, at least 1); none; or n times a
+    fixed number per vGPU."""
     assert memory_limit_mib(policy, vgpus, replicas, memory_mib, headroom_mib) == expected
 
 

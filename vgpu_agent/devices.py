@@ -253,9 +253,9 @@ class MpsGrantPolicy:
     """How Allocate sets up MPS for a container (from the ``[mps]`` config)."""
 
     container_pipe_dir: str = "/run/nvidia-mps"
-    #: "proportional", "none", or a fixed percentage.
+    #: "proportional", "none", or a fixed percentage per vGPU.
     thread_limit: object = "proportional"
-    #: "proportional", "none", or a fixed number of MiB.
+    #: "proportional", "none", or a fixed number of MiB per vGPU.
     memory_limit: object = "proportional"
     memory_headroom_mib: int = 0
     share_host_shm: bool = False
@@ -278,7 +278,8 @@ def thread_percentage(policy: object, vgpus: int, replicas: int) -> Optional[int
     if policy == "proportional":
         return max(1, min(100, (vgpus * 100) // replicas))
     if isinstance(policy, int):
-        return policy
+        # A fixed value is per vGPU: a pod of n vGPUs gets n times it.
+        return min(100, policy * vgpus)
     raise ValueError(f"unknown thread limit policy {policy!r}")
 
 
@@ -291,7 +292,8 @@ def memory_limit_mib(
     if policy == "proportional":
         return max(1, (max(memory_mib - headroom_mib, 0) * vgpus) // replicas)
     if isinstance(policy, int):
-        return policy
+        # A fixed value is per vGPU: a pod of n vGPUs gets n times it.
+        return policy * vgpus
     raise ValueError(f"unknown memory limit policy {policy!r}")
 
 
