@@ -114,11 +114,14 @@ def run_clients(environments: list[dict[str, str]], duration_s: float) -> list[d
                 process.wait()
 
 
-def base_environment() -> dict[str, str]:
+def base_environment(gpu_uuid: str) -> dict[str, str]:
     """What every client gets besides the Allocate response."""
     environment = dict(IMAGE_ENV)
     if os.environ.get("LD_LIBRARY_PATH"):
         environment["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH"]
+    # The NVIDIA container runtime shows a pod only its GPU (NVIDIA_VISIBLE_DEVICES); with no
+    # runtime here, CUDA_VISIBLE_DEVICES stands in for that isolation on multi-GPU machines.
+    environment["CUDA_VISIBLE_DEVICES"] = gpu_uuid
     return environment
 
 
@@ -175,7 +178,7 @@ def main() -> int:
 
     print(f"{'mode':<18}{'k':>3}{'iter/s':>10}{'x slice':>9}  p50 ms (min/med/max)   p99 ms max")
     for count in counts:
-        record("timeslice", count, [base_environment() for _ in range(count)])
+        record("timeslice", count, [base_environment(gpu.uuid) for _ in range(count)])
 
     root = tempfile.mkdtemp(prefix="vgpu-bench", dir="/tmp")
     config = MpsConfig(
@@ -191,7 +194,7 @@ def main() -> int:
                 mps = MpsGrantPolicy(container_pipe_dir=info.pipe_dir, thread_limit=policy)
                 environments = []
                 for _ in range(count):
-                    environment = base_environment()
+                    environment = base_environment(gpu.uuid)
                     environment.update(grant(served, 1, mps).envs)
                     environments.append(environment)
                 record(f"mps-{policy}", count, environments)

@@ -159,6 +159,11 @@ class Node:
             # Where the lent machines keep libcuda; a container runtime injects it likewise.
             environment["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH"]
         environment.update(dict(grant.envs))
+        # The NVIDIA container runtime turns NVIDIA_VISIBLE_DEVICES into device isolation:
+        # the pod's NVML and CUDA see only that GPU. There is no runtime here, so
+        # CUDA_VISIBLE_DEVICES stands in for it (frameworks count GPUs through NVML, which
+        # MPS does not restrict; the CUDA runtime through MPS already sees the one GPU).
+        environment["CUDA_VISIBLE_DEVICES"] = grant.envs["NVIDIA_VISIBLE_DEVICES"]
         mounts = [
             f"{mount.host_path}:{mount.container_path}:{'ro' if mount.read_only else 'rw'}"
             for mount in grant.mounts

@@ -17,7 +17,7 @@ from vgpu_agent.devices import HEALTHY, UNHEALTHY
 from vgpu_agent.errors import GpuLostError
 from vgpu_agent.gpu import ComputeMode, Gpu
 from vgpu_agent.health import HealthChange, HealthMonitor
-from vgpu_agent.mps import daemon_pid
+from vgpu_agent.mps import daemon_pid, process_state
 
 from .conftest import CONTAINER_PIPE_DIR, REPLICAS, Node, memory_limit_mib
 
@@ -234,8 +234,13 @@ def test_stopped_daemon_is_reported_at_once(make_node: NodeFactory) -> None:
     assert pipe_dir is not None
     pid = daemon_pid(pipe_dir)
     assert pid is not None
+    # The health loop probes every half second; this is one of its probes, already warm.
+    assert node.daemons.probe(node.gpus[0].uuid) is None
     os.kill(pid, signal.SIGSTOP)
     try:
+        deadline = time.monotonic() + 2.0
+        while process_state(pid) not in ("T", "t") and time.monotonic() < deadline:
+            time.sleep(0.01)  # the signal takes effect asynchronously
         started = time.monotonic()
         reason = node.daemons.probe(node.gpus[0].uuid)
         elapsed_s = time.monotonic() - started
