@@ -201,3 +201,44 @@ def test_mps_quit_missing_binary(tmp_path: Path) -> None:
     assert code == 1
     assert "/nonexistent/mps-control" in err
     assert "Traceback" not in err
+
+
+def test_mps_daemon_defaults(short_tmp_dir: str) -> None:
+    """With mps.daemon_*_limit set, the daemon gets one vGPU's share as its defaults."""
+    root = Path(short_tmp_dir)
+    fake = root / "fakectl"
+    program = Path(__file__).parent / "fakes" / "fake_mps_control.py"
+    fake.write_text(f'#!/bin/sh\nexec {sys.executable} {program} "$@"\n')
+    fake.chmod(0o755)
+    config = root / "c.toml"
+    config.write_text(
+        '[gpus]\nbackend = "simulated"\nreplicas_per_gpu = 4\n[simulated]\ncount = 1\n'
+        f'[mps]\nmanager = "direct"\ncontrol_binary = "{fake}"\npipe_root = "{root}/p"\n'
+        f'log_root = "{root}/l"\ndaemon_thread_limit = "proportional"\n'
+        "daemon_memory_limit = 1024\n"
+    )
+    try:
+        started = subprocess.run(
+            [sys.executable, "-m", "vgpu_agent", "--config", str(config), "mps", "start"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert started.returncode == 0, started.stderr
+        assert "set_default_active_thread_percentage 25" in started.stdout
+        assert "set_default_device_pinned_mem_limit 0 1024M" in started.stdout
+        gpu_uuid = started.stdout.split()[2].rstrip(":")
+        from vgpu_agent.config import load
+        from vgpu_agent.mps import control_command
+
+        pipe_dir = f"{root}/p/{gpu_uuid}"
+        mps_config = load(str(config)).mps
+        assert control_command(mps_config, pipe_dir, "get_default_active_thread_percentage") == (
+            "25.0"
+        )
+        code, out, _ = invoke("--config", str(config), "mps", "apply-defaults", gpu_uuid)
+        assert code == 0
+        assert out.count("set_default") == 2
+    finally:
+        invoke("--config", str(config), "mps", "stop")

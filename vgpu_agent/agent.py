@@ -24,7 +24,7 @@ from vgpu_agent.errors import ConfigError, GpuError, MpsError, VgpuError
 from vgpu_agent.gpu import ComputeMode, Gpu, GpuBackend
 from vgpu_agent.health import HealthChange, HealthMonitor
 from vgpu_agent.log import log_event, set_level
-from vgpu_agent.mps import MpsDaemons
+from vgpu_agent.mps import MpsDaemons, apply_daemon_defaults
 from vgpu_agent.plugin import DeviceState, PluginServer, PluginServicer
 from vgpu_agent.simulated import SimulatedBackend, SimulatedMpsDaemons, gpus_from_config
 from vgpu_agent.systemd import Notifier
@@ -334,6 +334,17 @@ class Agent:
             log_event(log, logging.ERROR, str(exc), GPU_UUID=gpu.uuid, VGPU_EVENT="mps-failed")
             pipe_dir = os.path.join(self.config.mps.pipe_root, gpu.uuid)
             return ServedGpu(gpu, replicas, (f"MPS daemon could not start: {exc}",), pipe_dir)
+        if not isinstance(self._mps, SimulatedMpsDaemons):
+            try:
+                sent = apply_daemon_defaults(
+                    self.config.mps, info.pipe_dir, gpu.memory_mib, replicas
+                )
+            except MpsError as exc:
+                # A safety net only: pods still get their limits from Allocate.
+                log_event(log, logging.WARNING, str(exc), GPU_UUID=gpu.uuid, VGPU_EVENT="mps")
+            else:
+                for command in sent:
+                    log.info("GPU %s MPS daemon: %s", gpu.uuid, command)
         return ServedGpu(gpu, replicas, (), info.pipe_dir)
 
     def _apply_compute_modes(self) -> None:

@@ -368,6 +368,22 @@ def mps_quit(ctx: click.Context, gpu_uuid: str) -> None:
     mps.quit_daemon(_load(ctx).mps, gpu_uuid)
 
 
+@mps_group.command("apply-defaults")
+@click.argument("gpu_uuid")
+@click.pass_context
+def mps_apply_defaults(ctx: click.Context, gpu_uuid: str) -> None:
+    """Set GPU_UUID's daemon defaults that mps.daemon_*_limit ask for (ExecStartPost)."""
+    loaded = _load(ctx)
+    served = {gpu.uuid: gpu for gpu in _served_gpus(loaded, ())}
+    gpu = served.get(gpu_uuid)
+    if gpu is None:
+        raise VgpuError(f"GPU {gpu_uuid} is not served by this config (see `vgpu-agent gpus`)")
+    replicas = loaded.replicas_for_model(gpu.model)
+    pipe_dir = os.path.join(loaded.mps.pipe_root, gpu_uuid)
+    for command in mps.apply_daemon_defaults(loaded.mps, pipe_dir, gpu.memory_mib, replicas):
+        click.echo(f"GPU {gpu.index} {gpu_uuid}: {command}")
+
+
 @mps_group.command("start")
 @click.argument("gpus", nargs=-1, metavar="[GPU]...")
 @click.pass_context
@@ -379,6 +395,11 @@ def mps_start(ctx: click.Context, gpus: tuple[str, ...]) -> None:
         info = daemons.start(gpu)
         mode = "multi-user" if info.multi_user else "single-user"
         click.echo(f"GPU {gpu.index} {gpu.uuid}: MPS daemon answers on {info.pipe_dir} ({mode})")
+        replicas = loaded.replicas_for_model(gpu.model)
+        for command in mps.apply_daemon_defaults(
+            loaded.mps, info.pipe_dir, gpu.memory_mib, replicas
+        ):
+            click.echo(f"GPU {gpu.index} {gpu.uuid}: {command}")
 
 
 @mps_group.command("stop")

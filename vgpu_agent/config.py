@@ -127,6 +127,12 @@ class MpsConfig:
     share_host_shm: bool = False
     #: Seconds to wait for a daemon to answer a control command.
     control_timeout_s: float = 2.0
+    #: The daemon's own default thread percentage for clients that set none ("proportional":
+    #: one vGPU's share), set through its control pipe after it starts.
+    daemon_thread_limit: LimitPolicy = "none"
+    #: The daemon's default pinned memory limit for clients that set none ("proportional":
+    #: one vGPU's slice; or MiB), set through its control pipe after it starts.
+    daemon_memory_limit: LimitPolicy = "none"
 
 
 @dataclass(frozen=True)
@@ -717,6 +723,16 @@ def _parse_mps(table: _Table) -> MpsConfig:
         control_timeout_s=table.get(
             "control_timeout_s", defaults.control_timeout_s, _seconds(allow_zero=False)
         ),
+        daemon_thread_limit=table.get(
+            "daemon_thread_limit",
+            defaults.daemon_thread_limit,
+            _limit(unit="percentage", high=100),
+        ),
+        daemon_memory_limit=table.get(
+            "daemon_memory_limit",
+            defaults.daemon_memory_limit,
+            _limit(unit="number of MiB", high=None),
+        ),
     )
 
 
@@ -907,6 +923,8 @@ def to_toml(config: Config) -> str:
             ("memory_headroom_mib", mps.memory_headroom_mib),
             ("share_host_shm", mps.share_host_shm),
             ("control_timeout_s", mps.control_timeout_s),
+            ("daemon_thread_limit", mps.daemon_thread_limit),
+            ("daemon_memory_limit", mps.daemon_memory_limit),
         ],
     )
     health = config.health

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import IO, Callable, Optional, Protocol
 
 from vgpu_agent.config import MpsConfig
-from vgpu_agent.devices import pipe_dir_for
+from vgpu_agent.devices import memory_limit_mib, pipe_dir_for, thread_percentage
 from vgpu_agent.errors import MpsError
 from vgpu_agent.gpu import Gpu
 
@@ -387,6 +387,39 @@ def _wait_until_answers(
         if time.monotonic() >= deadline:
             return reason
         time.sleep(0.05)
+
+
+def daemon_default_commands(config: MpsConfig, memory_mib: int, replicas: int) -> list[str]:
+    """The control commands that set the daemon defaults ``mps.daemon_*_limit`` ask for."""
+    commands = []
+    threads = thread_percentage(config.daemon_thread_limit, 1, replicas)
+    if threads is not None:
+        commands.append(f"set_default_active_thread_percentage {threads}")
+    memory = memory_limit_mib(
+        config.daemon_memory_limit, 1, replicas, memory_mib, config.memory_headroom_mib
+    )
+    if memory is not None:
+        # The daemon sees only its GPU (CUDA_VISIBLE_DEVICES), so it is device 0 there.
+        commands.append(f"set_default_device_pinned_mem_limit 0 {memory}M")
+    return commands
+
+
+def apply_daemon_defaults(
+    config: MpsConfig, pipe_dir: str, memory_mib: int, replicas: int, wait_s: float = 15.0
+) -> list[str]:
+    """Wait until the daemon of ``pipe_dir`` answers, then send the default-setting commands
+    the config asks for; returns them. Raises MpsError naming the command that failed."""
+    commands = daemon_default_commands(config, memory_mib, replicas)
+    if not commands:
+        return []
+    reason = _wait_until_answers(config, pipe_dir, wait_s, lambda: None)
+    if reason is not None:
+        raise MpsError(f"setting MPS daemon defaults on {pipe_dir}: {reason}")
+    for command in commands:
+        answer = control_command(config, pipe_dir, command)
+        if any(word in answer.lower() for word in ("unrecognized", "error", "invalid")):
+            raise MpsError(f"MPS daemon of {pipe_dir} refused {command!r}: {answer}")
+    return commands
 
 
 def _reuse_info(config: MpsConfig, gpu_uuid: str, pipe_dir: str, log_dir: str) -> MpsDaemonInfo:

@@ -60,6 +60,11 @@ def answer(command: str, state: dict[str, str]) -> str:
         return ""
     if words[0] == "get_default_active_thread_percentage":
         return f"{float(state.get('threads', '100')):.1f}"
+    if words[0] == "set_default_device_pinned_mem_limit" and len(words) == 3:
+        state[f"memory{words[1]}"] = words[2]
+        return ""
+    if words[0] == "get_default_device_pinned_mem_limit" and len(words) == 2:
+        return state.get(f"memory{words[1]}", "")
     if words[0] == "quit":
         return ""
     return f"Unrecognized command {words[0]}"
