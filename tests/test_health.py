@@ -612,7 +612,8 @@ def test_mps_reason_names_the_daemon(make_node: NodeFactory, problem: str, reaso
 
 
 def test_mps_reason_change_replaces_the_old_reason(make_node: NodeFactory) -> None:
-    """When the problem changes, the old reason is withdrawn before the new one is raised."""
+    """When the problem changes, the new reason is raised before the old one is withdrawn,
+    so the GPU never looks Healthy in between."""
     node = make_node()
     node.start()
     node.daemons.set_down(node.uuid(0))
@@ -621,8 +622,8 @@ def test_mps_reason_change_replaces_the_old_reason(make_node: NodeFactory) -> No
     node.changes.wait_for((node.uuid(0), MPS_DOWN, False), (node.uuid(0), "MPS daemon hung", True))
     assert node.changes.summary() == [
         (node.uuid(0), MPS_DOWN, True),
-        (node.uuid(0), MPS_DOWN, False),
         (node.uuid(0), "MPS daemon hung", True),
+        (node.uuid(0), MPS_DOWN, False),
     ]
 
 

@@ -283,10 +283,12 @@ class HealthMonitor:
                     else (f"{MPS_REASON_PREFIX}: {problem}")
                 )
                 if previous != reason:
-                    if previous is not None:
-                        self._emit(HealthChange(gpu_uuid, previous, False))
+                    # The new reason first: clearing the old one first would make the GPU
+                    # look Healthy in between, and ListAndWatch would advertise that.
                     self._mps_down[gpu_uuid] = reason
                     self._emit(HealthChange(gpu_uuid, reason, True))
+                    if previous is not None:
+                        self._emit(HealthChange(gpu_uuid, previous, False))
             elif previous is not None:
                 del self._mps_down[gpu_uuid]
                 self._emit(HealthChange(gpu_uuid, previous, False, detail="MPS daemon answers"))
