@@ -374,6 +374,8 @@ def mps_quit(ctx: click.Context, gpu_uuid: str) -> None:
 def mps_apply_defaults(ctx: click.Context, gpu_uuid: str) -> None:
     """Set GPU_UUID's daemon defaults that mps.daemon_*_limit ask for (ExecStartPost)."""
     loaded = _load(ctx)
+    if loaded.mps.daemon_thread_limit == "none" and loaded.mps.daemon_memory_limit == "none":
+        return  # nothing asked for: no need to open NVML
     served = {gpu.uuid: gpu for gpu in _served_gpus(loaded, ())}
     gpu = served.get(gpu_uuid)
     if gpu is None:
