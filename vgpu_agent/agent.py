@@ -540,12 +540,21 @@ class Agent:
             log.error("reload: keeping the running config, the new one is invalid: %s", exc)
             self._notifier.ready(self._status_line())
             return
+        assert self._backend is not None  # noqa: S101 - set by _run
+        plan = plan_gpus(new, self._gpus)
+        if not plan.served:
+            # At start such a config is refused; on reload it would silently withdraw every
+            # vGPU from the kubelet.
+            log.error(
+                "reload: keeping the running config, the new one serves no GPU: %s",
+                "; ".join(plan.refused) or "no GPU selected",
+            )
+            self._notifier.ready(self._status_line())
+            return
         old = self.config
         self.config = new
         set_level(new.agent.log_level)
         self._servicer.set_mps_policy(mps_policy(new))
-        assert self._backend is not None  # noqa: S101 - set by _run
-        plan = plan_gpus(new, self._gpus)
         for problem in plan.refused:
             log.warning("reload: %s", problem)
         replicas = {gpu.uuid: count for gpu, count in plan.served}
