@@ -11,8 +11,10 @@ Usage: python bench/control_plane.py [--calls 5000] [--idle-seconds 30]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -203,12 +205,78 @@ def main() -> int:
             f"idle CPU over {args.idle_seconds:.0f} s:            "
             f"{cpu_used / args.idle_seconds * 100:.3f} % of one core"
         )
-        return 0
     finally:
         agent.terminate()
         agent.wait(WAIT_S)
         standin.stop()
         notify.close()
+        shutil.rmtree(root, ignore_errors=True)
+    daemon_faults(GPUS)
+    return 0
+
+
+def daemon_faults(gpus: int) -> None:
+    """Time from a killed / stopped MPS daemon process to the ListAndWatch update, with the
+    agent running real daemon processes (the stand-in control program of the tests) on
+    ``gpus`` simulated GPUs, probing every 0.5 s."""
+    root = tempfile.mkdtemp(prefix="vgd", dir="/tmp")
+    program = os.path.join(os.path.dirname(__file__), "..", "tests", "fakes", "fake_mps_control.py")
+    control_binary = os.path.join(root, "nvidia-cuda-mps-control")
+    with open(control_binary, "w") as wrapper:
+        wrapper.write(f'#!/bin/sh\nexec "{sys.executable}" "{os.path.abspath(program)}" "$@"\n')
+    os.chmod(control_binary, 0o700)
+    config_path = os.path.join(root, "config.toml")
+    text = CONFIG.format(root=root, gpus=gpus, replicas=REPLICAS).replace(
+        "[mps]\n", f'[mps]\nmanager = "direct"\ncontrol_binary = "{control_binary}"\n'
+    )
+    with open(config_path, "w") as config_file:
+        config_file.write(text)
+    standin = KubeletStandin(os.path.join(root, "dp"))
+    standin.start()
+    agent = subprocess.Popen([sys.executable, "-m", "vgpu_agent", "--config", config_path, "run"])
+    pids: list[int] = []
+    try:
+        total = gpus * REPLICAS
+        devices = standin.wait_for_devices(
+            lambda devs: len(devs) == total and all(d.health == "Healthy" for d in devs),
+            WAIT_S,
+            RESOURCE,
+        )
+        gpu0 = devices[0].device_id.split("::")[0]
+        pid_file = os.path.join(root, "mps", gpu0, "nvidia-cuda-mps-control.pid")
+        for name in sorted(os.listdir(os.path.join(root, "mps"))):
+            with open(os.path.join(root, "mps", name, "nvidia-cuda-mps-control.pid")) as f:
+                pids.append(int(f.read()))
+
+        def gpu0_is(health: str) -> Callable[[tuple[StandinDevice, ...]], bool]:
+            return lambda devs: all(
+                d.health == health for d in devs if d.device_id.startswith(gpu0)
+            )
+
+        with open(pid_file) as f:
+            pid = int(f.read())
+        time.sleep(1.0)
+        stopped_ms = time_to_update(
+            standin, gpu0_is("Unhealthy"), lambda: os.kill(pid, signal.SIGSTOP)
+        )
+        os.kill(pid, signal.SIGCONT)
+        standin.wait_for_devices(gpu0_is("Healthy"), WAIT_S, RESOURCE)
+        time.sleep(1.0)
+        killed_ms = time_to_update(
+            standin, gpu0_is("Unhealthy"), lambda: os.kill(pid, signal.SIGKILL)
+        )
+        print(
+            f"stopped (SIGSTOP) MPS daemon -> update:  {stopped_ms:.0f} ms  "
+            f"killed (SIGKILL) -> update: {killed_ms:.0f} ms  "
+            f"({gpus} daemon processes, probe interval 0.5 s)"
+        )
+    finally:
+        agent.terminate()
+        agent.wait(WAIT_S)
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        standin.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -202,6 +202,8 @@ class Agent:
         self.registrations = 0
         self._next_register_at = 0.0
         self._register_backoff_s = REGISTER_BACKOFF_INITIAL_S
+        #: The kubelet socket the last registration attempt went to.
+        self._attempted_identity: Optional[tuple[int, int]] = None
         self._waiting_for = "starting"
         self._last_status = ""
         self._next_watchdog_at = 0.0
@@ -439,12 +441,18 @@ class Agent:
             self.registered = False
             self._register_backoff_s = REGISTER_BACKOFF_INITIAL_S
             self._next_register_at = 0.0
+        if False and identity != self._attempted_identity:
+            # A new kubelet socket is a new kubelet: the backoff earned by the old one
+            # (up to REGISTER_BACKOFF_MAX_S) must not delay registering with it.
+            self._register_backoff_s = REGISTER_BACKOFF_INITIAL_S
+            self._next_register_at = 0.0
         if self._clock() < self._next_register_at:
             return
         self._register(identity)
 
     def _register(self, identity: tuple[int, int]) -> None:
         plugin = self.config.plugin
+        self._attempted_identity = identity
         if self._server is not None:
             self._server.stop()
             self._server = None
