@@ -441,7 +441,7 @@ class Agent:
             self.registered = False
             self._register_backoff_s = REGISTER_BACKOFF_INITIAL_S
             self._next_register_at = 0.0
-        if False and identity != self._attempted_identity:
+        if identity != self._attempted_identity:
             # A new kubelet socket is a new kubelet: the backoff earned by the old one
             # (up to REGISTER_BACKOFF_MAX_S) must not delay registering with it.
             self._register_backoff_s = REGISTER_BACKOFF_INITIAL_S
