@@ -62,11 +62,84 @@ SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.keepalive_time_ms", 2 * 60 * 60 * 1000),
 )
 
+#: The longest status message we send: it ends up in `kubectl describe pod`.
+MAX_DETAILS_CHARS = 500
+
 # The generated gRPC module has no type stubs; these are what we call from it.
 _device_plugin_stub = cast(Callable[[Any], Any], pb_grpc.DevicePluginStub)
-_add_servicer_to_server = cast(
-    Callable[[Any, Any], None], pb_grpc.add_DevicePluginServicer_to_server
-)
+
+
+class UnparseableRequest:
+    """Stands in for a request whose bytes are not a valid message (an id that is not
+    UTF-8, broken framing), so the RPC can refuse it as INVALID_ARGUMENT; gRPC's own
+    handling would answer INTERNAL and log a traceback for every such request."""
+
+    def __init__(self, message_name: str, error: str) -> None:
+        self.message_name = message_name
+        self.error = error
+
+
+def _tolerant(message_type: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except Exception as exc:  # DecodeError: its class differs per protobuf runtime
+            return UnparseableRequest(message_type.DESCRIPTOR.full_name, str(exc))
+
+    return parse
+
+
+def _parsed(request: Any) -> Any:
+    if isinstance(request, UnparseableRequest):
+        raise InvalidRequestError(
+            f"the request is not a valid {request.message_name} message ({request.error}); "
+            "device ids must be UTF-8 text"
+        )
+    return request
+
+
+def add_servicer(servicer: PluginServicer, server: Any) -> None:
+    """Serve ``servicer``'s five RPCs on ``server``, like the generated
+    ``add_DevicePluginServicer_to_server`` but with requests that fail to parse handed to
+    the servicer as :class:`UnparseableRequest`."""
+    unary = grpc.unary_unary_rpc_method_handler
+    handlers = {
+        "GetDevicePluginOptions": unary(
+            servicer.GetDevicePluginOptions,
+            request_deserializer=_tolerant(pb.Empty),
+            response_serializer=pb.DevicePluginOptions.SerializeToString,
+        ),
+        "ListAndWatch": grpc.unary_stream_rpc_method_handler(
+            servicer.ListAndWatch,
+            request_deserializer=_tolerant(pb.Empty),
+            response_serializer=pb.ListAndWatchResponse.SerializeToString,
+        ),
+        "GetPreferredAllocation": unary(
+            servicer.GetPreferredAllocation,
+            request_deserializer=_tolerant(pb.PreferredAllocationRequest),
+            response_serializer=pb.PreferredAllocationResponse.SerializeToString,
+        ),
+        "Allocate": unary(
+            servicer.Allocate,
+            request_deserializer=_tolerant(pb.AllocateRequest),
+            response_serializer=pb.AllocateResponse.SerializeToString,
+        ),
+        "PreStartContainer": unary(
+            servicer.PreStartContainer,
+            request_deserializer=_tolerant(pb.PreStartContainerRequest),
+            response_serializer=pb.PreStartContainerResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("v1beta1.DevicePlugin", handlers),)
+    )
+
+
+def printable(text: str, limit: int = MAX_DETAILS_CHARS) -> str:
+    """``text`` with control and other unprintable characters escaped, at most ``limit``
+    characters: ids from a hostile request must not reach a terminal raw."""
+    escaped = "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+    return escaped if len(escaped) <= limit else escaped[: limit - 3] + "..."
 
 
 class RpcContext(Protocol):
@@ -283,21 +356,24 @@ class PluginServicer(pb_grpc.DevicePluginServicer):
         self, request: pb.PreferredAllocationRequest, context: RpcContext
     ) -> pb.PreferredAllocationResponse:
         """Best-fit ids on one GPU for each container request."""
-        return _answer(context, "GetPreferredAllocation", lambda: self._preferred(request))
+        return _answer(context, "GetPreferredAllocation", lambda: self._preferred(_parsed(request)))
 
     def Allocate(  # noqa: N802 - the gRPC method name
         self, request: pb.AllocateRequest, context: RpcContext
     ) -> pb.AllocateResponse:
         """Validate each container's ids and return its environment, mounts, annotations."""
-        return _answer(context, "Allocate", lambda: self._allocate(request))
+        return _answer(context, "Allocate", lambda: self._allocate(_parsed(request)))
 
     def PreStartContainer(  # noqa: N802 - the gRPC method name
         self, request: pb.PreStartContainerRequest, context: RpcContext
     ) -> pb.PreStartContainerResponse:
         """Nothing to prepare: the kubelet does not call this (pre_start_required is False)."""
-        return pb.PreStartContainerResponse()
+        return _answer(context, "PreStartContainer", lambda: self._pre_start(_parsed(request)))
 
     # -- the work -----------------------------------------------------------------------------
+
+    def _pre_start(self, request: pb.PreStartContainerRequest) -> pb.PreStartContainerResponse:
+        return pb.PreStartContainerResponse()
 
     def _watch(self, context: RpcContext, generation: int) -> Iterator[pb.ListAndWatchResponse]:
         ended = threading.Event()
@@ -425,12 +501,13 @@ def _answer(context: RpcContext, rpc_name: str, work: Callable[[], _T]) -> _T:
     try:
         return work()
     except InvalidRequestError as exc:
-        log.warning("%s refused: %s", rpc_name, exc)
-        code, details = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        details = printable(str(exc))
+        log.warning("%s refused: %s", rpc_name, details)
+        code = grpc.StatusCode.INVALID_ARGUMENT
     except Exception as exc:
         log.exception("%s failed inside vgpu-agent", rpc_name)
         code = grpc.StatusCode.INTERNAL
-        details = f"vgpu-agent failed to answer {rpc_name}: {type(exc).__name__}: {exc}"
+        details = printable(f"vgpu-agent failed to answer {rpc_name}: {type(exc).__name__}: {exc}")
     return context.abort(code, details)
 
 
@@ -538,7 +615,7 @@ class PluginServer:
             ),
             options=SERVER_OPTIONS,
         )
-        _add_servicer_to_server(self._servicer, server)
+        add_servicer(self._servicer, server)
         try:
             port = server.add_insecure_port(f"unix://{path}")
         except RuntimeError as exc:  # newer grpcio raises, older ones return 0
