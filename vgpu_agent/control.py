@@ -153,6 +153,12 @@ def request(socket_path: str, command: dict[str, Any]) -> dict[str, Any]:
             f"the agent is not running (no control socket at {socket_path}); "
             "start it with `systemctl start vgpu-agent` or `vgpu-agent run`"
         ) from exc
+    except ConnectionRefusedError as exc:
+        # The socket file of an agent that was killed: nobody listens on it.
+        raise AgentError(
+            f"the agent is not running (nothing listens on {socket_path}, left by an agent "
+            "that was killed); start it with `systemctl start vgpu-agent` or `vgpu-agent run`"
+        ) from exc
     except PermissionError as exc:
         raise AgentError(f"cannot open {socket_path}: permission denied (run as root)") from exc
     except (OSError, ValueError) as exc:
