@@ -402,6 +402,8 @@ deb_phase() {
     check "apt-get remove" in_ct apt-get remove -y -q vgpu-agent
     check "remove stopped the agent and both MPS daemons" \
         sh -c "! nsenter -t $container_pid -a systemctl is-active -q vgpu-agent.service && ! nsenter -t $container_pid -a kill -0 $mps0_pid 2>/dev/null && ! nsenter -t $container_pid -a kill -0 $mps1_pid 2>/dev/null"
+    check "the MPS daemons were stopped through their control pipes (quit removed the sockets)" \
+        in_ct sh -c "[ ! -e /run/nvidia-mps/$GPU0/control ] && [ ! -e /run/nvidia-mps/$GPU1/control ]"
     check "remove left no package files but the conffile" \
         in_ct sh -c '[ ! -e /usr/lib/vgpu-agent ] && [ ! -e /usr/bin/vgpu-agent ] && [ ! -e /lib/systemd/system/vgpu-agent.service ] && [ -f /etc/vgpu/config.toml ]'
     check "apt-get purge" in_ct apt-get purge -y -q vgpu-agent
