@@ -32,6 +32,9 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.enable_retries", 0),
 )
 
+#: While a Register call is in flight, ``abandon`` is asked this often whether to give up.
+ABANDON_CHECK_S = 0.1
+
 # The generated gRPC module has no type stubs.
 _registration_stub = cast(Callable[[Any], Any], pb_grpc.RegistrationStub)
 
@@ -70,10 +73,16 @@ def register(
     endpoint_socket_name: str,
     resource_name: str,
     timeout_s: float,
+    *,
+    abandon: Optional[Callable[[], bool]] = None,
 ) -> None:
     """Register our plugin socket ``endpoint_socket_name`` (a file in ``plugin_dir``) for
     ``resource_name`` with the kubelet. Our server must already be serving: the kubelet
-    dials it back before it answers. Raises RegistrationError saying what failed."""
+    dials it back before it answers. Raises RegistrationError saying what failed.
+
+    ``abandon`` is asked every ABANDON_CHECK_S while the call is in flight; when it says
+    True (the kubelet restarted again, our socket was deleted) the call is cancelled and
+    RegistrationError raised at once, instead of waiting out ``timeout_s``."""
     kubelet_path = os.path.join(plugin_dir, kubelet_socket_name)
     action = f"registering {resource_name} with the kubelet at {kubelet_path}"
     if kubelet_socket_identity(kubelet_path) is None:
@@ -90,10 +99,20 @@ def register(
         ),
     )
     with grpc.insecure_channel(unix_target(kubelet_path), options=CHANNEL_OPTIONS) as channel:
-        try:
-            _registration_stub(channel).Register(request, timeout=timeout_s)
-        except grpc.RpcError as exc:
-            raise RegistrationError(_describe_failure(action, exc, timeout_s)) from exc
+        call = _registration_stub(channel).Register.future(request, timeout=timeout_s)
+        while True:
+            try:
+                call.result(timeout=ABANDON_CHECK_S)
+            except grpc.FutureTimeoutError:
+                if abandon is not None and abandon():
+                    call.cancel()
+                    raise RegistrationError(
+                        f"{action}: abandoned, the kubelet socket or ours changed meanwhile"
+                    ) from None
+                continue
+            except grpc.RpcError as exc:
+                raise RegistrationError(_describe_failure(action, exc, timeout_s)) from exc
+            return
 
 
 def _describe_failure(action: str, exc: Any, timeout_s: float) -> str:
