@@ -30,12 +30,12 @@ import pytest
 from tests.test_agent import NotifyListener, make_config
 from tests.test_mps import FAKE_CONTROL
 from vgpu_agent import agent as agent_module
-from vgpu_agent import control
+from vgpu_agent import control, kubelet
 from vgpu_agent._proto import deviceplugin_pb2 as pb
 from vgpu_agent._proto import deviceplugin_pb2_grpc as pb_grpc
 from vgpu_agent.agent import EXIT_OK, Agent, build_backend, build_mps
 from vgpu_agent.config import Config, HealthConfig, MpsConfig, parse
-from vgpu_agent.errors import ConfigError, GpuError
+from vgpu_agent.errors import ConfigError, GpuError, RegistrationError
 from vgpu_agent.gpu import GpuBackend
 from vgpu_agent.kubelet import unix_target
 from vgpu_agent.kubelet_standin import KubeletStandin, StandinDevice
@@ -320,6 +320,25 @@ def test_broken_register_backs_off_then_registers(
     assert time.monotonic() - fine < 2.0
     run.status_seen("registered with kubelet")
     run.devices(lambda devs: len(devs) == 8)
+
+
+def test_register_in_flight_abandoned_on_demand(short_tmp_dir: str) -> None:
+    """A Register call in flight is cancelled as soon as ``abandon`` says so (the kubelet
+    restarted again), instead of waiting out its timeout."""
+    scripted = ScriptedKubelet(os.path.join(short_tmp_dir, "kubelet.sock"), "hang")
+    scripted.start()
+    give_up = threading.Event()
+    try:
+        threading.Timer(0.3, give_up.set).start()
+        started = time.monotonic()
+        with pytest.raises(RegistrationError, match="abandoned"):
+            kubelet.register(
+                short_tmp_dir, "kubelet.sock", "vgpu.sock", RESOURCE, 30.0, abandon=give_up.is_set
+            )
+        assert time.monotonic() - started < PROMPT_S
+        assert scripted.calls == 1
+    finally:
+        scripted.stop()
 
 
 def _bound_not_listening(path: str) -> Optional[socket.socket]:
