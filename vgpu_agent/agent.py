@@ -28,6 +28,7 @@ from vgpu_agent.mps import MpsDaemons, apply_daemon_defaults
 from vgpu_agent.plugin import DeviceState, PluginServer, PluginServicer
 from vgpu_agent.simulated import SimulatedBackend, SimulatedMpsDaemons, gpus_from_config
 from vgpu_agent.systemd import Notifier
+from vgpu_agent.watch import DirectoryWatch
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,11 @@ EXIT_FAILURE = 1
 #: EX_CONFIG: systemd's RestartPreventExitStatus=78 keeps a bad config from restart-looping.
 EXIT_CONFIG = 78
 
-#: How often the loop looks at the kubelet socket and our own socket.
+#: How often the loop looks at the kubelet socket and our own socket when it cannot watch
+#: the plugin directory (inotify); with the watch it wakes on changes, and at least every
+#: IDLE_TICK_S.
 SOCKET_CHECK_INTERVAL_S = 0.1
+IDLE_TICK_S = 1.0
 REGISTER_BACKOFF_INITIAL_S = 0.5
 REGISTER_BACKOFF_MAX_S = 10.0
 BACKEND_RETRY_INITIAL_S = 1.0
@@ -155,6 +159,11 @@ class Reload:
 
 
 @dataclass(frozen=True)
+class Wake:
+    """Something changed in the plugin directory: look at the sockets now."""
+
+
+@dataclass(frozen=True)
 class ControlRequest:
     """A request from the control socket, answered through ``reply``."""
 
@@ -162,7 +171,7 @@ class ControlRequest:
     reply: Future[dict[str, Any]] = field(default_factory=Future)
 
 
-Event = Union[Stop, Reload, HealthChange, ControlRequest]
+Event = Union[Stop, Reload, Wake, HealthChange, ControlRequest]
 
 
 # -- the agent -------------------------------------------------------------------------------------
@@ -210,6 +219,7 @@ class Agent:
         self.ready = threading.Event()
         self.stopped = threading.Event()
         self._control: Optional[Any] = None
+        self._watch: Optional[DirectoryWatch] = None
 
     # -- for signal handlers, the control socket and watchers (any thread) ---------------------
 
@@ -262,9 +272,8 @@ class Agent:
         try:
             while True:
                 self._tick()
-                timeout = SOCKET_CHECK_INTERVAL_S
                 try:
-                    event = self._events.get(timeout=timeout)
+                    event = self._events.get(timeout=self._loop_timeout())
                 except queue.Empty:
                     continue
                 if isinstance(event, Stop):
@@ -400,7 +409,40 @@ class Agent:
 
     def _tick(self) -> None:
         self._ping_watchdog()
+        self._ensure_watch()
         self._check_registration()
+
+    def _ensure_watch(self) -> None:
+        """Watch the plugin directory when it exists (again), so the loop can sleep."""
+        if self._watch is not None and self._watch.active:
+            return
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+        plugin_dir = self.config.plugin.plugin_dir
+        if os.path.isdir(plugin_dir):
+            watch = DirectoryWatch(plugin_dir, lambda: self._events.put(Wake()))
+            if watch.start():
+                self._watch = watch
+
+    def _stop_watch(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+
+    def _loop_timeout(self) -> float:
+        """How long the loop may sleep: until the next due registration attempt or
+        watchdog ping, at most IDLE_TICK_S while watching, else the polling interval."""
+        if self._watch is None or not self._watch.active:
+            return SOCKET_CHECK_INTERVAL_S
+        timeout = IDLE_TICK_S
+        now = self._clock()
+        if not self.registered and self._waiting_for != "kubelet":
+            timeout = min(timeout, self._next_register_at - now)
+        interval = self._notifier.watchdog_interval_s
+        if interval is not None:
+            timeout = min(timeout, self._next_watchdog_at - now)
+        return max(timeout, 0.01)
 
     def _ping_watchdog(self) -> None:
         interval = self._notifier.watchdog_interval_s
@@ -491,6 +533,8 @@ class Agent:
     # -- events ---------------------------------------------------------------------------------
 
     def _handle(self, event: Event) -> None:
+        if isinstance(event, Wake):
+            return  # the next _tick looks at the sockets
         if isinstance(event, Reload):
             self._reload()
         elif isinstance(event, HealthChange):
@@ -584,6 +628,7 @@ class Agent:
                 self._server = None
             self.registered = False
             self._next_register_at = 0.0
+            self._stop_watch()
         if old.health != new.health and self._monitor is not None:
             self._monitor.stop()
             self._start_monitor()
@@ -711,6 +756,7 @@ class Agent:
 
     def _shutdown(self) -> None:
         self._notifier.stopping()
+        self._stop_watch()
         if self._monitor is not None:
             self._monitor.stop()
         if self._control is not None:

@@ -101,6 +101,11 @@ class GpuBackend(Protocol):
         """Block up to ``timeout_s`` for fault events on the watched GPUs."""
         ...
 
+    def interrupt_wait(self) -> None:
+        """Make a blocked :meth:`wait_events` return early where the backend can (NVML
+        cannot: its wait ends at its timeout)."""
+        ...
+
     def close(self) -> None:
         """Release the backend (NVML shutdown)."""
         ...

@@ -30,7 +30,7 @@ REASON_LOST = "GPU lost"
 REASON_DBE = "double-bit ECC error"
 MPS_REASON_PREFIX = "MPS daemon"
 #: How long the event thread blocks in one wait; bounds how long stop() takes.
-EVENT_WAIT_S = 0.5
+EVENT_WAIT_S = 1.0
 
 
 def xid_reason(xid: int) -> str:
@@ -118,6 +118,7 @@ class HealthMonitor:
     def stop(self) -> None:
         """Stop every watcher thread and wait for them."""
         self._stop.set()
+        self._backend.interrupt_wait()
         for thread in self._threads:
             thread.join(timeout=max(EVENT_WAIT_S * 4, self._mps_timeout() + 1))
         self._threads.clear()

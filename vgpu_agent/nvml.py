@@ -329,6 +329,9 @@ class NvmlBackend:
             return GpuEvent(GpuEventKind.DOUBLE_BIT_ECC, gpu_uuid, detail="double-bit ECC error")
         return GpuEvent(GpuEventKind.LOST, gpu_uuid, detail=f"NVML event 0x{event_type:x}")
 
+    def interrupt_wait(self) -> None:
+        """NVML's event wait cannot be interrupted; it returns at its timeout."""
+
     def close(self) -> None:
         """Free the event set and shut NVML down; call after the watcher has stopped."""
         with self._lock:

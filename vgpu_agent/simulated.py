@@ -122,6 +122,11 @@ class SimulatedBackend:
             self._events.clear()
             return events
 
+    def interrupt_wait(self) -> None:
+        """Wake a blocked wait_events with no events."""
+        with self._events_ready:
+            self._events_ready.notify_all()
+
     def close(self) -> None:
         """Mark the backend closed and wake any waiter."""
         with self._events_ready:
