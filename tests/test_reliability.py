@@ -213,6 +213,12 @@ def test_fifty_kubelet_restarts_no_leaks(
     wait_until(lambda: run.agent.registrations == len(run.standin.registrations))
     after_answer = run.standin.allocate(RESOURCE, held).container_responses[0]
     assert after_answer == before_answer
+    # No socket files left behind either (stale sockets, sockets moved aside while stopping).
+    assert sorted(os.listdir(config.plugin.plugin_dir)) == [
+        "kubelet.sock",
+        "kubelet_internal_checkpoint",
+        "vgpu.sock",
+    ]
     after = settled_counts(baseline)
     print(
         f"\nkubelet restarts: {RESTARTS} ({back_to_back} back to back), "
