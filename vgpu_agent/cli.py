@@ -205,15 +205,21 @@ def gpus_group(ctx: click.Context, simulate: Optional[int]) -> None:
         backend.close()
 
 
+def _pick(gpus: list[Gpu], refs: tuple[str, ...], what: str) -> list[Gpu]:
+    """The GPUs named by UUID or index in ``refs``; VgpuError naming any that is not there."""
+    chosen = [gpu for gpu in gpus if gpu.uuid in refs or str(gpu.index) in refs]
+    missing = set(refs) - {g.uuid for g in chosen} - {str(g.index) for g in chosen}
+    if missing:
+        raise VgpuError(f"no such {what}: {', '.join(sorted(missing))}")
+    return chosen
+
+
 def _apply_modes(loaded: Config, mode: ComputeMode, refs: tuple[str, ...]) -> None:
     backend = build_backend(loaded)
     try:
         gpus = backend.list_gpus()
         if refs:
-            chosen = [g for g in gpus if g.uuid in refs or str(g.index) in refs]
-            missing = set(refs) - {g.uuid for g in chosen} - {str(g.index) for g in chosen}
-            if missing:
-                raise VgpuError(f"no such GPU: {', '.join(sorted(missing))}")
+            chosen = _pick(gpus, refs, "GPU")
         else:
             chosen = [gpu for gpu, _ in plan_gpus(loaded, gpus).served]
         for gpu in chosen:
@@ -343,13 +349,14 @@ def _served_gpus(loaded: Config, refs: tuple[str, ...]) -> list[Gpu]:
         gpus = [gpu for gpu, _ in plan_gpus(loaded, backend.list_gpus()).served]
     finally:
         backend.close()
-    if not refs:
-        return gpus
-    chosen = [gpu for gpu in gpus if gpu.uuid in refs or str(gpu.index) in refs]
-    missing = set(refs) - {g.uuid for g in chosen} - {str(g.index) for g in chosen}
-    if missing:
-        raise VgpuError(f"no such served GPU: {', '.join(sorted(missing))}")
-    return chosen
+    return _pick(gpus, refs, "served GPU") if refs else gpus
+
+
+def _apply_defaults(loaded: Config, gpu: Gpu) -> None:
+    pipe_dir = os.path.join(loaded.mps.pipe_root, gpu.uuid)
+    replicas = loaded.replicas_for_model(gpu.model)
+    for command in mps.apply_daemon_defaults(loaded.mps, pipe_dir, gpu.memory_mib, replicas):
+        click.echo(f"GPU {gpu.index} {gpu.uuid}: {command}")
 
 
 @mps_group.command("exec-daemon")
@@ -380,10 +387,7 @@ def mps_apply_defaults(ctx: click.Context, gpu_uuid: str) -> None:
     gpu = served.get(gpu_uuid)
     if gpu is None:
         raise VgpuError(f"GPU {gpu_uuid} is not served by this config (see `vgpu-agent gpus`)")
-    replicas = loaded.replicas_for_model(gpu.model)
-    pipe_dir = os.path.join(loaded.mps.pipe_root, gpu_uuid)
-    for command in mps.apply_daemon_defaults(loaded.mps, pipe_dir, gpu.memory_mib, replicas):
-        click.echo(f"GPU {gpu.index} {gpu_uuid}: {command}")
+    _apply_defaults(loaded, gpu)
 
 
 @mps_group.command("start")
@@ -397,11 +401,7 @@ def mps_start(ctx: click.Context, gpus: tuple[str, ...]) -> None:
         info = daemons.start(gpu)
         mode = "multi-user" if info.multi_user else "single-user"
         click.echo(f"GPU {gpu.index} {gpu.uuid}: MPS daemon answers on {info.pipe_dir} ({mode})")
-        replicas = loaded.replicas_for_model(gpu.model)
-        for command in mps.apply_daemon_defaults(
-            loaded.mps, info.pipe_dir, gpu.memory_mib, replicas
-        ):
-            click.echo(f"GPU {gpu.index} {gpu.uuid}: {command}")
+        _apply_defaults(loaded, gpu)
 
 
 @mps_group.command("stop")
