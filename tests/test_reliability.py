@@ -410,6 +410,27 @@ def test_plugin_dir_disappears_and_returns(
     assert os.path.exists(os.path.join(plugin_dir, "vgpu.sock"))
 
 
+def test_second_agent_never_takes_over(
+    short_tmp_dir: str, run_agent: Callable[..., AgentRun]
+) -> None:
+    """A second agent started by mistake on the same node neither takes the first one's
+    socket nor its control socket; it waits, saying why, and the first keeps serving."""
+    first = run_agent()
+    first.standin.wait_for_registration(1, WAIT_S)
+    first.devices(lambda devs: len(devs) == 8)
+    second = run_agent(make_config(short_tmp_dir), kubelet=False)
+    second.status_seen("another process is serving on that socket")
+    time.sleep(1.0)
+    assert len(first.standin.registrations) == 1
+    assert first.standin.stream_open(RESOURCE)
+    answer = control.request(f"{short_tmp_dir}/state/control.sock", {"command": "status"})
+    assert answer["registrations"] == 1  # the first agent answers, not the second
+    assert second.stop() == EXIT_OK
+    assert first.standin.stream_open(RESOURCE)
+    ids = [device.device_id for device in first.standin.latest_devices(RESOURCE) or ()][:1]
+    assert first.standin.allocate(RESOURCE, ids).container_responses
+
+
 # -- 3. agent killed with SIGKILL ---------------------------------------------------------------
 
 
