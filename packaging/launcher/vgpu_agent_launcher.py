@@ -12,7 +12,7 @@ import os
 import sys
 
 PRIVATE_DIR = os.path.dirname(os.path.abspath(__file__))
-_VERSION_DIR = "python%d.%d" % sys.version_info[:2]
+_VERSION_DIR = f"python{sys.version_info[0]}.{sys.version_info[1]}"
 DISTRO_DIRS = (
     "/usr/lib/python3/dist-packages",  # Debian, Ubuntu
     "/usr/lib64/" + _VERSION_DIR + "/site-packages",  # Amazon Linux, Fedora (arch-specific)

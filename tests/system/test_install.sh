@@ -236,6 +236,7 @@ deb_phase() {
         in_ct systemctl restart vgpu-agent.service
     fi
     check "vgpu-agent.service is enabled on install" is_prop vgpu-agent.service UnitFileState enabled
+    # shellcheck disable=SC2016 # expanded by the container's shell
     check "systemd-analyze verify is clean for every unit" \
         in_ct sh -c 'out=$(systemd-analyze verify /lib/systemd/system/vgpu-agent.service /lib/systemd/system/vgpu-compute-mode.service /lib/systemd/system/vgpu-mps@.service 2>&1); echo "$out"; [ -z "$out" ]'
     local unit exposure
@@ -253,6 +254,14 @@ deb_phase() {
         fail "the agent is active (running) on simulated GPUs" \
             "$(in_ct systemctl status vgpu-agent.service --no-pager -l 2>&1 | tail -n 15)"
     fi
+    # The launcher isolates the agent: its grpc comes from the private directory, and the
+    # one distribution package it takes is systemd-python (python3-systemd is installed).
+    local agent_maps
+    agent_maps=$(in_ct cat "/proc/$(prop vgpu-agent.service MainPID)/maps")
+    check "the agent runs the private grpcio (/usr/lib/vgpu-agent)" \
+        grep -q '/usr/lib/vgpu-agent/grpc/_cython/cygrpc' <<<"$agent_maps"
+    check "the agent uses the distribution's systemd-python" \
+        grep -q '/usr/lib/python3/dist-packages/systemd/_journal' <<<"$agent_maps"
     local status_text
     status_text=$(prop vgpu-agent.service StatusText)
     info "STATUS before the kubelet exists: $status_text"
@@ -308,7 +317,9 @@ deb_phase() {
     local doctor_out doctor_rc
     doctor_out=$(in_ct env VGPU_CONFIG=/etc/vgpu/system-test.toml vgpu-agent doctor 2>&1)
     doctor_rc=$?
-    echo "$doctor_out" | sed 's/^/      doctor: /'
+    local doctor_lines
+    mapfile -t doctor_lines <<<"$doctor_out"
+    printf '      doctor: %s\n' "${doctor_lines[@]}"
     # The exit code must agree with the lines: non-zero exactly when a check failed.
     if grep -qi '\[fail\]' <<<"$doctor_out"; then
         check "doctor on the simulated node: a failing check and a non-zero exit ($doctor_rc)" [ "$doctor_rc" -ne 0 ]
@@ -386,6 +397,7 @@ deb_phase() {
     agent_pid=$(prop vgpu-agent.service MainPID)
     check "apt-get upgrades to the current build ($(basename "$DEB_NEW"))" \
         in_ct apt-get install -y -q --no-install-recommends /mnt/pkgs/new.deb
+    # shellcheck disable=SC2016 # a dpkg-query format, not a shell expansion
     check "the new version is installed" \
         sh -c "[ \"\$1\" = '$(dpkg-deb -f "$DEB_NEW" Version)' ]" _ \
         "$(in_ct dpkg-query -W -f '${Version}' vgpu-agent)"
