@@ -499,15 +499,28 @@ class Agent:
             self._server.stop()
             self._server = None
         socket_path = os.path.join(plugin.plugin_dir, plugin.socket_name)
+        kubelet_path = os.path.join(plugin.plugin_dir, plugin.kubelet_socket_name)
         try:
-            self._server = PluginServer(socket_path, self._servicer)
-            self._server.start()
+            server = PluginServer(socket_path, self._servicer)
+            self._server = server
+            server.start()
+
+            def abandon() -> bool:
+                # A kubelet that restarts again, or deletes our socket, while we register
+                # would only time out (register_timeout_s); give up now and register anew.
+                self._ping_watchdog()
+                return (
+                    kubelet.kubelet_socket_identity(kubelet_path) != identity
+                    or not server.socket_exists()
+                )
+
             kubelet.register(
                 plugin.plugin_dir,
                 plugin.kubelet_socket_name,
                 plugin.socket_name,
                 plugin.resource_name,
                 plugin.register_timeout_s,
+                abandon=abandon,
             )
         except VgpuError as exc:
             delay_s = self._register_backoff_s
