@@ -186,10 +186,11 @@ def test_fifty_kubelet_restarts_no_leaks(
 ) -> None:
     """50 kubelet restarts, some back to back: re-registered after each, the same answers
     to Allocate, and no file descriptors or threads left behind."""
-    # The stand-in gives up dialling a deleted plugin socket after 0.5 s, as the kubelet
-    # does after its own dial timeout; the agent then registers again.
-    config = with_plugin(make_config(short_tmp_dir), register_timeout_s=2.0)
-    run = run_agent(config, dial_timeout_s=0.5)
+    # Production timeouts: 5 s for Register, 5 s for the kubelet to dial us back. A restart
+    # during a registration must not cost them: the agent abandons that registration.
+    config = make_config(short_tmp_dir)
+    assert config.plugin.register_timeout_s == 5.0
+    run = run_agent(config)
     run.standin.wait_for_registration(1, WAIT_S)
     devices = run.devices(lambda devs: len(devs) == 8)
     held = [device.device_id for device in devices[:2]]
@@ -198,19 +199,29 @@ def test_fifty_kubelet_restarts_no_leaks(
     baseline = settled_counts((fd_count(), threading.active_count()), timeout_s=0)
 
     back_to_back = 0
+    slowest_after_back_to_back_s = 0.0
     for restart in range(1, RESTARTS + 1):
         run.standin.restart()
+        restarted = time.monotonic()
         if restart % BACK_TO_BACK_EVERY == 0 and restart < RESTARTS:
             back_to_back += 1
             continue  # the next restart hits the registration this one started
         expected = len(run.standin.registrations) + 1
         run.standin.wait_for_registration(expected, WAIT_S)
+        if restart % BACK_TO_BACK_EVERY == 1 and restart > 1:
+            waited_s = time.monotonic() - restarted
+            slowest_after_back_to_back_s = max(slowest_after_back_to_back_s, waited_s)
+    # An abandoned registration costs nothing like the 5 s Register timeout.
+    assert slowest_after_back_to_back_s < config.plugin.register_timeout_s
     run.devices(lambda devs: len(devs) == 8 and healthy_count(devs) == 8)
     wait_until(lambda: run.standin.stream_open(RESOURCE), what="the ListAndWatch stream")
 
     registrations = len(run.standin.registrations)
     assert registrations >= RESTARTS - back_to_back + 1
-    wait_until(lambda: run.agent.registrations == len(run.standin.registrations))
+    wait_until(lambda: run.agent.registered, what="the agent to count itself registered")
+    # The kubelet may have accepted a registration the agent abandoned when the next
+    # restart came: never fewer on the kubelet's side.
+    assert run.agent.registrations <= len(run.standin.registrations)
     after_answer = run.standin.allocate(RESOURCE, held).container_responses[0]
     assert after_answer == before_answer
     # No socket files left behind either (stale sockets, sockets moved aside while stopping).
@@ -222,7 +233,8 @@ def test_fifty_kubelet_restarts_no_leaks(
     after = settled_counts(baseline)
     print(
         f"\nkubelet restarts: {RESTARTS} ({back_to_back} back to back), "
-        f"{registrations} registrations; fds {baseline[0]} -> {after[0]}, "
+        f"{registrations} registrations, slowest after a back-to-back restart "
+        f"{slowest_after_back_to_back_s:.2f} s; fds {baseline[0]} -> {after[0]}, "
         f"threads {baseline[1]} -> {after[1]}"
     )
     assert after[0] <= baseline[0] + FD_SLACK, f"fds leaked: {baseline[0]} -> {after[0]}"
@@ -699,9 +711,15 @@ def test_mps_daemon_fault_marks_gpu_then_heals(
         assert time.monotonic() - broken_at < PROMPT_S
         unhealthy_gpus = {d.device_id.split("::")[0] for d in devices if d.health == "Unhealthy"}
         assert unhealthy_gpus == {gpu_uuid}
-        reasons = run.agent.describe()["gpus"][1]["reasons"]
-        assert len(reasons) == 1, reasons
-        assert fault.reason_words in reasons[0], reasons
+
+        def reasons() -> list[str]:
+            found: list[str] = run.agent.describe()["gpus"][1]["reasons"]
+            return found
+
+        # The first probe after the fault may see it another way (a command that fails
+        # before the cheap check sees the cause); the reason settles on the cause.
+        wait_until(lambda: fault.reason_words in " ".join(reasons()), what="the reason")
+        assert len(reasons()) == 1, reasons()
         run.status_seen("4 unhealthy (GPU 1: MPS daemon")
         fault.repair(broken)
         run.devices(lambda devs: healthy_count(devs) == 8)
