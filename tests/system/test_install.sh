@@ -107,16 +107,21 @@ stop_container() {
 teardown() {
     local status=$?
     stop_container
+    mountpoint -q "$work/image/root" 2>/dev/null && umount "$work/image/root"
     rm -rf "$work"
     exit "$status"
 }
 trap teardown EXIT
 trap 'exit 130' INT TERM
 
-# Boot a fresh container from $ROOTFS; /mnt/pkgs and /mnt/fakes are read-only binds.
+# Boot a container: a fresh one from $ROOTFS (its changes kept in a throw-away overlay),
+# or, given a second argument, that directory as it is. /mnt/pkgs and /mnt/fakes are
+# read-only binds.
 boot_container() {
     local machine=vgpu-systest-$$-$1
-    systemd-nspawn -D "$ROOTFS" --volatile=overlay -M "$machine" \
+    local root=(-D "$ROOTFS" --volatile=overlay)
+    [ -n "${2:-}" ] && root=(-D "$2")
+    systemd-nspawn "${root[@]}" -M "$machine" \
         --bind-ro="$work/pkgs:/mnt/pkgs" --bind-ro="$work/fakes:/mnt/fakes" \
         -b --register=no --keep-unit --console=pipe >"$work/console-$1.log" 2>&1 </dev/null &
     nspawn_pid=$!
@@ -484,6 +489,43 @@ rpm_phase() {
     stop_container
 }
 
+# ---------------------------------------------------------------------------------------
+# Image build: install the package into a root filesystem where systemd is not running
+# (as Packer or a chroot-based image build does), then boot it: the agent must start on
+# its own. The root filesystem is an overlay of $ROOTFS kept across the two steps.
+image_phase() {
+    local kind=$1 image=$work/image
+    phase=image-$kind
+    log "$phase: install without a running systemd, then boot"
+    mkdir -p "$image/upper" "$image/work" "$image/root"
+    rm -rf "${image:?}/upper/"* "${image:?}/work/"*
+    mount -t overlay overlay -o "lowerdir=$ROOTFS,upperdir=$image/upper,workdir=$image/work" "$image/root"
+    # The node's config, baked into the image: simulated GPUs, MPS off (the other phases
+    # cover MPS), read through a drop-in in /etc as an image would carry it.
+    mkdir -p "$image/root/etc/vgpu" "$image/root/etc/systemd/system/vgpu-agent.service.d"
+    printf 'version = 1\n[gpus]\nbackend = "simulated"\ncompute_mode = "unchanged"\n[mps]\nenabled = false\n' \
+        > "$image/root/etc/vgpu/image-test.toml"
+    printf '[Service]\nEnvironment=VGPU_CONFIG=/etc/vgpu/image-test.toml\n' \
+        > "$image/root/etc/systemd/system/vgpu-agent.service.d/image-test.conf"
+    local install=(apt-get install -y -q --no-install-recommends /mnt/pkgs/new.deb)
+    [ "$kind" = rpm ] && install=(rpm -i --nodeps /mnt/pkgs/new.rpm)
+    check "the $kind installs where systemd is not running" \
+        systemd-nspawn -q -D "$image/root" --bind-ro="$work/pkgs:/mnt/pkgs" --register=no \
+        --keep-unit --pipe env DEBIAN_FRONTEND=noninteractive "${install[@]}"
+    check "vgpu-agent.service is enabled in the image" \
+        test -L "$image/root/etc/systemd/system/multi-user.target.wants/vgpu-agent.service"
+    if boot_container "image-$kind" "$image/root"; then
+        check "on the image's first boot the agent starts by itself" wait_for 30 agent_active
+        check "and reports its STATUS" \
+            sh -c "nsenter -t $container_pid -a systemctl show -p StatusText --value vgpu-agent.service | grep -q 'serving 20 vGPUs on 2 GPUs'"
+        check "vgpu-compute-mode.service ran at boot and was skipped (no driver)" \
+            is_prop vgpu-compute-mode.service ConditionResult no
+    fi
+    dump_on_failure
+    stop_container
+    umount "$image/root"
+}
+
 dump_on_failure() {
     [ "$failed" -eq 0 ] && return
     echo "--- [$phase] agent journal (last 40 lines) ---"
@@ -501,8 +543,10 @@ fi
 cp "$repo/tests/fakes/fake_mps_control.py" "$work/fakes/"
 
 deb_phase
+image_phase deb
 if [ -n "$RPM_OLD" ]; then
     rpm_phase
+    image_phase rpm
 else
     log "rpm: skipped (no RPM_OLD)"
 fi
