@@ -716,10 +716,14 @@ def test_mps_daemon_fault_marks_gpu_then_heals(
             found: list[str] = run.agent.describe()["gpus"][1]["reasons"]
             return found
 
+        def settled() -> bool:
+            found = reasons()
+            return len(found) == 1 and fault.reason_words in found[0]
+
         # The first probe after the fault may see it another way (a command that fails
-        # before the cheap check sees the cause); the reason settles on the cause.
-        wait_until(lambda: fault.reason_words in " ".join(reasons()), what="the reason")
-        assert len(reasons()) == 1, reasons()
+        # before the cheap check sees the cause); the reason settles on the cause, the new
+        # one raised before the old one is withdrawn.
+        wait_until(settled, what=f"one reason naming {fault.reason_words!r}")
         run.status_seen("4 unhealthy (GPU 1: MPS daemon")
         fault.repair(broken)
         run.devices(lambda devs: healthy_count(devs) == 8)
