@@ -30,9 +30,10 @@ from vgpu_agent.config import (
     SimulatedGpu,
     parse,
 )
-from vgpu_agent.errors import ConfigError, GpuError
+from vgpu_agent.errors import ConfigError, GpuError, MpsError
 from vgpu_agent.gpu import ComputeMode, Gpu, GpuBackend
 from vgpu_agent.kubelet_standin import KubeletStandin, StandinDevice
+from vgpu_agent.mps import MpsDaemonInfo, MpsDaemons
 from vgpu_agent.simulated import SimulatedBackend, gpus_from_config
 from vgpu_agent.systemd import Notifier
 
@@ -138,6 +139,7 @@ def start_agent(short_tmp_dir: str) -> Iterator[Callable[..., Harness]]:
         watchdog_usec: Optional[int] = None,
         config_loader: Optional[Callable[[], Config]] = None,
         backend_factory: Callable[[Config], GpuBackend] = build_backend,
+        mps_factory: Callable[[Config], Optional[MpsDaemons]] = build_mps,
     ) -> Harness:
         config = config or make_config(short_tmp_dir)
         standin = KubeletStandin(config.plugin.plugin_dir)
@@ -150,6 +152,7 @@ def start_agent(short_tmp_dir: str) -> Iterator[Callable[..., Harness]]:
             notifier=notifier,
             config_loader=config_loader,
             backend_factory=backend_factory,
+            mps_factory=mps_factory,
         )
         exit_code: list[int] = []
         thread = threading.Thread(target=lambda: exit_code.append(agent.run()), daemon=True)
@@ -541,3 +544,36 @@ def test_config_error_is_config_error() -> None:
     """parse() raises our ConfigError (the run command maps it to exit 78)."""
     with pytest.raises(ConfigError):
         parse("[gpus]\nreplicas_per_gpu = 0\n")
+
+
+class LateMpsDaemons:
+    """MPS daemons that fail to start with the agent and come up later (systemd restarts)."""
+
+    def __init__(self) -> None:
+        self.up = threading.Event()
+
+    def start(self, gpu: Gpu) -> MpsDaemonInfo:
+        raise MpsError(f"starting the MPS daemon of GPU {gpu.uuid}: not answering yet")
+
+    def stop(self, gpu_uuid: str) -> None:
+        """Nothing to stop."""
+
+    def probe(self, gpu_uuid: str) -> Optional[str]:
+        return None if self.up.is_set() else "MPS daemon not answering"
+
+
+def test_mps_daemon_late_at_start_heals(
+    short_tmp_dir: str, start_agent: Callable[..., Harness]
+) -> None:
+    """A daemon that does not answer when the agent starts leaves its GPU Unhealthy only
+    until it answers."""
+    daemons = LateMpsDaemons()
+    config = make_config(short_tmp_dir)
+    harness = start_agent(config, mps_factory=lambda _c: daemons)
+    harness.devices(lambda devs: len(devs) == 8 and all(d.health == "Unhealthy" for d in devs))
+    reasons = harness.agent.describe()["gpus"][0]["reasons"]
+    # One reason: the start failure, replaced by what the watcher's probes see.
+    assert len(reasons) == 1
+    assert reasons[0].startswith("MPS daemon")
+    daemons.up.set()
+    harness.devices(lambda devs: all(d.health == "Healthy" for d in devs))

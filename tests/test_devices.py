@@ -7,7 +7,10 @@ import dataclasses
 from typing import Optional
 
 import pytest
-from builders import (
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.builders import (
     all_ids,
     gpu_uuid,
     ids_of,
@@ -16,9 +19,6 @@ from builders import (
     make_served,
     vgpu_id,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from vgpu_agent.devices import (
     HEALTHY,
     MAX_DEVICE_ID_LENGTH,

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 from vgpu_agent import kubelet
-from vgpu_agent.config import Config
+from vgpu_agent.config import Config, MpsConfig
 from vgpu_agent.devices import Inventory, MpsGrantPolicy, ServedGpu
 from vgpu_agent.errors import ConfigError, GpuError, MpsError, VgpuError
 from vgpu_agent.gpu import ComputeMode, Gpu, GpuBackend
-from vgpu_agent.health import HealthChange, HealthMonitor
+from vgpu_agent.health import MPS_REASON_PREFIX, HealthChange, HealthMonitor
 from vgpu_agent.log import log_event, set_level
 from vgpu_agent.mps import MpsDaemons, apply_daemon_defaults
 from vgpu_agent.plugin import DeviceState, PluginServer, PluginServicer
@@ -64,10 +64,10 @@ def build_mps(config: Config) -> Optional[MpsDaemons]:
     """The MPS daemon manager for the config (None when MPS is off)."""
     if not config.mps.enabled:
         return None
-    if config.gpus.backend == "simulated" and config.mps.manager == "systemd":
-        # Simulated GPUs get simulated daemons unless the config asks to run or watch a
-        # control program itself ("direct", "external"), as the fault tests do with a
-        # stand-in program.
+    if config.gpus.backend == "simulated" and config.mps.control_binary == MpsConfig.control_binary:
+        # Simulated GPUs get simulated daemons, unless the config names a control program
+        # (a stand-in, as the fault and system tests use): then the configured manager
+        # runs or watches that program.
         return SimulatedMpsDaemons(config.mps.pipe_root, config.mps.log_root)
     from vgpu_agent.mps import build_mps_daemons
 
@@ -392,6 +392,12 @@ class Agent:
             [gpu.uuid for gpu in self._gpus],
             emit=self.emit_health,
             clock=self._clock,
+            mps_down={
+                served.gpu.uuid: reason
+                for served in self.state.get().gpus
+                for reason in served.unhealthy_reasons
+                if reason.startswith(MPS_REASON_PREFIX)
+            },
         )
         self._monitor.start()
 

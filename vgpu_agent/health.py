@@ -69,7 +69,10 @@ class HealthMonitor:
         *,
         emit: Emit,
         clock: Callable[[], float] = time.monotonic,
+        mps_down: Optional[dict[str, str]] = None,
     ) -> None:
+        """``mps_down`` names GPUs whose daemon was already down (reason) when the agent
+        started; their reasons are cleared like any other once the daemon answers."""
         self._backend = backend
         self._mps = mps
         self._config = config
@@ -84,7 +87,7 @@ class HealthMonitor:
         self._faults: dict[str, tuple[set[str], float]] = {}
         self._lost: set[str] = set()
         self._polled: set[str] = set()
-        self._mps_down: dict[str, str] = {}
+        self._mps_down: dict[str, str] = dict(mps_down or {})
 
     # -- lifecycle ------------------------------------------------------------------------
 
