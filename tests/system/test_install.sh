@@ -29,10 +29,10 @@ GPU1=GPU-00000000-0000-0000-0000-000000000002
 GPU_NONE=GPU-00000000-0000-0000-0000-000000000009
 FAKE_MPS=/usr/local/lib/vgpu-systest/nvidia-cuda-mps-control
 # How the agent gets its MPS daemons. "systemd" (the packaged default) makes the agent
-# start the vgpu-mps@ units itself, but the agent gives simulated GPUs simulated daemons
-# in that mode; with "external" the test starts the units (the same template, the fake
-# control program as the daemon) and the agent uses and watches them.
-MPS_MANAGER=${MPS_MANAGER:-external}
+# start the vgpu-mps@ units itself (with simulated GPUs it does so because the config
+# names the stand-in control program); with "external" the test starts the units (the
+# same template, the fake control program as the daemon) and the agent uses and watches them.
+MPS_MANAGER=${MPS_MANAGER:-systemd}
 
 log() { echo "test-system: $*" >&2; }
 
