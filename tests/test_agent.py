@@ -577,3 +577,32 @@ def test_mps_daemon_late_at_start_heals(
     assert all(reason.startswith("MPS daemon") for reason in reasons)
     daemons.up.set()
     harness.devices(lambda devs: all(d.health == "Healthy" for d in devs))
+
+
+def test_cli_status_falls_back_to_plugin_socket(
+    short_tmp_dir: str, start_agent: Callable[..., Harness]
+) -> None:
+    """Without its control socket, `vgpu-agent status` reads the device list from the
+    plugin socket, as the kubelet sees it; with it, it shows the reasons too."""
+    from click.testing import CliRunner
+
+    from vgpu_agent.cli import cli
+
+    harness = start_agent()
+    harness.devices(lambda devs: len(devs) == 8)
+    harness.agent.submit({"command": "simulate", "action": "lose", "gpu": "1"})
+    harness.devices(lambda devs: sum(d.health == "Unhealthy" for d in devs) == 4)
+    config = harness.agent.config
+    for state_dir, expected in [
+        (config.agent.state_dir, "GPU lost"),
+        (f"{short_tmp_dir}/elsewhere", "8 vGPUs advertised, 4 unhealthy (from the plugin socket"),
+    ]:
+        path = os.path.join(short_tmp_dir, "status.toml")
+        with open(path, "w") as config_file:
+            config_file.write(
+                f'[agent]\nstate_dir = "{state_dir}"\n'
+                f'[plugin]\nplugin_dir = "{config.plugin.plugin_dir}"\n'
+            )
+        result = CliRunner(mix_stderr=False).invoke(cli, ["--config", path, "status"])
+        assert result.exit_code == 0, result.stderr
+        assert expected in result.stdout

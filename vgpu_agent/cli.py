@@ -20,8 +20,9 @@ from vgpu_agent import __version__, control, mps
 from vgpu_agent import config as config_module
 from vgpu_agent.agent import EXIT_CONFIG, Agent, build_backend, plan_gpus
 from vgpu_agent.config import Config
-from vgpu_agent.errors import ConfigError, VgpuError
+from vgpu_agent.errors import AgentError, ConfigError, VgpuError
 from vgpu_agent.gpu import ComputeMode, Gpu
+from vgpu_agent.plugin import AdvertisedDevice, query_devices
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_ERROR = 1
@@ -270,7 +271,19 @@ def _ask(ctx: click.Context, command: dict[str, Any]) -> dict[str, Any]:
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Show the running agent: each GPU, its vGPUs and their health."""
-    answer = _ask(ctx, {"command": "status"})
+    loaded = _load(ctx)
+    try:
+        answer = _ask(ctx, {"command": "status"})
+    except AgentError as control_error:
+        # No control socket (another state_dir, no permission): the plugin socket still
+        # tells the device list, as the kubelet sees it, without the reasons.
+        plugin_socket = os.path.join(loaded.plugin.plugin_dir, loaded.plugin.socket_name)
+        try:
+            devices = query_devices(plugin_socket)
+        except AgentError:
+            raise control_error from None
+        _print_devices(devices, as_json)
+        return
     if as_json:
         click.echo(json.dumps(answer, indent=2))
         return
@@ -282,6 +295,20 @@ def status(ctx: click.Context, as_json: bool) -> None:
         )
         for vgpu_id in gpu["vgpu_ids"]:
             click.echo(f"  {vgpu_id}  {'Healthy' if gpu['healthy'] else 'Unhealthy'}")
+
+
+def _print_devices(devices: tuple[AdvertisedDevice, ...], as_json: bool) -> None:
+    if as_json:
+        listed = [{"id": d.device_id, "health": d.health} for d in devices]
+        click.echo(json.dumps({"devices": listed}, indent=2))
+        return
+    unhealthy = sum(device.health != "Healthy" for device in devices)
+    click.echo(
+        f"{len(devices)} vGPUs advertised, {unhealthy} unhealthy (from the plugin socket; "
+        "the control socket is not reachable, so no reasons)"
+    )
+    for device in devices:
+        click.echo(f"  {device.device_id}  {device.health}")
 
 
 @cli.group("health")
