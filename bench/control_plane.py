@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Callable
 
@@ -58,11 +59,22 @@ def percentile(samples: list[float], fraction: float) -> float:
 
 
 def wait_ready(notify: socket.socket, deadline_s: float) -> float:
-    """Block until READY=1 arrives on the notify socket; returns the time it did."""
+    """Block until READY=1 arrives on the notify socket; returns the time it did. Then
+    keep reading it in the background, as systemd does, so the agent's sends never stall."""
     notify.settimeout(deadline_s)
     while True:
         if b"READY=1" in notify.recv(65536):
-            return time.monotonic()
+            ready_at = time.monotonic()
+            break
+    notify.settimeout(None)
+
+    def drain() -> None:
+        with contextlib.suppress(OSError):
+            while notify.recv(65536):
+                pass
+
+    threading.Thread(target=drain, daemon=True).start()
+    return ready_at
 
 
 def cpu_seconds(pid: int) -> float:

@@ -47,7 +47,9 @@ def _import_optional(name: str) -> Optional[ModuleType]:
 _sd_daemon = _import_optional("systemd.daemon")
 _sd_journal = _import_optional("systemd.journal")
 
-_SEND_TIMEOUT_S = 1.0
+#: A send to a reader that stopped reading (its buffer full) gives up after this: the agent's
+#: loop sends STATUS lines and must not stall on them.
+_SEND_TIMEOUT_S = 0.1
 JOURNAL_SOCKET_PATH = "/run/systemd/journal/socket"
 SYSLOG_IDENTIFIER = "vgpu-agent"
 
