@@ -5,7 +5,7 @@ GetPreferredAllocation latency (p50/p99 over 5,000 calls each over the unix sock
 re-registration time after a simulated kubelet restart, time from an injected XID and from
 a dead MPS daemon to the ListAndWatch update, and CPU used while idle.
 
-Usage: python bench/control_plane.py [--calls 5000] [--idle-seconds 30]
+Usage: python bench/control_plane.py [--calls 5000] [--idle-seconds 60]
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def main() -> int:
     """Run the benchmark and print its numbers."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=5000)
-    parser.add_argument("--idle-seconds", type=float, default=30.0)
+    parser.add_argument("--idle-seconds", type=float, default=60.0)
     args = parser.parse_args()
 
     root = tempfile.mkdtemp(prefix="vgb", dir="/tmp")
