@@ -174,7 +174,7 @@ def make_node() -> Iterator[NodeFactory]:
             config,
             [gpus[index].uuid for index in indices],
             emit=changes,
-            **({"clock": clock} if clock is not None else {}),
+            clock=clock if clock is not None else time.monotonic,
         )
         node = Node(gpus, backend, daemons, changes, monitor, clock)
         nodes.append(node)
