@@ -8,6 +8,7 @@ import signal
 import stat
 import subprocess
 import time
+from dataclasses import replace
 from typing import Any, Callable
 
 import pytest
@@ -17,7 +18,7 @@ from vgpu_agent.devices import HEALTHY, UNHEALTHY
 from vgpu_agent.errors import GpuLostError
 from vgpu_agent.gpu import ComputeMode, Gpu
 from vgpu_agent.health import HealthChange, HealthMonitor
-from vgpu_agent.mps import daemon_pid, process_state
+from vgpu_agent.mps import apply_daemon_defaults, daemon_pid, process_state
 
 from .conftest import CONTAINER_PIPE_DIR, REPLICAS, Node, memory_limit_mib
 
@@ -265,3 +266,38 @@ def test_client_sees_only_its_gpu(make_node: NodeFactory, gpus: list[Gpu]) -> No
     for gpu, report in zip(gpus, reports):
         assert report["device_count"] == 1
         assert report["device_uuid"] == gpu.uuid
+
+
+def test_daemon_defaults_confine_a_client_that_brings_no_limits(make_node: NodeFactory) -> None:
+    """With mps.daemon_*_limit = "proportional", a client reaching the daemon without the
+    limits Allocate gives is still held to one vGPU's memory share."""
+    node = make_node()
+    pipe_dir = node.state.get().gpus[0].pipe_dir
+    assert pipe_dir is not None
+    mps_config = replace(
+        node.config.mps, daemon_thread_limit="proportional", daemon_memory_limit="proportional"
+    )
+    slice_mib = node.gpus[0].memory_mib // REPLICAS
+    sent = apply_daemon_defaults(mps_config, pipe_dir, node.gpus[0].memory_mib, REPLICAS)
+    assert sent == [
+        f"set_default_active_thread_percentage {100 // REPLICAS}",
+        f"set_default_device_pinned_mem_limit 0 {slice_mib}M",
+    ]
+    print(
+        "get_default_active_thread_percentage ->",
+        node.control(0, "get_default_active_thread_percentage"),
+    )
+    print(
+        "get_default_device_pinned_mem_limit 0 ->",
+        node.control(0, "get_default_device_pinned_mem_limit 0"),
+    )
+    grant = node.allocate(0, 1)
+    bare = type(grant)()
+    bare.CopyFrom(grant)
+    del bare.envs["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"]
+    del bare.envs["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"]
+    report = node.start_client(bare, 1000, "bare", ["--alloc-mib", str(slice_mib + 256)]).result()
+    print(f"client without limits: {report['free_mib']} MiB free, slice {slice_mib} MiB")
+    assert _under_mps(report, slice_mib), report
+    assert report["free_mib"] > slice_mib // 2
+    assert [allocation["ok"] for allocation in report["allocations"]] == [False]
