@@ -253,7 +253,7 @@ def test_probe_reports_a_killed_daemon(fake_mps: FakeMps, direct: DirectMpsDaemo
     assert "exited" in own
     other = ExternalMpsDaemons(fake_mps.config).probe(GPU.uuid)
     assert other is not None
-    assert f"(pid {info.pid}) is not running" in other
+    assert "Cannot find MPS control daemon process" in other
 
 
 def test_probe_reports_a_hung_daemon_within_the_timeout(

@@ -108,3 +108,19 @@ def test_direct_daemon_replaced_after_death_is_healthy(
         assert direct.probe(GPU.uuid) is None
     finally:
         other.stop_all()
+
+
+def test_stale_pid_file_does_not_fail_a_live_daemon(
+    fake_mps: FakeMps,  # noqa: F811 - fixture
+    direct: DirectMpsDaemons,  # noqa: F811 - fixture
+) -> None:
+    """A pid file naming a process that is gone, beside a daemon that answers, is not a
+    dead daemon: the prober asks the daemon before saying so."""
+    info = direct.start(GPU)
+    assert info.pid is not None
+    pid_file = fake_mps.pipe_dir() / "nvidia-cuda-mps-control.pid"
+    pid_file.write_text(str(2**22 + 4321))
+    prober = LivenessProber(fake_mps.config)
+    assert "is not running" in (quick_check(str(fake_mps.pipe_dir())) or "")
+    assert prober.probe(str(fake_mps.pipe_dir())) is None
+    assert direct.probe(GPU.uuid) is None

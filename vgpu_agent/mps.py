@@ -260,6 +260,7 @@ def probe_pipe_dir(config: MpsConfig, pipe_dir: str) -> Optional[str]:
     return None
 
 
+_PID_GONE = " is not running"
 #: A daemon that passes the cheap check is asked a real control command this often.
 FULL_PROBE_INTERVAL_S = 5.0
 
@@ -285,7 +286,7 @@ def quick_check(pipe_dir: str) -> Optional[str]:
         return None  # no pid file to go by: the periodic control command decides
     state = process_state(pid)
     if state is None or state in ("Z", "X"):
-        return f"MPS daemon of {pipe_dir} (pid {pid}) is not running"
+        return f"MPS daemon of {pipe_dir} (pid {pid}){_PID_GONE}"
     if state in ("T", "t"):
         return f"MPS daemon of {pipe_dir} (pid {pid}) is stopped and cannot answer"
     return None
@@ -312,6 +313,11 @@ class LivenessProber:
         """None if the daemon of ``pipe_dir`` is alive; else why not."""
         problem = quick_check(pipe_dir)
         now = self._clock()
+        if problem is not None and problem.endswith(_PID_GONE):
+            # The pid file names a process that is gone: the daemon died, or a daemon
+            # started since did not rewrite the file. Asking tells which, and costs little
+            # either way (a dead daemon refuses the connection at once).
+            problem = probe_pipe_dir(self._config, pipe_dir)
         with self._lock:
             if problem is not None:
                 self._answered_at.pop(pipe_dir, None)
