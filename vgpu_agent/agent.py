@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 from vgpu_agent import kubelet
-from vgpu_agent.config import Config, MpsConfig
+from vgpu_agent.config import Config, simulated_mps
 from vgpu_agent.devices import Inventory, MpsGrantPolicy, ServedGpu
 from vgpu_agent.errors import ConfigError, GpuError, MpsError, VgpuError
 from vgpu_agent.gpu import ComputeMode, Gpu, GpuBackend
@@ -64,10 +64,7 @@ def build_mps(config: Config) -> Optional[MpsDaemons]:
     """The MPS daemon manager for the config (None when MPS is off)."""
     if not config.mps.enabled:
         return None
-    if config.gpus.backend == "simulated" and config.mps.control_binary == MpsConfig.control_binary:
-        # Simulated GPUs get simulated daemons, unless the config names a control program
-        # (a stand-in, as the fault and system tests use): then the configured manager
-        # runs or watches that program.
+    if simulated_mps(config):
         return SimulatedMpsDaemons(config.mps.pipe_root, config.mps.log_root)
     from vgpu_agent.mps import build_mps_daemons
 

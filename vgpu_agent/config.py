@@ -1081,3 +1081,12 @@ def slice_warnings(config: Config, model: str, memory_mib: int) -> list[str]:
             f"{memory_mib} MiB of {model}: the limit confines nothing"
         )
     return warnings
+
+
+def simulated_mps(config: Config) -> bool:
+    """Whether the MPS daemons are simulated: with simulated GPUs, unless the config names a
+    control program (a stand-in, as the fault and system tests use), which the configured
+    manager then runs or watches."""
+    return (
+        config.gpus.backend == "simulated" and config.mps.control_binary == MpsConfig.control_binary
+    )

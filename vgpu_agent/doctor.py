@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from vgpu_agent import config as config_module
 from vgpu_agent import control, mps
-from vgpu_agent.config import ComputeModeSetting, Config, MultiUser
+from vgpu_agent.config import ComputeModeSetting, Config, MultiUser, simulated_mps
 from vgpu_agent.devices import pipe_dir_for
 from vgpu_agent.errors import ConfigError, VgpuError
 from vgpu_agent.gpu import ComputeMode, Gpu, GpuBackend
@@ -119,19 +119,19 @@ def _open_backend(config: Config) -> GpuBackend:
 
 
 def _mps_probe(config: Config, gpu_uuid: str) -> Optional[str]:
-    if config.gpus.backend == "simulated":
+    if simulated_mps(config):
         return None  # simulated daemons live inside the agent and always answer here
     return mps.probe_pipe_dir(config.mps, pipe_dir_for(config.mps.pipe_root, gpu_uuid))
 
 
 def _mps_multi_user_supported(config: Config) -> bool:
-    if config.gpus.backend == "simulated":
+    if simulated_mps(config):
         return True
     return mps.help_supports_multi_user(mps.control_help(config.mps.control_binary))
 
 
 def _mps_daemon_multi_user(config: Config, gpu_uuid: str) -> Optional[bool]:
-    if config.gpus.backend == "simulated":
+    if simulated_mps(config):
         return config.mps.multi_user != "off"
     pid = mps.daemon_pid(pipe_dir_for(config.mps.pipe_root, gpu_uuid))
     return mps.running_multi_user(pid) if pid is not None else None
@@ -362,7 +362,7 @@ def _check_mps_binaries(report: _Report, config: Config, probes: DoctorProbes) -
     if not config.mps.enabled:
         report.ok(check, "not needed: MPS is off (mps.enabled = false)")
         return
-    if config.gpus.backend == "simulated":
+    if simulated_mps(config):
         report.ok(check, "not needed: the simulated backend simulates the MPS daemons")
         return
     control_binary = config.mps.control_binary
@@ -440,7 +440,7 @@ def _check_mps_daemons(report: _Report, config: Config, probes: DoctorProbes, no
         return
     if _served_backend(report, check, node) is None:
         return
-    simulated = " (simulated)" if config.gpus.backend == "simulated" else ""
+    simulated = " (simulated)" if simulated_mps(config) else ""
     for gpu in node.served:
         pipe_dir = pipe_dir_for(config.mps.pipe_root, gpu.uuid)
         try:
