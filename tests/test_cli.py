@@ -156,13 +156,19 @@ def test_run_bad_config_exits_78(tmp_path: Path) -> None:
     assert "plugin.resource_name" in err
 
 
-def test_mps_start_status_stop(short_tmp_dir: str) -> None:
-    """`mps start`, `status` and `stop` drive each served GPU's daemon (a stand-in program)."""
-    root = Path(short_tmp_dir)
+def fake_control_program(root: Path) -> Path:
+    """An executable standing in for nvidia-cuda-mps-control (tests/fakes)."""
     fake = root / "fakectl"
     program = Path(__file__).parent / "fakes" / "fake_mps_control.py"
     fake.write_text(f'#!/bin/sh\nexec {sys.executable} {program} "$@"\n')
     fake.chmod(0o755)
+    return fake
+
+
+def test_mps_start_status_stop(short_tmp_dir: str) -> None:
+    """`mps start`, `status` and `stop` drive each served GPU's daemon (a stand-in program)."""
+    root = Path(short_tmp_dir)
+    fake = fake_control_program(root)
     config = root / "c.toml"
     config.write_text(
         f'[gpus]\nbackend = "simulated"\n[mps]\nmanager = "direct"\ncontrol_binary = "{fake}"\n'
@@ -206,10 +212,7 @@ def test_mps_quit_missing_binary(tmp_path: Path) -> None:
 def test_mps_daemon_defaults(short_tmp_dir: str) -> None:
     """With mps.daemon_*_limit set, the daemon gets one vGPU's share as its defaults."""
     root = Path(short_tmp_dir)
-    fake = root / "fakectl"
-    program = Path(__file__).parent / "fakes" / "fake_mps_control.py"
-    fake.write_text(f'#!/bin/sh\nexec {sys.executable} {program} "$@"\n')
-    fake.chmod(0o755)
+    fake = fake_control_program(root)
     config = root / "c.toml"
     config.write_text(
         '[gpus]\nbackend = "simulated"\nreplicas_per_gpu = 4\n[simulated]\ncount = 1\n'
