@@ -606,3 +606,29 @@ def test_cli_status_falls_back_to_plugin_socket(
         result = CliRunner(mix_stderr=False).invoke(cli, ["--config", path, "status"])
         assert result.exit_code == 0, result.stderr
         assert expected in result.stdout
+
+
+def test_reload_adds_and_removes_gpus(
+    short_tmp_dir: str, start_agent: Callable[..., Harness]
+) -> None:
+    """A reload that changes gpus.serve starts serving the added GPU (compute mode, MPS,
+    health watch) and withdraws the removed one."""
+    base = make_config(short_tmp_dir)
+    configs = [replace(base, gpus=replace(base.gpus, serve=(0,)))]
+    harness = start_agent(configs[0], config_loader=lambda: configs[-1])
+    first = harness.devices(lambda devs: len(devs) == 4)
+    gpu0 = first[0].device_id.split("::")[0]
+    configs.append(replace(base, gpus=replace(base.gpus, serve="all")))
+    harness.agent.request_reload()
+    devices = harness.devices(lambda devs: len(devs) == 8)
+    gpu1 = next(d.device_id.split("::")[0] for d in devices if not d.device_id.startswith(gpu0))
+    # The added GPU is watched: an XID on it turns its vGPUs Unhealthy.
+    harness.agent.submit({"command": "simulate", "action": "xid", "gpu": gpu1, "xid": 79})
+    harness.devices(
+        lambda devs: all(d.health == "Unhealthy" for d in devs if d.device_id.startswith(gpu1))
+    )
+    configs.append(replace(base, gpus=replace(base.gpus, serve=(1,))))
+    harness.agent.request_reload()
+    devices = harness.devices(lambda devs: len(devs) == 4)
+    assert all(d.device_id.startswith(gpu1) for d in devices)
+    assert [gpu["uuid"] for gpu in harness.agent.describe()["gpus"]] == [gpu1]

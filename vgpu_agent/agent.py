@@ -356,29 +356,32 @@ class Agent:
         return ServedGpu(gpu, replicas, (), info.pipe_dir)
 
     def _apply_compute_modes(self) -> None:
+        for gpu in self._gpus:
+            self._apply_compute_mode(gpu)
+
+    def _apply_compute_mode(self, gpu: Gpu) -> None:
         assert self._backend is not None  # noqa: S101 - set by _run
         setting = self.config.gpus.compute_mode
         if setting == "unchanged":
             return
         wanted = ComputeMode(setting)
-        for gpu in self._gpus:
-            previous = self._backend.get_compute_mode(gpu.uuid)
-            if previous is not wanted:
-                self._backend.set_compute_mode(gpu.uuid, wanted)
-                self._changed_modes[gpu.uuid] = previous
-            now = self._backend.get_compute_mode(gpu.uuid)
-            if now is not wanted:
-                raise GpuError(
-                    f"setting compute mode {wanted.value} on GPU {gpu.uuid}: it reads back as "
-                    f"{now.value}; check that nothing else changes it (nvidia-smi -q -d COMPUTE)"
-                )
-            log_event(
-                log,
-                logging.INFO,
-                f"GPU {gpu.index} compute mode is {now.value} (was {previous.value})",
-                GPU_UUID=gpu.uuid,
-                VGPU_EVENT="compute-mode",
+        previous = self._backend.get_compute_mode(gpu.uuid)
+        if previous is not wanted:
+            self._backend.set_compute_mode(gpu.uuid, wanted)
+            self._changed_modes.setdefault(gpu.uuid, previous)
+        now = self._backend.get_compute_mode(gpu.uuid)
+        if now is not wanted:
+            raise GpuError(
+                f"setting compute mode {wanted.value} on GPU {gpu.uuid}: it reads back as "
+                f"{now.value}; check that nothing else changes it (nvidia-smi -q -d COMPUTE)"
             )
+        log_event(
+            log,
+            logging.INFO,
+            f"GPU {gpu.index} compute mode is {now.value} (was {previous.value})",
+            GPU_UUID=gpu.uuid,
+            VGPU_EVENT="compute-mode",
+        )
 
     def _start_monitor(self) -> None:
         assert self._backend is not None  # noqa: S101 - set by _run
@@ -609,7 +612,12 @@ class Agent:
             self._notifier.ready(self._status_line())
             return
         assert self._backend is not None  # noqa: S101 - set by _run
-        plan = plan_gpus(new, self._gpus)
+        try:
+            node_gpus = self._backend.list_gpus()
+        except GpuError as exc:
+            log.warning("reload: listing the GPUs failed (%s); considering those served now", exc)
+            node_gpus = self._gpus
+        plan = plan_gpus(new, node_gpus)
         if not plan.served:
             # At start such a config is refused; on reload it would silently withdraw every
             # vGPU from the kubelet.
@@ -626,17 +634,28 @@ class Agent:
         for problem in plan.refused:
             log.warning("reload: %s", problem)
         replicas = {gpu.uuid: count for gpu, count in plan.served}
+        served_before = {served.gpu.uuid for served in self.state.get().gpus}
+        added: list[ServedGpu] = []
+        for gpu, count in plan.served:
+            if gpu.uuid in served_before:
+                continue
+            entry = self._serve_added(gpu, count)
+            if entry is None:
+                del replicas[gpu.uuid]
+            else:
+                added.append(entry)
 
         def resize(inventory: Inventory) -> Inventory:
-            return Inventory(
-                tuple(
-                    dataclasses.replace(served, replicas=replicas[served.gpu.uuid])
-                    for served in inventory.gpus
-                    if served.gpu.uuid in replicas
-                )
-            )
+            kept = [
+                dataclasses.replace(served, replicas=replicas[served.gpu.uuid])
+                for served in inventory.gpus
+                if served.gpu.uuid in replicas
+            ]
+            return Inventory(tuple(sorted(kept + added, key=lambda served: served.gpu.index)))
 
         self.state.update(resize)
+        gpus_changed = {gpu.uuid for gpu in self._gpus} != set(replicas)
+        self._gpus = [gpu for gpu, _ in plan.served if gpu.uuid in replicas]
         if old.plugin != new.plugin:
             log.info("reload: plugin settings changed; registering again")
             if self._server is not None:
@@ -645,7 +664,7 @@ class Agent:
             self.registered = False
             self._next_register_at = 0.0
             self._stop_watch()
-        if old.health != new.health and self._monitor is not None:
+        if (old.health != new.health or gpus_changed) and self._monitor is not None:
             self._monitor.stop()
             self._start_monitor()
         log_event(
@@ -655,6 +674,30 @@ class Agent:
             VGPU_EVENT="reloaded",
         )
         self._notifier.ready(self._status_line())
+
+    def _serve_added(self, gpu: Gpu, replicas: int) -> Optional[ServedGpu]:
+        """Prepare a GPU a reload adds: its compute mode, then its MPS daemon; None (and
+        the GPU is not served) when its compute mode cannot be set."""
+        try:
+            self._apply_compute_mode(gpu)
+        except GpuError as exc:
+            log_event(
+                log,
+                logging.ERROR,
+                f"reload: not serving GPU {gpu.index}: {exc}",
+                GPU_UUID=gpu.uuid,
+                VGPU_EVENT="compute-mode",
+            )
+            return None
+        log_event(
+            log,
+            logging.INFO,
+            f"reload: serving GPU {gpu.index} ({gpu.model}) as {replicas} vGPUs",
+            GPU_UUID=gpu.uuid,
+            VGPU_EVENT="gpu-served",
+            VGPU_REPLICAS=str(replicas),
+        )
+        return self._start_mps(gpu, replicas)
 
     def _control_command(self, command: dict[str, Any]) -> dict[str, Any]:
         name = command.get("command")
