@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -270,6 +271,37 @@ def test_wait_for_registration_times_out(kubelet_standin: KubeletStandin) -> Non
         kubelet_standin.wait_for_registration(1, timeout_s=0.05)
 
 
+class _Output:
+    """Reads a child's output straight from its pipe, so nothing waits in a buffer that
+    ``select`` cannot see."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        assert process.stdout is not None
+        self._fd = process.stdout.fileno()
+        self._pending = ""
+
+    def read_until(self, wanted: str, timeout_s: float = 10.0) -> str:
+        """The lines up to and including one containing ``wanted``; fails, rather than
+        hangs, when it does not come within ``timeout_s``."""
+        seen = ""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            while "\n" in self._pending:
+                line, self._pending = self._pending.split("\n", 1)
+                seen += line + "\n"
+                if wanted in line:
+                    return seen
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                pytest.fail(f"no line with {wanted!r} within {timeout_s:g} s; got {seen!r}")
+            ready, _, _ = select.select([self._fd], [], [], remaining)
+            if ready:
+                chunk = os.read(self._fd, 65536)
+                if not chunk:
+                    pytest.fail(f"output ended before a line with {wanted!r}; got {seen!r}")
+                self._pending += chunk.decode()
+
+
 def test_standin_runs_as_a_program(plugin_dir: str, plugin_server: PluginServer) -> None:
     """`python3 -m vgpu_agent.kubelet_standin` prints registrations and device lists,
     restarts on SIGHUP and exits 0 on SIGTERM."""
@@ -277,22 +309,22 @@ def test_standin_runs_as_a_program(plugin_dir: str, plugin_server: PluginServer)
         [sys.executable, "-m", "vgpu_agent.kubelet_standin", "--plugin-dir", plugin_dir],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
     ) as process:
+        output = _Output(process)
         try:
-            assert process.stdout is not None
-            assert "listening on" in process.stdout.readline()
+            output.read_until("listening on")
             register(plugin_dir)
-            assert "registered eks.amazonaws.com/vgpu endpoint=vgpu.sock" in (
-                process.stdout.readline()
-            )
-            assert "devices eks.amazonaws.com/vgpu total=6 healthy=6" in process.stdout.readline()
+            # The stand-in consumes ListAndWatch while Register is still in flight, as the
+            # kubelet does: the two lines may come in either order.
+            seen = output.read_until("registered eks.amazonaws.com/vgpu endpoint=vgpu.sock")
+            if "devices eks.amazonaws.com/vgpu total=6 healthy=6" not in seen:
+                output.read_until("devices eks.amazonaws.com/vgpu total=6 healthy=6")
             process.send_signal(signal.SIGHUP)
-            assert "restarted" in process.stdout.readline()
-            assert "listening on" in process.stdout.readline()
+            output.read_until("restarted")
+            output.read_until("listening on")
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=PROMPT_S) == 0
-            assert "stopped" in process.stdout.read()
+            output.read_until("stopped")
         finally:
             if process.poll() is None:
                 process.kill()
