@@ -23,7 +23,8 @@ test: $(VENV)/.done
 	$(VENV)/bin/mypy --python-version 3.9 vgpu_agent tests bench
 	$(VENV)/bin/vermin --no-tips --violations -t=3.9- --eval-annotations --backport dataclasses vgpu_agent bench tests
 	scripts/gen-proto --check
-	$(PY) -m pytest -m "not gpu and not system" -q
+	# --timeout: a test that hangs fails after 5 minutes instead of holding CI to its limit
+	$(PY) -m pytest -m "not gpu and not system" -q --timeout=300
 
 ## proto: regenerate vgpu_agent/_proto from protos/ with the pinned generator
 proto:
