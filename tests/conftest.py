@@ -10,25 +10,12 @@ from typing import Callable, Optional
 
 import pytest
 
-from vgpu_agent.devices import Inventory, ServedGpu
-from vgpu_agent.gpu import Gpu
+from tests import builders
+from vgpu_agent.devices import Inventory
 from vgpu_agent.kubelet_standin import KubeletStandin
 
 #: The resource name the tests register.
 RESOURCE = "eks.amazonaws.com/vgpu"
-
-
-def make_gpu(index: int, numa_node: Optional[int] = None, memory_mib: int = 24_576) -> Gpu:
-    """A physical GPU with a predictable UUID, ``GPU-<index>-...``."""
-    return Gpu(
-        index=index,
-        uuid=f"GPU-{index:08d}-aaaa-bbbb-cccc-dddddddddddd",
-        model="NVIDIA A10G",
-        memory_mib=memory_mib,
-        compute_capability=(8, 6),
-        pci_bus_id=f"00000000:{index + 1:02x}:00.0",
-        numa_node=numa_node,
-    )
 
 
 def make_inventory(
@@ -36,18 +23,9 @@ def make_inventory(
     numa_nodes: Optional[tuple[Optional[int], ...]] = None,
     pipe_root: Optional[str] = "/run/vgpu/mps",
 ) -> Inventory:
-    """GPUs 0..n-1 with ``replicas[i]`` vGPUs each, healthy, with MPS pipe directories."""
-    nodes = numa_nodes if numa_nodes is not None else (None,) * len(replicas)
-    return Inventory(
-        tuple(
-            ServedGpu(
-                gpu=make_gpu(index, numa_node=nodes[index]),
-                replicas=count,
-                pipe_dir=None if pipe_root is None else f"{pipe_root}/{make_gpu(index).uuid}",
-            )
-            for index, count in enumerate(replicas)
-        )
-    )
+    """GPUs 0..n-1 with ``replicas[i]`` vGPUs each, healthy, with MPS pipe directories
+    (:func:`tests.builders.make_inventory` with this file's defaults)."""
+    return builders.make_inventory(replicas, numa_nodes=numa_nodes, pipe_root=pipe_root)
 
 
 @pytest.fixture

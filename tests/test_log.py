@@ -5,13 +5,13 @@ from __future__ import annotations
 import io
 import logging
 import socket
-import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.test_systemd import parse_journal_entry
 from vgpu_agent.errors import ConfigError
 from vgpu_agent.log import (
     FieldsFormatter,
@@ -56,26 +56,6 @@ def journal(journal_receiver: tuple[str, socket.socket]) -> Journal:
     """A Journal speaking our own native-protocol code to journal_receiver."""
     path, _ = journal_receiver
     return Journal(path, use_libsystemd=False)
-
-
-def parse_journal_entry(payload: bytes) -> dict[str, str]:
-    """Decode a native-protocol entry, written from the protocol description."""
-    fields: dict[str, str] = {}
-    position = 0
-    while position < len(payload):
-        line_end = payload.index(b"\n", position)
-        line = payload[position:line_end]
-        if b"=" in line:
-            name, _, value = line.partition(b"=")
-            position = line_end + 1
-        else:
-            name = line
-            (length,) = struct.unpack_from("<Q", payload, line_end + 1)
-            start = line_end + 1 + 8
-            value = payload[start : start + length]
-            position = start + length + 1
-        fields[name.decode("ascii")] = value.decode("utf-8")
-    return fields
 
 
 def fail(error: Exception) -> None:
