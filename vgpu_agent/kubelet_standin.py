@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import signal
 import stat
 import sys
@@ -459,17 +460,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def emit(line: str) -> None:
         print(f"kubelet-standin: {line}", flush=True)
 
-    wakeup = threading.Event()
-    stop_requested = threading.Event()
-    restart_requested = threading.Event()
+    # SimpleQueue.put is reentrant, so the signal handlers may use it whatever the main
+    # thread holds at that moment (an Event's lock taken twice would deadlock).
+    requests: queue.SimpleQueue[str] = queue.SimpleQueue()
 
     def on_stop(signum: int, frame: object) -> None:
-        stop_requested.set()
-        wakeup.set()
+        requests.put("stop")
 
     def on_restart(signum: int, frame: object) -> None:
-        restart_requested.set()
-        wakeup.set()
+        requests.put("restart")
 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
@@ -481,12 +480,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"kubelet-standin: cannot start in {args.plugin_dir}: {exc}", file=sys.stderr)
         return 1
     try:
-        while not stop_requested.is_set():
-            wakeup.wait()
-            wakeup.clear()
-            if restart_requested.is_set() and not stop_requested.is_set():
-                restart_requested.clear()
-                standin.restart()
+        while requests.get() != "stop":
+            standin.restart()
     finally:
         standin.stop()
     emit("stopped")
