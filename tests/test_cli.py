@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from click.testing import CliRunner
@@ -210,15 +215,15 @@ def test_mps_quit_missing_binary(tmp_path: Path) -> None:
 
 
 def test_mps_daemon_defaults(short_tmp_dir: str) -> None:
-    """With mps.daemon_*_limit set, the daemon gets one vGPU's share as its defaults."""
+    """Cooperative with mps.daemon_*_limit set: the daemon gets those as its defaults."""
     root = Path(short_tmp_dir)
     fake = fake_control_program(root)
     config = root / "c.toml"
     config.write_text(
         '[gpus]\nbackend = "simulated"\nreplicas_per_gpu = 4\n[simulated]\ncount = 1\n'
         f'[mps]\nmanager = "direct"\ncontrol_binary = "{fake}"\npipe_root = "{root}/p"\n'
-        f'log_root = "{root}/l"\ndaemon_thread_limit = "proportional"\n'
-        "daemon_memory_limit = 1024\n"
+        f'log_root = "{root}/l"\nconfinement = "cooperative"\n'
+        'daemon_thread_limit = "proportional"\ndaemon_memory_limit = 1024\n'
     )
     try:
         started = subprocess.run(
@@ -245,3 +250,74 @@ def test_mps_daemon_defaults(short_tmp_dir: str) -> None:
         assert out.count("set_default") == 2
     finally:
         invoke("--config", str(config), "mps", "stop")
+
+
+def test_apply_defaults_confines_a_daemon_restarted_without_its_ceiling(
+    short_tmp_dir: str,
+) -> None:
+    """`mps apply-defaults` (the unit's ExecStartPost), default config: a daemon restarted
+    outside the agent gets the enforced ceiling (12.5% and 1/8 of the memory for 1 of 8)
+    and its pipe directory locked down again (log FIFO and lock file root-only)."""
+    root = Path(short_tmp_dir)
+    fake = fake_control_program(root)
+    config = root / "c.toml"
+    config.write_text(
+        '[gpus]\nbackend = "simulated"\nreplicas_per_gpu = 8\n[simulated]\ncount = 1\n'
+        "memory_mib = 81559\n"
+        f'[mps]\nmanager = "direct"\ncontrol_binary = "{fake}"\npipe_root = "{root}/p"\n'
+        f'log_root = "{root}/l"\n'
+    )
+    from vgpu_agent.config import load
+    from vgpu_agent.mps import control_command, daemon_pid, wait_until_answers
+
+    mps_config = load(str(config)).mps
+    try:
+        started = subprocess.run(
+            [sys.executable, "-m", "vgpu_agent", "--config", str(config), "mps", "start"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert started.returncode == 0, started.stderr
+        assert "set_default_active_thread_percentage 12.5" in started.stdout
+        gpu_uuid = started.stdout.split()[2].rstrip(":")
+        pipe_dir = Path(f"{root}/p/{gpu_uuid}")
+        # What systemd's Restart=always does: the daemon goes, a new one starts bare.
+        pid = daemon_pid(str(pipe_dir))
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        restarted = subprocess.Popen(
+            [str(fake), "-d", "-M"], env={**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(pipe_dir)}
+        )
+        assert restarted.wait(timeout=30) == 0
+        wait_for(lambda: daemon_pid(str(pipe_dir)) not in (None, pid))
+        wait_until_answers(mps_config, str(pipe_dir))
+        bare = control_command(mps_config, str(pipe_dir), "get_default_active_thread_percentage")
+        assert bare == "100.0"
+        assert stat.S_IMODE((pipe_dir / "log").stat().st_mode) == 0o777
+
+        code, out, err = invoke("--config", str(config), "mps", "apply-defaults", gpu_uuid)
+
+        assert code == 0, err
+        assert "set_default_active_thread_percentage 12.5" in out
+        assert "set_default_device_pinned_mem_limit 0 10194M" in out
+        assert control_command(
+            mps_config, str(pipe_dir), "get_default_active_thread_percentage"
+        ) == ("12.5")
+        assert control_command(
+            mps_config, str(pipe_dir), "get_default_device_pinned_mem_limit 0"
+        ) == ("10194M")
+        assert stat.S_IMODE((pipe_dir / "log").stat().st_mode) == 0o600
+        assert stat.S_IMODE((pipe_dir / "control_lock").stat().st_mode) == 0o600
+        assert stat.S_IMODE((pipe_dir / "control").stat().st_mode) == 0o666
+    finally:
+        invoke("--config", str(config), "mps", "stop")
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Poll ``condition`` until it holds; fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)

@@ -4,6 +4,7 @@ preferred-allocation policy and what a container is granted."""
 from __future__ import annotations
 
 import dataclasses
+from decimal import Decimal
 from typing import Optional
 
 import pytest
@@ -23,16 +24,20 @@ from vgpu_agent.devices import (
     HEALTHY,
     MAX_DEVICE_ID_LENGTH,
     UNHEALTHY,
+    CdiDeviceGrant,
+    Ceiling,
     ContainerGrant,
     InvalidRequestError,
     Inventory,
     MountGrant,
     MpsGrantPolicy,
     VGpu,
+    enforced_ceiling,
     grant,
     make_vgpu_id,
     memory_limit_mib,
     parse_vgpu_id,
+    percentage_text,
     pipe_dir_for,
     preferred_allocation,
     thread_percentage,
@@ -592,23 +597,31 @@ def test_grant_limits(  # noqa: PLR0917 - one argument per table column
 @pytest.mark.parametrize(
     ("policy", "vgpus", "replicas", "expected"),
     [
-        ("proportional", 1, 3, 33),
-        ("proportional", 2, 3, 66),
-        ("proportional", 3, 3, 100),
-        ("proportional", 1, 48, 2),
-        ("proportional", 1, 200, 1),
-        ("proportional", 7, 7, 100),
+        ("proportional", 1, 8, "12.5"),
+        ("proportional", 1, 16, "6.25"),
+        ("proportional", 1, 3, "33.33"),
+        ("proportional", 2, 3, "66.66"),
+        ("proportional", 3, 3, "100"),
+        ("proportional", 1, 48, "2.08"),
+        ("proportional", 1, 10, "10"),
+        ("proportional", 1, 200, "0.5"),
+        ("proportional", 1, 20000, "0.01"),
+        ("proportional", 7, 7, "100"),
         ("none", 1, 4, None),
-        (50, 1, 4, 50),
-        (30, 2, 4, 60),
-        (40, 3, 4, 100),
+        (50, 1, 4, "50"),
+        (30, 2, 4, "60"),
+        (40, 3, 4, "100"),
     ],
     ids=[
-        "third-floors",
-        "two-thirds-floors",
+        "one-of-8-keeps-the-half",
+        "one-of-16-keeps-the-quarter",
+        "third-floors-to-hundredths",
+        "two-thirds-floors-to-hundredths",
         "all",
         "one-of-48",
-        "min-one",
+        "whole-number-without-decimals",
+        "half-a-percent",
+        "min-one-hundredth",
         "seven-of-seven",
         "none",
         "fixed",
@@ -617,10 +630,20 @@ def test_grant_limits(  # noqa: PLR0917 - one argument per table column
     ],
 )
 def test_thread_percentage(
-    policy: object, vgpus: int, replicas: int, expected: Optional[int]
+    policy: object, vgpus: int, replicas: int, expected: Optional[str]
 ) -> None:
-    """Proportional is floor(n*100/R), at least 1; none is no limit; a number is per vGPU."""
-    assert thread_percentage(policy, vgpus, replicas) == expected
+    """Proportional is n*100/R floored to hundredths (fractions kept, at least 0.01); none
+    is no limit; a number is per vGPU; printed without trailing zeros."""
+    percentage = thread_percentage(policy, vgpus, replicas)
+    assert (None if percentage is None else percentage_text(percentage)) == expected
+
+
+def test_proportional_shares_never_add_up_to_more_than_the_gpu() -> None:
+    """R one-vGPU shares together are at most 100% and lose less than 1% to rounding."""
+    for replicas in range(1, 49):
+        share = thread_percentage("proportional", 1, replicas)
+        assert share is not None
+        assert 99 < share * replicas <= 100, replicas
 
 
 @pytest.mark.parametrize(
@@ -668,3 +691,110 @@ def test_make_gpu_builder_defaults() -> None:
     gpu = make_gpu(3, memory_mib=81_559, numa_node=1)
     assert len(gpu.uuid) == len(REAL_UUID)
     assert (gpu.index, gpu.memory_mib, gpu.numa_node) == (3, 81_559, 1)
+
+
+# -- confinement: the device list a pod cannot forge, the ceiling, the size limit ----------
+
+
+@pytest.mark.parametrize(
+    ("strategy", "envs", "mounts", "cdi_devices"),
+    [
+        ("envvar", {"NVIDIA_VISIBLE_DEVICES": gpu_uuid(0)}, (), ()),
+        (
+            "volume-mounts",
+            {"NVIDIA_VISIBLE_DEVICES": "/var/run/nvidia-container-devices"},
+            (MountGrant(f"/var/run/nvidia-container-devices/{gpu_uuid(0)}", "/dev/null", True),),
+            (),
+        ),
+        (
+            "cdi",
+            {"NVIDIA_VISIBLE_DEVICES": "void"},
+            (),
+            (CdiDeviceGrant(f"nvidia.com/gpu={gpu_uuid(0)}"),),
+        ),
+    ],
+    ids=["envvar", "volume-mounts", "cdi"],
+)
+def test_grant_names_the_gpu_as_the_strategy_says(
+    strategy: str,
+    envs: dict[str, str],
+    mounts: tuple[MountGrant, ...],
+    cdi_devices: tuple[CdiDeviceGrant, ...],
+) -> None:
+    """envvar names the GPU in NVIDIA_VISIBLE_DEVICES; volume-mounts in a /dev/null mount
+    under the toolkit's directory; cdi as the CDI device nvidia.com/gpu=<UUID>."""
+    result = grant(make_served(0, 4, pipe_root=None), 1, None, strategy)
+    assert (result.envs, result.mounts, result.cdi_devices) == (envs, mounts, cdi_devices)
+
+
+def test_grant_keeps_the_device_list_mount_beside_the_mps_mount() -> None:
+    """With volume-mounts and MPS, the container gets both the device mount and the pipe dir."""
+    result = grant(make_served(0, 4, pipe_root="/pipes"), 1, MPS, "volume-mounts")
+    assert [mount.container_path for mount in result.mounts] == [
+        f"/var/run/nvidia-container-devices/{gpu_uuid(0)}",
+        "/run/nvidia-mps",
+    ]
+    assert result.envs["CUDA_MPS_PIPE_DIRECTORY"] == "/run/nvidia-mps"
+
+
+def test_grant_refuses_an_unknown_strategy() -> None:
+    """A strategy the config cannot produce is a programming error naming it."""
+    with pytest.raises(ValueError, match="'nvml'"):
+        grant(make_served(0, 4), 1, None, "nvml")
+
+
+@pytest.mark.parametrize(
+    ("limit", "vgpus", "refused"),
+    [(1, 1, False), (1, 2, True), (2, 2, False), (2, 3, True), (None, 4, False)],
+    ids=["one-of-one", "two-over-one", "two-of-two", "three-over-two", "cooperative-any"],
+)
+def test_grant_refuses_more_vgpus_than_a_container_may_hold(
+    limit: Optional[int], vgpus: int, refused: bool
+) -> None:
+    """Enforced confinement refuses requests above mps.max_vgpus_per_container and says
+    what to do; without a limit (cooperative) any size is granted."""
+    policy = MpsGrantPolicy(max_vgpus_per_container=limit)
+    served = make_served(0, 4, pipe_root="/pipes")
+    if not refused:
+        assert grant(served, vgpus, policy).envs["CUDA_MPS_PIPE_DIRECTORY"]
+        return
+    with pytest.raises(InvalidRequestError) as caught:
+        grant(served, vgpus, policy)
+    message = str(caught.value)
+    assert f"asks for {vgpus} vGPUs" in message
+    assert f"request at most {limit}" in message
+    assert "raise mps.max_vgpus_per_container" in message
+
+
+@pytest.mark.parametrize(
+    ("max_vgpus", "replicas", "memory_mib", "headroom_mib", "expected"),
+    [
+        (1, 8, 81_559, 0, Ceiling(Decimal("12.5"), 10_194)),
+        (1, 16, 143_771, 0, Ceiling(Decimal("6.25"), 8_985)),
+        (2, 8, 81_920, 1_920, Ceiling(Decimal(25), 20_000)),
+        (1, 3, 3_000, 0, Ceiling(Decimal("33.33"), 1_000)),
+        (6, 4, 4_000, 0, Ceiling(Decimal(100), 4_000)),
+    ],
+    ids=["one-of-8", "one-of-16", "two-of-8-headroom", "one-of-3", "more-than-the-gpu"],
+)
+def test_enforced_ceiling(
+    max_vgpus: int, replicas: int, memory_mib: int, headroom_mib: int, expected: Ceiling
+) -> None:
+    """The enforced ceiling is max_vgpus_per_container vGPUs' share of SMs and memory, at
+    most the whole GPU."""
+    assert enforced_ceiling(max_vgpus, replicas, memory_mib, headroom_mib) == expected
+
+
+@pytest.mark.parametrize(
+    ("ceiling", "text"),
+    [
+        (Ceiling(Decimal("12.5"), 10_194), "12.5% of the SMs, 10194 MiB"),
+        (Ceiling(None, 512), "512 MiB"),
+        (Ceiling(), "none"),
+    ],
+    ids=["both", "memory-only", "none"],
+)
+def test_ceiling_describes_itself(ceiling: Ceiling, text: str) -> None:
+    """status and doctor show a ceiling as one short phrase."""
+    assert ceiling.describe() == text
+    assert ceiling.empty is (text == "none")

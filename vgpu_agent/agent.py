@@ -24,7 +24,7 @@ from vgpu_agent.errors import ConfigError, GpuError, MpsError, VgpuError
 from vgpu_agent.gpu import ComputeMode, Gpu, GpuBackend
 from vgpu_agent.health import MPS_REASON_PREFIX, HealthChange, HealthMonitor
 from vgpu_agent.log import log_event, set_level
-from vgpu_agent.mps import MpsDaemons, apply_daemon_defaults
+from vgpu_agent.mps import CeilingKeeper, MpsDaemons, daemon_ceiling
 from vgpu_agent.plugin import DeviceState, PluginServer, PluginServicer
 from vgpu_agent.simulated import SimulatedBackend, SimulatedMpsDaemons, gpus_from_config
 from vgpu_agent.systemd import Notifier
@@ -84,6 +84,9 @@ def mps_policy(config: Config) -> Optional[MpsGrantPolicy]:
         # Clients only connect to the daemon's sockets (shown on an H200, docs/mps.md);
         # read-only keeps pods from touching its lock and pid files.
         pipe_dir_read_only=True,
+        max_vgpus_per_container=(
+            config.mps.max_vgpus_per_container if config.mps.confinement == "enforced" else None
+        ),
     )
 
 
@@ -196,7 +199,11 @@ class Agent:
         # SimpleQueue.put is reentrant: signal handlers may call request_stop().
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self.state = DeviceState(Inventory())
-        self._servicer = PluginServicer(self.state, mps_policy(config))
+        self._servicer = PluginServicer(
+            self.state,
+            mps_policy(config),
+            device_list_strategy=config.plugin.device_list_strategy,
+        )
         self._server: Optional[PluginServer] = None
         self._backend: Optional[GpuBackend] = None
         self._mps: Optional[MpsDaemons] = None
@@ -342,18 +349,29 @@ class Agent:
             log_event(log, logging.ERROR, str(exc), GPU_UUID=gpu.uuid, VGPU_EVENT="mps-failed")
             pipe_dir = os.path.join(self.config.mps.pipe_root, gpu.uuid)
             return ServedGpu(gpu, replicas, (f"MPS daemon could not start: {exc}",), pipe_dir)
-        if not isinstance(self._mps, SimulatedMpsDaemons):
-            try:
-                sent = apply_daemon_defaults(
-                    self.config.mps, info.pipe_dir, gpu.memory_mib, replicas
-                )
-            except MpsError as exc:
-                # A safety net only: pods still get their limits from Allocate.
-                log_event(log, logging.WARNING, str(exc), GPU_UUID=gpu.uuid, VGPU_EVENT="mps")
-            else:
-                for command in sent:
-                    log.info("GPU %s MPS daemon: %s", gpu.uuid, command)
-        return ServedGpu(gpu, replicas, (), info.pipe_dir)
+        reasons = self._hold_ceiling(gpu, replicas)
+        return ServedGpu(gpu, replicas, reasons, info.pipe_dir)
+
+    def _hold_ceiling(self, gpu: Gpu, replicas: int, wait_s: float = 15.0) -> tuple[str, ...]:
+        """Set the GPU's daemon ceiling (mps.confinement) and have the probe keep it; the
+        reasons to mark the GPU Unhealthy when an enforced ceiling cannot be set."""
+        # Managers of real daemons keep a ceiling; simulated daemons and test doubles do not.
+        keeper: object = self._mps
+        if not isinstance(keeper, CeilingKeeper):
+            return ()
+        ceiling = daemon_ceiling(self.config.mps, gpu.memory_mib, replicas)
+        try:
+            sent = keeper.hold_ceiling(gpu.uuid, ceiling, wait_s)
+        except MpsError as exc:
+            log_event(log, logging.ERROR, str(exc), GPU_UUID=gpu.uuid, VGPU_EVENT="mps")
+            if self.config.mps.confinement == "enforced":
+                # Without its ceiling a pod could take the whole GPU: not served until the
+                # probe has set and read it back.
+                return (f"{MPS_REASON_PREFIX} ceiling not set: {exc}",)
+            return ()
+        for command in sent:
+            log.info("GPU %s MPS daemon: %s", gpu.uuid, command)
+        return ()
 
     def _apply_compute_modes(self) -> None:
         for gpu in self._gpus:
@@ -631,6 +649,7 @@ class Agent:
         self.config = new
         set_level(new.agent.log_level)
         self._servicer.set_mps_policy(mps_policy(new))
+        self._servicer.set_device_list_strategy(new.plugin.device_list_strategy)
         for problem in plan.refused:
             log.warning("reload: %s", problem)
         replicas = {gpu.uuid: count for gpu, count in plan.served}
@@ -654,6 +673,11 @@ class Agent:
             return Inventory(tuple(sorted(kept + added, key=lambda served: served.gpu.index)))
 
         self.state.update(resize)
+        # The ceiling follows the new config (confinement, replicas) on the daemons kept; a
+        # daemon that is down gets it from the probe once it answers again.
+        for gpu, count in plan.served:
+            if gpu.uuid in served_before and gpu.uuid in replicas:
+                self._hold_ceiling(gpu, count, wait_s=0.0)
         gpus_changed = {gpu.uuid for gpu in self._gpus} != set(replicas)
         self._gpus = [gpu for gpu, _ in plan.served if gpu.uuid in replicas]
         if old.plugin != new.plugin:

@@ -386,6 +386,18 @@ def _apply_defaults(loaded: Config, gpu: Gpu) -> None:
         click.echo(f"GPU {gpu.index} {gpu.uuid}: {command}")
 
 
+def _lock_down(loaded: Config, gpu_uuid: str) -> None:
+    """The pipe directory lockdown, for a multi-user daemon (what the agent does too)."""
+    pipe_dir = os.path.join(loaded.mps.pipe_root, gpu_uuid)
+    pid = mps.daemon_pid(pipe_dir)
+    multi_user = mps.running_multi_user(pid) if pid is not None else None
+    if multi_user is None:
+        multi_user = loaded.mps.multi_user != "off"
+    if multi_user:
+        mps.restrict_pipe_dir(pipe_dir)
+        click.echo(f"GPU {gpu_uuid}: pipe directory {pipe_dir} locked down")
+
+
 @mps_group.command("exec-daemon")
 @click.argument("gpu_uuid")
 @click.pass_context
@@ -406,15 +418,28 @@ def mps_quit(ctx: click.Context, gpu_uuid: str) -> None:
 @click.argument("gpu_uuid")
 @click.pass_context
 def mps_apply_defaults(ctx: click.Context, gpu_uuid: str) -> None:
-    """Set GPU_UUID's daemon defaults that mps.daemon_*_limit ask for (ExecStartPost)."""
+    """Set GPU_UUID's daemon ceiling and lock its pipe directory down (ExecStartPost).
+
+    The ceiling is mps.confinement's (enforced: mps.max_vgpus_per_container vGPUs' share;
+    cooperative: mps.daemon_*_limit), so a daemon systemd restarts is never unconfined.
+    """
     loaded = _load(ctx)
-    if loaded.mps.daemon_thread_limit == "none" and loaded.mps.daemon_memory_limit == "none":
-        return  # nothing asked for: no need to open NVML
+    cooperative_without_ceiling = (
+        loaded.mps.confinement == "cooperative"
+        and loaded.mps.daemon_thread_limit == "none"
+        and loaded.mps.daemon_memory_limit == "none"
+    )
+    if cooperative_without_ceiling:
+        # No ceiling asked for: no need to open NVML, only the lockdown.
+        mps.wait_until_answers(loaded.mps, os.path.join(loaded.mps.pipe_root, gpu_uuid))
+        _lock_down(loaded, gpu_uuid)
+        return
     served = {gpu.uuid: gpu for gpu in _served_gpus(loaded, ())}
     gpu = served.get(gpu_uuid)
     if gpu is None:
         raise VgpuError(f"GPU {gpu_uuid} is not served by this config (see `vgpu-agent gpus`)")
     _apply_defaults(loaded, gpu)
+    _lock_down(loaded, gpu_uuid)
 
 
 @mps_group.command("start")

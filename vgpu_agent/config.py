@@ -47,6 +47,11 @@ MpsManager = Literal["direct", "systemd", "external"]
 #: "proportional", "none", or a fixed number (percent for threads, MiB for memory)
 LimitPolicy = Union[Literal["proportional", "none"], int]
 MultiUser = Literal["auto", "on", "off"]
+#: "enforced": the daemon's defaults hold every client to a ceiling; "cooperative": only the
+#: container's own environment limits it (docs/security.md).
+Confinement = Literal["enforced", "cooperative"]
+#: How Allocate names a container's GPU to the NVIDIA container toolkit.
+DeviceListStrategy = Literal["envvar", "volume-mounts", "cdi"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 
@@ -60,6 +65,9 @@ class PluginConfig:
     kubelet_socket_name: str = "kubelet.sock"
     #: Seconds a Register call may take before we retry.
     register_timeout_s: float = 5.0
+    #: "envvar" (NVIDIA_VISIBLE_DEVICES), "volume-mounts" (/var/run/nvidia-container-devices)
+    #: or "cdi" (cdi_devices); only the last two are beyond a pod's reach (docs/security.md).
+    device_list_strategy: DeviceListStrategy = "envvar"
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,12 @@ class MpsConfig:
     #: The daemon's default pinned memory limit for clients that set none ("proportional":
     #: one vGPU's slice; or MiB), set through its control pipe after it starts.
     daemon_memory_limit: LimitPolicy = "none"
+    #: "enforced": the daemon's defaults are a ceiling of ``max_vgpus_per_container`` shares
+    #: and larger requests are refused; "cooperative": no refusal, the ceiling comes from
+    #: ``daemon_*_limit`` (none by default) and limits only from the container's environment.
+    confinement: Confinement = "enforced"
+    #: The most vGPUs one container may hold in enforced mode; also the ceiling's size.
+    max_vgpus_per_container: int = 1
 
 
 @dataclass(frozen=True)
@@ -234,6 +248,12 @@ _MPS_MANAGERS: dict[str, MpsManager] = {
     "external": "external",
 }
 _MULTI_USER: dict[str, MultiUser] = {"auto": "auto", "on": "on", "off": "off"}
+_CONFINEMENTS: dict[str, Confinement] = {"enforced": "enforced", "cooperative": "cooperative"}
+_DEVICE_LIST_STRATEGIES: dict[str, DeviceListStrategy] = {
+    "envvar": "envvar",
+    "volume-mounts": "volume-mounts",
+    "cdi": "cdi",
+}
 _LOG_LEVELS: dict[str, LogLevel] = {
     "debug": "debug",
     "info": "info",
@@ -648,6 +668,11 @@ def _parse_plugin(table: _Table) -> PluginConfig:
         register_timeout_s=table.get(
             "register_timeout_s", defaults.register_timeout_s, _seconds(allow_zero=False)
         ),
+        device_list_strategy=table.get(
+            "device_list_strategy",
+            defaults.device_list_strategy,
+            _choice(_DEVICE_LIST_STRATEGIES),
+        ),
     )
     if plugin.socket_name in (plugin.kubelet_socket_name, "kubelet.sock"):
         table.value_of("socket_name", plugin.socket_name).fail(
@@ -697,6 +722,37 @@ def _parse_gpus(table: _Table) -> GpusConfig:
 
 
 def _parse_mps(table: _Table) -> MpsConfig:
+    mps = _parse_mps_keys(table)
+    _check_confinement(table, mps)
+    return mps
+
+
+def _check_confinement(table: _Table, mps: MpsConfig) -> None:
+    """The combinations of mps.confinement with the keys it decides over."""
+    if mps.confinement == "cooperative":
+        if mps.max_vgpus_per_container != 1:
+            table.value_of("max_vgpus_per_container", mps.max_vgpus_per_container).fail(
+                'the default 1 with mps.confinement = "cooperative"',
+                "it applies only in enforced mode, where it sets the daemon's ceiling "
+                '(remove it, or set mps.confinement = "enforced")',
+            )
+        return
+    for key, policy in (
+        ("daemon_thread_limit", mps.daemon_thread_limit),
+        ("daemon_memory_limit", mps.daemon_memory_limit),
+    ):
+        # "proportional" names one vGPU's share: exactly the enforced ceiling of 1 vGPU.
+        if policy == "none" or (policy == "proportional" and mps.max_vgpus_per_container == 1):
+            continue
+        table.value_of(key, policy).fail(
+            '"none" with mps.confinement = "enforced" (the default)',
+            "in enforced mode the daemon's ceiling is mps.max_vgpus_per_container vGPUs' "
+            'share (remove this key, or set mps.confinement = "cooperative" to choose '
+            "the daemon defaults yourself)",
+        )
+
+
+def _parse_mps_keys(table: _Table) -> MpsConfig:
     defaults = MpsConfig()
     return MpsConfig(
         enabled=table.get("enabled", defaults.enabled, _bool),
@@ -732,6 +788,16 @@ def _parse_mps(table: _Table) -> MpsConfig:
             "daemon_memory_limit",
             defaults.daemon_memory_limit,
             _limit(unit="number of MiB", high=None),
+        ),
+        confinement=table.get("confinement", defaults.confinement, _choice(_CONFINEMENTS)),
+        max_vgpus_per_container=table.get(
+            "max_vgpus_per_container",
+            defaults.max_vgpus_per_container,
+            _int_range(
+                1,
+                MAX_REPLICAS_PER_GPU,
+                f"an integer from 1 to {MAX_REPLICAS_PER_GPU} (vGPUs one container may hold)",
+            ),
         ),
     )
 
@@ -892,6 +958,7 @@ def to_toml(config: Config) -> str:
             ("socket_name", plugin.socket_name),
             ("kubelet_socket_name", plugin.kubelet_socket_name),
             ("register_timeout_s", plugin.register_timeout_s),
+            ("device_list_strategy", plugin.device_list_strategy),
         ],
     )
     table(
@@ -925,6 +992,8 @@ def to_toml(config: Config) -> str:
             ("control_timeout_s", mps.control_timeout_s),
             ("daemon_thread_limit", mps.daemon_thread_limit),
             ("daemon_memory_limit", mps.daemon_memory_limit),
+            ("confinement", mps.confinement),
+            ("max_vgpus_per_container", mps.max_vgpus_per_container),
         ],
     )
     health = config.health

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from decimal import ROUND_FLOOR, Decimal
 from typing import Optional
 
 from vgpu_agent.errors import VgpuError
@@ -17,6 +18,15 @@ UNHEALTHY = "Unhealthy"
 #: GPU UUIDs never contain ':' so the last "::" splits an id unambiguously.
 VGPU_ID_SEPARATOR = "::"
 MAX_DEVICE_ID_LENGTH = 63
+#: The NVIDIA container toolkit's volume-mount device list: one mount per GPU under this
+#: directory, named by UUID, whose host path it ignores (the device plugin convention).
+DEVICE_LIST_MOUNT_ROOT = "/var/run/nvidia-container-devices"
+DEVICE_LIST_MOUNT_HOST_PATH = "/dev/null"
+#: The CDI kind `nvidia-ctk cdi generate` writes; devices are named by index, UUID or all.
+CDI_GPU_KIND = "nvidia.com/gpu"
+#: Thread percentages are handed out to this precision, rounded down, so that N shares
+#: never add up to more than the GPU.
+_PERCENTAGE_STEP = Decimal("0.01")
 
 
 class InvalidRequestError(VgpuError):
@@ -260,6 +270,15 @@ class MpsGrantPolicy:
     memory_headroom_mib: int = 0
     share_host_shm: bool = False
     pipe_dir_read_only: bool = False
+    #: Enforced confinement: the most vGPUs one container may hold (None: no limit).
+    max_vgpus_per_container: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class CdiDeviceGrant:
+    """A fully qualified CDI device name the runtime injects, e.g. nvidia.com/gpu=GPU-..."""
+
+    name: str
 
 
 @dataclass(frozen=True)
@@ -269,18 +288,32 @@ class ContainerGrant:
     envs: dict[str, str]
     mounts: tuple[MountGrant, ...] = ()
     annotations: dict[str, str] = field(default_factory=dict)
+    cdi_devices: tuple[CdiDeviceGrant, ...] = ()
 
 
-def thread_percentage(policy: object, vgpus: int, replicas: int) -> Optional[int]:
-    """CUDA_MPS_ACTIVE_THREAD_PERCENTAGE for ``vgpus`` of ``replicas``; None for no limit."""
+def thread_percentage(policy: object, vgpus: int, replicas: int) -> Optional[Decimal]:
+    """CUDA_MPS_ACTIVE_THREAD_PERCENTAGE for ``vgpus`` of ``replicas``; None for no limit.
+
+    Proportional shares keep their fraction (1 of 8 is 12.5, 1 of 16 is 6.25: MPS takes
+    fractions), rounded down to hundredths so N shares never exceed the GPU.
+    """
     if policy == "none":
         return None
     if policy == "proportional":
-        return max(1, min(100, (vgpus * 100) // replicas))
+        share = (Decimal(vgpus) * 100 / Decimal(replicas)).quantize(
+            _PERCENTAGE_STEP, rounding=ROUND_FLOOR
+        )
+        return max(_PERCENTAGE_STEP, min(Decimal(100), share))
     if isinstance(policy, int):
         # A fixed value is per vGPU: a pod of n vGPUs gets n times it.
-        return min(100, policy * vgpus)
+        return Decimal(min(100, policy * vgpus))
     raise ValueError(f"unknown thread limit policy {policy!r}")
+
+
+def percentage_text(percentage: Decimal) -> str:
+    """A thread percentage as MPS reads it: no exponent, no trailing zeros (12.5, 6.25, 25)."""
+    text = f"{percentage.quantize(_PERCENTAGE_STEP, rounding=ROUND_FLOOR):f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def memory_limit_mib(
@@ -297,27 +330,110 @@ def memory_limit_mib(
     raise ValueError(f"unknown memory limit policy {policy!r}")
 
 
-def grant(served: ServedGpu, vgpus: int, mps: Optional[MpsGrantPolicy]) -> ContainerGrant:
-    """What a container holding ``vgpus`` of ``served`` needs: its GPU and, with MPS,
-    the pipe directory and its per-client limits."""
-    envs = {"NVIDIA_VISIBLE_DEVICES": served.gpu.uuid}
+@dataclass(frozen=True)
+class Ceiling:
+    """The defaults an MPS daemon holds every client to, whatever the client's environment
+    says (its own variables can only lower them). None: no ceiling of that kind."""
+
+    thread_percentage: Optional[Decimal] = None
+    memory_mib: Optional[int] = None
+
+    @property
+    def empty(self) -> bool:
+        """Whether there is nothing to hold clients to."""
+        return self.thread_percentage is None and self.memory_mib is None
+
+    def describe(self) -> str:
+        """One line for status, doctor and logs, e.g. "12.5% of the SMs, 10194 MiB"."""
+        parts = []
+        if self.thread_percentage is not None:
+            parts.append(f"{percentage_text(self.thread_percentage)}% of the SMs")
+        if self.memory_mib is not None:
+            parts.append(f"{self.memory_mib} MiB")
+        return ", ".join(parts) if parts else "none"
+
+
+def enforced_ceiling(
+    max_vgpus_per_container: int, replicas: int, memory_mib: int, headroom_mib: int
+) -> Ceiling:
+    """The ceiling of enforced confinement: ``max_vgpus_per_container`` vGPUs' share of the
+    SMs and of the memory. The one place the enforced thread default is computed."""
+    return Ceiling(
+        thread_percentage("proportional", max_vgpus_per_container, replicas),
+        memory_limit_mib(
+            "proportional",
+            min(max_vgpus_per_container, replicas),
+            replicas,
+            memory_mib,
+            headroom_mib,
+        ),
+    )
+
+
+def check_request_size(vgpus: int, mps: Optional[MpsGrantPolicy]) -> None:
+    """Refuse a container asking for more vGPUs than enforced confinement allows."""
+    if mps is None or mps.max_vgpus_per_container is None:
+        return
+    if vgpus > mps.max_vgpus_per_container:
+        limit = mps.max_vgpus_per_container
+        raise InvalidRequestError(
+            f"the container asks for {vgpus} vGPUs, but this node gives a container at most "
+            f"{limit} (mps.max_vgpus_per_container = {limit}): request at most {limit}, or "
+            "have the node's operator raise mps.max_vgpus_per_container, which also raises "
+            "every pod's ceiling on that node to that many shares"
+        )
+
+
+def grant(
+    served: ServedGpu,
+    vgpus: int,
+    mps: Optional[MpsGrantPolicy],
+    device_list_strategy: str = "envvar",
+) -> ContainerGrant:
+    """What a container holding ``vgpus`` of ``served`` needs: its GPU (named as
+    ``device_list_strategy`` says) and, with MPS, the pipe directory and its limits."""
+    check_request_size(vgpus, mps)
+    envs, mounts, cdi_devices = _device_list(served.gpu.uuid, device_list_strategy)
     annotations = {"vgpu.eks.amazonaws.com/gpu-uuid": served.gpu.uuid}
     if mps is None or served.pipe_dir is None:
-        return ContainerGrant(envs=envs, annotations=annotations)
+        return ContainerGrant(envs, tuple(mounts), annotations, cdi_devices)
     envs["CUDA_MPS_PIPE_DIRECTORY"] = mps.container_pipe_dir
-    mounts = [MountGrant(mps.container_pipe_dir, served.pipe_dir, mps.pipe_dir_read_only)]
+    mounts.append(MountGrant(mps.container_pipe_dir, served.pipe_dir, mps.pipe_dir_read_only))
     if mps.share_host_shm:
         mounts.append(MountGrant("/dev/shm", "/dev/shm", read_only=False))
     threads = thread_percentage(mps.thread_limit, vgpus, served.replicas)
     if threads is not None:
-        envs["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(threads)
+        envs["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = percentage_text(threads)
     memory = memory_limit_mib(
         mps.memory_limit, vgpus, served.replicas, served.gpu.memory_mib, mps.memory_headroom_mib
     )
     if memory is not None:
         # The container sees only its GPU, so it is device 0 there.
         envs["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = f"0={memory}M"
-    return ContainerGrant(envs=envs, mounts=tuple(mounts), annotations=annotations)
+    return ContainerGrant(envs, tuple(mounts), annotations, cdi_devices)
+
+
+def _device_list(
+    gpu_uuid: str, strategy: str
+) -> tuple[dict[str, str], list[MountGrant], tuple[CdiDeviceGrant, ...]]:
+    """How the container toolkit learns the container's GPU: environment, mounts, CDI."""
+    if strategy == "envvar":
+        return {"NVIDIA_VISIBLE_DEVICES": gpu_uuid}, [], ()
+    if strategy == "volume-mounts":
+        # As NVIDIA's device plugin does: the variable names the mount root, so a toolkit
+        # that still reads the variable finds no GPU in it; the mounts name the GPU.
+        mount = MountGrant(
+            f"{DEVICE_LIST_MOUNT_ROOT}/{gpu_uuid}", DEVICE_LIST_MOUNT_HOST_PATH, read_only=True
+        )
+        return {"NVIDIA_VISIBLE_DEVICES": DEVICE_LIST_MOUNT_ROOT}, [mount], ()
+    if strategy == "cdi":
+        # "void" overrides the "all" that CUDA images set, for a toolkit that reads it.
+        return (
+            {"NVIDIA_VISIBLE_DEVICES": "void"},
+            [],
+            (CdiDeviceGrant(f"{CDI_GPU_KIND}={gpu_uuid}"),),
+        )
+    raise ValueError(f"unknown device list strategy {strategy!r}")
 
 
 def pipe_dir_for(pipe_root: str, gpu_uuid: str) -> str:

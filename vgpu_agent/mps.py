@@ -24,10 +24,18 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
-from typing import IO, Callable, Optional, Protocol
+from decimal import Decimal, InvalidOperation
+from typing import IO, Callable, Optional, Protocol, runtime_checkable
 
 from vgpu_agent.config import MpsConfig
-from vgpu_agent.devices import memory_limit_mib, pipe_dir_for, thread_percentage
+from vgpu_agent.devices import (
+    Ceiling,
+    enforced_ceiling,
+    memory_limit_mib,
+    percentage_text,
+    pipe_dir_for,
+    thread_percentage,
+)
 from vgpu_agent.errors import MpsError
 from vgpu_agent.gpu import Gpu
 
@@ -39,6 +47,9 @@ CONTROL_SOCKET = "control"
 PID_FILE = "nvidia-cuda-mps-control.pid"
 #: The daemon's flock; anyone who can open it can hold it and block a daemon restart.
 LOCK_FILE = "control_lock"
+#: A FIFO the daemon creates world-writable; a read-only bind mount does not stop FIFO
+#: writes, so only the lockdown's mode keeps pods from writing into the daemon's log.
+LOG_FIFO = "log"
 #: Directories any container uid can traverse and read, only root can change.
 DIRECTORY_MODE = 0o755
 SYSTEMD_UNIT_TEMPLATE = "vgpu-mps@{gpu_uuid}.service"
@@ -135,19 +146,29 @@ def prepare_directories(config: MpsConfig, gpu_uuid: str) -> tuple[str, str]:
     return pipe_dir, log_dir
 
 
+#: What the lockdown leaves of each entry a daemon creates, by name and file type. Clients
+#: only connect to ``control`` (which must stay 0666, docs/mps.md); the rest is root's.
+LOCKDOWN_MODES: dict[str, tuple[int, int]] = {
+    LOCK_FILE: (stat.S_IFREG, 0o600),
+    PID_FILE: (stat.S_IFREG, 0o644),
+    LOG_FIFO: (stat.S_IFIFO, 0o600),
+}
+
+
 def restrict_pipe_dir(pipe_dir: str) -> None:
     """Take away from other users what clients do not need in a multi-user daemon's pipe dir.
 
     The daemon creates its lock file 0666: anyone who can open it can take the flock and
-    keep a restarted daemon from starting. Clients never open it (checked on the GPU,
-    docs/mps.md), so it becomes root-only. Only in multi-user mode: there the servers run
+    keep a restarted daemon from starting. Its ``log`` FIFO is 0777, and a read-only bind
+    mount does not stop writes to a FIFO. Clients never open either (checked on the GPU,
+    docs/mps.md), so they become root-only. Only in multi-user mode: there the servers run
     as root, while in single-user mode they run as the client's uid. The control socket
     must stay 0666: a client that cannot connect silently runs outside MPS, unconfined.
     """
-    for name, mode in ((LOCK_FILE, 0o600), (PID_FILE, 0o644)):
+    for name, (file_type, mode) in LOCKDOWN_MODES.items():
         path = os.path.join(pipe_dir, name)
         try:
-            if stat.S_ISREG(os.lstat(path).st_mode):
+            if stat.S_IFMT(os.lstat(path).st_mode) == file_type:
                 os.chmod(path, mode)
         except FileNotFoundError:
             continue
@@ -308,6 +329,35 @@ class LivenessProber:
         self._clock = clock
         self._lock = threading.Lock()
         self._answered_at: dict[str, float] = {}
+        self._ceilings: dict[str, Ceiling] = {}
+
+    def hold(self, pipe_dir: str, ceiling: Ceiling, wait_s: float = 15.0) -> list[str]:
+        """Set ``ceiling`` on the daemon of ``pipe_dir`` (waiting until it answers) and keep
+        it there: every full probe reads it back and puts it back when it is gone.
+        Returns the commands sent; raises MpsError when it cannot be set."""
+        with self._lock:
+            if ceiling.empty:
+                self._ceilings.pop(pipe_dir, None)
+            else:
+                self._ceilings[pipe_dir] = ceiling
+        return apply_ceiling(self._config, pipe_dir, ceiling, wait_s)
+
+    def _check_ceiling(self, pipe_dir: str) -> Optional[str]:
+        with self._lock:
+            ceiling = self._ceilings.get(pipe_dir)
+        if ceiling is None:
+            return None
+        try:
+            gaps = ceiling_gaps(self._config, pipe_dir, ceiling)
+            if not gaps:
+                return None
+            lost = f"MPS daemon ceiling lost ({'; '.join(gaps)})"
+            send_ceiling(self._config, pipe_dir, ceiling)
+        except MpsError as exc:
+            return f"MPS daemon ceiling not confirmed: {exc}"
+        _log.warning("%s on %s: re-applied %s", lost, pipe_dir, ceiling.describe())
+        # Reported once, so the loss is seen; the next full probe reads it back and heals.
+        return f"{lost}; re-applied, checking again"
 
     def probe(self, pipe_dir: str) -> Optional[str]:
         """None if the daemon of ``pipe_dir`` is alive; else why not."""
@@ -327,9 +377,22 @@ class LivenessProber:
                 return None
         problem = probe_pipe_dir(self._config, pipe_dir)
         if problem is None:
+            problem = self._check_ceiling(pipe_dir)
+        if problem is None:
             with self._lock:
                 self._answered_at[pipe_dir] = now
         return problem
+
+
+@runtime_checkable
+class CeilingKeeper(Protocol):
+    """An MPS manager that sets a ceiling on its daemons and keeps it there."""
+
+    def hold_ceiling(self, gpu_uuid: str, ceiling: Ceiling, wait_s: float = 15.0) -> list[str]:
+        """Set ``ceiling`` on the GPU's daemon now (waiting up to ``wait_s`` for it to
+        answer); the liveness probe's full check reads it back and re-applies it when it is
+        gone. Returns the commands sent."""
+        ...
 
 
 def daemon_pid(pipe_dir: str) -> Optional[int]:
@@ -395,37 +458,141 @@ def _wait_until_answers(
         time.sleep(0.05)
 
 
-def daemon_default_commands(config: MpsConfig, memory_mib: int, replicas: int) -> list[str]:
-    """The control commands that set the daemon defaults ``mps.daemon_*_limit`` ask for."""
-    commands = []
-    threads = thread_percentage(config.daemon_thread_limit, 1, replicas)
-    if threads is not None:
-        commands.append(f"set_default_active_thread_percentage {threads}")
-    memory = memory_limit_mib(
-        config.daemon_memory_limit, 1, replicas, memory_mib, config.memory_headroom_mib
+def daemon_ceiling(config: MpsConfig, memory_mib: int, replicas: int) -> Ceiling:
+    """The defaults a GPU's daemon holds every client to.
+
+    Enforced confinement: ``mps.max_vgpus_per_container`` vGPUs' share of the SMs and of the
+    memory (:func:`vgpu_agent.devices.enforced_ceiling`). Cooperative: what
+    ``mps.daemon_thread_limit`` / ``daemon_memory_limit`` ask for (none by default).
+    """
+    if config.confinement == "enforced":
+        return enforced_ceiling(
+            config.max_vgpus_per_container, replicas, memory_mib, config.memory_headroom_mib
+        )
+    return Ceiling(
+        thread_percentage(config.daemon_thread_limit, 1, replicas),
+        memory_limit_mib(
+            config.daemon_memory_limit, 1, replicas, memory_mib, config.memory_headroom_mib
+        ),
     )
-    if memory is not None:
+
+
+def ceiling_commands(ceiling: Ceiling) -> list[str]:
+    """The control commands that set ``ceiling`` as the daemon's defaults."""
+    commands = []
+    if ceiling.thread_percentage is not None:
+        commands.append(
+            f"set_default_active_thread_percentage {percentage_text(ceiling.thread_percentage)}"
+        )
+    if ceiling.memory_mib is not None:
         # The daemon sees only its GPU (CUDA_VISIBLE_DEVICES), so it is device 0 there.
-        commands.append(f"set_default_device_pinned_mem_limit 0 {memory}M")
+        commands.append(f"set_default_device_pinned_mem_limit 0 {ceiling.memory_mib}M")
     return commands
 
 
-def apply_daemon_defaults(
-    config: MpsConfig, pipe_dir: str, memory_mib: int, replicas: int, wait_s: float = 15.0
-) -> list[str]:
-    """Wait until the daemon of ``pipe_dir`` answers, then send the default-setting commands
-    the config asks for; returns them. Raises MpsError naming the command that failed."""
-    commands = daemon_default_commands(config, memory_mib, replicas)
-    if not commands:
-        return []
-    reason = _wait_until_answers(config, pipe_dir, wait_s, lambda: None)
-    if reason is not None:
-        raise MpsError(f"setting MPS daemon defaults on {pipe_dir}: {reason}")
+def daemon_default_commands(config: MpsConfig, memory_mib: int, replicas: int) -> list[str]:
+    """The control commands that set the daemon's ceiling (:func:`daemon_ceiling`)."""
+    return ceiling_commands(daemon_ceiling(config, memory_mib, replicas))
+
+
+def send_ceiling(config: MpsConfig, pipe_dir: str, ceiling: Ceiling) -> list[str]:
+    """Send the commands that set ``ceiling`` to a daemon that answers; returns them.
+    Raises MpsError naming the command that failed."""
+    commands = ceiling_commands(ceiling)
     for command in commands:
         answer = control_command(config, pipe_dir, command)
         if any(word in answer.lower() for word in ("unrecognized", "error", "invalid")):
             raise MpsError(f"MPS daemon of {pipe_dir} refused {command!r}: {answer}")
     return commands
+
+
+def apply_ceiling(
+    config: MpsConfig, pipe_dir: str, ceiling: Ceiling, wait_s: float = 15.0
+) -> list[str]:
+    """Wait until the daemon of ``pipe_dir`` answers, then set ``ceiling``; returns the
+    commands sent. Raises MpsError naming what failed."""
+    if ceiling.empty:
+        return []
+    reason = _wait_until_answers(config, pipe_dir, wait_s, lambda: None)
+    if reason is not None:
+        raise MpsError(f"setting the MPS daemon ceiling on {pipe_dir}: {reason}")
+    return send_ceiling(config, pipe_dir, ceiling)
+
+
+def wait_until_answers(config: MpsConfig, pipe_dir: str, wait_s: float = 15.0) -> None:
+    """Wait until the daemon of ``pipe_dir`` answers; MpsError saying why not after
+    ``wait_s``."""
+    reason = _wait_until_answers(config, pipe_dir, wait_s, lambda: None)
+    if reason is not None:
+        raise MpsError(f"waiting for the MPS daemon of {pipe_dir}: {reason}")
+
+
+def apply_daemon_defaults(
+    config: MpsConfig, pipe_dir: str, memory_mib: int, replicas: int, wait_s: float = 15.0
+) -> list[str]:
+    """Wait until the daemon of ``pipe_dir`` answers, then set the ceiling the config asks
+    for (:func:`daemon_ceiling`); returns the commands. Raises MpsError on failure."""
+    return apply_ceiling(config, pipe_dir, daemon_ceiling(config, memory_mib, replicas), wait_s)
+
+
+_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+_MEMORY = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)", re.IGNORECASE)
+_MIB_PER_UNIT = {"": Decimal(1) / (1024 * 1024), "K": Decimal(1) / 1024, "M": Decimal(1)}
+_MIB_PER_UNIT.update({"G": Decimal(1024), "T": Decimal(1024 * 1024)})
+_LARGEST_MIB = Decimal(2**24)
+#: get_default_active_thread_percentage may print fewer decimals than were set.
+_THREAD_READBACK_TOLERANCE = Decimal("0.1")
+
+
+def read_thread_default(config: MpsConfig, pipe_dir: str) -> Optional[Decimal]:
+    """The daemon's default active thread percentage; None when its answer has no number."""
+    answer = control_command(config, pipe_dir, "get_default_active_thread_percentage")
+    match = _NUMBER.search(answer)
+    return Decimal(match.group(0)) if match else None
+
+
+def read_memory_default_mib(config: MpsConfig, pipe_dir: str) -> Optional[Decimal]:
+    """The daemon's default pinned memory limit on device 0 in MiB; None when it has none.
+
+    The answer's unit is read when it names one (``10194M``, ``9.9G``); a bare number is
+    taken as MiB, the unit the agent sets it in.
+    """
+    answer = control_command(config, pipe_dir, "get_default_device_pinned_mem_limit 0")
+    # A device prefix ("0=10194M") is not the value.
+    text = answer.split("=", 1)[1] if "=" in answer else answer
+    match = _MEMORY.search(text)
+    if match is None:
+        return None
+    try:
+        value = Decimal(match.group(1))
+    except InvalidOperation:
+        return None
+    unit = match.group(2).upper()
+    if unit:
+        return value * _MIB_PER_UNIT[unit]
+    # A bare number: MiB, the unit it is set in, unless too large to be MiB of any GPU.
+    return value * _MIB_PER_UNIT[""] if value > _LARGEST_MIB else value
+
+
+def ceiling_gaps(config: MpsConfig, pipe_dir: str, ceiling: Ceiling) -> list[str]:
+    """What of ``ceiling`` the daemon of ``pipe_dir`` no longer holds, read back through its
+    control pipe; empty when all of it is in force. Raises MpsError if it does not answer."""
+    gaps = []
+    if ceiling.thread_percentage is not None:
+        threads = read_thread_default(config, pipe_dir)
+        if threads is None or abs(threads - ceiling.thread_percentage) > (
+            _THREAD_READBACK_TOLERANCE
+        ):
+            shown = "none" if threads is None else f"{threads.normalize():f}"
+            gaps.append(
+                f"thread percentage {shown}, not {percentage_text(ceiling.thread_percentage)}"
+            )
+    if ceiling.memory_mib is not None:
+        memory = read_memory_default_mib(config, pipe_dir)
+        if memory is None or abs(memory - ceiling.memory_mib) > 1:
+            shown = "none" if memory is None else f"{int(memory)} MiB"
+            gaps.append(f"pinned memory limit {shown}, not {ceiling.memory_mib} MiB")
+    return gaps
 
 
 def _reuse_info(config: MpsConfig, gpu_uuid: str, pipe_dir: str, log_dir: str) -> MpsDaemonInfo:
@@ -593,6 +760,10 @@ class DirectMpsDaemons:
         for gpu_uuid in gpu_uuids:
             self.stop(gpu_uuid)
 
+    def hold_ceiling(self, gpu_uuid: str, ceiling: Ceiling, wait_s: float = 15.0) -> list[str]:
+        """Set ``ceiling`` on the GPU's daemon and keep it there (see LivenessProber.hold)."""
+        return self._prober.hold(pipe_dir_for(self._config.pipe_root, gpu_uuid), ceiling, wait_s)
+
     def probe(self, gpu_uuid: str) -> Optional[str]:
         """None if the GPU's daemon answers; else why not (exited, hung, missing)."""
         with self._lock:
@@ -664,6 +835,10 @@ class SystemdMpsDaemons:
             restrict_pipe_dir(pipe_dir)
         return info
 
+    def hold_ceiling(self, gpu_uuid: str, ceiling: Ceiling, wait_s: float = 15.0) -> list[str]:
+        """Set ``ceiling`` on the GPU's daemon and keep it there (see LivenessProber.hold)."""
+        return self._prober.hold(pipe_dir_for(self._config.pipe_root, gpu_uuid), ceiling, wait_s)
+
     def stop(self, gpu_uuid: str) -> None:
         """Leave the unit running: an agent stop or upgrade must not kill MPS jobs."""
 
@@ -689,6 +864,10 @@ class ExternalMpsDaemons:
                 f"mps.manager = external, but GPU {gpu.uuid}'s MPS daemon does not answer: {reason}"
             )
         return _reuse_info(self._config, gpu.uuid, pipe_dir, log_dir)
+
+    def hold_ceiling(self, gpu_uuid: str, ceiling: Ceiling, wait_s: float = 15.0) -> list[str]:
+        """Set ``ceiling`` on the GPU's daemon and keep it there (see LivenessProber.hold)."""
+        return self._prober.hold(pipe_dir_for(self._config.pipe_root, gpu_uuid), ceiling, wait_s)
 
     def stop(self, gpu_uuid: str) -> None:
         """Never stops a daemon it did not start."""

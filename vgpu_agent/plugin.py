@@ -287,9 +287,11 @@ class PluginServicer(pb_grpc.DevicePluginServicer):
         mps_policy: Optional[MpsGrantPolicy],
         on_allocate: Optional[Callable[[list[str]], None]] = None,
         max_streams: int = MAX_LIST_AND_WATCH_STREAMS,
+        device_list_strategy: str = "envvar",
     ) -> None:
         self._state = state
         self._mps_policy = mps_policy
+        self._device_list_strategy = device_list_strategy
         self._on_allocate = on_allocate
         self._max_streams = max_streams
         self._lock = threading.Lock()
@@ -301,6 +303,10 @@ class PluginServicer(pb_grpc.DevicePluginServicer):
     def set_mps_policy(self, mps_policy: Optional[MpsGrantPolicy]) -> None:
         """Use a new MPS policy for the following Allocate calls (config reload)."""
         self._mps_policy = mps_policy
+
+    def set_device_list_strategy(self, strategy: str) -> None:
+        """Name GPUs as ``plugin.device_list_strategy`` says from the next Allocate on."""
+        self._device_list_strategy = strategy
 
     @property
     def open_streams(self) -> int:
@@ -445,13 +451,14 @@ class PluginServicer(pb_grpc.DevicePluginServicer):
         )
         inventory = self._state.get()
         mps_policy = self._mps_policy
+        strategy = self._device_list_strategy
         response = pb.AllocateResponse()
         granted: list[tuple[str, list[str]]] = []
         for container in request.container_requests:
             check_device_ids(container.devices_ids, "the Allocate request")
             vgpu_ids = list(container.devices_ids)
             served = validate_allocation(inventory, vgpu_ids)
-            container_grant = grant(served, len(vgpu_ids), mps_policy)
+            container_grant = grant(served, len(vgpu_ids), mps_policy, strategy)
             response.container_responses.append(
                 pb.ContainerAllocateResponse(
                     envs=container_grant.envs,
@@ -464,6 +471,9 @@ class PluginServicer(pb_grpc.DevicePluginServicer):
                         for mount in container_grant.mounts
                     ],
                     annotations=container_grant.annotations,
+                    cdi_devices=[
+                        pb.CDIDevice(name=device.name) for device in container_grant.cdi_devices
+                    ],
                 )
             )
             granted.append((served.gpu.uuid, vgpu_ids))

@@ -11,6 +11,14 @@ It behaves like the real program where the agent can tell (driver 580, see docs/
   ``quit`` ends it. ``FAKE_MPS_START_DELAY_S`` delays listening; ``FAKE_MPS_HANG=1`` makes
   it accept connections but never answer (a hung daemon; SIGSTOP works as well).
 - ``-d``: the same, detached into its own session.
+- The daemon's pipe directory entries are made with the modes the real one gives them
+  (driver 580, docs/mps.md): ``control`` socket 0666, ``control_privileged`` socket 0755,
+  ``control_lock`` and the pid file 0666, the ``log`` FIFO 0777.
+- ``FAKE_MPS_COMMAND_LOG=<path>``: the daemon appends every command it receives there, one
+  a line, so tests see which defaults were set and when.
+- The daemon keeps its defaults (``set_default_active_thread_percentage``,
+  ``set_default_device_pinned_mem_limit <dev> <value>``) in memory only, like the real
+  one: a restarted daemon has none, and the get commands answer what is set.
 - no option: the client. It sends each line of stdin to the daemon and prints the
   answers; no daemon: "Cannot find MPS control daemon process", exit 1.
 """
@@ -74,25 +82,30 @@ def serve(multi_user: bool) -> int:
     """Run the control daemon until ``quit``."""
     directory = pipe_dir()
     os.makedirs(directory, exist_ok=True)
-    lock = open(os.path.join(directory, "control_lock"), "a")  # noqa: SIM115 - held for life
+    lock_path = os.path.join(directory, "control_lock")
+    lock = open(lock_path, "a")  # noqa: SIM115 - held for life
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         sys.stdout.write("An instance of this daemon is already running\n")
         return 1
-    with open(os.path.join(directory, "nvidia-cuda-mps-control.pid"), "w") as pid_file:
+    os.chmod(lock_path, 0o666)  # noqa: S103 - the real daemon's mode
+    pid_path = os.path.join(directory, "nvidia-cuda-mps-control.pid")
+    with open(pid_path, "w") as pid_file:
         pid_file.write(str(os.getpid()))
+    os.chmod(pid_path, 0o666)  # noqa: S103 - the real daemon's mode
+    log_fifo = os.path.join(directory, "log")
+    if not os.path.exists(log_fifo):
+        os.mkfifo(log_fifo)
+    os.chmod(log_fifo, 0o777)  # noqa: S103 - the real daemon's mode (what the lockdown fixes)
     time.sleep(float(os.environ.get("FAKE_MPS_START_DELAY_S", "0")))
+    privileged = bind_socket(os.path.join(directory, "control_privileged"), 0o755)
     path = os.path.join(directory, "control")
-    if os.path.exists(path):
-        os.unlink(path)
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
-    os.chmod(path, 0o666)  # noqa: S103 - the real daemon's control socket is 0666
-    server.listen(16)
+    server = bind_socket(path, 0o666)
     sys.stdout.write(f"Starting control daemon using socket {path} (multi-user: {multi_user})\n")
     sys.stdout.flush()
     hang = os.environ.get("FAKE_MPS_HANG") == "1"
+    command_log = os.environ.get("FAKE_MPS_COMMAND_LOG")
     held = []
     state: dict[str, str] = {}
     while True:
@@ -103,6 +116,9 @@ def serve(multi_user: bool) -> int:
         with connection:
             try:
                 command = connection.makefile("r").readline().strip()
+                if command_log:
+                    with open(command_log, "a", encoding="utf-8") as recorded:
+                        recorded.write(command + "\n")
                 connection.sendall(answer(command, state).encode() + b"\n")
             except OSError:
                 # The client gave up (timed out) before the answer: like the real daemon,
@@ -110,8 +126,20 @@ def serve(multi_user: bool) -> int:
                 continue
         if command == "quit":
             server.close()
+            privileged.close()
             os.unlink(path)
             return 0
+
+
+def bind_socket(path: str, mode: int) -> socket.socket:
+    """A listening unix socket at ``path`` (replacing a stale one) with ``mode``."""
+    if os.path.exists(path):
+        os.unlink(path)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    os.chmod(path, mode)
+    server.listen(16)
+    return server
 
 
 def client() -> int:
