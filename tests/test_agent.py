@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
+import grpc
 import pytest
 
 from vgpu_agent import control
@@ -192,15 +193,84 @@ def test_allocate_through_kubelet(start_agent: Callable[..., Harness]) -> None:
     """Allocate over the wire gives the GPU, the pipe directory and proportional limits."""
     harness = start_agent()
     devices = harness.devices(lambda devs: len(devs) == 8)
-    ids = [device.device_id for device in devices[:2]]
+    ids = [devices[0].device_id]
     response = harness.standin.allocate(RESOURCE, ids).container_responses[0]
     gpu_uuid = ids[0].split("::")[0]
     assert response.envs["NVIDIA_VISIBLE_DEVICES"] == gpu_uuid
-    assert response.envs["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50"
-    assert response.envs["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == f"0={81559 // 2}M"
+    assert response.envs["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "25"
+    assert response.envs["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == f"0={81559 // 4}M"
     assert [(m.host_path, m.container_path) for m in response.mounts] == [
         (f"{harness.root}/mps/{gpu_uuid}", "/run/nvidia-mps")
     ]
+
+
+def test_allocate_refuses_more_vgpus_than_enforced_confinement_allows(
+    start_agent: Callable[..., Harness],
+) -> None:
+    """Default config (enforced, 1 vGPU per container): a 2-vGPU request is INVALID_ARGUMENT
+    saying what to do."""
+    harness = start_agent()
+    devices = harness.devices(lambda devs: len(devs) == 8)
+    ids = [device.device_id for device in devices[:2]]
+    with pytest.raises(grpc.RpcError) as caught:
+        harness.standin.allocate(RESOURCE, ids)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "request at most 1" in str(caught.value.details())
+    assert "mps.max_vgpus_per_container" in str(caught.value.details())
+
+
+def test_allocate_gives_two_shares_when_two_vgpus_are_allowed(
+    start_agent: Callable[..., Harness], short_tmp_dir: str
+) -> None:
+    """With mps.max_vgpus_per_container = 2 a 2-vGPU request gets two shares (2 of 4: 50%)."""
+    config = make_config(short_tmp_dir)
+    harness = start_agent(replace(config, mps=replace(config.mps, max_vgpus_per_container=2)))
+    devices = harness.devices(lambda devs: len(devs) == 8)
+    ids = [device.device_id for device in devices[:2]]
+    response = harness.standin.allocate(RESOURCE, ids).container_responses[0]
+    assert response.envs["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50"
+    assert response.envs["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == f"0={81559 // 2}M"
+
+
+@pytest.mark.parametrize(
+    ("strategy", "visible", "mounted", "cdi"),
+    [
+        ("envvar", "{uuid}", [], []),
+        (
+            "volume-mounts",
+            "/var/run/nvidia-container-devices",
+            [("/dev/null", "/var/run/nvidia-container-devices/{uuid}")],
+            [],
+        ),
+        ("cdi", "void", [], ["nvidia.com/gpu={uuid}"]),
+    ],
+    ids=["envvar", "volume-mounts", "cdi"],
+)
+def test_allocate_names_the_gpu_by_device_list_strategy(  # noqa: PLR0917 - table columns
+    start_agent: Callable[..., Harness],
+    short_tmp_dir: str,
+    strategy: str,
+    visible: str,
+    mounted: list[tuple[str, str]],
+    cdi: list[str],
+) -> None:
+    """plugin.device_list_strategy decides how the Allocate response names the GPU: the
+    variable, a /dev/null mount per GPU, or the CDI device (field 5), MPS as before."""
+    config = make_config(short_tmp_dir)
+    config = replace(config, plugin=replace(config.plugin, device_list_strategy=strategy))
+    harness = start_agent(config)
+    devices = harness.devices(lambda devs: len(devs) == 8)
+    gpu_uuid = devices[0].device_id.split("::")[0]
+    response = harness.standin.allocate(RESOURCE, [devices[0].device_id]).container_responses[0]
+    assert response.envs["NVIDIA_VISIBLE_DEVICES"] == visible.format(uuid=gpu_uuid)
+    assert [(m.host_path, m.container_path) for m in response.mounts] == [
+        *((host, path.format(uuid=gpu_uuid)) for host, path in mounted),
+        (f"{harness.root}/mps/{gpu_uuid}", "/run/nvidia-mps"),
+    ]
+    assert [device.name for device in response.cdi_devices] == [
+        name.format(uuid=gpu_uuid) for name in cdi
+    ]
+    assert response.envs["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "25"
 
 
 def test_waits_for_kubelet_then_registers(start_agent: Callable[..., Harness]) -> None:

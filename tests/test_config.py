@@ -53,6 +53,7 @@ plugin_dir = "/tmp/plugins"
 socket_name = "shared.sock"
 kubelet_socket_name = "kubelet-test.sock"
 register_timeout_s = 2
+device_list_strategy = "volume-mounts"
 
 [gpus]
 backend = "simulated"
@@ -80,6 +81,8 @@ memory_limit = 4096
 memory_headroom_mib = 512
 share_host_shm = true
 control_timeout_s = 1.5
+confinement = "enforced"
+max_vgpus_per_container = 2
 
 [health]
 xid_enabled = false
@@ -112,6 +115,7 @@ FULL_CONFIG = Config(
         socket_name="shared.sock",
         kubelet_socket_name="kubelet-test.sock",
         register_timeout_s=2.0,
+        device_list_strategy="volume-mounts",
     ),
     gpus=GpusConfig(
         backend="simulated",
@@ -135,6 +139,8 @@ FULL_CONFIG = Config(
         memory_headroom_mib=512,
         share_host_shm=True,
         control_timeout_s=1.5,
+        confinement="enforced",
+        max_vgpus_per_container=2,
     ),
     health=HealthConfig(
         xid_enabled=False,
@@ -182,6 +188,9 @@ def test_defaults_are_the_documented_ones() -> None:
     assert config.gpus.compute_mode == "exclusive_process"
     assert config.health.ignored_xids == (13, 31, 43, 45, 68, 109)
     assert config.health.recovery_quiet_period_s == 300.0
+    assert config.mps.confinement == "enforced"
+    assert config.mps.max_vgpus_per_container == 1
+    assert config.plugin.device_list_strategy == "envvar"
     assert DEFAULT_CONFIG_PATH == "/etc/vgpu/config.toml"
 
 
@@ -223,6 +232,26 @@ def test_full_file_parses_to_every_value() -> None:
         ("[gpus.replicas_by_model]\n'a10g' = 7", "gpus.replicas_by_model", (("a10g", 7),)),
         ("[gpus]\nreplicas_by_model = {}", "gpus.replicas_by_model", ()),
         ("[simulated]\ngpus = []", "simulated.gpus", ()),
+        ('[mps]\nconfinement = "cooperative"', "mps.confinement", "cooperative"),
+        ("[mps]\nmax_vgpus_per_container = 48", "mps.max_vgpus_per_container", 48),
+        ('[plugin]\ndevice_list_strategy = "cdi"', "plugin.device_list_strategy", "cdi"),
+        (
+            '[plugin]\ndevice_list_strategy = "volume-mounts"',
+            "plugin.device_list_strategy",
+            "volume-mounts",
+        ),
+        # The one safe setting of the older keys still means the same in enforced mode.
+        ('[mps]\ndaemon_thread_limit = "proportional"', "mps.daemon_thread_limit", "proportional"),
+        (
+            '[mps]\nconfinement = "cooperative"\ndaemon_memory_limit = 4096',
+            "mps.daemon_memory_limit",
+            4096,
+        ),
+        (
+            '[mps]\nconfinement = "cooperative"\ndaemon_thread_limit = 30',
+            "mps.daemon_thread_limit",
+            30,
+        ),
     ],
     ids=_document_id,
 )
@@ -479,6 +508,35 @@ ERROR_CASES: list[tuple[str, str, str, str]] = [
     ("headroom-float", "mps.memory_headroom_mib = 1.0", "mps.memory_headroom_mib", "1.0"),
     ("share-shm-int", "mps.share_host_shm = 0", "mps.share_host_shm", "0"),
     ("control-timeout-zero", "mps.control_timeout_s = 0.0", "mps.control_timeout_s", "0.0"),
+    ("confinement-enum", "mps.confinement = 'strict'", "mps.confinement", "'strict'"),
+    ("confinement-bool", "mps.confinement = true", "mps.confinement", "true"),
+    ("max-vgpus-zero", "mps.max_vgpus_per_container = 0", "mps.max_vgpus_per_container", "0"),
+    ("max-vgpus-49", "mps.max_vgpus_per_container = 49", "mps.max_vgpus_per_container", "49"),
+    (
+        "enforced-with-daemon-threads",
+        "mps.daemon_thread_limit = 25",
+        "mps.daemon_thread_limit",
+        "25",
+    ),
+    (
+        "enforced-with-daemon-memory",
+        "[mps]\nconfinement = 'enforced'\ndaemon_memory_limit = 'proportional'\n"
+        "max_vgpus_per_container = 2",
+        "mps.daemon_memory_limit",
+        "'proportional'",
+    ),
+    (
+        "cooperative-with-max-vgpus",
+        "[mps]\nconfinement = 'cooperative'\nmax_vgpus_per_container = 2",
+        "mps.max_vgpus_per_container",
+        "2",
+    ),
+    (
+        "strategy-enum",
+        "plugin.device_list_strategy = 'volume_mounts'",
+        "plugin.device_list_strategy",
+        "'volume_mounts'",
+    ),
     # [health]
     ("xid-enabled-string", "health.xid_enabled = 'no'", "health.xid_enabled", "'no'"),
     ("xids-not-array", "health.ignored_xids = 13", "health.ignored_xids", "13"),
@@ -603,6 +661,13 @@ def test_error_names_file_key_path_and_value(
         ("plugin.socket_name = 'kubelet.sock'", "the kubelet's socket"),
         ("gpus.serve = ['gpu-1']", "'GPU-' followed by"),
         ("health.recovery_quiet_period_s = -1", "0 means never"),
+        ("mps.confinement = 'x'", '"enforced", "cooperative"'),
+        ("plugin.device_list_strategy = 'x'", '"envvar", "volume-mounts", "cdi"'),
+        ("mps.daemon_thread_limit = 25", 'or set mps.confinement = "cooperative"'),
+        (
+            "mps.confinement = 'cooperative'\nmps.max_vgpus_per_container = 3",
+            'or set mps.confinement = "enforced"',
+        ),
     ],
     ids=[
         "version",
@@ -621,6 +686,10 @@ def test_error_names_file_key_path_and_value(
         "kubelet-socket",
         "uuid",
         "quiet-period",
+        "confinement",
+        "device-list-strategy",
+        "enforced-daemon-limit-says-what-to-do",
+        "cooperative-max-vgpus-says-what-to-do",
     ],
 )
 def test_error_says_what_is_allowed(document: str, allowed: str) -> None:

@@ -255,6 +255,7 @@ def _plugins(draw: st.DrawFn) -> PluginConfig:
         socket_name=socket_name,
         kubelet_socket_name=kubelet_socket_name,
         register_timeout_s=draw(_seconds),
+        device_list_strategy=draw(st.sampled_from(["envvar", "volume-mounts", "cdi"])),
     )
 
 
@@ -310,6 +311,25 @@ _simulated = st.one_of(
     st.builds(SimulatedConfig, gpus=_simulated_gpus),
 )
 
+
+def _confinements() -> st.SearchStrategy[dict[str, st.SearchStrategy[object]]]:
+    """The valid combinations of mps.confinement with the keys it decides over."""
+    enforced = st.fixed_dictionaries(
+        {
+            "confinement": st.just(st.just("enforced")),
+            "max_vgpus_per_container": st.integers(1, 48).map(st.just),
+        }
+    )
+    cooperative = st.fixed_dictionaries(
+        {
+            "confinement": st.just(st.just("cooperative")),
+            "daemon_thread_limit": st.just(_limits),
+            "daemon_memory_limit": st.just(_memory_limits),
+        }
+    )
+    return st.one_of(enforced, cooperative)
+
+
 valid_configs = st.builds(
     Config,
     agent=st.builds(
@@ -328,20 +348,23 @@ valid_configs = st.builds(
         restore_compute_mode=st.booleans(),
         allow_unconfined_sharing=st.booleans(),
     ),
-    mps=st.builds(
-        MpsConfig,
-        enabled=st.booleans(),
-        manager=st.sampled_from(["direct", "systemd", "external"]),
-        pipe_root=_absolute_paths,
-        log_root=_absolute_paths,
-        control_binary=_programs,
-        multi_user=st.sampled_from(["auto", "on", "off"]),
-        container_pipe_dir=_absolute_paths,
-        thread_limit=_limits,
-        memory_limit=_memory_limits,
-        memory_headroom_mib=st.integers(0, 2**63 - 1),
-        share_host_shm=st.booleans(),
-        control_timeout_s=_seconds,
+    mps=_confinements().flatmap(
+        lambda confinement: st.builds(
+            MpsConfig,
+            **confinement,
+            enabled=st.booleans(),
+            manager=st.sampled_from(["direct", "systemd", "external"]),
+            pipe_root=_absolute_paths,
+            log_root=_absolute_paths,
+            control_binary=_programs,
+            multi_user=st.sampled_from(["auto", "on", "off"]),
+            container_pipe_dir=_absolute_paths,
+            thread_limit=_limits,
+            memory_limit=_memory_limits,
+            memory_headroom_mib=st.integers(0, 2**63 - 1),
+            share_host_shm=st.booleans(),
+            control_timeout_s=_seconds,
+        )
     ),
     health=st.builds(
         HealthConfig,
