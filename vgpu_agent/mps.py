@@ -330,19 +330,27 @@ class LivenessProber:
         self._lock = threading.Lock()
         self._answered_at: dict[str, float] = {}
         self._ceilings: dict[str, Ceiling] = {}
+        self._ceiling_lock = threading.Lock()
 
     def hold(self, pipe_dir: str, ceiling: Ceiling, wait_s: float = 15.0) -> list[str]:
         """Set ``ceiling`` on the daemon of ``pipe_dir`` (waiting until it answers) and keep
         it there: every full probe reads it back and puts it back when it is gone.
         Returns the commands sent; raises MpsError when it cannot be set."""
-        with self._lock:
-            if ceiling.empty:
-                self._ceilings.pop(pipe_dir, None)
-            else:
-                self._ceilings[pipe_dir] = ceiling
-        return apply_ceiling(self._config, pipe_dir, ceiling, wait_s)
+        # Setting and checking never interleave: a check between the new ceiling being
+        # recorded and being sent would report the old one as a lost ceiling.
+        with self._ceiling_lock:
+            with self._lock:
+                if ceiling.empty:
+                    self._ceilings.pop(pipe_dir, None)
+                else:
+                    self._ceilings[pipe_dir] = ceiling
+            return apply_ceiling(self._config, pipe_dir, ceiling, wait_s)
 
     def _check_ceiling(self, pipe_dir: str) -> Optional[str]:
+        with self._ceiling_lock:
+            return self._check_ceiling_locked(pipe_dir)
+
+    def _check_ceiling_locked(self, pipe_dir: str) -> Optional[str]:
         with self._lock:
             ceiling = self._ceilings.get(pipe_dir)
         if ceiling is None:
