@@ -591,20 +591,21 @@ def test_sigkill_leaves_mps_daemons_untouched(short_tmp_dir: str) -> None:
         assert len(pids) == 2
         some_gpu = sorted(pids)[0]
         pipe_dir = f"{mps.pipe_root}/{some_gpu}"
-        # State a running job would depend on: it must survive the agent's death.
-        control_command(mps, pipe_dir, "set_default_active_thread_percentage 37")
+        # State a running job would depend on: it must survive the agent's death. (Device
+        # 1's default, which the agent never sets: device 0's is its enforced ceiling.)
+        control_command(mps, pipe_dir, "set_default_device_pinned_mem_limit 1 3700M")
 
         first.send_signal(signal.SIGKILL)
         first.wait(WAIT_S)
         assert _daemon_pids(mps) == pids
         assert all(_alive(pid) for pid in pids.values())
-        assert control_command(mps, pipe_dir, "get_default_active_thread_percentage") == "37.0"
+        assert control_command(mps, pipe_dir, "get_default_device_pinned_mem_limit 1") == "3700M"
 
         second = _spawn(argv, log_path)
         standin.wait_for_registration(2, WAIT_S)
         standin.wait_for_devices(lambda devs: healthy_count(devs) == 6, WAIT_S, RESOURCE)
         assert _daemon_pids(mps) == pids
-        assert control_command(mps, pipe_dir, "get_default_active_thread_percentage") == "37.0"
+        assert control_command(mps, pipe_dir, "get_default_device_pinned_mem_limit 1") == "3700M"
         second.send_signal(signal.SIGTERM)
         assert second.wait(WAIT_S) == EXIT_OK
         assert all(_alive(pid) for pid in pids.values()), "stopping the agent kept the daemons"
