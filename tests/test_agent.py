@@ -23,6 +23,7 @@ from vgpu_agent.agent import EXIT_FAILURE, EXIT_OK, Agent, build_backend, build_
 from vgpu_agent.config import (
     AgentConfig,
     Config,
+    DeviceListStrategy,
     GpusConfig,
     HealthConfig,
     MpsConfig,
@@ -249,7 +250,7 @@ def test_allocate_gives_two_shares_when_two_vgpus_are_allowed(
 def test_allocate_names_the_gpu_by_device_list_strategy(  # noqa: PLR0917 - table columns
     start_agent: Callable[..., Harness],
     short_tmp_dir: str,
-    strategy: str,
+    strategy: DeviceListStrategy,
     visible: str,
     mounted: list[tuple[str, str]],
     cdi: list[str],

@@ -83,6 +83,14 @@ class Node:
         os.chmod(path, mode)
         return path
 
+    @property
+    def toolkit_config(self) -> str:
+        return os.path.join(self.root, "nvidia-container-runtime", "config.toml")
+
+    @property
+    def cdi_dir(self) -> str:
+        return os.path.join(self.root, "cdi")
+
     def config(
         self,
         *,
@@ -90,6 +98,7 @@ class Node:
         mps: str = "",
         simulated: str = "count = 2",
         backend: str = "simulated",
+        plugin: str = "",
     ) -> str:
         """A config file for this node: paths inside the node, two simulated GPUs."""
         text = f"""
@@ -98,6 +107,7 @@ version = 1
 state_dir = "{self.state_dir}"
 [plugin]
 plugin_dir = "{self.plugin_dir}"
+{plugin}
 [gpus]
 backend = "{backend}"
 {gpus}
@@ -190,6 +200,9 @@ def probes_for(node: Node, mps: Optional[FakeMps] = None, **changes: Any) -> Doc
         containerd_config=node.containerd_config,
         containerd_dropin_dirs=(node.dropin_dir,),
         socket_timeout_s=1.0,
+        toolkit_config=node.toolkit_config,
+        cdi_spec_dirs=(node.cdi_dir,),
+        mps_ceiling_gaps=lambda _config, _uuid, _ceiling: [],
     )
     return dataclasses.replace(probes, **changes)
 
@@ -219,11 +232,20 @@ def doctor(
     return Result(code, output)
 
 
+#: The container toolkit settings under which pods cannot pick their own GPUs.
+SAFE_TOOLKIT = (
+    "accept-nvidia-visible-devices-envvar-when-unprivileged = false\n"
+    "accept-nvidia-visible-devices-as-volume-mounts = true\n"
+)
+
+
 def healthy(node: Node, sockets: Callable[..., socket.socket]) -> None:
-    """Give the node a kubelet, our plugin socket and containerd with the nvidia runtime."""
+    """Give the node a kubelet, our plugin socket, containerd with the nvidia runtime and a
+    toolkit that takes device lists only from volume mounts."""
     sockets(os.path.join(node.plugin_dir, "kubelet.sock"))
     sockets(os.path.join(node.plugin_dir, "vgpu.sock"))
     node.write(node.containerd_config, NVIDIA_DEFAULT_V2)
+    node.write(node.toolkit_config, SAFE_TOOLKIT)
 
 
 OK, WARN, FAIL = "[ ok ]", "[warn]", "[FAIL]"
@@ -254,8 +276,10 @@ def test_healthy_simulated_node_passes_every_check(
             system_probes(),
             containerd_config=node.containerd_config,
             containerd_dropin_dirs=(node.dropin_dir,),
+            toolkit_config=node.toolkit_config,
+            cdi_spec_dirs=(node.cdi_dir,),
         )
-        result = doctor(node.config(), probes)
+        result = doctor(node.config(plugin='device_list_strategy = "volume-mounts"'), probes)
     finally:
         server.stop()
     assert result.exit_code == 0, result.output
@@ -273,6 +297,8 @@ def test_healthy_simulated_node_passes_every_check(
         "plugin socket",
         "other plugins",
         "container runtime",
+        "confinement",
+        "device list",
         "agent",
     ):
         assert result.lines(check), f"no line for {check}: {result.output}"
@@ -289,7 +315,9 @@ def test_warnings_alone_exit_zero(node: Node) -> None:
     assert result.statuses("kubelet") == [WARN]
     assert result.statuses("container runtime") == [WARN]
     assert result.statuses("agent") == [WARN]
-    assert result.output[-1].startswith("doctor: no failures, 3 warnings")
+    # The default device list (envvar) is forgeable under the toolkit's defaults.
+    assert result.statuses("device list") == [WARN]
+    assert result.output[-1].startswith("doctor: no failures, 4 warnings")
 
 
 def test_lines_render_with_fixed_width_tags() -> None:
@@ -896,3 +924,115 @@ def test_backend_closed_after_the_gpu_checks(node: Node) -> None:
     doctor(node.config(), probes_for(node, open_backend=open_backend))
     assert len(opened) == 1
     assert opened[0].closed
+
+
+# -- confinement and the device list ---------------------------------------------------------------
+
+
+def test_enforced_confinement_is_reported_with_each_ceiling(node: Node) -> None:
+    """Default config: doctor says enforced, and each GPU's ceiling held by its daemon."""
+    result = doctor(node.config(gpus="replicas_per_gpu = 8"), probes_for(node))
+    assert result.statuses("confinement") == [OK, OK, OK]
+    text = result.text("confinement")
+    assert "enforced: each MPS daemon holds every client to at most 1 vGPU's share" in text
+    assert "GPU 0: the daemon holds every client to 12.5% of the SMs, 10194 MiB" in text
+
+
+def test_a_daemon_without_its_ceiling_fails(node: Node) -> None:
+    """A daemon whose read-back ceiling is gone is a FAIL saying what to run."""
+    gaps = ["thread percentage 100, not 10"]
+    result = doctor(
+        node.config(),
+        probes_for(node, mps_ceiling_gaps=lambda _config, _uuid, _ceiling: gaps),
+    )
+    assert result.exit_code == 1
+    assert result.statuses("confinement") == [OK, FAIL, FAIL]
+    assert "thread percentage 100, not 10" in result.text("confinement")
+    assert "vgpu-agent mps apply-defaults GPU-" in result.text("confinement")
+
+
+def test_cooperative_confinement_warns(node: Node) -> None:
+    """Cooperative mode is a warning naming the key that enforces; no ceiling per GPU."""
+    result = doctor(node.config(mps='confinement = "cooperative"'), probes_for(node))
+    assert result.statuses("confinement") == [WARN, OK, OK]
+    assert 'set mps.confinement = "enforced"' in result.text("confinement")
+    assert "GPU 0: no daemon ceiling" in result.text("confinement")
+
+
+CDI_SPEC_YAML = """---
+cdiVersion: 0.5.0
+kind: nvidia.com/gpu
+devices:
+- name: "0"
+  containerEdits:
+    deviceNodes:
+    - path: /dev/nvidia0
+- name: {uuid}
+  containerEdits:
+    deviceNodes:
+    - path: /dev/nvidia0
+- name: all
+containerEdits:
+  env:
+  - NVIDIA_VISIBLE_DEVICES=void
+"""
+
+
+@pytest.mark.parametrize(
+    ("strategy", "toolkit", "cdi", "statuses", "words"),
+    [
+        ("envvar", None, False, [WARN], "NVIDIA_VISIBLE_DEVICES=all"),
+        ("envvar", SAFE_TOOLKIT, False, [FAIL], "so pods get no GPU"),
+        ("volume-mounts", None, False, [FAIL], "as-volume-mounts = true in"),
+        (
+            "volume-mounts",
+            "accept-nvidia-visible-devices-as-volume-mounts = true\n",
+            False,
+            [OK, WARN],
+            "when-unprivileged = false",
+        ),
+        ("volume-mounts", SAFE_TOOLKIT, False, [OK, OK], "pods cannot pick GPUs themselves"),
+        ("cdi", SAFE_TOOLKIT, False, [FAIL], "nvidia-ctk cdi generate"),
+        ("cdi", SAFE_TOOLKIT, True, [OK, OK], "names every served GPU"),
+        ("cdi", None, True, [OK, WARN], "NVIDIA_VISIBLE_DEVICES=all"),
+    ],
+    ids=[
+        "envvar-forgeable",
+        "envvar-ignored-by-toolkit",
+        "volume-mounts-not-read",
+        "volume-mounts-but-envvar-open",
+        "volume-mounts-safe",
+        "cdi-without-spec",
+        "cdi-safe",
+        "cdi-but-envvar-open",
+    ],
+)
+def test_device_list_strategy_is_judged_against_the_toolkit(  # noqa: PLR0917 - table columns
+    node: Node,
+    strategy: str,
+    toolkit: Optional[str],
+    cdi: bool,
+    statuses: list[str],
+    words: str,
+) -> None:
+    """doctor reads the toolkit config and the CDI specs and says whether the strategy gives
+    pods their GPU and whether a pod could pick GPUs itself, with what to change."""
+    if toolkit is not None:
+        node.write(node.toolkit_config, toolkit)
+    if cdi:
+        for gpu in gpus_from_config(SimulatedConfig(count=2)):
+            node.write(
+                os.path.join(node.cdi_dir, f"nvidia-{gpu.index}.yaml"),
+                CDI_SPEC_YAML.format(uuid=gpu.uuid),
+            )
+    result = doctor(node.config(plugin=f'device_list_strategy = "{strategy}"'), probes_for(node))
+    assert result.statuses("device list") == statuses, result.output
+    assert words in result.text("device list")
+
+
+def test_unreadable_toolkit_config_is_one_failed_line(node: Node) -> None:
+    """A toolkit config that is not TOML is one FAIL naming the file, not a traceback."""
+    node.write(node.toolkit_config, "accept = [\n")
+    result = doctor(node.config(), probes_for(node))
+    assert result.statuses("device list") == [FAIL]
+    assert node.toolkit_config in result.text("device list")

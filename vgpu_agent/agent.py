@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Union
 
 from vgpu_agent import kubelet
 from vgpu_agent.config import Config, simulated_mps
+from vgpu_agent.confinement import gpu_ceiling, mode_line
 from vgpu_agent.devices import Inventory, MpsGrantPolicy, ServedGpu
 from vgpu_agent.errors import ConfigError, GpuError, MpsError, VgpuError
 from vgpu_agent.gpu import ComputeMode, Gpu, GpuBackend
@@ -794,6 +795,12 @@ class Agent:
             "resource_name": self.config.plugin.resource_name,
             "registered": self.registered,
             "registrations": self.registrations,
+            "confinement": {
+                "mode": self.config.mps.confinement if self.config.mps.enabled else "none",
+                "summary": mode_line(self.config),
+                "max_vgpus_per_container": self.config.mps.max_vgpus_per_container,
+                "device_list_strategy": self.config.plugin.device_list_strategy,
+            },
             "gpus": [
                 {
                     "index": served.gpu.index,
@@ -804,6 +811,9 @@ class Agent:
                     "healthy": served.healthy,
                     "reasons": list(served.unhealthy_reasons),
                     "pipe_dir": served.pipe_dir,
+                    "ceiling": gpu_ceiling(
+                        self.config, served.gpu.memory_mib, served.replicas
+                    ).describe(),
                     "vgpu_ids": served.vgpu_ids,
                 }
                 for served in inventory.gpus

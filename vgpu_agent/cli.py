@@ -288,10 +288,16 @@ def status(ctx: click.Context, as_json: bool) -> None:
         click.echo(json.dumps(answer, indent=2))
         return
     click.echo(answer["status"])
+    confined = answer.get("confinement")
+    if isinstance(confined, dict):
+        click.echo(f"confinement: {confined.get('summary', confined.get('mode'))}")
+        click.echo(f"device list: {confined.get('device_list_strategy')}")
     for gpu in answer["gpus"]:
         health = "Healthy" if gpu["healthy"] else "Unhealthy: " + "; ".join(gpu["reasons"])
+        ceiling = f", ceiling {gpu['ceiling']}" if "ceiling" in gpu else ""
         click.echo(
-            f"GPU {gpu['index']} {gpu['uuid']} {gpu['model']}: {gpu['replicas']} vGPUs, {health}"
+            f"GPU {gpu['index']} {gpu['uuid']} {gpu['model']}: {gpu['replicas']} vGPUs, "
+            f"{health}{ceiling}"
         )
         for vgpu_id in gpu["vgpu_ids"]:
             click.echo(f"  {vgpu_id}  {'Healthy' if gpu['healthy'] else 'Unhealthy'}")

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
 from vgpu_agent import config as config_module
-from vgpu_agent import control, mps
+from vgpu_agent import confinement, control, mps
 from vgpu_agent.config import ComputeModeSetting, Config, MultiUser, simulated_mps
-from vgpu_agent.devices import pipe_dir_for
+from vgpu_agent.devices import Ceiling, pipe_dir_for
 from vgpu_agent.errors import ConfigError, VgpuError
 from vgpu_agent.gpu import ComputeMode, Gpu, GpuBackend
 
@@ -77,6 +77,12 @@ class CheckLine:
         return f"{_TAGS[self.status]} {self.check}: {self.message}"
 
 
+def _mps_ceiling_gaps(config: Config, gpu_uuid: str, ceiling: Ceiling) -> list[str]:
+    if simulated_mps(config):
+        return []  # simulated daemons live inside the agent and hold no ceiling
+    return mps.ceiling_gaps(config.mps, pipe_dir_for(config.mps.pipe_root, gpu_uuid), ceiling)
+
+
 @dataclass(frozen=True)
 class DoctorProbes:
     """Everything doctor reads from the node, so tests can point it elsewhere.
@@ -100,6 +106,12 @@ class DoctorProbes:
     containerd_config: str = CONTAINERD_CONFIG
     containerd_dropin_dirs: tuple[str, ...] = CONTAINERD_DROPIN_DIRS
     socket_timeout_s: float = SOCKET_CONNECT_TIMEOUT_S
+    #: The NVIDIA container toolkit's config and the CDI spec directories.
+    toolkit_config: str = confinement.TOOLKIT_CONFIG
+    cdi_spec_dirs: tuple[str, ...] = confinement.CDI_SPEC_DIRS
+    #: What of a ceiling the daemon of (config, GPU UUID) no longer holds (MpsError: no
+    #: answer).
+    mps_ceiling_gaps: Callable[[Config, str, Ceiling], list[str]] = _mps_ceiling_gaps
 
 
 # -- the probes of the real node ---------------------------------------------------------------
@@ -277,6 +289,9 @@ class _Node:
 
     backend: Optional[GpuBackend] = None
     served: list[Gpu] = field(default_factory=list)
+    replicas: dict[str, int] = field(default_factory=dict)
+    #: GPUs whose MPS daemon answered, so their ceiling can be read back.
+    answering: set[str] = field(default_factory=set)
 
 
 # -- the checks --------------------------------------------------------------------------------
@@ -346,6 +361,7 @@ def _check_gpus(report: _Report, config: Config, probes: DoctorProbes, node: _No
     for refusal in plan.refused:
         report.warn("gpus", refusal)
     node.served = [gpu for gpu, _ in plan.served]
+    node.replicas = dict(replicas_by_uuid)
     if not node.served:
         report.fail(
             "gpus",
@@ -454,6 +470,7 @@ def _check_mps_daemons(report: _Report, config: Config, probes: DoctorProbes, no
                 f"{_daemon_hint(config, gpu.uuid)}",
             )
             continue
+        node.answering.add(gpu.uuid)
         running_multi_user = probes.mps_daemon_multi_user(config, gpu.uuid)
         if running_multi_user is False and config.mps.multi_user != "off":
             report.warn(
@@ -464,6 +481,70 @@ def _check_mps_daemons(report: _Report, config: Config, probes: DoctorProbes, no
             )
             continue
         report.ok(check, f"GPU {gpu.index}: the daemon on {pipe_dir} answers{simulated}")
+
+
+def _check_confinement(report: _Report, config: Config, probes: DoctorProbes, node: _Node) -> None:
+    """Which confinement the node runs, each GPU's ceiling, and whether its daemon holds it."""
+    check = "confinement"
+    line = confinement.mode_line(config)
+    if not config.mps.enabled or config.mps.confinement == "cooperative":
+        report.warn(
+            check,
+            f"{line}; a pod that unsets its variables gets the whole GPU: set "
+            'mps.confinement = "enforced" unless every tenant is trusted (docs/security.md)',
+        )
+        if not config.mps.enabled:
+            return
+    else:
+        report.ok(check, line)
+    if config.gpus.allow_unconfined_sharing:
+        report.warn(
+            check,
+            "gpus.allow_unconfined_sharing = true: pre-Volta and MIG GPUs, if served, hold no "
+            "ceiling (MPS cannot confine clients there)",
+        )
+    for gpu in node.served:
+        ceiling = confinement.gpu_ceiling(config, gpu.memory_mib, node.replicas[gpu.uuid])
+        if ceiling.empty:
+            report.ok(check, f"GPU {gpu.index}: no daemon ceiling")
+            continue
+        if gpu.uuid not in node.answering:
+            report.warn(
+                check,
+                f"GPU {gpu.index}: ceiling {ceiling.describe()} not checked: its daemon "
+                "does not answer (see the mps daemon line)",
+            )
+            continue
+        try:
+            gaps = probes.mps_ceiling_gaps(config, gpu.uuid, ceiling)
+        except VgpuError as exc:
+            report.warn(check, f"GPU {gpu.index}: ceiling not read back: {exc}")
+            continue
+        if gaps:
+            report.fail(
+                check,
+                f"GPU {gpu.index}: the daemon does not hold its ceiling ({'; '.join(gaps)}): "
+                "clients can take more than their share; the agent sets it at start and puts "
+                "it back on every full probe: check `systemctl status vgpu-agent`, or run "
+                f"`vgpu-agent mps apply-defaults {gpu.uuid}`",
+            )
+            continue
+        report.ok(check, f"GPU {gpu.index}: the daemon holds every client to {ceiling.describe()}")
+
+
+def _check_device_list(report: _Report, config: Config, probes: DoctorProbes, node: _Node) -> None:
+    """Whether pods get their GPU with the chosen strategy, and whether they can forge it."""
+    check = "device list"
+    toolkit = confinement.read_toolkit_config(probes.toolkit_config)
+    names, _ = confinement.cdi_gpu_names(probes.cdi_spec_dirs)
+    verdicts = confinement.judge_device_list(
+        config.plugin.device_list_strategy,
+        toolkit,
+        names,
+        [gpu.uuid for gpu in node.served],
+    )
+    for verdict, message in verdicts:
+        report.add(Status(verdict), check, message)
 
 
 def _check_multi_user(report: _Report, config: Config, probes: DoctorProbes) -> None:
@@ -827,6 +908,12 @@ def run_doctor(
             report, "mps daemon", lambda: _check_mps_daemons(report, config, node_probes, node)
         )
         _guarded(report, "mps multi-user", lambda: _check_multi_user(report, config, node_probes))
+        _guarded(
+            report, "confinement", lambda: _check_confinement(report, config, node_probes, node)
+        )
+        _guarded(
+            report, "device list", lambda: _check_device_list(report, config, node_probes, node)
+        )
     finally:
         if node.backend is not None:
             backend = node.backend

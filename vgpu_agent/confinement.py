@@ -1,0 +1,214 @@
+"""What holds pods to their share on this node, in words for `status` and `doctor`.
+
+Two questions, both answered from plain values so they are tested without a node:
+
+- the confinement mode (``mps.confinement``): who holds a pod to its share, the MPS daemon
+  (enforced) or the pod itself (cooperative), and the ceiling on each GPU;
+- whether the device list is one a pod cannot forge (``plugin.device_list_strategy``),
+  given the NVIDIA container toolkit's config and the CDI specs on the node.
+
+docs/security.md explains the threat model these serve.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+from vgpu_agent.config import Config
+from vgpu_agent.devices import CDI_GPU_KIND, Ceiling
+from vgpu_agent.errors import VgpuError
+from vgpu_agent.mps import daemon_ceiling
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+#: The NVIDIA container toolkit's config (nvidia-container-runtime and its hook read it).
+TOOLKIT_CONFIG = "/etc/nvidia-container-runtime/config.toml"
+#: Where CDI specs live; container runtimes read both.
+CDI_SPEC_DIRS = ("/etc/cdi", "/var/run/cdi")
+ENVVAR_UNPRIVILEGED_KEY = "accept-nvidia-visible-devices-envvar-when-unprivileged"
+VOLUME_MOUNTS_KEY = "accept-nvidia-visible-devices-as-volume-mounts"
+
+Verdict = Literal["ok", "warn", "fail"]
+
+
+def mode_line(config: Config) -> str:
+    """One line saying which confinement the node runs: who holds a pod to its share."""
+    mps = config.mps
+    if not mps.enabled:
+        return "none: MPS is off (mps.enabled = false), pods time-slice whole GPUs with no limits"
+    if mps.confinement == "enforced":
+        vgpus = mps.max_vgpus_per_container
+        share = "1 vGPU's share" if vgpus == 1 else f"{vgpus} vGPUs' share"
+        return (
+            f"enforced: each MPS daemon holds every client to at most {share} of the SMs and "
+            f"memory, whatever its environment says; containers may ask for at most {vgpus} "
+            "vGPU" + ("" if vgpus == 1 else "s")
+        )
+    ceiling = (
+        "no daemon ceiling"
+        if mps.daemon_thread_limit == "none" and mps.daemon_memory_limit == "none"
+        else "a daemon ceiling from mps.daemon_*_limit"
+    )
+    return (
+        "cooperative: each container's limits are its own environment variables, which it "
+        f"can unset or raise; {ceiling} (for trusted tenants only)"
+    )
+
+
+def gpu_ceiling(config: Config, memory_mib: int, replicas: int) -> Ceiling:
+    """The ceiling the GPU's daemon holds clients to (empty without MPS)."""
+    if not config.mps.enabled:
+        return Ceiling()
+    return daemon_ceiling(config.mps, memory_mib, replicas)
+
+
+# -- the device list ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ToolkitSettings:
+    """The container toolkit settings that decide whether a pod can pick its own GPUs."""
+
+    #: NVIDIA_VISIBLE_DEVICES honoured from unprivileged containers (the toolkit's default).
+    envvar_when_unprivileged: bool = True
+    #: Device lists read from mounts under /var/run/nvidia-container-devices.
+    as_volume_mounts: bool = False
+    #: Where they came from, for messages.
+    source: str = TOOLKIT_CONFIG
+
+
+def read_toolkit_config(path: str = TOOLKIT_CONFIG) -> ToolkitSettings:
+    """The toolkit settings in ``path`` (the toolkit's defaults when it is missing).
+
+    Raises VgpuError naming the file when it cannot be read or is not TOML."""
+    try:
+        with open(path, "rb") as config_file:
+            document = tomllib.load(config_file)
+    except FileNotFoundError:
+        return ToolkitSettings(source=f"{path} (missing: the toolkit's defaults)")
+    except OSError as exc:
+        raise VgpuError(f"reading {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise VgpuError(f"{path} is not valid TOML: {exc}") from exc
+    envvar = document.get(ENVVAR_UNPRIVILEGED_KEY, True)
+    mounts = document.get(VOLUME_MOUNTS_KEY, False)
+    return ToolkitSettings(
+        envvar_when_unprivileged=envvar is not False,
+        as_volume_mounts=mounts is True,
+        source=path,
+    )
+
+
+_CDI_KIND = re.compile(r"""["']?\bkind["']?\s*:\s*["']?([^"'\s,}]+)""")
+_CDI_NAME = re.compile(r"""["']?name["']?\s*:\s*["']?([^"'\s,}]+)""")
+
+
+def cdi_gpu_names(spec_dirs: tuple[str, ...] = CDI_SPEC_DIRS) -> tuple[set[str], list[str]]:
+    """The device names of kind nvidia.com/gpu in the CDI specs of ``spec_dirs`` (YAML or
+    JSON, as `nvidia-ctk cdi generate` writes them), and the files that had them."""
+    names: set[str] = set()
+    files: list[str] = []
+    for directory in spec_dirs:
+        try:
+            entries = sorted(os.listdir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            if not entry.endswith((".yaml", ".yml", ".json")):
+                continue
+            path = os.path.join(directory, entry)
+            try:
+                with open(path, encoding="utf-8", errors="replace") as spec:
+                    text = spec.read(4 * 1024 * 1024)
+            except OSError:
+                continue
+            kinds = _CDI_KIND.findall(text)
+            if CDI_GPU_KIND not in kinds:
+                continue
+            files.append(path)
+            names.update(_CDI_NAME.findall(text))
+    return names, files
+
+
+def judge_device_list(
+    strategy: str,
+    toolkit: ToolkitSettings,
+    cdi_names: set[str],
+    gpu_uuids: list[str],
+) -> list[tuple[Verdict, str]]:
+    """Whether ``strategy`` works on this node and whether a pod can forge its device list."""
+    forgeable = (
+        f"any pod can set NVIDIA_VISIBLE_DEVICES=all itself and use every GPU outside MPS "
+        f"where the NVIDIA runtime is the default ({toolkit.source} has "
+        f"{ENVVAR_UNPRIVILEGED_KEY} = true)"
+    )
+    close_envvar = f"set {ENVVAR_UNPRIVILEGED_KEY} = false in {TOOLKIT_CONFIG}"
+    if strategy == "envvar":
+        if not toolkit.envvar_when_unprivileged:
+            return [
+                (
+                    "fail",
+                    f"plugin.device_list_strategy = envvar, but the toolkit ignores "
+                    f"NVIDIA_VISIBLE_DEVICES from unprivileged containers ({toolkit.source}), "
+                    'so pods get no GPU; set plugin.device_list_strategy = "volume-mounts" '
+                    f'with {VOLUME_MOUNTS_KEY} = true, or "cdi"',
+                )
+            ]
+        return [
+            (
+                "warn",
+                f"plugin.device_list_strategy = envvar is forgeable: {forgeable}; set "
+                f'plugin.device_list_strategy = "volume-mounts" with {VOLUME_MOUNTS_KEY} = '
+                f'true and {close_envvar} (or "cdi"), see docs/security.md',
+            )
+        ]
+    verdicts: list[tuple[Verdict, str]] = []
+    if strategy == "volume-mounts":
+        if not toolkit.as_volume_mounts:
+            return [
+                (
+                    "fail",
+                    f"plugin.device_list_strategy = volume-mounts, but the toolkit does not "
+                    f"read device mounts ({toolkit.source} lacks {VOLUME_MOUNTS_KEY} = true), "
+                    f"so pods get no GPU; set {VOLUME_MOUNTS_KEY} = true in {TOOLKIT_CONFIG}",
+                )
+            ]
+        verdicts.append(
+            ("ok", f"volume-mounts: the toolkit reads device mounts ({toolkit.source})")
+        )
+    elif strategy == "cdi":
+        missing = [uuid for uuid in gpu_uuids if uuid not in cdi_names]
+        if missing:
+            return [
+                (
+                    "fail",
+                    f"plugin.device_list_strategy = cdi, but no CDI spec in "
+                    f"{' or '.join(CDI_SPEC_DIRS)} names {CDI_GPU_KIND}={missing[0]}"
+                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                    + "; run `nvidia-ctk cdi generate --output=/var/run/cdi/nvidia.yaml` and "
+                    "enable CDI in containerd (enable_cdi = true on 1.7; on by default in 2.x)",
+                )
+            ]
+        verdicts.append(("ok", f"cdi: a CDI spec names every served GPU as {CDI_GPU_KIND}=<UUID>"))
+    else:
+        return [("fail", f"unknown plugin.device_list_strategy {strategy!r}")]
+    if toolkit.envvar_when_unprivileged:
+        verdicts.append(
+            (
+                "warn",
+                f"{strategy} names the GPU where a pod cannot, but the variable is still "
+                f"honoured: {forgeable}; {close_envvar}",
+            )
+        )
+    else:
+        verdicts.append(
+            ("ok", "pods cannot pick GPUs themselves: the toolkit ignores their variable")
+        )
+    return verdicts
