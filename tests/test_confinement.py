@@ -29,8 +29,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import pytest
+from click.testing import CliRunner
 
 from vgpu_agent.agent import Agent, build_backend, build_mps
+from vgpu_agent.cli import cli
 from vgpu_agent.config import (
     AgentConfig,
     Config,
@@ -39,6 +41,7 @@ from vgpu_agent.config import (
     MpsConfig,
     PluginConfig,
     SimulatedConfig,
+    to_toml,
 )
 from vgpu_agent.devices import Ceiling
 from vgpu_agent.gpu import Gpu
@@ -237,34 +240,41 @@ def test_ceiling_is_put_back_after_a_daemon_restart(
     os.kill(pid, signal.SIGKILL)
     start_bare_daemon(node)
     wait_until(
-        lambda: node.control("get_default_active_thread_percentage") == "12.5",
+        lambda: (
+            node.control("get_default_active_thread_percentage") == "12.5"
+            and node.control("get_default_device_pinned_mem_limit 0") == f"{SLICE_MIB}M"
+        ),
         "the ceiling to be re-applied",
     )
-    assert node.control("get_default_device_pinned_mem_limit 0") == f"{SLICE_MIB}M"
     node.devices(all_healthy)
     assert node.commands().count("set_default_active_thread_percentage 12.5") == 2
+    # The new daemon had neither default: one report names both.
+    reported = [r.getMessage() for r in caplog.records if "now Unhealthy" in r.getMessage()]
+    assert any(
+        "ceiling lost (thread percentage 100, not 12.5; pinned memory limit none, "
+        f"not {SLICE_MIB} MiB)" in message
+        for message in reported
+    ), reported
 
 
 def test_lost_ceiling_marks_the_gpu_unhealthy_until_it_is_back(
     start_node: Callable[..., Node], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Someone (a root pod, an operator) raises the daemon's defaults: the next full probe
-    reads that back, marks the GPU Unhealthy with a reason that says the ceiling is lost,
-    puts it back and, reading it back, heals the GPU."""
+    """Someone (a root pod, an operator) raises the daemon's thread default: the next full
+    probe reads that back, marks the GPU Unhealthy with a reason that says the ceiling is
+    lost, puts it back and, reading it back, heals the GPU."""
     caplog.set_level(logging.INFO, logger="vgpu_agent")
     node = start_node()
     node.control("set_default_active_thread_percentage 100")
-    node.control("set_default_device_pinned_mem_limit 0 81559M")
 
     def reported(words: str) -> bool:
         return any(words in record.getMessage() for record in caplog.records)
 
-    # The two changes may be seen by one probe or by two in a row: each is reported.
-    wait_until(lambda: reported("not 12.5"), "the lost thread ceiling to be reported")
-    wait_until(lambda: reported(f"not {SLICE_MIB} MiB"), "the lost memory ceiling")
+    wait_until(lambda: reported("vGPUs are now Unhealthy"), "the GPU to be marked")
     marked = [r.getMessage() for r in caplog.records if "now Unhealthy" in r.getMessage()]
-    assert any("ceiling lost (thread percentage 100, not 12.5" in m for m in marked), marked
-    assert any(f"pinned memory limit 81559 MiB, not {SLICE_MIB} MiB" in m for m in marked)
+    assert any("MPS daemon ceiling lost (thread percentage 100, not 12.5)" in m for m in marked), (
+        marked
+    )
     wait_until(lambda: reported("cleared MPS daemon ceiling lost"), "the GPU to heal")
     node.devices(all_healthy)
     assert node.control("get_default_active_thread_percentage") == "12.5"
@@ -289,6 +299,24 @@ def test_reload_applies_the_new_ceiling(
         "set_default_active_thread_percentage 25",
         f"set_default_device_pinned_mem_limit 0 {MEMORY_MIB * 2 // 8}M",
     ]
+
+
+def test_status_says_the_mode_and_each_ceiling(
+    start_node: Callable[..., Node], short_tmp_dir: str
+) -> None:
+    """`vgpu-agent status` shows the confinement mode, the device list strategy and each
+    GPU's ceiling."""
+    node = start_node()
+    path = Path(short_tmp_dir) / "config.toml"
+    path.write_text(to_toml(node.config), encoding="utf-8")
+    result = CliRunner(mix_stderr=False).invoke(cli, ["--config", str(path), "status"])
+    assert result.exit_code == 0, result.stderr
+    assert (
+        "confinement: enforced: each MPS daemon holds every client to at most 1 vGPU's share"
+        in result.stdout
+    )
+    assert "device list: envvar" in result.stdout
+    assert "8 vGPUs, Healthy, ceiling 12.5% of the SMs, 10194 MiB" in result.stdout
 
 
 # -- the ceiling probe on its own -------------------------------------------------------------

@@ -193,7 +193,7 @@ def test_fifty_kubelet_restarts_no_leaks(
     run = run_agent(config)
     run.standin.wait_for_registration(1, WAIT_S)
     devices = run.devices(lambda devs: len(devs) == 8)
-    held = [device.device_id for device in devices[:2]]
+    held = [devices[0].device_id]
     before_answer = run.standin.allocate(RESOURCE, held).container_responses[0]
     time.sleep(0.5)
     baseline = settled_counts((fd_count(), threading.active_count()), timeout_s=0)
@@ -831,7 +831,7 @@ def test_gpu_disappears_and_returns(run_agent: Callable[..., AgentRun]) -> None:
         run.standin.allocate(RESOURCE, by_gpu[lost_gpu][:1])
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "GPU lost" in refused.value.details()
-    assert run.standin.allocate(RESOURCE, by_gpu[first_gpu][:2]).container_responses
+    assert run.standin.allocate(RESOURCE, by_gpu[first_gpu][:1]).container_responses
     run.agent.submit({"command": "simulate", "action": "recover", "gpu": gpu_refs[lost_gpu]})
     run.devices(lambda devs: healthy_count(devs) == 8)
     assert run.standin.allocate(RESOURCE, by_gpu[lost_gpu][:1]).container_responses
