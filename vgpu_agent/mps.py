@@ -47,6 +47,8 @@ CONTROL_SOCKET = "control"
 PID_FILE = "nvidia-cuda-mps-control.pid"
 #: The daemon's flock; anyone who can open it can hold it and block a daemon restart.
 LOCK_FILE = "control_lock"
+#: How every liveness reason about a daemon's ceiling begins (the daemon itself answers).
+CEILING_PREFIX = "MPS daemon ceiling"
 #: A FIFO the daemon creates world-writable; a read-only bind mount does not stop FIFO
 #: writes, so only the lockdown's mode keeps pods from writing into the daemon's log.
 LOG_FIFO = "log"
@@ -359,10 +361,10 @@ class LivenessProber:
             gaps = ceiling_gaps(self._config, pipe_dir, ceiling)
             if not gaps:
                 return None
-            lost = f"MPS daemon ceiling lost ({'; '.join(gaps)})"
+            lost = f"{CEILING_PREFIX} lost ({'; '.join(gaps)})"
             send_ceiling(self._config, pipe_dir, ceiling)
         except MpsError as exc:
-            return f"MPS daemon ceiling not confirmed: {exc}"
+            return f"{CEILING_PREFIX} not confirmed: {exc}"
         _log.warning("%s on %s: re-applied %s", lost, pipe_dir, ceiling.describe())
         # Reported once, so the loss is seen; the next full probe reads it back and heals.
         return f"{lost}; re-applied, checking again"
@@ -780,13 +782,13 @@ class DirectMpsDaemons:
         if started is not None:
             code = started.process.poll()
             if code is not None:
-                if problem is None:
+                if problem is None or problem.startswith(CEILING_PREFIX):
                     # Ours died and another daemon answers now (an operator or systemd
                     # brought it back): that one serves the GPU from here on.
                     with self._lock:
                         self._started.pop(gpu_uuid, None)
                     started.log_file.close()
-                    return None
+                    return problem
                 return f"MPS daemon exited with status {code}"
         return problem
 
