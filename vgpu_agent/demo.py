@@ -13,7 +13,8 @@ import threading
 import time
 from typing import Callable
 
-from vgpu_agent.agent import Agent
+from vgpu_agent.commands import SimulateAction, SimulateCommand
+from vgpu_agent.compose import build_agent
 from vgpu_agent.config import (
     AgentConfig,
     Config,
@@ -51,7 +52,7 @@ def run_demo(echo: Echo) -> int:
     config = demo_config(root)
     resource = config.plugin.resource_name
     standin = KubeletStandin(config.plugin.plugin_dir)
-    agent = Agent(config, notifier=Notifier(None))
+    agent = build_agent(config, notifier=Notifier(None))
     thread = threading.Thread(target=agent.run, name="vgpu-agent", daemon=True)
     try:
         echo(f"== kubelet stand-in listening in {config.plugin.plugin_dir}")
@@ -80,7 +81,7 @@ def run_demo(echo: Echo) -> int:
             echo(f"   mount {mount.host_path} -> {mount.container_path} ({mode})")
         gpu0 = agent.describe()["gpus"][0]["uuid"]
         echo(f"== simulating XID 79 (GPU fallen off the bus) on GPU 0 {gpu0}")
-        agent.submit({"command": "simulate", "action": "xid", "gpu": "0", "xid": 79})
+        agent.submit(SimulateCommand(SimulateAction.XID, "0", 79))
         devices = standin.wait_for_devices(
             lambda devs: sum(d.health == "Unhealthy" for d in devs) == 4, WAIT_S, resource
         )

@@ -63,16 +63,12 @@ class Registration:
     at: float
 
 
-#: One device of a ListAndWatch message (kept under this name for readers of the tests).
-StandinDevice = AdvertisedDevice
-
-
 @dataclass(frozen=True)
 class DeviceListUpdate:
     """One ListAndWatch message: the plugin's whole device list at time ``at`` (monotonic)."""
 
     resource_name: str
-    devices: tuple[StandinDevice, ...]
+    devices: tuple[AdvertisedDevice, ...]
     at: float
 
     @property
@@ -220,12 +216,12 @@ class KubeletStandin:
         with self._condition:
             return list(self._updates)
 
-    def latest_devices(self, resource_name: str) -> Optional[tuple[StandinDevice, ...]]:
+    def latest_devices(self, resource_name: str) -> Optional[tuple[AdvertisedDevice, ...]]:
         """The last device list the plugin for ``resource_name`` sent, if any."""
         with self._condition:
             return self._latest(resource_name)
 
-    def _latest(self, resource_name: str) -> Optional[tuple[StandinDevice, ...]]:
+    def _latest(self, resource_name: str) -> Optional[tuple[AdvertisedDevice, ...]]:
         for update in reversed(self._updates):
             if update.resource_name == resource_name:
                 return update.devices
@@ -252,15 +248,15 @@ class KubeletStandin:
 
     def wait_for_devices(
         self,
-        predicate: Callable[[tuple[StandinDevice, ...]], bool],
+        predicate: Callable[[tuple[AdvertisedDevice, ...]], bool],
         timeout_s: float,
         resource_name: Optional[str] = None,
-    ) -> tuple[StandinDevice, ...]:
+    ) -> tuple[AdvertisedDevice, ...]:
         """Wait until the latest device list (of ``resource_name``, default: the last
         registered resource) satisfies ``predicate``; returns it. TimeoutError after
         ``timeout_s``."""
 
-        def latest() -> Optional[tuple[StandinDevice, ...]]:
+        def latest() -> Optional[tuple[AdvertisedDevice, ...]]:
             name = resource_name
             if name is None:
                 if not self._registrations:
