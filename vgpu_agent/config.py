@@ -24,6 +24,7 @@ from typing import (
     Sequence,
     TypeVar,
     Union,
+    get_args,
 )
 
 from vgpu_agent.devices import LimitPolicy, pipe_dir_for, proportional_memory_mib
@@ -253,12 +254,7 @@ _MPS_MANAGERS: dict[str, MpsManager] = {
     "external": "external",
 }
 _MULTI_USER: dict[str, MultiUser] = {"auto": "auto", "on": "on", "off": "off"}
-_LOG_LEVELS: dict[str, LogLevel] = {
-    "debug": "debug",
-    "info": "info",
-    "warning": "warning",
-    "error": "error",
-}
+_LOG_LEVELS: dict[str, LogLevel] = {name: name for name in get_args(LogLevel)}
 _POLICIES: dict[str, Literal["proportional", "none"]] = {
     "proportional": "proportional",
     "none": "none",

@@ -24,6 +24,7 @@ from vgpu_agent.config import (
     PluginConfig,
     SimulatedConfig,
 )
+from vgpu_agent.devices import HEALTHY, UNHEALTHY
 from vgpu_agent.kubelet_standin import KubeletStandin
 from vgpu_agent.log import setup_logging
 from vgpu_agent.systemd import Notifier
@@ -83,14 +84,14 @@ def run_demo(echo: Echo) -> int:
         echo(f"== simulating XID 79 (GPU fallen off the bus) on GPU 0 {gpu0}")
         agent.submit(SimulateCommand(SimulateAction.XID, "0", 79))
         devices = standin.wait_for_devices(
-            lambda devs: sum(d.health == "Unhealthy" for d in devs) == 4, WAIT_S, resource
+            lambda devs: sum(d.health == UNHEALTHY for d in devs) == 4, WAIT_S, resource
         )
-        unhealthy = sum(device.health == "Unhealthy" for device in devices)
+        unhealthy = sum(device.health == UNHEALTHY for device in devices)
         echo(f"   ListAndWatch: {unhealthy} of {len(devices)} vGPUs Unhealthy")
         echo(f"   status: {agent.describe()['status']}")
         echo("== after the quiet period (1 s in the demo, 5 min by default) it heals:")
         devices = standin.wait_for_devices(
-            lambda devs: all(d.health == "Healthy" for d in devs), WAIT_S, resource
+            lambda devs: all(d.health == HEALTHY for d in devs), WAIT_S, resource
         )
         echo(f"   ListAndWatch: {len(devices)} of {len(devices)} vGPUs Healthy")
         echo("== kubelet restart: it deletes our socket; the agent registers again")

@@ -29,6 +29,7 @@ import grpc
 
 from vgpu_agent._proto import deviceplugin_pb2 as pb
 from vgpu_agent._proto import deviceplugin_pb2_grpc as pb_grpc
+from vgpu_agent.devices import HEALTHY
 from vgpu_agent.kubelet import (
     API_VERSION,
     CHANNEL_OPTIONS,
@@ -74,7 +75,7 @@ class DeviceListUpdate:
     @property
     def healthy_count(self) -> int:
         """How many devices are Healthy (the kubelet's allocatable)."""
-        return sum(1 for device in self.devices if device.health == "Healthy")
+        return sum(1 for device in self.devices if device.health == HEALTHY)
 
 
 def is_extended_resource_name(resource_name: str) -> bool:
