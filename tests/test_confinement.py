@@ -31,8 +31,9 @@ from typing import Callable, Optional
 import pytest
 from click.testing import CliRunner
 
-from vgpu_agent.agent import Agent, build_backend, build_mps
+from vgpu_agent.agent import Agent
 from vgpu_agent.cli import cli
+from vgpu_agent.compose import build_agent
 from vgpu_agent.config import (
     AgentConfig,
     Config,
@@ -45,7 +46,7 @@ from vgpu_agent.config import (
 )
 from vgpu_agent.devices import Ceiling
 from vgpu_agent.gpu import Gpu
-from vgpu_agent.kubelet_standin import KubeletStandin, StandinDevice
+from vgpu_agent.kubelet_standin import KubeletStandin
 from vgpu_agent.mps import (
     DirectMpsDaemons,
     LivenessProber,
@@ -55,6 +56,7 @@ from vgpu_agent.mps import (
     restrict_pipe_dir,
     wait_until_answers,
 )
+from vgpu_agent.plugin import AdvertisedDevice
 from vgpu_agent.simulated import gpus_from_config
 from vgpu_agent.systemd import Notifier
 
@@ -121,12 +123,12 @@ class Node:
             return []
         return self.command_log.read_text(encoding="utf-8").splitlines()
 
-    def devices(self, predicate: Callable[[tuple[StandinDevice, ...]], bool]) -> None:
+    def devices(self, predicate: Callable[[tuple[AdvertisedDevice, ...]], bool]) -> None:
         """Wait until the kubelet stand-in's device list satisfies ``predicate``."""
         self.standin.wait_for_devices(predicate, WAIT_S, RESOURCE)
 
 
-def all_healthy(devices: tuple[StandinDevice, ...]) -> bool:
+def all_healthy(devices: tuple[AdvertisedDevice, ...]) -> bool:
     """Every vGPU of the one GPU is listed Healthy."""
     return len(devices) == REPLICAS and all(d.health == "Healthy" for d in devices)
 
@@ -159,18 +161,16 @@ def start_node(
         managers: list[DirectMpsDaemons] = []
 
         def direct(config: Config) -> DirectMpsDaemons:
-            built = build_mps(config)
-            assert isinstance(built, DirectMpsDaemons)
+            built = DirectMpsDaemons(config.mps)
             managers.append(built)
             return built
 
         standin = KubeletStandin(config.plugin.plugin_dir)
         standin.start()
-        agent = Agent(
+        agent = build_agent(
             config,
             notifier=Notifier(None, use_libsystemd=False),
-            backend_factory=build_backend,
-            mps_factory=direct,
+            make_mps=direct,
             **kwargs,  # type: ignore[arg-type]
         )
         thread = threading.Thread(target=agent.run, daemon=True)

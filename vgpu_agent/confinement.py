@@ -1,13 +1,10 @@
-"""What holds pods to their share on this node, in words for `status` and `doctor`.
+"""Whether a pod can forge its device list on this node, for `vgpu-agent doctor`.
 
-Two questions, both answered from plain values so they are tested without a node:
-
-- the confinement mode (``mps.confinement``): who holds a pod to its share, the MPS daemon
-  (enforced) or the pod itself (cooperative), and the ceiling on each GPU;
-- whether the device list is one a pod cannot forge (``plugin.device_list_strategy``),
-  given the NVIDIA container toolkit's config and the CDI specs on the node.
-
-docs/security.md explains the threat model these serve.
+``plugin.device_list_strategy`` is only as safe as the NVIDIA container toolkit's config
+and the CDI specs on the node make it: this module reads both and judges the strategy
+(:func:`judge_device_list`, pure, so it is tested with plain values). The confinement
+mode and each GPU's ceiling are decided in :mod:`vgpu_agent.plan`. docs/security.md
+explains the threat model.
 """
 
 from __future__ import annotations
@@ -18,10 +15,8 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
-from vgpu_agent.config import Config
-from vgpu_agent.devices import CDI_GPU_KIND, Ceiling
+from vgpu_agent.devices import CDI_GPU_KIND
 from vgpu_agent.errors import VgpuError
-from vgpu_agent.mps import daemon_ceiling
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -36,37 +31,6 @@ ENVVAR_UNPRIVILEGED_KEY = "accept-nvidia-visible-devices-envvar-when-unprivilege
 VOLUME_MOUNTS_KEY = "accept-nvidia-visible-devices-as-volume-mounts"
 
 Verdict = Literal["ok", "warn", "fail"]
-
-
-def mode_line(config: Config) -> str:
-    """One line saying which confinement the node runs: who holds a pod to its share."""
-    mps = config.mps
-    if not mps.enabled:
-        return "none: MPS is off (mps.enabled = false), pods time-slice whole GPUs with no limits"
-    if mps.confinement == "enforced":
-        vgpus = mps.max_vgpus_per_container
-        share = "1 vGPU's share" if vgpus == 1 else f"{vgpus} vGPUs' share"
-        return (
-            f"enforced: each MPS daemon holds every client to at most {share} of the SMs and "
-            f"memory, whatever its environment says; containers may ask for at most {vgpus} "
-            "vGPU" + ("" if vgpus == 1 else "s")
-        )
-    ceiling = (
-        "no daemon ceiling"
-        if mps.daemon_thread_limit == "none" and mps.daemon_memory_limit == "none"
-        else "a daemon ceiling from mps.daemon_*_limit"
-    )
-    return (
-        "cooperative: each container's limits are its own environment variables, which it "
-        f"can unset or raise; {ceiling} (for trusted tenants only)"
-    )
-
-
-def gpu_ceiling(config: Config, memory_mib: int, replicas: int) -> Ceiling:
-    """The ceiling the GPU's daemon holds clients to (empty without MPS)."""
-    if not config.mps.enabled:
-        return Ceiling()
-    return daemon_ceiling(config.mps, memory_mib, replicas)
 
 
 # -- the device list ---------------------------------------------------------------------------

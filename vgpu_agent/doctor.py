@@ -14,18 +14,19 @@ import enum
 import glob
 import os
 import shutil
-import socket
-import stat
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
 from vgpu_agent import config as config_module
 from vgpu_agent import confinement, control, mps
+from vgpu_agent.commands import ControlCommand, StatusCommand
 from vgpu_agent.config import ComputeModeSetting, Config, MultiUser, simulated_mps
-from vgpu_agent.devices import Ceiling, pipe_dir_for
+from vgpu_agent.devices import Ceiling
 from vgpu_agent.errors import ConfigError, VgpuError
 from vgpu_agent.gpu import ComputeMode, Gpu, GpuBackend
+from vgpu_agent.plan import confinement_line, gpu_ceiling, plan_gpus
+from vgpu_agent.sockets import socket_state
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -39,7 +40,6 @@ CONTAINERD_CONFIG = "/etc/containerd/config.toml"
 #: Where nvidia-ctk and the GPU operator put containerd drop-ins (99-nvidia.toml).
 CONTAINERD_DROPIN_DIRS = ("/etc/containerd/conf.d",)
 MPS_SERVER_BINARY = "nvidia-cuda-mps-server"
-CONTROL_SOCKET_NAME = "control.sock"
 #: How long a socket check waits for a listener to accept.
 SOCKET_CONNECT_TIMEOUT_S = 1.0
 
@@ -80,7 +80,7 @@ class CheckLine:
 def _mps_ceiling_gaps(config: Config, gpu_uuid: str, ceiling: Ceiling) -> list[str]:
     if simulated_mps(config):
         return []  # simulated daemons live inside the agent and hold no ceiling
-    return mps.ceiling_gaps(config.mps, pipe_dir_for(config.mps.pipe_root, gpu_uuid), ceiling)
+    return mps.ceiling_gaps(config.mps, config.mps.pipe_dir(gpu_uuid), ceiling)
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ class DoctorProbes:
     #: Whether the running daemon of (config, GPU UUID) was started in multi-user mode.
     mps_daemon_multi_user: Callable[[Config, str], Optional[bool]]
     #: Send a command to the agent's control socket (path, command) and return its answer.
-    agent_request: Callable[[str, dict[str, Any]], dict[str, Any]]
+    agent_request: Callable[[str, ControlCommand], dict[str, Any]]
     containerd_config: str = CONTAINERD_CONFIG
     containerd_dropin_dirs: tuple[str, ...] = CONTAINERD_DROPIN_DIRS
     socket_timeout_s: float = SOCKET_CONNECT_TIMEOUT_S
@@ -118,9 +118,9 @@ class DoctorProbes:
 
 
 def _open_backend(config: Config) -> GpuBackend:
-    from vgpu_agent.agent import build_backend  # the agent module pulls in gRPC
+    from vgpu_agent.compose import open_backend_for  # the composition root pulls in gRPC
 
-    backend = build_backend(config)
+    backend = open_backend_for(config)
     if config.gpus.backend == "simulated" and config.gpus.compute_mode != "unchanged":
         # Simulated GPUs keep their compute mode inside the agent's process; doctor sees
         # them as the agent leaves them, so a simulated node checks clean.
@@ -133,7 +133,7 @@ def _open_backend(config: Config) -> GpuBackend:
 def _mps_probe(config: Config, gpu_uuid: str) -> Optional[str]:
     if simulated_mps(config):
         return None  # simulated daemons live inside the agent and always answer here
-    return mps.probe_pipe_dir(config.mps, pipe_dir_for(config.mps.pipe_root, gpu_uuid))
+    return mps.probe_pipe_dir(config.mps, config.mps.pipe_dir(gpu_uuid))
 
 
 def _mps_multi_user_supported(config: Config) -> bool:
@@ -145,7 +145,7 @@ def _mps_multi_user_supported(config: Config) -> bool:
 def _mps_daemon_multi_user(config: Config, gpu_uuid: str) -> Optional[bool]:
     if simulated_mps(config):
         return config.mps.multi_user != "off"
-    pid = mps.daemon_pid(pipe_dir_for(config.mps.pipe_root, gpu_uuid))
+    pid = mps.daemon_pid(config.mps.pipe_dir(gpu_uuid))
     return mps.running_multi_user(pid) if pid is not None else None
 
 
@@ -316,7 +316,6 @@ def _check_config(report: _Report, option: Optional[str], environ: Mapping[str, 
 
 
 def _check_gpus(report: _Report, config: Config, probes: DoctorProbes, node: _Node) -> None:
-    from vgpu_agent.agent import plan_gpus  # the agent module pulls in gRPC
 
     simulated = config.gpus.backend == "simulated"
     check = "driver"
@@ -458,7 +457,7 @@ def _check_mps_daemons(report: _Report, config: Config, probes: DoctorProbes, no
         return
     simulated = " (simulated)" if simulated_mps(config) else ""
     for gpu in node.served:
-        pipe_dir = pipe_dir_for(config.mps.pipe_root, gpu.uuid)
+        pipe_dir = config.mps.pipe_dir(gpu.uuid)
         try:
             why = probes.mps_probe(config, gpu.uuid)
         except VgpuError as exc:
@@ -486,7 +485,7 @@ def _check_mps_daemons(report: _Report, config: Config, probes: DoctorProbes, no
 def _check_confinement(report: _Report, config: Config, probes: DoctorProbes, node: _Node) -> None:
     """Which confinement the node runs, each GPU's ceiling, and whether its daemon holds it."""
     check = "confinement"
-    line = confinement.mode_line(config)
+    line = confinement_line(config)
     if not config.mps.enabled or config.mps.confinement == "cooperative":
         report.warn(
             check,
@@ -504,7 +503,7 @@ def _check_confinement(report: _Report, config: Config, probes: DoctorProbes, no
             "ceiling (MPS cannot confine clients there)",
         )
     for gpu in node.served:
-        ceiling = confinement.gpu_ceiling(config, gpu.memory_mib, node.replicas[gpu.uuid])
+        ceiling = gpu_ceiling(config, gpu.memory_mib, node.replicas[gpu.uuid])
         if ceiling.empty:
             report.ok(check, f"GPU {gpu.index}: no daemon ceiling")
             continue
@@ -569,25 +568,6 @@ def _check_multi_user(report: _Report, config: Config, probes: DoctorProbes) -> 
     report.add(status, check, message)
 
 
-def socket_state(path: str, timeout_s: float = SOCKET_CONNECT_TIMEOUT_S) -> str:
-    """ "missing", "not a socket", "listening" or "stale" (a socket nothing accepts on)."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return "missing"
-    if not stat.S_ISSOCK(mode):
-        return "not a socket"
-    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    client.settimeout(timeout_s)
-    try:
-        client.connect(path)
-    except OSError:
-        return "stale"
-    finally:
-        client.close()
-    return "listening"
-
-
 def _check_sockets(report: _Report, config: Config, probes: DoctorProbes) -> None:
     plugin = config.plugin
     if not os.path.isdir(plugin.plugin_dir):
@@ -597,7 +577,7 @@ def _check_sockets(report: _Report, config: Config, probes: DoctorProbes) -> Non
             "or plugin.plugin_dir is wrong; the agent waits for it",
         )
         return
-    kubelet_socket = os.path.join(plugin.plugin_dir, plugin.kubelet_socket_name)
+    kubelet_socket = plugin.kubelet_socket_path
     state = socket_state(kubelet_socket, probes.socket_timeout_s)
     if state == "listening":
         report.ok("kubelet", f"{kubelet_socket} answers")
@@ -610,7 +590,7 @@ def _check_sockets(report: _Report, config: Config, probes: DoctorProbes) -> Non
             f"{kubelet_socket} {why}: the kubelet is not running yet (the agent registers "
             "once it is); check `systemctl status kubelet`",
         )
-    own_socket = os.path.join(plugin.plugin_dir, plugin.socket_name)
+    own_socket = plugin.socket_path
     state = socket_state(own_socket, probes.socket_timeout_s)
     if state == "listening":
         report.ok("plugin socket", f"{own_socket} answers")
@@ -843,9 +823,9 @@ def _check_container_runtime(report: _Report, probes: DoctorProbes) -> None:
 
 def _check_agent(report: _Report, config: Config, probes: DoctorProbes) -> None:
     check = "agent"
-    socket_path = os.path.join(config.agent.state_dir, CONTROL_SOCKET_NAME)
+    socket_path = config.agent.control_socket_path
     try:
-        answer = probes.agent_request(socket_path, {"command": "status"})
+        answer = probes.agent_request(socket_path, StatusCommand())
     except VgpuError as exc:
         report.warn(check, str(exc))
         return

@@ -2,7 +2,8 @@
 
 One ``nvidia-cuda-mps-control`` runs per served GPU, pinned to it with
 ``CUDA_VISIBLE_DEVICES=<uuid>``, with its own pipe directory ``<pipe_root>/<uuid>`` and
-log directory ``<log_root>/<uuid>``. Three managers implement :class:`MpsDaemons`:
+log directory ``<log_root>/<uuid>``. Three managers implement
+:class:`~vgpu_agent.daemons.MpsDaemons`:
 
 - :class:`DirectMpsDaemons` starts the daemons as child processes (no systemd; the
   real-GPU tests drive this one),
@@ -10,7 +11,7 @@ log directory ``<log_root>/<uuid>``. Three managers implement :class:`MpsDaemons
 - :class:`ExternalMpsDaemons` only uses and watches daemons someone else runs.
 
 :func:`daemon_command` and :func:`daemon_environment` are what the systemd unit runs too
-(through ``vgpu-agent mps run-daemon``, which calls :func:`exec_daemon`), so both paths
+(through ``vgpu-agent mps exec-daemon``, which calls :func:`exec_daemon`), so both paths
 start the daemon the same way. What was measured on a real GPU is in docs/mps.md.
 """
 
@@ -25,19 +26,14 @@ import threading
 import time
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import IO, Callable, Optional, Protocol, runtime_checkable
+from typing import IO, Callable, Optional
 
 from vgpu_agent.config import MpsConfig
-from vgpu_agent.devices import (
-    Ceiling,
-    enforced_ceiling,
-    memory_limit_mib,
-    percentage_text,
-    pipe_dir_for,
-    thread_percentage,
-)
+from vgpu_agent.daemons import MpsDaemonInfo, MpsDaemons
+from vgpu_agent.devices import Ceiling, percentage_text
 from vgpu_agent.errors import MpsError
 from vgpu_agent.gpu import Gpu
+from vgpu_agent.plan import daemon_ceiling
 
 _log = logging.getLogger(__name__)
 
@@ -68,36 +64,6 @@ MULTI_USER_OFF = (
 _MULTI_USER_OPTION = re.compile(r"(?m)^\s*-M\b|--multiuser-server\b|--multi-?user\b")
 
 
-@dataclass(frozen=True)
-class MpsDaemonInfo:
-    """Where a GPU's MPS daemon lives."""
-
-    gpu_uuid: str
-    pipe_dir: str
-    log_dir: str
-    multi_user: bool
-    #: The control daemon's pid when known (read from its pid file).
-    pid: Optional[int] = None
-    #: Whether an already-running daemon was found and kept rather than started.
-    reused: bool = False
-
-
-class MpsDaemons(Protocol):
-    """Runs (or finds) one MPS control daemon per served GPU and checks that each answers."""
-
-    def start(self, gpu: Gpu) -> MpsDaemonInfo:
-        """Make sure the GPU's daemon runs and answers; raises MpsError if it cannot."""
-        ...
-
-    def stop(self, gpu_uuid: str) -> None:
-        """Quit the GPU's daemon if this object started it (no-op otherwise)."""
-        ...
-
-    def probe(self, gpu_uuid: str) -> Optional[str]:
-        """None if the GPU's daemon answers a control command; else why it does not."""
-        ...
-
-
 # -- paths and the daemon's command line ----------------------------------------------
 
 
@@ -119,7 +85,7 @@ def daemon_environment(config: MpsConfig, gpu_uuid: str) -> dict[str, str]:
     """The variables that pin a daemon to its GPU and give it its directories."""
     return {
         "CUDA_VISIBLE_DEVICES": gpu_uuid,
-        "CUDA_MPS_PIPE_DIRECTORY": pipe_dir_for(config.pipe_root, gpu_uuid),
+        "CUDA_MPS_PIPE_DIRECTORY": config.pipe_dir(gpu_uuid),
         "CUDA_MPS_LOG_DIRECTORY": log_dir_for(config.log_root, gpu_uuid),
     }
 
@@ -130,7 +96,7 @@ def prepare_directories(config: MpsConfig, gpu_uuid: str) -> tuple[str, str]:
     The daemon would create a missing pipe directory itself with mode 0777, which lets
     any pod replace its sockets; so we create it first. Returns (pipe_dir, log_dir).
     """
-    pipe_dir = pipe_dir_for(config.pipe_root, gpu_uuid)
+    pipe_dir = config.pipe_dir(gpu_uuid)
     log_dir = log_dir_for(config.log_root, gpu_uuid)
     for root, directory, key in (
         (config.pipe_root, pipe_dir, "mps.pipe_root"),
@@ -394,17 +360,6 @@ class LivenessProber:
         return problem
 
 
-@runtime_checkable
-class CeilingKeeper(Protocol):
-    """An MPS manager that sets a ceiling on its daemons and keeps it there."""
-
-    def hold_ceiling(self, gpu_uuid: str, ceiling: Ceiling, wait_s: float = 15.0) -> list[str]:
-        """Set ``ceiling`` on the GPU's daemon now (waiting up to ``wait_s`` for it to
-        answer); the liveness probe's full check reads it back and re-applies it when it is
-        gone. Returns the commands sent."""
-        ...
-
-
 def daemon_pid(pipe_dir: str) -> Optional[int]:
     """The pid the daemon of ``pipe_dir`` wrote to its pid file, if readable."""
     try:
@@ -426,7 +381,7 @@ def running_multi_user(pid: int) -> Optional[bool]:
 
 def quit_daemon(config: MpsConfig, gpu_uuid: str) -> None:
     """Ask the GPU's daemon to quit (what ``vgpu-agent mps quit`` and ExecStop do)."""
-    control_command(config, pipe_dir_for(config.pipe_root, gpu_uuid), "quit")
+    control_command(config, config.pipe_dir(gpu_uuid), "quit")
 
 
 def exec_daemon(config: MpsConfig, gpu_uuid: str) -> None:
@@ -466,25 +421,6 @@ def _wait_until_answers(
         if time.monotonic() >= deadline:
             return reason
         time.sleep(0.05)
-
-
-def daemon_ceiling(config: MpsConfig, memory_mib: int, replicas: int) -> Ceiling:
-    """The defaults a GPU's daemon holds every client to.
-
-    Enforced confinement: ``mps.max_vgpus_per_container`` vGPUs' share of the SMs and of the
-    memory (:func:`vgpu_agent.devices.enforced_ceiling`). Cooperative: what
-    ``mps.daemon_thread_limit`` / ``daemon_memory_limit`` ask for (none by default).
-    """
-    if config.confinement == "enforced":
-        return enforced_ceiling(
-            config.max_vgpus_per_container, replicas, memory_mib, config.memory_headroom_mib
-        )
-    return Ceiling(
-        thread_percentage(config.daemon_thread_limit, 1, replicas),
-        memory_limit_mib(
-            config.daemon_memory_limit, 1, replicas, memory_mib, config.memory_headroom_mib
-        ),
-    )
 
 
 def ceiling_commands(ceiling: Ceiling) -> list[str]:
@@ -735,6 +671,11 @@ class DirectMpsDaemons:
             gpu_uuid, pipe_dir, log_dir, self._resolved_multi_user(), pid=started.process.pid
         )
 
+    def apply_defaults(self, gpu: Gpu, ceiling: Ceiling) -> list[str]:
+        """Set ``ceiling`` as the GPU's daemon defaults and have every full probe read it
+        back and put it back; returns the commands sent."""
+        return self._prober.hold(self._config.pipe_dir(gpu.uuid), ceiling)
+
     def stop(self, gpu_uuid: str) -> None:
         """Quit the daemon this object started (``quit``, then kill after a timeout)."""
         with self._lock:
@@ -745,9 +686,7 @@ class DirectMpsDaemons:
         try:
             if process.poll() is None:
                 try:
-                    control_command(
-                        self._config, pipe_dir_for(self._config.pipe_root, gpu_uuid), "quit"
-                    )
+                    control_command(self._config, self._config.pipe_dir(gpu_uuid), "quit")
                 except MpsError as exc:
                     _log.warning("asking the MPS daemon of GPU %s to quit: %s", gpu_uuid, exc)
                 try:
@@ -770,15 +709,11 @@ class DirectMpsDaemons:
         for gpu_uuid in gpu_uuids:
             self.stop(gpu_uuid)
 
-    def hold_ceiling(self, gpu_uuid: str, ceiling: Ceiling, wait_s: float = 15.0) -> list[str]:
-        """Set ``ceiling`` on the GPU's daemon and keep it there (see LivenessProber.hold)."""
-        return self._prober.hold(pipe_dir_for(self._config.pipe_root, gpu_uuid), ceiling, wait_s)
-
     def probe(self, gpu_uuid: str) -> Optional[str]:
         """None if the GPU's daemon answers; else why not (exited, hung, missing)."""
         with self._lock:
             started = self._started.get(gpu_uuid)
-        problem = self._prober.probe(pipe_dir_for(self._config.pipe_root, gpu_uuid))
+        problem = self._prober.probe(self._config.pipe_dir(gpu_uuid))
         if started is not None:
             code = started.process.poll()
             if code is not None:
@@ -845,16 +780,17 @@ class SystemdMpsDaemons:
             restrict_pipe_dir(pipe_dir)
         return info
 
-    def hold_ceiling(self, gpu_uuid: str, ceiling: Ceiling, wait_s: float = 15.0) -> list[str]:
-        """Set ``ceiling`` on the GPU's daemon and keep it there (see LivenessProber.hold)."""
-        return self._prober.hold(pipe_dir_for(self._config.pipe_root, gpu_uuid), ceiling, wait_s)
+    def apply_defaults(self, gpu: Gpu, ceiling: Ceiling) -> list[str]:
+        """Set ``ceiling`` as the GPU's daemon defaults and have every full probe read it
+        back and put it back; returns the commands sent."""
+        return self._prober.hold(self._config.pipe_dir(gpu.uuid), ceiling)
 
     def stop(self, gpu_uuid: str) -> None:
         """Leave the unit running: an agent stop or upgrade must not kill MPS jobs."""
 
     def probe(self, gpu_uuid: str) -> Optional[str]:
         """None if the GPU's daemon answers a control command; else why not."""
-        return self._prober.probe(pipe_dir_for(self._config.pipe_root, gpu_uuid))
+        return self._prober.probe(self._config.pipe_dir(gpu_uuid))
 
 
 class ExternalMpsDaemons:
@@ -866,7 +802,7 @@ class ExternalMpsDaemons:
 
     def start(self, gpu: Gpu) -> MpsDaemonInfo:
         """Check that the GPU's daemon answers; MpsError naming what is wrong if not."""
-        pipe_dir = pipe_dir_for(self._config.pipe_root, gpu.uuid)
+        pipe_dir = self._config.pipe_dir(gpu.uuid)
         log_dir = log_dir_for(self._config.log_root, gpu.uuid)
         reason = probe_pipe_dir(self._config, pipe_dir)
         if reason is not None:
@@ -875,16 +811,17 @@ class ExternalMpsDaemons:
             )
         return _reuse_info(self._config, gpu.uuid, pipe_dir, log_dir)
 
-    def hold_ceiling(self, gpu_uuid: str, ceiling: Ceiling, wait_s: float = 15.0) -> list[str]:
-        """Set ``ceiling`` on the GPU's daemon and keep it there (see LivenessProber.hold)."""
-        return self._prober.hold(pipe_dir_for(self._config.pipe_root, gpu_uuid), ceiling, wait_s)
+    def apply_defaults(self, gpu: Gpu, ceiling: Ceiling) -> list[str]:
+        """Set ``ceiling`` as the GPU's daemon defaults and have every full probe read it
+        back and put it back; returns the commands sent."""
+        return self._prober.hold(self._config.pipe_dir(gpu.uuid), ceiling)
 
     def stop(self, gpu_uuid: str) -> None:
         """Never stops a daemon it did not start."""
 
     def probe(self, gpu_uuid: str) -> Optional[str]:
         """None if the GPU's daemon answers a control command; else why not."""
-        return self._prober.probe(pipe_dir_for(self._config.pipe_root, gpu_uuid))
+        return self._prober.probe(self._config.pipe_dir(gpu_uuid))
 
 
 def build_mps_daemons(config: MpsConfig) -> MpsDaemons:

@@ -168,10 +168,6 @@ class Notifier:
             "RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}", *_status_lines(status)
         )
 
-    def ready_after_reload(self, status: Optional[str] = None) -> bool:
-        """The reload is done and the service is ready again (READY=1)."""
-        return self.ready(status)
-
     def stopping(self, status: Optional[str] = None) -> bool:
         """Shutdown has begun (STOPPING=1)."""
         return self.notify("STOPPING=1", *_status_lines(status))
@@ -391,24 +387,3 @@ class Journal:
             sock.sendmsg([], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)], 0, self.socket_path)
         finally:
             os.close(memfd)
-
-
-_default_journal: Optional[Journal] = None
-_default_journal_lock = threading.Lock()
-
-
-def journal_send(
-    message: str,
-    priority: int,
-    fields: Mapping[str, object] = {},
-    *,
-    journal: Optional[Journal] = None,
-) -> bool:
-    """Write one entry to ``journal`` (default: the system journal); see Journal.send."""
-    global _default_journal  # noqa: PLW0603 - one shared socket for ad-hoc callers
-    if journal is None:
-        with _default_journal_lock:
-            if _default_journal is None:
-                _default_journal = Journal()
-            journal = _default_journal
-    return journal.send(message, priority, fields)
