@@ -89,7 +89,17 @@ agent_active() { is_prop vgpu-agent.service ActiveState active && is_prop vgpu-a
 registered() { prop vgpu-agent.service StatusText | grep -q "registered with kubelet"; }
 pid_alive() { in_ct kill -0 "$1" 2>/dev/null; }
 mps_answers() {
-    in_ct sh -c "echo get_default_active_thread_percentage | CUDA_MPS_PIPE_DIRECTORY=/run/nvidia-mps/$1 $FAKE_MPS | grep -q '^100'"
+    in_ct sh -c "echo get_default_active_thread_percentage | CUDA_MPS_PIPE_DIRECTORY=/run/nvidia-mps/$1 $FAKE_MPS | grep -qE '^[0-9]'"
+}
+# The enforced ceiling of the default config (10 vGPUs per GPU): 10% of the SMs and a tenth
+# of the simulated H100's 81559 MiB, read back from the daemon.
+mps_ceiling_held() {
+    in_ct sh -c "echo get_default_active_thread_percentage | CUDA_MPS_PIPE_DIRECTORY=/run/nvidia-mps/$1 $FAKE_MPS | grep -qx '10.0'" &&
+        in_ct sh -c "echo 'get_default_device_pinned_mem_limit 0' | CUDA_MPS_PIPE_DIRECTORY=/run/nvidia-mps/$1 $FAKE_MPS | grep -qx '8155M'"
+}
+# The pipe-directory lockdown: the log FIFO and the lock file root-only, control 0666.
+mps_locked_down() {
+    in_ct sh -c "[ \"\$(stat -c %a /run/nvidia-mps/$1/log)\" = 600 ] && [ \"\$(stat -c %a /run/nvidia-mps/$1/control_lock)\" = 600 ] && [ \"\$(stat -c %a /run/nvidia-mps/$1/control)\" = 666 ]"
 }
 
 stop_container() {
@@ -339,6 +349,26 @@ deb_phase() {
     grep -v '\[ ok \]' <<<"$doctor_out" | sed 's/^/      doctor: /'
     check "doctor with the shipped config and no driver: a failing check and a non-zero exit ($doctor_rc)" \
         sh -c "echo \"\$1\" | grep -qi '\[fail\]' && [ $doctor_rc -ne 0 ]" _ "$doctor_out"
+
+    log "deb: MPS daemon ceiling and lockdown across a systemd restart"
+    check "GPU $GPU0's daemon holds the enforced ceiling (10%, 8155 MiB)" wait_for 15 mps_ceiling_held $GPU0
+    check "its pipe directory is locked down (log FIFO and lock file 0600, control 0666)" \
+        wait_for 15 mps_locked_down $GPU0
+    local daemon_before
+    daemon_before=$(prop "$(mps_unit $GPU0)" MainPID)
+    in_ct systemctl kill --signal=KILL "$(mps_unit $GPU0)"
+    daemon_restarted() {
+        local now
+        now=$(prop "$(mps_unit $GPU0)" MainPID)
+        [ "$now" != 0 ] && [ "$now" != "$daemon_before" ] && is_prop "$(mps_unit $GPU0)" ActiveState active
+    }
+    check "systemd restarts a killed MPS daemon (Restart=always)" wait_for 20 daemon_restarted
+    check "the restarted daemon holds the ceiling again" wait_for 15 mps_ceiling_held $GPU0
+    check "and its pipe directory is locked down again" wait_for 15 mps_locked_down $GPU0
+    check "the unit's ExecStartPost (mps apply-defaults) set it, after each start" \
+        sh -c "[ \$(echo \"\$1\" | grep -c 'set_default_active_thread_percentage 10') -ge 2 ] && [ \$(echo \"\$1\" | grep -c 'locked down') -ge 2 ]" _ \
+        "$(in_ct journalctl -u "$(mps_unit $GPU0)" --no-pager -o cat)"
+    wait_for 30 registered
 
     log "deb: watchdog"
     local pid_before restarts_before mps0_pid mps1_pid
