@@ -321,3 +321,42 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.02)
+
+
+def test_apply_defaults_in_cooperative_mode_only_locks_down(short_tmp_dir: str) -> None:
+    """Cooperative with no daemon_*_limit: `mps apply-defaults` sets no ceiling (the daemon
+    keeps all SMs) but still locks the pipe directory down."""
+    root = Path(short_tmp_dir)
+    fake = fake_control_program(root)
+    gpu_uuid = "GPU-00000000-0000-4000-8000-00000000c00b"
+    pipe_dir = root / "p" / gpu_uuid
+    pipe_dir.mkdir(parents=True)
+    config = root / "c.toml"
+    config.write_text(
+        '[gpus]\nbackend = "simulated"\n'
+        f'[[simulated.gpus]]\nuuid = "{gpu_uuid}"\n'
+        f'[mps]\nmanager = "external"\ncontrol_binary = "{fake}"\npipe_root = "{root}/p"\n'
+        f'log_root = "{root}/l"\nconfinement = "cooperative"\n'
+    )
+    from vgpu_agent.config import load
+    from vgpu_agent.mps import control_command, wait_until_answers
+
+    mps_config = load(str(config)).mps
+    started = subprocess.run(
+        [str(fake), "-d", "-M"],
+        env={**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(pipe_dir)},
+        check=False,
+        timeout=30,
+    )
+    assert started.returncode == 0
+    try:
+        wait_until_answers(mps_config, str(pipe_dir))
+        code, out, err = invoke("--config", str(config), "mps", "apply-defaults", gpu_uuid)
+        assert code == 0, err
+        assert "set_default" not in out
+        assert "locked down" in out
+        assert stat.S_IMODE((pipe_dir / "log").stat().st_mode) == 0o600
+        answer = control_command(mps_config, str(pipe_dir), "get_default_active_thread_percentage")
+        assert answer == "100.0"
+    finally:
+        control_command(mps_config, str(pipe_dir), "quit")
