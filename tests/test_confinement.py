@@ -53,6 +53,7 @@ from vgpu_agent.mps import (
     ceiling_gaps,
     control_command,
     daemon_pid,
+    parse_memory_answer,
     restrict_pipe_dir,
     wait_until_answers,
 )
@@ -67,6 +68,8 @@ WAIT_S = 15.0
 MEMORY_MIB = 81559
 REPLICAS = 8
 SLICE_MIB = MEMORY_MIB // REPLICAS
+#: How the daemon prints that slice: whole GiB, rounded down (driver 580).
+SLICE_READBACK = f"{SLICE_MIB // 1024}G"
 
 
 def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
@@ -215,7 +218,7 @@ def test_ceiling_is_set_when_the_agent_starts_the_daemon(start_node: Callable[..
     assert "set_default_active_thread_percentage 12.5" in node.commands()
     assert f"set_default_device_pinned_mem_limit 0 {SLICE_MIB}M" in node.commands()
     assert node.control("get_default_active_thread_percentage") == "12.5"
-    assert node.control("get_default_device_pinned_mem_limit 0") == f"{SLICE_MIB}M"
+    assert node.control("get_default_device_pinned_mem_limit 0") == SLICE_READBACK
 
 
 def test_cooperative_mode_sets_no_ceiling(
@@ -242,7 +245,7 @@ def test_ceiling_is_put_back_after_a_daemon_restart(
     wait_until(
         lambda: (
             node.control("get_default_active_thread_percentage") == "12.5"
-            and node.control("get_default_device_pinned_mem_limit 0") == f"{SLICE_MIB}M"
+            and node.control("get_default_device_pinned_mem_limit 0") == SLICE_READBACK
         ),
         "the ceiling to be re-applied",
     )
@@ -278,7 +281,7 @@ def test_lost_ceiling_marks_the_gpu_unhealthy_until_it_is_back(
     wait_until(lambda: reported("cleared MPS daemon ceiling lost"), "the GPU to heal")
     node.devices(all_healthy)
     assert node.control("get_default_active_thread_percentage") == "12.5"
-    assert node.control("get_default_device_pinned_mem_limit 0") == f"{SLICE_MIB}M"
+    assert node.control("get_default_device_pinned_mem_limit 0") == SLICE_READBACK
 
 
 def test_reload_applies_the_new_ceiling(
@@ -294,7 +297,9 @@ def test_reload_applies_the_new_ceiling(
         lambda: node.control("get_default_active_thread_percentage") == "25.0",
         "the reloaded ceiling",
     )
-    assert node.control("get_default_device_pinned_mem_limit 0") == f"{MEMORY_MIB * 2 // 8}M"
+    assert (
+        node.control("get_default_device_pinned_mem_limit 0") == f"{MEMORY_MIB * 2 // 8 // 1024}G"
+    )
     assert [command for command in node.commands() if command.startswith("set_")][-2:] == [
         "set_default_active_thread_percentage 25",
         f"set_default_device_pinned_mem_limit 0 {MEMORY_MIB * 2 // 8}M",
@@ -365,29 +370,57 @@ def node_gpu() -> Gpu:
 
 
 @pytest.mark.parametrize(
-    ("answer", "held"),
+    ("answer", "limit_mib", "held"),
     [
-        ("4096M", True),
-        ("4G", True),
-        ("4294967296", True),
-        ("0=4096M", True),
-        ("4097M", True),
-        ("4100M", False),
-        ("", False),
+        ("17G", 17971, True),
+        ("17G", 18432, False),
+        ("8G", 8985, True),
+        ("10194M", 10194, True),
+        ("10195M", 10194, True),
+        ("10300M", 10194, False),
+        ("0=10194M", 10194, True),
+        (str(10194 * 1024 * 1024), 10194, True),
+        ("", 10194, False),
+        ("no limit", 10194, False),
     ],
-    ids=["mib", "gib", "bytes", "device-prefix", "within-1-mib", "other", "none"],
+    ids=[
+        "gib-rounded-down",
+        "gib-other",
+        "gib-6.25-share",
+        "mib",
+        "mib-within-1",
+        "mib-other",
+        "device-prefix",
+        "bytes",
+        "empty",
+        "words",
+    ],
 )
-def test_memory_readback_understands_the_units_it_may_see(
-    direct: tuple[DirectMpsDaemons, MpsConfig], answer: str, held: bool
+def test_memory_readback_understands_what_the_daemon_prints(
+    answer: str, limit_mib: int, held: bool
 ) -> None:
-    """The pinned memory default is read back in MiB whatever unit the daemon prints."""
+    """The read-back pinned memory default counts as the ceiling when it is what the
+    daemon prints for it: whole GiB rounded down on driver 580 (17971 MiB reads 17G), MiB,
+    or bytes; an empty answer is no limit."""
+    reading = parse_memory_answer(answer)
+    assert (reading is not None and reading.shows(limit_mib)) is held
+
+
+def test_prober_reads_back_the_memory_ceiling_as_the_daemon_prints_it(
+    direct: tuple[DirectMpsDaemons, MpsConfig],
+) -> None:
+    """Through the stand-in daemon, which prints whole GiB like driver 580: the ceiling it
+    holds reads back as held, a raised one as a gap naming both values."""
     daemons, config = direct
     info = daemons.start(node_gpu())
-    if answer:
-        value = answer.split("=", 1)[-1]
-        control_command(config, info.pipe_dir, f"set_default_device_pinned_mem_limit 0 {value}")
-    gaps = ceiling_gaps(config, info.pipe_dir, Ceiling(None, 4096))
-    assert (gaps == []) is held, gaps
+    ceiling = Ceiling(None, 17971)
+    control_command(config, info.pipe_dir, "set_default_device_pinned_mem_limit 0 17971M")
+    assert control_command(config, info.pipe_dir, "get_default_device_pinned_mem_limit 0") == "17G"
+    assert ceiling_gaps(config, info.pipe_dir, ceiling) == []
+    control_command(config, info.pipe_dir, "set_default_device_pinned_mem_limit 0 80G")
+    assert ceiling_gaps(config, info.pipe_dir, ceiling) == [
+        "pinned memory limit 81920 MiB, not 17971 MiB"
+    ]
 
 
 # -- nothing a pod can write through its read-only mount --------------------------------------

@@ -528,13 +528,13 @@ def test_sigkill_leaves_mps_daemons_untouched(short_tmp_dir: str) -> None:
         first.wait(WAIT_S)
         assert _daemon_pids(mps) == pids
         assert all(_alive(pid) for pid in pids.values())
-        assert control_command(mps, pipe_dir, "get_default_device_pinned_mem_limit 1") == "3700M"
+        assert control_command(mps, pipe_dir, "get_default_device_pinned_mem_limit 1") == "3G"
 
         second = _spawn(argv, log_path)
         standin.wait_for_registration(2, WAIT_S)
         standin.wait_for_devices(lambda devs: healthy_count(devs) == 6, WAIT_S, RESOURCE)
         assert _daemon_pids(mps) == pids
-        assert control_command(mps, pipe_dir, "get_default_device_pinned_mem_limit 1") == "3700M"
+        assert control_command(mps, pipe_dir, "get_default_device_pinned_mem_limit 1") == "3G"
         second.send_signal(signal.SIGTERM)
         assert second.wait(WAIT_S) == EXIT_OK
         assert all(_alive(pid) for pid in pids.values()), "stopping the agent kept the daemons"

@@ -497,13 +497,32 @@ def read_thread_default(config: MpsConfig, pipe_dir: str) -> Optional[Decimal]:
     return Decimal(match.group(0)) if match else None
 
 
-def read_memory_default_mib(config: MpsConfig, pipe_dir: str) -> Optional[Decimal]:
-    """The daemon's default pinned memory limit on device 0 in MiB; None when it has none.
+@dataclass(frozen=True)
+class MemoryReading:
+    """A pinned memory limit as the daemon prints it: the value in MiB and the step it is
+    printed in (driver 580 prints whole GiB, rounded down: 17971 MiB reads ``17G``)."""
 
-    The answer's unit is read when it names one (``10194M``, ``9.9G``); a bare number is
-    taken as MiB, the unit the agent sets it in.
+    mib: Decimal
+    step_mib: Decimal
+
+    def shows(self, limit_mib: int) -> bool:
+        """Whether this reading is what the daemon prints for a limit of ``limit_mib``."""
+        if self.step_mib <= 1:
+            return abs(self.mib - limit_mib) <= 1
+        return self.mib == (Decimal(limit_mib) // self.step_mib) * self.step_mib
+
+    def describe(self) -> str:
+        """The reading as a number of MiB, for messages."""
+        return f"{int(self.mib)} MiB"
+
+
+def parse_memory_answer(answer: str) -> Optional[MemoryReading]:
+    """The limit in the answer of ``get_default_device_pinned_mem_limit``; None when it
+    names none (the daemon answers nothing when no default is set).
+
+    The unit is read when the answer names one (``17G``, ``10194M``); a bare number is MiB,
+    the unit the agent sets it in, unless too large to be MiB of any GPU (then bytes).
     """
-    answer = control_command(config, pipe_dir, "get_default_device_pinned_mem_limit 0")
     # A device prefix ("0=10194M") is not the value.
     text = answer.split("=", 1)[1] if "=" in answer else answer
     match = _MEMORY.search(text)
@@ -514,10 +533,16 @@ def read_memory_default_mib(config: MpsConfig, pipe_dir: str) -> Optional[Decima
     except InvalidOperation:
         return None
     unit = match.group(2).upper()
-    if unit:
-        return value * _MIB_PER_UNIT[unit]
-    # A bare number: MiB, the unit it is set in, unless too large to be MiB of any GPU.
-    return value * _MIB_PER_UNIT[""] if value > _LARGEST_MIB else value
+    if not unit:
+        unit = "" if value > _LARGEST_MIB else "M"
+    step = _MIB_PER_UNIT[unit]
+    return MemoryReading(value * step, step)
+
+
+def read_memory_default(config: MpsConfig, pipe_dir: str) -> Optional[MemoryReading]:
+    """The daemon's default pinned memory limit on device 0; None when it has none."""
+    answer = control_command(config, pipe_dir, "get_default_device_pinned_mem_limit 0")
+    return parse_memory_answer(answer)
 
 
 def ceiling_gaps(config: MpsConfig, pipe_dir: str, ceiling: Ceiling) -> list[str]:
@@ -534,9 +559,9 @@ def ceiling_gaps(config: MpsConfig, pipe_dir: str, ceiling: Ceiling) -> list[str
                 f"thread percentage {shown}, not {percentage_text(ceiling.thread_percentage)}"
             )
     if ceiling.memory_mib is not None:
-        memory = read_memory_default_mib(config, pipe_dir)
-        if memory is None or abs(memory - ceiling.memory_mib) > 1:
-            shown = "none" if memory is None else f"{int(memory)} MiB"
+        memory = read_memory_default(config, pipe_dir)
+        if memory is None or not memory.shows(ceiling.memory_mib):
+            shown = "none" if memory is None else memory.describe()
             gaps.append(f"pinned memory limit {shown}, not {ceiling.memory_mib} MiB")
     return gaps
 

@@ -18,7 +18,9 @@ It behaves like the real program where the agent can tell (driver 580, see docs/
   a line, so tests see which defaults were set and when.
 - The daemon keeps its defaults (``set_default_active_thread_percentage``,
   ``set_default_device_pinned_mem_limit <dev> <value>``) in memory only, like the real
-  one: a restarted daemon has none, and the get commands answer what is set.
+  one: a restarted daemon has none, and the get commands answer as driver 580 does
+  (bench/RESULTS.md): the percentage with one decimal, the memory limit in whole GiB
+  rounded down (``17971M`` reads ``17G``), nothing when no limit is set.
 - no option: the client. It sends each line of stdin to the daemon and prints the
   answers; no daemon: "Cannot find MPS control daemon process", exit 1.
 """
@@ -56,6 +58,14 @@ def pipe_dir() -> str:
     return os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
 
 
+def mebibytes(value: str) -> int:
+    """A memory value as the control commands take it ("10194M", "17G", bytes) in MiB."""
+    units = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
+    if value[-1:].upper() in units:
+        return int(float(value[:-1]) * units[value[-1:].upper()])
+    return int(value) // (1024 * 1024)
+
+
 def answer(command: str, state: dict[str, str]) -> str:
     """The daemon's reply to one control command."""
     words = command.split()
@@ -72,7 +82,9 @@ def answer(command: str, state: dict[str, str]) -> str:
         state[f"memory{words[1]}"] = words[2]
         return ""
     if words[0] == "get_default_device_pinned_mem_limit" and len(words) == 2:
-        return state.get(f"memory{words[1]}", "")
+        memory = state.get(f"memory{words[1]}")
+        # Driver 580 prints the limit in whole GiB, rounded down (17971M reads "17G").
+        return "" if memory is None else f"{mebibytes(memory) // 1024}G"
     if words[0] == "quit":
         return ""
     return f"Unrecognized command {words[0]}"

@@ -92,10 +92,10 @@ mps_answers() {
     in_ct sh -c "echo get_default_active_thread_percentage | CUDA_MPS_PIPE_DIRECTORY=/run/nvidia-mps/$1 $FAKE_MPS | grep -qE '^[0-9]'"
 }
 # The enforced ceiling of the default config (10 vGPUs per GPU): 10% of the SMs and a tenth
-# of the simulated H100's 81559 MiB, read back from the daemon.
+# of the simulated H100's 81559 MiB (8155 MiB, which the daemon prints as 7G).
 mps_ceiling_held() {
     in_ct sh -c "echo get_default_active_thread_percentage | CUDA_MPS_PIPE_DIRECTORY=/run/nvidia-mps/$1 $FAKE_MPS | grep -qx '10.0'" &&
-        in_ct sh -c "echo 'get_default_device_pinned_mem_limit 0' | CUDA_MPS_PIPE_DIRECTORY=/run/nvidia-mps/$1 $FAKE_MPS | grep -qx '8155M'"
+        in_ct sh -c "echo 'get_default_device_pinned_mem_limit 0' | CUDA_MPS_PIPE_DIRECTORY=/run/nvidia-mps/$1 $FAKE_MPS | grep -qx '7G'"
 }
 # The pipe-directory lockdown: the log FIFO and the lock file root-only, control 0666.
 mps_locked_down() {
