@@ -13,8 +13,13 @@ Three studies, each printed as a table and written as JSON and markdown:
   share as a fraction, pinned-memory ceiling = one slice, client variables the same).
   Each row: throughput, x time slicing, per-client p50 and worst p99, and % of the best
   hand-set row of the same k in the same run.
-- ``single``: one client alone, in each of the settings that differ at k = 1, twice in
-  alternating order (the single-client anomaly of issue 12).
+- ``single``: one client alone, in each of the settings that differ at k = 1, in rounds
+  that each start one setting later (the single-client anomaly of issue 12).
+- ``confirm``: time slicing, then rounds of hand-set 1x and 2x, the agent's own
+  configuration and (where it differs) the proposed default, at 8 and 16 clients; a
+  summary folds the repeats (mean, min-max).
+- ``reuse``: the agent's client variables at k = 1, 4, 8, 16 and 8 again, all through one
+  multi-user daemon, as the earlier runs of this benchmark did.
 - ``hostile``: a daemon whose defaults are set to the ceiling of 1 vGPU of N (thread share
   and memory slice, by device index); clients that keep, unset, raise or lower their limit
   variables, each alone and a raiser beside a compliant one: the multiprocessor count CUDA
@@ -44,7 +49,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -487,11 +492,29 @@ class Run:
 def measure_row(
     machine: Machine, study: str, setting: Setting, count: int, *, duration_s: float, run: Run
 ) -> dict[str, Any]:
-    """Run ``count`` clients under ``setting`` and record the row."""
+    """Run ``count`` clients under ``setting`` on a daemon of their own; record the row."""
     plan = plan_for(setting, count, machine.memory_mib)
     with daemon_for(machine, plan) as (daemon, readback):
-        environments = [client_environment(machine, daemon, plan.client_env) for _ in range(count)]
-        reports, clock = run_clients(machine, environments, duration_s)
+        return record_row(
+            machine, study, setting, count, plan, daemon, readback, duration_s=duration_s, run=run
+        )
+
+
+def record_row(  # noqa: PLR0917 - one row's every input, all needed
+    machine: Machine,
+    study: str,
+    setting: Setting,
+    count: int,
+    plan: Plan,
+    daemon: Optional[Daemon],
+    readback: dict[str, str],
+    *,
+    duration_s: float,
+    run: Run,
+) -> dict[str, Any]:
+    """Run ``count`` clients with the plan's variables through ``daemon``; record the row."""
+    environments = [client_environment(machine, daemon, plan.client_env) for _ in range(count)]
+    reports, clock = run_clients(machine, environments, duration_s)
     row = {
         "study": study,
         "setting": setting.name,
@@ -513,15 +536,80 @@ def measure_row(
     return row
 
 
+#: The client counts the reuse study runs, in turn, on one daemon (the earlier runs' order).
+REUSE_COUNTS = (1, 4, 8, 16, 8)
+REUSE = Setting("reuse", "agent's variables, one -M daemon for every row in turn")
+
+
+def reuse_study(machine: Machine, run: Run, log: Callable[[str], None], duration_s: float) -> None:
+    """The agent's client variables for k = 1, 4, 8, 16 and 8 again, all through one
+    multi-user daemon without defaults, as the earlier runs of this benchmark did."""
+    with daemon_for(machine, Plan(True, True, [], {})) as (daemon, readback):
+        for count in REUSE_COUNTS:
+            plan = replace(agent_plan(count, machine.memory_mib), daemon_commands=[])
+            row = record_row(
+                machine,
+                "reuse",
+                REUSE,
+                count,
+                plan,
+                daemon,
+                readback,
+                duration_s=duration_s,
+                run=run,
+            )
+            log("r " + format_row(row))
+
+
+def repeat_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of the same study, k and setting folded together: mean, min and max throughput,
+    x time slicing and % of the best hand-set setting, both on means; the worst p99."""
+    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["study"], row["clients"], row["setting"]), []).append(row)
+    folded = []
+    for (study, count, setting), group in groups.items():
+        rates = [row["iterations_per_s"] for row in group]
+        folded.append(
+            {
+                "study": study,
+                "clients": count,
+                "setting": setting,
+                "label": group[0]["label"],
+                "hand": group[0]["hand"],
+                "runs": len(group),
+                "mean": statistics.mean(rates),
+                "min": min(rates),
+                "max": max(rates),
+                "p50_median_ms": statistics.median(p for row in group for p in row["p50_ms"]),
+                "worst_p99_ms": max(max(row["p99_ms"]) for row in group),
+            }
+        )
+    for entry in folded:
+        peers = [
+            f for f in folded if (f["study"], f["clients"]) == (entry["study"], entry["clients"])
+        ]
+        slices = [f for f in peers if f["setting"] == TIMESLICE.name]
+        best = max((f["mean"] for f in peers if f["hand"]), default=None)
+        entry["x_slice"] = entry["mean"] / slices[0]["mean"] if slices else None
+        entry["p99_x_slice"] = entry["worst_p99_ms"] / slices[0]["worst_p99_ms"] if slices else None
+        entry["pct_of_best_hand"] = 100.0 * entry["mean"] / best if best else None
+    return folded
+
+
 def derive(rows: list[dict[str, Any]]) -> None:
     """Fill in x time slicing, p99 against time slicing and % of the best hand-set row,
-    per study and client count."""
+    per study and client count (a study without its own, such as reuse, borrows those of
+    the other studies at the same client count)."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["study"], row["clients"]), []).append(row)
-    for group in groups.values():
-        slices = [row for row in group if row["setting"] == TIMESLICE.name]
-        hands = [row for row in group if row["hand"]]
+    for (_study, count), group in groups.items():
+        same_count = [row for row in rows if row["clients"] == count]
+        slices = [row for row in group if row["setting"] == TIMESLICE.name] or [
+            row for row in same_count if row["setting"] == TIMESLICE.name
+        ]
+        hands = [row for row in group if row["hand"]] or [row for row in same_count if row["hand"]]
         slice_rate = statistics.mean(r["iterations_per_s"] for r in slices) if slices else None
         slice_p99 = statistics.mean(max(r["p99_ms"]) for r in slices) if slices else None
         best = max((r["iterations_per_s"] for r in hands), default=None)
@@ -705,7 +793,7 @@ def markdown(run: Run) -> str:
         f"Command: `{run.command}`",
         "",
     ]
-    for study in ("factors", "single"):
+    for study in ("factors", "confirm", "reuse", "single"):
         rows = [row for row in run.rows if row["study"] == study]
         if not rows:
             continue
@@ -717,12 +805,7 @@ def markdown(run: Run) -> str:
             "|---|---:|---|---|---:|---:|---:|---|---:|---:|---|",
         ]
         for row in rows:
-            daemon = (
-                "-"
-                if row["multi_user"] is None
-                else ("-M " if row["multi_user"] else "")
-                + "; ".join(c.replace("set_default_", "") for c in row["daemon_commands"])
-            )
+            daemon = describe_daemon(row)
             env = " ".join(
                 f"{k.replace('CUDA_MPS_', '')}={v}" for k, v in row["client_env"].items()
             )
@@ -736,6 +819,8 @@ def markdown(run: Run) -> str:
                 f"| {','.join(str(s) for s in row['sms'])} |"
             )
         lines.append("")
+        if study in ("confirm", "single"):
+            lines += summary_markdown(rows)
     if run.hostile:
         lines += [
             "#### hostile",
@@ -759,6 +844,35 @@ def markdown(run: Run) -> str:
     return "\n".join(lines) + "\n"
 
 
+def describe_daemon(row: dict[str, Any]) -> str:
+    """A row's daemon for the tables: none, plain, or -M and the defaults it was given."""
+    if row["multi_user"] is None:
+        return "-"
+    parts = ["-M"] if row["multi_user"] else []
+    parts += [command.replace("set_default_", "") for command in row["daemon_commands"]]
+    return ", ".join(parts) or "plain"
+
+
+def summary_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """The repeat summary of a study's rows as a markdown table."""
+    lines = [
+        "Folded over repeats (x slicing and % best hand-set on mean throughput):",
+        "",
+        "| setting | k | runs | iter/s mean (min-max) | x slicing | % best hand-set "
+        "| p50 ms median | worst p99 ms | p99 / slicing p99 |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for entry in repeat_summary(rows):
+        lines.append(
+            f"| {entry['label']} | {entry['clients']} | {entry['runs']} "
+            f"| {entry['mean']:.0f} ({entry['min']:.0f}-{entry['max']:.0f}) "
+            f"| {_fmt(entry['x_slice'])} | {_fmt(entry['pct_of_best_hand'], 0)} "
+            f"| {entry['p50_median_ms']:.3f} | {entry['worst_p99_ms']:.3f} "
+            f"| {_fmt(entry['p99_x_slice'])} |"
+        )
+    return [*lines, ""]
+
+
 def _fmt(value: Optional[float], digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -771,15 +885,45 @@ def leftover_mps_processes() -> list[str]:
     return [line.strip() for line in result.stdout.splitlines() if "nvidia-cuda-mps" in line]
 
 
+STUDIES = ("hostile", "factors", "single", "confirm", "reuse")
+
+
+def client_counts(parser: argparse.ArgumentParser, option: str, text: str) -> list[int]:
+    """A comma list of client counts, or a usage error naming the option."""
+    try:
+        counts = [int(count) for count in text.split(",")]
+    except ValueError:
+        parser.error(f"{option} {text!r}: give client counts like 4,8,16")
+    if any(count < 1 or count > 48 for count in counts):
+        parser.error(f"{option}: each count must be 1 to 48 (MPS serves 48 clients per GPU)")
+    return counts
+
+
+def confirm_settings(count: int) -> list[Setting]:
+    """The confirmation rows: hand-set 1x and 2x, the agent's own configuration, and the
+    proposed default where the agent's configuration is not already the same."""
+    settings = [HAND[0], HAND[2], AGENT]
+    if plan_for(AGENT, count, 143771) != plan_for(PROPOSED, count, 143771):
+        settings.append(PROPOSED)
+    return settings
+
+
 def main(arguments: Sequence[str]) -> int:
     """Run the chosen studies, print and write the tables."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--worker", choices=("latency", "fake"), help=argparse.SUPPRESS)
-    parser.add_argument("--study", default="hostile,single,factors")
+    parser.add_argument(
+        "--study",
+        default="hostile,single,factors",
+        help="comma list of: hostile, factors, single, confirm, reuse",
+    )
     parser.add_argument("--clients", default="8,16,4", help="client counts of the factor study")
     parser.add_argument("--settings", help="only these factor-study settings (comma list)")
     parser.add_argument("--duration-s", type=float, default=3.0)
     parser.add_argument("--single-rounds", type=int, default=2)
+    parser.add_argument("--single-settings", help="only these single-client settings (comma list)")
+    parser.add_argument("--confirm-clients", default="8,16", help="client counts of confirm")
+    parser.add_argument("--confirm-rounds", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=470.0, help="start no row after this")
     parser.add_argument("--json", help="write the results here (after every row)")
     parser.add_argument("--markdown", help="write the tables here (after every row)")
@@ -791,16 +935,14 @@ def main(arguments: Sequence[str]) -> int:
     if args.worker == "fake":
         return fake_worker(args.duration_s)
     studies = [study.strip() for study in args.study.split(",") if study.strip()]
-    unknown = set(studies) - {"factors", "single", "hostile"}
+    unknown = set(studies) - set(STUDIES)
     if unknown:
-        parser.error(f"unknown study {', '.join(sorted(unknown))}: pick factors, single, hostile")
-    try:
-        counts = [int(count) for count in args.clients.split(",")]
-    except ValueError:
-        parser.error(f"--clients {args.clients!r}: give client counts like 4,8,16")
-    if any(count < 1 or count > 48 for count in counts):
-        parser.error("--clients: each count must be 1 to 48 (MPS serves 48 clients per GPU)")
+        parser.error(f"unknown study {', '.join(sorted(unknown))}: pick from {', '.join(STUDIES)}")
+    counts = client_counts(parser, "--clients", args.clients)
+    confirm_counts = client_counts(parser, "--confirm-clients", args.confirm_clients)
     only = set(args.settings.split(",")) if args.settings else None
+    single_only = set(args.single_settings.split(",")) if args.single_settings else None
+    single = [s for s in SINGLE if single_only is None or s.name in single_only]
     schedule: list[tuple[str, Setting, int]] = []
 
     def factor_rows(selected: list[int]) -> list[tuple[str, Setting, int]]:
@@ -814,16 +956,31 @@ def main(arguments: Sequence[str]) -> int:
     # The counts the goals are stated for (8 and 16) first, so a short budget drops others.
     if "factors" in studies:
         schedule += factor_rows([count for count in counts if count >= 8])
+    if "confirm" in studies:
+        for count in confirm_counts:
+            schedule.append(("confirm", TIMESLICE, count))
+            for _ in range(args.confirm_rounds):
+                schedule += [("confirm", setting, count) for setting in confirm_settings(count)]
+    if "reuse" in studies:
+        schedule.append(("reuse", REUSE, 0))
     if "single" in studies:
         for round_number in range(args.single_rounds):
-            order = SINGLE if round_number % 2 == 0 else list(reversed(SINGLE))
+            # Each round starts one setting later, so no setting runs twice in a row.
+            shift = round_number % len(single)
+            order = single[shift:] + single[:shift]
             schedule += [("single", setting, 1) for setting in order]
     if "factors" in studies:
         schedule += factor_rows([count for count in counts if count < 8])
     if args.dry_run:
         memory_mib = 143771
-        print(f"{len(schedule)} rows (+ the hostile study: {'hostile' in studies})")
+        print(
+            f"{len(schedule)} rows (+ hostile: {'hostile' in studies}, "
+            f"+ reuse: {len(REUSE_COUNTS) if 'reuse' in studies else 0} rows)"
+        )
         for study, setting, count in schedule:
+            if study == "reuse":
+                print(f"reuse: one -M daemon, the agent's variables at k = {REUSE_COUNTS}")
+                continue
             plan = plan_for(setting, count, memory_mib)
             daemon = ("-M " if plan.multi_user else "") + "; ".join(plan.daemon_commands)
             print(
@@ -868,7 +1025,18 @@ def main(arguments: Sequence[str]) -> int:
             if time.monotonic() - started > args.budget_s:
                 run.skipped.append(f"{study}/{setting.name}/{count}")
                 continue
-            row = measure_row(machine, study, setting, count, duration_s=args.duration_s, run=run)
+            try:
+                if study == "reuse":
+                    reuse_study(machine, run, log, args.duration_s)
+                    save()
+                    continue
+                row = measure_row(
+                    machine, study, setting, count, duration_s=args.duration_s, run=run
+                )
+            except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as exc:
+                run.failed.append(f"{study}/{setting.name}/{count}: {exc}")
+                log(f"{study[0]} {setting.name:<12}{count:>3}  FAILED: {exc}")
+                continue
             save()
             log(f"{study[0]} " + format_row(row))
     finally:
