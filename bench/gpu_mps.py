@@ -64,6 +64,11 @@ IMAGE_ENV = {
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     "NVSHMEM_DISABLE_NVLS": "1",
 }
+#: Where the pinned rows put the daemon (its servers inherit it) and the clients: the
+#: daemon on CPUs 0-1, client i on CPU n/2 + i (8 + i on the 16-CPU machine).
+CPUS = os.cpu_count() or 2
+DAEMON_CPUS = "0,1" if CPUS >= 4 else "0"
+FIRST_CLIENT_CPU = max(1, CPUS // 2)
 #: The vGPUs per GPU of the hostile study's ceiling.
 HOSTILE_REPLICAS = 8
 
@@ -88,6 +93,8 @@ class Setting:
     agent: bool = False
     #: Part of the hand-set grid the other rows are compared with.
     hand: bool = False
+    #: The daemon (and the servers it spawns) on CPUs of its own, each client on another.
+    cpu_pinned: bool = False
 
 
 TIMESLICE = Setting("timeslice", "time slicing (no MPS)", mps=False)
@@ -132,6 +139,14 @@ SINGLE = [
     Setting("mem-env", "MPS, memory env (whole GPU)", env_memory=True),
     Setting("multi-user", "MPS -M, no limits", multi_user=True),
     AGENT,
+    Setting("timeslice-pin", "time slicing, client pinned to a CPU", mps=False, cpu_pinned=True),
+    Setting("uncapped-pin", "MPS, daemon and client on CPUs of their own", cpu_pinned=True),
+    Setting(
+        "multi-user-pin",
+        "MPS -M, daemon and client on CPUs of their own",
+        multi_user=True,
+        cpu_pinned=True,
+    ),
 ]
 
 
@@ -163,10 +178,15 @@ class Plan:
     multi_user: bool
     daemon_commands: list[str]
     client_env: dict[str, str]
+    cpu_pinned: bool = False
 
 
 def plan_for(setting: Setting, count: int, memory_mib: int) -> Plan:
     """The daemon and the limit variables of ``setting`` for ``count`` clients."""
+    return replace(_plan_for(setting, count, memory_mib), cpu_pinned=setting.cpu_pinned)
+
+
+def _plan_for(setting: Setting, count: int, memory_mib: int) -> Plan:
     if not setting.mps:
         return Plan(False, False, [], {})
     if setting.agent:
@@ -270,7 +290,7 @@ def open_machine(fake: bool) -> tuple[Machine, Callable[[], None]]:
 class Daemon:
     """A control daemon of its own under /tmp, pinned to the GPU, quit when done."""
 
-    def __init__(self, machine: Machine, multi_user: bool) -> None:
+    def __init__(self, machine: Machine, multi_user: bool, cpu_pinned: bool = False) -> None:
         self.machine = machine
         self.root = tempfile.mkdtemp(prefix="vgpu-bench-", dir="/tmp")
         os.chmod(self.root, 0o755)  # noqa: S103 - clients of other uids walk through it
@@ -285,6 +305,8 @@ class Daemon:
             CUDA_MPS_LOG_DIRECTORY=self.log_dir,
         )
         command = [*machine.control_binary.split(), "-f"] + (["-M"] if multi_user else [])
+        if cpu_pinned:
+            command = ["taskset", "-c", DAEMON_CPUS, *command]
         self.output = open(os.path.join(self.log_dir, "daemon.out"), "wb")  # noqa: SIM115
         self.process = subprocess.Popen(
             command,
@@ -346,7 +368,7 @@ def daemon_for(machine: Machine, plan: Plan) -> Iterator[tuple[Optional[Daemon],
     if not plan.daemon:
         yield None, {}
         return
-    daemon = Daemon(machine, plan.multi_user)
+    daemon = Daemon(machine, plan.multi_user, plan.cpu_pinned)
     try:
         readback: dict[str, str] = {}
         for command in plan.daemon_commands:
@@ -437,7 +459,10 @@ def _measure(
 
 
 def run_clients(
-    machine: Machine, environments: list[dict[str, str]], duration_s: float
+    machine: Machine,
+    environments: list[dict[str, str]],
+    duration_s: float,
+    cpu_pinned: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Start one latency worker per environment, release them together, collect their
     reports; also samples the SM clock half way through."""
@@ -445,8 +470,14 @@ def run_clients(
     command = [sys.executable, os.path.abspath(__file__), "--worker", worker]
     command += ["--duration-s", str(duration_s)]
     processes = [
-        subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        for env in environments
+        subprocess.Popen(
+            (["taskset", "-c", str(FIRST_CLIENT_CPU + index)] if cpu_pinned else []) + command,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for index, env in enumerate(environments)
     ]
     try:
         for process in processes:
@@ -514,7 +545,7 @@ def record_row(  # noqa: PLR0917 - one row's every input, all needed
 ) -> dict[str, Any]:
     """Run ``count`` clients with the plan's variables through ``daemon``; record the row."""
     environments = [client_environment(machine, daemon, plan.client_env) for _ in range(count)]
-    reports, clock = run_clients(machine, environments, duration_s)
+    reports, clock = run_clients(machine, environments, duration_s, plan.cpu_pinned)
     row = {
         "study": study,
         "setting": setting.name,
@@ -961,14 +992,14 @@ def main(arguments: Sequence[str]) -> int:
             schedule.append(("confirm", TIMESLICE, count))
             for _ in range(args.confirm_rounds):
                 schedule += [("confirm", setting, count) for setting in confirm_settings(count)]
-    if "reuse" in studies:
-        schedule.append(("reuse", REUSE, 0))
     if "single" in studies:
         for round_number in range(args.single_rounds):
             # Each round starts one setting later, so no setting runs twice in a row.
             shift = round_number % len(single)
             order = single[shift:] + single[:shift]
             schedule += [("single", setting, 1) for setting in order]
+    if "reuse" in studies:
+        schedule.append(("reuse", REUSE, 0))
     if "factors" in studies:
         schedule += factor_rows([count for count in counts if count < 8])
     if args.dry_run:
