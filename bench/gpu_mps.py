@@ -15,6 +15,9 @@ Three studies, each printed as a table and written as JSON and markdown:
   hand-set row of the same k in the same run.
 - ``single``: one client alone, in each of the settings that differ at k = 1, in rounds
   that each start one setting later (the single-client anomaly of issue 12).
+- ``late``: the same ceiling set while a server already runs (a reload, or the probe
+  putting a lost ceiling back): what a client that unsets its variables gets from that
+  server, and from the next one once it has exited.
 - ``confirm``: time slicing, then rounds of hand-set 1x and 2x, the agent's own
   configuration and (where it differs) the proposed default, at 8 and 16 clients; a
   summary folds the repeats (mean, min-max).
@@ -651,6 +654,75 @@ def derive(rows: list[dict[str, Any]]) -> None:
             row["pct_of_best_hand"] = 100.0 * rate / best if best else None
 
 
+def late_ceiling_study(machine: Machine, run: Run, log: Callable[[str], None]) -> None:
+    """Does a ceiling set while an MPS server already runs reach that server's new clients
+    (a reload, or a probe putting a lost ceiling back), or only servers started later?"""
+    replicas = HOSTILE_REPLICAS
+    slice_mib = machine.memory_mib // replicas
+    commands = [
+        f"set_default_active_thread_percentage {percentage(1.0, replicas)}",
+        f"set_default_device_pinned_mem_limit 0 {slice_mib}M",
+    ]
+    label = f"ceiling 1 of {replicas} set while a server runs"
+    try:
+        with daemon_for(machine, Plan(True, True, [], {})) as (daemon, _):
+            assert daemon is not None
+            holder = None
+            if not machine.fake:
+                holder = subprocess.Popen(
+                    [sys.executable, CLIENT_PROGRAM, "--label", "holder", "--hold-s", "60"],
+                    env=client_environment(machine, daemon, {}),
+                    stdout=subprocess.DEVNULL,
+                )
+            try:
+                wait_for_servers(daemon, present=True, fake=machine.fake)
+                for command in commands:
+                    daemon.command(command)
+                readback = {
+                    query: daemon.command(query) or ""
+                    for query in (
+                        "get_default_active_thread_percentage",
+                        "get_default_device_pinned_mem_limit 0",
+                    )
+                }
+                cases: list[tuple[str, dict[str, str]]] = [("unset, same server", {})]
+                first = probe_clients(machine, daemon, cases, together=False)
+            finally:
+                if holder is not None:
+                    holder.kill()
+                    holder.wait()
+            wait_for_servers(daemon, present=False, fake=machine.fake)
+            cases_after: list[tuple[str, dict[str, str]]] = [("unset, new server", {})]
+            second = probe_clients(machine, daemon, cases_after, together=False)
+    except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as exc:
+        run.failed.append(f"late ceiling: {exc}")
+        log(f"late ceiling: FAILED: {exc}")
+        return
+    for (name, env), report in zip(cases + cases_after, first + second):
+        entry = {
+            "daemon": label,
+            "daemon_readback": readback,
+            "client": name,
+            "together": False,
+            "env": env,
+            **report,
+        }
+        run.hostile.append(entry)
+        log(format_hostile(entry))
+
+
+def wait_for_servers(daemon: Daemon, present: bool, fake: bool, timeout_s: float = 60.0) -> None:
+    """Wait until the daemon has an MPS server running (or none), as get_server_list says."""
+    if fake:
+        return
+    deadline = time.monotonic() + timeout_s
+    while bool((daemon.command("get_server_list") or "").strip()) != present:
+        if time.monotonic() > deadline:
+            state = "start" if present else "exit"
+            raise RuntimeError(f"no MPS server {state} within {timeout_s:g} s")
+        time.sleep(0.2)
+
+
 def hostile_study(machine: Machine, run: Run, log: Callable[[str], None]) -> None:
     """The ceiling of 1 vGPU of HOSTILE_REPLICAS against clients that unset or raise it."""
     replicas = HOSTILE_REPLICAS
@@ -916,7 +988,7 @@ def leftover_mps_processes() -> list[str]:
     return [line.strip() for line in result.stdout.splitlines() if "nvidia-cuda-mps" in line]
 
 
-STUDIES = ("hostile", "factors", "single", "confirm", "reuse")
+STUDIES = ("hostile", "late", "factors", "single", "confirm", "reuse")
 
 
 def client_counts(parser: argparse.ArgumentParser, option: str, text: str) -> list[int]:
@@ -946,7 +1018,7 @@ def main(arguments: Sequence[str]) -> int:
     parser.add_argument(
         "--study",
         default="hostile,single,factors",
-        help="comma list of: hostile, factors, single, confirm, reuse",
+        help="comma list of: hostile, late, factors, single, confirm, reuse",
     )
     parser.add_argument("--clients", default="8,16,4", help="client counts of the factor study")
     parser.add_argument("--settings", help="only these factor-study settings (comma list)")
@@ -1050,6 +1122,9 @@ def main(arguments: Sequence[str]) -> int:
     try:
         if "hostile" in studies:
             hostile_study(machine, run, log)
+            save()
+        if "late" in studies:
+            late_ceiling_study(machine, run, log)
             save()
         log(HEADER)
         for study, setting, count in schedule:
