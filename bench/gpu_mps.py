@@ -664,6 +664,14 @@ def late_ceiling_study(machine: Machine, run: Run, log: Callable[[str], None]) -
         f"set_default_device_pinned_mem_limit 0 {slice_mib}M",
     ]
     label = f"ceiling 1 of {replicas} set while a server runs"
+    readback: dict[str, str] = {}
+
+    def record(name: str, report: dict[str, Any]) -> None:
+        entry: dict[str, Any] = {"daemon": label, "daemon_readback": readback, "client": name}
+        entry.update(together=False, env={}, **report)
+        run.hostile.append(entry)
+        log(format_hostile(entry))
+
     try:
         with daemon_for(machine, Plan(True, True, [], {})) as (daemon, _):
             assert daemon is not None
@@ -678,37 +686,22 @@ def late_ceiling_study(machine: Machine, run: Run, log: Callable[[str], None]) -
                 wait_for_servers(daemon, present=True, fake=machine.fake)
                 for command in commands:
                     daemon.command(command)
-                readback = {
-                    query: daemon.command(query) or ""
-                    for query in (
-                        "get_default_active_thread_percentage",
-                        "get_default_device_pinned_mem_limit 0",
-                    )
-                }
-                cases: list[tuple[str, dict[str, str]]] = [("unset, same server", {})]
-                first = probe_clients(machine, daemon, cases, together=False)
+                for query in (
+                    "get_default_active_thread_percentage",
+                    "get_default_device_pinned_mem_limit 0",
+                ):
+                    readback[query] = daemon.command(query) or ""
+                record("unset, same server", probe_clients(machine, daemon, [("", {})], False)[0])
             finally:
                 if holder is not None:
                     holder.kill()
                     holder.wait()
-            wait_for_servers(daemon, present=False, fake=machine.fake)
-            cases_after: list[tuple[str, dict[str, str]]] = [("unset, new server", {})]
-            second = probe_clients(machine, daemon, cases_after, together=False)
+            # Whether the server exits once its clients have gone is part of the answer.
+            wait_for_servers(daemon, present=False, fake=machine.fake, timeout_s=20.0)
+            record("unset, new server", probe_clients(machine, daemon, [("", {})], False)[0])
     except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as exc:
         run.failed.append(f"late ceiling: {exc}")
         log(f"late ceiling: FAILED: {exc}")
-        return
-    for (name, env), report in zip(cases + cases_after, first + second):
-        entry = {
-            "daemon": label,
-            "daemon_readback": readback,
-            "client": name,
-            "together": False,
-            "env": env,
-            **report,
-        }
-        run.hostile.append(entry)
-        log(format_hostile(entry))
 
 
 def wait_for_servers(daemon: Daemon, present: bool, fake: bool, timeout_s: float = 60.0) -> None:
@@ -877,7 +870,7 @@ def format_row(row: dict[str, Any]) -> str:
 def format_hostile(entry: dict[str, Any]) -> str:
     """One line of the hostile table."""
     return (
-        f"{entry['daemon']:<34}{entry['client']:<10}"
+        f"{entry['daemon']:<42}{entry['client']:<20}"
         f" SMs {entry.get('multi_processor_count', '-')!s:>4}"
         f"  {entry.get('tflops', '-')!s:>7} TFLOP/s"
         f"  max alloc {entry.get('max_alloc_mib', '-')!s:>7} MiB  {entry.get('error', '')}"
