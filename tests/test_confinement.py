@@ -293,12 +293,14 @@ def test_reload_applies_the_new_ceiling(
     new = node_config(root, max_vgpus_per_container=2)
     node = start_node(node_config(root), config_loader=lambda: new)
     node.agent.request_reload()
+    # Two commands, one after the other: wait for both.
     wait_until(
-        lambda: node.control("get_default_active_thread_percentage") == "25.0",
+        lambda: (
+            node.control("get_default_active_thread_percentage") == "25.0"
+            and node.control("get_default_device_pinned_mem_limit 0")
+            == f"{MEMORY_MIB * 2 // 8 // 1024}G"
+        ),
         "the reloaded ceiling",
-    )
-    assert (
-        node.control("get_default_device_pinned_mem_limit 0") == f"{MEMORY_MIB * 2 // 8 // 1024}G"
     )
     assert [command for command in node.commands() if command.startswith("set_")][-2:] == [
         "set_default_active_thread_percentage 25",
