@@ -371,6 +371,28 @@ def node_gpu() -> Gpu:
     return gpus_from_config(SimulatedConfig(count=1, memory_mib=MEMORY_MIB))[0]
 
 
+def test_full_probe_with_a_ceiling_reads_it_back_instead_of_listing_servers(
+    direct: tuple[DirectMpsDaemons, MpsConfig],
+    short_tmp_dir: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A full probe of a daemon that holds a ceiling asks just the two get commands (which
+    prove it answers too), not get_server_list as well: one process start fewer."""
+    command_log = Path(short_tmp_dir) / "probe-commands"
+    monkeypatch.setenv("FAKE_MPS_COMMAND_LOG", str(command_log))
+    daemons, config = direct
+    info = daemons.start(node_gpu())
+    prober = LivenessProber(config, full_interval_s=5.0, clock=lambda: 0.0)
+    prober.hold(info.pipe_dir, Ceiling(Decimal("12.5"), 10194))
+    before = len(command_log.read_text(encoding="utf-8").splitlines())
+    assert prober.probe(info.pipe_dir) is None
+    asked = command_log.read_text(encoding="utf-8").splitlines()[before:]
+    assert asked == [
+        "get_default_active_thread_percentage",
+        "get_default_device_pinned_mem_limit 0",
+    ]
+
+
 @pytest.mark.parametrize(
     ("answer", "limit_mib", "held"),
     [

@@ -325,12 +325,15 @@ class LivenessProber:
             return None
         try:
             gaps = ceiling_gaps(self._config, pipe_dir, ceiling)
-            if not gaps:
-                return None
-            lost = f"{CEILING_PREFIX} lost ({'; '.join(gaps)})"
+        except MpsError as exc:
+            return str(exc)  # the daemon does not answer: a liveness problem, not the ceiling
+        if not gaps:
+            return None
+        lost = f"{CEILING_PREFIX} lost ({'; '.join(gaps)})"
+        try:
             send_ceiling(self._config, pipe_dir, ceiling)
         except MpsError as exc:
-            return f"{CEILING_PREFIX} not confirmed: {exc}"
+            return f"{lost}; putting it back failed: {exc}"
         _log.warning("%s on %s: re-applied %s", lost, pipe_dir, ceiling.describe())
         # Reported once, so the loss is seen; the next full probe reads it back and heals.
         return f"{lost}; re-applied, checking again"
@@ -351,9 +354,14 @@ class LivenessProber:
             answered_at = self._answered_at.get(pipe_dir)
             if answered_at is not None and now - answered_at < self._full_interval_s:
                 return None
-        problem = probe_pipe_dir(self._config, pipe_dir)
-        if problem is None:
+        with self._lock:
+            holds_ceiling = pipe_dir in self._ceilings
+        # Reading the ceiling back is itself a control command the daemon must answer, so
+        # it stands in for get_server_list: one process start fewer every interval.
+        if holds_ceiling:
             problem = self._check_ceiling(pipe_dir)
+        else:
+            problem = probe_pipe_dir(self._config, pipe_dir)
         if problem is None:
             with self._lock:
                 self._answered_at[pipe_dir] = now
