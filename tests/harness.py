@@ -75,6 +75,20 @@ class NotifyListener:
         with self._lock:
             return sum(1 for message in self.messages if predicate(message))
 
+    def wait_for_count(
+        self, predicate: Callable[[str], bool], count: int, timeout_s: float = WAIT_S
+    ) -> None:
+        """Wait until ``count`` datagrams matching ``predicate`` have arrived."""
+        with self._lock:
+
+            def enough() -> bool:
+                return sum(1 for message in self.messages if predicate(message)) >= count
+
+            if not self._lock.wait_for(enough, timeout=timeout_s):
+                raise TimeoutError(
+                    f"fewer than {count} matching notifications in {self.messages!r}"
+                )
+
     def close(self) -> None:
         """Stop reading and close the socket."""
         self._stop = True
