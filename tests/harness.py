@@ -7,9 +7,12 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
+
+import pytest
 
 from vgpu_agent.agent import Agent
 from vgpu_agent.compose import build_agent
@@ -94,6 +97,15 @@ class NotifyListener:
         self._stop = True
         self._thread.join()
         self.sock.close()
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = WAIT_S, what: str = "") -> None:
+    """Poll ``predicate`` until it holds; fail the test naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what or predicate}")
+        time.sleep(0.02)
 
 
 def make_config(root: str, **overrides: object) -> Config:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, cast
 import grpc
 import pytest
 
-from tests.harness import RESOURCE, WAIT_S, AgentRun, make_config
+from tests.harness import RESOURCE, WAIT_S, AgentRun, make_config, wait_until
 from tests.test_mps import FAKE_CONTROL
 from vgpu_agent import control, kubelet
 from vgpu_agent._proto import deviceplugin_pb2 as pb
@@ -78,15 +78,6 @@ def cpu_seconds_over(wall_s: float) -> float:
     start = time.process_time()
     time.sleep(wall_s)
     return time.process_time() - start
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = WAIT_S, what: str = "") -> None:
-    """Poll ``predicate`` until it holds; fail the test naming ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what or predicate}")
-        time.sleep(0.02)
 
 
 def healthy_count(devices: tuple[AdvertisedDevice, ...]) -> int:

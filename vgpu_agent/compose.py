@@ -34,9 +34,8 @@ from vgpu_agent.daemons import MpsDaemons, MpsInspector
 from vgpu_agent.gpu import ComputeMode, GpuBackend
 from vgpu_agent.health import HealthMonitor
 from vgpu_agent.node import Node
-from vgpu_agent.plan import grant_policy
 from vgpu_agent.plugin import PluginServer, PluginServicer
-from vgpu_agent.registration import Register, Registrar, Serve
+from vgpu_agent.registration import Register, Registrar
 from vgpu_agent.simulated import SimulatedMpsInspector, Simulation
 from vgpu_agent.sockets import socket_identity
 from vgpu_agent.systemd import Notifier
@@ -114,10 +113,9 @@ def plugin_registrar(
                 abandon=abandon,
             )
 
-        serve_endpoint: Serve = serve
         return Registrar(
             kubelet_identity=lambda: socket_identity(plugin.kubelet_socket_path),
-            serve=serve_endpoint,
+            serve=serve,
             register=register if register is not None else register_with_kubelet,
             clock=clock,
             on_wait=on_wait,
@@ -198,7 +196,7 @@ def build_agent(
             faults = simulation
     else:
         chosen_backend, chosen_mps = open_nvml, real_mps
-    node = Node(grant_policy=grant_policy(config))
+    node = Node()  # the agent sets its grant policy from the config
     parts = AgentParts(
         node=node,
         notifier=notifier,
