@@ -7,9 +7,12 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
+
+import pytest
 
 from vgpu_agent.agent import Agent
 from vgpu_agent.compose import build_agent
@@ -75,11 +78,34 @@ class NotifyListener:
         with self._lock:
             return sum(1 for message in self.messages if predicate(message))
 
+    def wait_for_count(
+        self, predicate: Callable[[str], bool], count: int, timeout_s: float = WAIT_S
+    ) -> None:
+        """Wait until ``count`` datagrams matching ``predicate`` have arrived."""
+        with self._lock:
+
+            def enough() -> bool:
+                return sum(1 for message in self.messages if predicate(message)) >= count
+
+            if not self._lock.wait_for(enough, timeout=timeout_s):
+                raise TimeoutError(
+                    f"fewer than {count} matching notifications in {self.messages!r}"
+                )
+
     def close(self) -> None:
         """Stop reading and close the socket."""
         self._stop = True
         self._thread.join()
         self.sock.close()
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = WAIT_S, what: str = "") -> None:
+    """Poll ``predicate`` until it holds; fail the test naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what or predicate}")
+        time.sleep(0.02)
 
 
 def make_config(root: str, **overrides: object) -> Config:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from tests.harness import WAIT_S, make_config
+from tests.harness import WAIT_S, make_config, wait_until
 from vgpu_agent.agent import Agent, HealthScope, Watch
 from vgpu_agent.commands import (
     ControlCommand,
@@ -149,18 +149,6 @@ def start(config: Config, fakes: Fakes, **extra: Any) -> tuple[Agent, threading.
     return agent, thread
 
 
-def wait_for(predicate: Callable[[], bool]) -> None:
-    """Wait until ``predicate`` holds (the agent's loop runs in another thread)."""
-    done = threading.Event()
-    deadline = threading.Timer(WAIT_S, done.set)
-    deadline.start()
-    try:
-        while not predicate():
-            assert not done.wait(0.01), "timed out"
-    finally:
-        deadline.cancel()
-
-
 def test_agent_from_fakes_serves_registers_and_reports(
     short_tmp_dir: str, kubelet_socket: str
 ) -> None:
@@ -170,7 +158,7 @@ def test_agent_from_fakes_serves_registers_and_reports(
     fakes = Fakes(config)
     agent, thread = start(config, fakes)
     try:
-        wait_for(lambda: agent.registered)
+        wait_until(lambda: agent.registered)
         assert fakes.registrations == ["registered"]
         (checks,) = fakes.health
         assert checks.running
@@ -198,7 +186,7 @@ def test_agent_from_fakes_applies_health_and_reset(short_tmp_dir: str, kubelet_s
         xid = HealthReason.xid_fault(79)
         checks.faults[gpu_uuid] = [xid]
         checks.scope.emit(HealthChange(gpu_uuid, xid, present=True))
-        wait_for(lambda: not agent.node.inventory().gpus[0].healthy)
+        wait_until(lambda: not agent.node.inventory().gpus[0].healthy)
         answer = fakes.controls[0].handler(HealthResetCommand("0"))
         assert answer == {"ok": True, "gpu": gpu_uuid, "cleared": ["xid 79"]}
         assert agent.node.inventory().gpus[0].healthy
@@ -239,7 +227,7 @@ def test_reload_from_fakes_restarts_health_checks_for_new_settings(
     agent, thread = start(config, fakes, config_loader=lambda: new)
     try:
         agent.request_reload()
-        wait_for(lambda: len(fakes.health) == 2)
+        wait_until(lambda: len(fakes.health) == 2)
         assert fakes.health[1].scope.config.poll_interval_s == 2.0
         assert not fakes.health[0].running
         assert [served.replicas for served in agent.node.inventory().gpus] == [6, 6]
@@ -257,10 +245,10 @@ def test_refused_registration_is_retried_with_status(
     fakes.refuse_registration = True
     agent, thread = start(config, fakes)
     try:
-        wait_for(lambda: "retrying in" in agent.describe()["status"])
+        wait_until(lambda: "retrying in" in agent.describe()["status"])
         assert not agent.registered
         fakes.refuse_registration = False
-        wait_for(lambda: agent.registered)
+        wait_until(lambda: agent.registered)
     finally:
         agent.request_stop()
         thread.join(WAIT_S)

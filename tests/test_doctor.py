@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 import pytest
 
 from vgpu_agent.commands import ControlCommand, StatusCommand
-from vgpu_agent.config import ComputeModeSetting, Config, MultiUser, SimulatedConfig
+from vgpu_agent.config import ComputeModeSetting, Config, MultiUser, SimulatedConfig, simulated_mps
 from vgpu_agent.control import ControlServer
 from vgpu_agent.doctor import (
     CheckLine,
@@ -197,6 +197,8 @@ def probes_for(node: Node, mps: Optional[FakeMps] = None, **changes: Any) -> Doc
         mps_probe=fake.probe,
         mps_multi_user_supported=fake.multi_user_supported,
         mps_daemon_multi_user=fake.running_multi_user,
+        # As the composition root decides: simulated GPUs with the default MPS program.
+        mps_in_agent=lambda config: "simulated" if simulated_mps(config) else None,
         agent_request=not_running,
         containerd_config=node.containerd_config,
         containerd_dropin_dirs=(node.dropin_dir,),

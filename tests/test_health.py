@@ -18,7 +18,7 @@ from vgpu_agent.config import HealthConfig, SimulatedConfig
 from vgpu_agent.daemons import MpsDaemonInfo, MpsDaemons
 from vgpu_agent.devices import Ceiling, HealthReason
 from vgpu_agent.gpu import Gpu
-from vgpu_agent.health import HealthChange, HealthMonitor
+from vgpu_agent.health import HealthChange, HealthMonitor, poll_tick_s
 from vgpu_agent.simulated import SimulatedBackend, SimulatedMpsDaemons, gpus_from_config
 
 #: Generous bound for anything that should happen "at once" (a busy 2-core machine).
@@ -460,20 +460,16 @@ def test_quiet_period_zero_never_recovers(make_node: NodeFactory) -> None:
     assert node.changes.summary() == [(node.uuid(0), "xid 79", True)]
 
 
-def test_quiet_period_zero_polls_only_at_the_poll_interval(make_node: NodeFactory) -> None:
-    """With no recovery to time, the poll thread wakes only every poll interval (idle CPU)."""
-    clock = FakeClock()
-    config = config_with(recovery_quiet_period_s=0, poll_interval_s=30)
-    node = make_node(config, with_mps=False, clock=clock)
-    node.start()
-    deadline = time.monotonic() + PROMPTLY_S
-    while clock.reads == 0:
-        assert time.monotonic() < deadline, "the poll thread never ran"
-        time.sleep(0.01)
-    time.sleep(0.2)
-    reads_before = clock.reads
-    time.sleep(0.5)
-    assert clock.reads == reads_before
+@pytest.mark.parametrize(
+    ("quiet_period_s", "poll_interval_s", "tick_s"),
+    [(0, 30, 30), (300, 5, 5), (2, 5, 2), (0.01, 5, 0.1)],
+    ids=["no-recovery-poll-interval", "long-quiet-period", "short-quiet-period", "floor"],
+)
+def test_poll_tick(quiet_period_s: float, poll_interval_s: float, tick_s: float) -> None:
+    """With no recovery to time the poll thread wakes only every poll interval (idle CPU);
+    a short quiet period needs a finer tick, never below 0.1 s."""
+    config = config_with(recovery_quiet_period_s=quiet_period_s, poll_interval_s=poll_interval_s)
+    assert poll_tick_s(config) == tick_s
 
 
 def test_recovery_waits_for_a_successful_query(make_node: NodeFactory) -> None:
@@ -498,7 +494,9 @@ def test_lost_gpu_keeps_its_fault_until_it_answers(make_node: NodeFactory) -> No
     node.backend.inject_xid(node.uuid(0), 79)
     node.backend.lose(node.uuid(0))
     node.changes.wait_for((node.uuid(0), "xid 79", True), (node.uuid(0), REASON_LOST, True))
-    time.sleep(0.5)
+    # GPU 1's XID, raised later, recovers after its quiet period: by then GPU 0's was due.
+    node.backend.inject_xid(node.uuid(1), 79)
+    node.changes.wait_for((node.uuid(1), "xid 79", True), (node.uuid(1), "xid 79", False))
     assert (node.uuid(0), "xid 79", False) not in node.changes.summary()
     node.backend.recover(node.uuid(0))
     node.changes.wait_for((node.uuid(0), REASON_LOST, False), (node.uuid(0), "xid 79", False))
@@ -727,7 +725,8 @@ def test_xid_off_ignores_events(make_node: NodeFactory) -> None:
     node.backend.lose(node.uuid(0))
     node.daemons.set_down(node.uuid(0))
     node.changes.wait_for((node.uuid(0), MPS_DOWN, True))
-    time.sleep(0.3)
+    assert "vgpu-health-events" not in node.new_thread_names(), "nothing waits for events"
+    node.monitor.stop()  # joins every watcher: whatever they would report is reported
     assert node.changes.summary() == [(node.uuid(0), MPS_DOWN, True)]
 
 
@@ -736,7 +735,7 @@ def test_mps_liveness_off_ignores_dead_daemons(make_node: NodeFactory) -> None:
     node = make_node(config_with(mps_liveness_enabled=False))
     node.start()
     node.daemons.set_down(node.uuid(0))
-    time.sleep(0.3)
+    assert not [name for name in node.new_thread_names() if name.startswith("vgpu-mps-probe")]
     node.backend.inject_xid(node.uuid(1), 79)
     node.changes.wait_for((node.uuid(1), "xid 79", True))
     assert node.changes.summary() == [(node.uuid(1), "xid 79", True)]
@@ -772,7 +771,7 @@ def test_no_changes_after_stop(make_node: NodeFactory) -> None:
     node = make_node()
     node.start()
     node.monitor.stop()
+    assert node.new_thread_names() == [], "no watcher is left to report anything"
     node.backend.inject_xid(node.uuid(0), 79)
     node.daemons.set_down(node.uuid(0))
-    time.sleep(0.2)
     assert node.changes.changes == []

@@ -6,6 +6,7 @@ import pytest
 
 from tests.builders import gpu_uuid, make_gpu
 from vgpu_agent.config import Config, parse
+from vgpu_agent.gpu import Gpu
 from vgpu_agent.plan import (
     ApplyCeiling,
     KeepRunningConfig,
@@ -22,6 +23,7 @@ from vgpu_agent.plan import (
     confinement_line,
     gpu_ceiling,
     grant_policy,
+    plan_gpus,
     plan_reload,
 )
 
@@ -196,3 +198,62 @@ def test_daemon_ceiling_by_mode() -> None:
     own = parse('[mps]\nconfinement = "cooperative"\ndaemon_memory_limit = "proportional"\n')
     assert gpu_ceiling(own, gpu_memory_mib, 8).describe() == "10000 MiB"
     assert gpu_ceiling(parse("[mps]\nenabled = false\n"), gpu_memory_mib, 8).empty
+
+
+# -- which GPUs to serve ---------------------------------------------------------------------
+
+
+def _gpu(index: int, model: str = "NVIDIA A10G", cc: tuple[int, int] = (8, 6)) -> Gpu:
+    return Gpu(index, f"GPU-{index}", model, 24_000, cc)
+
+
+@pytest.mark.parametrize(
+    ("config_text", "gpus", "served", "refused_words"),
+    [
+        ("", [_gpu(0), _gpu(1)], [("GPU-0", 10), ("GPU-1", 10)], []),
+        ("[gpus]\nserve = [1]\n", [_gpu(0), _gpu(1)], [("GPU-1", 10)], []),
+        ('[gpus]\nserve = ["GPU-7"]\n', [_gpu(0)], [], ["no such GPU"]),
+        ('[gpus.replicas_by_model]\n"A10G" = 7\n', [_gpu(0)], [("GPU-0", 7)], []),
+        ("[gpus]\nreplicas_per_gpu = 20\n", [_gpu(0, "Tesla P100", (6, 0))], [], ["Volta"]),
+        (
+            "[gpus]\nreplicas_per_gpu = 20\nallow_unconfined_sharing = true\n",
+            [_gpu(0, "Tesla P100", (6, 0))],
+            [],
+            ["16 MPS clients"],
+        ),
+        (
+            "[gpus]\nallow_unconfined_sharing = true\n",
+            [_gpu(0, "Tesla P100", (6, 0))],
+            [("GPU-0", 10)],
+            [],
+        ),
+        ("[mps]\nenabled = false\n", [_gpu(0, "Tesla P100", (6, 0))], [("GPU-0", 10)], []),
+    ],
+    ids=[
+        "all",
+        "by-index",
+        "missing-uuid",
+        "model-override",
+        "pre-volta-refused",
+        "pre-volta-over-16",
+        "pre-volta-allowed",
+        "no-mps-no-limit",
+    ],
+)
+def test_plan_gpus(
+    config_text: str, gpus: list[Gpu], served: list[tuple[str, int]], refused_words: list[str]
+) -> None:
+    """GPU selection honours serve, model overrides, the MPS client limit and Volta."""
+    plan = plan_gpus(parse(config_text), gpus)
+    assert [(gpu.uuid, replicas) for gpu, replicas in plan.served] == served
+    assert len(plan.refused) == len(refused_words)
+    for message, word in zip(plan.refused, refused_words):
+        assert word in message
+
+
+def test_mig_refused() -> None:
+    """A GPU in MIG mode is refused under MPS with the reason."""
+    gpu = Gpu(0, "GPU-0", "NVIDIA A100", 40_000, (8, 0), mig_enabled=True)
+    plan = plan_gpus(Config(), [gpu])
+    assert not plan.served
+    assert "MIG" in plan.refused[0]

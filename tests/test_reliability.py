@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, cast
 import grpc
 import pytest
 
-from tests.harness import RESOURCE, WAIT_S, AgentRun, make_config
+from tests.harness import RESOURCE, WAIT_S, AgentRun, make_config, wait_until
 from tests.test_mps import FAKE_CONTROL
 from vgpu_agent import control, kubelet
 from vgpu_agent._proto import deviceplugin_pb2 as pb
@@ -78,15 +78,6 @@ def cpu_seconds_over(wall_s: float) -> float:
     start = time.process_time()
     time.sleep(wall_s)
     return time.process_time() - start
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = WAIT_S, what: str = "") -> None:
-    """Poll ``predicate`` until it holds; fail the test naming ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what or predicate}")
-        time.sleep(0.02)
 
 
 def healthy_count(devices: tuple[AdvertisedDevice, ...]) -> int:
@@ -359,7 +350,8 @@ def test_second_agent_never_takes_over(
     first.devices(lambda devs: len(devs) == 8)
     second = run_agent(make_config(short_tmp_dir), kubelet=False)
     second.status_seen("another process is serving on that socket")
-    time.sleep(1.0)
+    # Its second attempt (after the first backoff) is refused the same way.
+    second.status_seen("retrying in 1.0 s")
     assert len(first.standin.registrations) == 1
     assert first.standin.stream_open(RESOURCE)
     answer = control.request(
@@ -725,7 +717,9 @@ def test_nvml_calls_fail_mid_run(short_tmp_dir: str, run_agent: Callable[..., Ag
     run = run_agent(config, open_backend=lambda _config: backend)
     devices = run.devices(lambda devs: healthy_count(devs) == 8)
     backend.fail_calls("NVML_ERROR_UNKNOWN (simulated)")
-    time.sleep(1.5)  # several event waits and polls fail meanwhile
+    failed_before = backend.failed_calls
+    # Several event waits and polls fail meanwhile.
+    wait_until(lambda: backend.failed_calls >= failed_before + 6, what="failing NVML calls")
     assert run.thread.is_alive()
     response = run.standin.allocate(RESOURCE, [devices[0].device_id])
     assert response.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"] == gpus[0].uuid
@@ -846,11 +840,12 @@ def test_reload_under_allocate_load(short_tmp_dir: str, run_agent: Callable[...,
         return parse("[gpus]\nreplicas_per_gpu = 0\n", "bad.toml")
 
     with AllocateLoad(run.standin, every_id) as load:
-        for count in (6, 2, 5, None, 3, 4):
+        for reloads, count in enumerate((6, 2, 5, None, 3, 4), start=2):
             loaders.append(replicas(count) if count is not None else invalid)
             run.agent.request_reload()
             if count is None:
-                time.sleep(0.3)
+                # Every reload, refused or not, ends with READY=1 (the first one: the start).
+                run.notify.wait_for_count(lambda m: m.startswith("READY=1"), reloads)
                 assert run.agent.config.gpus.replicas_per_gpu == 5  # the last good one
                 continue
             run.devices(_count_is(2 * count))
@@ -914,8 +909,8 @@ def test_bad_reload_keeps_old_config(
     run = run_agent(base, config_loader=lambda: bad_config(base))
     run.devices(lambda devs: len(devs) == 8)
     run.agent.request_reload()
-    run.notify.wait_for(lambda m: "RELOADING=1" in m)
-    time.sleep(0.3)
+    # The refused reload ends with READY=1 like the start.
+    run.notify.wait_for_count(lambda m: m.startswith("READY=1"), 2)
     assert run.agent.config == base
     assert run.agent.node.inventory().vgpu_count == 8
     assert len(run.standin.latest_devices(RESOURCE) or ()) == 8

@@ -28,16 +28,15 @@ from vgpu_agent.agent import (
     WatchFactory,
 )
 from vgpu_agent.commands import ControlCommand, FaultInjector
-from vgpu_agent.config import Config, PluginConfig
+from vgpu_agent.config import Config, PluginConfig, simulated_mps
 from vgpu_agent.control import ControlServer
-from vgpu_agent.daemons import MpsDaemons
-from vgpu_agent.gpu import GpuBackend
+from vgpu_agent.daemons import MpsDaemons, MpsInspector
+from vgpu_agent.gpu import ComputeMode, GpuBackend
 from vgpu_agent.health import HealthMonitor
 from vgpu_agent.node import Node
-from vgpu_agent.plan import grant_policy
 from vgpu_agent.plugin import PluginServer, PluginServicer
-from vgpu_agent.registration import Register, Registrar, Serve
-from vgpu_agent.simulated import Simulation
+from vgpu_agent.registration import Register, Registrar
+from vgpu_agent.simulated import SimulatedMpsInspector, Simulation
 from vgpu_agent.sockets import socket_identity
 from vgpu_agent.systemd import Notifier
 from vgpu_agent.watch import DirectoryWatch
@@ -67,6 +66,30 @@ def open_backend_for(config: Config) -> GpuBackend:
     return open_nvml(config)
 
 
+def inspected_backend_for(config: Config) -> GpuBackend:
+    """The GPUs as doctor inspects them from outside the agent. Simulated GPUs keep their
+    compute mode inside the agent's process, so doctor sees them as the agent leaves them
+    and a simulated node checks clean."""
+    if config.gpus.backend != "simulated":
+        return open_nvml(config)
+    backend = Simulation.from_config(config).backend
+    if config.gpus.compute_mode != "unchanged":
+        wanted = ComputeMode(config.gpus.compute_mode)
+        for gpu in backend.list_gpus():
+            backend.set_compute_mode(gpu.uuid, wanted)
+    return backend
+
+
+def mps_inspector_for(config: Config) -> MpsInspector:
+    """How doctor inspects the MPS daemons ``config`` describes: simulated ones when the
+    simulated backend simulates them, else the host's."""
+    if config.gpus.backend == "simulated" and simulated_mps(config):
+        return SimulatedMpsInspector(config.mps.multi_user)
+    from vgpu_agent.mps import HostMpsInspector
+
+    return HostMpsInspector(config.mps)
+
+
 def plugin_registrar(
     node: Node, clock: Callable[[], float], register: Optional[Register] = None
 ) -> RegistrarFactory:
@@ -90,10 +113,9 @@ def plugin_registrar(
                 abandon=abandon,
             )
 
-        serve_endpoint: Serve = serve
         return Registrar(
             kubelet_identity=lambda: socket_identity(plugin.kubelet_socket_path),
-            serve=serve_endpoint,
+            serve=serve,
             register=register if register is not None else register_with_kubelet,
             clock=clock,
             on_wait=on_wait,
@@ -174,7 +196,7 @@ def build_agent(
             faults = simulation
     else:
         chosen_backend, chosen_mps = open_nvml, real_mps
-    node = Node(grant_policy=grant_policy(config))
+    node = Node()  # the agent sets its grant policy from the config
     parts = AgentParts(
         node=node,
         notifier=notifier,

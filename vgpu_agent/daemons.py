@@ -50,3 +50,30 @@ class MpsDaemons(Protocol):
     def probe(self, gpu_uuid: str) -> Optional[str]:
         """None if the GPU's daemon answers a control command; else why it does not."""
         ...
+
+
+class MpsInspector(Protocol):
+    """What `vgpu-agent doctor` asks about the MPS daemons of a node, which it did not start."""
+
+    @property
+    def in_agent(self) -> Optional[str]:
+        """How the daemons live inside the agent (e.g. "simulated"), so that no MPS
+        program is needed on the host; None for real daemons."""
+        ...
+
+    def probe(self, gpu_uuid: str) -> Optional[str]:
+        """None if the GPU's daemon answers a control command; else why it does not."""
+        ...
+
+    def multi_user_supported(self) -> bool:
+        """Whether the driver's MPS offers multi-user mode; VgpuError when it cannot tell."""
+        ...
+
+    def daemon_multi_user(self, gpu_uuid: str) -> Optional[bool]:
+        """Whether the GPU's running daemon is in multi-user mode (None: unknown)."""
+        ...
+
+    def ceiling_gaps(self, gpu_uuid: str, ceiling: Ceiling) -> list[str]:
+        """What of ``ceiling`` the GPU's daemon does not hold, read back (empty: all of it);
+        MpsError when it does not answer."""
+        ...

@@ -21,7 +21,8 @@ from typing import Any, Callable, Mapping, Optional
 from vgpu_agent import config as config_module
 from vgpu_agent import confinement, control, mps
 from vgpu_agent.commands import ControlCommand, StatusCommand
-from vgpu_agent.config import ComputeModeSetting, Config, MultiUser, simulated_mps
+from vgpu_agent.config import ComputeModeSetting, Config, MultiUser
+from vgpu_agent.daemons import MpsInspector
 from vgpu_agent.devices import Ceiling
 from vgpu_agent.errors import ConfigError, VgpuError
 from vgpu_agent.gpu import ComputeMode, Gpu, GpuBackend
@@ -78,9 +79,7 @@ class CheckLine:
 
 
 def _mps_ceiling_gaps(config: Config, gpu_uuid: str, ceiling: Ceiling) -> list[str]:
-    if simulated_mps(config):
-        return []  # simulated daemons live inside the agent and hold no ceiling
-    return mps.ceiling_gaps(config.mps, config.mps.pipe_dir(gpu_uuid), ceiling)
+    return _inspector(config).ceiling_gaps(gpu_uuid, ceiling)
 
 
 @dataclass(frozen=True)
@@ -101,6 +100,9 @@ class DoctorProbes:
     mps_multi_user_supported: Callable[[Config], bool]
     #: Whether the running daemon of (config, GPU UUID) was started in multi-user mode.
     mps_daemon_multi_user: Callable[[Config, str], Optional[bool]]
+    #: How the MPS daemons live inside the agent (e.g. "simulated"; no MPS program is then
+    #: needed on the host), or None for real daemons.
+    mps_in_agent: Callable[[Config], Optional[str]]
     #: Send a command to the agent's control socket (path, command) and return its answer.
     agent_request: Callable[[str, ControlCommand], dict[str, Any]]
     containerd_config: str = CONTAINERD_CONFIG
@@ -118,35 +120,15 @@ class DoctorProbes:
 
 
 def _open_backend(config: Config) -> GpuBackend:
-    from vgpu_agent.compose import open_backend_for  # the composition root pulls in gRPC
+    from vgpu_agent.compose import inspected_backend_for  # the composition root pulls in gRPC
 
-    backend = open_backend_for(config)
-    if config.gpus.backend == "simulated" and config.gpus.compute_mode != "unchanged":
-        # Simulated GPUs keep their compute mode inside the agent's process; doctor sees
-        # them as the agent leaves them, so a simulated node checks clean.
-        wanted = ComputeMode(config.gpus.compute_mode)
-        for gpu in backend.list_gpus():
-            backend.set_compute_mode(gpu.uuid, wanted)
-    return backend
+    return inspected_backend_for(config)
 
 
-def _mps_probe(config: Config, gpu_uuid: str) -> Optional[str]:
-    if simulated_mps(config):
-        return None  # simulated daemons live inside the agent and always answer here
-    return mps.probe_pipe_dir(config.mps, config.mps.pipe_dir(gpu_uuid))
+def _inspector(config: Config) -> MpsInspector:
+    from vgpu_agent.compose import mps_inspector_for  # the composition root pulls in gRPC
 
-
-def _mps_multi_user_supported(config: Config) -> bool:
-    if simulated_mps(config):
-        return True
-    return mps.help_supports_multi_user(mps.control_help(config.mps.control_binary))
-
-
-def _mps_daemon_multi_user(config: Config, gpu_uuid: str) -> Optional[bool]:
-    if simulated_mps(config):
-        return config.mps.multi_user != "off"
-    pid = mps.daemon_pid(config.mps.pipe_dir(gpu_uuid))
-    return mps.running_multi_user(pid) if pid is not None else None
+    return mps_inspector_for(config)
 
 
 def system_probes() -> DoctorProbes:
@@ -154,9 +136,12 @@ def system_probes() -> DoctorProbes:
     return DoctorProbes(
         open_backend=_open_backend,
         which=shutil.which,
-        mps_probe=_mps_probe,
-        mps_multi_user_supported=_mps_multi_user_supported,
-        mps_daemon_multi_user=_mps_daemon_multi_user,
+        mps_probe=lambda config, gpu_uuid: _inspector(config).probe(gpu_uuid),
+        mps_multi_user_supported=lambda config: _inspector(config).multi_user_supported(),
+        mps_daemon_multi_user=lambda config, gpu_uuid: _inspector(config).daemon_multi_user(
+            gpu_uuid
+        ),
+        mps_in_agent=lambda config: _inspector(config).in_agent,
         agent_request=control.request,
     )
 
@@ -377,8 +362,9 @@ def _check_mps_binaries(report: _Report, config: Config, probes: DoctorProbes) -
     if not config.mps.enabled:
         report.ok(check, "not needed: MPS is off (mps.enabled = false)")
         return
-    if simulated_mps(config):
-        report.ok(check, "not needed: the simulated backend simulates the MPS daemons")
+    in_agent = probes.mps_in_agent(config)
+    if in_agent is not None:
+        report.ok(check, f"not needed: the MPS daemons are {in_agent} inside the agent")
         return
     control_binary = config.mps.control_binary
     control_path = probes.which(control_binary)
@@ -455,7 +441,8 @@ def _check_mps_daemons(report: _Report, config: Config, probes: DoctorProbes, no
         return
     if _served_backend(report, check, node) is None:
         return
-    simulated = " (simulated)" if simulated_mps(config) else ""
+    in_agent = probes.mps_in_agent(config)
+    note = f" ({in_agent})" if in_agent is not None else ""
     for gpu in node.served:
         pipe_dir = config.mps.pipe_dir(gpu.uuid)
         try:
@@ -479,7 +466,7 @@ def _check_mps_daemons(report: _Report, config: Config, probes: DoctorProbes, no
                 f"{_restart_hint(config, gpu.uuid)}",
             )
             continue
-        report.ok(check, f"GPU {gpu.index}: the daemon on {pipe_dir} answers{simulated}")
+        report.ok(check, f"GPU {gpu.index}: the daemon on {pipe_dir} answers{note}")
 
 
 def _check_confinement(report: _Report, config: Config, probes: DoctorProbes, node: _Node) -> None:

@@ -46,6 +46,16 @@ class HealthChange:
 Emit = Callable[[HealthChange], None]
 
 
+def poll_tick_s(config: HealthConfig) -> float:
+    """How often the poll thread wakes: recovery needs a finer tick than the poll interval
+    when the quiet period is short; with no recovery (quiet period 0) the poll interval is
+    all there is to do, so an idle agent wakes rarely."""
+    tick = config.poll_interval_s
+    if config.recovery_quiet_period_s > 0:
+        tick = min(tick, max(config.recovery_quiet_period_s, 0.1))
+    return tick
+
+
 class HealthMonitor:
     """Background watchers for a fixed set of GPUs: NVML events, polling, MPS liveness."""
 
@@ -198,11 +208,7 @@ class HealthMonitor:
     # -- polling: lost GPUs, unwatchable GPUs, recovery --------------------------------------
 
     def _poll_loop(self) -> None:
-        # Recovery needs a finer tick than the poll interval when the quiet period is short;
-        # with no recovery (quiet period 0) the poll interval is all there is to do.
-        tick = self._config.poll_interval_s
-        if self._config.recovery_quiet_period_s > 0:
-            tick = min(tick, max(self._config.recovery_quiet_period_s, 0.1))
+        tick = poll_tick_s(self._config)
         next_poll = 0.0
         while not self._stop.wait(tick if next_poll else 0):
             now = self._clock()

@@ -857,6 +857,32 @@ class ExternalMpsDaemons:
         return self._prober.probe(self._config.pipe_dir(gpu_uuid))
 
 
+class HostMpsInspector:
+    """The MPS daemons on this host, as `vgpu-agent doctor` inspects them."""
+
+    in_agent: Optional[str] = None
+
+    def __init__(self, config: MpsConfig) -> None:
+        self._config = config
+
+    def probe(self, gpu_uuid: str) -> Optional[str]:
+        """None if the GPU's daemon answers; else why not."""
+        return probe_pipe_dir(self._config, self._config.pipe_dir(gpu_uuid))
+
+    def multi_user_supported(self) -> bool:
+        """Whether this driver's nvidia-cuda-mps-control offers -M."""
+        return help_supports_multi_user(control_help(self._config.control_binary))
+
+    def daemon_multi_user(self, gpu_uuid: str) -> Optional[bool]:
+        """Whether the GPU's running daemon was started with -M (None: no daemon or unknown)."""
+        pid = daemon_pid(self._config.pipe_dir(gpu_uuid))
+        return running_multi_user(pid) if pid is not None else None
+
+    def ceiling_gaps(self, gpu_uuid: str, ceiling: Ceiling) -> list[str]:
+        """What of ``ceiling`` the GPU's daemon does not hold, read back through its pipe."""
+        return ceiling_gaps(self._config, self._config.pipe_dir(gpu_uuid), ceiling)
+
+
 def build_mps_daemons(config: MpsConfig) -> MpsDaemons:
     """The MPS manager ``mps.manager`` names."""
     if config.manager == "direct":

@@ -14,7 +14,7 @@ from collections import deque
 from typing import Optional
 
 from vgpu_agent.commands import SimulateAction, SimulateCommand
-from vgpu_agent.config import Config, SimulatedConfig, simulated_mps
+from vgpu_agent.config import Config, MultiUser, SimulatedConfig, simulated_mps
 from vgpu_agent.daemons import MpsDaemonInfo
 from vgpu_agent.devices import Ceiling, pipe_dir_for
 from vgpu_agent.errors import GpuError, GpuLostError, VgpuError
@@ -74,6 +74,8 @@ class SimulatedBackend:
         self._watched: set[str] = set()
         self._events: deque[GpuEvent] = deque()
         self._failing_calls: Optional[str] = None
+        #: How many calls failed because of :meth:`fail_calls` (tests wait on it).
+        self.failed_calls = 0
         self.closed = False
 
     # -- GpuBackend --------------------------------------------------------------------
@@ -176,6 +178,7 @@ class SimulatedBackend:
 
     def _maybe_fail(self, action: str) -> None:
         if self._failing_calls is not None:
+            self.failed_calls += 1
             raise GpuError(f"{action}: {self._failing_calls}")
 
     def _require_known(self, gpu_uuid: str) -> None:
@@ -239,6 +242,31 @@ class SimulatedMpsDaemons:
                 self._down.pop(gpu_uuid, None)
             else:
                 self._down[gpu_uuid] = reason
+
+
+class SimulatedMpsInspector:
+    """Simulated MPS daemons as doctor sees them: they live inside the agent and answer."""
+
+    in_agent: Optional[str] = "simulated"
+
+    def __init__(self, multi_user: MultiUser) -> None:
+        self._multi_user = multi_user
+
+    def probe(self, gpu_uuid: str) -> Optional[str]:
+        """Always answers: the daemon lives inside the agent."""
+        return None
+
+    def multi_user_supported(self) -> bool:
+        """Simulated daemons offer multi-user mode."""
+        return True
+
+    def daemon_multi_user(self, gpu_uuid: str) -> Optional[bool]:
+        """Multi-user unless the config turns it off."""
+        return self._multi_user != "off"
+
+    def ceiling_gaps(self, gpu_uuid: str, ceiling: Ceiling) -> list[str]:
+        """Nothing to read back: simulated daemons hold no ceiling of their own."""
+        return []
 
 
 class Simulation:

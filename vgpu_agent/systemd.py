@@ -1,8 +1,9 @@
 """Everything the agent says to systemd: sd_notify state changes and journald entries.
 
-This is the only module that speaks to systemd. It uses systemd-python when that
-imports and otherwise speaks the two documented datagram protocols itself, with the
-same observable behaviour:
+This is the only module that speaks sd_notify and journald (starting MPS units with
+``systemctl`` is :mod:`vgpu_agent.mps`'s). It uses systemd-python where that is installed
+(it is optional and not bundled in the packages) and otherwise speaks the two documented
+datagram protocols itself, with the same observable behaviour:
 
 - sd_notify: newline-separated ``KEY=value`` assignments in one datagram to the
   AF_UNIX socket named by ``$NOTIFY_SOCKET`` (a leading ``@`` means the abstract
