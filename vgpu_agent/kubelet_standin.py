@@ -106,8 +106,15 @@ class _PluginClient:
         if self.call is not None:
             self.call.cancel()
         self.channel.close()
-        if self.thread is not None and self.thread is not threading.current_thread():
-            self.thread.join(timeout=5.0)
+        thread = self.thread
+        # A registration publishes its client just before starting the consumer thread; a
+        # stop in between finds it not started (ident None) and ends on the closed channel.
+        if (
+            thread is not None
+            and thread.ident is not None
+            and thread is not threading.current_thread()
+        ):
+            thread.join(timeout=5.0)
 
 
 class _RegistrationServicer(pb_grpc.RegistrationServicer):
