@@ -1039,3 +1039,36 @@ def test_unreadable_toolkit_config_is_one_failed_line(node: Node) -> None:
     result = doctor(node.config(), probes_for(node))
     assert result.statuses("device list") == [FAIL]
     assert node.toolkit_config in result.text("device list")
+
+
+@pytest.mark.parametrize(
+    ("containerd", "statuses", "words"),
+    [
+        ("version = 2\n", [FAIL], 'enable_cdi in [plugins."io.containerd.grpc.v1.cri"] (default'),
+        (
+            'version = 2\n[plugins."io.containerd.grpc.v1.cri"]\nenable_cdi = true\n',
+            [OK, OK],
+            "names every served GPU",
+        ),
+        ("version = 3\n", [OK, OK], "names every served GPU"),
+        (
+            'version = 3\n[plugins."io.containerd.cri.v1.runtime"]\nenable_cdi = false\n',
+            [FAIL],
+            "(set: false)",
+        ),
+    ],
+    ids=["containerd-1.7-default-off", "containerd-1.7-on", "containerd-2-default-on", "2-off"],
+)
+def test_cdi_strategy_needs_cdi_in_containerd(
+    node: Node, containerd: str, statuses: list[str], words: str
+) -> None:
+    """With the cdi strategy, doctor reads containerd's config: CDI is off by default on
+    containerd 1.7 (config version 2) and on by default on 2.x (version 3)."""
+    node.write(node.toolkit_config, SAFE_TOOLKIT)
+    node.write(node.containerd_config, containerd)
+    for gpu in gpus_from_config(SimulatedConfig(count=2)):
+        spec = os.path.join(node.cdi_dir, f"nvidia-{gpu.index}.yaml")
+        node.write(spec, CDI_SPEC_YAML.format(uuid=gpu.uuid))
+    result = doctor(node.config(plugin='device_list_strategy = "cdi"'), probes_for(node))
+    assert result.statuses("device list") == statuses, result.output
+    assert words in result.text("device list")

@@ -13,7 +13,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 from vgpu_agent.devices import CDI_GPU_KIND
 from vgpu_agent.errors import VgpuError
@@ -101,13 +101,38 @@ def cdi_gpu_names(spec_dirs: tuple[str, ...] = CDI_SPEC_DIRS) -> tuple[set[str],
     return names, files
 
 
+#: containerd's CRI plugin section by config version, and whether it resolves CDI devices
+#: when ``enable_cdi`` is not set: containerd 1.7 (version 2) no, 2.x (version 3) yes.
+_CONTAINERD_CDI = {
+    2: ("io.containerd.grpc.v1.cri", False),
+    3: ("io.containerd.cri.v1.runtime", True),
+}
+
+
+def containerd_resolves_cdi(
+    version: object, sections: dict[str, dict[str, object]]
+) -> tuple[bool, str]:
+    """Whether containerd resolves CDI devices, from its config's ``version`` and its
+    plugin sections (as merged); and the setting that says so, for messages."""
+    plugin, default = _CONTAINERD_CDI.get(version if isinstance(version, int) else 2, (None, False))
+    if plugin is None:
+        plugin, default = _CONTAINERD_CDI[2]
+    section = sections.get(plugin, {})
+    value = section.get("enable_cdi", default)
+    source = "set" if "enable_cdi" in section else "default"
+    setting = f'enable_cdi in [plugins."{plugin}"] ({source}: {str(value).lower()})'
+    return value is True, setting
+
+
 def judge_device_list(
     strategy: str,
     toolkit: ToolkitSettings,
     cdi_names: set[str],
     gpu_uuids: list[str],
+    runtime_cdi: Optional[tuple[bool, str]] = None,
 ) -> list[tuple[Verdict, str]]:
-    """Whether ``strategy`` works on this node and whether a pod can forge its device list."""
+    """Whether ``strategy`` works on this node and whether a pod can forge its device list.
+    ``runtime_cdi`` says whether containerd resolves CDI devices (None: unknown)."""
     forgeable = (
         f"any pod can set NVIDIA_VISIBLE_DEVICES=all itself and use every GPU outside MPS "
         f"where the NVIDIA runtime is the default ({toolkit.source} has "
@@ -158,6 +183,15 @@ def judge_device_list(
                     + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                     + "; run `nvidia-ctk cdi generate --output=/var/run/cdi/nvidia.yaml` and "
                     "enable CDI in containerd (enable_cdi = true on 1.7; on by default in 2.x)",
+                )
+            ]
+        if runtime_cdi is not None and not runtime_cdi[0]:
+            return [
+                (
+                    "fail",
+                    "plugin.device_list_strategy = cdi, but containerd does not resolve CDI "
+                    f"devices ({runtime_cdi[1]}), so pods get no GPU; run `nvidia-ctk runtime "
+                    "configure --runtime=containerd --cdi.enabled` and restart containerd",
                 )
             ]
         verdicts.append(("ok", f"cdi: a CDI spec names every served GPU as {CDI_GPU_KIND}=<UUID>"))

@@ -528,6 +528,7 @@ def _check_device_list(report: _Report, config: Config, probes: DoctorProbes, no
         toolkit,
         names,
         [gpu.uuid for gpu in node.served],
+        _containerd_cdi(probes.containerd_config),
     )
     for verdict, message in verdicts:
         report.add(Status(verdict), check, message)
@@ -739,6 +740,25 @@ def inspect_containerd(config_path: str) -> _RuntimeFindings:
     for path, section in sections.values():
         _scan_runtimes(section, path, findings)
     return findings
+
+
+def _containerd_cdi(config_path: str) -> Optional[tuple[bool, str]]:
+    """Whether containerd resolves CDI devices, from its config and imports (None: no
+    config to tell from, or one that cannot be read)."""
+    if not os.path.exists(config_path):
+        return None
+    try:
+        files = _containerd_files(config_path)
+    except VgpuError:
+        return None
+    sections: dict[str, dict[str, object]] = {}
+    for _, tree in files:
+        plugins = tree.get("plugins", {})
+        if isinstance(plugins, dict):
+            for name, section in plugins.items():
+                if isinstance(section, dict):
+                    sections[name] = section
+    return confinement.containerd_resolves_cdi(files[0][1].get("version", 2), sections)
 
 
 def _unimported_dropins(probes: DoctorProbes, loaded: list[str]) -> list[str]:
