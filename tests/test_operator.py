@@ -1,0 +1,183 @@
+"""An operator's day (issue 13): every answer true about the running agent, every mistake
+caught with one line naming the problem and what to do. The CLI runs as real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from tests.test_cli_errors import TIMEOUT_S, vgpu_agent
+from vgpu_agent import control
+from vgpu_agent.errors import AgentError
+from vgpu_agent.kubelet_standin import KubeletStandin
+
+
+def write_config(root: Path, body: str = "", name: str = "config.toml") -> Path:
+    """A simulated-backend config with every path under ``root``, plus ``body``."""
+    path = root / name
+    path.write_text(
+        f'[agent]\nstate_dir = "{root}/state"\n'
+        f'[plugin]\nplugin_dir = "{root}/dp"\n'
+        f'[mps]\npipe_root = "{root}/pipe"\nlog_root = "{root}/log"\n'
+        '[gpus]\nbackend = "simulated"\n' + body
+    )
+    return path
+
+
+class AgentProcess:
+    """`vgpu-agent run` as a process; its stderr collected line by line."""
+
+    def __init__(self, *args: str) -> None:
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if key not in ("VGPU_CONFIG", "NOTIFY_SOCKET", "VGPU_DEBUG")
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "vgpu_agent", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        """Everything the agent logged so far."""
+        with self._changed:
+            return "".join(self.lines)
+
+    def wait_for_line(self, *words: str, timeout_s: float = TIMEOUT_S) -> str:
+        """The first logged line containing every one of ``words``."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while True:
+                for line in self.lines:
+                    if all(word in line for word in words):
+                        return line
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.process.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(f"no line with {words}; logged:\n{''.join(self.lines)}")
+                self._changed.wait(min(left, 0.5))
+
+    def exit_code(self, timeout_s: float = TIMEOUT_S) -> int:
+        """Wait for the agent to exit on its own; its exit code."""
+        code = self.process.wait(timeout_s)
+        self._reader.join(timeout_s)
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+        return code
+
+    def stop(self) -> int:
+        """SIGTERM, then its exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.exit_code()
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.exit_code()
+
+
+@pytest.fixture
+def agents() -> Iterator[Callable[..., AgentProcess]]:
+    """Start `vgpu-agent run` processes; each is stopped at the end."""
+    started: list[AgentProcess] = []
+
+    def start(*args: str) -> AgentProcess:
+        agent = AgentProcess(*args)
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        agent.stop()
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = TIMEOUT_S) -> None:
+    """Poll ``condition`` until true; fail naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def answers(socket_path: Path) -> Callable[[], bool]:
+    """Whether an agent answers a status request on ``socket_path``."""
+
+    def check() -> bool:
+        try:
+            return bool(control.request(str(socket_path), {"command": "status"}).get("ok"))
+        except AgentError:  # not answering yet
+            return False
+
+    return check
+
+
+@pytest.fixture
+def kubelet(short_tmp_dir: str) -> Iterator[Path]:
+    """A kubelet stand-in in ``<short_tmp_dir>/dp``; yields the test's root directory."""
+    root = Path(short_tmp_dir)
+    standin = KubeletStandin(str(root / "dp"))
+    standin.start()
+    try:
+        yield root
+    finally:
+        standin.stop()
+
+
+# -- item 7: status of any size ---------------------------------------------------------------
+
+
+def test_status_of_thousands_of_vgpus(kubelet: Path, agents: Callable[..., AgentProcess]) -> None:
+    """`status` of an agent serving 64 x 40 = 2,560 vGPUs prints every one (its reply is
+    far beyond the 64 KiB a request may have)."""
+    config = write_config(kubelet, "replicas_per_gpu = 40\n[simulated]\ncount = 64\n")
+    agents("--config", str(config), "run")
+    wait_until(answers(kubelet / "state" / "control.sock"), "the agent's control socket")
+    result = vgpu_agent("--config", str(config), "status")
+    assert result.code == 0, result.describe()
+    assert result.stdout.startswith("serving 2560 vGPUs on 64 GPUs"), result.describe()
+    vgpu_lines = [line for line in result.stdout.splitlines() if line.startswith("  ")]
+    assert len(vgpu_lines) == 2560
+    as_json = vgpu_agent("--config", str(config), "status", "--json")
+    assert as_json.code == 0, as_json.describe()
+    assert len(as_json.stdout) > 2 * control.MAX_REQUEST_BYTES
+
+
+def test_request_longer_than_the_limit_is_refused(short_tmp_dir: str) -> None:
+    """A request beyond MAX_REQUEST_BYTES is answered with an error, not read on."""
+    server = control.ControlServer(os.path.join(short_tmp_dir, "c.sock"), lambda _: {"ok": True})
+    server.start()
+    try:
+        answer = control.request(server.socket_path, {"pad": "x" * (control.MAX_REQUEST_BYTES)})
+    finally:
+        server.stop()
+    assert answer == {
+        "ok": False,
+        "error": f"bad request: request longer than {control.MAX_REQUEST_BYTES} bytes",
+    }
