@@ -15,19 +15,20 @@ from typing import Callable
 
 import pytest
 
-from tests.test_cli_errors import TIMEOUT_S, vgpu_agent
+from tests.test_cli_errors import TIMEOUT_S, assert_one_line_error, vgpu_agent
 from vgpu_agent import control
 from vgpu_agent.errors import AgentError
 from vgpu_agent.kubelet_standin import KubeletStandin
 
 
-def write_config(root: Path, body: str = "", name: str = "config.toml") -> Path:
-    """A simulated-backend config with every path under ``root``, plus ``body``."""
+def write_config(root: Path, body: str = "", *, mps: str = "", name: str = "config.toml") -> Path:
+    """A simulated-backend config with every path under ``root``; ``mps`` is added to its
+    [mps] table, ``body`` (more of [gpus], then other tables) at the end."""
     path = root / name
     path.write_text(
         f'[agent]\nstate_dir = "{root}/state"\n'
         f'[plugin]\nplugin_dir = "{root}/dp"\n'
-        f'[mps]\npipe_root = "{root}/pipe"\nlog_root = "{root}/log"\n'
+        f'[mps]\npipe_root = "{root}/pipe"\nlog_root = "{root}/log"\n{mps}'
         '[gpus]\nbackend = "simulated"\n' + body
     )
     return path
@@ -181,3 +182,38 @@ def test_request_longer_than_the_limit_is_refused(short_tmp_dir: str) -> None:
         "ok": False,
         "error": f"bad request: request longer than {control.MAX_REQUEST_BYTES} bytes",
     }
+
+
+# -- item 2: memory headroom and 64-bit integers --------------------------------------------------
+
+
+def test_headroom_beyond_the_gpu_memory_is_not_served(tmp_path: Path) -> None:
+    """A headroom that leaves a GPU's vGPUs no memory: `gpus` says it is not served and
+    why; `run` refuses to start (it would hand every pod a 0 MiB limit) and names the key."""
+    config = write_config(tmp_path, "[simulated]\ncount = 1\n", mps="memory_headroom_mib = 90000\n")
+    listed = vgpu_agent("--config", str(config), "gpus")
+    assert listed.code == 0, listed.describe()
+    assert "not served: GPU 0" in listed.stdout, listed.describe()
+    assert "mps.memory_headroom_mib = 90000" in listed.stdout, listed.describe()
+    run = vgpu_agent("--config", str(config), "run")
+    assert run.code != 0, run.describe()
+    assert "mps.memory_headroom_mib = 90000" in run.stderr, run.describe()
+    assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("key", "table"),
+    [
+        ("memory_headroom_mib", "mps"),
+        ("memory_limit", "mps"),
+        ("register_timeout_s", "plugin"),
+    ],
+    ids=["headroom", "memory-limit", "seconds"],
+)
+def test_integers_beyond_64_bits_are_refused(tmp_path: Path, key: str, table: str) -> None:
+    """`config check` refuses an integer TOML cannot hold (2**64), naming the key."""
+    config = tmp_path / "config.toml"
+    config.write_text(f"[{table}]\n{key} = {2**64}\n")
+    result = vgpu_agent("config", "check", str(config))
+    assert result.code == 78, result.describe()
+    assert_one_line_error(result, f"{table}.{key}", "64-bit")

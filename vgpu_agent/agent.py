@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 from vgpu_agent import kubelet
-from vgpu_agent.config import Config, simulated_mps
+from vgpu_agent.config import Config, simulated_mps, slice_warnings
 from vgpu_agent.devices import Inventory, MpsGrantPolicy, ServedGpu
 from vgpu_agent.errors import ConfigError, GpuError, MpsError, VgpuError
 from vgpu_agent.gpu import ComputeMode, Gpu, GpuBackend
@@ -136,6 +136,17 @@ def plan_gpus(config: Config, gpus: list[Gpu]) -> GpuPlan:
                 "gpus.replicas_per_gpu or add a gpus.replicas_by_model entry"
             )
             continue
+        if config.mps.enabled and config.mps.memory_limit == "proportional":
+            headroom_mib = config.mps.memory_headroom_mib
+            if (gpu.memory_mib - headroom_mib) // replicas < 1:
+                # Every pod would get a memory limit of 0 (1M) and fail at CUDA init.
+                refused.append(
+                    f"GPU {gpu.index} ({gpu.uuid}, {gpu.model}) has {gpu.memory_mib} MiB: "
+                    f"after mps.memory_headroom_mib = {headroom_mib} its {replicas} vGPUs "
+                    "would get no memory each; lower mps.memory_headroom_mib or the vGPUs "
+                    "per GPU"
+                )
+                continue
         served.append((gpu, replicas))
     return GpuPlan(tuple(served), tuple(refused))
 
@@ -314,6 +325,9 @@ class Agent:
                 "no GPU to serve: "
                 + ("; ".join(plan.refused) if plan.refused else "the node has no NVIDIA GPU")
             )
+        for gpu, _ in plan.served:
+            for warning in slice_warnings(self.config, gpu.model, gpu.memory_mib):
+                log.warning("GPU %s (%s): %s", gpu.index, gpu.uuid, warning)
         self._gpus = [gpu for gpu, _ in plan.served]
         self._apply_compute_modes()
         self._mps = self._mps_factory(self.config)

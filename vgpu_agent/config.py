@@ -201,6 +201,8 @@ MAX_SIMULATED_GPUS = 64
 #: A proportional memory slice below this leaves an MPS client almost nothing once its own
 #: CUDA context is counted against the limit (measured: a 1 GiB limit left 0.39 GiB free).
 MIN_USEFUL_SLICE_MIB = 640
+#: TOML's integers are signed 64-bit; larger ones are refused as out of range.
+MAX_INTEGER = 2**63 - 1
 #: vGPU ids are "<uuid>::<replica>" and at most 63 characters; replicas need up to 2 digits.
 MAX_GPU_UUID_LENGTH = 63 - len("::") - len(str(MAX_REPLICAS_PER_GPU - 1))
 #: sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
@@ -384,6 +386,9 @@ def _int(value: _Value, expected: str, low: int, high: Optional[int] = None) -> 
         value.fail(expected, wrong_type=True)
     if raw < low or (high is not None and raw > high):
         value.fail(expected, "out of range")
+    if raw > MAX_INTEGER:
+        # TOML integers are 64-bit; Python would take any size and pass it on to NVML or MPS.
+        value.fail(expected, f"out of range (more than {MAX_INTEGER}, the largest 64-bit integer)")
     return raw
 
 
@@ -401,6 +406,8 @@ def _seconds(*, allow_zero: bool, note: str = "") -> Callable[[_Value], float]:
         raw = value.raw
         if isinstance(raw, bool) or not isinstance(raw, (int, float)):
             value.fail(expected, wrong_type=True)
+        if isinstance(raw, int) and abs(raw) > MAX_INTEGER:
+            value.fail(expected, f"out of range (beyond {MAX_INTEGER}, the 64-bit limit)")
         seconds = float(raw)
         if not math.isfinite(seconds):
             value.fail(expected, "not a finite number")
