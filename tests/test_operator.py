@@ -217,3 +217,51 @@ def test_integers_beyond_64_bits_are_refused(tmp_path: Path, key: str, table: st
     result = vgpu_agent("config", "check", str(config))
     assert result.code == 78, result.describe()
     assert_one_line_error(result, f"{table}.{key}", "64-bit")
+
+
+# -- item 13: CLI polish ---------------------------------------------------------------------------
+
+
+def test_config_check_of_a_fifo_does_not_hang(tmp_path: Path) -> None:
+    """`config check` on a FIFO (which no one writes) answers at once: not a regular file."""
+    fifo = tmp_path / "config.toml"
+    os.mkfifo(fifo)
+    result = vgpu_agent("config", "check", str(fifo), timeout_s=30)
+    assert result.code == 78, result.describe()
+    assert_one_line_error(result, str(fifo), "not a regular file (a FIFO)")
+
+
+def test_simulate_xid_that_is_not_a_number(tmp_path: Path) -> None:
+    """`simulate xid 0 abc` says the XID must be an integer from 0 to 65535."""
+    result = vgpu_agent("simulate", "xid", "0", "abc")
+    assert result.code == 2, result.describe()
+    assert "'abc' is not an XID number (an integer from 0 to 65535)" in result.stderr
+    assert "range" not in result.stderr.replace("0 to 65535", "")
+
+
+def test_health_reset_of_a_healthy_gpu(kubelet: Path, agents: Callable[..., AgentProcess]) -> None:
+    """`health reset` of a GPU with no fault says there was nothing to clear; after an
+    injected XID it names what it cleared."""
+    config = write_config(kubelet, "[simulated]\ncount = 1\n")
+    agents("--config", str(config), "run")
+    wait_until(answers(kubelet / "state" / "control.sock"), "the agent's control socket")
+    healthy = vgpu_agent("--config", str(config), "health", "reset", "0")
+    assert healthy.code == 0, healthy.describe()
+    assert healthy.stdout.endswith(": no fault recorded, nothing to clear\n"), healthy.describe()
+    assert "cleared" not in healthy.stdout
+    injected = vgpu_agent("--config", str(config), "simulate", "xid", "0", "79")
+    assert injected.code == 0, injected.describe()
+    reset = vgpu_agent("--config", str(config), "health", "reset", "0")
+    assert reset.code == 0, reset.describe()
+    assert reset.stdout.endswith(": cleared xid 79\n"), reset.describe()
+
+
+def test_demo_output_is_only_the_demo() -> None:
+    """`vgpu-agent demo` prints its own lines only: the agent's log (its warnings about
+    the injected XID and the kubelet restart) does not land between them."""
+    result = vgpu_agent("demo")
+    assert result.code == 0, result.describe()
+    assert result.stderr == "", result.describe()
+    for line in result.stdout.splitlines():
+        assert line.startswith(("== ", "   ")), result.describe()
+    assert "== done" in result.stdout

@@ -322,8 +322,10 @@ def health_group() -> None:
 def health_reset(ctx: click.Context, gpu: str) -> None:
     """Mark GPU (UUID or index) healthy again after XID errors, at once."""
     answer = _ask(ctx, {"command": "health-reset", "gpu": gpu})
-    cleared = ", ".join(answer["cleared"]) or "nothing to clear"
-    click.echo(f"GPU {answer['gpu']}: cleared {cleared}")
+    if answer["cleared"]:
+        click.echo(f"GPU {answer['gpu']}: cleared {', '.join(answer['cleared'])}")
+    else:
+        click.echo(f"GPU {answer['gpu']}: no fault recorded, nothing to clear")
 
 
 @cli.group("simulate")
@@ -336,9 +338,31 @@ def _simulate(ctx: click.Context, action: str, gpu: str, **extra: Any) -> None:
     click.echo(f"GPU {answer['gpu']}: {action} injected")
 
 
+MAX_XID = 65535
+
+
+class _XidType(click.ParamType):
+    """An XID number; its error says what one is (click.IntRange's talks of a "range")."""
+
+    name = "xid"
+
+    def convert(
+        self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]
+    ) -> int:
+        try:
+            xid = int(value, 10) if isinstance(value, str) else int(value)
+        except ValueError:
+            xid = -1
+        if not 0 <= xid <= MAX_XID:
+            self.fail(
+                f"{value!r} is not an XID number (an integer from 0 to {MAX_XID})", param, ctx
+            )
+        return xid
+
+
 @simulate_group.command("xid")
 @click.argument("gpu")
-@click.argument("xid", type=click.IntRange(0, 65535))
+@click.argument("xid", type=_XidType())
 @click.pass_context
 def simulate_xid(ctx: click.Context, gpu: str, xid: int) -> None:
     """An XID error on GPU."""

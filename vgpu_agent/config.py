@@ -9,9 +9,11 @@ bad value, and saying what is allowed. Unknown keys are errors.
 from __future__ import annotations
 
 import datetime
+import errno
 import math
 import os
 import re
+import stat
 import sys
 from dataclasses import dataclass, field, fields
 from typing import (
@@ -994,8 +996,7 @@ def _read_text(path: str, *, missing_ok: bool) -> Optional[str]:
     if not path:
         raise ConfigError("reading config file: the path is empty; give a file name")
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
+        data = _read_regular_file(path, action)
     except FileNotFoundError as exc:
         if missing_ok:
             return None
@@ -1023,6 +1024,32 @@ def _read_text(path: str, *, missing_ok: bool) -> Optional[str]:
         raise ConfigError(
             f"{action}: not UTF-8 text (byte {exc.start}); TOML files must be UTF-8"
         ) from exc
+
+
+def _read_regular_file(path: str, action: str) -> bytes:
+    """The bytes of ``path``; OSError as open() raises it, ConfigError for a FIFO, device
+    or socket (which a read could block on or never end)."""
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if not stat.S_ISREG(mode):
+            raise ConfigError(
+                f"{action}: not a regular file ({_file_kind(mode)}); give the path of a TOML file"
+            )
+        return handle.read()
+
+
+def _file_kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a plain file")
 
 
 def load(path: str) -> Config:
