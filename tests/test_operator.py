@@ -15,7 +15,7 @@ from typing import Callable
 
 import pytest
 
-from tests.test_cli_errors import TIMEOUT_S, assert_one_line_error, vgpu_agent
+from tests.test_cli_errors import NO_NVML, TIMEOUT_S, assert_one_line_error, vgpu_agent
 from vgpu_agent import control
 from vgpu_agent.errors import AgentError
 from vgpu_agent.kubelet_standin import KubeletStandin
@@ -265,3 +265,18 @@ def test_demo_output_is_only_the_demo() -> None:
     for line in result.stdout.splitlines():
         assert line.startswith(("== ", "   ")), result.describe()
     assert "== done" in result.stdout
+
+
+# -- item 10: NVML errors say what to do -----------------------------------------------------------
+
+
+@pytest.mark.skipif(not NO_NVML, reason="this machine has an NVIDIA driver")
+def test_no_driver_says_what_to_do(tmp_path: Path) -> None:
+    """Without the NVIDIA driver, `gpus` says to install it or to use the simulated
+    backend, in one line without nested parentheses."""
+    config = tmp_path / "config.toml"
+    config.write_text('[gpus]\nbackend = "nvml"\n')
+    result = vgpu_agent("--config", str(config), "gpus")
+    assert_one_line_error(result, "install the NVIDIA driver", "--simulate N", "simulated")
+    assert "((" not in result.stderr.replace(" ", "")
+    assert "))" not in result.stderr.replace(" ", "")
