@@ -280,3 +280,51 @@ def test_no_driver_says_what_to_do(tmp_path: Path) -> None:
     assert_one_line_error(result, "install the NVIDIA driver", "--simulate N", "simulated")
     assert "((" not in result.stderr.replace(" ", "")
     assert "))" not in result.stderr.replace(" ", "")
+
+
+# -- item 9: simulated mode agrees with itself ------------------------------------------------
+
+
+def test_simulated_mps_commands_agree(tmp_path: Path) -> None:
+    """With simulated GPUs, `mps status [GPU]`, `mps start`, `mps stop` and `doctor` all say
+    the daemons are simulated inside the agent (none says missing, none fails), and
+    `mps exec-daemon` refuses in one line."""
+    config = write_config(tmp_path)
+    argvs = {
+        "status": ("mps", "status"),
+        "status 1": ("mps", "status", "1"),
+        "start": ("mps", "start"),
+        "stop": ("mps", "stop"),
+        "doctor": ("doctor",),
+        "exec": ("mps", "exec-daemon", "GPU-nope"),
+    }
+    results = {name: vgpu_agent("--config", str(config), *argv) for name, argv in argvs.items()}
+    for name in ("status", "start", "stop"):
+        lines = results[name].stdout.splitlines()
+        assert results[name].code == 0, results[name].describe()
+        assert len(lines) == 2, results[name].describe()
+        assert all("simulated inside `vgpu-agent run`" in line for line in lines)
+    assert results["status 1"].code == 0, results["status 1"].describe()
+    assert results["status 1"].stdout.startswith("GPU 1 ")
+    assert len(results["status 1"].stdout.splitlines()) == 1
+    doctor_lines = [line for line in results["doctor"].stdout.splitlines() if "mps daemon" in line]
+    assert len(doctor_lines) == 2, results["doctor"].describe()
+    assert all("simulated inside `vgpu-agent run`" in line for line in doctor_lines)
+    assert_one_line_error(results["exec"], "simulated inside `vgpu-agent run`", "control_binary")
+    assert not (tmp_path / "pipe").exists()
+    assert not (tmp_path / "log").exists()
+
+
+def test_exec_daemon_of_an_unknown_gpu_leaves_nothing(tmp_path: Path) -> None:
+    """`mps exec-daemon GPU-nope` (real daemons, a stand-in program) names the GPU it does
+    not serve and creates no directory; `mps status` names a missing pipe dir once."""
+    config = write_config(tmp_path, mps='control_binary = "/bin/true"\n')
+    result = vgpu_agent("--config", str(config), "mps", "exec-daemon", "GPU-nope")
+    assert_one_line_error(result, "no such served GPU: GPU-nope")
+    assert not (tmp_path / "pipe").exists()
+    assert not (tmp_path / "log").exists()
+    status = vgpu_agent("--config", str(config), "mps", "status", "0")
+    assert status.code == 1, status.describe()
+    (line,) = status.stdout.splitlines()
+    assert line.endswith(" is missing"), status.describe()
+    assert line.count(str(tmp_path / "pipe")) == 1, status.describe()

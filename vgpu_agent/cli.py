@@ -19,10 +19,11 @@ import click
 from vgpu_agent import __version__, control, mps
 from vgpu_agent import config as config_module
 from vgpu_agent.agent import EXIT_CONFIG, Agent, build_backend, plan_gpus
-from vgpu_agent.config import Config
+from vgpu_agent.config import Config, simulated_mps
 from vgpu_agent.errors import AgentError, ConfigError, VgpuError
 from vgpu_agent.gpu import ComputeMode, Gpu
 from vgpu_agent.plugin import AdvertisedDevice, query_devices
+from vgpu_agent.simulated import SIMULATED_DAEMON_NOTE
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_ERROR = 1
@@ -410,12 +411,25 @@ def _apply_defaults(loaded: Config, gpu: Gpu) -> None:
         click.echo(f"GPU {gpu.index} {gpu.uuid}: {command}")
 
 
+def _refuse_simulated(loaded: Config, what: str) -> None:
+    """A VgpuError when the config's MPS daemons are simulated: no process to ``what``."""
+    if simulated_mps(loaded):
+        raise VgpuError(
+            f"cannot {what}: with simulated GPUs the MPS daemons are {SIMULATED_DAEMON_NOTE}; "
+            "set mps.control_binary to a stand-in program to run real daemon processes"
+        )
+
+
 @mps_group.command("exec-daemon")
 @click.argument("gpu_uuid")
 @click.pass_context
 def mps_exec_daemon(ctx: click.Context, gpu_uuid: str) -> None:
     """Become GPU_UUID's MPS control daemon in the foreground (vgpu-mps@.service)."""
-    mps.exec_daemon(_load(ctx).mps, gpu_uuid)
+    loaded = _load(ctx)
+    _refuse_simulated(loaded, f"run the MPS daemon of {gpu_uuid}")
+    # Check the GPU before creating its directories: a typo must leave nothing behind.
+    _served_gpus(loaded, (gpu_uuid,))
+    mps.exec_daemon(loaded.mps, gpu_uuid)
 
 
 @mps_group.command("quit")
@@ -423,7 +437,9 @@ def mps_exec_daemon(ctx: click.Context, gpu_uuid: str) -> None:
 @click.pass_context
 def mps_quit(ctx: click.Context, gpu_uuid: str) -> None:
     """Ask GPU_UUID's MPS control daemon to quit (vgpu-mps@.service's ExecStop)."""
-    mps.quit_daemon(_load(ctx).mps, gpu_uuid)
+    loaded = _load(ctx)
+    _refuse_simulated(loaded, f"ask the MPS daemon of {gpu_uuid} to quit")
+    mps.quit_daemon(loaded.mps, gpu_uuid)
 
 
 @mps_group.command("apply-defaults")
@@ -434,6 +450,7 @@ def mps_apply_defaults(ctx: click.Context, gpu_uuid: str) -> None:
     loaded = _load(ctx)
     if loaded.mps.daemon_thread_limit == "none" and loaded.mps.daemon_memory_limit == "none":
         return  # nothing asked for: no need to open NVML
+    _refuse_simulated(loaded, f"set the daemon defaults of {gpu_uuid}")
     served = {gpu.uuid: gpu for gpu in _served_gpus(loaded, ())}
     gpu = served.get(gpu_uuid)
     if gpu is None:
@@ -447,6 +464,10 @@ def mps_apply_defaults(ctx: click.Context, gpu_uuid: str) -> None:
 def mps_start(ctx: click.Context, gpus: tuple[str, ...]) -> None:
     """Start the MPS daemons of the served GPUs directly (no systemd); they keep running."""
     loaded = _load(ctx)
+    if simulated_mps(loaded):
+        for gpu in _served_gpus(loaded, gpus):
+            click.echo(f"GPU {gpu.index} {gpu.uuid}: nothing to start: {SIMULATED_DAEMON_NOTE}")
+        return
     daemons = mps.DirectMpsDaemons(loaded.mps)
     for gpu in _served_gpus(loaded, gpus):
         info = daemons.start(gpu)
@@ -462,6 +483,9 @@ def mps_stop(ctx: click.Context, gpus: tuple[str, ...]) -> None:
     """Ask the served GPUs' MPS daemons to quit."""
     loaded = _load(ctx)
     for gpu in _served_gpus(loaded, gpus):
+        if simulated_mps(loaded):
+            click.echo(f"GPU {gpu.index} {gpu.uuid}: nothing to stop: {SIMULATED_DAEMON_NOTE}")
+            continue
         problem = mps.probe_pipe_dir(loaded.mps, os.path.join(loaded.mps.pipe_root, gpu.uuid))
         if problem is not None:
             click.echo(f"GPU {gpu.index} {gpu.uuid}: nothing to stop ({problem})")
@@ -471,16 +495,21 @@ def mps_stop(ctx: click.Context, gpus: tuple[str, ...]) -> None:
 
 
 @mps_group.command("status")
+@click.argument("gpus", nargs=-1, metavar="[GPU]...")
 @click.pass_context
-def mps_status(ctx: click.Context) -> None:
-    """Whether each served GPU's MPS daemon answers (exit 1 if one does not)."""
+def mps_status(ctx: click.Context, gpus: tuple[str, ...]) -> None:
+    """Whether the served GPUs' MPS daemons answer (exit 1 if one does not)."""
     loaded = _load(ctx)
     failed = False
-    for gpu in _served_gpus(loaded, ()):
+    for gpu in _served_gpus(loaded, gpus):
+        if simulated_mps(loaded):
+            click.echo(f"GPU {gpu.index} {gpu.uuid}: {SIMULATED_DAEMON_NOTE}")
+            continue
         pipe_dir = os.path.join(loaded.mps.pipe_root, gpu.uuid)
         problem = mps.probe_pipe_dir(loaded.mps, pipe_dir)
         failed = failed or problem is not None
-        click.echo(f"GPU {gpu.index} {gpu.uuid}: {problem or 'answers'} ({pipe_dir})")
+        # Each problem names the pipe directory already.
+        click.echo(f"GPU {gpu.index} {gpu.uuid}: {problem or f'answers on {pipe_dir}'}")
     if failed:
         sys.exit(EXIT_ERROR)
 

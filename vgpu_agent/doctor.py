@@ -26,6 +26,7 @@ from vgpu_agent.config import ComputeModeSetting, Config, MultiUser, simulated_m
 from vgpu_agent.devices import pipe_dir_for
 from vgpu_agent.errors import ConfigError, VgpuError
 from vgpu_agent.gpu import ComputeMode, Gpu, GpuBackend
+from vgpu_agent.simulated import SIMULATED_DAEMON_NOTE
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -440,7 +441,6 @@ def _check_mps_daemons(report: _Report, config: Config, probes: DoctorProbes, no
         return
     if _served_backend(report, check, node) is None:
         return
-    simulated = " (simulated)" if simulated_mps(config) else ""
     for gpu in node.served:
         pipe_dir = pipe_dir_for(config.mps.pipe_root, gpu.uuid)
         try:
@@ -463,7 +463,11 @@ def _check_mps_daemons(report: _Report, config: Config, probes: DoctorProbes, no
                 f"{_restart_hint(config, gpu.uuid)}",
             )
             continue
-        report.ok(check, f"GPU {gpu.index}: the daemon on {pipe_dir} answers{simulated}")
+        if simulated_mps(config):
+            # As `mps status` says it: there is no daemon on disk to answer.
+            report.ok(check, f"GPU {gpu.index}: {SIMULATED_DAEMON_NOTE}")
+        else:
+            report.ok(check, f"GPU {gpu.index}: the daemon on {pipe_dir} answers")
 
 
 def _check_multi_user(report: _Report, config: Config, probes: DoctorProbes) -> None:
