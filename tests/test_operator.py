@@ -4,6 +4,7 @@ caught with one line naming the problem and what to do. The CLI runs as real pro
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -328,3 +329,106 @@ def test_exec_daemon_of_an_unknown_gpu_leaves_nothing(tmp_path: Path) -> None:
     (line,) = status.stdout.splitlines()
     assert line.endswith(" is missing"), status.describe()
     assert line.count(str(tmp_path / "pipe")) == 1, status.describe()
+
+
+# -- item 12: the README and the man page say what works ------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+MAN_PAGE = REPO / "packaging" / "man" / "vgpu-agent.1"
+
+
+def command_paths() -> set[str]:
+    """Every command `vgpu-agent --help` leads to ("mps status", "gpus", ...)."""
+    from tests.test_cli_errors import COMMANDS, TAKES_NO_CONFIG
+
+    return set(COMMANDS) | TAKES_NO_CONFIG
+
+
+def man_page_text() -> str:
+    """The man page as words: roff font escapes, quotes and macros taken out."""
+    text = MAN_PAGE.read_text()
+    text = re.sub(r"\\f[BIRP]", "", text).replace("\\-", "-").replace('"', " ")
+    text = re.sub(r"^\.[A-Z]+\b", " ", text, flags=re.MULTILINE)
+    return " ".join(text.split())
+
+
+def test_man_page_lists_every_command() -> None:
+    """Each command click offers is named in the man page's COMMANDS section (the table
+    of commands comes from tests/test_cli_errors.py, which checks it against click)."""
+    commands_section = man_page_text().split(" COMMANDS ", 1)[1].split(" FILES ", 1)[0]
+    missing = {path for path in command_paths() if f" {path} " not in f" {commands_section} "}
+    assert not missing, f"the man page lacks {sorted(missing)}"
+
+
+def test_readme_has_a_complete_pod_manifest() -> None:
+    """README shows a whole Pod (apiVersion to the vGPU limit) asking for the resource the
+    agent advertises by default."""
+    from vgpu_agent.config import PluginConfig
+
+    blocks = re.findall(r"```yaml\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    pods = [block for block in blocks if "kind: Pod" in block]
+    assert pods, "no Pod manifest in README.md"
+    pod = pods[0]
+    for needed in ("apiVersion: v1", "metadata:", "name:", "spec:", "containers:", "image:"):
+        assert needed in pod, needed
+    assert f"{PluginConfig().resource_name}: 2" in pod
+
+
+def readme_try_it() -> list[str]:
+    """The commands of README's "Try it" paragraph, in order."""
+    text = README.read_text()
+    paragraph = text.split("Try it without a GPU or a kubelet", 1)[1].split("\n\n", 1)[0]
+    return [
+        command for command in re.findall(r"`([^`]+)`", paragraph) if command.startswith(".venv/")
+    ]
+
+
+@pytest.mark.skipif(
+    not (REPO / ".venv" / "bin" / "vgpu-agent").exists(), reason="no .venv in this checkout"
+)
+def test_readme_try_it_works_as_written(short_tmp_dir: str) -> None:
+    """README's "Try it" commands run as written from the clone after `scripts/dev demo`
+    (only /tmp/dp and the state directory, through $VGPU_CONFIG, are moved to a temp dir)."""
+    commands = readme_try_it()
+    assert [command.split()[0] for command in commands] == [".venv/bin/vgpu-agent"] + [
+        ".venv/bin/python"
+    ] + [".venv/bin/vgpu-agent"] * 3, commands
+    demo, standin, run, inject, status = commands
+    root = Path(short_tmp_dir)
+    config = root / "config.toml"
+    config.write_text(f'[agent]\nstate_dir = "{root}/state"\n')
+    env = {key: value for key, value in os.environ.items() if key != "NOTIFY_SOCKET"}
+    env["VGPU_CONFIG"] = str(config)
+
+    def argv(command: str) -> list[str]:
+        return command.replace("/tmp/dp", f"{root}/dp").split()
+
+    def call(command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            argv(command),
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+            check=False,
+        )
+
+    shown = call(demo)
+    assert shown.returncode == 0, shown.stderr
+    background = [
+        subprocess.Popen(argv(command), cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+        for command in (standin, run)
+    ]
+    try:
+        wait_until(answers(root / "state" / "control.sock"), "the agent's control socket")
+        injected = call(inject)
+        assert injected.returncode == 0, injected.stderr
+        shown = call(status)
+        assert shown.returncode == 0, shown.stderr
+        assert "xid 79" in shown.stdout, shown.stdout
+    finally:
+        for process in reversed(background):
+            process.send_signal(signal.SIGTERM)
+            process.wait(TIMEOUT_S)
