@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -432,3 +433,89 @@ def test_readme_try_it_works_as_written(short_tmp_dir: str) -> None:
         for process in reversed(background):
             process.send_signal(signal.SIGTERM)
             process.wait(TIMEOUT_S)
+
+
+# -- item 11: no input that can damage the host ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("pipe_root", "/tmp"),
+        ("pipe_root", "/tmp/"),
+        ("pipe_root", "/"),
+        ("pipe_root", "/var"),
+        ("log_root", "/var/log"),
+        ("log_root", "//run"),
+    ],
+    ids=["tmp", "tmp-slash", "root", "var", "var-log", "double-slash-run"],
+)
+def test_shared_system_directory_is_refused(tmp_path: Path, key: str, value: str) -> None:
+    """`config check` refuses an MPS directory root the system or every user shares."""
+    config = tmp_path / "config.toml"
+    config.write_text(f'[mps]\n{key} = "{value}"\n')
+    result = vgpu_agent("config", "check", str(config))
+    assert result.code == 78, result.describe()
+    assert_one_line_error(result, f"mps.{key}", "shares", "not /tmp")
+
+
+def stand_in_program(directory: Path, marker: Path) -> Path:
+    """A control program that only records that it ran (in ``marker``)."""
+    program = directory / "mps-control"
+    program.write_text(f"#!/bin/sh\necho ran >> {marker}\n")
+    program.chmod(0o755)
+    return program
+
+
+def test_existing_shared_pipe_root_is_refused_and_left_alone(short_tmp_dir: str) -> None:
+    """An existing pipe root that others may write (sticky 1777, as /tmp) is refused and
+    keeps its mode; an existing private one (0700) is used and keeps its mode too."""
+    root = Path(short_tmp_dir)
+    marker = root / "ran"
+    program = stand_in_program(root, marker)
+    shared = root / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    config = write_config(
+        root, mps=f'control_binary = "{program}"\nmulti_user = "off"\n', name="shared.toml"
+    ).read_text()
+    (root / "shared.toml").write_text(config.replace(f"{root}/pipe", str(shared)))
+    result = vgpu_agent("--config", str(root / "shared.toml"), "mps", "start", "0")
+    assert_one_line_error(result, str(shared), "writable by other users", "mps.pipe_root")
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+    private = root / "pipe"
+    private.mkdir(mode=0o700)
+    private.chmod(0o700)
+    write_config(root, mps=f'control_binary = "{program}"\nmulti_user = "off"\n')
+    # The stand-in starts no daemon: start fails later, after the directories are made.
+    vgpu_agent("--config", str(root / "config.toml"), "mps", "start", "0")
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    assert [path.name for path in private.iterdir()] != []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand files to another user")
+@pytest.mark.parametrize(
+    "case",
+    ["world-writable-target", "other-owner", "writable-directory"],
+)
+def test_untrusted_control_binary_is_not_run(short_tmp_dir: str, case: str) -> None:
+    """A control program another user could change (a symlink to a world-writable file,
+    a file of another owner, a file in a directory others may write) is refused in one
+    line and never run."""
+    root = Path(short_tmp_dir)
+    marker = root / "ran"
+    (root / "bin").mkdir(mode=0o755)
+    program = stand_in_program(root / "bin", marker)
+    named = program
+    if case == "world-writable-target":
+        program.chmod(0o777)
+        named = root / "link"
+        named.symlink_to(program)
+    elif case == "other-owner":
+        os.chown(program, 65534, 65534)
+    else:
+        (root / "bin").chmod(0o777)
+    config = write_config(root, mps=f'control_binary = "{named}"\nmulti_user = "auto"\n')
+    result = vgpu_agent("--config", str(config), "mps", "start", "0")
+    assert_one_line_error(result, "refusing to run the MPS control program", str(named))
+    assert not marker.exists(), "the untrusted program ran"

@@ -12,6 +12,7 @@ import datetime
 import errno
 import math
 import os
+import posixpath
 import re
 import stat
 import sys
@@ -456,6 +457,28 @@ def _absolute_path(value: _Value) -> str:
     return path
 
 
+#: Directories the system or every user shares: the agent makes and chmods its MPS
+#: directories in mps.pipe_root and mps.log_root, so neither may be one of these.
+SHARED_SYSTEM_DIRECTORIES = frozenset(
+    {
+        "/", "/bin", "/boot", "/dev", "/dev/shm", "/etc", "/home", "/lib", "/lib64",
+        "/media", "/mnt", "/opt", "/proc", "/root", "/run", "/run/lock", "/run/user",
+        "/sbin", "/srv", "/sys", "/tmp", "/usr", "/usr/bin", "/usr/lib", "/usr/local",
+        "/usr/sbin", "/var", "/var/lib", "/var/lib/kubelet", "/var/log", "/var/run",
+        "/var/tmp",
+    }
+)  # fmt: skip
+
+
+def _own_directory(value: _Value) -> str:
+    expected = "an absolute path of a directory of its own (not /tmp, /run, /var, ...)"
+    path = _absolute_path(value)
+    normal = "/" + posixpath.normpath(path).lstrip("/")
+    if normal in SHARED_SYSTEM_DIRECTORIES:
+        value.fail(expected, "a directory the system or every user shares")
+    return path
+
+
 def _program(value: _Value) -> str:
     expected = "a program name looked up in PATH, or an absolute path to it"
     program = _string(value, expected)
@@ -710,8 +733,8 @@ def _parse_mps(table: _Table) -> MpsConfig:
     return MpsConfig(
         enabled=table.get("enabled", defaults.enabled, _bool),
         manager=table.get("manager", defaults.manager, _choice(_MPS_MANAGERS)),
-        pipe_root=table.get("pipe_root", defaults.pipe_root, _absolute_path),
-        log_root=table.get("log_root", defaults.log_root, _absolute_path),
+        pipe_root=table.get("pipe_root", defaults.pipe_root, _own_directory),
+        log_root=table.get("log_root", defaults.log_root, _own_directory),
         control_binary=table.get("control_binary", defaults.control_binary, _program),
         multi_user=table.get("multi_user", defaults.multi_user, _multi_user),
         container_pipe_dir=table.get(
