@@ -13,13 +13,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from vgpu_agent.config import (
-    MAX_SOCKET_PATH_BYTES,
     SHARED_SYSTEM_DIRECTORIES,
     AgentConfig,
     Config,
     GpusConfig,
     HealthConfig,
-    LimitPolicy,
     MpsConfig,
     PluginConfig,
     SimulatedConfig,
@@ -27,7 +25,9 @@ from vgpu_agent.config import (
     parse,
     to_toml,
 )
+from vgpu_agent.devices import LimitPolicy
 from vgpu_agent.errors import ConfigError
+from vgpu_agent.sockets import MAX_UNIX_SOCKET_PATH_BYTES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -231,7 +231,7 @@ _plain_names = st.builds(
 )
 _absolute_paths = _path_text.map(lambda text: "/" + text)
 #: MPS directory roots: any absolute path but the shared system ones (/, /tmp, ...).
-_own_directories = _absolute_paths.filter(
+_own_directories: st.SearchStrategy[str] = _absolute_paths.filter(
     lambda path: "/" + posixpath.normpath(path).lstrip("/") not in SHARED_SYSTEM_DIRECTORIES
 )
 _seconds = st.floats(min_value=0, exclude_min=True, allow_nan=False, allow_infinity=False)
@@ -253,7 +253,7 @@ def _plugins(draw: st.DrawFn) -> PluginConfig:
         _socket_names.filter(lambda name: name not in (kubelet_socket_name, "kubelet.sock"))
     )
     for name in (socket_name, kubelet_socket_name):
-        if len(f"{plugin_dir}/{name}".encode()) > MAX_SOCKET_PATH_BYTES:
+        if len(f"{plugin_dir}/{name}".encode()) > MAX_UNIX_SOCKET_PATH_BYTES:
             plugin_dir = "/p"
     return PluginConfig(
         resource_name=draw(_resource_names),

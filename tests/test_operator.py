@@ -19,6 +19,7 @@ import pytest
 
 from tests.test_cli_errors import NO_NVML, TIMEOUT_S, assert_one_line_error, vgpu_agent
 from vgpu_agent import control
+from vgpu_agent.commands import HealthResetCommand, StatusCommand
 from vgpu_agent.errors import AgentError
 from vgpu_agent.kubelet_standin import KubeletStandin
 
@@ -134,7 +135,7 @@ def answers(socket_path: Path) -> Callable[[], bool]:
 
     def check() -> bool:
         try:
-            return bool(control.request(str(socket_path), {"command": "status"}).get("ok"))
+            return bool(control.request(str(socket_path), StatusCommand()).get("ok"))
         except AgentError:  # not answering yet
             return False
 
@@ -177,7 +178,9 @@ def test_request_longer_than_the_limit_is_refused(short_tmp_dir: str) -> None:
     server = control.ControlServer(os.path.join(short_tmp_dir, "c.sock"), lambda _: {"ok": True})
     server.start()
     try:
-        answer = control.request(server.socket_path, {"pad": "x" * (control.MAX_REQUEST_BYTES)})
+        answer = control.request(
+            server.socket_path, HealthResetCommand("x" * control.MAX_REQUEST_BYTES)
+        )
     finally:
         server.stop()
     assert answer == {
