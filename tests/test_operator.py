@@ -522,3 +522,29 @@ def test_untrusted_control_binary_is_not_run(short_tmp_dir: str, case: str) -> N
     result = vgpu_agent("--config", str(config), "mps", "start", "0")
     assert_one_line_error(result, "refusing to run the MPS control program", str(named))
     assert not marker.exists(), "the untrusted program ran"
+
+
+# -- item 5: no GPU to serve is exit 78 ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("gpus_text", "words"),
+    [
+        ("serve = [5]\n[simulated]\ncount = 2\n", "gpus.serve names 5"),
+        (
+            '[simulated]\nmodel = "Tesla P100"\ncompute_capability = "6.0"\n',
+            "older than Volta",
+        ),
+    ],
+    ids=["serve-missing-gpu", "only-pre-volta"],
+)
+def test_no_gpu_to_serve_exits_78(tmp_path: Path, gpus_text: str, words: str) -> None:
+    """`run` on a node with no GPU the config can serve exits 78 (systemd's
+    RestartPreventExitStatus) with one log line saying why and what to do."""
+    config = write_config(tmp_path, gpus_text)
+    result = vgpu_agent("--config", str(config), "run")
+    assert result.code == 78, result.describe()
+    (line,) = [line for line in result.stderr.splitlines() if "no GPU to serve" in line]
+    assert words in line
+    assert "fix the config" in line
+    assert "Traceback" not in result.stderr

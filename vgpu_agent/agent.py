@@ -316,9 +316,12 @@ class Agent:
         for problem in plan.refused:
             log.warning("%s", problem)
         if not plan.served:
-            raise GpuError(
+            # A node that has nothing to serve will not have it after a restart either:
+            # a config error (exit 78), so that Restart=always does not loop on it.
+            raise ConfigError(
                 "no GPU to serve: "
                 + ("; ".join(plan.refused) if plan.refused else "the node has no NVIDIA GPU")
+                + "; fix the config (gpus.serve, ...) or stop the agent on this node"
             )
         for gpu, _ in plan.served:
             for warning in slice_warnings(self.config, gpu.model, gpu.memory_mib):
