@@ -548,3 +548,53 @@ def test_no_gpu_to_serve_exits_78(tmp_path: Path, gpus_text: str, words: str) ->
     assert words in line
     assert "fix the config" in line
     assert "Traceback" not in result.stderr
+
+
+# -- item 1: the truth while waiting for the GPU driver -----------------------------------------
+
+
+@pytest.mark.skipif(not NO_NVML, reason="this machine has an NVIDIA driver")
+def test_status_while_waiting_for_the_driver(
+    short_tmp_dir: str, agents: Callable[..., AgentProcess]
+) -> None:
+    """An agent waiting for the NVIDIA driver is running, and every command says so:
+    `status` shows what it waits for, `health reset` that no GPU is served yet, `doctor`
+    that it runs but waits; none says "not running, start it"."""
+    root = Path(short_tmp_dir)
+    config = write_config(root).read_text().replace('backend = "simulated"', 'backend = "nvml"')
+    (root / "config.toml").write_text(config)
+    agent = agents("--config", str(root / "config.toml"), "run")
+    agent.wait_for_line("opening the GPU backend failed")
+    shown = vgpu_agent("--config", str(root / "config.toml"), "status")
+    assert shown.code == 0, shown.describe()
+    assert shown.stdout.startswith("waiting for the GPU driver: initialising NVML"), shown.stdout
+    assert "install the NVIDIA driver" in shown.stdout
+    reset = vgpu_agent("--config", str(root / "config.toml"), "health", "reset", "0")
+    assert_one_line_error(reset, "no GPU is served yet: waiting for the GPU driver")
+    assert "not running" not in reset.stderr
+    doctor = vgpu_agent("--config", str(root / "config.toml"), "doctor")
+    (line,) = [line for line in doctor.stdout.splitlines() if "] agent:" in line]
+    assert "running, but waiting for the GPU driver" in line, doctor.stdout
+    assert agent.stop() == 0
+
+
+# -- item 6: one agent at a time ------------------------------------------------------------------
+
+
+def test_second_agent_exits_at_once(kubelet: Path, agents: Callable[..., AgentProcess]) -> None:
+    """A second `run` beside a live agent exits 1 at once, naming the first one's pid,
+    before it touches anything: the compute mode log line never appears, the first agent
+    keeps serving and answering."""
+    config = write_config(kubelet, "[simulated]\ncount = 1\n")
+    first = agents("--config", str(config), "run")
+    wait_until(answers(kubelet / "state" / "control.sock"), "the first agent")
+    second = vgpu_agent("--config", str(config), "run", timeout_s=30)
+    assert second.code == 1, second.describe()
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1, second.describe()
+    assert f"another vgpu-agent (pid {first.process.pid}) already runs" in lines[0]
+    assert "systemctl stop vgpu-agent" in lines[0]
+    assert "compute mode" not in second.stderr
+    shown = vgpu_agent("--config", str(config), "status")
+    assert shown.code == 0, shown.describe()
+    assert "serving 10 vGPUs on 1 GPUs" in shown.stdout

@@ -8,6 +8,7 @@ fills (and tests fill with fakes).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import queue
@@ -214,6 +215,8 @@ class Agent:
         self.stopped = threading.Event()
         self._control: Optional[Service] = None
         self._watch: Optional[Watch] = None
+        #: Why the GPU backend is not open yet (and when it is retried); None once it is.
+        self._waiting_for_driver: Optional[str] = None
 
     @property
     def registered(self) -> bool:
@@ -239,7 +242,15 @@ class Agent:
         """Run a control command on the loop's thread and return its answer."""
         request = ControlRequest(command)
         self._events.put(request)
-        return request.reply.result(timeout=timeout_s)
+        try:
+            return request.reply.result(timeout=timeout_s)
+        except concurrent.futures.TimeoutError:
+            # The loop is busy (starting MPS daemons, registering): say so, not "internal".
+            return {
+                "ok": False,
+                "error": f"the agent did not answer within {timeout_s:g} s "
+                f"({self._last_status}); try again",
+            }
 
     def emit_health(self, change: HealthChange) -> None:
         """Queue a health change from a watcher."""
@@ -256,11 +267,17 @@ class Agent:
 
     def _run(self) -> int:
         self._set_status("starting")
+        # The control socket comes first, so that `vgpu-agent status` tells the truth
+        # (waiting for the GPU driver) from the start instead of "not running".
+        self._start_control()
         backend = self._open_backend()
         if backend is None:
             self._notifier.stopping()
+            if self._control is not None:
+                self._control.stop()
             return EXIT_OK
         self._backend = backend
+        self._waiting_for_driver = None
         try:
             self._start_serving()
         except ConfigError as exc:
@@ -295,7 +312,8 @@ class Agent:
             try:
                 return self._parts.open_backend(self.config)
             except GpuError as exc:
-                self._set_status(f"waiting for the GPU driver: {exc}; retrying in {delay_s:.0f} s")
+                self._waiting_for_driver = f"{exc}; retrying in {delay_s:.0f} s"
+                self._set_status(self._status_line())
                 log.warning("opening the GPU backend failed: %s; retrying in %.0f s", exc, delay_s)
             deadline = self._clock() + delay_s
             while self._clock() < deadline:
@@ -307,8 +325,18 @@ class Agent:
                 if isinstance(event, Stop):
                     return None
                 if isinstance(event, ControlRequest):
-                    event.reply.set_result({"ok": False, "error": "no GPU backend yet"})
+                    event.reply.set_result(self._answer_while_waiting(event.command))
             delay_s = min(delay_s * 2, self._parts.backend_retry_max_s)
+
+    def _answer_while_waiting(self, command: ControlCommand) -> dict[str, Any]:
+        """A control answer before the GPU backend opened: the truth, no GPU yet."""
+        if isinstance(command, StatusCommand):
+            return {"ok": True, **self.describe()}
+        return {
+            "ok": False,
+            "error": f"no GPU is served yet: {self._status_line()}; "
+            "install or load the NVIDIA driver (the agent retries on its own)",
+        }
 
     def _start_serving(self) -> None:
         assert self._backend is not None  # noqa: S101 - set by _run
@@ -341,7 +369,6 @@ class Agent:
                 VGPU_REPLICAS=str(entry.replicas),
             )
         self._start_health_checks()
-        self._start_control()
 
     def _start_mps(self, gpu: Gpu, replicas: int) -> ServedGpu:
         if self._mps is None:
@@ -656,6 +683,8 @@ class Agent:
         }
 
     def _status_line(self) -> str:
+        if self._waiting_for_driver is not None:
+            return f"waiting for the GPU driver: {self._waiting_for_driver}"
         inventory = self.node.inventory()
         line = (
             f"serving {inventory.vgpu_count} vGPUs on {len(inventory.gpus)} GPUs "

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 import click
 
-from vgpu_agent import __version__, control, mps
+from vgpu_agent import __version__, control, instance, mps
 from vgpu_agent import config as config_module
 from vgpu_agent.agent import EXIT_CONFIG
 from vgpu_agent.commands import (
@@ -144,6 +144,11 @@ def run(ctx: click.Context, simulate: Optional[int], plugin_dir: Optional[str]) 
         click.echo(f"vgpu-agent: config error: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     setup_logging(config.agent.log_level, os.environ)
+    # Before anything is touched: a second agent beside a running one stops here.
+    lock = instance.InstanceLock(config.agent.state_dir)
+    lock.acquire()
+    config_path = config_module.resolve_path(options.config_path, os.environ)
+    instance.write_record(config_path, config.agent.control_socket_path)
     agent = build_agent(config, notifier=notifier, config_loader=load)
 
     def on_stop(signum: int, _frame: Optional[FrameType]) -> None:
@@ -155,7 +160,12 @@ def run(ctx: click.Context, simulate: Optional[int], plugin_dir: Optional[str]) 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_reload)
-    sys.exit(agent.run())
+    try:
+        code = agent.run()
+    finally:
+        instance.remove_record(config_path)
+        lock.release()
+    sys.exit(code)
 
 
 # -- config ------------------------------------------------------------------------------------
@@ -264,9 +274,36 @@ def gpus_set(ctx: click.Context, mode: str, gpus: tuple[str, ...]) -> None:
 # -- talking to the running agent ----------------------------------------------------------------
 
 
+def _agent_socket(ctx: click.Context) -> str:
+    """The control socket of the agent this config file runs: where the file says, unless
+    the agent started with it recorded another place (the file was broken or changed after
+    it started), which is then said on stderr. The ConfigError when neither tells."""
+    options: _Options = ctx.find_root().obj
+    config_path = config_module.resolve_path(options.config_path, os.environ)
+    recorded = instance.recorded_socket(config_path)
+    try:
+        configured = _load(ctx).agent.control_socket_path
+    except ConfigError as exc:
+        if recorded is None:
+            raise
+        click.echo(
+            f"vgpu-agent: note: {exc}; asking the agent that runs with the config it "
+            f"loaded, on {recorded}",
+            err=True,
+        )
+        return recorded
+    if recorded is not None and recorded != configured and not os.path.exists(configured):
+        click.echo(
+            f"vgpu-agent: note: {config_path} was changed since the agent started (restart "
+            f"it to apply the file); asking it on {recorded}",
+            err=True,
+        )
+        return recorded
+    return configured
+
+
 def _ask(ctx: click.Context, command: ControlCommand) -> dict[str, Any]:
-    loaded = _load(ctx)
-    answer = control.request(loaded.agent.control_socket_path, command)
+    answer = control.request(_agent_socket(ctx), command)
     if not answer.get("ok"):
         raise VgpuError(str(answer.get("error", "the agent refused the request")))
     return answer
@@ -277,13 +314,12 @@ def _ask(ctx: click.Context, command: ControlCommand) -> dict[str, Any]:
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Show the running agent: each GPU, its vGPUs and their health."""
-    loaded = _load(ctx)
     try:
         answer = _ask(ctx, StatusCommand())
     except AgentError as control_error:
         # No control socket (another state_dir, no permission): the plugin socket still
         # tells the device list, as the kubelet sees it, without the reasons.
-        plugin_socket = loaded.plugin.socket_path
+        plugin_socket = _load(ctx).plugin.socket_path
         try:
             devices = query_devices(plugin_socket)
         except AgentError:

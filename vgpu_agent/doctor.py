@@ -755,7 +755,9 @@ def _check_agent(report: _Report, config: Config, probes: DoctorProbes) -> None:
             reasons = gpu.get("reasons", [])
             causes = "; ".join(str(reason) for reason in reasons) if reasons else "no reason"
             unhealthy.append(f"GPU {gpu.get('index', '?')}: {causes}")
-    if unhealthy:
+    if line.startswith("waiting for the GPU driver"):
+        report.warn(check, f"running, but {line}; see the driver check above")
+    elif unhealthy:
         report.warn(
             check,
             f"running: {line}; unhealthy {', '.join(unhealthy)}; once fixed, "
