@@ -598,3 +598,56 @@ def test_second_agent_exits_at_once(kubelet: Path, agents: Callable[..., AgentPr
     shown = vgpu_agent("--config", str(config), "status")
     assert shown.code == 0, shown.describe()
     assert "serving 10 vGPUs on 1 GPUs" in shown.stdout
+
+
+# -- items 3 and 4: the CLI finds the agent whatever the file says now -------------------------
+
+
+def test_broken_config_still_reaches_the_running_agent(
+    kubelet: Path, agents: Callable[..., AgentProcess]
+) -> None:
+    """After a bad edit of the config file, `status` and `health reset` still reach the
+    agent that runs (with the config it loaded), saying so in one note; `config check`
+    still reports the bad file."""
+    config = write_config(kubelet, "[simulated]\ncount = 1\n")
+    agents("--config", str(config), "run")
+    wait_until(answers(kubelet / "state" / "control.sock"), "the agent")
+    config.write_text(config.read_text() + "[gpus\n")
+    shown = vgpu_agent("--config", str(config), "status")
+    assert shown.code == 0, shown.describe()
+    assert shown.stdout.startswith("serving 10 vGPUs on 1 GPUs"), shown.describe()
+    (note,) = shown.stderr.strip().splitlines()
+    assert note.startswith("vgpu-agent: note: "), note
+    assert "not valid TOML" in note, note
+    assert str(kubelet / "state" / "control.sock") in note
+    reset = vgpu_agent("--config", str(config), "health", "reset", "0")
+    assert reset.code == 0, reset.describe()
+    assert "nothing to clear" in reset.stdout
+    checked = vgpu_agent("config", "check", str(config))
+    assert checked.code == 78, checked.describe()
+
+
+def test_reload_of_restart_only_keys_is_refused_and_status_still_answers(
+    kubelet: Path, agents: Callable[..., AgentProcess]
+) -> None:
+    """Changing agent.state_dir and mps.pipe_root, then SIGHUP: the agent logs that a
+    restart is needed and keeps its socket; `status`, reading the new file, still reaches
+    it and says the file changed since the agent started."""
+    config = write_config(kubelet, "[simulated]\ncount = 1\n")
+    agent = agents("--config", str(config), "run")
+    wait_until(answers(kubelet / "state" / "control.sock"), "the agent")
+    config.write_text(
+        config.read_text()
+        .replace(f"{kubelet}/state", f"{kubelet}/state2")
+        .replace(f"{kubelet}/pipe", f"{kubelet}/pipe2")
+    )
+    agent.process.send_signal(signal.SIGHUP)
+    line = agent.wait_for_line("reload: keeping the running config")
+    assert "restart needed: agent.state_dir, mps.pipe_root cannot change" in line
+    assert (kubelet / "state" / "control.sock").exists()
+    assert not (kubelet / "state2").exists()
+    shown = vgpu_agent("--config", str(config), "status")
+    assert shown.code == 0, shown.describe()
+    assert shown.stdout.startswith("serving 10 vGPUs on 1 GPUs"), shown.describe()
+    assert "was changed since the agent started" in shown.stderr
+    assert "reloaded" not in agent.output
