@@ -651,3 +651,40 @@ def test_reload_of_restart_only_keys_is_refused_and_status_still_answers(
     assert shown.stdout.startswith("serving 10 vGPUs on 1 GPUs"), shown.describe()
     assert "was changed since the agent started" in shown.stderr
     assert "reloaded" not in agent.output
+
+
+# -- item 8: waiting for the kubelet is said ------------------------------------------------------
+
+
+def test_agent_before_the_kubelet_says_it_waits(
+    short_tmp_dir: str, agents: Callable[..., AgentProcess]
+) -> None:
+    """An agent started before the kubelet logs once that it waits for the kubelet's
+    socket, then registers when the kubelet comes."""
+    root = Path(short_tmp_dir)
+    (root / "dp").mkdir()
+    config = write_config(root, "[simulated]\ncount = 1\n")
+    agent = agents("--config", str(config), "run")
+    line = agent.wait_for_line("waiting for the kubelet")
+    assert f"no socket {root}/dp/kubelet.sock yet" in line
+    standin = KubeletStandin(str(root / "dp"))
+    standin.start()
+    try:
+        standin.wait_for_registration(1, TIMEOUT_S)
+    finally:
+        standin.stop()
+    assert agent.output.count("waiting for the kubelet") == 1
+
+
+def test_plugin_dir_that_is_a_file_is_warned(
+    short_tmp_dir: str, agents: Callable[..., AgentProcess]
+) -> None:
+    """`run --plugin-dir FILE` warns that the plugin directory is not a directory and
+    names the kubelet's usual one."""
+    root = Path(short_tmp_dir)
+    (root / "plugins").write_text("")
+    config = write_config(root, "[simulated]\ncount = 1\n")
+    agent = agents("--config", str(config), "run", "--plugin-dir", str(root / "plugins"))
+    line = agent.wait_for_line("waiting for the kubelet")
+    assert f"the plugin directory {root}/plugins is not a directory" in line
+    assert "/var/lib/kubelet/device-plugins" in line
