@@ -688,3 +688,28 @@ def test_plugin_dir_that_is_a_file_is_warned(
     line = agent.wait_for_line("waiting for the kubelet")
     assert f"the plugin directory {root}/plugins is not a directory" in line
     assert "/var/lib/kubelet/device-plugins" in line
+
+
+#: The benchmark with few calls and a short idle period: only its output is checked.
+BENCH_QUICK = ("--calls", "20", "--idle-seconds", "0.1")
+
+
+def test_bench_output_is_only_numbers() -> None:
+    """`bench/control_plane.py` prints its measures only: the agent's log (with its
+    journald `<N>` prefixes under NOTIFY_SOCKET) goes to a file, not between them."""
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "control_plane.py"), *BENCH_QUICK],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stderr == ""
+    lines = completed.stdout.splitlines()
+    assert len(lines) == 10, completed.stdout
+    for line in lines:
+        assert not line.startswith("<"), line
+        assert "WARNING" not in line, line
+        assert ":" in line, line
