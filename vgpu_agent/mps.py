@@ -258,7 +258,8 @@ def checked_program(control_binary: str) -> str:
             "make it and its directories root's and not writable by others (chmod go-w), "
             "or set mps.control_binary to one that is"
         )
-    return real
+    # Run it by the checked name: the daemon finds nvidia-cuda-mps-server beside it.
+    return found
 
 
 def _missing_binary(control_binary: str) -> MpsError:
