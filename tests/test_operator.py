@@ -504,7 +504,7 @@ def test_existing_shared_pipe_root_is_refused_and_left_alone(short_tmp_dir: str)
 def test_untrusted_control_binary_is_not_run(short_tmp_dir: str, case: str) -> None:
     """A control program another user could change (a symlink to a world-writable file,
     a file of another owner, a file in a directory others may write) is refused in one
-    line and never run."""
+    line and never run; doctor fails its binaries check for it."""
     root = Path(short_tmp_dir)
     marker = root / "ran"
     (root / "bin").mkdir(mode=0o755)
@@ -521,6 +521,9 @@ def test_untrusted_control_binary_is_not_run(short_tmp_dir: str, case: str) -> N
     config = write_config(root, mps=f'control_binary = "{named}"\nmulti_user = "auto"\n')
     result = vgpu_agent("--config", str(config), "mps", "start", "0")
     assert_one_line_error(result, "refusing to run the MPS control program", str(named))
+    doctor = vgpu_agent("--config", str(config), "doctor")
+    (line,) = [line for line in doctor.stdout.splitlines() if "] mps binaries:" in line]
+    assert line.startswith("[FAIL] mps binaries: refusing to run the MPS control program")
     assert not marker.exists(), "the untrusted program ran"
 
 

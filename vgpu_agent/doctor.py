@@ -104,6 +104,9 @@ class DoctorProbes:
     containerd_config: str = CONTAINERD_CONFIG
     containerd_dropin_dirs: tuple[str, ...] = CONTAINERD_DROPIN_DIRS
     socket_timeout_s: float = SOCKET_CONNECT_TIMEOUT_S
+    #: Why the agent would refuse to run the control program as root (another user could
+    #: change it), or None (the default: not checked).
+    untrusted_program: Callable[[str], Optional[str]] = lambda _control_binary: None
 
 
 # -- the probes of the real node ---------------------------------------------------------------
@@ -121,6 +124,14 @@ def _inspector(config: Config) -> MpsInspector:
     return mps_inspector_for(config)
 
 
+def _untrusted_program(control_binary: str) -> Optional[str]:
+    try:
+        mps.checked_program(control_binary)
+    except VgpuError as exc:
+        return str(exc)
+    return None
+
+
 def system_probes() -> DoctorProbes:
     """The probes of the node doctor runs on."""
     return DoctorProbes(
@@ -133,6 +144,7 @@ def system_probes() -> DoctorProbes:
         ),
         mps_in_agent=lambda config: _inspector(config).in_agent,
         agent_request=control.request,
+        untrusted_program=_untrusted_program,
     )
 
 
@@ -360,6 +372,10 @@ def _check_mps_binaries(report: _Report, config: Config, probes: DoctorProbes) -
             check,
             f"{control_binary} {where}; {_MPS_PACKAGES}, or set mps.control_binary to its path",
         )
+        return
+    untrusted = probes.untrusted_program(control_binary)
+    if untrusted is not None:
+        report.fail(check, untrusted)
         return
     # The control daemon starts the server; it ships next to it.
     beside = os.path.join(os.path.dirname(control_path), MPS_SERVER_BINARY)
