@@ -491,8 +491,9 @@ def test_existing_shared_pipe_root_is_refused_and_left_alone(short_tmp_dir: str)
     private.chmod(0o700)
     write_config(root, mps=f'control_binary = "{program}"\nmulti_user = "off"\n')
     # The stand-in starts no daemon: start fails later, after the directories are made.
-    vgpu_agent("--config", str(root / "config.toml"), "mps", "start", "0")
+    started = vgpu_agent("--config", str(root / "config.toml"), "mps", "start", "0")
     assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    assert f"MPS directory {private} is not searchable by other users" in started.stderr
     assert [path.name for path in private.iterdir()] != []
 
 

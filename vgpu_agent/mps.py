@@ -111,6 +111,13 @@ def prepare_directories(config: MpsConfig, gpu_uuid: str) -> tuple[str, str]:
                         f"users could replace what the daemon keeps there; set {key} to a "
                         "directory of its own (e.g. /run/nvidia-mps) or chmod go-w it"
                     )
+                if not os.stat(path).st_mode & stat.S_IXOTH:
+                    # Left as it is (not ours to chmod), but pods must pass through it.
+                    _log.warning(
+                        "MPS directory %s is not searchable by other users: pods running as "
+                        "other users cannot reach the daemon; chmod o+x it (or 0755)",
+                        path,
+                    )
         except OSError as exc:
             raise MpsError(
                 f"creating MPS directory {directory} for GPU {gpu_uuid}: {exc.strerror} "
