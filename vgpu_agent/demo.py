@@ -76,8 +76,9 @@ def run_demo(echo: Echo) -> int:
         for device in devices:
             echo(f"   {device.device_id}  {device.health}  NUMA {list(device.numa_nodes)}")
         available = [device.device_id for device in devices]
-        preferred = standin.preferred_allocation(resource, available, [], 2)
-        echo(f"== GetPreferredAllocation(size=2) -> {preferred}")
+        # One vGPU: what a container may hold by default (mps.max_vgpus_per_container = 1).
+        preferred = standin.preferred_allocation(resource, available, [], 1)
+        echo(f"== GetPreferredAllocation(size=1) -> {preferred}")
         response = standin.allocate(resource, preferred).container_responses[0]
         echo("== Allocate -> the container gets:")
         for name, value in sorted(response.envs.items()):
