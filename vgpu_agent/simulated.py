@@ -16,7 +16,7 @@ from typing import Optional
 from vgpu_agent.config import SimulatedConfig
 from vgpu_agent.devices import pipe_dir_for
 from vgpu_agent.errors import GpuError, GpuLostError, MpsError
-from vgpu_agent.gpu import ComputeMode, Gpu, GpuEvent, GpuEventKind
+from vgpu_agent.gpu import ComputeMode, Gpu, GpuEvent, GpuEventKind, GpuProcess
 from vgpu_agent.mps import MpsDaemonInfo
 
 #: Namespace for deterministic simulated UUIDs: the same count always gives the same UUIDs.
@@ -73,6 +73,7 @@ class SimulatedBackend:
         self._watched: set[str] = set()
         self._events: deque[GpuEvent] = deque()
         self._failing_calls: Optional[str] = None
+        self._processes: dict[int, GpuProcess] = {}
         self.closed = False
 
     # -- GpuBackend --------------------------------------------------------------------
@@ -122,6 +123,15 @@ class SimulatedBackend:
             self._events.clear()
             return events
 
+    def mps_client_processes(self, gpu_uuid: str) -> list[GpuProcess]:
+        """The simulated MPS clients on the GPU (see :meth:`add_mps_client`), by pid."""
+        with self._lock:
+            self._require(gpu_uuid, "listing the MPS client processes of")
+            return sorted(
+                (process for process in self._processes.values() if process.gpu_uuid == gpu_uuid),
+                key=lambda process: process.pid,
+            )
+
     def interrupt_wait(self) -> None:
         """Wake a blocked wait_events with no events."""
         with self._events_ready:
@@ -155,6 +165,17 @@ class SimulatedBackend:
         with self._lock:
             self._require_known(gpu_uuid)
             self._lost.discard(gpu_uuid)
+
+    def add_mps_client(self, gpu_uuid: str, pid: int, used_memory_mib: Optional[int]) -> None:
+        """A process ``pid`` becomes (or stays, with new memory) an MPS client of the GPU."""
+        with self._lock:
+            self._require_known(gpu_uuid)
+            self._processes[pid] = GpuProcess(pid, gpu_uuid, used_memory_mib)
+
+    def remove_mps_client(self, pid: int) -> None:
+        """The client process ``pid`` exits."""
+        with self._lock:
+            self._processes.pop(pid, None)
 
     def set_unwatchable(self, gpu_uuid: str) -> None:
         """Make event registration unsupported for this GPU (it must be polled)."""

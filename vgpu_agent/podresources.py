@@ -1,0 +1,103 @@
+"""The kubelet's PodResources API v1: which pod's containers hold which devices.
+
+The kubelet serves ``PodResourcesLister`` on ``/var/lib/kubelet/pod-resources/kubelet.sock``.
+:func:`list_pod_resources` asks it once and returns our own dataclasses; every gRPC failure
+becomes an :class:`~vgpu_agent.errors.AttributionError` that says what to check. Only this
+module and :mod:`vgpu_agent.podresources_standin` touch the generated PodResources classes.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from typing import Any, Callable, cast
+
+import grpc
+
+from vgpu_agent._proto import podresources_pb2 as pb
+from vgpu_agent._proto import podresources_pb2_grpc as pb_grpc
+from vgpu_agent.errors import AttributionError
+from vgpu_agent.kubelet import CHANNEL_OPTIONS, unix_target
+
+#: Where the kubelet serves the PodResources API.
+DEFAULT_POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
+#: Bound on one List call: the kubelet answers from memory.
+LIST_TIMEOUT_S = 2.0
+
+# The generated gRPC module has no type stubs.
+_lister_stub = cast(Callable[[Any], Any], pb_grpc.PodResourcesListerStub)
+
+
+@dataclass(frozen=True)
+class ContainerDevices:
+    """The devices of one container, as the kubelet reports them: one entry per resource."""
+
+    namespace: str
+    pod: str
+    container: str
+    resource_name: str
+    device_ids: tuple[str, ...]
+
+
+def _missing_message(socket_path: str) -> str:
+    return (
+        f"kubelet PodResources socket {socket_path} not found; attribution shows vGPU ids "
+        "only (is the kubelet running, and is its pod-resources directory visible to the agent?)"
+    )
+
+
+def list_pod_resources(
+    socket_path: str = DEFAULT_POD_RESOURCES_SOCKET,
+    resource_name: str = "",
+    timeout_s: float = LIST_TIMEOUT_S,
+) -> list[ContainerDevices]:
+    """Every container's devices of ``resource_name`` (of every resource when empty).
+
+    Containers that hold none of the resource are left out. Raises AttributionError when the
+    socket is missing or the kubelet does not answer.
+    """
+    try:
+        mode = os.stat(socket_path).st_mode
+    except FileNotFoundError:
+        raise AttributionError(_missing_message(socket_path)) from None
+    except OSError as exc:
+        raise AttributionError(
+            f"reading the kubelet PodResources socket {socket_path}: {exc.strerror or exc}; "
+            "run the agent as root"
+        ) from exc
+    if not stat.S_ISSOCK(mode):
+        raise AttributionError(
+            f"kubelet PodResources socket {socket_path} is not a socket; check "
+            "attribution.pod_resources_socket"
+        )
+    try:
+        with grpc.insecure_channel(unix_target(socket_path), options=CHANNEL_OPTIONS) as channel:
+            stub = _lister_stub(channel)
+            response = stub.List(pb.ListPodResourcesRequest(), timeout=timeout_s)
+    except grpc.RpcError as exc:
+        code = exc.code() if isinstance(exc, grpc.Call) else None
+        details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+        name = code.name if code is not None else "UNKNOWN"
+        raise AttributionError(
+            f"listing pod resources from the kubelet on {socket_path}: {name}: {details}; "
+            "attribution shows vGPU ids only until the kubelet answers"
+        ) from exc
+    found: list[ContainerDevices] = []
+    for pod in response.pod_resources:
+        for container in pod.containers:
+            for devices in container.devices:
+                if resource_name and devices.resource_name != resource_name:
+                    continue
+                if not devices.device_ids:
+                    continue
+                found.append(
+                    ContainerDevices(
+                        namespace=str(pod.namespace),
+                        pod=str(pod.name),
+                        container=str(container.name),
+                        resource_name=str(devices.resource_name),
+                        device_ids=tuple(str(device_id) for device_id in devices.device_ids),
+                    )
+                )
+    return found
