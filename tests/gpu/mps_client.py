@@ -26,6 +26,9 @@ def main() -> int:
     parser.add_argument(
         "--alloc-mib", type=int, action="append", default=[], help="try allocating this much"
     )
+    parser.add_argument(
+        "--keep-mib", type=int, default=0, help="hold this much device memory while busy"
+    )
     args = parser.parse_args()
     report: dict[str, object] = {
         "label": args.label,
@@ -50,6 +53,12 @@ def main() -> int:
         free, total = torch.cuda.mem_get_info()
         report["free_mib"] = free // MIB
         report["total_mib"] = total // MIB
+        kept = None
+        if args.keep_mib:
+            kept = torch.empty(args.keep_mib * MIB, dtype=torch.uint8, device="cuda")
+            kept.fill_(1)
+            torch.cuda.synchronize()
+            report["kept_mib"] = args.keep_mib
         kernels = 0
         while time.time() - float(report["first_kernel"]) < args.hold_s:  # type: ignore[arg-type]
             for _ in range(20):
@@ -58,6 +67,7 @@ def main() -> int:
             kernels += 20
         report["held_until"] = time.time()
         report["kernels"] = kernels
+        del kept
         allocations = []
         for size_mib in args.alloc_mib:
             try:
