@@ -1,0 +1,213 @@
+"""Observability wired together: the refresher's attribution from a real PodResources
+stand-in and the simulated backend, metrics scraped over HTTP, the textfile, node labels,
+reconfiguration and problems reported once."""
+
+from __future__ import annotations
+
+import logging
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.builders import make_inventory, vgpu_id
+from vgpu_agent.attribution import CHECKPOINT_NAME
+from vgpu_agent.config import (
+    AttributionConfig,
+    Config,
+    LabelsConfig,
+    MetricsConfig,
+    PluginConfig,
+)
+from vgpu_agent.devices import MpsGrantPolicy
+from vgpu_agent.labels import LABEL_PREFIX, read_feature_file
+from vgpu_agent.observability import Observability
+from vgpu_agent.podresources_standin import PodResourcesStandin, StandinContainer, StandinPod
+from vgpu_agent.simulated import SimulatedBackend
+
+RESOURCE = "eks.amazonaws.com/vgpu"
+UID = "11111111-2222-3333-4444-555555555555"
+CID = "c" * 64
+
+
+class _Node:
+    """A node for the tests: simulated GPUs, a PodResources stand-in, a /proc of its own."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.inventory = make_inventory((4, 4))
+        self.backend = SimulatedBackend([served.gpu for served in self.inventory.gpus])
+        self.plugin_dir = root / "plugins"
+        self.socket_path = str(root / "pr" / "kubelet.sock")
+        self.standin = PodResourcesStandin(
+            self.socket_path,
+            [StandinPod("ns", "web", UID, (StandinContainer("app", RESOURCE, (vgpu_id(0, 0),)),))],
+            checkpoint_path=str(self.plugin_dir / CHECKPOINT_NAME),
+        )
+        self.registered = True
+
+    def config(self, **tables: object) -> Config:
+        base = Config(
+            plugin=PluginConfig(plugin_dir=str(self.plugin_dir)),
+            attribution=AttributionConfig(pod_resources_socket=self.socket_path),
+        )
+        return replace(base, **tables)  # type: ignore[arg-type]
+
+    def build(self, config: Config) -> Observability:
+        return Observability(
+            config,
+            backend=self.backend,
+            inventory=lambda: self.inventory,
+            registered=lambda: self.registered,
+            policy=MpsGrantPolicy,
+        )
+
+
+@pytest.fixture
+def node(short_tmp_dir: str) -> Iterator[_Node]:
+    """A node whose PodResources stand-in names one pod holding vGPU 0 of GPU 0."""
+    built = _Node(Path(short_tmp_dir))
+    built.standin.start()
+    yield built
+    built.standin.stop()
+
+
+def _scrape(address: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{key}={value}" for key, value in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
+def test_metrics_show_the_pods_the_refresher_found(node: _Node) -> None:
+    """With metrics on, a scrape over HTTP shows the container and its vGPUs."""
+    observability = node.build(
+        node.config(metrics=MetricsConfig(enabled=True, listen_address="127.0.0.1:0"))
+    )
+    observability.start()
+    try:
+        snapshot = observability.fresh(10.0)
+        assert [usage.pod for usage in snapshot.attribution.containers] == ["web"]
+        samples = _scrape(observability.metrics_address)
+    finally:
+        observability.stop()
+    gpu = node.inventory.gpus[0].gpu.uuid
+    key = f"vgpu_container_vgpus{{container=app,gpu_uuid={gpu},namespace=ns,pod=web}}"
+    assert samples[key] == 1
+    assert samples[f"vgpu_vgpus{{gpu_uuid={gpu},state=allocated}}"] == 1
+    assert samples["vgpu_registered{}"] == 1
+
+
+def test_metrics_are_off_by_default(node: _Node) -> None:
+    """With the default config nothing listens and no textfile or labels are written."""
+    observability = node.build(node.config())
+    observability.start()
+    try:
+        observability.fresh(10.0)
+    finally:
+        observability.stop()
+    assert observability.metrics is None
+    assert observability.metrics_address == ""
+
+
+def test_the_textfile_follows_each_refresh(node: _Node) -> None:
+    """textfile_path alone (no HTTP): each refresh rewrites the file with the memory used."""
+    textfile = node.root / "vgpu.prom"
+    observability = node.build(
+        node.config(
+            metrics=MetricsConfig(enabled=True, listen_address="", textfile_path=str(textfile))
+        )
+    )
+    observability.start()
+    try:
+        observability.fresh(10.0)
+        assert observability.metrics_address == ""
+        first = textfile.read_text()
+        node.standin.set_pods([])
+        observability.fresh(10.0)
+        second = textfile.read_text()
+    finally:
+        observability.stop()
+    assert 'pod="web"' in first
+    assert 'pod="web"' not in second
+
+
+def test_labels_are_written_when_the_node_changes(node: _Node) -> None:
+    """With labels on, the feature file is written at start and again when GPUs change."""
+    features = node.root / "features.d"
+    observability = node.build(
+        node.config(labels=LabelsConfig(enabled=True, features_dir=str(features)))
+    )
+    observability.start()
+    try:
+        first = read_feature_file(str(features))
+        node.inventory = make_inventory((4, 4, 4))
+        observability.inventory_changed()
+        second = read_feature_file(str(features))
+    finally:
+        observability.stop()
+    assert first is not None
+    assert second is not None
+    assert first[f"{LABEL_PREFIX}vgpu.count"] == "8"
+    assert second[f"{LABEL_PREFIX}vgpu.count"] == "12"
+
+
+def test_reload_turns_metrics_off_and_frees_the_port(node: _Node) -> None:
+    """Reconfiguring with metrics off closes the endpoint."""
+    observability = node.build(
+        node.config(metrics=MetricsConfig(enabled=True, listen_address="127.0.0.1:0"))
+    )
+    observability.start()
+    try:
+        address = observability.metrics_address
+        _scrape(address)
+        observability.reconfigure(node.config())
+        assert observability.metrics is None
+        with pytest.raises(urllib.error.URLError):
+            _scrape(address)
+    finally:
+        observability.stop()
+
+
+def test_a_missing_kubelet_is_reported_once(node: _Node, caplog: pytest.LogCaptureFixture) -> None:
+    """No PodResources socket: one warning however often the refresher runs, and a note
+    when it answers again."""
+    node.standin.stop()
+    observability = node.build(node.config())
+    caplog.set_level(logging.INFO, logger="vgpu_agent.observability")
+    for _ in range(3):
+        observability.refresh_once()
+    node.standin.start()
+    snapshot = observability.refresh_once()
+    warnings = [r for r in caplog.records if "PodResources socket" in r.getMessage()]
+    assert [record.levelno for record in warnings] == [logging.WARNING, logging.INFO]
+    assert snapshot.attribution.problems == ()
+
+
+def test_a_taken_metrics_port_does_not_stop_the_rest(node: _Node) -> None:
+    """A listen address in use is reported; attribution still refreshes."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    observability = node.build(
+        node.config(metrics=MetricsConfig(enabled=True, listen_address=f"127.0.0.1:{port}"))
+    )
+    try:
+        observability.start()
+        snapshot = observability.fresh(10.0)
+    finally:
+        observability.stop()
+        taken.close()
+    assert observability.metrics_address == ""
+    assert [usage.pod for usage in snapshot.attribution.containers] == ["web"]

@@ -1,0 +1,271 @@
+"""What the agent shows about itself beyond the kubelet: attribution, metrics, node labels.
+
+:class:`Observability` is built by the composition root with the collaborators it reads:
+
+- a refresher thread asks every attribution source (:func:`vgpu_agent.attribution.gather`)
+  every ``attribution.refresh_interval_s`` and keeps the latest answer, so a scrape or a
+  ``vgpu-agent status`` never waits on the kubelet or NVML;
+- with ``metrics.enabled`` it serves ``/metrics`` and/or rewrites the textfile after each
+  refresh;
+- with ``labels.enabled`` it rewrites the node-feature-discovery file whenever what the
+  node offers changes.
+
+A failure of any of these is logged once per distinct message and never stops the agent:
+sharing GPUs matters more than describing them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional
+
+from vgpu_agent.attribution import CHECKPOINT_NAME, Attribution, gather
+from vgpu_agent.config import Config, split_listen_address
+from vgpu_agent.devices import Inventory, MpsGrantPolicy
+from vgpu_agent.errors import VgpuError
+from vgpu_agent.gpu import GpuBackend
+from vgpu_agent.labels import NodeLabels, node_labels, write_feature_file
+
+if TYPE_CHECKING:
+    # prometheus_client is imported only when metrics are on (the GPU test machine's
+    # interpreter need not have it).
+    from vgpu_agent.metrics import AgentMetrics, MetricsServer
+
+log = logging.getLogger(__name__)
+
+Gather = Callable[..., Attribution]
+
+
+@dataclass(frozen=True)
+class AttributionSnapshot:
+    """The latest attribution and when it was taken (``time.monotonic()``)."""
+
+    attribution: Attribution
+    taken_at: float
+
+
+class Observability:
+    """Keeps attribution fresh and feeds metrics, the textfile and the node labels."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        backend: GpuBackend,
+        inventory: Callable[[], Inventory],
+        registered: Callable[[], bool],
+        policy: Callable[[], Optional[MpsGrantPolicy]],
+        gather_attribution: Gather = gather,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._config = config
+        self._backend = backend
+        self._inventory = inventory
+        self._registered = registered
+        self._policy = policy
+        self._gather = gather_attribution
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._snapshot = AttributionSnapshot(Attribution(), clock())
+        #: Refreshes begun and finished, so that fresh() waits for one begun after it asked.
+        self._begun = 0
+        self._finished = 0
+        self._refresh_wanted = False
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+        self._reported: set[str] = set()
+        self._attribution_problems: set[str] = set()
+        self._labels_written: Optional[NodeLabels] = None
+        self.metrics: Optional[AgentMetrics] = None
+        self._server: Optional[MetricsServer] = None
+        self.metrics_address = ""
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the metrics endpoint (when enabled) and the refresher thread."""
+        if self._config.metrics.enabled:
+            self._start_metrics()
+        self._thread = threading.Thread(target=self._run, name="vgpu-observability", daemon=True)
+        self._thread.start()
+        self.inventory_changed()
+
+    def stop(self) -> None:
+        """Stop the refresher and the metrics endpoint."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10.0)
+        self._stop_metrics()
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply a reloaded config: restart the endpoint if its settings changed."""
+        old = self._config
+        self._config = config
+        if old.metrics != config.metrics:
+            self._stop_metrics()
+            if config.metrics.enabled:
+                self._start_metrics()
+        if old.labels != config.labels:
+            self._labels_written = None
+        self.inventory_changed()
+        self.request_refresh()
+
+    # -- metrics ------------------------------------------------------------------------------
+
+    def _start_metrics(self) -> None:
+        from vgpu_agent.metrics import AgentMetrics, MetricsServer, NodeView
+
+        def view() -> NodeView:
+            return NodeView(
+                inventory=self._inventory(),
+                attribution=self.snapshot().attribution,
+                mps_enabled=self._config.mps.enabled,
+                registered=self._registered(),
+            )
+
+        metrics = AgentMetrics(view)
+        self.metrics = metrics
+        address = self._config.metrics.listen_address
+        if not address:
+            return
+        host, port = split_listen_address(address)
+        server = MetricsServer(metrics, host, port)
+        try:
+            server.start()
+        except VgpuError as exc:
+            self._report(str(exc))
+            return
+        self._server = server
+        shown = f"[{host}]" if ":" in host else host
+        self.metrics_address = f"{shown}:{server.port}"
+        log.info("serving metrics on http://%s/metrics", self.metrics_address)
+
+    def _stop_metrics(self) -> None:
+        server = self._server
+        self._server = None
+        self.metrics_address = ""
+        if server is not None:
+            server.stop()
+        self.metrics = None
+
+    # -- labels -------------------------------------------------------------------------------
+
+    def inventory_changed(self) -> None:
+        """Rewrite the node labels if what the node offers changed (labels enabled)."""
+        labels_config = self._config.labels
+        if not labels_config.enabled:
+            return
+        labels = node_labels(self._config, self._inventory())
+        if labels == self._labels_written:
+            return
+        try:
+            path = write_feature_file(labels_config.features_dir, labels)
+        except VgpuError as exc:
+            self._report(str(exc))
+            return
+        self._labels_written = labels
+        log.info("wrote node labels to %s", path)
+
+    # -- attribution --------------------------------------------------------------------------
+
+    def snapshot(self) -> AttributionSnapshot:
+        """The latest attribution."""
+        with self._lock:
+            return self._snapshot
+
+    def request_refresh(self) -> None:
+        """Ask the refresher for a new attribution now."""
+        with self._wake:
+            self._refresh_wanted = True
+            self._wake.notify_all()
+
+    def fresh(self, timeout_s: float) -> AttributionSnapshot:
+        """A new attribution, waiting up to ``timeout_s`` for it (else the latest one)."""
+        deadline = self._clock() + timeout_s
+        with self._wake:
+            wanted = self._begun + 1
+            self._refresh_wanted = True
+            self._wake.notify_all()
+            while self._finished < wanted and not self._stopping:
+                left = deadline - self._clock()
+                if left <= 0:
+                    break
+                self._wake.wait(left)
+            return self._snapshot
+
+    def refresh_once(self) -> AttributionSnapshot:
+        """Gather the attribution now on this thread, store it and write the textfile."""
+        config = self._config
+        with self._lock:
+            self._begun += 1
+            number = self._begun
+        attribution = self._gather(
+            backend=self._backend,
+            inventory=self._inventory(),
+            policy=self._policy(),
+            resource_name=config.plugin.resource_name,
+            pod_resources_socket=config.attribution.pod_resources_socket,
+            checkpoint_path=os.path.join(config.plugin.plugin_dir, CHECKPOINT_NAME),
+        )
+        self._report_problems(attribution.problems)
+        snapshot = AttributionSnapshot(attribution, self._clock())
+        with self._lock:
+            self._snapshot = snapshot
+        # Before waiters are woken: the textfile of a refresh they waited for is on disk.
+        self._write_textfile()
+        with self._wake:
+            self._finished = max(self._finished, number)
+            self._wake.notify_all()
+        return snapshot
+
+    def _write_textfile(self) -> None:
+        path = self._config.metrics.textfile_path
+        metrics = self.metrics
+        if not path or metrics is None:
+            return
+        from vgpu_agent.metrics import write_textfile
+
+        try:
+            write_textfile(path, metrics)
+        except VgpuError as exc:
+            self._report(str(exc))
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.refresh_once()
+            except Exception:  # the refresher must outlive any one bad answer
+                log.exception("refreshing the attribution failed")
+            with self._wake:
+                deadline = self._clock() + self._config.attribution.refresh_interval_s
+                while not self._refresh_wanted and not self._stopping:
+                    left = deadline - self._clock()
+                    if left <= 0:
+                        break
+                    self._wake.wait(left)
+                if self._stopping:
+                    return
+                self._refresh_wanted = False
+
+    def _report(self, message: str) -> None:
+        # Each distinct problem once: the refresher would otherwise log it every interval.
+        if message in self._reported:
+            return
+        self._reported.add(message)
+        log.warning("%s", message)
+
+    def _report_problems(self, problems: tuple[str, ...]) -> None:
+        current = set(problems)
+        for message in sorted(self._attribution_problems - current):
+            self._reported.discard(message)
+            log.info("attribution: resolved: %s", message)
+        self._attribution_problems = current
+        for message in problems:
+            self._report(message)
