@@ -211,3 +211,44 @@ def test_a_taken_metrics_port_does_not_stop_the_rest(node: _Node) -> None:
         taken.close()
     assert observability.metrics_address == ""
     assert [usage.pod for usage in snapshot.attribution.containers] == ["web"]
+
+
+def test_status_shows_each_container_its_limits_and_memory() -> None:
+    """Under a GPU: each container with vGPUs, limits and memory; strays; ids with holders."""
+    from vgpu_agent.attribution import Attribution, ContainerUsage, PodGpuUsage, StrayProcess
+    from vgpu_agent.observability import describe_gpu, status_lines
+
+    gpu = "GPU-x"
+    attribution = Attribution(
+        containers=(
+            ContainerUsage(
+                "ns", "web", "app", "u1", gpu, ("GPU-x::0", "GPU-x::1"), 50, 8000, (7, 8), 900
+            ),
+            ContainerUsage(
+                "ns", "job", "left", "u2", gpu, ("GPU-x::2",), None, None, (), None, ("right",)
+            ),
+            ContainerUsage("", "", "solo", "u3", gpu, ("GPU-x::3",), 25, 4000, (), 0),
+        ),
+        pods=(PodGpuUsage("ns", "job", "u2", gpu, ("left", "right"), (9,), 300),),
+        strays=(StrayProcess(99, gpu, None, "not in a pod"),),
+        clients_by_gpu=((gpu, 4),),
+    )
+    described = describe_gpu(attribution, gpu)
+    assert described["mps_clients"] == 4
+    assert described["containers"][1]["pod_memory_used_mib"] == 300
+    entry = {
+        **described,
+        "healthy": True,
+        "vgpu_ids": ["GPU-x::0", "GPU-x::1", "GPU-x::2", "GPU-x::3", "GPU-x::4"],
+    }
+    assert status_lines(entry) == [
+        "  ns/web app: 2 vGPUs, limit 50% of SMs and 8000 MiB; uses 900 MiB (pids 7, 8)",
+        "  ns/job left: 1 vGPU, no limits; shares 300 MiB used by its pod's clients with right",
+        "  pod u3 solo: 1 vGPU, limit 25% of SMs and 4000 MiB; uses 0 MiB",
+        "  unattributed MPS client pid 99: uses unknown (not in a pod)",
+        "  GPU-x::0  Healthy  ns/web app",
+        "  GPU-x::1  Healthy  ns/web app",
+        "  GPU-x::2  Healthy  ns/job left",
+        "  GPU-x::3  Healthy  pod u3 solo",
+        "  GPU-x::4  Healthy",
+    ]

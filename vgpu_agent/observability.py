@@ -20,8 +20,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from vgpu_agent.attribution import CHECKPOINT_NAME, Attribution, gather
 from vgpu_agent.config import Config, split_listen_address
@@ -269,3 +270,90 @@ class Observability:
         self._attribution_problems = current
         for message in problems:
             self._report(message)
+
+
+# -- status -------------------------------------------------------------------------------------
+
+
+def describe_gpu(attribution: Attribution, gpu_uuid: str) -> dict[str, Any]:
+    """The ``status --json`` fields of one GPU's users: its containers, the memory of pods
+    whose containers share it, and the MPS clients no container accounts for."""
+    pods_memory = {
+        (pod.namespace, pod.pod, pod.pod_uid): pod.memory_used_mib
+        for pod in attribution.pods
+        if pod.gpu_uuid == gpu_uuid
+    }
+    containers = []
+    for usage in attribution.containers_on(gpu_uuid):
+        entry: dict[str, Any] = {
+            "namespace": usage.namespace,
+            "pod": usage.pod,
+            "pod_uid": usage.pod_uid,
+            "container": usage.container,
+            "vgpu_ids": list(usage.vgpu_ids),
+            "thread_limit_percent": usage.thread_limit_percent,
+            "memory_limit_mib": usage.memory_limit_mib,
+            "memory_used_mib": usage.memory_used_mib,
+            "pids": list(usage.pids),
+        }
+        if usage.memory_shared_with:
+            entry["memory_shared_with"] = list(usage.memory_shared_with)
+            entry["pod_memory_used_mib"] = pods_memory.get(
+                (usage.namespace, usage.pod, usage.pod_uid)
+            )
+        containers.append(entry)
+    return {
+        "mps_clients": attribution.clients_on(gpu_uuid),
+        "containers": containers,
+        "unattributed": [
+            {"pid": stray.pid, "memory_used_mib": stray.memory_used_mib, "why": stray.why}
+            for stray in attribution.strays_on(gpu_uuid)
+        ],
+    }
+
+
+def _mib(value: Optional[int]) -> str:
+    return "unknown" if value is None else f"{value} MiB"
+
+
+def status_lines(gpu: Mapping[str, Any]) -> list[str]:
+    """The lines ``vgpu-agent status`` prints under a GPU for its containers and clients."""
+    lines: list[str] = []
+    holders: dict[str, str] = {}
+    for container in gpu.get("containers", []):
+        who = (
+            f"{container['namespace']}/{container['pod']}"
+            if container["pod"]
+            else f"pod {container['pod_uid'] or '?'}"
+        )
+        name = f"{who} {container['container']}"
+        for vgpu_id in container["vgpu_ids"]:
+            holders[vgpu_id] = name
+        limits = []
+        if container["thread_limit_percent"] is not None:
+            limits.append(f"{container['thread_limit_percent']}% of SMs")
+        if container["memory_limit_mib"] is not None:
+            limits.append(f"{container['memory_limit_mib']} MiB")
+        limit_text = ", limit " + " and ".join(limits) if limits else ", no limits"
+        shared = container.get("memory_shared_with")
+        if shared:
+            used = (
+                f"shares {_mib(container.get('pod_memory_used_mib'))} used by its pod's "
+                f"clients with {', '.join(shared)}"
+            )
+        else:
+            used = f"uses {_mib(container['memory_used_mib'])}"
+            if container["pids"]:
+                used += f" (pids {', '.join(str(pid) for pid in container['pids'])})"
+        count = len(container["vgpu_ids"])
+        lines.append(f"  {name}: {count} vGPU{'s' if count != 1 else ''}{limit_text}; {used}")
+    for stray in gpu.get("unattributed", []):
+        lines.append(
+            f"  unattributed MPS client pid {stray['pid']}: uses "
+            f"{_mib(stray['memory_used_mib'])} ({stray['why']})"
+        )
+    health = "Healthy" if gpu["healthy"] else "Unhealthy"
+    for vgpu_id in gpu["vgpu_ids"]:
+        holder = holders.get(vgpu_id)
+        lines.append(f"  {vgpu_id}  {health}" + (f"  {holder}" if holder else ""))
+    return lines
