@@ -490,6 +490,7 @@ def test_gather_asks_every_source(short_tmp_dir: str, tmp_path: Path) -> None:
             pod_resources_socket=socket_path,
             checkpoint_path=checkpoint,
             proc_root=str(proc),
+            cgroup_root=str(tmp_path / "no-cgroups"),
         )
     assert result.problems == ()
     (usage,) = result.containers
@@ -519,3 +520,66 @@ def test_gather_names_each_source_that_failed(short_tmp_dir: str) -> None:
     assert "PodResources socket" in result.problems[0]
     assert "checkpoint" in result.problems[1]
     assert "driver gone" in result.problems[2]
+
+
+def _cgroup(root: Path, relative: str, pids: list[int]) -> None:
+    directory = root / relative
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "cgroup.procs").write_text("".join(f"{pid}\n" for pid in pids))
+
+
+def test_the_cgroup_tree_names_pods_of_pids_proc_hides(tmp_path: Path) -> None:
+    """pod_cgroups_by_pid reads cgroup.procs of container cgroups, in every layout."""
+    uid_b = "bbbbbbbb-0000-0000-0000-000000000002"
+    _cgroup(tmp_path, "system.slice/containerd.service", [1, 2])
+    _cgroup(
+        tmp_path,
+        f"kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_SYSTEMD}.slice/"
+        f"cri-containerd-{CID}.scope",
+        [100, 101],
+    )
+    _cgroup(
+        tmp_path,
+        f"kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_SYSTEMD}.slice",
+        [],
+    )
+    _cgroup(tmp_path, f"kubepods/besteffort/pod{uid_b}/{'d' * 64}", [200])
+    _cgroup(tmp_path, f"kubepods/besteffort/pod{uid_b}/{'d' * 64}/nested", [201])
+    from vgpu_agent.attribution import pod_cgroups_by_pid
+
+    found = pod_cgroups_by_pid(str(tmp_path))
+    assert found == {
+        100: PodCgroup(UID, CID, "burstable"),
+        101: PodCgroup(UID, CID, "burstable"),
+        200: PodCgroup(uid_b, "d" * 64, "besteffort"),
+        201: PodCgroup(uid_b, "d" * 64, "besteffort"),
+    }
+
+
+def test_gather_falls_back_to_the_cgroup_tree(short_tmp_dir: str, tmp_path: Path) -> None:
+    """A client /proc does not show (another user's, ProtectProc=invisible) is still found."""
+    backend = SimulatedBackend([served.gpu for served in INVENTORY.gpus])
+    backend.add_mps_client(G0, 300, 700)
+    cgroups = tmp_path / "cgroup"
+    _cgroup(
+        cgroups,
+        f"kubepods.slice/kubepods-pod{UID_A.replace('-', '_')}.slice/cri-containerd-{CID}.scope",
+        [300],
+    )
+    socket_path = os.path.join(short_tmp_dir, "kubelet.sock")
+    checkpoint = os.path.join(short_tmp_dir, "kubelet_internal_checkpoint")
+    pods = [StandinPod("ns", "a", UID_A, (StandinContainer("main", RESOURCE, (vgpu_id(0, 1),)),))]
+    with PodResourcesStandin(socket_path, pods, checkpoint_path=checkpoint):
+        result = gather(
+            backend=backend,
+            inventory=INVENTORY,
+            policy=POLICY,
+            resource_name=RESOURCE,
+            pod_resources_socket=socket_path,
+            checkpoint_path=checkpoint,
+            proc_root=str(tmp_path / "empty-proc"),
+            cgroup_root=str(cgroups),
+        )
+    (usage,) = result.containers
+    assert (usage.pids, usage.memory_used_mib) == ((300,), 700)
+    assert result.strays == ()

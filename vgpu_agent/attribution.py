@@ -118,6 +118,47 @@ def parse_cgroup(text: str) -> Optional[PodCgroup]:
     return None
 
 
+#: How deep below the cgroup root container cgroups are looked for (kubepods nests 4-6 deep).
+MAX_CGROUP_DEPTH = 10
+
+
+def pod_cgroups_by_pid(cgroup_root: str = "/sys/fs/cgroup") -> dict[int, PodCgroup]:
+    """Every pid in a container cgroup of a pod, from the cgroup v2 tree's ``cgroup.procs``.
+
+    The answer for processes ``/proc`` hides: under systemd's ``ProtectProc=invisible`` the
+    agent (root without capabilities) cannot see other users' ``/proc/<pid>``, while the
+    cgroup tree stays readable. Pids are in the reader's PID namespace, as NVML's are.
+    """
+    found: dict[int, PodCgroup] = {}
+    root_depth = cgroup_root.rstrip("/").count("/")
+    for directory, subdirectories, _files in os.walk(cgroup_root):
+        relative = directory[len(cgroup_root) :]
+        depth = directory.rstrip("/").count("/") - root_depth
+        pod = _pod_from_path(relative) if "pod" in relative else None
+        if pod is not None and pod.container_id is not None:
+            # A container's cgroup: its processes (and any sub-cgroup's) are its own.
+            subdirectories.clear()
+            for pid in _cgroup_pids(directory):
+                found[pid] = pod
+            continue
+        if depth >= MAX_CGROUP_DEPTH:
+            subdirectories.clear()
+    return found
+
+
+def _cgroup_pids(directory: str) -> list[int]:
+    pids: list[int] = []
+    for current, _subdirectories, files in os.walk(directory):
+        if "cgroup.procs" not in files:
+            continue
+        try:
+            with open(os.path.join(current, "cgroup.procs"), encoding="ascii") as procs:
+                pids.extend(int(line) for line in procs if line.strip().isdigit())
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
 def read_process_cgroup(pid: int, proc_root: str = "/proc") -> Optional[PodCgroup]:
     """The pod of process ``pid``; None when it is in no pod or has exited."""
     try:
@@ -482,6 +523,7 @@ def gather(
     pod_resources_socket: str,
     checkpoint_path: str,
     proc_root: str = "/proc",
+    cgroup_root: str = "/sys/fs/cgroup",
     list_pods: ListPods = _list_pods,
 ) -> Attribution:
     """Ask every source once and join them; a source that fails is named in ``problems``."""
@@ -499,15 +541,22 @@ def gather(
         checkpoint = None
         problems.append(str(exc))
     processes: list[tuple[GpuProcess, Optional[PodCgroup]]] = []
+    by_pid: Optional[dict[int, PodCgroup]] = None
     for served in inventory.gpus:
         try:
             listed = backend.mps_client_processes(served.gpu.uuid)
         except GpuError as exc:
             problems.append(str(exc))
             continue
-        processes.extend(
-            (process, read_process_cgroup(process.pid, proc_root)) for process in listed
-        )
+        for process in listed:
+            cgroup = read_process_cgroup(process.pid, proc_root)
+            if cgroup is None:
+                # Hidden from /proc (ProtectProc=invisible), or really in no pod: the
+                # cgroup tree tells, read once per gather.
+                if by_pid is None:
+                    by_pid = pod_cgroups_by_pid(cgroup_root)
+                cgroup = by_pid.get(process.pid)
+            processes.append((process, cgroup))
     return attribute(
         served={served.gpu.uuid: served for served in inventory.gpus},
         resource_name=resource_name,
