@@ -415,10 +415,54 @@ deb_phase() {
         "$(prop "$(mps_unit $GPU0)" MainPID)" "$(prop "$(mps_unit $GPU1)" MainPID)"
     check "the agent registers again after the upgrade" wait_for 30 registered
 
+    # ---- metrics, attribution and node labels (issue 15, from the obs branch) -----------
+    # As an operator would: a drop-in that lets the agent listen on loopback (its sandbox
+    # has no network otherwise), the nfd features directory, and the config keys.
+    log "deb: metrics and node labels"
+    check "the package bundles prometheus_client" \
+        in_ct test -f /usr/lib/vgpu-agent/prometheus_client/exposition.py
+    in_ct mkdir -p /etc/kubernetes/node-feature-discovery/features.d
+    in_ct sh -c "cat > /run/systemd/system/vgpu-agent.service.d/system-test-metrics.conf" <<'EOF'
+[Service]
+PrivateNetwork=no
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+IPAddressAllow=localhost
+EOF
+    in_ct sh -c "cat >> /etc/vgpu/system-test.toml" <<'EOF'
+[metrics]
+enabled = true
+listen_address = "127.0.0.1:9402"
+textfile_path = "/run/vgpu-agent/vgpu.prom"
+[labels]
+enabled = true
+EOF
+    in_ct systemctl daemon-reload
+    in_ct systemctl restart vgpu-agent.service
+    check "the agent registers again with metrics and labels on" wait_for 30 registered
+    scrape() {
+        in_ct /usr/bin/python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("http://127.0.0.1:9402/metrics", timeout=5).read().decode())'
+    }
+    scrape_shows() { scrape 2>/dev/null | grep -qF "$1"; }
+    check "GET /metrics shows GPU $GPU0's 10 allocatable vGPUs" \
+        wait_for 20 scrape_shows "vgpu_vgpus{gpu_uuid=\"$GPU0\",state=\"allocatable\"} 10.0"
+    check "GET /metrics shows the registration and GPU $GPU1's MPS daemon up" \
+        sh -c 'grep -qx "vgpu_registered 1.0" <<<"$1" && grep -qF "vgpu_mps_daemon_up{gpu_uuid=\"$2\"} 1.0" <<<"$1"' \
+        _ "$(scrape)" "$GPU1"
+    info "metrics: $(scrape | grep -c '^vgpu_') samples"
+    check "the textfile for node-exporter is written" \
+        wait_for 20 in_ct grep -q '^vgpu_registered 1.0' /run/vgpu-agent/vgpu.prom
+    check "the node-feature-discovery file labels 20 vGPUs shared through MPS" \
+        in_ct sh -c 'f=/etc/kubernetes/node-feature-discovery/features.d/vgpu-agent; grep -qx "vgpu.eks.amazonaws.com/vgpu.count=20" $f && grep -qx "vgpu.eks.amazonaws.com/sharing-strategy=mps" $f'
+    check "vgpu-agent status names the missing kubelet PodResources socket" \
+        in_ct sh -c "vgpu-agent status 2>&1 | grep -q 'PodResources socket'"
+    # ---- end of the metrics block --------------------------------------------------------
+
     log "deb: remove and purge"
     check "apt-get remove" in_ct apt-get remove -y -q vgpu-agent
     check "remove stopped the agent and both MPS daemons" \
         sh -c "! nsenter -t $container_pid -a systemctl is-active -q vgpu-agent.service && ! nsenter -t $container_pid -a kill -0 $mps0_pid 2>/dev/null && ! nsenter -t $container_pid -a kill -0 $mps1_pid 2>/dev/null"
+    check "remove deleted the node-feature-discovery file (issue 15)" \
+        in_ct test ! -e /etc/kubernetes/node-feature-discovery/features.d/vgpu-agent
     check "the MPS daemons were stopped through their control pipes (quit removed the sockets)" \
         in_ct sh -c "[ ! -e /run/nvidia-mps/$GPU0/control ] && [ ! -e /run/nvidia-mps/$GPU1/control ]"
     check "remove left no package files but the conffile" \
