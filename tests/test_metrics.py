@@ -140,16 +140,22 @@ def test_without_pod_names_the_pod_label_is_the_uid() -> None:
     assert samples[("vgpu_container_vgpus", labels)] == 1
 
 
+def test_registrations_and_kubelet_restarts_come_from_the_view() -> None:
+    """The agent's own counts of registrations and kubelet restarts are exported as counters."""
+    view = _view(registrations=3, kubelet_restarts=2)
+    samples = _samples(AgentMetrics(lambda: view).render())
+    assert samples[("vgpu_registrations_total", ())] == 3
+    assert samples[("vgpu_kubelet_restarts_total", ())] == 2
+
+
 def test_counters_and_histograms_count_events() -> None:
-    """XIDs, health changes, registrations, kubelet restarts and latencies are counted."""
+    """XIDs, health changes and latencies are counted as they are reported."""
     metrics = AgentMetrics(_view)
     metrics.xid_event(G0, 79)
     metrics.xid_event(G0, 79)
     metrics.xid_event(G1, 13)
     metrics.health_changed(G0, healthy=False)
     metrics.health_changed(G0, healthy=True)
-    metrics.registered()
-    metrics.kubelet_restarted()
     metrics.observe_allocate(0.0003)
     metrics.observe_allocate(0.02)
     metrics.observe_preferred_allocation(0.0001)
@@ -157,8 +163,6 @@ def test_counters_and_histograms_count_events() -> None:
     assert samples[("vgpu_xid_events_total", (("gpu_uuid", G0), ("xid", "79")))] == 2
     assert samples[("vgpu_xid_events_total", (("gpu_uuid", G1), ("xid", "13")))] == 1
     assert samples[("vgpu_health_changes_total", (("gpu_uuid", G0), ("health", "healthy")))] == 1
-    assert samples[("vgpu_registrations_total", ())] == 1
-    assert samples[("vgpu_kubelet_restarts_total", ())] == 1
     assert samples[("vgpu_allocate_duration_seconds_count", ())] == 2
     assert samples[("vgpu_allocate_duration_seconds_bucket", (("le", "0.0005"),))] == 1
     assert samples[("vgpu_preferred_allocation_duration_seconds_count", ())] == 1

@@ -3,9 +3,10 @@
 :class:`AgentMetrics` owns a private registry with two kinds of metric:
 
 - counters and histograms the agent updates as things happen (XID events, health changes,
-  registrations, kubelet restarts, Allocate and GetPreferredAllocation latency);
-- gauges read from a :class:`NodeView` of the node on each scrape, by a custom collector
-  (vGPUs by state, MPS daemons, MPS clients, and per container vGPUs, limits and memory).
+  Allocate and GetPreferredAllocation latency);
+- metrics read from a :class:`NodeView` of the node on each scrape, by a custom collector
+  (vGPUs by state, MPS daemons, MPS clients, per container vGPUs, limits and memory, and
+  the registrations and kubelet restarts the agent counts).
 
 Label sets are bounded: GPUs, the containers that hold vGPUs on this node, XID numbers and a
 fixed set of unhealthy reason kinds. :class:`MetricsServer` serves ``/metrics`` over HTTP;
@@ -23,7 +24,7 @@ from typing import Callable, Optional
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import start_http_server, write_to_textfile
 from prometheus_client.registry import Collector
 
@@ -63,6 +64,9 @@ class NodeView:
     attribution: Attribution
     mps_enabled: bool
     registered: bool
+    #: Successful registrations with the kubelet, and kubelet restarts seen, since start.
+    registrations: int = 0
+    kubelet_restarts: int = 0
 
 
 class _NodeCollector(Collector):
@@ -84,6 +88,13 @@ def _gpu_metrics(view: NodeView) -> Iterator[Metric]:
     )
     registered.add_metric([], 1.0 if view.registered else 0.0)
     yield registered
+    registrations = CounterMetricFamily(
+        "vgpu_registrations", "Successful registrations with the kubelet."
+    )
+    registrations.add_metric([], float(view.registrations))
+    restarts = CounterMetricFamily("vgpu_kubelet_restarts", "Kubelet restarts the agent noticed.")
+    restarts.add_metric([], float(view.kubelet_restarts))
+    yield from (registrations, restarts)
     info = GaugeMetricFamily(
         "vgpu_gpu_info",
         "A served GPU: its index and model (always 1).",
@@ -199,7 +210,7 @@ class AgentMetrics:
         registry = self.registry
         self._xid_events = Counter(
             "vgpu_xid_events",
-            "XID events NVML reported, by GPU and XID (ignored XIDs included).",
+            "Critical XID events, by GPU and XID (those in health.ignored_xids are only logged).",
             ["gpu_uuid", "xid"],
             registry=registry,
         )
@@ -208,12 +219,6 @@ class AgentMetrics:
             "Times a GPU's vGPUs changed health, by the health they changed to.",
             ["gpu_uuid", "health"],
             registry=registry,
-        )
-        self._registrations = Counter(
-            "vgpu_registrations", "Successful registrations with the kubelet.", registry=registry
-        )
-        self._kubelet_restarts = Counter(
-            "vgpu_kubelet_restarts", "Kubelet restarts the agent noticed.", registry=registry
         )
         self._allocate = Histogram(
             "vgpu_allocate_duration_seconds",
@@ -236,14 +241,6 @@ class AgentMetrics:
     def health_changed(self, gpu_uuid: str, healthy: bool) -> None:
         """Count a GPU's vGPUs turning Healthy or Unhealthy."""
         self._health_changes.labels(gpu_uuid, "healthy" if healthy else "unhealthy").inc()
-
-    def registered(self) -> None:
-        """Count a successful registration."""
-        self._registrations.inc()
-
-    def kubelet_restarted(self) -> None:
-        """Count a kubelet restart."""
-        self._kubelet_restarts.inc()
 
     def observe_allocate(self, seconds: float) -> None:
         """Record how long one Allocate call took."""
