@@ -25,7 +25,7 @@ from vgpu_agent.config import (
 )
 from vgpu_agent.devices import MpsGrantPolicy
 from vgpu_agent.labels import LABEL_PREFIX, read_feature_file
-from vgpu_agent.observability import Observability
+from vgpu_agent.observability import AgentCounts, Observability
 from vgpu_agent.podresources_standin import PodResourcesStandin, StandinContainer, StandinPod
 from vgpu_agent.simulated import SimulatedBackend
 
@@ -60,9 +60,8 @@ class _Node:
     def build(self, config: Config) -> Observability:
         return Observability(
             config,
-            backend=self.backend,
             inventory=lambda: self.inventory,
-            registered=lambda: self.registered,
+            counts=lambda: AgentCounts(self.registered, 4, 1),
             policy=MpsGrantPolicy,
         )
 
@@ -92,24 +91,30 @@ def test_metrics_show_the_pods_the_refresher_found(node: _Node) -> None:
     observability = node.build(
         node.config(metrics=MetricsConfig(enabled=True, listen_address="127.0.0.1:0"))
     )
-    observability.start()
+    observability.start(node.backend)
     try:
         snapshot = observability.fresh(10.0)
         assert [usage.pod for usage in snapshot.attribution.containers] == ["web"]
         samples = _scrape(observability.metrics_address)
+        described = observability.describe(node.inventory, 5.0)
     finally:
         observability.stop()
     gpu = node.inventory.gpus[0].gpu.uuid
+    assert described["attribution"]["problems"] == []
+    assert described["metrics_address"].startswith("127.0.0.1:")
+    assert [c["pod"] for c in described["gpus"][gpu]["containers"]] == ["web"]
     key = f"vgpu_container_vgpus{{container=app,gpu_uuid={gpu},namespace=ns,pod=web}}"
     assert samples[key] == 1
     assert samples[f"vgpu_vgpus{{gpu_uuid={gpu},state=allocated}}"] == 1
     assert samples["vgpu_registered{}"] == 1
+    assert samples["vgpu_registrations_total{}"] == 4
+    assert samples["vgpu_kubelet_restarts_total{}"] == 1
 
 
 def test_metrics_are_off_by_default(node: _Node) -> None:
     """With the default config nothing listens and no textfile or labels are written."""
     observability = node.build(node.config())
-    observability.start()
+    observability.start(node.backend)
     try:
         observability.fresh(10.0)
     finally:
@@ -126,7 +131,7 @@ def test_the_textfile_follows_each_refresh(node: _Node) -> None:
             metrics=MetricsConfig(enabled=True, listen_address="", textfile_path=str(textfile))
         )
     )
-    observability.start()
+    observability.start(node.backend)
     try:
         observability.fresh(10.0)
         assert observability.metrics_address == ""
@@ -146,7 +151,7 @@ def test_labels_are_written_when_the_node_changes(node: _Node) -> None:
     observability = node.build(
         node.config(labels=LabelsConfig(enabled=True, features_dir=str(features)))
     )
-    observability.start()
+    observability.start(node.backend)
     try:
         first = read_feature_file(str(features))
         node.inventory = make_inventory((4, 4, 4))
@@ -165,7 +170,7 @@ def test_reload_turns_metrics_off_and_frees_the_port(node: _Node) -> None:
     observability = node.build(
         node.config(metrics=MetricsConfig(enabled=True, listen_address="127.0.0.1:0"))
     )
-    observability.start()
+    observability.start(node.backend)
     try:
         address = observability.metrics_address
         _scrape(address)
@@ -183,6 +188,8 @@ def test_a_missing_kubelet_is_reported_once(node: _Node, caplog: pytest.LogCaptu
     node.standin.stop()
     observability = node.build(node.config())
     caplog.set_level(logging.INFO, logger="vgpu_agent.observability")
+    observability.start(node.backend)
+    observability.stop()
     for _ in range(3):
         observability.refresh_once()
     node.standin.start()
@@ -204,7 +211,7 @@ def test_a_taken_metrics_port_does_not_stop_the_rest(node: _Node) -> None:
         node.config(metrics=MetricsConfig(enabled=True, listen_address=f"127.0.0.1:{port}"))
     )
     try:
-        observability.start()
+        observability.start(node.backend)
         snapshot = observability.fresh(10.0)
     finally:
         observability.stop()

@@ -42,6 +42,15 @@ Gather = Callable[..., Attribution]
 
 
 @dataclass(frozen=True)
+class AgentCounts:
+    """What the agent knows of its registration, for metrics."""
+
+    registered: bool
+    registrations: int = 0
+    kubelet_restarts: int = 0
+
+
+@dataclass(frozen=True)
 class AttributionSnapshot:
     """The latest attribution and when it was taken (``time.monotonic()``)."""
 
@@ -56,17 +65,16 @@ class Observability:
         self,
         config: Config,
         *,
-        backend: GpuBackend,
         inventory: Callable[[], Inventory],
-        registered: Callable[[], bool],
+        counts: Callable[[], AgentCounts],
         policy: Callable[[], Optional[MpsGrantPolicy]],
         gather_attribution: Gather = gather,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._config = config
-        self._backend = backend
+        self._backend: Optional[GpuBackend] = None
         self._inventory = inventory
-        self._registered = registered
+        self._counts = counts
         self._policy = policy
         self._gather = gather_attribution
         self._clock = clock
@@ -88,8 +96,10 @@ class Observability:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Start the metrics endpoint (when enabled) and the refresher thread."""
+    def start(self, backend: GpuBackend) -> None:
+        """Start the metrics endpoint (when enabled) and the refresher thread, which asks
+        ``backend`` for the MPS clients."""
+        self._backend = backend
         if self._config.metrics.enabled:
             self._start_metrics()
         self._thread = threading.Thread(target=self._run, name="vgpu-observability", daemon=True)
@@ -124,11 +134,14 @@ class Observability:
         from vgpu_agent.metrics import AgentMetrics, MetricsServer, NodeView
 
         def view() -> NodeView:
+            counts = self._counts()
             return NodeView(
                 inventory=self._inventory(),
                 attribution=self.snapshot().attribution,
                 mps_enabled=self._config.mps.enabled,
-                registered=self._registered(),
+                registered=counts.registered,
+                registrations=counts.registrations,
+                kubelet_restarts=counts.kubelet_restarts,
             )
 
         metrics = AgentMetrics(view)
@@ -155,6 +168,26 @@ class Observability:
         if server is not None:
             server.stop()
         self.metrics = None
+
+    def record_xid(self, gpu_uuid: str, xid: int) -> None:
+        """Count a critical XID event (metrics on)."""
+        if self.metrics is not None:
+            self.metrics.xid_event(gpu_uuid, xid)
+
+    def record_health(self, gpu_uuid: str, healthy: bool) -> None:
+        """Count a GPU's vGPUs turning Healthy or Unhealthy (metrics on)."""
+        if self.metrics is not None:
+            self.metrics.health_changed(gpu_uuid, healthy)
+
+    def observe_allocate(self, seconds: float) -> None:
+        """Record the time one Allocate call took (metrics on)."""
+        if self.metrics is not None:
+            self.metrics.observe_allocate(seconds)
+
+    def observe_preferred_allocation(self, seconds: float) -> None:
+        """Record the time one GetPreferredAllocation call took (metrics on)."""
+        if self.metrics is not None:
+            self.metrics.observe_preferred_allocation(seconds)
 
     # -- labels -------------------------------------------------------------------------------
 
@@ -204,11 +237,14 @@ class Observability:
     def refresh_once(self) -> AttributionSnapshot:
         """Gather the attribution now on this thread, store it and write the textfile."""
         config = self._config
+        backend = self._backend
+        if backend is None:
+            return self.snapshot()
         with self._lock:
             self._begun += 1
             number = self._begun
         attribution = self._gather(
-            backend=self._backend,
+            backend=backend,
             inventory=self._inventory(),
             policy=self._policy(),
             resource_name=config.plugin.resource_name,
@@ -225,6 +261,23 @@ class Observability:
             self._finished = max(self._finished, number)
             self._wake.notify_all()
         return snapshot
+
+    def describe(self, inventory: Inventory, wait_s: float) -> dict[str, Any]:
+        """The status fields: a fresh attribution (waiting up to ``wait_s``) per GPU, with
+        its age and problems, and where metrics are served."""
+        snapshot = self.fresh(wait_s) if wait_s > 0 else self.snapshot()
+        attribution = snapshot.attribution
+        return {
+            "attribution": {
+                "age_s": round(max(0.0, self._clock() - snapshot.taken_at), 1),
+                "problems": list(attribution.problems),
+            },
+            "metrics_address": self.metrics_address,
+            "gpus": {
+                served.gpu.uuid: describe_gpu(attribution, served.gpu.uuid)
+                for served in inventory.gpus
+            },
+        }
 
     def _write_textfile(self) -> None:
         path = self._config.metrics.textfile_path
