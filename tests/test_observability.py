@@ -165,6 +165,22 @@ def test_labels_are_written_when_the_node_changes(node: _Node) -> None:
     assert second[f"{LABEL_PREFIX}vgpu.count"] == "12"
 
 
+def test_reload_turning_labels_off_removes_the_file(node: _Node) -> None:
+    """Labels turned off by a reload are withdrawn: the feature file is deleted."""
+    features = node.root / "features.d"
+    labelled = node.config(labels=LabelsConfig(enabled=True, features_dir=str(features)))
+    observability = node.build(labelled)
+    observability.start(node.backend)
+    try:
+        assert read_feature_file(str(features)) is not None
+        observability.reconfigure(node.config())
+        assert read_feature_file(str(features)) is None
+        observability.reconfigure(labelled)
+        assert read_feature_file(str(features)) is not None
+    finally:
+        observability.stop()
+
+
 def test_reload_turns_metrics_off_and_frees_the_port(node: _Node) -> None:
     """Reconfiguring with metrics off closes the endpoint."""
     observability = node.build(

@@ -4,9 +4,10 @@ nfd-worker's local source reads every file in ``/etc/kubernetes/node-feature-dis
 features.d/`` and publishes each ``<namespace>/<name>=<value>`` line as a node label (through
 nfd-master). The agent writes one file there, ``vgpu-agent``, describing what the node
 offers; it is rewritten atomically (a dotfile in the same directory renamed over it, so
-nfd-worker never reads half a file) whenever the served GPUs change, and removed on a clean
-stop only when labels are turned off. nfd-worker must run in the cluster: without it the
-file labels nothing.
+nfd-worker never reads half a file) whenever what the node offers changes, and removed when
+a reload turns labels off (the package removes it on uninstall). It stays while the agent
+restarts: the node still offers what it says. nfd-worker must run in the cluster: without
+it the file labels nothing.
 
 With GPUs of different models on one node the labels describe the least a pod can count on:
 the first GPU's model (by index), the fewest vGPUs per GPU and the smallest memory per vGPU.
@@ -115,6 +116,20 @@ def write_feature_file(directory: str, labels: NodeLabels) -> str:
             "(it must be writable by the agent)"
         ) from exc
     return path
+
+
+def remove_feature_file(directory: str) -> bool:
+    """Remove our feature file from ``directory``; whether there was one."""
+    path = os.path.join(directory, FEATURE_FILE_NAME)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise AgentError(
+            f"removing node labels {path}: {exc.strerror or exc}; delete it by hand"
+        ) from exc
+    return True
 
 
 def read_feature_file(directory: str) -> Optional[dict[str, str]]:

@@ -29,7 +29,7 @@ from vgpu_agent.config import Config, split_listen_address
 from vgpu_agent.devices import Inventory, MpsGrantPolicy
 from vgpu_agent.errors import VgpuError
 from vgpu_agent.gpu import GpuBackend
-from vgpu_agent.labels import NodeLabels, node_labels, write_feature_file
+from vgpu_agent.labels import NodeLabels, node_labels, remove_feature_file, write_feature_file
 
 if TYPE_CHECKING:
     # prometheus_client is imported only when metrics are on (the GPU test machine's
@@ -125,6 +125,15 @@ class Observability:
                 self._start_metrics()
         if old.labels != config.labels:
             self._labels_written = None
+            if old.labels.enabled and (
+                not config.labels.enabled or old.labels.features_dir != config.labels.features_dir
+            ):
+                # Labels of a node that no longer offers them must not linger.
+                try:
+                    if remove_feature_file(old.labels.features_dir):
+                        log.info("removed node labels from %s", old.labels.features_dir)
+                except VgpuError as exc:
+                    self._report(str(exc))
         self.inventory_changed()
         self.request_refresh()
 
