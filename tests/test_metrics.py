@@ -18,8 +18,8 @@ from vgpu_agent.attribution import (
     PodGpuUsage,
     StrayProcess,
 )
+from vgpu_agent.devices import HealthReason
 from vgpu_agent.errors import AgentError
-from vgpu_agent.health import REASON_DBE, REASON_LOST
 from vgpu_agent.metrics import (
     MIB,
     AgentMetrics,
@@ -171,17 +171,16 @@ def test_counters_and_histograms_count_events() -> None:
 @pytest.mark.parametrize(
     ("reason", "kind"),
     [
-        ("xid 79", "xid"),
-        (REASON_DBE, "double_bit_ecc"),
-        (REASON_LOST, "gpu_lost"),
-        ("MPS daemon down (simulated)", "mps_daemon"),
-        ("MPS daemon could not start: refused", "mps_daemon"),
-        ("something new", "other"),
+        (HealthReason.xid_fault(79), "xid"),
+        (HealthReason.ecc_fault(), "double_bit_ecc"),
+        (HealthReason.lost(), "gpu_lost"),
+        (HealthReason.mps_down("MPS daemon down (simulated)"), "mps_daemon"),
+        (HealthReason.mps_down("could not start: refused"), "mps_daemon"),
     ],
-    ids=["xid", "dbe", "lost", "mps-down", "mps-start", "other"],
+    ids=["xid", "dbe", "lost", "mps-down", "mps-start"],
 )
-def test_reasons_map_to_a_bounded_kind(reason: str, kind: str) -> None:
-    """Free-text unhealthy reasons become one of a fixed set of label values."""
+def test_reasons_map_to_a_bounded_kind(reason: HealthReason, kind: str) -> None:
+    """Typed unhealthy reasons become one of a fixed set of label values."""
     assert reason_kind(reason) == kind
 
 

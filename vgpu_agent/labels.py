@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from vgpu_agent.config import Config
-from vgpu_agent.devices import Inventory, memory_limit_mib
+from vgpu_agent.devices import Inventory, LimitPolicy, memory_limit_mib
 from vgpu_agent.errors import AgentError
 
 #: The label namespace (nfd-master allows any outside kubernetes.io by default).
@@ -70,7 +70,7 @@ def node_labels(config: Config, inventory: Inventory) -> NodeLabels:
     # A fixed per-vGPU memory limit is what a vGPU gets; otherwise its proportional slice
     # (also with no limit at all: the share a vGPU stands for).
     limit = config.mps.memory_limit
-    policy = limit if isinstance(limit, int) else "proportional"
+    policy: LimitPolicy = limit if isinstance(limit, int) else "proportional"
     per_vgpu = [
         memory_limit_mib(
             policy, 1, served.replicas, served.gpu.memory_mib, config.mps.memory_headroom_mib

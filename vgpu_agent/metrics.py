@@ -29,9 +29,8 @@ from prometheus_client.exposition import start_http_server, write_to_textfile
 from prometheus_client.registry import Collector
 
 from vgpu_agent.attribution import Attribution
-from vgpu_agent.devices import Inventory
+from vgpu_agent.devices import HealthReason, Inventory, ReasonKind
 from vgpu_agent.errors import AgentError
-from vgpu_agent.health import MPS_REASON_PREFIX, REASON_DBE, REASON_LOST
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +39,16 @@ MIB = 1024 * 1024
 #: own timeout is seconds.
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 #: The reason kinds ``vgpu_gpu_unhealthy`` reports (a bounded set; the text is in status).
-REASON_KINDS = ("xid", "double_bit_ecc", "gpu_lost", "mps_daemon", "other")
+REASON_KINDS = ("xid", "double_bit_ecc", "gpu_lost", "mps_daemon")
 
 
-def reason_kind(reason: str) -> str:
-    """The bounded kind of an unhealthy reason text, for a metric label."""
-    if reason.startswith("xid "):
-        return "xid"
-    if reason == REASON_DBE:
-        return "double_bit_ecc"
-    if reason == REASON_LOST:
+def reason_kind(reason: HealthReason) -> str:
+    """The bounded kind of an unhealthy reason, for a metric label."""
+    if reason.kind is ReasonKind.FAULT:
+        return "xid" if reason.xid is not None else "double_bit_ecc"
+    if reason.kind is ReasonKind.LOST:
         return "gpu_lost"
-    if reason.startswith((MPS_REASON_PREFIX, "MPS ")):
-        return "mps_daemon"
-    return "other"
+    return "mps_daemon"
 
 
 @dataclass(frozen=True)

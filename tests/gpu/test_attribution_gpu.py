@@ -19,9 +19,9 @@ from typing import Callable
 
 import pytest
 
-from vgpu_agent.agent import mps_policy
 from vgpu_agent.attribution import Attribution, gather
 from vgpu_agent.errors import GpuError
+from vgpu_agent.plan import grant_policy
 from vgpu_agent.podresources_standin import PodResourcesStandin, StandinContainer, StandinPod
 
 from .conftest import RESOURCE, Node
@@ -142,8 +142,8 @@ def test_clients_in_pod_cgroups_are_attributed_with_their_memory(
         with PodResourcesStandin(socket_path, pods, checkpoint_path=checkpoint):
             result: Attribution = gather(
                 backend=backend,
-                inventory=node.state.get(),
-                policy=mps_policy(node.config),
+                inventory=node.state.inventory(),
+                policy=grant_policy(node.config),
                 resource_name=RESOURCE,
                 pod_resources_socket=socket_path,
                 checkpoint_path=checkpoint,
