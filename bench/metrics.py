@@ -30,6 +30,7 @@ from vgpu_agent.attribution import (
     CHECKPOINT_NAME,
     Attribution,
     CheckpointEntry,
+    ContainerDevices,
     PodCgroup,
     attribute,
     gather,
@@ -40,7 +41,7 @@ from vgpu_agent.devices import Inventory, MpsGrantPolicy, ServedGpu
 from vgpu_agent.gpu import GpuProcess
 from vgpu_agent.kubelet_standin import KubeletStandin
 from vgpu_agent.metrics import AgentMetrics, MetricsServer, NodeView
-from vgpu_agent.podresources import ContainerDevices
+from vgpu_agent.podresources import list_pod_resources
 from vgpu_agent.podresources_standin import PodResourcesStandin, StandinContainer, StandinPod
 from vgpu_agent.simulated import SimulatedBackend, gpus_from_config
 
@@ -173,6 +174,7 @@ def in_process(scrapes: int) -> None:
                 resource_name=RESOURCE,
                 pod_resources_socket=socket_path,
                 checkpoint_path=checkpoint_path,
+                list_pods=list_pod_resources,
             ),
         )
     shutil.rmtree(root, ignore_errors=True)

@@ -13,6 +13,7 @@ from tests.builders import gpu_uuid, make_inventory, vgpu_id
 from vgpu_agent.attribution import (
     Attribution,
     CheckpointEntry,
+    ContainerDevices,
     PodCgroup,
     attribute,
     gather,
@@ -25,7 +26,7 @@ from vgpu_agent.attribution import (
 from vgpu_agent.devices import MpsGrantPolicy
 from vgpu_agent.errors import AttributionError
 from vgpu_agent.gpu import GpuProcess
-from vgpu_agent.podresources import ContainerDevices, list_pod_resources
+from vgpu_agent.podresources import list_pod_resources
 from vgpu_agent.podresources_standin import (
     PodResourcesStandin,
     StandinContainer,
@@ -489,6 +490,7 @@ def test_gather_asks_every_source(short_tmp_dir: str, tmp_path: Path) -> None:
             resource_name=RESOURCE,
             pod_resources_socket=socket_path,
             checkpoint_path=checkpoint,
+            list_pods=list_pod_resources,
             proc_root=str(proc),
             cgroup_root=str(tmp_path / "no-cgroups"),
         )
@@ -514,6 +516,7 @@ def test_gather_names_each_source_that_failed(short_tmp_dir: str) -> None:
         resource_name=RESOURCE,
         pod_resources_socket=os.path.join(short_tmp_dir, "kubelet.sock"),
         checkpoint_path=os.path.join(short_tmp_dir, "kubelet_internal_checkpoint"),
+        list_pods=list_pod_resources,
     )
     assert result.containers == ()
     assert len(result.problems) == 4
@@ -577,6 +580,7 @@ def test_gather_falls_back_to_the_cgroup_tree(short_tmp_dir: str, tmp_path: Path
             resource_name=RESOURCE,
             pod_resources_socket=socket_path,
             checkpoint_path=checkpoint,
+            list_pods=list_pod_resources,
             proc_root=str(tmp_path / "empty-proc"),
             cgroup_root=str(cgroups),
         )

@@ -26,6 +26,7 @@ from vgpu_agent.config import (
 from vgpu_agent.devices import MpsGrantPolicy
 from vgpu_agent.labels import LABEL_PREFIX, read_feature_file
 from vgpu_agent.observability import AgentCounts, Observability
+from vgpu_agent.podresources import list_pod_resources
 from vgpu_agent.podresources_standin import PodResourcesStandin, StandinContainer, StandinPod
 from vgpu_agent.simulated import SimulatedBackend
 
@@ -63,6 +64,7 @@ class _Node:
             inventory=lambda: self.inventory,
             counts=lambda: AgentCounts(self.registered, 4, 1),
             policy=MpsGrantPolicy,
+            list_pods=list_pod_resources,
         )
 
 

@@ -18,8 +18,9 @@ names, so their processes cannot be told apart: their memory is reported for the
 (:class:`PodGpuUsage`) and each of those containers says so (``memory_shared_with``) with no
 figure of its own.
 
-Everything here but :func:`read_process_cgroup`, :func:`read_checkpoint` and :func:`gather`
-(which asks the sources and then calls the pure :func:`attribute`) is pure.
+Everything here but :func:`read_process_cgroup`, :func:`pod_cgroups_by_pid`,
+:func:`read_checkpoint` and :func:`gather` (which asks the sources, the PodResources API
+through the function it is handed, then calls the pure :func:`attribute`) is pure.
 """
 
 from __future__ import annotations
@@ -41,7 +42,19 @@ from vgpu_agent.devices import (
 )
 from vgpu_agent.errors import AttributionError, GpuError
 from vgpu_agent.gpu import GpuBackend, GpuProcess
-from vgpu_agent.podresources import ContainerDevices, list_pod_resources
+
+
+@dataclass(frozen=True)
+class ContainerDevices:
+    """One container's devices of one resource, as the kubelet's PodResources API lists
+    them (:mod:`vgpu_agent.podresources` reads them)."""
+
+    namespace: str
+    pod: str
+    container: str
+    resource_name: str
+    device_ids: tuple[str, ...]
+
 
 #: The kubelet's device checkpoint, in the device plugin directory.
 CHECKPOINT_NAME = "kubelet_internal_checkpoint"
@@ -507,11 +520,9 @@ def limits_from(inventory: Inventory, policy: Optional[MpsGrantPolicy]) -> Limit
     return limits_for
 
 
+#: (PodResources socket, resource name) -> every container's devices of that resource;
+#: raises AttributionError (:func:`vgpu_agent.podresources.list_pod_resources`).
 ListPods = Callable[[str, str], list[ContainerDevices]]
-
-
-def _list_pods(socket_path: str, resource_name: str) -> list[ContainerDevices]:
-    return list_pod_resources(socket_path, resource_name)
 
 
 def gather(
@@ -524,7 +535,7 @@ def gather(
     checkpoint_path: str,
     proc_root: str = "/proc",
     cgroup_root: str = "/sys/fs/cgroup",
-    list_pods: ListPods = _list_pods,
+    list_pods: ListPods,
 ) -> Attribution:
     """Ask every source once and join them; a source that fails is named in ``problems``."""
     problems: list[str] = []

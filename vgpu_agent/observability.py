@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from vgpu_agent.attribution import CHECKPOINT_NAME, Attribution, gather
+from vgpu_agent.attribution import CHECKPOINT_NAME, Attribution, ListPods, gather
 from vgpu_agent.config import Config, split_listen_address
 from vgpu_agent.devices import Inventory, MpsGrantPolicy
 from vgpu_agent.errors import VgpuError
@@ -68,6 +68,7 @@ class Observability:
         inventory: Callable[[], Inventory],
         counts: Callable[[], AgentCounts],
         policy: Callable[[], Optional[MpsGrantPolicy]],
+        list_pods: ListPods,
         gather_attribution: Gather = gather,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -77,6 +78,7 @@ class Observability:
         self._counts = counts
         self._policy = policy
         self._gather = gather_attribution
+        self._list_pods = list_pods
         self._clock = clock
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -259,6 +261,7 @@ class Observability:
             resource_name=config.plugin.resource_name,
             pod_resources_socket=config.attribution.pod_resources_socket,
             checkpoint_path=os.path.join(config.plugin.plugin_dir, CHECKPOINT_NAME),
+            list_pods=self._list_pods,
         )
         self._report_problems(attribution.problems)
         snapshot = AttributionSnapshot(attribution, self._clock())

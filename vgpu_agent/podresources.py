@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
 from typing import Any, Callable, cast
 
 import grpc
 
 from vgpu_agent._proto import podresources_pb2 as pb
 from vgpu_agent._proto import podresources_pb2_grpc as pb_grpc
+from vgpu_agent.attribution import ContainerDevices
 from vgpu_agent.errors import AttributionError
 from vgpu_agent.kubelet import CHANNEL_OPTIONS, unix_target
 
@@ -27,17 +27,6 @@ LIST_TIMEOUT_S = 2.0
 
 # The generated gRPC module has no type stubs.
 _lister_stub = cast(Callable[[Any], Any], pb_grpc.PodResourcesListerStub)
-
-
-@dataclass(frozen=True)
-class ContainerDevices:
-    """The devices of one container, as the kubelet reports them: one entry per resource."""
-
-    namespace: str
-    pod: str
-    container: str
-    resource_name: str
-    device_ids: tuple[str, ...]
 
 
 def _missing_message(socket_path: str) -> str:

@@ -22,6 +22,7 @@ import pytest
 from vgpu_agent.attribution import Attribution, gather
 from vgpu_agent.errors import GpuError
 from vgpu_agent.plan import grant_policy
+from vgpu_agent.podresources import list_pod_resources
 from vgpu_agent.podresources_standin import PodResourcesStandin, StandinContainer, StandinPod
 
 from .conftest import RESOURCE, Node
@@ -147,6 +148,7 @@ def test_clients_in_pod_cgroups_are_attributed_with_their_memory(
                 resource_name=RESOURCE,
                 pod_resources_socket=socket_path,
                 checkpoint_path=checkpoint,
+                list_pods=list_pod_resources,
             )
     except GpuError as exc:
         pytest.fail(f"NVML: {exc}")
