@@ -262,7 +262,7 @@ def test_status_shows_each_container_its_limits_and_memory() -> None:
     assert described["mps_clients"] == 4
     assert described["containers"][1]["pod_memory_used_mib"] == 300
     entry = {
-        **described,
+        "attribution": described,
         "healthy": True,
         "vgpu_ids": ["GPU-x::0", "GPU-x::1", "GPU-x::2", "GPU-x::3", "GPU-x::4"],
     }

@@ -63,6 +63,8 @@ SOCKET_CHECK_INTERVAL_S = 0.1
 IDLE_TICK_S = 1.0
 BACKEND_RETRY_INITIAL_S = 1.0
 BACKEND_RETRY_MAX_S = 30.0
+#: How long `vgpu-agent status` waits for a fresh attribution before showing the last one.
+STATUS_ATTRIBUTION_WAIT_S = 1.0
 
 
 # -- what the agent is handed ----------------------------------------------------------------
@@ -93,6 +95,35 @@ class Service(Protocol):
 
     def stop(self) -> None:
         """Stop; safe to call more than once."""
+        ...
+
+
+class Observer(Protocol):
+    """What the agent tells about itself beyond the kubelet: attribution, metrics, labels
+    (:class:`vgpu_agent.observability.Observability`)."""
+
+    def start(self, backend: GpuBackend) -> None:
+        """Start observing the served GPUs through ``backend``."""
+        ...
+
+    def stop(self) -> None:
+        """Stop; safe to call more than once."""
+        ...
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply a reloaded config (and what it changed in the served GPUs)."""
+        ...
+
+    def record_xid(self, gpu_uuid: str, xid: int) -> None:
+        """A critical XID event was reported for the GPU."""
+        ...
+
+    def record_health(self, gpu_uuid: str, healthy: bool) -> None:
+        """The GPU's vGPUs turned Healthy or Unhealthy."""
+        ...
+
+    def describe(self, inventory: Inventory, wait_s: float) -> dict[str, Any]:
+        """Status fields: who uses each GPU (``"gpus"`` by UUID) and the rest."""
         ...
 
 
@@ -148,6 +179,8 @@ class AgentParts:
     watch_directory: WatchFactory
     #: Injects `vgpu-agent simulate` faults; None on a real node.
     faults: Optional[FaultInjector] = None
+    #: Attribution, metrics and node labels; None to run without them.
+    observer: Optional[Observer] = None
     #: Re-reads the config on reload; None when it was not loaded from a file.
     config_loader: Optional[Callable[[], Config]] = None
     clock: Callable[[], float] = time.monotonic
@@ -226,6 +259,8 @@ class Agent:
         self._registrar = parts.make_registrar(config.plugin, self._ping_watchdog)
         #: Registrations by registrars a reload replaced.
         self._earlier_registrations = 0
+        self._earlier_kubelet_restarts = 0
+        self._observer = parts.observer
         self._last_status = ""
         self._next_watchdog_at = 0.0
         self.ready = threading.Event()
@@ -242,6 +277,11 @@ class Agent:
     def registrations(self) -> int:
         """How many times the plugin registered since the agent started."""
         return self._earlier_registrations + self._registrar.registrations
+
+    @property
+    def kubelet_restarts(self) -> int:
+        """How many kubelet restarts the agent noticed since it started."""
+        return self._earlier_kubelet_restarts + self._registrar.kubelet_restarts
 
     # -- for signal handlers, the control socket and watchers (any thread) ---------------------
 
@@ -354,6 +394,8 @@ class Agent:
             )
         self._start_health_checks()
         self._start_control()
+        if self._observer is not None:
+            self._observer.start(self._backend)
 
     def _start_mps(self, gpu: Gpu, replicas: int) -> ServedGpu:
         if self._mps is None:
@@ -490,9 +532,19 @@ class Agent:
             event.reply.set_result(answer)
 
     def _apply_health(self, change: HealthChange) -> None:
+        observer = self._observer
+        if observer is not None and change.present and change.reason.xid is not None:
+            observer.record_xid(change.gpu_uuid, change.reason.xid)
         transition = self.node.set_health(change.gpu_uuid, change.reason, change.present)
         if transition is None:
             return
+        flipped = (
+            transition.healthy
+            if not change.present
+            else (transition.gpu.unhealthy_reasons == (change.reason,))
+        )
+        if observer is not None and flipped:
+            observer.record_health(change.gpu_uuid, transition.healthy)
         health = transition.gpu.health
         verb = "" if change.present else "cleared "
         fields = {
@@ -560,6 +612,7 @@ class Agent:
                 log.info("reload: plugin settings changed; registering again")
                 self._registrar.stop()
                 self._earlier_registrations += self._registrar.registrations
+                self._earlier_kubelet_restarts += self._registrar.kubelet_restarts
                 self._registrar = self._parts.make_registrar(new.plugin, self._ping_watchdog)
                 self._stop_watch()
             elif isinstance(action, RestartHealthChecks):
@@ -578,6 +631,8 @@ class Agent:
         if (restart_health or gpus_changed) and self._health is not None:
             self._health.stop()
             self._start_health_checks()
+        if self._observer is not None:
+            self._observer.reconfigure(new)
         log_event(
             log,
             logging.INFO,
@@ -643,14 +698,21 @@ class Agent:
 
     # -- status -----------------------------------------------------------------------------------
 
-    def describe(self) -> dict[str, Any]:
-        """What `vgpu-agent status` shows: the agent, each GPU and its health."""
+    def describe(self, attribution_wait_s: float = STATUS_ATTRIBUTION_WAIT_S) -> dict[str, Any]:
+        """What `vgpu-agent status` shows: the agent, each GPU, its health and who uses it
+        (waiting up to ``attribution_wait_s`` for a fresh attribution)."""
         inventory = self.node.inventory()
+        observed: dict[str, Any] = {}
+        if self._observer is not None:
+            observed = self._observer.describe(inventory, attribution_wait_s)
+        users: dict[str, Any] = observed.pop("gpus", {})
         return {
             "status": self._status_line(),
             "resource_name": self.config.plugin.resource_name,
             "registered": self.registered,
             "registrations": self.registrations,
+            "kubelet_restarts": self.kubelet_restarts,
+            **observed,
             "gpus": [
                 {
                     "index": served.gpu.index,
@@ -662,6 +724,7 @@ class Agent:
                     "reasons": served.reason_texts,
                     "pipe_dir": served.pipe_dir,
                     "vgpu_ids": served.vgpu_ids,
+                    "attribution": users.get(served.gpu.uuid),
                 }
                 for served in inventory.gpus
             ],
@@ -685,6 +748,8 @@ class Agent:
     def _shutdown(self) -> None:
         self._notifier.stopping()
         self._stop_watch()
+        if self._observer is not None:
+            self._observer.stop()
         if self._health is not None:
             self._health.stop()
         if self._control is not None:

@@ -31,6 +31,7 @@ from vgpu_agent.config import Config
 from vgpu_agent.devices import HEALTHY, UNHEALTHY
 from vgpu_agent.errors import AgentError, ConfigError, VgpuError
 from vgpu_agent.gpu import ComputeMode, Gpu, set_compute_mode
+from vgpu_agent.observability import status_header_lines, status_lines
 from vgpu_agent.plan import plan_gpus
 from vgpu_agent.plugin import AdvertisedDevice, query_devices
 
@@ -293,13 +294,15 @@ def status(ctx: click.Context, as_json: bool) -> None:
         click.echo(json.dumps(answer, indent=2))
         return
     click.echo(answer["status"])
+    for line in status_header_lines(answer):
+        click.echo(line)
     for gpu in answer["gpus"]:
         health = HEALTHY if gpu["healthy"] else f"{UNHEALTHY}: " + "; ".join(gpu["reasons"])
         click.echo(
             f"GPU {gpu['index']} {gpu['uuid']} {gpu['model']}: {gpu['replicas']} vGPUs, {health}"
         )
-        for vgpu_id in gpu["vgpu_ids"]:
-            click.echo(f"  {vgpu_id}  {HEALTHY if gpu['healthy'] else UNHEALTHY}")
+        for line in status_lines(gpu):
+            click.echo(line)
 
 
 def _print_devices(devices: tuple[AdvertisedDevice, ...], as_json: bool) -> None:

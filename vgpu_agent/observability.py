@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from vgpu_agent.attribution import CHECKPOINT_NAME, Attribution, ListPods, gather
 from vgpu_agent.config import Config, split_listen_address
-from vgpu_agent.devices import Inventory, MpsGrantPolicy
+from vgpu_agent.devices import HEALTHY, UNHEALTHY, Inventory, MpsGrantPolicy
 from vgpu_agent.errors import VgpuError
 from vgpu_agent.gpu import GpuBackend
 from vgpu_agent.labels import NodeLabels, node_labels, remove_feature_file, write_feature_file
@@ -235,6 +235,8 @@ class Observability:
         """A new attribution, waiting up to ``timeout_s`` for it (else the latest one)."""
         deadline = self._clock() + timeout_s
         with self._wake:
+            if self._thread is None or self._stopping:
+                return self._snapshot  # not started (yet), or stopped: nobody refreshes
             wanted = self._begun + 1
             self._refresh_wanted = True
             self._wake.notify_all()
@@ -382,10 +384,12 @@ def _mib(value: Optional[int]) -> str:
 
 
 def status_lines(gpu: Mapping[str, Any]) -> list[str]:
-    """The lines ``vgpu-agent status`` prints under a GPU for its containers and clients."""
+    """The lines ``vgpu-agent status`` prints under a GPU (an entry of its ``"gpus"``): the
+    containers holding its vGPUs, unattributed clients, then each vGPU and its holder."""
     lines: list[str] = []
     holders: dict[str, str] = {}
-    for container in gpu.get("containers", []):
+    users: Mapping[str, Any] = gpu.get("attribution") or {}
+    for container in users.get("containers", []):
         who = (
             f"{container['namespace']}/{container['pod']}"
             if container["pod"]
@@ -412,13 +416,25 @@ def status_lines(gpu: Mapping[str, Any]) -> list[str]:
                 used += f" (pids {', '.join(str(pid) for pid in container['pids'])})"
         count = len(container["vgpu_ids"])
         lines.append(f"  {name}: {count} vGPU{'s' if count != 1 else ''}{limit_text}; {used}")
-    for stray in gpu.get("unattributed", []):
+    for stray in users.get("unattributed", []):
         lines.append(
             f"  unattributed MPS client pid {stray['pid']}: uses "
             f"{_mib(stray['memory_used_mib'])} ({stray['why']})"
         )
-    health = "Healthy" if gpu["healthy"] else "Unhealthy"
+    health = HEALTHY if gpu["healthy"] else UNHEALTHY
     for vgpu_id in gpu["vgpu_ids"]:
         holder = holders.get(vgpu_id)
         lines.append(f"  {vgpu_id}  {health}" + (f"  {holder}" if holder else ""))
+    return lines
+
+
+def status_header_lines(answer: Mapping[str, Any]) -> list[str]:
+    """The lines ``vgpu-agent status`` prints after the STATUS line: why attribution is
+    incomplete, and where metrics are served."""
+    lines = [
+        f"attribution: {problem}"
+        for problem in (answer.get("attribution") or {}).get("problems", [])
+    ]
+    if answer.get("metrics_address"):
+        lines.append(f"metrics: http://{answer['metrics_address']}/metrics")
     return lines

@@ -97,6 +97,8 @@ class Registrar:
         self._next_attempt_at = 0.0
         self._problem = ""
         self.registrations = 0
+        #: Kubelet restarts seen while registered (a new kubelet.sock, or ours deleted).
+        self.kubelet_restarts = 0
 
     @property
     def state(self) -> RegistrationState:
@@ -158,6 +160,7 @@ class Registrar:
                 "kubelet restarted (its socket was replaced or ours deleted); registering again",
                 VGPU_EVENT="kubelet-restart",
             )
+            self.kubelet_restarts += 1
             self._state = RegistrationState.UNREGISTERED
             self._restart_backoff()
         elif self._state is not RegistrationState.RETRYING:
