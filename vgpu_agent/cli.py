@@ -355,6 +355,18 @@ def simulate_xid(ctx: click.Context, gpu: str, xid: int) -> None:
     _simulate(ctx, SimulateAction.XID, gpu, xid)
 
 
+@simulate_group.command("mps-client")
+@click.argument("gpu")
+@click.argument("pid", type=click.IntRange(0))
+@click.argument("memory_mib", type=click.IntRange(0))
+@click.pass_context
+def simulate_mps_client(ctx: click.Context, gpu: str, pid: int, memory_mib: int) -> None:
+    """Process PID becomes an MPS client of GPU using MEMORY_MIB (attribution shows it)."""
+    action = SimulateAction.MPS_CLIENT
+    answer = _ask(ctx, SimulateCommand(action, gpu, pid=pid, memory_mib=memory_mib))
+    click.echo(f"GPU {answer['gpu']}: {action.value} injected")
+
+
 def _simple_simulation(action: SimulateAction, doc: str) -> None:
     @simulate_group.command(action.value)
     @click.argument("gpu")

@@ -28,6 +28,7 @@ from vgpu_agent.agent import (
     Watch,
     WatchFactory,
 )
+from vgpu_agent.attribution import gather
 from vgpu_agent.commands import ControlCommand, FaultInjector
 from vgpu_agent.config import Config, PluginConfig, simulated_mps
 from vgpu_agent.control import ControlServer
@@ -35,7 +36,7 @@ from vgpu_agent.daemons import MpsDaemons, MpsInspector
 from vgpu_agent.gpu import ComputeMode, GpuBackend
 from vgpu_agent.health import HealthMonitor
 from vgpu_agent.node import Node
-from vgpu_agent.observability import AgentCounts, Observability
+from vgpu_agent.observability import AgentCounts, Gather, Observability
 from vgpu_agent.plugin import PluginServer, PluginServicer
 from vgpu_agent.podresources import list_pod_resources
 from vgpu_agent.registration import Register, Registrar
@@ -157,10 +158,14 @@ def control_server(path: str, handler: Callable[[ControlCommand], dict[str, Any]
 
 
 def build_observability(
-    config: Config, node: Node, agent: Callable[[], Optional[Agent]]
+    config: Config,
+    node: Node,
+    agent: Callable[[], Optional[Agent]],
+    gather_attribution: Gather = gather,
 ) -> Observability:
     """Attribution, metrics and node labels for ``node``, reading the registration counts
-    of the agent ``agent()`` returns (built after it)."""
+    of the agent ``agent()`` returns (built after it); ``gather_attribution`` asks the
+    sources (tests and the demo point it at a /proc and cgroup tree of their own)."""
 
     def counts() -> AgentCounts:
         built = agent()
@@ -174,6 +179,7 @@ def build_observability(
         counts=counts,
         policy=lambda: node.grant_policy,
         list_pods=list_pod_resources,
+        gather_attribution=gather_attribution,
     )
 
 
@@ -212,6 +218,7 @@ def build_agent(
     make_control: Optional[ControlFactory] = None,
     watch: Optional[WatchFactory] = None,
     observer: Optional[Observer] = None,
+    gather_attribution: Gather = gather,
     backend_retry_initial_s: float = BACKEND_RETRY_INITIAL_S,
     backend_retry_max_s: float = BACKEND_RETRY_MAX_S,
 ) -> Agent:
@@ -241,7 +248,9 @@ def build_agent(
     built: list[Agent] = []
     observe_latency: Optional[Callable[[str, float], None]] = None
     if observer is None:
-        observed = build_observability(config, node, lambda: built[0] if built else None)
+        observed = build_observability(
+            config, node, lambda: built[0] if built else None, gather_attribution
+        )
         observe_latency = latency_observer(observed)
         observer = observed
     parts = AgentParts(

@@ -97,7 +97,7 @@ class Registrar:
         self._next_attempt_at = 0.0
         self._problem = ""
         self.registrations = 0
-        #: Kubelet restarts seen while registered (a new kubelet.sock, or ours deleted).
+        #: Registrations with a kubelet.sock other than the previous registration's.
         self.kubelet_restarts = 0
 
     @property
@@ -160,7 +160,6 @@ class Registrar:
                 "kubelet restarted (its socket was replaced or ours deleted); registering again",
                 VGPU_EVENT="kubelet-restart",
             )
-            self.kubelet_restarts += 1
             self._state = RegistrationState.UNREGISTERED
             self._restart_backoff()
         elif self._state is not RegistrationState.RETRYING:
@@ -199,6 +198,9 @@ class Registrar:
             self._state = RegistrationState.RETRYING
             log.warning("registering with the kubelet failed: %s; retrying in %.1f s", exc, delay_s)
             return
+        if self._registered_with is not None and identity != self._registered_with:
+            # Registered before, now with another kubelet.sock: the kubelet restarted.
+            self.kubelet_restarts += 1
         self._registered_with = identity
         self._state = RegistrationState.REGISTERED
         self.registrations += 1

@@ -316,6 +316,10 @@ class Simulation:
             self.backend.lose(gpu_uuid)
         elif action is SimulateAction.RECOVER:
             self.backend.recover(gpu_uuid)
+        elif action is SimulateAction.MPS_CLIENT:
+            if command.pid is None:
+                raise VgpuError("simulate mps-client needs a pid")
+            self.backend.add_mps_client(gpu_uuid, command.pid, command.memory_mib)
         elif self.mps is None:
             raise VgpuError("MPS is off in this config; nothing to simulate")
         else:
