@@ -220,3 +220,15 @@ def test_a_real_agent_process_serves_metrics_and_status(short_tmp_dir: str) -> N
         pods.stop()
         kubelet.stop()
         notify.close()
+
+
+def test_the_demo_shows_who_uses_which_vgpu() -> None:
+    """`vgpu-agent demo` prints the pod holding the allocated vGPUs with its memory."""
+    from vgpu_agent.demo import run_demo
+
+    lines: list[str] = []
+    assert run_demo(lines.append) == 0
+    text = "\n".join(lines)
+    assert "ml/trainer-0 main: 2 vGPUs, limit 50% of SMs and" in text
+    assert "uses 9200 MiB (pids 4242)" in text
+    assert "::0  Healthy  ml/trainer-0 main" in text
