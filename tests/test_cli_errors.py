@@ -53,6 +53,7 @@ COMMANDS: dict[str, list[str]] = {
     "simulate recover": ["simulate", "recover", "0"],
     "simulate mps-down": ["simulate", "mps-down", "0"],
     "simulate mps-up": ["simulate", "mps-up", "0"],
+    "simulate mps-client": ["simulate", "mps-client", "0", "4242", "512"],
     "mps apply-defaults": ["mps", "apply-defaults", SOME_UUID],
     "mps exec-daemon": ["mps", "exec-daemon", SOME_UUID],
     "mps quit": ["mps", "quit", SOME_UUID],
