@@ -214,26 +214,23 @@ def agent_plan(count: int, memory_mib: int) -> Plan:
     """The agent's default configuration for ``count`` vGPUs of this GPU, computed by its
     own code: multi-user mode unless the config says off, the daemon defaults it sets, and
     the limit variables Allocate grants one vGPU."""
-    from vgpu_agent.config import MpsConfig
-    from vgpu_agent.devices import MpsGrantPolicy, ServedGpu, grant
+    from vgpu_agent.config import Config
+    from vgpu_agent.devices import ServedGpu, grant
     from vgpu_agent.gpu import Gpu
     from vgpu_agent.mps import daemon_default_commands
+    from vgpu_agent.plan import grant_policy
 
-    config = MpsConfig()
+    config = Config()
     gpu = Gpu(0, "GPU-bench", "bench", memory_mib, (9, 0))
     served = ServedGpu(gpu, count, pipe_dir="/pipe")
-    policy = MpsGrantPolicy(
-        thread_limit=config.thread_limit,
-        memory_limit=config.memory_limit,
-        memory_headroom_mib=config.memory_headroom_mib,
-    )
+    policy = grant_policy(config)
     env = {
         key: value
         for key, value in grant(served, 1, policy).envs.items()
         if key.startswith("CUDA_MPS_") and key != "CUDA_MPS_PIPE_DIRECTORY"
     }
-    commands = daemon_default_commands(config, memory_mib, count)
-    return Plan(True, config.multi_user != "off", commands, env)
+    commands = daemon_default_commands(config.mps, memory_mib, count)
+    return Plan(True, config.mps.multi_user != "off", commands, env)
 
 
 # -- the GPU, the daemons and the clients --------------------------------------------------
