@@ -587,3 +587,39 @@ def test_gather_falls_back_to_the_cgroup_tree(short_tmp_dir: str, tmp_path: Path
     (usage,) = result.containers
     assert (usage.pids, usage.memory_used_mib) == ((300,), 700)
     assert result.strays == ()
+
+
+def test_the_cached_checkpoint_rereads_only_a_changed_file(tmp_path: Path) -> None:
+    """CachedCheckpoint parses again when the file changes, and reports a missing one."""
+    from vgpu_agent.attribution import CachedCheckpoint
+
+    path = tmp_path / "kubelet_internal_checkpoint"
+    pods = [StandinPod("ns", "a", UID_A, (StandinContainer("main", RESOURCE, (vgpu_id(0, 0),)),))]
+    path.write_text(checkpoint_text(pods))
+    cached = CachedCheckpoint()
+    assert [entry.pod_uid for entry in cached(str(path))] == [UID_A]
+    more = [*pods, StandinPod("ns", "b", UID_B, (StandinContainer("x", RESOURCE, ("g::1",)),))]
+    path.write_text(checkpoint_text(more))
+    os.utime(path, ns=(1, 1))
+    assert [entry.pod_uid for entry in cached(str(path))] == [UID_A, UID_B]
+    path.unlink()
+    with pytest.raises(AttributionError, match="not found"):
+        cached(str(path))
+
+
+def test_the_client_keeps_its_channel_across_kubelet_restarts(short_tmp_dir: str) -> None:
+    """PodResourcesClient answers again over its kept channel after the server restarts."""
+    from vgpu_agent.podresources import PodResourcesClient
+
+    socket_path = os.path.join(short_tmp_dir, "kubelet.sock")
+    pods = [StandinPod("ns", "a", UID_A, (StandinContainer("main", RESOURCE, (vgpu_id(0, 0),)),))]
+    client = PodResourcesClient(timeout_s=5.0)
+    try:
+        with PodResourcesStandin(socket_path, pods):
+            assert [devices.pod for devices in client(socket_path, RESOURCE)] == ["a"]
+        with pytest.raises(AttributionError, match="not found"):
+            client(socket_path, RESOURCE)
+        with PodResourcesStandin(socket_path, []):
+            assert client(socket_path, RESOURCE) == []
+    finally:
+        client.close()

@@ -277,3 +277,46 @@ def test_status_shows_each_container_its_limits_and_memory() -> None:
         "  GPU-x::3  Healthy  pod u3 solo",
         "  GPU-x::4  Healthy",
     ]
+
+
+def test_the_refresher_gathers_only_what_is_read(node: _Node) -> None:
+    """No reader, no refresh: a scrape's read, a status request or a textfile make the next
+    refresh due; an unread attribution is not gathered again."""
+    observability = node.build(node.config(metrics=MetricsConfig(enabled=True, listen_address="")))
+    assert not observability._due()
+    observability._read_for_scrape()
+    assert observability._due()
+    assert not observability._due()
+    observability.request_refresh()
+    assert observability._due()
+    with_textfile = node.build(
+        node.config(
+            metrics=MetricsConfig(
+                enabled=True, listen_address="", textfile_path=str(node.root / "v.prom")
+            )
+        )
+    )
+    assert with_textfile._due()
+    assert with_textfile._due()
+
+
+def test_a_stale_attribution_is_refreshed_for_a_scrape(node: _Node) -> None:
+    """A scrape after a long quiet spell waits for a new attribution instead of an old one."""
+    now = [1000.0]
+    observability = Observability(
+        node.config(metrics=MetricsConfig(enabled=True, listen_address="")),
+        inventory=lambda: node.inventory,
+        counts=lambda: AgentCounts(True),
+        policy=MpsGrantPolicy,
+        list_pods=list_pod_resources,
+        clock=lambda: now[0],
+    )
+    observability.start(node.backend)
+    try:
+        first = observability.fresh(10.0)
+        now[0] += 3600.0
+        read = observability._read_for_scrape()
+    finally:
+        observability.stop()
+    assert read.taken_at == now[0]
+    assert read.taken_at > first.taken_at

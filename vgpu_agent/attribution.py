@@ -269,6 +269,29 @@ def read_checkpoint(path: str) -> list[CheckpointEntry]:
     return parse_checkpoint(data.decode("utf-8", "replace"), path)
 
 
+class CachedCheckpoint:
+    """:func:`read_checkpoint` that parses the file again only when it changed (inode,
+    size or modification time), for a refresher that reads it every few seconds."""
+
+    def __init__(self) -> None:
+        self._key: Optional[tuple[str, int, int, int]] = None
+        self._entries: list[CheckpointEntry] = []
+
+    def __call__(self, path: str) -> list[CheckpointEntry]:
+        """The allocations in the checkpoint at ``path``; AttributionError as
+        :func:`read_checkpoint`."""
+        try:
+            info = os.stat(path)
+        except OSError:
+            self._key = None
+            return read_checkpoint(path)  # raises the error that names the problem
+        key = (path, info.st_ino, info.st_size, info.st_mtime_ns)
+        if key != self._key:
+            self._entries = read_checkpoint(path)
+            self._key = key
+        return list(self._entries)
+
+
 # -- the join ---------------------------------------------------------------------------------
 
 
@@ -536,6 +559,7 @@ def gather(
     proc_root: str = "/proc",
     cgroup_root: str = "/sys/fs/cgroup",
     list_pods: ListPods,
+    read_checkpoint_at: Callable[[str], list[CheckpointEntry]] = read_checkpoint,
 ) -> Attribution:
     """Ask every source once and join them; a source that fails is named in ``problems``."""
     problems: list[str] = []
@@ -547,7 +571,7 @@ def gather(
         problems.append(str(exc))
     checkpoint: Optional[list[CheckpointEntry]]
     try:
-        checkpoint = read_checkpoint(checkpoint_path)
+        checkpoint = read_checkpoint_at(checkpoint_path)
     except AttributionError as exc:
         checkpoint = None
         problems.append(str(exc))

@@ -38,7 +38,7 @@ from vgpu_agent.health import HealthMonitor
 from vgpu_agent.node import Node
 from vgpu_agent.observability import AgentCounts, Gather, Observability
 from vgpu_agent.plugin import PluginServer, PluginServicer
-from vgpu_agent.podresources import list_pod_resources
+from vgpu_agent.podresources import PodResourcesClient
 from vgpu_agent.registration import Register, Registrar
 from vgpu_agent.simulated import SimulatedMpsInspector, Simulation
 from vgpu_agent.sockets import socket_identity
@@ -167,6 +167,8 @@ def build_observability(
     of the agent ``agent()`` returns (built after it); ``gather_attribution`` asks the
     sources (tests and the demo point it at a /proc and cgroup tree of their own)."""
 
+    pod_resources = PodResourcesClient()
+
     def counts() -> AgentCounts:
         built = agent()
         if built is None:
@@ -178,7 +180,8 @@ def build_observability(
         inventory=node.inventory,
         counts=counts,
         policy=lambda: node.grant_policy,
-        list_pods=list_pod_resources,
+        list_pods=pod_resources,
+        close_sources=pod_resources.close,
         gather_attribution=gather_attribution,
     )
 

@@ -24,7 +24,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from vgpu_agent.attribution import CHECKPOINT_NAME, Attribution, ListPods, gather
+from vgpu_agent.attribution import (
+    CHECKPOINT_NAME,
+    Attribution,
+    CachedCheckpoint,
+    ListPods,
+    gather,
+)
 from vgpu_agent.config import Config, split_listen_address
 from vgpu_agent.devices import HEALTHY, UNHEALTHY, Inventory, MpsGrantPolicy
 from vgpu_agent.errors import VgpuError
@@ -37,6 +43,11 @@ if TYPE_CHECKING:
     from vgpu_agent.metrics import AgentMetrics, MetricsServer
 
 log = logging.getLogger(__name__)
+
+#: A scrape that finds the attribution older than this many refresh intervals (nobody
+#: scraped for a while, so the refresher rested) waits up to STALE_WAIT_S for a new one.
+STALE_INTERVALS = 2.0
+STALE_WAIT_S = 1.0
 
 Gather = Callable[..., Attribution]
 
@@ -69,6 +80,7 @@ class Observability:
         counts: Callable[[], AgentCounts],
         policy: Callable[[], Optional[MpsGrantPolicy]],
         list_pods: ListPods,
+        close_sources: Optional[Callable[[], None]] = None,
         gather_attribution: Gather = gather,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -79,6 +91,11 @@ class Observability:
         self._policy = policy
         self._gather = gather_attribution
         self._list_pods = list_pods
+        self._close_sources = close_sources
+        self._checkpoint = CachedCheckpoint()
+        #: Whether a scrape read the attribution since the last refresh: the refresher
+        #: gathers only what someone reads (or the textfile needs).
+        self._read_since_refresh = False
         self._clock = clock
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -116,6 +133,8 @@ class Observability:
         if self._thread is not None:
             self._thread.join(timeout=10.0)
         self._stop_metrics()
+        if self._close_sources is not None:
+            self._close_sources()
 
     def reconfigure(self, config: Config) -> None:
         """Apply a reloaded config: restart the endpoint if its settings changed."""
@@ -148,7 +167,7 @@ class Observability:
             counts = self._counts()
             return NodeView(
                 inventory=self._inventory(),
-                attribution=self.snapshot().attribution,
+                attribution=self._read_for_scrape().attribution,
                 mps_enabled=self._config.mps.enabled,
                 registered=counts.registered,
                 registrations=counts.registrations,
@@ -225,6 +244,17 @@ class Observability:
         with self._lock:
             return self._snapshot
 
+    def _read_for_scrape(self) -> AttributionSnapshot:
+        """The attribution for a scrape (on the HTTP server's thread): the latest, or a new
+        one when the latest is stale."""
+        with self._lock:
+            self._read_since_refresh = True
+            snapshot = self._snapshot
+        interval = self._config.attribution.refresh_interval_s
+        if self._clock() - snapshot.taken_at > STALE_INTERVALS * interval:
+            return self.fresh(STALE_WAIT_S)
+        return snapshot
+
     def request_refresh(self) -> None:
         """Ask the refresher for a new attribution now."""
         with self._wake:
@@ -264,6 +294,7 @@ class Observability:
             pod_resources_socket=config.attribution.pod_resources_socket,
             checkpoint_path=os.path.join(config.plugin.plugin_dir, CHECKPOINT_NAME),
             list_pods=self._list_pods,
+            read_checkpoint_at=self._checkpoint,
         )
         self._report_problems(attribution.problems)
         snapshot = AttributionSnapshot(attribution, self._clock())
@@ -305,12 +336,25 @@ class Observability:
         except VgpuError as exc:
             self._report(str(exc))
 
+    def _due(self) -> bool:
+        """Whether the next refresh has a reader: one asked for it, a scrape read the last
+        one, or the textfile is written (each call takes the request)."""
+        with self._lock:
+            due = self._refresh_wanted or self._read_since_refresh
+            self._refresh_wanted = False
+            self._read_since_refresh = False
+        metrics = self._config.metrics
+        return due or (metrics.enabled and bool(metrics.textfile_path))
+
     def _run(self) -> None:
+        first = True
         while True:
-            try:
-                self.refresh_once()
-            except Exception:  # the refresher must outlive any one bad answer
-                log.exception("refreshing the attribution failed")
+            if first or self._due():
+                try:
+                    self.refresh_once()
+                except Exception:  # the refresher must outlive any one bad answer
+                    log.exception("refreshing the attribution failed")
+            first = False
             with self._wake:
                 deadline = self._clock() + self._config.attribution.refresh_interval_s
                 while not self._refresh_wanted and not self._stopping:
@@ -320,7 +364,6 @@ class Observability:
                     self._wake.wait(left)
                 if self._stopping:
                     return
-                self._refresh_wanted = False
 
     def _report(self, message: str) -> None:
         # Each distinct problem once: the refresher would otherwise log it every interval.

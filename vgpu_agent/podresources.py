@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Any, Callable, cast
+import threading
+from typing import Any, Callable, Optional, cast
 
 import grpc
 
@@ -36,16 +37,7 @@ def _missing_message(socket_path: str) -> str:
     )
 
 
-def list_pod_resources(
-    socket_path: str = DEFAULT_POD_RESOURCES_SOCKET,
-    resource_name: str = "",
-    timeout_s: float = LIST_TIMEOUT_S,
-) -> list[ContainerDevices]:
-    """Every container's devices of ``resource_name`` (of every resource when empty).
-
-    Containers that hold none of the resource are left out. Raises AttributionError when the
-    socket is missing or the kubelet does not answer.
-    """
+def _check_socket(socket_path: str) -> None:
     try:
         mode = os.stat(socket_path).st_mode
     except FileNotFoundError:
@@ -60,10 +52,13 @@ def list_pod_resources(
             f"kubelet PodResources socket {socket_path} is not a socket; check "
             "attribution.pod_resources_socket"
         )
+
+
+def _list(
+    channel: Any, socket_path: str, resource_name: str, timeout_s: float
+) -> list[ContainerDevices]:
     try:
-        with grpc.insecure_channel(unix_target(socket_path), options=CHANNEL_OPTIONS) as channel:
-            stub = _lister_stub(channel)
-            response = stub.List(pb.ListPodResourcesRequest(), timeout=timeout_s)
+        response = _lister_stub(channel).List(pb.ListPodResourcesRequest(), timeout=timeout_s)
     except grpc.RpcError as exc:
         code = exc.code() if isinstance(exc, grpc.Call) else None
         details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
@@ -90,3 +85,55 @@ def list_pod_resources(
                     )
                 )
     return found
+
+
+def list_pod_resources(
+    socket_path: str = DEFAULT_POD_RESOURCES_SOCKET,
+    resource_name: str = "",
+    timeout_s: float = LIST_TIMEOUT_S,
+) -> list[ContainerDevices]:
+    """Every container's devices of ``resource_name`` (of every resource when empty), over a
+    channel opened for this one call.
+
+    Containers that hold none of the resource are left out. Raises AttributionError when the
+    socket is missing or the kubelet does not answer.
+    """
+    _check_socket(socket_path)
+    with grpc.insecure_channel(unix_target(socket_path), options=CHANNEL_OPTIONS) as channel:
+        return _list(channel, socket_path, resource_name, timeout_s)
+
+
+class PodResourcesClient:
+    """:func:`list_pod_resources` over one channel kept open between calls (a refresher asks
+    every few seconds; opening a channel costs more than the call). The channel reconnects
+    by itself when the kubelet restarts; a new socket path opens a new one."""
+
+    def __init__(self, timeout_s: float = LIST_TIMEOUT_S) -> None:
+        self._timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._socket_path = ""
+        self._channel: Optional[Any] = None
+
+    def __call__(self, socket_path: str, resource_name: str) -> list[ContainerDevices]:
+        """Every container's devices of ``resource_name``; AttributionError as
+        :func:`list_pod_resources`."""
+        _check_socket(socket_path)
+        with self._lock:
+            if self._channel is None or socket_path != self._socket_path:
+                self._close_locked()
+                self._channel = grpc.insecure_channel(
+                    unix_target(socket_path), options=CHANNEL_OPTIONS
+                )
+                self._socket_path = socket_path
+            channel = self._channel
+        return _list(channel, socket_path, resource_name, self._timeout_s)
+
+    def close(self) -> None:
+        """Close the channel."""
+        with self._lock:
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
