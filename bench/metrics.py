@@ -210,8 +210,9 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def idle_agent(idle_seconds: float, metrics: bool = True) -> None:
-    """CPU of a real agent process with metrics on (or off, for the baseline), idle."""
+def idle_agent(idle_seconds: float, metrics: bool = True, scrape_every_s: float = 0.0) -> None:
+    """CPU of a real agent process with metrics on (or off, for the baseline), idle, or
+    scraped every ``scrape_every_s`` as Prometheus would."""
     root = tempfile.mkdtemp(prefix="vgi", dir="/tmp")
     port = free_port()
     config_path = os.path.join(root, "config.toml")
@@ -258,10 +259,18 @@ def idle_agent(idle_seconds: float, metrics: bool = True) -> None:
         print(f"agent RSS with metrics {state}:                  {rss_mib(agent.pid):.1f} MiB")
         before = cpu_seconds(agent.pid)
         calls_before = pods.calls.get("List", 0)
-        time.sleep(idle_seconds)
+        window_end = time.monotonic() + idle_seconds
+        while scrape_every_s > 0 and time.monotonic() + scrape_every_s < window_end:
+            time.sleep(scrape_every_s)
+            with urllib.request.urlopen(url, timeout=10) as response:
+                response.read()
+        time.sleep(max(0.0, window_end - time.monotonic()))
         used = cpu_seconds(agent.pid) - before
         calls = pods.calls.get("List", 0) - calls_before
         goal = " (goal < 0.2 %)" if metrics else " (the baseline)"
+        if scrape_every_s > 0:
+            state += f", scraped every {scrape_every_s:.0f} s"
+            goal = ""
         print(
             f"idle CPU with metrics {state} over {idle_seconds:.0f} s{goal}: "
             f"{used / idle_seconds * 100:.3f} % of one core ({calls} PodResources List calls)"
@@ -286,6 +295,7 @@ def main() -> int:
         in_process(args.scrapes)
     idle_agent(args.idle_seconds, metrics=False)
     idle_agent(args.idle_seconds, metrics=True)
+    idle_agent(args.idle_seconds, metrics=True, scrape_every_s=15.0)
     return 0
 
 
