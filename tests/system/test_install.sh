@@ -446,7 +446,7 @@ EOF
     check "GET /metrics shows GPU $GPU0's 10 allocatable vGPUs" \
         wait_for 20 scrape_shows "vgpu_vgpus{gpu_uuid=\"$GPU0\",state=\"allocatable\"} 10.0"
     check "GET /metrics shows the registration and GPU $GPU1's MPS daemon up" \
-        sh -c 'grep -qx "vgpu_registered 1.0" <<<"$1" && grep -qF "vgpu_mps_daemon_up{gpu_uuid=\"$2\"} 1.0" <<<"$1"' \
+        bash -c 'grep -qx "vgpu_registered 1.0" <<<"$1" && grep -qF "vgpu_mps_daemon_up{gpu_uuid=\"$2\"} 1.0" <<<"$1"' \
         _ "$(scrape)" "$GPU1"
     info "metrics: $(scrape | grep -c '^vgpu_') samples"
     check "the textfile for node-exporter is written" \
