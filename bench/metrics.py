@@ -29,6 +29,7 @@ from control_plane import cpu_seconds, percentile, rss_mib, wait_ready
 from vgpu_agent.attribution import (
     CHECKPOINT_NAME,
     Attribution,
+    CachedCheckpoint,
     CheckpointEntry,
     ContainerDevices,
     PodCgroup,
@@ -41,7 +42,7 @@ from vgpu_agent.devices import Inventory, MpsGrantPolicy, ServedGpu
 from vgpu_agent.gpu import GpuProcess
 from vgpu_agent.kubelet_standin import KubeletStandin
 from vgpu_agent.metrics import AgentMetrics, MetricsServer, NodeView
-from vgpu_agent.podresources import list_pod_resources
+from vgpu_agent.podresources import PodResourcesClient
 from vgpu_agent.podresources_standin import PodResourcesStandin, StandinContainer, StandinPod
 from vgpu_agent.simulated import SimulatedBackend, gpus_from_config
 
@@ -164,6 +165,8 @@ def in_process(scrapes: int) -> None:
         backend.add_mps_client(gpu_uuid, 10_000 + number, 500 + number)
     socket_path = os.path.join(root, "kubelet.sock")
     checkpoint_path = os.path.join(root, CHECKPOINT_NAME)
+    client = PodResourcesClient()
+    cached = CachedCheckpoint()
     with PodResourcesStandin(socket_path, pods, checkpoint_path=checkpoint_path):
         gathered = timed_ms(
             max(10, scrapes // 10),
@@ -174,11 +177,13 @@ def in_process(scrapes: int) -> None:
                 resource_name=RESOURCE,
                 pod_resources_socket=socket_path,
                 checkpoint_path=checkpoint_path,
-                list_pods=list_pod_resources,
+                list_pods=client,
+                read_checkpoint_at=cached,
             ),
         )
+    client.close()
     shutil.rmtree(root, ignore_errors=True)
-    show("gather() (gRPC List + checkpoint + NVML + /proc):", gathered)
+    show("gather() as the agent's refresher (kept channel):", gathered)
 
     view = NodeView(inventory, attribution, mps_enabled=True, registered=True)
     metrics = AgentMetrics(lambda: view)
@@ -290,9 +295,12 @@ def main() -> int:
     parser.add_argument("--scrapes", type=int, default=200)
     parser.add_argument("--idle-seconds", type=float, default=60.0)
     parser.add_argument("--skip-scrape", action="store_true", help="only the idle CPU part")
+    parser.add_argument("--skip-idle", action="store_true", help="only the in-process part")
     args = parser.parse_args()
     if not args.skip_scrape:
         in_process(args.scrapes)
+    if args.skip_idle:
+        return 0
     idle_agent(args.idle_seconds, metrics=False)
     idle_agent(args.idle_seconds, metrics=True)
     idle_agent(args.idle_seconds, metrics=True, scrape_every_s=15.0)
