@@ -26,6 +26,7 @@ from vgpu_agent.health import MPS_REASON_PREFIX, HealthChange, HealthMonitor
 from vgpu_agent.log import log_event, set_level
 from vgpu_agent.mps import MpsDaemons, apply_daemon_defaults
 from vgpu_agent.plugin import DeviceState, PluginServer, PluginServicer
+from vgpu_agent.sandbox import PluginDirGuard
 from vgpu_agent.simulated import SimulatedBackend, SimulatedMpsDaemons, gpus_from_config
 from vgpu_agent.systemd import Notifier
 from vgpu_agent.watch import DirectoryWatch
@@ -36,6 +37,9 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 #: EX_CONFIG: systemd's RestartPreventExitStatus=78 keeps a bad config from restart-looping.
 EXIT_CONFIG = 78
+#: EX_TEMPFAIL: only a restart can fix it (the sandbox lost the plugin directory); systemd
+#: restarts the agent (Restart=always).
+EXIT_RESTART = 75
 
 #: How often the loop looks at the kubelet socket and our own socket when it cannot watch
 #: the plugin directory (inotify); with the watch it wakes on changes, and at least every
@@ -186,8 +190,10 @@ class Agent:
         mps_factory: Callable[[Config], Optional[MpsDaemons]] = build_mps,
         config_loader: Optional[Callable[[], Config]] = None,
         clock: Callable[[], float] = time.monotonic,
+        plugin_dir_guard: Optional[PluginDirGuard] = None,
     ) -> None:
         self.config = config
+        self._plugin_dir_guard = plugin_dir_guard or PluginDirGuard()
         self._notifier = notifier
         self._backend_factory = backend_factory
         self._mps_factory = mps_factory
@@ -266,9 +272,15 @@ class Agent:
             return EXIT_FAILURE
         self._notifier.ready(self._status_line())
         self.ready.set()
+        exit_code = EXIT_OK
         try:
             while True:
                 self._tick()
+                must_restart = self._plugin_dir_guard.check(self.config.plugin.plugin_dir)
+                if must_restart is not None:
+                    log_event(log, logging.ERROR, must_restart, VGPU_EVENT="sandbox-restart")
+                    exit_code = EXIT_RESTART
+                    break
                 try:
                     event = self._events.get(timeout=self._loop_timeout())
                 except queue.Empty:
@@ -279,7 +291,7 @@ class Agent:
                 self._handle(event)
         finally:
             self._shutdown()
-        return EXIT_OK
+        return exit_code
 
     def _open_backend(self) -> Optional[GpuBackend]:
         """Open the GPU backend, retrying while the driver is not there yet (boot)."""

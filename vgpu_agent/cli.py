@@ -461,6 +461,20 @@ def mps_status(ctx: click.Context) -> None:
         sys.exit(EXIT_ERROR)
 
 
+@mps_group.command("unit-request", hidden=True)
+@click.pass_context
+def mps_unit_request(ctx: click.Context) -> None:
+    """Answer one request of the agent on stdin (vgpu-mps-units@.service, socket-activated):
+    start the MPS unit of a GPU the config serves."""
+    from vgpu_agent import mps_units
+
+    def served_uuids() -> set[str]:
+        return {gpu.uuid for gpu in _served_gpus(_load(ctx), ())}
+
+    started = mps_units.handle_request(sys.stdin.buffer, sys.stdout.buffer, served_uuids)
+    sys.exit(0 if started else EXIT_ERROR)
+
+
 # -- doctor -------------------------------------------------------------------------------------
 
 

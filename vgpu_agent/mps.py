@@ -30,6 +30,7 @@ from vgpu_agent.config import MpsConfig
 from vgpu_agent.devices import memory_limit_mib, pipe_dir_for, thread_percentage
 from vgpu_agent.errors import MpsError
 from vgpu_agent.gpu import Gpu
+from vgpu_agent.mps_units import REQUEST_SOCKET, request_socket_available, request_start
 
 _log = logging.getLogger(__name__)
 
@@ -622,17 +623,36 @@ class SystemdMpsDaemons:
         *,
         systemctl: str = "systemctl",
         start_timeout_s: float = 30.0,
+        request_socket: Optional[str] = REQUEST_SOCKET,
     ) -> None:
         self._config = config
         self._systemctl = systemctl
+        self._request_socket = request_socket
         self._start_timeout_s = start_timeout_s
         self._prober = LivenessProber(config)
 
     def start(self, gpu: Gpu) -> MpsDaemonInfo:
-        """Start the GPU's unit (a no-op when it runs) and wait until the daemon answers."""
+        """Start the GPU's unit (a no-op when it runs) and wait until the daemon answers.
+
+        Through ``vgpu-mps-units.socket`` when it is there (the agent's sandbox cannot
+        reach systemd; see mps_units), else with ``systemctl start`` (root, no sandbox)."""
         config = self._config
         pipe_dir, log_dir = prepare_directories(config, gpu.uuid)
         unit = SYSTEMD_UNIT_TEMPLATE.format(gpu_uuid=gpu.uuid)
+        if request_socket_available(self._request_socket):
+            assert self._request_socket is not None  # noqa: S101 - checked just above
+            request_start(gpu.uuid, self._request_socket, self._start_timeout_s)
+        else:
+            self._systemctl_start(unit)
+        reason = _wait_until_answers(config, pipe_dir, self._start_timeout_s, lambda: None)
+        if reason is not None:
+            raise MpsError(f"{unit} started but its MPS daemon does not answer: {reason}")
+        info = _reuse_info(config, gpu.uuid, pipe_dir, log_dir)
+        if info.multi_user:
+            restrict_pipe_dir(pipe_dir)
+        return info
+
+    def _systemctl_start(self, unit: str) -> None:
         try:
             completed = subprocess.run(
                 [self._systemctl, "start", unit],
@@ -656,13 +676,6 @@ class SystemdMpsDaemons:
                 f"starting {unit}: {output or f'systemctl exit {completed.returncode}'} "
                 f"(see systemctl status {unit} and journalctl -u {unit})"
             )
-        reason = _wait_until_answers(config, pipe_dir, self._start_timeout_s, lambda: None)
-        if reason is not None:
-            raise MpsError(f"{unit} started but its MPS daemon does not answer: {reason}")
-        info = _reuse_info(config, gpu.uuid, pipe_dir, log_dir)
-        if info.multi_user:
-            restrict_pipe_dir(pipe_dir)
-        return info
 
     def stop(self, gpu_uuid: str) -> None:
         """Leave the unit running: an agent stop or upgrade must not kill MPS jobs."""
