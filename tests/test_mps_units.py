@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import os
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,7 +52,7 @@ def request_server(
                 connection.makefile("rb") as reader,
                 connection.makefile("wb") as writer,
             ):
-                results.append(handle_request(reader, writer, served, start))
+                results.append(handle_request(reader, writer, served, start) is None)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -107,7 +109,7 @@ def _handle(line: bytes, served: set[str]) -> tuple[bool, str, list[str]]:
     started: list[str] = []
     reply = io.BytesIO()
     result = handle_request(io.BytesIO(line), reply, lambda: served, started.append)
-    return result, reply.getvalue().decode(), started
+    return result is None, reply.getvalue().decode(), started
 
 
 def test_handler_starts_a_served_gpu_and_answers_ok() -> None:
@@ -132,7 +134,7 @@ def test_handler_refuses_an_overlong_request_without_asking_the_config() -> None
 
     reply = io.BytesIO()
     line = b"start " + b"x" * MAX_REQUEST_BYTES + b"\n"
-    assert not handle_request(io.BytesIO(line), reply, served, lambda _uuid: None)
+    assert handle_request(io.BytesIO(line), reply, served, lambda _uuid: None) is not None
     assert reply.getvalue().startswith(b"error request longer than")
     assert asked == []
 
@@ -144,7 +146,10 @@ def test_handler_answers_a_config_error_as_one_line() -> None:
         raise ConfigError("/etc/vgpu/config.toml: line 3: bad\nvalue")
 
     reply = io.BytesIO()
-    assert not handle_request(io.BytesIO(f"start {GPU_A}\n".encode()), reply, served, print)
+    request = io.BytesIO(f"start {GPU_A}\n".encode())
+    assert handle_request(request, reply, served, print) == (
+        "/etc/vgpu/config.toml: line 3: bad value"
+    )
     assert reply.getvalue() == b"error /etc/vgpu/config.toml: line 3: bad value\n"
 
 
@@ -155,9 +160,8 @@ def test_handler_passes_on_why_the_unit_did_not_start() -> None:
         raise MpsError(f"starting vgpu-mps@{gpu_uuid}.service: Job failed")
 
     reply = io.BytesIO()
-    assert not handle_request(
-        io.BytesIO(f"start {GPU_A}\n".encode()), reply, lambda: {GPU_A}, start
-    )
+    request = io.BytesIO(f"start {GPU_A}\n".encode())
+    assert handle_request(request, reply, lambda: {GPU_A}, start) is not None
     assert reply.getvalue() == f"error starting vgpu-mps@{GPU_A}.service: Job failed\n".encode()
 
 
@@ -234,3 +238,50 @@ def test_start_unit_reports_systemctls_words(tmp_path: Path) -> None:
         start_unit(GPU_A, str(_fake_systemctl(tmp_path, 1)))
     with pytest.raises(MpsError, match="not found"):
         start_unit(GPU_A, str(tmp_path / "no-systemctl"))
+
+
+def _unit_request(config: Path, request: bytes) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "vgpu_agent", "--config", str(config), "mps", "unit-request"],
+        input=request,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("request_line", "problem"),
+    [
+        (b"start ../../../etc\n", b"is not a GPU UUID"),
+        (f"start {GPU_B}\n".encode(), f"GPU {GPU_B} is not served".encode()),
+    ],
+    ids=["not-a-uuid", "not-served"],
+)
+def test_unit_request_command_refuses_in_one_line_each_way(
+    tmp_path: Path, request_line: bytes, problem: bytes
+) -> None:
+    """`vgpu-agent mps unit-request` as the socket unit runs it: a refused request is
+    answered on stdout (the socket) and logged as one line on stderr (the journal)."""
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'version = 1\n[gpus]\nbackend = "simulated"\n[[simulated.gpus]]\nuuid = "{GPU_A}"\n'
+    )
+    result = _unit_request(config, request_line)
+    assert result.returncode == 1
+    assert result.stdout.startswith(b"error ")
+    assert problem in result.stdout
+    assert result.stdout.count(b"\n") == 1
+    assert result.stderr.startswith(b"vgpu-agent: error: request refused: ")
+    assert problem in result.stderr
+    assert result.stderr.count(b"\n") == 1
+
+
+def test_unit_request_command_answers_a_bad_config_on_the_socket(tmp_path: Path) -> None:
+    """With a bad config the agent still gets an answer line, and the exit is 78."""
+    config = tmp_path / "config.toml"
+    config.write_text("[gpus]\nreplicas_per_gpu = 0\n")
+    result = _unit_request(config, f"start {GPU_A}\n".encode())
+    assert result.returncode == 78
+    assert result.stdout.startswith(b"error config error: ")
+    assert b"gpus.replicas_per_gpu" in result.stdout

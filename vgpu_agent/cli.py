@@ -236,14 +236,50 @@ def _apply_modes(loaded: Config, mode: ComputeMode, refs: tuple[str, ...]) -> No
 
 
 @gpus_group.command("apply-compute-mode")
+@click.option(
+    "--record",
+    "record_path",
+    metavar="FILE",
+    default="",
+    help="Remember there each changed GPU's previous mode (for restore-compute-mode).",
+)
 @click.pass_context
-def gpus_apply(ctx: click.Context) -> None:
+def gpus_apply(ctx: click.Context, record_path: str) -> None:
     """Set every served GPU's compute mode to gpus.compute_mode (for the boot unit)."""
+    from vgpu_agent.compute_mode import apply_compute_mode
+
     loaded = _load(ctx)
     if loaded.gpus.compute_mode == "unchanged":
         click.echo("gpus.compute_mode is 'unchanged': leaving every GPU as it is")
         return
-    _apply_modes(loaded, ComputeMode(loaded.gpus.compute_mode), ())
+    backend = build_backend(loaded)
+    try:
+        served = [gpu for gpu, _ in plan_gpus(loaded, backend.list_gpus()).served]
+        mode = ComputeMode(loaded.gpus.compute_mode)
+        for line in apply_compute_mode(backend, served, mode, record_path):
+            click.echo(line)
+    finally:
+        backend.close()
+
+
+@gpus_group.command("restore-compute-mode")
+@click.argument("record_path", metavar="FILE")
+@click.pass_context
+def gpus_restore(ctx: click.Context, record_path: str) -> None:
+    """Set back the compute modes apply-compute-mode --record FILE changed (ExecStop)."""
+    from vgpu_agent.compute_mode import restore_compute_modes
+
+    backend = build_backend(_load(ctx))
+    try:
+        lines, problems = restore_compute_modes(backend, record_path)
+    finally:
+        backend.close()
+    for line in lines:
+        click.echo(line)
+    for problem in problems:
+        click.echo(f"vgpu-agent: error: {problem}", err=True)
+    if problems:
+        sys.exit(EXIT_ERROR)
 
 
 @gpus_group.command("set-compute-mode")
@@ -468,11 +504,21 @@ def mps_unit_request(ctx: click.Context) -> None:
     start the MPS unit of a GPU the config serves."""
     from vgpu_agent import mps_units
 
-    def served_uuids() -> set[str]:
-        return {gpu.uuid for gpu in _served_gpus(_load(ctx), ())}
+    try:
+        loaded = _load(ctx)
+    except ConfigError as exc:
+        # The agent waits for one line on the socket; the journal gets the same (stderr).
+        sys.stdout.buffer.write(f"error config error: {exc}\n".encode("utf-8", "replace"))
+        sys.stdout.buffer.flush()
+        raise
 
-    started = mps_units.handle_request(sys.stdin.buffer, sys.stdout.buffer, served_uuids)
-    sys.exit(0 if started else EXIT_ERROR)
+    def served_uuids() -> set[str]:
+        return {gpu.uuid for gpu in _served_gpus(loaded, ())}
+
+    problem = mps_units.handle_request(sys.stdin.buffer, sys.stdout.buffer, served_uuids)
+    if problem is not None:
+        click.echo(f"vgpu-agent: error: request refused: {problem}", err=True)
+        sys.exit(EXIT_ERROR)
 
 
 # -- doctor -------------------------------------------------------------------------------------

@@ -86,10 +86,10 @@ def handle_request(
     reply: BinaryIO,
     served_uuids: Callable[[], set[str]],
     start: Callable[[str], None] = start_unit,
-) -> bool:
-    """Answer one request from ``request`` on ``reply`` (the accepted connection); True
-    when the unit was started. ``served_uuids`` lists the GPUs the config serves; it is
-    asked only for a well-formed request."""
+) -> Optional[str]:
+    """Answer one request from ``request`` on ``reply`` (the accepted connection); None
+    when the unit was started, else why not. ``served_uuids`` lists the GPUs the config
+    serves; it is asked only for a well-formed request."""
     line = request.readline(MAX_REQUEST_BYTES + 1)
     try:
         if len(line) > MAX_REQUEST_BYTES:
@@ -99,13 +99,13 @@ def handle_request(
             raise MpsError(f"GPU {gpu_uuid} is not served by this node's config")
         start(gpu_uuid)
     except VgpuError as exc:
-        answer = f"error {exc}".replace("\n", " ")
-        reply.write(answer.encode("utf-8", "replace") + b"\n")
+        problem = str(exc).replace("\n", " ")
+        reply.write(f"error {problem}\n".encode("utf-8", "replace"))
         reply.flush()
-        return False
+        return problem
     reply.write(b"ok\n")
     reply.flush()
-    return True
+    return None
 
 
 def request_start(
