@@ -637,12 +637,16 @@ class SystemdMpsDaemons:
         Through ``vgpu-mps-units.socket`` when it is there (the agent's sandbox cannot
         reach systemd; see mps_units), else with ``systemctl start`` (root, no sandbox)."""
         config = self._config
-        pipe_dir, log_dir = prepare_directories(config, gpu.uuid)
         unit = SYSTEMD_UNIT_TEMPLATE.format(gpu_uuid=gpu.uuid)
         if request_socket_available(self._request_socket):
+            # The unit makes the GPU's directories itself (exec_daemon): the sandboxed
+            # agent needs no write access to the log root.
             assert self._request_socket is not None  # noqa: S101 - checked just above
+            pipe_dir = pipe_dir_for(config.pipe_root, gpu.uuid)
+            log_dir = log_dir_for(config.log_root, gpu.uuid)
             request_start(gpu.uuid, self._request_socket, self._start_timeout_s)
         else:
+            pipe_dir, log_dir = prepare_directories(config, gpu.uuid)
             self._systemctl_start(unit)
         reason = _wait_until_answers(config, pipe_dir, self._start_timeout_s, lambda: None)
         if reason is not None:
