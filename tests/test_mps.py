@@ -34,6 +34,7 @@ from vgpu_agent.mps import (
     probe_pipe_dir,
     quit_daemon,
     resolve_multi_user,
+    secure_pipe_dir,
 )
 
 FAKE_CONTROL = Path(__file__).parent / "fakes" / "fake_mps_control.py"
@@ -210,6 +211,38 @@ def test_start_runs_a_multi_user_daemon_that_answers(
     lock_mode = stat.S_IMODE(os.stat(fake_mps.pipe_dir() / "control_lock").st_mode)
     assert lock_mode == 0o600
     assert stat.S_IMODE(os.stat(fake_mps.pipe_dir() / "control").st_mode) == 0o666
+
+
+def test_secure_pipe_dir_restricts_a_multi_user_daemons_lock(
+    fake_mps: FakeMps, direct: DirectMpsDaemons
+) -> None:
+    """What the MPS unit's ExecStartPost does: the lock file of a multi-user daemon goes
+    back to root-only however it was left; the control socket stays open to clients."""
+    direct.start(GPU)
+    lock = fake_mps.pipe_dir() / "control_lock"
+    lock.chmod(0o666)  # as the real daemon makes it
+    assert secure_pipe_dir(fake_mps.config, GPU.uuid, wait_s=5)
+    assert stat.S_IMODE(os.stat(lock).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(fake_mps.pipe_dir() / "control").st_mode) == 0o666
+
+
+def test_secure_pipe_dir_leaves_a_single_user_daemon_alone(fake_mps: FakeMps) -> None:
+    """A daemon without -M serves its clients' uid: its pipe directory is left as it is."""
+    single = DirectMpsDaemons(fake_mps.config, multi_user=False)
+    try:
+        single.start(GPU)
+        lock = fake_mps.pipe_dir() / "control_lock"
+        lock.chmod(0o666)
+        assert not secure_pipe_dir(fake_mps.config, GPU.uuid, wait_s=5)
+        assert stat.S_IMODE(os.stat(lock).st_mode) == 0o666
+    finally:
+        single.stop_all()
+
+
+def test_secure_pipe_dir_names_a_daemon_that_never_answers(fake_mps: FakeMps) -> None:
+    """No daemon within the wait: an error naming the GPU and the pipe directory."""
+    with pytest.raises(MpsError, match=f"GPU {GPU.uuid}'s MPS daemon does not answer on"):
+        secure_pipe_dir(fake_mps.config, GPU.uuid, wait_s=0.2)
 
 
 def test_start_twice_keeps_the_same_daemon(direct: DirectMpsDaemons) -> None:

@@ -442,15 +442,18 @@ def mps_quit(ctx: click.Context, gpu_uuid: str) -> None:
 @click.argument("gpu_uuid")
 @click.pass_context
 def mps_apply_defaults(ctx: click.Context, gpu_uuid: str) -> None:
-    """Set GPU_UUID's daemon defaults that mps.daemon_*_limit ask for (ExecStartPost)."""
+    """Once GPU_UUID's daemon answers, restrict its pipe directory (multi-user) and set the
+    defaults mps.daemon_*_limit ask for (vgpu-mps@.service's ExecStartPost)."""
     loaded = _load(ctx)
-    if loaded.mps.daemon_thread_limit == "none" and loaded.mps.daemon_memory_limit == "none":
-        return  # nothing asked for: no need to open NVML
-    served = {gpu.uuid: gpu for gpu in _served_gpus(loaded, ())}
-    gpu = served.get(gpu_uuid)
-    if gpu is None:
-        raise VgpuError(f"GPU {gpu_uuid} is not served by this config (see `vgpu-agent gpus`)")
-    _apply_defaults(loaded, gpu)
+    gpu: Optional[Gpu] = None
+    if loaded.mps.daemon_thread_limit != "none" or loaded.mps.daemon_memory_limit != "none":
+        served = {gpu.uuid: gpu for gpu in _served_gpus(loaded, ())}
+        gpu = served.get(gpu_uuid)
+        if gpu is None:
+            raise VgpuError(f"GPU {gpu_uuid} is not served by this config (see `vgpu-agent gpus`)")
+    mps.secure_pipe_dir(loaded.mps, gpu_uuid)
+    if gpu is not None:
+        _apply_defaults(loaded, gpu)
 
 
 @mps_group.command("start")

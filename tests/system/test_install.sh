@@ -260,7 +260,7 @@ probe_lines() {
     in_ct journalctl --no-pager -o cat _SYSTEMD_INVOCATION_ID="$(prop vgpu-agent.service InvocationID)" |
         grep '^sandbox-probe:'
 }
-probe_done() { [ "$(probe_lines | wc -l)" -ge 9 ]; }
+probe_done() { [ "$(probe_lines | wc -l)" -ge 11 ]; }
 
 # From inside the agent's exact sandbox (an ExecStartPre= of the real unit), starting
 # units, systemd-run, writing /etc and /usr, D-Bus and systemd's private socket must all
@@ -272,10 +272,11 @@ sandbox_checks() {
     local outside inside name
     outside=$(in_ct /usr/local/lib/vgpu-systest/sandbox-probe)
     info "probe outside any sandbox: $(tr '\n' '|' <<<"$outside")"
-    check "outside the sandbox the probe succeeds at all 9 (so its 'denied' means something)" \
-        bash -c '! grep -q denied <<<"$1" && [ "$(grep -c allowed <<<"$1")" -eq 9 ] && [ -e "$2" ]' _ \
+    check "outside the sandbox the probe succeeds at all 11 (so its 'denied' means something)" \
+        bash -c '! grep -q denied <<<"$1" && [ "$(grep -c allowed <<<"$1")" -eq 11 ] && [ -e "$2" ]' _ \
         "$outside" "/proc/$container_pid/root/run/systest-probe-target-ran"
-    in_ct rm -f /etc/vgpu-sandbox-probe /usr/vgpu-sandbox-probe /run/systest-probe-target-ran
+    in_ct rm -rf /etc/vgpu-sandbox-probe /usr/vgpu-sandbox-probe /run/systest-probe-target-ran \
+        /run/nvidia-mps/sandbox-probe
     in_ct sh -c "printf '[Service]\nExecStartPre=/usr/local/lib/vgpu-systest/sandbox-probe\n' > /run/systemd/system/vgpu-agent.service.d/sandbox-probe.conf"
     in_ct systemctl daemon-reload
     in_ct systemctl restart vgpu-agent.service
@@ -283,14 +284,15 @@ sandbox_checks() {
     wait_for 10 probe_done
     inside=$(probe_lines)
     info "probe in the agent's sandbox: $(tr '\n' '|' <<<"$inside")"
-    for name in systemd-run systemctl-start write-etc write-usr dbus-socket systemd-private; do
+    for name in systemd-run systemctl-start write-etc write-usr write-mps-pipe-root dbus-socket \
+        systemd-private systemd-private-via-pid1; do
         check "in the agent's sandbox: $name is refused" probe_line "$name" denied "$inside"
     done
     for name in notify-socket journal-socket mps-units-socket; do
         check "in the agent's sandbox: $name still works" probe_line "$name" allowed "$inside"
     done
     check "nothing was started or written from inside the sandbox" \
-        in_ct sh -c '[ ! -e /run/systest-probe-target-ran ] && [ ! -e /etc/vgpu-sandbox-probe ] && [ ! -e /usr/vgpu-sandbox-probe ]'
+        in_ct sh -c '[ ! -e /run/systest-probe-target-ran ] && [ ! -e /etc/vgpu-sandbox-probe ] && [ ! -e /usr/vgpu-sandbox-probe ] && [ ! -e /run/nvidia-mps/sandbox-probe ]'
     in_ct rm -f /run/systemd/system/vgpu-agent.service.d/sandbox-probe.conf
     in_ct systemctl daemon-reload
     check "the agent (restarted with the probe) registers again" wait_for 30 registered
@@ -314,6 +316,8 @@ mps_units_checks() {
     answer=$(request_unit "stop $GPU0")
     check "the helper refuses every verb but start ($answer)" grep -q "^error unknown verb 'stop'" <<<"$answer"
     check "GPU $GPU0's daemon still answers" mps_answers $GPU0
+    check "its unit made the multi-user daemon's control_lock root-only: $(in_ct stat -c %a /run/nvidia-mps/$GPU0/control_lock) (ExecStartPost)" \
+        bash -c '[ "$1" = 600 ]' _ "$(in_ct stat -c %a /run/nvidia-mps/$GPU0/control_lock)"
 
     log "$phase: a reload adds GPU $GPU2"
     write_test_config '[0, 1, 2]'
