@@ -25,7 +25,9 @@ import time
 from typing import Callable
 
 from vgpu_agent import control
-from vgpu_agent.kubelet_standin import KubeletStandin, StandinDevice
+from vgpu_agent.commands import HealthResetCommand, SimulateAction, SimulateCommand
+from vgpu_agent.kubelet_standin import KubeletStandin
+from vgpu_agent.plugin import AdvertisedDevice
 
 RESOURCE = "eks.amazonaws.com/vgpu"
 GPUS = 8
@@ -106,7 +108,7 @@ def timed(calls: int, call: Callable[[], object]) -> list[float]:
 
 def time_to_update(
     standin: KubeletStandin,
-    predicate: Callable[[tuple[StandinDevice, ...]], bool],
+    predicate: Callable[[tuple[AdvertisedDevice, ...]], bool],
     act: Callable[[], object],
 ) -> float:
     """Milliseconds from ``act`` to a ListAndWatch update that satisfies ``predicate``."""
@@ -176,37 +178,33 @@ def main() -> int:
         sock = os.path.join(root, "state", "control.sock")
         gpu0 = ids[0].split("::")[0]
 
-        def unhealthy_on_gpu0(devs: tuple[StandinDevice, ...]) -> bool:
+        def unhealthy_on_gpu0(devs: tuple[AdvertisedDevice, ...]) -> bool:
             return (
                 sum(d.health == "Unhealthy" and d.device_id.startswith(gpu0) for d in devs)
                 == REPLICAS
             )
 
-        def all_healthy(devs: tuple[StandinDevice, ...]) -> bool:
+        def all_healthy(devs: tuple[AdvertisedDevice, ...]) -> bool:
             return all(d.health == "Healthy" for d in devs)
 
         xid_ms = time_to_update(
             standin,
             unhealthy_on_gpu0,
-            lambda: control.request(
-                sock, {"command": "simulate", "action": "xid", "gpu": "0", "xid": 79}
-            ),
+            lambda: control.request(sock, SimulateCommand(SimulateAction.XID, "0", 79)),
         )
         print(f"injected XID -> ListAndWatch update:      {xid_ms:.1f} ms")
-        control.request(sock, {"command": "health-reset", "gpu": "0"})
+        control.request(sock, HealthResetCommand("0"))
         standin.wait_for_devices(all_healthy, WAIT_S, RESOURCE)
         mps_ms = time_to_update(
             standin,
             unhealthy_on_gpu0,
-            lambda: control.request(
-                sock, {"command": "simulate", "action": "mps-down", "gpu": "0"}
-            ),
+            lambda: control.request(sock, SimulateCommand(SimulateAction.MPS_DOWN, "0")),
         )
         print(
             f"dead MPS daemon -> ListAndWatch update:   {mps_ms:.1f} ms "
             "(simulated daemon; probe interval 0.5 s)"
         )
-        control.request(sock, {"command": "simulate", "action": "mps-up", "gpu": "0"})
+        control.request(sock, SimulateCommand(SimulateAction.MPS_UP, "0"))
         standin.wait_for_devices(all_healthy, WAIT_S, RESOURCE)
 
         time.sleep(1.0)
@@ -260,7 +258,7 @@ def daemon_faults(gpus: int) -> None:
             with open(os.path.join(root, "mps", name, "nvidia-cuda-mps-control.pid")) as f:
                 pids.append(int(f.read()))
 
-        def gpu0_is(health: str) -> Callable[[tuple[StandinDevice, ...]], bool]:
+        def gpu0_is(health: str) -> Callable[[tuple[AdvertisedDevice, ...]], bool]:
             return lambda devs: all(
                 d.health == health for d in devs if d.device_id.startswith(gpu0)
             )

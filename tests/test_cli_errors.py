@@ -22,9 +22,9 @@ from typing import Callable
 import click
 import pytest
 
-from tests.test_agent import make_config
-from vgpu_agent.agent import Agent
+from tests.harness import make_config
 from vgpu_agent.cli import cli
+from vgpu_agent.compose import build_agent
 from vgpu_agent.kubelet_standin import KubeletStandin
 from vgpu_agent.systemd import Notifier
 
@@ -360,7 +360,7 @@ def running_agent(short_tmp_dir: str) -> Iterator[Path]:
     config = make_config(short_tmp_dir)
     standin = KubeletStandin(config.plugin.plugin_dir)
     standin.start()
-    agent = Agent(config, notifier=Notifier(None))
+    agent = build_agent(config, notifier=Notifier(None))
     thread = threading.Thread(target=agent.run, daemon=True)
     thread.start()
     try:

@@ -12,12 +12,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from vgpu_agent.config import (
-    MAX_SOCKET_PATH_BYTES,
     AgentConfig,
     Config,
     GpusConfig,
     HealthConfig,
-    LimitPolicy,
     MpsConfig,
     PluginConfig,
     SimulatedConfig,
@@ -25,7 +23,9 @@ from vgpu_agent.config import (
     parse,
     to_toml,
 )
+from vgpu_agent.devices import LimitPolicy
 from vgpu_agent.errors import ConfigError
+from vgpu_agent.sockets import MAX_UNIX_SOCKET_PATH_BYTES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -247,7 +247,7 @@ def _plugins(draw: st.DrawFn) -> PluginConfig:
         _socket_names.filter(lambda name: name not in (kubelet_socket_name, "kubelet.sock"))
     )
     for name in (socket_name, kubelet_socket_name):
-        if len(f"{plugin_dir}/{name}".encode()) > MAX_SOCKET_PATH_BYTES:
+        if len(f"{plugin_dir}/{name}".encode()) > MAX_UNIX_SOCKET_PATH_BYTES:
             plugin_dir = "/p"
     return PluginConfig(
         resource_name=draw(_resource_names),

@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
-from tests.test_agent import NotifyListener, make_config
-from vgpu_agent.agent import EXIT_RESTART, Agent
-from vgpu_agent.kubelet_standin import KubeletStandin
+from tests.harness import WAIT_S, AgentRun
+from vgpu_agent.agent import EXIT_RESTART
 from vgpu_agent.sandbox import PluginDirGuard, on_read_only_mount
-from vgpu_agent.systemd import Notifier
-
-WAIT_S = 10.0
 
 
 class ReadOnlyPaths:
@@ -95,32 +91,17 @@ def test_a_writable_temp_directory_is_not_on_a_read_only_mount(tmp_path: Path) -
     assert not on_read_only_mount(str(tmp_path / "missing"))
 
 
-def test_agent_exits_75_when_its_plugin_dir_turns_read_only(short_tmp_dir: str) -> None:
+def test_agent_exits_75_when_its_plugin_dir_turns_read_only(
+    run_agent: Callable[..., AgentRun],
+) -> None:
     """The running agent registers, its directory is made anew read-only: it exits 75."""
-    config = make_config(short_tmp_dir)
-    plugin_dir = config.plugin.plugin_dir
     read_only = ReadOnlyPaths()
-    standin = KubeletStandin(plugin_dir)
-    standin.start()
-    notify = NotifyListener(os.path.join(short_tmp_dir, "notify"))
-    notifier = Notifier(notify.path, use_libsystemd=False)
-    agent = Agent(config, notifier=notifier, plugin_dir_guard=PluginDirGuard(read_only))
-    exit_code: list[int] = []
-    thread = threading.Thread(target=lambda: exit_code.append(agent.run()), daemon=True)
-    thread.start()
-    try:
-        assert agent.ready.wait(WAIT_S)
-        standin.wait_for_registration(1, WAIT_S)
-        standin.stop()
-        shutil.rmtree(plugin_dir)
-        os.mkdir(plugin_dir)
-        read_only.paths.add(plugin_dir)
-        thread.join(timeout=WAIT_S)
-        assert exit_code == [EXIT_RESTART]
-    finally:
-        if thread.is_alive():
-            agent.request_stop("test finished")
-            thread.join(timeout=WAIT_S)
-        standin.stop()
-        notifier.close()
-        notify.close()
+    run = run_agent(plugin_dir_guard=PluginDirGuard(read_only))
+    plugin_dir = run.agent.config.plugin.plugin_dir
+    run.standin.wait_for_registration(1, WAIT_S)
+    run.standin.stop()
+    shutil.rmtree(plugin_dir)
+    os.mkdir(plugin_dir)
+    read_only.paths.add(plugin_dir)
+    run.thread.join(timeout=WAIT_S)
+    assert run.exit_code == [EXIT_RESTART]

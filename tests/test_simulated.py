@@ -11,9 +11,9 @@ from typing import Callable
 import pytest
 
 from vgpu_agent.config import SimulatedConfig, SimulatedGpu, parse
-from vgpu_agent.errors import GpuError, GpuLostError, MpsError
+from vgpu_agent.daemons import MpsDaemons
+from vgpu_agent.errors import GpuError, GpuLostError
 from vgpu_agent.gpu import ComputeMode, Gpu, GpuBackend, GpuEvent, GpuEventKind
-from vgpu_agent.mps import MpsDaemons
 from vgpu_agent.simulated import (
     SimulatedBackend,
     SimulatedMpsDaemons,
@@ -386,9 +386,3 @@ def test_mps_daemon_down_is_per_gpu() -> None:
         daemons.start(gpu)
     daemons.set_down(gpus[1].uuid)
     assert [daemons.probe(gpu.uuid) for gpu in gpus] == [None, "MPS daemon down (simulated)", None]
-
-
-def test_mps_daemon_refuse_raises_mps_error() -> None:
-    """refuse() raises the MpsError a daemon that cannot start gives, naming the GPU."""
-    with pytest.raises(MpsError, match=f"starting the MPS daemon for GPU {OTHER_UUID}"):
-        SimulatedMpsDaemons.refuse(OTHER_UUID)

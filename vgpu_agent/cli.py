@@ -18,10 +18,20 @@ import click
 
 from vgpu_agent import __version__, control, mps
 from vgpu_agent import config as config_module
-from vgpu_agent.agent import EXIT_CONFIG, Agent, build_backend, plan_gpus
+from vgpu_agent.agent import EXIT_CONFIG
+from vgpu_agent.commands import (
+    ControlCommand,
+    HealthResetCommand,
+    SimulateAction,
+    SimulateCommand,
+    StatusCommand,
+)
+from vgpu_agent.compose import build_agent, open_backend_for
 from vgpu_agent.config import Config
+from vgpu_agent.devices import HEALTHY, UNHEALTHY
 from vgpu_agent.errors import AgentError, ConfigError, VgpuError
-from vgpu_agent.gpu import ComputeMode, Gpu
+from vgpu_agent.gpu import ComputeMode, Gpu, set_compute_mode
+from vgpu_agent.plan import plan_gpus
 from vgpu_agent.plugin import AdvertisedDevice, query_devices
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -133,7 +143,7 @@ def run(ctx: click.Context, simulate: Optional[int], plugin_dir: Optional[str]) 
         click.echo(f"vgpu-agent: config error: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     setup_logging(config.agent.log_level, os.environ)
-    agent = Agent(config, notifier=notifier, config_loader=load)
+    agent = build_agent(config, notifier=notifier, config_loader=load)
 
     def on_stop(signum: int, _frame: Optional[FrameType]) -> None:
         agent.request_stop(f"signal {signal.Signals(signum).name}")
@@ -183,7 +193,7 @@ def gpus_group(ctx: click.Context, simulate: Optional[int]) -> None:
     if ctx.invoked_subcommand is not None:
         return
     loaded = with_overrides(_load(ctx), simulate=simulate)
-    backend = build_backend(loaded)
+    backend = open_backend_for(loaded)
     try:
         gpus = backend.list_gpus()
         plan = plan_gpus(loaded, gpus)
@@ -216,7 +226,7 @@ def _pick(gpus: list[Gpu], refs: tuple[str, ...], what: str) -> list[Gpu]:
 
 
 def _apply_modes(loaded: Config, mode: ComputeMode, refs: tuple[str, ...]) -> None:
-    backend = build_backend(loaded)
+    backend = open_backend_for(loaded)
     try:
         gpus = backend.list_gpus()
         if refs:
@@ -224,13 +234,8 @@ def _apply_modes(loaded: Config, mode: ComputeMode, refs: tuple[str, ...]) -> No
         else:
             chosen = [gpu for gpu, _ in plan_gpus(loaded, gpus).served]
         for gpu in chosen:
-            before = backend.get_compute_mode(gpu.uuid)
-            if before is not mode:
-                backend.set_compute_mode(gpu.uuid, mode)
-            after = backend.get_compute_mode(gpu.uuid)
-            if after is not mode:
-                raise VgpuError(f"GPU {gpu.uuid}: compute mode reads back as {after.value}")
-            click.echo(f"GPU {gpu.index} {gpu.uuid}: {before.value} -> {after.value}")
+            before = set_compute_mode(backend, gpu.uuid, mode)
+            click.echo(f"GPU {gpu.index} {gpu.uuid}: {before.value} -> {mode.value}")
     finally:
         backend.close()
 
@@ -252,7 +257,7 @@ def gpus_apply(ctx: click.Context, record_path: str) -> None:
     if loaded.gpus.compute_mode == "unchanged":
         click.echo("gpus.compute_mode is 'unchanged': leaving every GPU as it is")
         return
-    backend = build_backend(loaded)
+    backend = open_backend_for(loaded)
     try:
         served = [gpu for gpu, _ in plan_gpus(loaded, backend.list_gpus()).served]
         mode = ComputeMode(loaded.gpus.compute_mode)
@@ -269,7 +274,7 @@ def gpus_restore(ctx: click.Context, record_path: str) -> None:
     """Set back the compute modes apply-compute-mode --record FILE changed (ExecStop)."""
     from vgpu_agent.compute_mode import restore_compute_modes
 
-    backend = build_backend(_load(ctx))
+    backend = open_backend_for(_load(ctx))
     try:
         lines, problems = restore_compute_modes(backend, record_path)
     finally:
@@ -294,9 +299,9 @@ def gpus_set(ctx: click.Context, mode: str, gpus: tuple[str, ...]) -> None:
 # -- talking to the running agent ----------------------------------------------------------------
 
 
-def _ask(ctx: click.Context, command: dict[str, Any]) -> dict[str, Any]:
+def _ask(ctx: click.Context, command: ControlCommand) -> dict[str, Any]:
     loaded = _load(ctx)
-    answer = control.request(os.path.join(loaded.agent.state_dir, "control.sock"), command)
+    answer = control.request(loaded.agent.control_socket_path, command)
     if not answer.get("ok"):
         raise VgpuError(str(answer.get("error", "the agent refused the request")))
     return answer
@@ -309,11 +314,11 @@ def status(ctx: click.Context, as_json: bool) -> None:
     """Show the running agent: each GPU, its vGPUs and their health."""
     loaded = _load(ctx)
     try:
-        answer = _ask(ctx, {"command": "status"})
+        answer = _ask(ctx, StatusCommand())
     except AgentError as control_error:
         # No control socket (another state_dir, no permission): the plugin socket still
         # tells the device list, as the kubelet sees it, without the reasons.
-        plugin_socket = os.path.join(loaded.plugin.plugin_dir, loaded.plugin.socket_name)
+        plugin_socket = loaded.plugin.socket_path
         try:
             devices = query_devices(plugin_socket)
         except AgentError:
@@ -325,12 +330,12 @@ def status(ctx: click.Context, as_json: bool) -> None:
         return
     click.echo(answer["status"])
     for gpu in answer["gpus"]:
-        health = "Healthy" if gpu["healthy"] else "Unhealthy: " + "; ".join(gpu["reasons"])
+        health = HEALTHY if gpu["healthy"] else f"{UNHEALTHY}: " + "; ".join(gpu["reasons"])
         click.echo(
             f"GPU {gpu['index']} {gpu['uuid']} {gpu['model']}: {gpu['replicas']} vGPUs, {health}"
         )
         for vgpu_id in gpu["vgpu_ids"]:
-            click.echo(f"  {vgpu_id}  {'Healthy' if gpu['healthy'] else 'Unhealthy'}")
+            click.echo(f"  {vgpu_id}  {HEALTHY if gpu['healthy'] else UNHEALTHY}")
 
 
 def _print_devices(devices: tuple[AdvertisedDevice, ...], as_json: bool) -> None:
@@ -338,7 +343,7 @@ def _print_devices(devices: tuple[AdvertisedDevice, ...], as_json: bool) -> None
         listed = [{"id": d.device_id, "health": d.health} for d in devices]
         click.echo(json.dumps({"devices": listed}, indent=2))
         return
-    unhealthy = sum(device.health != "Healthy" for device in devices)
+    unhealthy = sum(device.health != HEALTHY for device in devices)
     click.echo(
         f"{len(devices)} vGPUs advertised, {unhealthy} unhealthy (from the plugin socket; "
         "the control socket is not reachable, so no reasons)"
@@ -357,7 +362,7 @@ def health_group() -> None:
 @click.pass_context
 def health_reset(ctx: click.Context, gpu: str) -> None:
     """Mark GPU (UUID or index) healthy again after XID errors, at once."""
-    answer = _ask(ctx, {"command": "health-reset", "gpu": gpu})
+    answer = _ask(ctx, HealthResetCommand(gpu))
     cleared = ", ".join(answer["cleared"]) or "nothing to clear"
     click.echo(f"GPU {answer['gpu']}: cleared {cleared}")
 
@@ -367,9 +372,11 @@ def simulate_group() -> None:
     """Inject faults into a running agent that uses the simulated backend."""
 
 
-def _simulate(ctx: click.Context, action: str, gpu: str, **extra: Any) -> None:
-    answer = _ask(ctx, {"command": "simulate", "action": action, "gpu": gpu, **extra})
-    click.echo(f"GPU {answer['gpu']}: {action} injected")
+def _simulate(
+    ctx: click.Context, action: SimulateAction, gpu: str, xid: Optional[int] = None
+) -> None:
+    answer = _ask(ctx, SimulateCommand(action, gpu, xid))
+    click.echo(f"GPU {answer['gpu']}: {action.value} injected")
 
 
 @simulate_group.command("xid")
@@ -378,11 +385,11 @@ def _simulate(ctx: click.Context, action: str, gpu: str, **extra: Any) -> None:
 @click.pass_context
 def simulate_xid(ctx: click.Context, gpu: str, xid: int) -> None:
     """An XID error on GPU."""
-    _simulate(ctx, "xid", gpu, xid=xid)
+    _simulate(ctx, SimulateAction.XID, gpu, xid)
 
 
-def _simple_simulation(action: str, doc: str) -> None:
-    @simulate_group.command(action)
+def _simple_simulation(action: SimulateAction, doc: str) -> None:
+    @simulate_group.command(action.value)
     @click.argument("gpu")
     @click.pass_context
     def command(ctx: click.Context, gpu: str) -> None:
@@ -391,11 +398,11 @@ def _simple_simulation(action: str, doc: str) -> None:
     command.help = doc
 
 
-_simple_simulation("ecc", "A double-bit ECC error on GPU.")
-_simple_simulation("lose", "GPU falls off the bus.")
-_simple_simulation("recover", "A lost GPU answers again.")
-_simple_simulation("mps-down", "GPU's MPS daemon stops answering.")
-_simple_simulation("mps-up", "GPU's MPS daemon answers again.")
+_simple_simulation(SimulateAction.ECC, "A double-bit ECC error on GPU.")
+_simple_simulation(SimulateAction.LOSE, "GPU falls off the bus.")
+_simple_simulation(SimulateAction.RECOVER, "A lost GPU answers again.")
+_simple_simulation(SimulateAction.MPS_DOWN, "GPU's MPS daemon stops answering.")
+_simple_simulation(SimulateAction.MPS_UP, "GPU's MPS daemon answers again.")
 
 
 # -- mps ----------------------------------------------------------------------------------------
@@ -407,7 +414,7 @@ def mps_group() -> None:
 
 
 def _served_gpus(loaded: Config, refs: tuple[str, ...]) -> list[Gpu]:
-    backend = build_backend(loaded)
+    backend = open_backend_for(loaded)
     try:
         gpus = [gpu for gpu, _ in plan_gpus(loaded, backend.list_gpus()).served]
     finally:
@@ -416,8 +423,8 @@ def _served_gpus(loaded: Config, refs: tuple[str, ...]) -> list[Gpu]:
 
 
 def _apply_defaults(loaded: Config, gpu: Gpu) -> None:
-    pipe_dir = os.path.join(loaded.mps.pipe_root, gpu.uuid)
     replicas = loaded.replicas_for_model(gpu.model)
+    pipe_dir = loaded.mps.pipe_dir(gpu.uuid)
     for command in mps.apply_daemon_defaults(loaded.mps, pipe_dir, gpu.memory_mib, replicas):
         click.echo(f"GPU {gpu.index} {gpu.uuid}: {command}")
 
@@ -477,7 +484,7 @@ def mps_stop(ctx: click.Context, gpus: tuple[str, ...]) -> None:
     """Ask the served GPUs' MPS daemons to quit."""
     loaded = _load(ctx)
     for gpu in _served_gpus(loaded, gpus):
-        problem = mps.probe_pipe_dir(loaded.mps, os.path.join(loaded.mps.pipe_root, gpu.uuid))
+        problem = mps.probe_pipe_dir(loaded.mps, loaded.mps.pipe_dir(gpu.uuid))
         if problem is not None:
             click.echo(f"GPU {gpu.index} {gpu.uuid}: nothing to stop ({problem})")
             continue
@@ -492,7 +499,7 @@ def mps_status(ctx: click.Context) -> None:
     loaded = _load(ctx)
     failed = False
     for gpu in _served_gpus(loaded, ()):
-        pipe_dir = os.path.join(loaded.mps.pipe_root, gpu.uuid)
+        pipe_dir = loaded.mps.pipe_dir(gpu.uuid)
         problem = mps.probe_pipe_dir(loaded.mps, pipe_dir)
         failed = failed or problem is not None
         click.echo(f"GPU {gpu.index} {gpu.uuid}: {problem or 'answers'} ({pipe_dir})")

@@ -24,10 +24,13 @@ from typing import (
     Sequence,
     TypeVar,
     Union,
+    get_args,
 )
 
+from vgpu_agent.devices import LimitPolicy, pipe_dir_for, proportional_memory_mib
 from vgpu_agent.errors import ConfigError
 from vgpu_agent.gpu import MPS_CLIENT_LIMIT_PRE_VOLTA, MPS_CLIENT_LIMIT_VOLTA
+from vgpu_agent.sockets import MAX_UNIX_SOCKET_PATH_BYTES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -40,12 +43,12 @@ if TYPE_CHECKING:
 DEFAULT_CONFIG_PATH = "/etc/vgpu/config.toml"
 CONFIG_ENV_VAR = "VGPU_CONFIG"
 SCHEMA_VERSION = 1
+#: The agent's control socket, in agent.state_dir.
+CONTROL_SOCKET_NAME = "control.sock"
 
 ComputeModeSetting = Literal["exclusive_process", "default", "unchanged"]
 BackendName = Literal["nvml", "simulated"]
 MpsManager = Literal["direct", "systemd", "external"]
-#: "proportional", "none", or a fixed number (percent for threads, MiB for memory)
-LimitPolicy = Union[Literal["proportional", "none"], int]
 MultiUser = Literal["auto", "on", "off"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -60,6 +63,16 @@ class PluginConfig:
     kubelet_socket_name: str = "kubelet.sock"
     #: Seconds a Register call may take before we retry.
     register_timeout_s: float = 5.0
+
+    @property
+    def socket_path(self) -> str:
+        """Our plugin socket, where the kubelet dials us."""
+        return os.path.join(self.plugin_dir, self.socket_name)
+
+    @property
+    def kubelet_socket_path(self) -> str:
+        """The kubelet's registration socket."""
+        return os.path.join(self.plugin_dir, self.kubelet_socket_name)
 
 
 @dataclass(frozen=True)
@@ -134,6 +147,10 @@ class MpsConfig:
     #: one vGPU's slice; or MiB), set through its control pipe after it starts.
     daemon_memory_limit: LimitPolicy = "none"
 
+    def pipe_dir(self, gpu_uuid: str) -> str:
+        """The host pipe directory of a GPU's MPS daemon."""
+        return pipe_dir_for(self.pipe_root, gpu_uuid)
+
 
 @dataclass(frozen=True)
 class HealthConfig:
@@ -157,6 +174,11 @@ class AgentConfig:
     log_level: LogLevel = "info"
     #: Where the agent keeps its control socket and state.
     state_dir: str = "/run/vgpu-agent"
+
+    @property
+    def control_socket_path(self) -> str:
+        """The agent's control socket (`vgpu-agent status`, `health reset`, `simulate`)."""
+        return os.path.join(self.state_dir, CONTROL_SOCKET_NAME)
 
 
 @dataclass(frozen=True)
@@ -203,8 +225,6 @@ MAX_SIMULATED_GPUS = 64
 MIN_USEFUL_SLICE_MIB = 640
 #: vGPU ids are "<uuid>::<replica>" and at most 63 characters; replicas need up to 2 digits.
 MAX_GPU_UUID_LENGTH = 63 - len("::") - len(str(MAX_REPLICAS_PER_GPU - 1))
-#: sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
-MAX_SOCKET_PATH_BYTES = 107
 
 _REPLICAS_ALLOWED = (
     f"an integer from 1 to {MAX_REPLICAS_PER_GPU} (the MPS client limit on Volta and newer "
@@ -234,12 +254,7 @@ _MPS_MANAGERS: dict[str, MpsManager] = {
     "external": "external",
 }
 _MULTI_USER: dict[str, MultiUser] = {"auto": "auto", "on": "on", "off": "off"}
-_LOG_LEVELS: dict[str, LogLevel] = {
-    "debug": "debug",
-    "info": "info",
-    "warning": "warning",
-    "error": "error",
-}
+_LOG_LEVELS: dict[str, LogLevel] = {name: name for name in get_args(LogLevel)}
 _POLICIES: dict[str, Literal["proportional", "none"]] = {
     "proportional": "proportional",
     "none": "none",
@@ -658,7 +673,7 @@ def _parse_plugin(table: _Table) -> PluginConfig:
         ("kubelet_socket_name", plugin.kubelet_socket_name),
     ):
         path = os.path.join(plugin.plugin_dir, name)
-        if len(path.encode("utf-8", "surrogatepass")) > MAX_SOCKET_PATH_BYTES:
+        if len(path.encode("utf-8", "surrogatepass")) > MAX_UNIX_SOCKET_PATH_BYTES:
             # Blame the directory when the file sets it: that is the long part.
             blamed = (
                 table.value_of("plugin_dir", plugin.plugin_dir)
@@ -667,7 +682,7 @@ def _parse_plugin(table: _Table) -> PluginConfig:
             )
             blamed.fail(
                 "a plugin_dir and socket name whose joined path fits a unix socket "
-                f"(at most {MAX_SOCKET_PATH_BYTES} bytes)",
+                f"(at most {MAX_UNIX_SOCKET_PATH_BYTES} bytes)",
                 f"{path!r} is too long",
             )
     return plugin
@@ -1058,8 +1073,7 @@ def slice_warnings(config: Config, model: str, memory_mib: int) -> list[str]:
     if mps.memory_limit == "none":
         return []
     if mps.memory_limit == "proportional":
-        usable_mib = memory_mib - mps.memory_headroom_mib
-        slice_mib = max(usable_mib, 0) // replicas
+        slice_mib = proportional_memory_mib(memory_mib, mps.memory_headroom_mib, 1, replicas)
         if slice_mib >= MIN_USEFUL_SLICE_MIB:
             return []
         return [

@@ -13,7 +13,8 @@ import threading
 import time
 from typing import Callable
 
-from vgpu_agent.agent import Agent
+from vgpu_agent.commands import SimulateAction, SimulateCommand
+from vgpu_agent.compose import build_agent
 from vgpu_agent.config import (
     AgentConfig,
     Config,
@@ -23,6 +24,7 @@ from vgpu_agent.config import (
     PluginConfig,
     SimulatedConfig,
 )
+from vgpu_agent.devices import HEALTHY, UNHEALTHY
 from vgpu_agent.kubelet_standin import KubeletStandin
 from vgpu_agent.log import setup_logging
 from vgpu_agent.systemd import Notifier
@@ -51,7 +53,7 @@ def run_demo(echo: Echo) -> int:
     config = demo_config(root)
     resource = config.plugin.resource_name
     standin = KubeletStandin(config.plugin.plugin_dir)
-    agent = Agent(config, notifier=Notifier(None))
+    agent = build_agent(config, notifier=Notifier(None))
     thread = threading.Thread(target=agent.run, name="vgpu-agent", daemon=True)
     try:
         echo(f"== kubelet stand-in listening in {config.plugin.plugin_dir}")
@@ -80,16 +82,16 @@ def run_demo(echo: Echo) -> int:
             echo(f"   mount {mount.host_path} -> {mount.container_path} ({mode})")
         gpu0 = agent.describe()["gpus"][0]["uuid"]
         echo(f"== simulating XID 79 (GPU fallen off the bus) on GPU 0 {gpu0}")
-        agent.submit({"command": "simulate", "action": "xid", "gpu": "0", "xid": 79})
+        agent.submit(SimulateCommand(SimulateAction.XID, "0", 79))
         devices = standin.wait_for_devices(
-            lambda devs: sum(d.health == "Unhealthy" for d in devs) == 4, WAIT_S, resource
+            lambda devs: sum(d.health == UNHEALTHY for d in devs) == 4, WAIT_S, resource
         )
-        unhealthy = sum(device.health == "Unhealthy" for device in devices)
+        unhealthy = sum(device.health == UNHEALTHY for device in devices)
         echo(f"   ListAndWatch: {unhealthy} of {len(devices)} vGPUs Unhealthy")
         echo(f"   status: {agent.describe()['status']}")
         echo("== after the quiet period (1 s in the demo, 5 min by default) it heals:")
         devices = standin.wait_for_devices(
-            lambda devs: all(d.health == "Healthy" for d in devs), WAIT_S, resource
+            lambda devs: all(d.health == HEALTHY for d in devs), WAIT_S, resource
         )
         echo(f"   ListAndWatch: {len(devices)} of {len(devices)} vGPUs Healthy")
         echo("== kubelet restart: it deletes our socket; the agent registers again")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
+
+from vgpu_agent.errors import GpuError
 
 #: CUDA MPS serves at most this many clients per GPU on Volta (compute capability 7.0) and newer.
 MPS_CLIENT_LIMIT_VOLTA = 48
@@ -109,3 +111,25 @@ class GpuBackend(Protocol):
     def close(self) -> None:
         """Release the backend (NVML shutdown)."""
         ...
+
+
+def set_compute_mode(
+    backend: GpuBackend,
+    gpu_uuid: str,
+    wanted: ComputeMode,
+    on_changed: Callable[[ComputeMode], None] = lambda previous: None,
+) -> ComputeMode:
+    """Set a GPU's compute mode and check that it reads back so; returns the mode it had.
+    ``on_changed(previous)`` is called once the mode was changed (even if it then reads
+    back otherwise). Raises GpuError when it cannot be set or reads back otherwise."""
+    previous = backend.get_compute_mode(gpu_uuid)
+    if previous is not wanted:
+        backend.set_compute_mode(gpu_uuid, wanted)
+        on_changed(previous)
+    now = backend.get_compute_mode(gpu_uuid)
+    if now is not wanted:
+        raise GpuError(
+            f"setting compute mode {wanted.value} on GPU {gpu_uuid}: it reads back as "
+            f"{now.value}; check that nothing else changes it (nvidia-smi -q -d COMPUTE)"
+        )
+    return previous

@@ -2,7 +2,8 @@
 
 One ``nvidia-cuda-mps-control`` runs per served GPU, pinned to it with
 ``CUDA_VISIBLE_DEVICES=<uuid>``, with its own pipe directory ``<pipe_root>/<uuid>`` and
-log directory ``<log_root>/<uuid>``. Three managers implement :class:`MpsDaemons`:
+log directory ``<log_root>/<uuid>``. Three managers implement
+:class:`~vgpu_agent.daemons.MpsDaemons`:
 
 - :class:`DirectMpsDaemons` starts the daemons as child processes (no systemd; the
   real-GPU tests drive this one),
@@ -10,7 +11,7 @@ log directory ``<log_root>/<uuid>``. Three managers implement :class:`MpsDaemons
 - :class:`ExternalMpsDaemons` only uses and watches daemons someone else runs.
 
 :func:`daemon_command` and :func:`daemon_environment` are what the systemd unit runs too
-(through ``vgpu-agent mps run-daemon``, which calls :func:`exec_daemon`), so both paths
+(through ``vgpu-agent mps exec-daemon``, which calls :func:`exec_daemon`), so both paths
 start the daemon the same way. What was measured on a real GPU is in docs/mps.md.
 """
 
@@ -24,10 +25,11 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
-from typing import IO, Callable, Optional, Protocol
+from typing import IO, Callable, Optional
 
 from vgpu_agent.config import MpsConfig
-from vgpu_agent.devices import memory_limit_mib, pipe_dir_for, thread_percentage
+from vgpu_agent.daemons import MpsDaemonInfo, MpsDaemons
+from vgpu_agent.devices import memory_limit_mib, thread_percentage
 from vgpu_agent.errors import MpsError
 from vgpu_agent.gpu import Gpu
 from vgpu_agent.mps_units import REQUEST_SOCKET, request_socket_available, request_start
@@ -56,36 +58,6 @@ MULTI_USER_OFF = (
 _MULTI_USER_OPTION = re.compile(r"(?m)^\s*-M\b|--multiuser-server\b|--multi-?user\b")
 
 
-@dataclass(frozen=True)
-class MpsDaemonInfo:
-    """Where a GPU's MPS daemon lives."""
-
-    gpu_uuid: str
-    pipe_dir: str
-    log_dir: str
-    multi_user: bool
-    #: The control daemon's pid when known (read from its pid file).
-    pid: Optional[int] = None
-    #: Whether an already-running daemon was found and kept rather than started.
-    reused: bool = False
-
-
-class MpsDaemons(Protocol):
-    """Runs (or finds) one MPS control daemon per served GPU and checks that each answers."""
-
-    def start(self, gpu: Gpu) -> MpsDaemonInfo:
-        """Make sure the GPU's daemon runs and answers; raises MpsError if it cannot."""
-        ...
-
-    def stop(self, gpu_uuid: str) -> None:
-        """Quit the GPU's daemon if this object started it (no-op otherwise)."""
-        ...
-
-    def probe(self, gpu_uuid: str) -> Optional[str]:
-        """None if the GPU's daemon answers a control command; else why it does not."""
-        ...
-
-
 # -- paths and the daemon's command line ----------------------------------------------
 
 
@@ -107,7 +79,7 @@ def daemon_environment(config: MpsConfig, gpu_uuid: str) -> dict[str, str]:
     """The variables that pin a daemon to its GPU and give it its directories."""
     return {
         "CUDA_VISIBLE_DEVICES": gpu_uuid,
-        "CUDA_MPS_PIPE_DIRECTORY": pipe_dir_for(config.pipe_root, gpu_uuid),
+        "CUDA_MPS_PIPE_DIRECTORY": config.pipe_dir(gpu_uuid),
         "CUDA_MPS_LOG_DIRECTORY": log_dir_for(config.log_root, gpu_uuid),
     }
 
@@ -118,7 +90,7 @@ def prepare_directories(config: MpsConfig, gpu_uuid: str) -> tuple[str, str]:
     The daemon would create a missing pipe directory itself with mode 0777, which lets
     any pod replace its sockets; so we create it first. Returns (pipe_dir, log_dir).
     """
-    pipe_dir = pipe_dir_for(config.pipe_root, gpu_uuid)
+    pipe_dir = config.pipe_dir(gpu_uuid)
     log_dir = log_dir_for(config.log_root, gpu_uuid)
     for root, directory, key in (
         (config.pipe_root, pipe_dir, "mps.pipe_root"),
@@ -354,7 +326,7 @@ def running_multi_user(pid: int) -> Optional[bool]:
 
 def quit_daemon(config: MpsConfig, gpu_uuid: str) -> None:
     """Ask the GPU's daemon to quit (what ``vgpu-agent mps quit`` and ExecStop do)."""
-    control_command(config, pipe_dir_for(config.pipe_root, gpu_uuid), "quit")
+    control_command(config, config.pipe_dir(gpu_uuid), "quit")
 
 
 def exec_daemon(config: MpsConfig, gpu_uuid: str) -> None:
@@ -400,7 +372,7 @@ def secure_pipe_dir(config: MpsConfig, gpu_uuid: str, wait_s: float = 15.0) -> b
     """Wait until the GPU's daemon answers, then restrict its pipe directory when it runs
     in multi-user mode (vgpu-mps@.service's ExecStartPost, so that the sandboxed agent
     needs no write access there); True when restricted. MpsError if it never answers."""
-    pipe_dir = pipe_dir_for(config.pipe_root, gpu_uuid)
+    pipe_dir = config.pipe_dir(gpu_uuid)
     reason = _wait_until_answers(config, pipe_dir, wait_s, lambda: None)
     if reason is not None:
         raise MpsError(f"GPU {gpu_uuid}'s MPS daemon does not answer on {pipe_dir}: {reason}")
@@ -576,6 +548,12 @@ class DirectMpsDaemons:
             gpu_uuid, pipe_dir, log_dir, self._resolved_multi_user(), pid=started.process.pid
         )
 
+    def apply_defaults(self, gpu: Gpu, replicas: int) -> list[str]:
+        """Set the daemon defaults ``mps.daemon_*_limit`` ask for; returns the commands."""
+        return apply_daemon_defaults(
+            self._config, self._config.pipe_dir(gpu.uuid), gpu.memory_mib, replicas
+        )
+
     def stop(self, gpu_uuid: str) -> None:
         """Quit the daemon this object started (``quit``, then kill after a timeout)."""
         with self._lock:
@@ -586,9 +564,7 @@ class DirectMpsDaemons:
         try:
             if process.poll() is None:
                 try:
-                    control_command(
-                        self._config, pipe_dir_for(self._config.pipe_root, gpu_uuid), "quit"
-                    )
+                    control_command(self._config, self._config.pipe_dir(gpu_uuid), "quit")
                 except MpsError as exc:
                     _log.warning("asking the MPS daemon of GPU %s to quit: %s", gpu_uuid, exc)
                 try:
@@ -615,7 +591,7 @@ class DirectMpsDaemons:
         """None if the GPU's daemon answers; else why not (exited, hung, missing)."""
         with self._lock:
             started = self._started.get(gpu_uuid)
-        problem = self._prober.probe(pipe_dir_for(self._config.pipe_root, gpu_uuid))
+        problem = self._prober.probe(self._config.pipe_dir(gpu_uuid))
         if started is not None:
             code = started.process.poll()
             if code is not None:
@@ -659,7 +635,7 @@ class SystemdMpsDaemons:
             # The unit makes the GPU's directories itself (exec_daemon) and restricts the
             # pipe directory (ExecStartPost): the sandboxed agent writes neither root.
             assert self._request_socket is not None  # noqa: S101 - checked just above
-            pipe_dir = pipe_dir_for(config.pipe_root, gpu.uuid)
+            pipe_dir = config.pipe_dir(gpu.uuid)
             log_dir = log_dir_for(config.log_root, gpu.uuid)
             request_start(gpu.uuid, self._request_socket, self._start_timeout_s)
             restrict = False  # the unit's ExecStartPost did (secure_pipe_dir)
@@ -700,12 +676,18 @@ class SystemdMpsDaemons:
                 f"(see systemctl status {unit} and journalctl -u {unit})"
             )
 
+    def apply_defaults(self, gpu: Gpu, replicas: int) -> list[str]:
+        """Set the daemon defaults ``mps.daemon_*_limit`` ask for; returns the commands."""
+        return apply_daemon_defaults(
+            self._config, self._config.pipe_dir(gpu.uuid), gpu.memory_mib, replicas
+        )
+
     def stop(self, gpu_uuid: str) -> None:
         """Leave the unit running: an agent stop or upgrade must not kill MPS jobs."""
 
     def probe(self, gpu_uuid: str) -> Optional[str]:
         """None if the GPU's daemon answers a control command; else why not."""
-        return self._prober.probe(pipe_dir_for(self._config.pipe_root, gpu_uuid))
+        return self._prober.probe(self._config.pipe_dir(gpu_uuid))
 
 
 class ExternalMpsDaemons:
@@ -717,7 +699,7 @@ class ExternalMpsDaemons:
 
     def start(self, gpu: Gpu) -> MpsDaemonInfo:
         """Check that the GPU's daemon answers; MpsError naming what is wrong if not."""
-        pipe_dir = pipe_dir_for(self._config.pipe_root, gpu.uuid)
+        pipe_dir = self._config.pipe_dir(gpu.uuid)
         log_dir = log_dir_for(self._config.log_root, gpu.uuid)
         reason = probe_pipe_dir(self._config, pipe_dir)
         if reason is not None:
@@ -726,12 +708,40 @@ class ExternalMpsDaemons:
             )
         return _reuse_info(self._config, gpu.uuid, pipe_dir, log_dir)
 
+    def apply_defaults(self, gpu: Gpu, replicas: int) -> list[str]:
+        """Set the daemon defaults ``mps.daemon_*_limit`` ask for; returns the commands."""
+        return apply_daemon_defaults(
+            self._config, self._config.pipe_dir(gpu.uuid), gpu.memory_mib, replicas
+        )
+
     def stop(self, gpu_uuid: str) -> None:
         """Never stops a daemon it did not start."""
 
     def probe(self, gpu_uuid: str) -> Optional[str]:
         """None if the GPU's daemon answers a control command; else why not."""
-        return self._prober.probe(pipe_dir_for(self._config.pipe_root, gpu_uuid))
+        return self._prober.probe(self._config.pipe_dir(gpu_uuid))
+
+
+class HostMpsInspector:
+    """The MPS daemons on this host, as `vgpu-agent doctor` inspects them."""
+
+    in_agent: Optional[str] = None
+
+    def __init__(self, config: MpsConfig) -> None:
+        self._config = config
+
+    def probe(self, gpu_uuid: str) -> Optional[str]:
+        """None if the GPU's daemon answers; else why not."""
+        return probe_pipe_dir(self._config, self._config.pipe_dir(gpu_uuid))
+
+    def multi_user_supported(self) -> bool:
+        """Whether this driver's nvidia-cuda-mps-control offers -M."""
+        return help_supports_multi_user(control_help(self._config.control_binary))
+
+    def daemon_multi_user(self, gpu_uuid: str) -> Optional[bool]:
+        """Whether the GPU's running daemon was started with -M (None: no daemon or unknown)."""
+        pid = daemon_pid(self._config.pipe_dir(gpu_uuid))
+        return running_multi_user(pid) if pid is not None else None
 
 
 def build_mps_daemons(config: MpsConfig) -> MpsDaemons:
