@@ -260,7 +260,7 @@ probe_lines() {
     in_ct journalctl --no-pager -o cat _SYSTEMD_INVOCATION_ID="$(prop vgpu-agent.service InvocationID)" |
         grep '^sandbox-probe:'
 }
-probe_done() { [ "$(probe_lines | wc -l)" -ge 11 ]; }
+probe_done() { [ "$(probe_lines | wc -l)" -ge 12 ]; }
 
 # From inside the agent's exact sandbox (an ExecStartPre= of the real unit), starting
 # units, systemd-run, writing /etc and /usr, D-Bus and systemd's private socket must all
@@ -272,11 +272,11 @@ sandbox_checks() {
     local outside inside name
     outside=$(in_ct /usr/local/lib/vgpu-systest/sandbox-probe)
     info "probe outside any sandbox: $(tr '\n' '|' <<<"$outside")"
-    check "outside the sandbox the probe succeeds at all 11 (so its 'denied' means something)" \
-        bash -c '! grep -q denied <<<"$1" && [ "$(grep -c allowed <<<"$1")" -eq 11 ] && [ -e "$2" ]' _ \
+    check "outside the sandbox the probe succeeds at all 12 (so its 'denied' means something)" \
+        bash -c '! grep -q denied <<<"$1" && [ "$(grep -c allowed <<<"$1")" -eq 12 ] && [ -e "$2" ]' _ \
         "$outside" "/proc/$container_pid/root/run/systest-probe-target-ran"
     in_ct rm -rf /etc/vgpu-sandbox-probe /usr/vgpu-sandbox-probe /run/systest-probe-target-ran \
-        /run/nvidia-mps/sandbox-probe
+        /run/nvidia-mps/sandbox-probe /run/systemd/system/vgpu-sandbox-probe.service
     in_ct sh -c "printf '[Service]\nExecStartPre=/usr/local/lib/vgpu-systest/sandbox-probe\n' > /run/systemd/system/vgpu-agent.service.d/sandbox-probe.conf"
     in_ct systemctl daemon-reload
     in_ct systemctl restart vgpu-agent.service
@@ -284,15 +284,15 @@ sandbox_checks() {
     wait_for 10 probe_done
     inside=$(probe_lines)
     info "probe in the agent's sandbox: $(tr '\n' '|' <<<"$inside")"
-    for name in systemd-run systemctl-start write-etc write-usr write-mps-pipe-root dbus-socket \
-        systemd-private systemd-private-via-pid1; do
+    for name in systemd-run systemctl-start write-etc write-usr write-mps-pipe-root write-run-unit \
+        dbus-socket systemd-private systemd-private-via-pid1; do
         check "in the agent's sandbox: $name is refused" probe_line "$name" denied "$inside"
     done
     for name in notify-socket journal-socket mps-units-socket; do
         check "in the agent's sandbox: $name still works" probe_line "$name" allowed "$inside"
     done
     check "nothing was started or written from inside the sandbox" \
-        in_ct sh -c '[ ! -e /run/systest-probe-target-ran ] && [ ! -e /etc/vgpu-sandbox-probe ] && [ ! -e /usr/vgpu-sandbox-probe ] && [ ! -e /run/nvidia-mps/sandbox-probe ]'
+        in_ct sh -c '[ ! -e /run/systest-probe-target-ran ] && [ ! -e /etc/vgpu-sandbox-probe ] && [ ! -e /usr/vgpu-sandbox-probe ] && [ ! -e /run/nvidia-mps/sandbox-probe ] && [ ! -e /run/systemd/system/vgpu-sandbox-probe.service ]'
     in_ct rm -f /run/systemd/system/vgpu-agent.service.d/sandbox-probe.conf
     in_ct systemctl daemon-reload
     check "the agent (restarted with the probe) registers again" wait_for 30 registered
