@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import wait_until
 from tests.test_mps_units import request_server
 from vgpu_agent.config import MpsConfig
 from vgpu_agent.errors import MpsError
@@ -281,10 +282,7 @@ def test_probe_reports_a_killed_daemon(fake_mps: FakeMps, direct: DirectMpsDaemo
     info = direct.start(GPU)
     assert info.pid is not None
     os.kill(info.pid, signal.SIGKILL)
-    time.sleep(0.2)
-    own = direct.probe(GPU.uuid)
-    assert own is not None
-    assert "exited" in own
+    wait_until(lambda: "exited" in (direct.probe(GPU.uuid) or ""), what="the kill to be seen")
     other = ExternalMpsDaemons(fake_mps.config).probe(GPU.uuid)
     assert other is not None
     assert "Cannot find MPS control daemon process" in other
@@ -338,8 +336,7 @@ def test_a_daemon_that_never_answers_fails_start_and_is_killed(
         daemons.start(GPU)
     assert "not running" in str(raised.value)
     pid = int((fake_mps.pipe_dir() / "nvidia-cuda-mps-control.pid").read_text())
-    time.sleep(0.1)
-    assert not Path(f"/proc/{pid}").exists()
+    wait_until(lambda: not Path(f"/proc/{pid}").exists(), what=f"process {pid} to be gone")
 
 
 def test_a_daemon_that_exits_at_start_is_reported_with_its_output(fake_mps: FakeMps) -> None:
@@ -422,8 +419,7 @@ def test_systemd_manager_starts_the_unit_and_never_stops_it(fake_mps: FakeMps) -
     daemons.stop(GPU.uuid)
     assert daemons.probe(GPU.uuid) is None
     quit_daemon(fake_mps.config, GPU.uuid)
-    time.sleep(0.2)
-    assert daemons.probe(GPU.uuid) is not None
+    wait_until(lambda: daemons.probe(GPU.uuid) is not None, what="the daemon to be gone")
 
 
 def test_systemd_manager_reports_a_failed_unit(fake_mps: FakeMps) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from tests.builders import gpu_uuid, make_inventory, vgpu_id
+from vgpu_agent.agent import status_line
 from vgpu_agent.commands import (
     ControlCommand,
     HealthResetCommand,
@@ -116,3 +117,28 @@ def test_parse_command_refuses(request_: dict[str, Any], message: str) -> None:
     """A bad request is refused with a message that says what is wrong."""
     with pytest.raises(VgpuError, match=message.replace("(", r"\(").replace(")", r"\)")):
         parse_command(request_)
+
+
+@pytest.mark.parametrize(
+    ("unhealthy", "registered", "waiting_for", "expected"),
+    [
+        ({}, True, "", "serving 8 vGPUs on 2 GPUs as r/v; registered with kubelet"),
+        ({}, False, "kubelet", "serving 8 vGPUs on 2 GPUs as r/v; waiting for kubelet"),
+        ({}, False, "", "serving 8 vGPUs on 2 GPUs as r/v"),
+        (
+            {1: ("xid 79", "GPU lost")},
+            True,
+            "",
+            "serving 8 vGPUs on 2 GPUs as r/v; 4 unhealthy (GPU 1: xid 79, GPU lost); "
+            "registered with kubelet",
+        ),
+    ],
+    ids=["registered", "waiting", "between-registrations", "unhealthy"],
+)
+def test_status_line(
+    unhealthy: dict[int, tuple[str, ...]], registered: bool, waiting_for: str, expected: str
+) -> None:
+    """The status line counts vGPUs, names each unhealthy GPU's causes and the wait."""
+    inventory = make_inventory((4, 4), unhealthy=unhealthy)
+    line = status_line(inventory, "r/v", registered=registered, waiting_for=waiting_for)
+    assert line == expected

@@ -839,11 +839,12 @@ def test_reload_under_allocate_load(short_tmp_dir: str, run_agent: Callable[...,
         return parse("[gpus]\nreplicas_per_gpu = 0\n", "bad.toml")
 
     with AllocateLoad(run.standin, every_id) as load:
-        for count in (6, 2, 5, None, 3, 4):
+        for reloads, count in enumerate((6, 2, 5, None, 3, 4), start=2):
             loaders.append(replicas(count) if count is not None else invalid)
             run.agent.request_reload()
             if count is None:
-                time.sleep(0.3)
+                # Every reload, refused or not, ends with READY=1 (the first one: the start).
+                run.notify.wait_for_count(lambda m: m.startswith("READY=1"), reloads)
                 assert run.agent.config.gpus.replicas_per_gpu == 5  # the last good one
                 continue
             run.devices(_count_is(2 * count))

@@ -195,6 +195,24 @@ Event = Union[Stop, Reload, Wake, HealthChange, ControlRequest]
 # -- the agent -------------------------------------------------------------------------------------
 
 
+def status_line(
+    inventory: Inventory, resource_name: str, *, registered: bool, waiting_for: str
+) -> str:
+    """The one-line state systemd shows (STATUS=) and `vgpu-agent status` prints first."""
+    line = f"serving {inventory.vgpu_count} vGPUs on {len(inventory.gpus)} GPUs as {resource_name}"
+    unhealthy = [served for served in inventory.gpus if not served.healthy]
+    if unhealthy:
+        causes = "; ".join(
+            f"GPU {served.gpu.index}: {', '.join(served.reason_texts)}" for served in unhealthy
+        )
+        line += f"; {inventory.unhealthy_vgpu_count} unhealthy ({causes})"
+    if registered:
+        line += "; registered with kubelet"
+    elif waiting_for:
+        line += f"; waiting for {waiting_for}"
+    return line
+
+
 class Agent:
     """The daemon: serves vGPUs to the kubelet until told to stop."""
 
@@ -662,22 +680,12 @@ class Agent:
         }
 
     def _status_line(self) -> str:
-        inventory = self.node.inventory()
-        line = (
-            f"serving {inventory.vgpu_count} vGPUs on {len(inventory.gpus)} GPUs "
-            f"as {self.config.plugin.resource_name}"
+        return status_line(
+            self.node.inventory(),
+            self.config.plugin.resource_name,
+            registered=self.registered,
+            waiting_for=self._registrar.waiting_for,
         )
-        unhealthy = [served for served in inventory.gpus if not served.healthy]
-        if unhealthy:
-            causes = "; ".join(
-                f"GPU {served.gpu.index}: {', '.join(served.reason_texts)}" for served in unhealthy
-            )
-            line += f"; {inventory.unhealthy_vgpu_count} unhealthy ({causes})"
-        if self.registered:
-            line += "; registered with kubelet"
-        elif self._registrar.waiting_for:
-            line += f"; waiting for {self._registrar.waiting_for}"
-        return line
 
     def _set_status(self, line: str) -> None:
         if line != self._last_status:
