@@ -22,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Callable
+from typing import Callable, TextIO
 
 from vgpu_agent import control
 from vgpu_agent.commands import HealthResetCommand, SimulateAction, SimulateCommand
@@ -118,6 +118,13 @@ def time_to_update(
     return (time.monotonic() - started) * 1000
 
 
+def show_log(agent_log: TextIO) -> None:
+    """Print the agent's log (kept out of the numbers) after a failure, to show why."""
+    agent_log.seek(0)
+    print("the benchmark failed; the agent's log:", file=sys.stderr)
+    sys.stderr.write(agent_log.read())
+
+
 def main() -> int:
     """Run the benchmark and print its numbers."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -135,8 +142,12 @@ def main() -> int:
     standin.start()
     env = {**os.environ, "NOTIFY_SOCKET": os.path.join(root, "notify")}
     started = time.monotonic()
+    # The agent's log goes to a file, not between the numbers; shown if the bench fails.
+    agent_log = open(os.path.join(root, "agent.log"), "w+")  # noqa: SIM115 - closed below
     agent = subprocess.Popen(
-        [sys.executable, "-m", "vgpu_agent", "--config", config_path, "run"], env=env
+        [sys.executable, "-m", "vgpu_agent", "--config", config_path, "run"],
+        env=env,
+        stderr=agent_log,
     )
     try:
         ready_s = wait_ready(notify, WAIT_S) - started
@@ -215,9 +226,13 @@ def main() -> int:
             f"idle CPU over {args.idle_seconds:.0f} s:            "
             f"{cpu_used / args.idle_seconds * 100:.3f} % of one core"
         )
+    except BaseException:
+        show_log(agent_log)
+        raise
     finally:
         agent.terminate()
         agent.wait(WAIT_S)
+        agent_log.close()
         standin.stop()
         notify.close()
         shutil.rmtree(root, ignore_errors=True)
@@ -243,7 +258,10 @@ def daemon_faults(gpus: int) -> None:
         config_file.write(text)
     standin = KubeletStandin(os.path.join(root, "dp"))
     standin.start()
-    agent = subprocess.Popen([sys.executable, "-m", "vgpu_agent", "--config", config_path, "run"])
+    agent_log = open(os.path.join(root, "agent.log"), "w+")  # noqa: SIM115 - closed below
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "vgpu_agent", "--config", config_path, "run"], stderr=agent_log
+    )
     pids: list[int] = []
     try:
         total = gpus * REPLICAS
@@ -280,9 +298,13 @@ def daemon_faults(gpus: int) -> None:
             f"killed (SIGKILL) -> update: {killed_ms:.0f} ms  "
             f"({gpus} daemon processes, probe interval 0.5 s)"
         )
+    except BaseException:
+        show_log(agent_log)
+        raise
     finally:
         agent.terminate()
         agent.wait(WAIT_S)
+        agent_log.close()
         for pid in pids:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)

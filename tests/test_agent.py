@@ -18,7 +18,7 @@ import pytest
 
 from tests.harness import RESOURCE, WAIT_S, AgentRun, NotifyListener, make_config
 from vgpu_agent import control
-from vgpu_agent.agent import EXIT_FAILURE, EXIT_OK
+from vgpu_agent.agent import EXIT_CONFIG, EXIT_OK
 from vgpu_agent.commands import parse_command
 from vgpu_agent.compose import build_agent, open_backend_for, real_mps
 from vgpu_agent.config import (
@@ -276,7 +276,8 @@ def test_backend_retries_until_driver(run_agent: Callable[..., AgentRun]) -> Non
 
 
 def test_no_servable_gpu_fails(short_tmp_dir: str, run_agent: Callable[..., AgentRun]) -> None:
-    """When every GPU is refused the agent exits 1 and says why."""
+    """When every GPU is refused the agent exits 78 (a config the node cannot serve, which
+    systemd does not restart) and says why."""
     config = make_config(
         short_tmp_dir,
         simulated=SimulatedConfig(
@@ -285,7 +286,7 @@ def test_no_servable_gpu_fails(short_tmp_dir: str, run_agent: Callable[..., Agen
     )
     harness = run_agent(config)
     harness.thread.join(timeout=WAIT_S)
-    assert harness.exit_code == [EXIT_FAILURE]
+    assert harness.exit_code == [EXIT_CONFIG]
 
 
 def test_compute_mode_applied_and_restored(short_tmp_dir: str) -> None:

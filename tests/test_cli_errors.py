@@ -381,12 +381,17 @@ def test_no_permission(running_agent: Path, short_tmp_dir: str) -> None:
     """As an unprivileged user: the control socket of a running agent, and MPS
     directories under a root-owned directory, are refused in one line each."""
     root = Path(short_tmp_dir)
-    (root / "pipe").mkdir(mode=0o755)  # root's: nobody cannot create the pipe root in it
+    # Real daemons (a stand-in program): simulated ones need no directories.
+    real = root / "real"
+    (real / "pipe").mkdir(mode=0o755, parents=True)  # root's: nobody cannot create in it
+    real.chmod(0o755)
+    real_daemons = _write_config(real, "simulated", control_binary="/bin/true")
+    real_daemons.chmod(0o644)
     config = ("--config", str(running_agent))
     jobs = {
-        name: Job((*config, *COMMANDS[name]), as_nobody=True)
-        for name in ("status", "health reset", "mps start")
+        name: Job((*config, *COMMANDS[name]), as_nobody=True) for name in ("status", "health reset")
     }
+    jobs["mps start"] = Job(("--config", str(real_daemons), *COMMANDS["mps start"]), as_nobody=True)
     results = run_all(jobs)
     assert_one_line_error(results["status"], "permission denied", "run as root")
     assert_one_line_error(results["health reset"], "permission denied", "run as root")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import posixpath
 import sys
 from typing import Union
 
@@ -12,6 +13,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from vgpu_agent.config import (
+    SHARED_SYSTEM_DIRECTORIES,
     AgentConfig,
     Config,
     GpusConfig,
@@ -228,6 +230,10 @@ _plain_names = st.builds(
     ),
 )
 _absolute_paths = _path_text.map(lambda text: "/" + text)
+#: MPS directory roots: any absolute path but the shared system ones (/, /tmp, ...).
+_own_directories: st.SearchStrategy[str] = _absolute_paths.filter(
+    lambda path: "/" + posixpath.normpath(path).lstrip("/") not in SHARED_SYSTEM_DIRECTORIES
+)
 _seconds = st.floats(min_value=0, exclude_min=True, allow_nan=False, allow_infinity=False)
 _uuids = st.from_regex(r"GPU-[A-Za-z0-9-]{1,55}", fullmatch=True)
 _resource_names: st.SearchStrategy[str] = st.from_regex(
@@ -332,8 +338,8 @@ valid_configs = st.builds(
         MpsConfig,
         enabled=st.booleans(),
         manager=st.sampled_from(["direct", "systemd", "external"]),
-        pipe_root=_absolute_paths,
-        log_root=_absolute_paths,
+        pipe_root=_own_directories,
+        log_root=_own_directories,
         control_binary=_programs,
         multi_user=st.sampled_from(["auto", "on", "off"]),
         container_pipe_dir=_absolute_paths,

@@ -142,3 +142,18 @@ def test_status_line(
     inventory = make_inventory((4, 4), unhealthy=unhealthy)
     line = status_line(inventory, "r/v", registered=registered, waiting_for=waiting_for)
     assert line == expected
+
+
+def test_status_line_while_waiting_for_the_driver() -> None:
+    """Before the GPU backend opens, the status line says what the agent waits for and
+    why, not "serving 0 vGPUs"."""
+    line = status_line(
+        make_inventory(()),
+        "r/v",
+        registered=False,
+        waiting_for="starting",
+        waiting_for_driver="initialising NVML: Driver Not Loaded; retrying in 4 s",
+    )
+    assert (
+        line == "waiting for the GPU driver: initialising NVML: Driver Not Loaded; retrying in 4 s"
+    )

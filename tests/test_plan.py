@@ -28,6 +28,14 @@ TWO_GPUS = [make_gpu(0), make_gpu(1)]
 SERVING_BOTH = {gpu_uuid(0): 4, gpu_uuid(1): 4}
 
 
+def restart_needed(keys: str) -> KeepRunningConfig:
+    """The refusal of a reload that changes ``keys``, settings only a restart applies."""
+    return KeepRunningConfig(
+        f"restart needed: {keys} cannot change while the agent runs; restart it to apply "
+        "the new config (systemctl restart vgpu-agent)"
+    )
+
+
 @pytest.mark.parametrize(
     ("new", "served", "expected"),
     [
@@ -75,6 +83,45 @@ SERVING_BOTH = {gpu_uuid(0): 4, gpu_uuid(1): 4}
             SERVING_BOTH,
             [RestartHealthChecks()],
         ),
+        (
+            parse('[gpus]\nreplicas_per_gpu = 4\n[agent]\nstate_dir = "/run/other"\n'),
+            SERVING_BOTH,
+            [restart_needed("agent.state_dir")],
+        ),
+        (
+            parse('[gpus]\nreplicas_per_gpu = 8\n[mps]\npipe_root = "/run/other-mps"\n'),
+            SERVING_BOTH,
+            [restart_needed("mps.pipe_root")],
+        ),
+        (
+            parse(
+                '[gpus]\nreplicas_per_gpu = 4\n[mps]\nlog_root = "/var/log/m"\nenabled = false\n'
+            ),
+            SERVING_BOTH,
+            [restart_needed("mps.enabled, mps.log_root")],
+        ),
+        (
+            parse(
+                '[gpus]\nreplicas_per_gpu = 4\nbackend = "simulated"\ncompute_mode = "default"\n'
+            ),
+            SERVING_BOTH,
+            [restart_needed("gpus.backend, gpus.compute_mode")],
+        ),
+        (
+            parse('[gpus]\nreplicas_per_gpu = 4\n[mps]\nmanager = "direct"\nmulti_user = "on"\n'),
+            SERVING_BOTH,
+            [restart_needed("mps.manager, mps.multi_user")],
+        ),
+        (
+            parse('[gpus]\nreplicas_per_gpu = 4\n[mps]\ncontrol_binary = "/usr/bin/m"\n'),
+            SERVING_BOTH,
+            [restart_needed("mps.control_binary")],
+        ),
+        (
+            parse("[gpus]\nreplicas_per_gpu = 4\n[mps]\ndaemon_thread_limit = 50\n"),
+            SERVING_BOTH,
+            [restart_needed("mps.daemon_thread_limit")],
+        ),
     ],
     ids=[
         "same",
@@ -86,6 +133,13 @@ SERVING_BOTH = {gpu_uuid(0): 4, gpu_uuid(1): 4}
         "log-level",
         "plugin-changed",
         "health-changed",
+        "state-dir-needs-restart",
+        "pipe-root-needs-restart",
+        "mps-off-needs-restart",
+        "backend-needs-restart",
+        "mps-manager-needs-restart",
+        "control-binary-needs-restart",
+        "daemon-limit-needs-restart",
     ],
 )
 def test_plan_reload(new: Config, served: dict[str, int], expected: list[ReloadAction]) -> None:
@@ -99,10 +153,10 @@ def test_plan_reload(new: Config, served: dict[str, int], expected: list[ReloadA
         ('thread_limit = "none"\n', True),
         ("memory_limit = 4096\n", True),
         ("memory_headroom_mib = 512\n", True),
-        ("enabled = false\n", True),
+        ("share_host_shm = true\n", True),
         ("control_timeout_s = 3\n", False),
     ],
-    ids=["threads", "memory", "headroom", "mps-off", "not-a-grant-setting"],
+    ids=["threads", "memory", "headroom", "host-shm", "not-a-grant-setting"],
 )
 def test_plan_reload_grant_policy(mps_text: str, changed: bool) -> None:
     """Only settings that change what Allocate grants give a new grant policy."""

@@ -661,7 +661,8 @@ def test_mps_daemon_fault_marks_gpu_then_heals(
 
 def test_driver_missing_at_boot_waits(run_agent: Callable[..., AgentRun]) -> None:
     """NVML fails at boot a few times: STATUS says it waits for the driver, the agent
-    answers control requests and does not exit; it serves once NVML works."""
+    answers control requests truthfully (status: waiting for the driver; health reset:
+    nothing served yet) and does not exit; it serves once NVML works."""
     driver_loaded = threading.Event()
     attempts: list[float] = []
 
@@ -677,7 +678,12 @@ def test_driver_missing_at_boot_waits(run_agent: Callable[..., AgentRun]) -> Non
     assert "Driver Not Loaded" in status
     wait_until(lambda: len(attempts) >= 4, what="four attempts to open NVML")
     answer = run.agent.submit(parse_command({"command": "status"}))
-    assert answer == {"ok": False, "error": "no GPU backend yet"}
+    assert answer["ok"] is True
+    assert answer["status"].startswith("waiting for the GPU driver: initialising NVML: Driver")
+    assert answer["gpus"] == []
+    reset = run.agent.submit(parse_command({"command": "health-reset", "gpu": "0"}))
+    assert reset["ok"] is False
+    assert reset["error"].startswith("no GPU is served yet: waiting for the GPU driver")
     cpu_s = cpu_seconds_over(1.0)
     assert cpu_s < MAX_IDLE_CPU_SHARE, f"{cpu_s:.2f} s of CPU in 1 s while waiting"
     assert run.thread.is_alive()

@@ -8,6 +8,7 @@ fills (and tests fill with fakes).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import queue
@@ -24,7 +25,7 @@ from vgpu_agent.commands import (
     SimulateCommand,
     StatusCommand,
 )
-from vgpu_agent.config import Config, HealthConfig, PluginConfig
+from vgpu_agent.config import Config, HealthConfig, PluginConfig, slice_warnings
 from vgpu_agent.daemons import MpsDaemons
 from vgpu_agent.devices import HealthReason, Inventory, ReasonKind, ServedGpu
 from vgpu_agent.errors import ConfigError, GpuError, MpsError, VgpuError
@@ -196,9 +197,17 @@ Event = Union[Stop, Reload, Wake, HealthChange, ControlRequest]
 
 
 def status_line(
-    inventory: Inventory, resource_name: str, *, registered: bool, waiting_for: str
+    inventory: Inventory,
+    resource_name: str,
+    *,
+    registered: bool,
+    waiting_for: str,
+    waiting_for_driver: Optional[str] = None,
 ) -> str:
-    """The one-line state systemd shows (STATUS=) and `vgpu-agent status` prints first."""
+    """The one-line state systemd shows (STATUS=) and `vgpu-agent status` prints first;
+    ``waiting_for_driver`` says why the GPU backend is not open yet (nothing served)."""
+    if waiting_for_driver is not None:
+        return f"waiting for the GPU driver: {waiting_for_driver}"
     line = f"serving {inventory.vgpu_count} vGPUs on {len(inventory.gpus)} GPUs as {resource_name}"
     unhealthy = [served for served in inventory.gpus if not served.healthy]
     if unhealthy:
@@ -238,6 +247,8 @@ class Agent:
         self.stopped = threading.Event()
         self._control: Optional[Service] = None
         self._watch: Optional[Watch] = None
+        #: Why the GPU backend is not open yet (and when it is retried); None once it is.
+        self._waiting_for_driver: Optional[str] = None
 
     @property
     def registered(self) -> bool:
@@ -263,7 +274,15 @@ class Agent:
         """Run a control command on the loop's thread and return its answer."""
         request = ControlRequest(command)
         self._events.put(request)
-        return request.reply.result(timeout=timeout_s)
+        try:
+            return request.reply.result(timeout=timeout_s)
+        except concurrent.futures.TimeoutError:
+            # The loop is busy (starting MPS daemons, registering): say so, not "internal".
+            return {
+                "ok": False,
+                "error": f"the agent did not answer within {timeout_s:g} s "
+                f"({self._last_status}); try again",
+            }
 
     def emit_health(self, change: HealthChange) -> None:
         """Queue a health change from a watcher."""
@@ -280,11 +299,17 @@ class Agent:
 
     def _run(self) -> int:
         self._set_status("starting")
+        # The control socket comes first, so that `vgpu-agent status` tells the truth
+        # (waiting for the GPU driver) from the start instead of "not running".
+        self._start_control()
         backend = self._open_backend()
         if backend is None:
             self._notifier.stopping()
+            if self._control is not None:
+                self._control.stop()
             return EXIT_OK
         self._backend = backend
+        self._waiting_for_driver = None
         try:
             self._start_serving()
         except ConfigError as exc:
@@ -325,7 +350,8 @@ class Agent:
             try:
                 return self._parts.open_backend(self.config)
             except GpuError as exc:
-                self._set_status(f"waiting for the GPU driver: {exc}; retrying in {delay_s:.0f} s")
+                self._waiting_for_driver = f"{exc}; retrying in {delay_s:.0f} s"
+                self._set_status(self._status_line())
                 log.warning("opening the GPU backend failed: %s; retrying in %.0f s", exc, delay_s)
             deadline = self._clock() + delay_s
             while self._clock() < deadline:
@@ -337,8 +363,18 @@ class Agent:
                 if isinstance(event, Stop):
                     return None
                 if isinstance(event, ControlRequest):
-                    event.reply.set_result({"ok": False, "error": "no GPU backend yet"})
+                    event.reply.set_result(self._answer_while_waiting(event.command))
             delay_s = min(delay_s * 2, self._parts.backend_retry_max_s)
+
+    def _answer_while_waiting(self, command: ControlCommand) -> dict[str, Any]:
+        """A control answer before the GPU backend opened: the truth, no GPU yet."""
+        if isinstance(command, StatusCommand):
+            return {"ok": True, **self.describe()}
+        return {
+            "ok": False,
+            "error": f"no GPU is served yet: {self._status_line()}; "
+            "install or load the NVIDIA driver (the agent retries on its own)",
+        }
 
     def _start_serving(self) -> None:
         assert self._backend is not None  # noqa: S101 - set by _run
@@ -346,10 +382,16 @@ class Agent:
         for problem in plan.refused:
             log.warning("%s", problem)
         if not plan.served:
-            raise GpuError(
+            # A node that has nothing to serve will not have it after a restart either:
+            # a config error (exit 78), so that Restart=always does not loop on it.
+            raise ConfigError(
                 "no GPU to serve: "
                 + ("; ".join(plan.refused) if plan.refused else "the node has no NVIDIA GPU")
+                + "; fix the config (gpus.serve, ...) or stop the agent on this node"
             )
+        for gpu, _ in plan.served:
+            for warning in slice_warnings(self.config, gpu.model, gpu.memory_mib):
+                log.warning("GPU %s (%s): %s", gpu.index, gpu.uuid, warning)
         for gpu, _ in plan.served:
             self._apply_compute_mode(gpu)
         self._mps = self._parts.make_mps(self.config)
@@ -365,7 +407,6 @@ class Agent:
                 VGPU_REPLICAS=str(entry.replicas),
             )
         self._start_health_checks()
-        self._start_control()
 
     def _start_mps(self, gpu: Gpu, replicas: int) -> ServedGpu:
         if self._mps is None:
@@ -685,6 +726,7 @@ class Agent:
             self.config.plugin.resource_name,
             registered=self.registered,
             waiting_for=self._registrar.waiting_for,
+            waiting_for_driver=self._waiting_for_driver,
         )
 
     def _set_status(self, line: str) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 import click
 
-from vgpu_agent import __version__, control, mps
+from vgpu_agent import __version__, control, instance, mps
 from vgpu_agent import config as config_module
 from vgpu_agent.agent import EXIT_CONFIG
 from vgpu_agent.commands import (
@@ -27,12 +27,13 @@ from vgpu_agent.commands import (
     StatusCommand,
 )
 from vgpu_agent.compose import build_agent, open_backend_for
-from vgpu_agent.config import Config
+from vgpu_agent.config import Config, simulated_mps
 from vgpu_agent.devices import HEALTHY, UNHEALTHY
 from vgpu_agent.errors import AgentError, ConfigError, VgpuError
 from vgpu_agent.gpu import ComputeMode, Gpu, set_compute_mode
 from vgpu_agent.plan import plan_gpus
 from vgpu_agent.plugin import AdvertisedDevice, query_devices
+from vgpu_agent.simulated import SIMULATED_DAEMON_NOTE
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_ERROR = 1
@@ -143,6 +144,11 @@ def run(ctx: click.Context, simulate: Optional[int], plugin_dir: Optional[str]) 
         click.echo(f"vgpu-agent: config error: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     setup_logging(config.agent.log_level, os.environ)
+    # Before anything is touched: a second agent beside a running one stops here.
+    lock = instance.InstanceLock(config.agent.state_dir)
+    lock.acquire()
+    config_path = config_module.resolve_path(options.config_path, os.environ)
+    instance.write_record(config_path, config.agent.control_socket_path)
     agent = build_agent(config, notifier=notifier, config_loader=load)
 
     def on_stop(signum: int, _frame: Optional[FrameType]) -> None:
@@ -154,7 +160,12 @@ def run(ctx: click.Context, simulate: Optional[int], plugin_dir: Optional[str]) 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_reload)
-    sys.exit(agent.run())
+    try:
+        code = agent.run()
+    finally:
+        instance.remove_record(config_path)
+        lock.release()
+    sys.exit(code)
 
 
 # -- config ------------------------------------------------------------------------------------
@@ -299,9 +310,36 @@ def gpus_set(ctx: click.Context, mode: str, gpus: tuple[str, ...]) -> None:
 # -- talking to the running agent ----------------------------------------------------------------
 
 
+def _agent_socket(ctx: click.Context) -> str:
+    """The control socket of the agent this config file runs: where the file says, unless
+    the agent started with it recorded another place (the file was broken or changed after
+    it started), which is then said on stderr. The ConfigError when neither tells."""
+    options: _Options = ctx.find_root().obj
+    config_path = config_module.resolve_path(options.config_path, os.environ)
+    recorded = instance.recorded_socket(config_path)
+    try:
+        configured = _load(ctx).agent.control_socket_path
+    except ConfigError as exc:
+        if recorded is None:
+            raise
+        click.echo(
+            f"vgpu-agent: note: {exc}; asking the agent that runs with the config it "
+            f"loaded, on {recorded}",
+            err=True,
+        )
+        return recorded
+    if recorded is not None and recorded != configured and not os.path.exists(configured):
+        click.echo(
+            f"vgpu-agent: note: {config_path} was changed since the agent started (restart "
+            f"it to apply the file); asking it on {recorded}",
+            err=True,
+        )
+        return recorded
+    return configured
+
+
 def _ask(ctx: click.Context, command: ControlCommand) -> dict[str, Any]:
-    loaded = _load(ctx)
-    answer = control.request(loaded.agent.control_socket_path, command)
+    answer = control.request(_agent_socket(ctx), command)
     if not answer.get("ok"):
         raise VgpuError(str(answer.get("error", "the agent refused the request")))
     return answer
@@ -312,13 +350,12 @@ def _ask(ctx: click.Context, command: ControlCommand) -> dict[str, Any]:
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Show the running agent: each GPU, its vGPUs and their health."""
-    loaded = _load(ctx)
     try:
         answer = _ask(ctx, StatusCommand())
     except AgentError as control_error:
         # No control socket (another state_dir, no permission): the plugin socket still
         # tells the device list, as the kubelet sees it, without the reasons.
-        plugin_socket = loaded.plugin.socket_path
+        plugin_socket = _load(ctx).plugin.socket_path
         try:
             devices = query_devices(plugin_socket)
         except AgentError:
@@ -363,8 +400,10 @@ def health_group() -> None:
 def health_reset(ctx: click.Context, gpu: str) -> None:
     """Mark GPU (UUID or index) healthy again after XID errors, at once."""
     answer = _ask(ctx, HealthResetCommand(gpu))
-    cleared = ", ".join(answer["cleared"]) or "nothing to clear"
-    click.echo(f"GPU {answer['gpu']}: cleared {cleared}")
+    if answer["cleared"]:
+        click.echo(f"GPU {answer['gpu']}: cleared {', '.join(answer['cleared'])}")
+    else:
+        click.echo(f"GPU {answer['gpu']}: no fault recorded, nothing to clear")
 
 
 @cli.group("simulate")
@@ -379,9 +418,31 @@ def _simulate(
     click.echo(f"GPU {answer['gpu']}: {action.value} injected")
 
 
+MAX_XID = 65535
+
+
+class _XidType(click.ParamType):
+    """An XID number; its error says what one is (click.IntRange's talks of a "range")."""
+
+    name = "xid"
+
+    def convert(
+        self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]
+    ) -> int:
+        try:
+            xid = int(value, 10) if isinstance(value, str) else int(value)
+        except ValueError:
+            xid = -1
+        if not 0 <= xid <= MAX_XID:
+            self.fail(
+                f"{value!r} is not an XID number (an integer from 0 to {MAX_XID})", param, ctx
+            )
+        return xid
+
+
 @simulate_group.command("xid")
 @click.argument("gpu")
-@click.argument("xid", type=click.IntRange(0, 65535))
+@click.argument("xid", type=_XidType())
 @click.pass_context
 def simulate_xid(ctx: click.Context, gpu: str, xid: int) -> None:
     """An XID error on GPU."""
@@ -429,12 +490,25 @@ def _apply_defaults(loaded: Config, gpu: Gpu) -> None:
         click.echo(f"GPU {gpu.index} {gpu.uuid}: {command}")
 
 
+def _refuse_simulated(loaded: Config, what: str) -> None:
+    """A VgpuError when the config's MPS daemons are simulated: no process to ``what``."""
+    if simulated_mps(loaded):
+        raise VgpuError(
+            f"cannot {what}: with simulated GPUs the MPS daemons are {SIMULATED_DAEMON_NOTE}; "
+            "set mps.control_binary to a stand-in program to run real daemon processes"
+        )
+
+
 @mps_group.command("exec-daemon")
 @click.argument("gpu_uuid")
 @click.pass_context
 def mps_exec_daemon(ctx: click.Context, gpu_uuid: str) -> None:
     """Become GPU_UUID's MPS control daemon in the foreground (vgpu-mps@.service)."""
-    mps.exec_daemon(_load(ctx).mps, gpu_uuid)
+    loaded = _load(ctx)
+    _refuse_simulated(loaded, f"run the MPS daemon of {gpu_uuid}")
+    # Check the GPU before creating its directories: a typo must leave nothing behind.
+    _served_gpus(loaded, (gpu_uuid,))
+    mps.exec_daemon(loaded.mps, gpu_uuid)
 
 
 @mps_group.command("quit")
@@ -442,7 +516,9 @@ def mps_exec_daemon(ctx: click.Context, gpu_uuid: str) -> None:
 @click.pass_context
 def mps_quit(ctx: click.Context, gpu_uuid: str) -> None:
     """Ask GPU_UUID's MPS control daemon to quit (vgpu-mps@.service's ExecStop)."""
-    mps.quit_daemon(_load(ctx).mps, gpu_uuid)
+    loaded = _load(ctx)
+    _refuse_simulated(loaded, f"ask the MPS daemon of {gpu_uuid} to quit")
+    mps.quit_daemon(loaded.mps, gpu_uuid)
 
 
 @mps_group.command("apply-defaults")
@@ -454,10 +530,12 @@ def mps_apply_defaults(ctx: click.Context, gpu_uuid: str) -> None:
     loaded = _load(ctx)
     gpu: Optional[Gpu] = None
     if loaded.mps.daemon_thread_limit != "none" or loaded.mps.daemon_memory_limit != "none":
+        _refuse_simulated(loaded, f"set the daemon defaults of {gpu_uuid}")
         served = {gpu.uuid: gpu for gpu in _served_gpus(loaded, ())}
         gpu = served.get(gpu_uuid)
         if gpu is None:
             raise VgpuError(f"GPU {gpu_uuid} is not served by this config (see `vgpu-agent gpus`)")
+    _refuse_simulated(loaded, f"secure the pipe directory of {gpu_uuid}")
     mps.secure_pipe_dir(loaded.mps, gpu_uuid)
     if gpu is not None:
         _apply_defaults(loaded, gpu)
@@ -469,6 +547,10 @@ def mps_apply_defaults(ctx: click.Context, gpu_uuid: str) -> None:
 def mps_start(ctx: click.Context, gpus: tuple[str, ...]) -> None:
     """Start the MPS daemons of the served GPUs directly (no systemd); they keep running."""
     loaded = _load(ctx)
+    if simulated_mps(loaded):
+        for gpu in _served_gpus(loaded, gpus):
+            click.echo(f"GPU {gpu.index} {gpu.uuid}: nothing to start: {SIMULATED_DAEMON_NOTE}")
+        return
     daemons = mps.DirectMpsDaemons(loaded.mps)
     for gpu in _served_gpus(loaded, gpus):
         info = daemons.start(gpu)
@@ -484,6 +566,9 @@ def mps_stop(ctx: click.Context, gpus: tuple[str, ...]) -> None:
     """Ask the served GPUs' MPS daemons to quit."""
     loaded = _load(ctx)
     for gpu in _served_gpus(loaded, gpus):
+        if simulated_mps(loaded):
+            click.echo(f"GPU {gpu.index} {gpu.uuid}: nothing to stop: {SIMULATED_DAEMON_NOTE}")
+            continue
         problem = mps.probe_pipe_dir(loaded.mps, loaded.mps.pipe_dir(gpu.uuid))
         if problem is not None:
             click.echo(f"GPU {gpu.index} {gpu.uuid}: nothing to stop ({problem})")
@@ -493,16 +578,21 @@ def mps_stop(ctx: click.Context, gpus: tuple[str, ...]) -> None:
 
 
 @mps_group.command("status")
+@click.argument("gpus", nargs=-1, metavar="[GPU]...")
 @click.pass_context
-def mps_status(ctx: click.Context) -> None:
-    """Whether each served GPU's MPS daemon answers (exit 1 if one does not)."""
+def mps_status(ctx: click.Context, gpus: tuple[str, ...]) -> None:
+    """Whether the served GPUs' MPS daemons answer (exit 1 if one does not)."""
     loaded = _load(ctx)
     failed = False
-    for gpu in _served_gpus(loaded, ()):
+    for gpu in _served_gpus(loaded, gpus):
+        if simulated_mps(loaded):
+            click.echo(f"GPU {gpu.index} {gpu.uuid}: {SIMULATED_DAEMON_NOTE}")
+            continue
         pipe_dir = loaded.mps.pipe_dir(gpu.uuid)
         problem = mps.probe_pipe_dir(loaded.mps, pipe_dir)
         failed = failed or problem is not None
-        click.echo(f"GPU {gpu.index} {gpu.uuid}: {problem or 'answers'} ({pipe_dir})")
+        # Each problem names the pipe directory already.
+        click.echo(f"GPU {gpu.index} {gpu.uuid}: {problem or f'answers on {pipe_dir}'}")
     if failed:
         sys.exit(EXIT_ERROR)
 

@@ -9,9 +9,12 @@ bad value, and saying what is allowed. Unknown keys are errors.
 from __future__ import annotations
 
 import datetime
+import errno
 import math
 import os
+import posixpath
 import re
+import stat
 import sys
 from dataclasses import dataclass, field, fields
 from typing import (
@@ -223,6 +226,8 @@ MAX_SIMULATED_GPUS = 64
 #: A proportional memory slice below this leaves an MPS client almost nothing once its own
 #: CUDA context is counted against the limit (measured: a 1 GiB limit left 0.39 GiB free).
 MIN_USEFUL_SLICE_MIB = 640
+#: TOML's integers are signed 64-bit; larger ones are refused as out of range.
+MAX_INTEGER = 2**63 - 1
 #: vGPU ids are "<uuid>::<replica>" and at most 63 characters; replicas need up to 2 digits.
 MAX_GPU_UUID_LENGTH = 63 - len("::") - len(str(MAX_REPLICAS_PER_GPU - 1))
 
@@ -399,6 +404,9 @@ def _int(value: _Value, expected: str, low: int, high: Optional[int] = None) -> 
         value.fail(expected, wrong_type=True)
     if raw < low or (high is not None and raw > high):
         value.fail(expected, "out of range")
+    if raw > MAX_INTEGER:
+        # TOML integers are 64-bit; Python would take any size and pass it on to NVML or MPS.
+        value.fail(expected, f"out of range (more than {MAX_INTEGER}, the largest 64-bit integer)")
     return raw
 
 
@@ -416,6 +424,8 @@ def _seconds(*, allow_zero: bool, note: str = "") -> Callable[[_Value], float]:
         raw = value.raw
         if isinstance(raw, bool) or not isinstance(raw, (int, float)):
             value.fail(expected, wrong_type=True)
+        if isinstance(raw, int) and abs(raw) > MAX_INTEGER:
+            value.fail(expected, f"out of range (beyond {MAX_INTEGER}, the 64-bit limit)")
         seconds = float(raw)
         if not math.isfinite(seconds):
             value.fail(expected, "not a finite number")
@@ -459,6 +469,28 @@ def _absolute_path(value: _Value) -> str:
     path = _string(value, expected)
     if not path.startswith("/"):
         value.fail(expected, "not absolute")
+    return path
+
+
+#: Directories the system or every user shares: the agent makes and chmods its MPS
+#: directories in mps.pipe_root and mps.log_root, so neither may be one of these.
+SHARED_SYSTEM_DIRECTORIES = frozenset(
+    {
+        "/", "/bin", "/boot", "/dev", "/dev/shm", "/etc", "/home", "/lib", "/lib64",
+        "/media", "/mnt", "/opt", "/proc", "/root", "/run", "/run/lock", "/run/user",
+        "/sbin", "/srv", "/sys", "/tmp", "/usr", "/usr/bin", "/usr/lib", "/usr/local",
+        "/usr/sbin", "/var", "/var/lib", "/var/lib/kubelet", "/var/log", "/var/run",
+        "/var/tmp",
+    }
+)  # fmt: skip
+
+
+def _own_directory(value: _Value) -> str:
+    expected = "an absolute path of a directory of its own (not /tmp, /run, /var, ...)"
+    path = _absolute_path(value)
+    normal = "/" + posixpath.normpath(path).lstrip("/")
+    if normal in SHARED_SYSTEM_DIRECTORIES:
+        value.fail(expected, "a directory the system or every user shares")
     return path
 
 
@@ -716,8 +748,8 @@ def _parse_mps(table: _Table) -> MpsConfig:
     return MpsConfig(
         enabled=table.get("enabled", defaults.enabled, _bool),
         manager=table.get("manager", defaults.manager, _choice(_MPS_MANAGERS)),
-        pipe_root=table.get("pipe_root", defaults.pipe_root, _absolute_path),
-        log_root=table.get("log_root", defaults.log_root, _absolute_path),
+        pipe_root=table.get("pipe_root", defaults.pipe_root, _own_directory),
+        log_root=table.get("log_root", defaults.log_root, _own_directory),
         control_binary=table.get("control_binary", defaults.control_binary, _program),
         multi_user=table.get("multi_user", defaults.multi_user, _multi_user),
         container_pipe_dir=table.get(
@@ -1002,8 +1034,7 @@ def _read_text(path: str, *, missing_ok: bool) -> Optional[str]:
     if not path:
         raise ConfigError("reading config file: the path is empty; give a file name")
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
+        data = _read_regular_file(path, action)
     except FileNotFoundError as exc:
         if missing_ok:
             return None
@@ -1031,6 +1062,32 @@ def _read_text(path: str, *, missing_ok: bool) -> Optional[str]:
         raise ConfigError(
             f"{action}: not UTF-8 text (byte {exc.start}); TOML files must be UTF-8"
         ) from exc
+
+
+def _read_regular_file(path: str, action: str) -> bytes:
+    """The bytes of ``path``; OSError as open() raises it, ConfigError for a FIFO, device
+    or socket (which a read could block on or never end)."""
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if not stat.S_ISREG(mode):
+            raise ConfigError(
+                f"{action}: not a regular file ({_file_kind(mode)}); give the path of a TOML file"
+            )
+        return handle.read()
+
+
+def _file_kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a plain file")
 
 
 def load(path: str) -> Config:

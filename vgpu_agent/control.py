@@ -22,7 +22,11 @@ from vgpu_agent.sockets import socket_answers
 
 log = logging.getLogger(__name__)
 
+#: A request is one small command; anything longer is refused unread.
 MAX_REQUEST_BYTES = 64 * 1024
+#: A reply grows with the vGPUs served (`status` lists each one, ~60 bytes a vGPU); this
+#: only bounds what a broken agent could make the client hold in memory.
+MAX_REPLY_BYTES = 64 * 1024 * 1024
 CLIENT_TIMEOUT_S = 10.0
 
 Handler = Callable[[ControlCommand], dict[str, Any]]
@@ -95,7 +99,7 @@ class ControlServer:
         with conn:
             conn.settimeout(CLIENT_TIMEOUT_S)
             try:
-                request = _read_line(conn)
+                request = _read_line(conn, MAX_REQUEST_BYTES, "request")
                 command = parse_command(_parse_request(request))
             except (ValueError, UnicodeDecodeError) as exc:
                 answer = {"ok": False, "error": f"bad request: {exc}"}
@@ -124,16 +128,24 @@ def _parse_request(text: str) -> dict[str, Any]:
     return command
 
 
-def _read_line(conn: socket.socket) -> str:
-    data = b""
-    while b"\n" not in data:
-        chunk = conn.recv(4096)
+def _read_line(conn: socket.socket, limit_bytes: int, what: str) -> str:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = conn.recv(65536)
         if not chunk:
             break
-        data += chunk
-        if len(data) > MAX_REQUEST_BYTES:
-            raise ValueError(f"request longer than {MAX_REQUEST_BYTES} bytes")
-    return data.split(b"\n", 1)[0].decode()
+        chunks.append(chunk)
+        size += len(chunk)
+        if b"\n" in chunk:
+            break
+        if size > limit_bytes:
+            raise ValueError(f"{what} longer than {limit_bytes} bytes")
+    data = b"".join(chunks)
+    line = data.split(b"\n", 1)[0]
+    if len(line) > limit_bytes:
+        raise ValueError(f"{what} longer than {limit_bytes} bytes")
+    return line.decode()
 
 
 def request(socket_path: str, command: ControlCommand) -> dict[str, Any]:
@@ -143,7 +155,7 @@ def request(socket_path: str, command: ControlCommand) -> dict[str, Any]:
     try:
         client.connect(socket_path)
         client.sendall(json.dumps(to_request(command)).encode() + b"\n")
-        answer = json.loads(_read_line(client))
+        answer = json.loads(_read_line(client, MAX_REPLY_BYTES, "reply"))
     except FileNotFoundError as exc:
         raise AgentError(
             f"the agent is not running (no control socket at {socket_path}); "

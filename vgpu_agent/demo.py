@@ -7,6 +7,7 @@ allocation, an Allocate response, and a GPU fault turning vGPUs Unhealthy and ba
 
 from __future__ import annotations
 
+import io
 import shutil
 import tempfile
 import threading
@@ -47,8 +48,12 @@ def demo_config(root: str) -> Config:
 
 
 def run_demo(echo: Echo) -> int:
-    """Run the demo, printing what happens; returns the exit code."""
-    setup_logging("warning", {})
+    """Run the demo, printing what happens; returns the exit code.
+
+    The agent's log goes to a buffer, not between the demo's lines; it is printed only if
+    the demo fails, to show why."""
+    agent_log = io.StringIO()
+    setup_logging("info", {}, stream=agent_log)
     root = tempfile.mkdtemp(prefix="vgpu-demo-")
     config = demo_config(root)
     resource = config.plugin.resource_name
@@ -100,6 +105,11 @@ def run_demo(echo: Echo) -> int:
         echo(f"   registered again ({len(standin.registrations)} registrations in all)")
         echo("== done")
         return 0
+    except BaseException:
+        echo("== the demo failed; the agent's log:")
+        for line in agent_log.getvalue().splitlines():
+            echo(f"   {line}")
+        raise
     finally:
         agent.request_stop("demo finished")
         thread.join(timeout=WAIT_S)

@@ -26,6 +26,7 @@ from vgpu_agent.daemons import MpsInspector
 from vgpu_agent.errors import ConfigError, VgpuError
 from vgpu_agent.gpu import ComputeMode, Gpu, GpuBackend
 from vgpu_agent.plan import plan_gpus
+from vgpu_agent.simulated import SIMULATED_DAEMON_NOTE
 from vgpu_agent.sockets import socket_state
 
 if sys.version_info >= (3, 11):
@@ -103,6 +104,9 @@ class DoctorProbes:
     containerd_config: str = CONTAINERD_CONFIG
     containerd_dropin_dirs: tuple[str, ...] = CONTAINERD_DROPIN_DIRS
     socket_timeout_s: float = SOCKET_CONNECT_TIMEOUT_S
+    #: Why the agent would refuse to run the control program as root (another user could
+    #: change it), or None (the default: not checked).
+    untrusted_program: Callable[[str], Optional[str]] = lambda _control_binary: None
 
 
 # -- the probes of the real node ---------------------------------------------------------------
@@ -120,6 +124,14 @@ def _inspector(config: Config) -> MpsInspector:
     return mps_inspector_for(config)
 
 
+def _untrusted_program(control_binary: str) -> Optional[str]:
+    try:
+        mps.checked_program(control_binary)
+    except VgpuError as exc:
+        return str(exc)
+    return None
+
+
 def system_probes() -> DoctorProbes:
     """The probes of the node doctor runs on."""
     return DoctorProbes(
@@ -132,6 +144,7 @@ def system_probes() -> DoctorProbes:
         ),
         mps_in_agent=lambda config: _inspector(config).in_agent,
         agent_request=control.request,
+        untrusted_program=_untrusted_program,
     )
 
 
@@ -360,6 +373,10 @@ def _check_mps_binaries(report: _Report, config: Config, probes: DoctorProbes) -
             f"{control_binary} {where}; {_MPS_PACKAGES}, or set mps.control_binary to its path",
         )
         return
+    untrusted = probes.untrusted_program(control_binary)
+    if untrusted is not None:
+        report.fail(check, untrusted)
+        return
     # The control daemon starts the server; it ships next to it.
     beside = os.path.join(os.path.dirname(control_path), MPS_SERVER_BINARY)
     server_path = probes.which(beside) or probes.which(MPS_SERVER_BINARY)
@@ -427,7 +444,6 @@ def _check_mps_daemons(report: _Report, config: Config, probes: DoctorProbes, no
     if _served_backend(report, check, node) is None:
         return
     in_agent = probes.mps_in_agent(config)
-    note = f" ({in_agent})" if in_agent is not None else ""
     for gpu in node.served:
         pipe_dir = config.mps.pipe_dir(gpu.uuid)
         try:
@@ -450,7 +466,11 @@ def _check_mps_daemons(report: _Report, config: Config, probes: DoctorProbes, no
                 f"{_restart_hint(config, gpu.uuid)}",
             )
             continue
-        report.ok(check, f"GPU {gpu.index}: the daemon on {pipe_dir} answers{note}")
+        if in_agent is not None:
+            # As `mps status` says it: there is no daemon on disk to answer.
+            report.ok(check, f"GPU {gpu.index}: {SIMULATED_DAEMON_NOTE}")
+        else:
+            report.ok(check, f"GPU {gpu.index}: the daemon on {pipe_dir} answers")
 
 
 def _check_multi_user(report: _Report, config: Config, probes: DoctorProbes) -> None:
@@ -751,7 +771,9 @@ def _check_agent(report: _Report, config: Config, probes: DoctorProbes) -> None:
             reasons = gpu.get("reasons", [])
             causes = "; ".join(str(reason) for reason in reasons) if reasons else "no reason"
             unhealthy.append(f"GPU {gpu.get('index', '?')}: {causes}")
-    if unhealthy:
+    if line.startswith("waiting for the GPU driver"):
+        report.warn(check, f"running, but {line}; see the driver check above")
+    elif unhealthy:
         report.warn(
             check,
             f"running: {line}; unhealthy {', '.join(unhealthy)}; once fixed, "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import stat
 import subprocess
 import threading
@@ -88,7 +89,9 @@ def prepare_directories(config: MpsConfig, gpu_uuid: str) -> tuple[str, str]:
     """Create the GPU's pipe and log directories (mode 0755, whatever the umask).
 
     The daemon would create a missing pipe directory itself with mode 0777, which lets
-    any pod replace its sockets; so we create it first. Returns (pipe_dir, log_dir).
+    any pod replace its sockets; so we create it first. Only directories created here are
+    chmod-ed: one that exists already is used only when it is root's and writable by
+    nobody else (never /tmp-like shared directories). Returns (pipe_dir, log_dir).
     """
     pipe_dir = config.pipe_dir(gpu_uuid)
     log_dir = log_dir_for(config.log_root, gpu_uuid)
@@ -97,15 +100,42 @@ def prepare_directories(config: MpsConfig, gpu_uuid: str) -> tuple[str, str]:
         (config.log_root, log_dir, "mps.log_root"),
     ):
         try:
-            os.makedirs(directory, mode=DIRECTORY_MODE, exist_ok=True)
+            os.makedirs(os.path.dirname(root), mode=DIRECTORY_MODE, exist_ok=True)
             for path in (root, directory):
-                os.chmod(path, DIRECTORY_MODE)
+                if _make_directory(path):
+                    os.chmod(path, DIRECTORY_MODE)
+                    continue
+                problem = _unsafe(path)
+                if problem is not None:
+                    raise MpsError(
+                        f"using MPS directory {path} for GPU {gpu_uuid}: {problem}, so other "
+                        f"users could replace what the daemon keeps there; set {key} to a "
+                        "directory of its own (e.g. /run/nvidia-mps) or chmod go-w it"
+                    )
+                if not os.stat(path).st_mode & stat.S_IXOTH:
+                    # Left as it is (not ours to chmod), but pods must pass through it.
+                    _log.warning(
+                        "MPS directory %s is not searchable by other users: pods running as "
+                        "other users cannot reach the daemon; chmod o+x it (or 0755)",
+                        path,
+                    )
         except OSError as exc:
             raise MpsError(
                 f"creating MPS directory {directory} for GPU {gpu_uuid}: {exc.strerror} "
                 f"(run the agent as root, or set {key} to a writable directory)"
             ) from exc
     return pipe_dir, log_dir
+
+
+def _make_directory(path: str) -> bool:
+    """Create ``path``; False when a directory is there already (OSError otherwise)."""
+    try:
+        os.mkdir(path, DIRECTORY_MODE)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+        return False
+    return True
 
 
 def restrict_pipe_dir(pipe_dir: str) -> None:
@@ -138,9 +168,10 @@ def help_supports_multi_user(help_text: str) -> bool:
 
 def control_help(control_binary: str, timeout_s: float = 5.0) -> str:
     """The control program's usage text (``-h``), stdout and stderr together."""
+    program = checked_program(control_binary)
     try:
         completed = subprocess.run(
-            [control_binary, "-h"],
+            [program, "-h"],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=timeout_s,
@@ -180,6 +211,65 @@ def resolve_multi_user(config: MpsConfig) -> bool:
 # -- talking to a daemon -------------------------------------------------------------
 
 
+def _ancestors(path: str) -> list[str]:
+    """The directories above ``path`` (absolute), nearest first, "/" last."""
+    found = []
+    parent = os.path.dirname(path)
+    while True:
+        found.append(parent)
+        if parent == "/":
+            return found
+        parent = os.path.dirname(parent)
+
+
+def _unsafe(path: str, *, allow_sticky: bool = False) -> Optional[str]:
+    """Why another user could change what ``path`` is, or None: it must be owned by root
+    (or by us) and writable by nobody else. With ``allow_sticky`` (a directory above a
+    program), a root-owned sticky directory (/tmp) is fine: no one else can rename or
+    replace what is in it."""
+    info = os.stat(path)
+    if info.st_uid not in (0, os.geteuid()):
+        return f"{path} is owned by uid {info.st_uid}, not root"
+    sticky_root_dir = (
+        allow_sticky
+        and stat.S_ISDIR(info.st_mode)
+        and bool(info.st_mode & stat.S_ISVTX)
+        and info.st_uid == 0
+    )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky_root_dir:
+        return f"{path} is writable by other users (mode {stat.S_IMODE(info.st_mode):04o})"
+    return None
+
+
+def checked_program(control_binary: str) -> str:
+    """The absolute path of the MPS control program, once nobody but root could have put
+    something else there: we run it as root. Symlinks are resolved; the file and every
+    directory above it (and above the link) must be root's and writable by nobody else.
+    MpsError naming the path and what to do otherwise."""
+    found = shutil.which(control_binary) if "/" not in control_binary else control_binary
+    if found is None or not os.path.isfile(found):
+        raise _missing_binary(control_binary)
+    found = os.path.abspath(found)
+    real = os.path.realpath(found)
+    try:
+        directories = _ancestors(real) + _ancestors(found)
+        problem = _unsafe(real) or next(
+            (why for why in (_unsafe(path, allow_sticky=True) for path in directories) if why),
+            None,
+        )
+    except OSError as exc:
+        raise MpsError(f"checking the MPS control program {found}: {exc.strerror}") from exc
+    if problem is not None:
+        shown = found if real == found else f"{found} (-> {real})"
+        raise MpsError(
+            f"refusing to run the MPS control program {shown} as root: {problem}; "
+            "make it and its directories root's and not writable by others (chmod go-w), "
+            "or set mps.control_binary to one that is"
+        )
+    # Run it by the checked name: the daemon finds nvidia-cuda-mps-server beside it.
+    return found
+
+
 def _missing_binary(control_binary: str) -> MpsError:
     return MpsError(
         f"the MPS control program {control_binary!r} was not found: install the NVIDIA "
@@ -197,9 +287,10 @@ def control_command(config: MpsConfig, pipe_dir: str, command: str) -> str:
     environment = dict(os.environ)
     environment["CUDA_MPS_PIPE_DIRECTORY"] = pipe_dir
     timeout_s = config.control_timeout_s
+    program = checked_program(config.control_binary)
     try:
         completed = subprocess.run(
-            [config.control_binary],
+            [program],
             input=(command + "\n").encode(),
             capture_output=True,
             env=environment,
@@ -332,8 +423,11 @@ def quit_daemon(config: MpsConfig, gpu_uuid: str) -> None:
 def exec_daemon(config: MpsConfig, gpu_uuid: str) -> None:
     """Become the GPU's control daemon (``vgpu-agent mps run-daemon <uuid>``, systemd's
     ExecStart): prepare its directories, then exec it in the foreground."""
+    # Check the program before creating anything: a bad one must leave nothing behind.
+    program = checked_program(config.control_binary)
+    multi_user = resolve_multi_user(config)
     prepare_directories(config, gpu_uuid)
-    command = daemon_command(config, resolve_multi_user(config))
+    command = [program, *daemon_command(config, multi_user)[1:]]
     environment = dict(os.environ)
     environment.update(daemon_environment(config, gpu_uuid))
     try:
@@ -490,7 +584,7 @@ class DirectMpsDaemons:
                 restrict_pipe_dir(pipe_dir)
             return info
         multi_user = self._resolved_multi_user()
-        command = daemon_command(config, multi_user)
+        command = [checked_program(config.control_binary), *daemon_command(config, multi_user)[1:]]
         environment = dict(os.environ)
         environment.update(daemon_environment(config, gpu.uuid))
         log_path = os.path.join(log_dir, "control.log")

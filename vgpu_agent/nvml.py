@@ -37,19 +37,22 @@ NVML_ERROR_LIB_RM_VERSION_MISMATCH = 18
 NVML_ERROR_GPU_NOT_FOUND = 28
 
 _LOST_CODES = frozenset({NVML_ERROR_GPU_IS_LOST, NVML_ERROR_GPU_NOT_FOUND})
+#: Without a GPU, what to use instead (the CLI's option and the config key).
+TRY_WITHOUT_GPU = 'or try without a GPU: --simulate N, or gpus.backend = "simulated"'
 _HINTS = {
-    NVML_ERROR_LIBRARY_NOT_FOUND: "is the NVIDIA driver installed and loaded? "
-    "(libnvidia-ml.so.1 was not found)",
-    NVML_ERROR_DRIVER_NOT_LOADED: "is the NVIDIA driver installed and loaded? (nvidia-smi shows)",
+    NVML_ERROR_LIBRARY_NOT_FOUND: "libnvidia-ml.so.1 was not found: install the NVIDIA "
+    f"driver, {TRY_WITHOUT_GPU}",
+    NVML_ERROR_DRIVER_NOT_LOADED: "the NVIDIA kernel driver is not loaded: load it "
+    f"(modprobe nvidia; nvidia-smi must list the GPUs), {TRY_WITHOUT_GPU}",
     NVML_ERROR_NO_PERMISSION: "insufficient permissions: run as root",
     NVML_ERROR_LIB_RM_VERSION_MISMATCH: "the NVML library and the loaded kernel driver "
     "differ in version: reboot or reload the driver after the upgrade",
-    NVML_ERROR_GPU_IS_LOST: "the GPU is lost (fallen off the bus?); see the kernel log",
-    NVML_ERROR_GPU_NOT_FOUND: "the GPU is gone; see the kernel log",
-    NVML_ERROR_RESET_REQUIRED: "the GPU needs a reset",
+    NVML_ERROR_GPU_IS_LOST: "the GPU is lost, fallen off the bus: see the kernel log",
+    NVML_ERROR_GPU_NOT_FOUND: "the GPU is gone: see the kernel log",
+    NVML_ERROR_RESET_REQUIRED: "the GPU needs a reset (nvidia-smi -r)",
     NVML_ERROR_NOT_SUPPORTED: "this GPU or driver does not support it",
-    NVML_ERROR_FUNCTION_NOT_FOUND: "the driver is too old for this NVML function",
-    NVML_ERROR_UNINITIALIZED: "NVML is not initialised (the backend was closed?)",
+    NVML_ERROR_FUNCTION_NOT_FOUND: "the driver is too old for this NVML function: upgrade it",
+    NVML_ERROR_UNINITIALIZED: "NVML is not initialised: the backend was closed",
 }
 
 _COMPUTE_MODES = {
@@ -71,7 +74,7 @@ def translate_error(action: str, code: Optional[int], text: str) -> GpuError:
     hint = _HINTS.get(code) if code is not None else None
     message = f"{action}: NVML error: {text}"
     if hint is not None:
-        message += f" ({hint})"
+        message += f"; {hint}"
     if code in _LOST_CODES:
         return GpuLostError(message)
     return GpuError(message)
@@ -128,7 +131,7 @@ class NvmlBackend:
         except ImportError as exc:
             raise GpuError(
                 "loading NVML: the Python package nvidia-ml-py (module pynvml) is not "
-                "installed; install it or use the simulated backend"
+                f"installed: install it, {TRY_WITHOUT_GPU}"
             ) from exc
         self._nvml: Any = pynvml
         self._lock = threading.Lock()

@@ -65,6 +65,17 @@ def plan_gpus(config: Config, gpus: Sequence[Gpu]) -> GpuPlan:
                 "gpus.replicas_per_gpu or add a gpus.replicas_by_model entry"
             )
             continue
+        if config.mps.enabled and config.mps.memory_limit == "proportional":
+            headroom_mib = config.mps.memory_headroom_mib
+            if (gpu.memory_mib - headroom_mib) // replicas < 1:
+                # Every pod would get a memory limit of 0 (1M) and fail at CUDA init.
+                refused.append(
+                    f"GPU {gpu.index} ({gpu.uuid}, {gpu.model}) has {gpu.memory_mib} MiB: "
+                    f"after mps.memory_headroom_mib = {headroom_mib} its {replicas} vGPUs "
+                    "would get no memory each; lower mps.memory_headroom_mib or the vGPUs "
+                    "per GPU"
+                )
+                continue
         served.append((gpu, replicas))
     return GpuPlan(tuple(served), tuple(refused))
 
@@ -162,6 +173,35 @@ ReloadAction = Union[
 ]
 
 
+#: Settings a running agent cannot take on: its control socket's directory, the GPU
+#: backend, and how the MPS daemons are run (they were started with the old ones).
+RESTART_ONLY_KEYS = (
+    ("agent", "state_dir"),
+    ("gpus", "backend"),
+    ("gpus", "compute_mode"),
+    ("mps", "enabled"),
+    ("mps", "manager"),
+    ("mps", "pipe_root"),
+    ("mps", "log_root"),
+    ("mps", "control_binary"),
+    ("mps", "multi_user"),
+    ("mps", "daemon_thread_limit"),
+    ("mps", "daemon_memory_limit"),
+)
+
+
+def restart_only_changes(running: Config, new: Config) -> list[str]:
+    """The keys (``table.key``) that differ between the configs but only apply at start."""
+    changed = [
+        f"{table}.{key}"
+        for table, key in RESTART_ONLY_KEYS
+        if getattr(getattr(running, table), key) != getattr(getattr(new, table), key)
+    ]
+    if running.gpus.backend == "simulated" and new.simulated != running.simulated:
+        changed.append("[simulated]")
+    return changed
+
+
 def plan_reload(
     running: Config, new: Config, gpus: Sequence[Gpu], served: Mapping[str, int]
 ) -> list[ReloadAction]:
@@ -171,6 +211,14 @@ def plan_reload(
     A new config that serves no GPU is refused: at start it would be an error, and on
     reload it would silently withdraw every vGPU from the kubelet.
     """
+    fixed = restart_only_changes(running, new)
+    if fixed:
+        return [
+            KeepRunningConfig(
+                f"restart needed: {', '.join(fixed)} cannot change while the agent runs; "
+                "restart it to apply the new config (systemctl restart vgpu-agent)"
+            )
+        ]
     plan = plan_gpus(new, gpus)
     if not plan.served:
         return [

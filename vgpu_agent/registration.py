@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 from typing import Callable, Optional, Protocol
 
+from vgpu_agent.config import PluginConfig
 from vgpu_agent.errors import VgpuError
 from vgpu_agent.log import log_event
 from vgpu_agent.sockets import SocketIdentity
@@ -146,6 +148,9 @@ class Registrar:
                 log.warning(
                     "kubelet socket %s disappeared; waiting for kubelet", self._kubelet_socket
                 )
+            elif self._state is not RegistrationState.WAITING_FOR_KUBELET:
+                # Once per wait: an agent started before the kubelet says what it waits for.
+                log.warning("waiting for the kubelet: %s", self._why_no_kubelet())
             self._state = RegistrationState.WAITING_FOR_KUBELET
             return
         ours_gone = self._endpoint is not None and not self._endpoint.socket_exists()
@@ -169,6 +174,23 @@ class Registrar:
         if self._clock() < self._next_attempt_at:
             return
         self._attempt(identity)
+
+    def _why_no_kubelet(self) -> str:
+        """Why there is no kubelet socket, and what to do when it is not just early."""
+        directory = os.path.dirname(self._kubelet_socket) or "."
+        where = "set plugin.plugin_dir (or --plugin-dir) to the kubelet's device plugin "
+        where += f"directory, usually {PluginConfig.plugin_dir}"
+        if os.path.lexists(directory) and not os.path.isdir(directory):
+            return f"the plugin directory {directory} is not a directory; {where}"
+        if not os.path.isdir(directory):
+            return (
+                f"the plugin directory {directory} does not exist yet (the kubelet creates "
+                f"it); if the kubelet runs already, {where}"
+            )
+        return (
+            f"no socket {self._kubelet_socket} yet; the agent registers as soon as the "
+            "kubelet creates it"
+        )
 
     def _restart_backoff(self) -> None:
         self._backoff_s = self._backoff_initial_s
