@@ -45,6 +45,7 @@ COMMANDS: dict[str, list[str]] = {
     "gpus": ["gpus"],
     "gpus apply-compute-mode": ["gpus", "apply-compute-mode"],
     "gpus set-compute-mode": ["gpus", "set-compute-mode", "default"],
+    "gpus restore-compute-mode": ["gpus", "restore-compute-mode", "/nonexistent/record.json"],
     "status": ["status"],
     "health reset": ["health", "reset", "0"],
     "simulate xid": ["simulate", "xid", "0", "79"],
@@ -60,6 +61,7 @@ COMMANDS: dict[str, list[str]] = {
     "mps start": ["mps", "start"],
     "mps status": ["mps", "status"],
     "mps stop": ["mps", "stop"],
+    "mps unit-request": ["mps", "unit-request"],
     "doctor": ["doctor"],
 }
 #: Commands that talk to the running agent.
@@ -70,6 +72,7 @@ AGENT_COMMANDS = ["status", "health reset"] + [
 GPU_COMMANDS = [
     "gpus",
     "gpus apply-compute-mode",
+    "gpus restore-compute-mode",
     "gpus set-compute-mode",
     "mps apply-defaults",
     "mps start",

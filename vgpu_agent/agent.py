@@ -48,6 +48,7 @@ from vgpu_agent.plan import (
     plan_reload,
 )
 from vgpu_agent.registration import Registrar
+from vgpu_agent.sandbox import PluginDirGuard
 from vgpu_agent.systemd import Notifier
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 #: EX_CONFIG: systemd's RestartPreventExitStatus=78 keeps a bad config from restart-looping.
 EXIT_CONFIG = 78
+#: EX_TEMPFAIL: only a restart can fix it (the sandbox lost the plugin directory); systemd
+#: restarts the agent (Restart=always).
+EXIT_RESTART = 75
 
 #: How often the loop looks at the kubelet socket and our own socket when it cannot watch
 #: the plugin directory (inotify); with the watch it wakes on changes, and at least every
@@ -187,6 +191,8 @@ class AgentParts:
     clock: Callable[[], float] = time.monotonic
     backend_retry_initial_s: float = BACKEND_RETRY_INITIAL_S
     backend_retry_max_s: float = BACKEND_RETRY_MAX_S
+    #: Says when the sandbox lost the plugin directory (exit 75 for a fresh one).
+    plugin_dir_guard: PluginDirGuard = field(default_factory=PluginDirGuard)
 
 
 # -- events --------------------------------------------------------------------------------------
@@ -356,9 +362,15 @@ class Agent:
             return EXIT_FAILURE
         self._notifier.ready(self._status_line())
         self.ready.set()
+        exit_code = EXIT_OK
         try:
             while True:
                 self._tick()
+                must_restart = self._parts.plugin_dir_guard.check(self.config.plugin.plugin_dir)
+                if must_restart is not None:
+                    log_event(log, logging.ERROR, must_restart, VGPU_EVENT="sandbox-restart")
+                    exit_code = EXIT_RESTART
+                    break
                 try:
                     event = self._events.get(timeout=self._loop_timeout())
                 except queue.Empty:
@@ -369,7 +381,7 @@ class Agent:
                 self._handle(event)
         finally:
             self._shutdown()
-        return EXIT_OK
+        return exit_code
 
     def _open_backend(self) -> Optional[GpuBackend]:
         """Open the GPU backend, retrying while the driver is not there yet (boot)."""

@@ -253,14 +253,50 @@ def _apply_modes(loaded: Config, mode: ComputeMode, refs: tuple[str, ...]) -> No
 
 
 @gpus_group.command("apply-compute-mode")
+@click.option(
+    "--record",
+    "record_path",
+    metavar="FILE",
+    default="",
+    help="Remember there each changed GPU's previous mode (for restore-compute-mode).",
+)
 @click.pass_context
-def gpus_apply(ctx: click.Context) -> None:
+def gpus_apply(ctx: click.Context, record_path: str) -> None:
     """Set every served GPU's compute mode to gpus.compute_mode (for the boot unit)."""
+    from vgpu_agent.compute_mode import apply_compute_mode
+
     loaded = _load(ctx)
     if loaded.gpus.compute_mode == "unchanged":
         click.echo("gpus.compute_mode is 'unchanged': leaving every GPU as it is")
         return
-    _apply_modes(loaded, ComputeMode(loaded.gpus.compute_mode), ())
+    backend = open_backend_for(loaded)
+    try:
+        served = [gpu for gpu, _ in plan_gpus(loaded, backend.list_gpus()).served]
+        mode = ComputeMode(loaded.gpus.compute_mode)
+        for line in apply_compute_mode(backend, served, mode, record_path):
+            click.echo(line)
+    finally:
+        backend.close()
+
+
+@gpus_group.command("restore-compute-mode")
+@click.argument("record_path", metavar="FILE")
+@click.pass_context
+def gpus_restore(ctx: click.Context, record_path: str) -> None:
+    """Set back the compute modes apply-compute-mode --record FILE changed (ExecStop)."""
+    from vgpu_agent.compute_mode import restore_compute_modes
+
+    backend = open_backend_for(_load(ctx))
+    try:
+        lines, problems = restore_compute_modes(backend, record_path)
+    finally:
+        backend.close()
+    for line in lines:
+        click.echo(line)
+    for problem in problems:
+        click.echo(f"vgpu-agent: error: {problem}", err=True)
+    if problems:
+        sys.exit(EXIT_ERROR)
 
 
 @gpus_group.command("set-compute-mode")
@@ -504,16 +540,20 @@ def mps_quit(ctx: click.Context, gpu_uuid: str) -> None:
 @click.argument("gpu_uuid")
 @click.pass_context
 def mps_apply_defaults(ctx: click.Context, gpu_uuid: str) -> None:
-    """Set GPU_UUID's daemon defaults that mps.daemon_*_limit ask for (ExecStartPost)."""
+    """Once GPU_UUID's daemon answers, restrict its pipe directory (multi-user) and set the
+    defaults mps.daemon_*_limit ask for (vgpu-mps@.service's ExecStartPost)."""
     loaded = _load(ctx)
-    if loaded.mps.daemon_thread_limit == "none" and loaded.mps.daemon_memory_limit == "none":
-        return  # nothing asked for: no need to open NVML
-    _refuse_simulated(loaded, f"set the daemon defaults of {gpu_uuid}")
-    served = {gpu.uuid: gpu for gpu in _served_gpus(loaded, ())}
-    gpu = served.get(gpu_uuid)
-    if gpu is None:
-        raise VgpuError(f"GPU {gpu_uuid} is not served by this config (see `vgpu-agent gpus`)")
-    _apply_defaults(loaded, gpu)
+    gpu: Optional[Gpu] = None
+    if loaded.mps.daemon_thread_limit != "none" or loaded.mps.daemon_memory_limit != "none":
+        _refuse_simulated(loaded, f"set the daemon defaults of {gpu_uuid}")
+        served = {gpu.uuid: gpu for gpu in _served_gpus(loaded, ())}
+        gpu = served.get(gpu_uuid)
+        if gpu is None:
+            raise VgpuError(f"GPU {gpu_uuid} is not served by this config (see `vgpu-agent gpus`)")
+    _refuse_simulated(loaded, f"secure the pipe directory of {gpu_uuid}")
+    mps.secure_pipe_dir(loaded.mps, gpu_uuid)
+    if gpu is not None:
+        _apply_defaults(loaded, gpu)
 
 
 @mps_group.command("start")
@@ -569,6 +609,30 @@ def mps_status(ctx: click.Context, gpus: tuple[str, ...]) -> None:
         # Each problem names the pipe directory already.
         click.echo(f"GPU {gpu.index} {gpu.uuid}: {problem or f'answers on {pipe_dir}'}")
     if failed:
+        sys.exit(EXIT_ERROR)
+
+
+@mps_group.command("unit-request", hidden=True)
+@click.pass_context
+def mps_unit_request(ctx: click.Context) -> None:
+    """Answer one request of the agent on stdin (vgpu-mps-units@.service, socket-activated):
+    start the MPS unit of a GPU the config serves."""
+    from vgpu_agent import mps_units
+
+    try:
+        loaded = _load(ctx)
+    except ConfigError as exc:
+        # The agent waits for one line on the socket; the journal gets the same (stderr).
+        sys.stdout.buffer.write(f"error config error: {exc}\n".encode("utf-8", "replace"))
+        sys.stdout.buffer.flush()
+        raise
+
+    def served_uuids() -> set[str]:
+        return {gpu.uuid for gpu in _served_gpus(loaded, ())}
+
+    problem = mps_units.handle_request(sys.stdin.buffer, sys.stdout.buffer, served_uuids)
+    if problem is not None:
+        click.echo(f"vgpu-agent: error: request refused: {problem}", err=True)
         sys.exit(EXIT_ERROR)
 
 

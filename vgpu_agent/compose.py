@@ -40,6 +40,7 @@ from vgpu_agent.observability import AgentCounts, Gather, Observability
 from vgpu_agent.plugin import PluginServer, PluginServicer
 from vgpu_agent.podresources import PodResourcesClient
 from vgpu_agent.registration import Register, Registrar
+from vgpu_agent.sandbox import PluginDirGuard
 from vgpu_agent.simulated import SimulatedMpsInspector, Simulation
 from vgpu_agent.sockets import socket_identity
 from vgpu_agent.systemd import Notifier
@@ -224,6 +225,7 @@ def build_agent(
     gather_attribution: Gather = gather,
     backend_retry_initial_s: float = BACKEND_RETRY_INITIAL_S,
     backend_retry_max_s: float = BACKEND_RETRY_MAX_S,
+    plugin_dir_guard: Optional[PluginDirGuard] = None,
 ) -> Agent:
     """The agent for ``config`` with every collaborator built; each keyword replaces one
     (tests hand in fakes). ``notifier`` speaks to systemd; ``config_loader`` re-reads the
@@ -271,6 +273,7 @@ def build_agent(
         clock=clock,
         backend_retry_initial_s=backend_retry_initial_s,
         backend_retry_max_s=backend_retry_max_s,
+        plugin_dir_guard=plugin_dir_guard or PluginDirGuard(),
     )
     agent = Agent(config, parts)
     built.append(agent)
