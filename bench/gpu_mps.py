@@ -689,12 +689,38 @@ def late_ceiling_study(machine: Machine, run: Run, log: Callable[[str], None]) -
                 ):
                     readback[query] = daemon.command(query) or ""
                 record("unset, same server", probe_clients(machine, daemon, [("", {})], False)[0])
+                # The per-server commands, for each running server: do they reach it?
+                servers = (daemon.command("get_server_list") or "").split()
+                for server in servers:
+                    for command in (
+                        f"set_active_thread_percentage {server} {percentage(1.0, replicas)}",
+                        f"set_device_pinned_mem_limit {server} 0 {slice_mib}M",
+                    ):
+                        readback[command] = daemon.command(command, check=False) or ""
+                    for query in (
+                        f"get_active_thread_percentage {server}",
+                        f"get_device_pinned_mem_limit {server} 0",
+                    ):
+                        readback[query] = daemon.command(query, check=False) or ""
+                log(f"late ceiling, read back: {readback}")
+                record(
+                    "unset, same server after per-server commands",
+                    probe_clients(machine, daemon, [("", {})], False)[0],
+                )
             finally:
                 if holder is not None:
                     holder.kill()
                     holder.wait()
-            # Whether the server exits once its clients have gone is part of the answer.
-            wait_for_servers(daemon, present=False, fake=machine.fake, timeout_s=20.0)
+            # Whether (and when) the server exits once its clients have gone.
+            left = time.monotonic()
+            try:
+                wait_for_servers(daemon, present=False, fake=machine.fake, timeout_s=45.0)
+            except RuntimeError as exc:
+                run.failed.append(f"late ceiling: {exc} after its last client left")
+                log(f"late ceiling: {exc} after its last client left")
+                return
+            readback["server exit after its last client, s"] = f"{time.monotonic() - left:.1f}"
+            log(f"server gone {time.monotonic() - left:.1f} s after its last client")
             record("unset, new server", probe_clients(machine, daemon, [("", {})], False)[0])
     except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as exc:
         run.failed.append(f"late ceiling: {exc}")

@@ -45,6 +45,7 @@ COMMANDS: dict[str, list[str]] = {
     "gpus": ["gpus"],
     "gpus apply-compute-mode": ["gpus", "apply-compute-mode"],
     "gpus set-compute-mode": ["gpus", "set-compute-mode", "default"],
+    "gpus restore-compute-mode": ["gpus", "restore-compute-mode", "/nonexistent/record.json"],
     "status": ["status"],
     "health reset": ["health", "reset", "0"],
     "simulate xid": ["simulate", "xid", "0", "79"],
@@ -53,12 +54,14 @@ COMMANDS: dict[str, list[str]] = {
     "simulate recover": ["simulate", "recover", "0"],
     "simulate mps-down": ["simulate", "mps-down", "0"],
     "simulate mps-up": ["simulate", "mps-up", "0"],
+    "simulate mps-client": ["simulate", "mps-client", "0", "4242", "512"],
     "mps apply-defaults": ["mps", "apply-defaults", SOME_UUID],
     "mps exec-daemon": ["mps", "exec-daemon", SOME_UUID],
     "mps quit": ["mps", "quit", SOME_UUID],
     "mps start": ["mps", "start"],
     "mps status": ["mps", "status"],
     "mps stop": ["mps", "stop"],
+    "mps unit-request": ["mps", "unit-request"],
     "doctor": ["doctor"],
 }
 #: Commands that talk to the running agent.
@@ -69,6 +72,7 @@ AGENT_COMMANDS = ["status", "health reset"] + [
 GPU_COMMANDS = [
     "gpus",
     "gpus apply-compute-mode",
+    "gpus restore-compute-mode",
     "gpus set-compute-mode",
     "mps apply-defaults",
     "mps start",

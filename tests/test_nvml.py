@@ -79,3 +79,24 @@ def test_without_the_driver_the_backend_says_to_install_it() -> None:
         nvml.NvmlBackend()
     assert "install the NVIDIA driver" in str(raised.value)
     assert '--simulate N, or gpus.backend = "simulated"' in str(raised.value)
+
+
+class _NvmlProcessInfo:
+    """The shape of pynvml's process info entries: pid and usedGpuMemory in bytes."""
+
+    def __init__(self, pid: int, used: Optional[int]) -> None:
+        self.pid = pid
+        self.usedGpuMemory = used
+
+
+@pytest.mark.parametrize(
+    ("used_bytes", "used_mib"),
+    [(512 * 1024 * 1024, 512), (512 * 1024 * 1024 + 5, 512), (0, 0), (None, None)],
+    ids=["exact", "rounded-down", "zero", "not-available"],
+)
+def test_mps_client_entries_become_processes_in_mib(
+    used_bytes: Optional[int], used_mib: Optional[int]
+) -> None:
+    """NVML's MPS client entries give pid and MiB; memory NVML cannot tell stays None."""
+    process = nvml.process_from_nvml("GPU-1", _NvmlProcessInfo(4242, used_bytes))
+    assert (process.pid, process.gpu_uuid, process.used_memory_mib) == (4242, "GPU-1", used_mib)

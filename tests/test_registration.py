@@ -192,3 +192,19 @@ def test_stop_stops_the_endpoint(kubelet: FakeKubelet) -> None:
     registrar.check()
     registrar.stop()
     assert kubelet.endpoints[0].stopped
+
+
+def test_kubelet_restarts_are_counted_once_per_new_kubelet(kubelet: FakeKubelet) -> None:
+    """A new kubelet socket counts as a kubelet restart (also after a gap without one); our
+    own deleted socket does not."""
+    registrar = kubelet.registrar()
+    registrar.check()
+    assert registrar.kubelet_restarts == 0
+    kubelet.endpoints[-1].exists = False
+    registrar.check()
+    assert (registrar.registrations, registrar.kubelet_restarts) == (2, 0)
+    kubelet.identity = None
+    registrar.check()
+    kubelet.identity = (3, 3)
+    registrar.check()
+    assert (registrar.registrations, registrar.kubelet_restarts) == (3, 1)

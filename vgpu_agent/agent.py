@@ -53,6 +53,7 @@ from vgpu_agent.plan import (
     plan_reload,
 )
 from vgpu_agent.registration import Registrar
+from vgpu_agent.sandbox import PluginDirGuard
 from vgpu_agent.systemd import Notifier
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,9 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 #: EX_CONFIG: systemd's RestartPreventExitStatus=78 keeps a bad config from restart-looping.
 EXIT_CONFIG = 78
+#: EX_TEMPFAIL: only a restart can fix it (the sandbox lost the plugin directory); systemd
+#: restarts the agent (Restart=always).
+EXIT_RESTART = 75
 
 #: How often the loop looks at the kubelet socket and our own socket when it cannot watch
 #: the plugin directory (inotify); with the watch it wakes on changes, and at least every
@@ -69,6 +73,8 @@ SOCKET_CHECK_INTERVAL_S = 0.1
 IDLE_TICK_S = 1.0
 BACKEND_RETRY_INITIAL_S = 1.0
 BACKEND_RETRY_MAX_S = 30.0
+#: How long `vgpu-agent status` waits for a fresh attribution before showing the last one.
+STATUS_ATTRIBUTION_WAIT_S = 1.0
 
 
 # -- what the agent is handed ----------------------------------------------------------------
@@ -99,6 +105,35 @@ class Service(Protocol):
 
     def stop(self) -> None:
         """Stop; safe to call more than once."""
+        ...
+
+
+class Observer(Protocol):
+    """What the agent tells about itself beyond the kubelet: attribution, metrics, labels
+    (:class:`vgpu_agent.observability.Observability`)."""
+
+    def start(self, backend: GpuBackend) -> None:
+        """Start observing the served GPUs through ``backend``."""
+        ...
+
+    def stop(self) -> None:
+        """Stop; safe to call more than once."""
+        ...
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply a reloaded config (and what it changed in the served GPUs)."""
+        ...
+
+    def record_xid(self, gpu_uuid: str, xid: int) -> None:
+        """A critical XID event was reported for the GPU."""
+        ...
+
+    def record_health(self, gpu_uuid: str, healthy: bool) -> None:
+        """The GPU's vGPUs turned Healthy or Unhealthy."""
+        ...
+
+    def describe(self, inventory: Inventory, wait_s: float) -> dict[str, Any]:
+        """Status fields: who uses each GPU (``"gpus"`` by UUID) and the rest."""
         ...
 
 
@@ -154,11 +189,15 @@ class AgentParts:
     watch_directory: WatchFactory
     #: Injects `vgpu-agent simulate` faults; None on a real node.
     faults: Optional[FaultInjector] = None
+    #: Attribution, metrics and node labels; None to run without them.
+    observer: Optional[Observer] = None
     #: Re-reads the config on reload; None when it was not loaded from a file.
     config_loader: Optional[Callable[[], Config]] = None
     clock: Callable[[], float] = time.monotonic
     backend_retry_initial_s: float = BACKEND_RETRY_INITIAL_S
     backend_retry_max_s: float = BACKEND_RETRY_MAX_S
+    #: Says when the sandbox lost the plugin directory (exit 75 for a fresh one).
+    plugin_dir_guard: PluginDirGuard = field(default_factory=PluginDirGuard)
 
 
 # -- events --------------------------------------------------------------------------------------
@@ -241,6 +280,8 @@ class Agent:
         self._registrar = parts.make_registrar(config.plugin, self._ping_watchdog)
         #: Registrations by registrars a reload replaced.
         self._earlier_registrations = 0
+        self._earlier_kubelet_restarts = 0
+        self._observer = parts.observer
         self._last_status = ""
         self._next_watchdog_at = 0.0
         self.ready = threading.Event()
@@ -259,6 +300,11 @@ class Agent:
     def registrations(self) -> int:
         """How many times the plugin registered since the agent started."""
         return self._earlier_registrations + self._registrar.registrations
+
+    @property
+    def kubelet_restarts(self) -> int:
+        """How many kubelet restarts the agent noticed since it started."""
+        return self._earlier_kubelet_restarts + self._registrar.kubelet_restarts
 
     # -- for signal handlers, the control socket and watchers (any thread) ---------------------
 
@@ -322,9 +368,15 @@ class Agent:
             return EXIT_FAILURE
         self._notifier.ready(self._status_line())
         self.ready.set()
+        exit_code = EXIT_OK
         try:
             while True:
                 self._tick()
+                must_restart = self._parts.plugin_dir_guard.check(self.config.plugin.plugin_dir)
+                if must_restart is not None:
+                    log_event(log, logging.ERROR, must_restart, VGPU_EVENT="sandbox-restart")
+                    exit_code = EXIT_RESTART
+                    break
                 try:
                     event = self._events.get(timeout=self._loop_timeout())
                 except queue.Empty:
@@ -335,7 +387,7 @@ class Agent:
                 self._handle(event)
         finally:
             self._shutdown()
-        return EXIT_OK
+        return exit_code
 
     def _open_backend(self) -> Optional[GpuBackend]:
         """Open the GPU backend, retrying while the driver is not there yet (boot)."""
@@ -401,6 +453,8 @@ class Agent:
                 VGPU_REPLICAS=str(entry.replicas),
             )
         self._start_health_checks()
+        if self._observer is not None:
+            self._observer.start(self._backend)
 
     def _start_mps(self, gpu: Gpu, replicas: int) -> ServedGpu:
         if self._mps is None:
@@ -549,9 +603,19 @@ class Agent:
             event.reply.set_result(answer)
 
     def _apply_health(self, change: HealthChange) -> None:
+        observer = self._observer
+        if observer is not None and change.present and change.reason.xid is not None:
+            observer.record_xid(change.gpu_uuid, change.reason.xid)
         transition = self.node.set_health(change.gpu_uuid, change.reason, change.present)
         if transition is None:
             return
+        flipped = (
+            transition.healthy
+            if not change.present
+            else (transition.gpu.unhealthy_reasons == (change.reason,))
+        )
+        if observer is not None and flipped:
+            observer.record_health(change.gpu_uuid, transition.healthy)
         health = transition.gpu.health
         verb = "" if change.present else "cleared "
         fields = {
@@ -619,6 +683,7 @@ class Agent:
                 log.info("reload: plugin settings changed; registering again")
                 self._registrar.stop()
                 self._earlier_registrations += self._registrar.registrations
+                self._earlier_kubelet_restarts += self._registrar.kubelet_restarts
                 self._registrar = self._parts.make_registrar(new.plugin, self._ping_watchdog)
                 self._stop_watch()
             elif isinstance(action, RestartHealthChecks):
@@ -642,6 +707,8 @@ class Agent:
         if (restart_health or gpus_changed) and self._health is not None:
             self._health.stop()
             self._start_health_checks()
+        if self._observer is not None:
+            self._observer.reconfigure(new)
         log_event(
             log,
             logging.INFO,
@@ -707,9 +774,14 @@ class Agent:
 
     # -- status -----------------------------------------------------------------------------------
 
-    def describe(self) -> dict[str, Any]:
-        """What `vgpu-agent status` shows: the agent, each GPU and its health."""
+    def describe(self, attribution_wait_s: float = STATUS_ATTRIBUTION_WAIT_S) -> dict[str, Any]:
+        """What `vgpu-agent status` shows: the agent, each GPU, its health and who uses it
+        (waiting up to ``attribution_wait_s`` for a fresh attribution)."""
         inventory = self.node.inventory()
+        observed: dict[str, Any] = {}
+        if self._observer is not None:
+            observed = self._observer.describe(inventory, attribution_wait_s)
+        users: dict[str, Any] = observed.pop("gpus", {})
         return {
             "status": self._status_line(),
             "resource_name": self.config.plugin.resource_name,
@@ -721,6 +793,8 @@ class Agent:
                 "max_vgpus_per_container": self.config.mps.max_vgpus_per_container,
                 "device_list_strategy": self.config.plugin.device_list_strategy,
             },
+            "kubelet_restarts": self.kubelet_restarts,
+            **observed,
             "gpus": [
                 {
                     "index": served.gpu.index,
@@ -735,6 +809,7 @@ class Agent:
                         self.config, served.gpu.memory_mib, served.replicas
                     ).describe(),
                     "vgpu_ids": served.vgpu_ids,
+                    "attribution": users.get(served.gpu.uuid),
                 }
                 for served in inventory.gpus
             ],
@@ -759,6 +834,8 @@ class Agent:
     def _shutdown(self) -> None:
         self._notifier.stopping()
         self._stop_watch()
+        if self._observer is not None:
+            self._observer.stop()
         if self._health is not None:
             self._health.stop()
         if self._control is not None:

@@ -31,6 +31,7 @@ from vgpu_agent.config import Config, simulated_mps
 from vgpu_agent.devices import HEALTHY, UNHEALTHY
 from vgpu_agent.errors import AgentError, ConfigError, VgpuError
 from vgpu_agent.gpu import ComputeMode, Gpu, set_compute_mode
+from vgpu_agent.observability import status_header_lines, status_lines
 from vgpu_agent.plan import plan_gpus
 from vgpu_agent.plugin import AdvertisedDevice, query_devices
 from vgpu_agent.simulated import SIMULATED_DAEMON_NOTE
@@ -252,14 +253,50 @@ def _apply_modes(loaded: Config, mode: ComputeMode, refs: tuple[str, ...]) -> No
 
 
 @gpus_group.command("apply-compute-mode")
+@click.option(
+    "--record",
+    "record_path",
+    metavar="FILE",
+    default="",
+    help="Remember there each changed GPU's previous mode (for restore-compute-mode).",
+)
 @click.pass_context
-def gpus_apply(ctx: click.Context) -> None:
+def gpus_apply(ctx: click.Context, record_path: str) -> None:
     """Set every served GPU's compute mode to gpus.compute_mode (for the boot unit)."""
+    from vgpu_agent.compute_mode import apply_compute_mode
+
     loaded = _load(ctx)
     if loaded.gpus.compute_mode == "unchanged":
         click.echo("gpus.compute_mode is 'unchanged': leaving every GPU as it is")
         return
-    _apply_modes(loaded, ComputeMode(loaded.gpus.compute_mode), ())
+    backend = open_backend_for(loaded)
+    try:
+        served = [gpu for gpu, _ in plan_gpus(loaded, backend.list_gpus()).served]
+        mode = ComputeMode(loaded.gpus.compute_mode)
+        for line in apply_compute_mode(backend, served, mode, record_path):
+            click.echo(line)
+    finally:
+        backend.close()
+
+
+@gpus_group.command("restore-compute-mode")
+@click.argument("record_path", metavar="FILE")
+@click.pass_context
+def gpus_restore(ctx: click.Context, record_path: str) -> None:
+    """Set back the compute modes apply-compute-mode --record FILE changed (ExecStop)."""
+    from vgpu_agent.compute_mode import restore_compute_modes
+
+    backend = open_backend_for(_load(ctx))
+    try:
+        lines, problems = restore_compute_modes(backend, record_path)
+    finally:
+        backend.close()
+    for line in lines:
+        click.echo(line)
+    for problem in problems:
+        click.echo(f"vgpu-agent: error: {problem}", err=True)
+    if problems:
+        sys.exit(EXIT_ERROR)
 
 
 @gpus_group.command("set-compute-mode")
@@ -330,6 +367,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
         click.echo(json.dumps(answer, indent=2))
         return
     click.echo(answer["status"])
+    for line in status_header_lines(answer):
+        click.echo(line)
     confined = answer.get("confinement")
     if isinstance(confined, dict):
         click.echo(f"confinement: {confined.get('summary', confined.get('mode'))}")
@@ -341,8 +380,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
             f"GPU {gpu['index']} {gpu['uuid']} {gpu['model']}: {gpu['replicas']} vGPUs, "
             f"{health}{ceiling}"
         )
-        for vgpu_id in gpu["vgpu_ids"]:
-            click.echo(f"  {vgpu_id}  {HEALTHY if gpu['healthy'] else UNHEALTHY}")
+        for line in status_lines(gpu):
+            click.echo(line)
 
 
 def _print_devices(devices: tuple[AdvertisedDevice, ...], as_json: bool) -> None:
@@ -419,6 +458,18 @@ def simulate_xid(ctx: click.Context, gpu: str, xid: int) -> None:
     _simulate(ctx, SimulateAction.XID, gpu, xid)
 
 
+@simulate_group.command("mps-client")
+@click.argument("gpu")
+@click.argument("pid", type=click.IntRange(0))
+@click.argument("memory_mib", type=click.IntRange(0))
+@click.pass_context
+def simulate_mps_client(ctx: click.Context, gpu: str, pid: int, memory_mib: int) -> None:
+    """Process PID becomes an MPS client of GPU using MEMORY_MIB (attribution shows it)."""
+    action = SimulateAction.MPS_CLIENT
+    answer = _ask(ctx, SimulateCommand(action, gpu, pid=pid, memory_mib=memory_mib))
+    click.echo(f"GPU {answer['gpu']}: {action.value} injected")
+
+
 def _simple_simulation(action: SimulateAction, doc: str) -> None:
     @simulate_group.command(action.value)
     @click.argument("gpu")
@@ -460,18 +511,6 @@ def _apply_defaults(loaded: Config, gpu: Gpu) -> None:
         click.echo(f"GPU {gpu.index} {gpu.uuid}: {command}")
 
 
-def _lock_down(loaded: Config, gpu_uuid: str) -> None:
-    """The pipe directory lockdown, for a multi-user daemon (what the agent does too)."""
-    pipe_dir = loaded.mps.pipe_dir(gpu_uuid)
-    pid = mps.daemon_pid(pipe_dir)
-    multi_user = mps.running_multi_user(pid) if pid is not None else None
-    if multi_user is None:
-        multi_user = loaded.mps.multi_user != "off"
-    if multi_user:
-        mps.restrict_pipe_dir(pipe_dir)
-        click.echo(f"GPU {gpu_uuid}: pipe directory {pipe_dir} locked down")
-
-
 def _refuse_simulated(loaded: Config, what: str) -> None:
     """A VgpuError when the config's MPS daemons are simulated: no process to ``what``."""
     if simulated_mps(loaded):
@@ -507,29 +546,27 @@ def mps_quit(ctx: click.Context, gpu_uuid: str) -> None:
 @click.argument("gpu_uuid")
 @click.pass_context
 def mps_apply_defaults(ctx: click.Context, gpu_uuid: str) -> None:
-    """Set GPU_UUID's daemon ceiling and lock its pipe directory down (ExecStartPost).
-
-    The ceiling is mps.confinement's (enforced: mps.max_vgpus_per_container vGPUs' share;
-    cooperative: mps.daemon_*_limit), so a daemon systemd restarts is never unconfined.
-    """
+    """Once GPU_UUID's daemon answers, lock its pipe directory down (multi-user) and set
+    its ceiling (vgpu-mps@.service's ExecStartPost), so a daemon systemd restarts is never
+    unconfined. The ceiling is mps.confinement's (enforced: mps.max_vgpus_per_container
+    vGPUs' share; cooperative: mps.daemon_*_limit)."""
     loaded = _load(ctx)
-    _refuse_simulated(loaded, f"set the daemon defaults of {gpu_uuid}")
+    _refuse_simulated(loaded, f"secure the pipe directory of {gpu_uuid}")
+    gpu: Optional[Gpu] = None
     cooperative_without_ceiling = (
         loaded.mps.confinement == "cooperative"
         and loaded.mps.daemon_thread_limit == "none"
         and loaded.mps.daemon_memory_limit == "none"
     )
-    if cooperative_without_ceiling:
-        # No ceiling asked for: no need to open NVML, only the lockdown.
-        mps.wait_until_answers(loaded.mps, loaded.mps.pipe_dir(gpu_uuid))
-        _lock_down(loaded, gpu_uuid)
-        return
-    served = {gpu.uuid: gpu for gpu in _served_gpus(loaded, ())}
-    gpu = served.get(gpu_uuid)
-    if gpu is None:
-        raise VgpuError(f"GPU {gpu_uuid} is not served by this config (see `vgpu-agent gpus`)")
-    _apply_defaults(loaded, gpu)
-    _lock_down(loaded, gpu_uuid)
+    if not cooperative_without_ceiling:
+        served = {gpu.uuid: gpu for gpu in _served_gpus(loaded, ())}
+        gpu = served.get(gpu_uuid)
+        if gpu is None:
+            raise VgpuError(f"GPU {gpu_uuid} is not served by this config (see `vgpu-agent gpus`)")
+    if mps.secure_pipe_dir(loaded.mps, gpu_uuid):
+        click.echo(f"GPU {gpu_uuid}: pipe directory {loaded.mps.pipe_dir(gpu_uuid)} locked down")
+    if gpu is not None:
+        _apply_defaults(loaded, gpu)
 
 
 @mps_group.command("start")
@@ -585,6 +622,30 @@ def mps_status(ctx: click.Context, gpus: tuple[str, ...]) -> None:
         # Each problem names the pipe directory already.
         click.echo(f"GPU {gpu.index} {gpu.uuid}: {problem or f'answers on {pipe_dir}'}")
     if failed:
+        sys.exit(EXIT_ERROR)
+
+
+@mps_group.command("unit-request", hidden=True)
+@click.pass_context
+def mps_unit_request(ctx: click.Context) -> None:
+    """Answer one request of the agent on stdin (vgpu-mps-units@.service, socket-activated):
+    start the MPS unit of a GPU the config serves."""
+    from vgpu_agent import mps_units
+
+    try:
+        loaded = _load(ctx)
+    except ConfigError as exc:
+        # The agent waits for one line on the socket; the journal gets the same (stderr).
+        sys.stdout.buffer.write(f"error config error: {exc}\n".encode("utf-8", "replace"))
+        sys.stdout.buffer.flush()
+        raise
+
+    def served_uuids() -> set[str]:
+        return {gpu.uuid for gpu in _served_gpus(loaded, ())}
+
+    problem = mps_units.handle_request(sys.stdin.buffer, sys.stdout.buffer, served_uuids)
+    if problem is not None:
+        click.echo(f"vgpu-agent: error: request refused: {problem}", err=True)
         sys.exit(EXIT_ERROR)
 
 

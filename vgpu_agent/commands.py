@@ -23,6 +23,8 @@ class SimulateAction(enum.Enum):
     RECOVER = "recover"
     MPS_DOWN = "mps-down"
     MPS_UP = "mps-up"
+    #: A process becomes an MPS client of the GPU using some memory (for attribution).
+    MPS_CLIENT = "mps-client"
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,14 @@ class HealthResetCommand:
 
 @dataclass(frozen=True)
 class SimulateCommand:
-    """Inject a fault into a simulated GPU (UUID or index); ``xid`` for XID."""
+    """Inject a fault into a simulated GPU (UUID or index); ``xid`` for XID, ``pid`` and
+    ``memory_mib`` for an MPS client."""
 
     action: SimulateAction
     gpu: str
     xid: Optional[int] = None
+    pid: Optional[int] = None
+    memory_mib: Optional[int] = None
 
 
 ControlCommand = Union[StatusCommand, HealthResetCommand, SimulateCommand]
@@ -80,7 +85,20 @@ def parse_command(request: dict[str, Any]) -> ControlCommand:
         xid = request.get("xid")
         if action is SimulateAction.XID and (isinstance(xid, bool) or not isinstance(xid, int)):
             raise VgpuError("simulate xid needs an XID number")
-        return SimulateCommand(action, _gpu_ref(request), xid if isinstance(xid, int) else None)
+        pid, memory_mib = request.get("pid"), request.get("memory_mib")
+        if action is SimulateAction.MPS_CLIENT:
+            for name, value in (("pid", pid), ("memory_mib", memory_mib)):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise VgpuError(f"simulate mps-client needs a {name} (an integer >= 0)")
+        return SimulateCommand(
+            action,
+            _gpu_ref(request),
+            xid if isinstance(xid, int) else None,
+            pid if isinstance(pid, int) and action is SimulateAction.MPS_CLIENT else None,
+            memory_mib
+            if isinstance(memory_mib, int) and action is SimulateAction.MPS_CLIENT
+            else None,
+        )
     raise VgpuError(f"unknown control command {name!r}")
 
 
@@ -97,4 +115,8 @@ def to_request(command: ControlCommand) -> dict[str, Any]:
     }
     if command.xid is not None:
         request["xid"] = command.xid
+    if command.pid is not None:
+        request["pid"] = command.pid
+    if command.memory_mib is not None:
+        request["memory_mib"] = command.memory_mib
     return request

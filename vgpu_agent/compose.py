@@ -23,10 +23,12 @@ from vgpu_agent.agent import (
     HealthChecks,
     HealthChecksFactory,
     HealthScope,
+    Observer,
     RegistrarFactory,
     Watch,
     WatchFactory,
 )
+from vgpu_agent.attribution import gather
 from vgpu_agent.commands import ControlCommand, FaultInjector
 from vgpu_agent.config import Config, PluginConfig, simulated_mps
 from vgpu_agent.control import ControlServer
@@ -34,8 +36,11 @@ from vgpu_agent.daemons import MpsDaemons, MpsInspector
 from vgpu_agent.gpu import ComputeMode, GpuBackend
 from vgpu_agent.health import HealthMonitor
 from vgpu_agent.node import Node
+from vgpu_agent.observability import AgentCounts, Gather, Observability
 from vgpu_agent.plugin import PluginServer, PluginServicer
+from vgpu_agent.podresources import PodResourcesClient
 from vgpu_agent.registration import Register, Registrar
+from vgpu_agent.sandbox import PluginDirGuard
 from vgpu_agent.simulated import SimulatedMpsInspector, Simulation
 from vgpu_agent.sockets import socket_identity
 from vgpu_agent.systemd import Notifier
@@ -91,11 +96,15 @@ def mps_inspector_for(config: Config) -> MpsInspector:
 
 
 def plugin_registrar(
-    node: Node, clock: Callable[[], float], register: Optional[Register] = None
+    node: Node,
+    clock: Callable[[], float],
+    register: Optional[Register] = None,
+    observe_latency: Optional[Callable[[str, float], None]] = None,
 ) -> RegistrarFactory:
     """Registrars that serve ``node`` on the plugin socket and register it with the
-    kubelet (``register`` replaces the kubelet call, for tests)."""
-    servicer = PluginServicer(node)
+    kubelet (``register`` replaces the kubelet call, for tests); ``observe_latency`` is told
+    how long each Allocate and GetPreferredAllocation took."""
+    servicer = PluginServicer(node, observe_latency=observe_latency)
 
     def make(plugin: PluginConfig, on_wait: Callable[[], None]) -> Registrar:
         def serve() -> PluginServer:
@@ -149,6 +158,47 @@ def control_server(path: str, handler: Callable[[ControlCommand], dict[str, Any]
     return ControlServer(path, handler)
 
 
+def build_observability(
+    config: Config,
+    node: Node,
+    agent: Callable[[], Optional[Agent]],
+    gather_attribution: Gather = gather,
+) -> Observability:
+    """Attribution, metrics and node labels for ``node``, reading the registration counts
+    of the agent ``agent()`` returns (built after it); ``gather_attribution`` asks the
+    sources (tests and the demo point it at a /proc and cgroup tree of their own)."""
+
+    pod_resources = PodResourcesClient()
+
+    def counts() -> AgentCounts:
+        built = agent()
+        if built is None:
+            return AgentCounts(registered=False)
+        return AgentCounts(built.registered, built.registrations, built.kubelet_restarts)
+
+    return Observability(
+        config,
+        inventory=node.inventory,
+        counts=counts,
+        policy=lambda: node.grant_policy,
+        list_pods=pod_resources,
+        close_sources=pod_resources.close,
+        gather_attribution=gather_attribution,
+    )
+
+
+def latency_observer(observed: Observability) -> Callable[[str, float], None]:
+    """Sends the plugin's call times to the metrics (when they are on)."""
+
+    def observe(method: str, seconds: float) -> None:
+        if method == "Allocate":
+            observed.observe_allocate(seconds)
+        elif method == "GetPreferredAllocation":
+            observed.observe_preferred_allocation(seconds)
+
+    return observe
+
+
 def watch_directory(path: str, wake: Callable[[], None]) -> Optional[Watch]:
     """An inotify watch on ``path`` calling ``wake``; None when it does not exist or cannot
     be watched (the loop then polls)."""
@@ -171,8 +221,11 @@ def build_agent(
     make_health_checks: Optional[HealthChecksFactory] = None,
     make_control: Optional[ControlFactory] = None,
     watch: Optional[WatchFactory] = None,
+    observer: Optional[Observer] = None,
+    gather_attribution: Gather = gather,
     backend_retry_initial_s: float = BACKEND_RETRY_INITIAL_S,
     backend_retry_max_s: float = BACKEND_RETRY_MAX_S,
+    plugin_dir_guard: Optional[PluginDirGuard] = None,
 ) -> Agent:
     """The agent for ``config`` with every collaborator built; each keyword replaces one
     (tests hand in fakes). ``notifier`` speaks to systemd; ``config_loader`` re-reads the
@@ -197,19 +250,31 @@ def build_agent(
     else:
         chosen_backend, chosen_mps = open_nvml, real_mps
     node = Node()  # the agent sets its grant policy from the config
+    built: list[Agent] = []
+    observe_latency: Optional[Callable[[str, float], None]] = None
+    if observer is None:
+        observed = build_observability(
+            config, node, lambda: built[0] if built else None, gather_attribution
+        )
+        observe_latency = latency_observer(observed)
+        observer = observed
     parts = AgentParts(
         node=node,
         notifier=notifier,
         open_backend=open_backend or chosen_backend,
         make_mps=make_mps or chosen_mps,
-        make_registrar=plugin_registrar(node, clock, register),
+        make_registrar=plugin_registrar(node, clock, register, observe_latency),
         make_health_checks=make_health_checks or health_monitor(clock),
         make_control=make_control or control_server,
         watch_directory=watch or watch_directory,
         faults=faults,
+        observer=observer,
         config_loader=config_loader,
         clock=clock,
         backend_retry_initial_s=backend_retry_initial_s,
         backend_retry_max_s=backend_retry_max_s,
+        plugin_dir_guard=plugin_dir_guard or PluginDirGuard(),
     )
-    return Agent(config, parts)
+    agent = Agent(config, parts)
+    built.append(agent)
+    return agent

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import ipaddress
 import math
 import os
 import posixpath
@@ -199,6 +200,35 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
+class AttributionConfig:
+    """Finding which pods use which vGPUs. ``[attribution]``"""
+
+    #: The kubelet's PodResources API socket.
+    pod_resources_socket: str = "/var/lib/kubelet/pod-resources/kubelet.sock"
+    #: Seconds between refreshes of the attribution that metrics and the textfile show.
+    refresh_interval_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics. ``[metrics]``"""
+
+    enabled: bool = False
+    #: "<host>:<port>" for the HTTP endpoint (/metrics); "" serves none (textfile only).
+    listen_address: str = "127.0.0.1:9402"
+    #: node-exporter textfile collector output ("" for none), rewritten atomically.
+    textfile_path: str = ""
+
+
+@dataclass(frozen=True)
+class LabelsConfig:
+    """Node labels through node-feature-discovery's local feature files. ``[labels]``"""
+
+    enabled: bool = False
+    features_dir: str = "/etc/kubernetes/node-feature-discovery/features.d"
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole config file."""
 
@@ -209,6 +239,9 @@ class Config:
     mps: MpsConfig = field(default_factory=MpsConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     simulated: SimulatedConfig = field(default_factory=SimulatedConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
     #: Where this config came from (a path, or "<defaults>"); not a key in the file.
     source: str = "<defaults>"
 
@@ -869,6 +902,87 @@ def _parse_health(table: _Table) -> HealthConfig:
     )
 
 
+_LISTEN_ALLOWED = (
+    '"<host>:<port>" such as "127.0.0.1:9402", "[::1]:9402" or "0.0.0.0:9402" (port 0 to '
+    '65535, 0 picks a free one), or "" for no HTTP endpoint'
+)
+_HOST_RE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?")
+
+
+def split_listen_address(address: str) -> tuple[str, int]:
+    """(host, port) of a checked ``metrics.listen_address`` (IPv6 without brackets)."""
+    host, _, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def _listen_address(value: _Value) -> str:
+    address = _string(value, _LISTEN_ALLOWED)
+    if address == "":
+        return address
+    host, colon, port = address.rpartition(":")
+    if not colon or not host:
+        value.fail(_LISTEN_ALLOWED, "no host and port")
+    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        value.fail(_LISTEN_ALLOWED, f"bad port {port!r}")
+    if host.startswith("["):
+        inner = host[1:-1] if host.endswith("]") else ""
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            value.fail(_LISTEN_ALLOWED, f"bad IPv6 address {host!r}")
+    elif ":" in host:
+        value.fail(_LISTEN_ALLOWED, "an IPv6 address needs [brackets]")
+    elif not _HOST_RE.fullmatch(host):
+        value.fail(_LISTEN_ALLOWED, f"bad host {host!r}")
+    return address
+
+
+def _textfile_path(value: _Value) -> str:
+    expected = (
+        "an absolute path ending in '.prom' (node-exporter's textfile collector reads only "
+        'those), or "" for none'
+    )
+    path = _string(value, expected)
+    if path == "":
+        return path
+    if not path.startswith("/"):
+        value.fail(expected, "not absolute")
+    if not path.endswith(".prom") or path.endswith("/.prom"):
+        value.fail(expected, "node-exporter ignores files not named *.prom")
+    return path
+
+
+def _parse_attribution(table: _Table) -> AttributionConfig:
+    defaults = AttributionConfig()
+    return AttributionConfig(
+        pod_resources_socket=table.get(
+            "pod_resources_socket", defaults.pod_resources_socket, _absolute_path
+        ),
+        refresh_interval_s=table.get(
+            "refresh_interval_s", defaults.refresh_interval_s, _seconds(allow_zero=False)
+        ),
+    )
+
+
+def _parse_metrics(table: _Table) -> MetricsConfig:
+    defaults = MetricsConfig()
+    return MetricsConfig(
+        enabled=table.get("enabled", defaults.enabled, _bool),
+        listen_address=table.get("listen_address", defaults.listen_address, _listen_address),
+        textfile_path=table.get("textfile_path", defaults.textfile_path, _textfile_path),
+    )
+
+
+def _parse_labels(table: _Table) -> LabelsConfig:
+    defaults = LabelsConfig()
+    return LabelsConfig(
+        enabled=table.get("enabled", defaults.enabled, _bool),
+        features_dir=table.get("features_dir", defaults.features_dir, _absolute_path),
+    )
+
+
 _SINGLE_MODEL_KEYS = ("count", "model", "memory_mib", "compute_capability")
 
 
@@ -935,6 +1049,11 @@ def parse(text: str, source: str = "<string>") -> Config:
         mps=_parse_mps(root.table("mps", "[mps]", _keys(MpsConfig))),
         health=_parse_health(root.table("health", "[health]", _keys(HealthConfig))),
         simulated=_parse_simulated(root.table("simulated", "[simulated]", _keys(SimulatedConfig))),
+        attribution=_parse_attribution(
+            root.table("attribution", "[attribution]", _keys(AttributionConfig))
+        ),
+        metrics=_parse_metrics(root.table("metrics", "[metrics]", _keys(MetricsConfig))),
+        labels=_parse_labels(root.table("labels", "[labels]", _keys(LabelsConfig))),
         source=source,
     )
 
@@ -1052,6 +1171,25 @@ def to_toml(config: Config) -> str:
             ("recovery_quiet_period_s", health.recovery_quiet_period_s),
             ("poll_interval_s", health.poll_interval_s),
         ],
+    )
+    table(
+        "attribution",
+        [
+            ("pod_resources_socket", config.attribution.pod_resources_socket),
+            ("refresh_interval_s", config.attribution.refresh_interval_s),
+        ],
+    )
+    table(
+        "metrics",
+        [
+            ("enabled", config.metrics.enabled),
+            ("listen_address", config.metrics.listen_address),
+            ("textfile_path", config.metrics.textfile_path),
+        ],
+    )
+    table(
+        "labels",
+        [("enabled", config.labels.enabled), ("features_dir", config.labels.features_dir)],
     )
     simulated = config.simulated
     if simulated.gpus:

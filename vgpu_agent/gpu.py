@@ -75,6 +75,19 @@ class GpuEvent:
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class GpuProcess:
+    """An MPS client process on a GPU, as the driver reports it.
+
+    ``pid`` is in the host's PID namespace; ``used_memory_mib`` is None where the driver
+    cannot tell.
+    """
+
+    pid: int
+    gpu_uuid: str
+    used_memory_mib: Optional[int]
+
+
 class GpuBackend(Protocol):
     """What the agent asks of the GPUs. Every method raises :class:`GpuError` on failure."""
 
@@ -106,6 +119,10 @@ class GpuBackend(Protocol):
     def interrupt_wait(self) -> None:
         """Make a blocked :meth:`wait_events` return early where the backend can (NVML
         cannot: its wait ends at its timeout)."""
+        ...
+
+    def mps_client_processes(self, gpu_uuid: str) -> list[GpuProcess]:
+        """The MPS client processes on the GPU with the memory each uses."""
         ...
 
     def close(self) -> None:

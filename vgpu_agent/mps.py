@@ -34,6 +34,7 @@ from vgpu_agent.daemons import MpsDaemonInfo, MpsDaemons
 from vgpu_agent.devices import Ceiling, percentage_text
 from vgpu_agent.errors import MpsError
 from vgpu_agent.gpu import Gpu
+from vgpu_agent.mps_units import REQUEST_SOCKET, request_socket_available, request_start
 from vgpu_agent.plan import daemon_ceiling
 
 _log = logging.getLogger(__name__)
@@ -525,6 +526,23 @@ def _wait_until_answers(
         time.sleep(0.05)
 
 
+def secure_pipe_dir(config: MpsConfig, gpu_uuid: str, wait_s: float = 15.0) -> bool:
+    """Wait until the GPU's daemon answers, then restrict its pipe directory when it runs
+    in multi-user mode (vgpu-mps@.service's ExecStartPost, so that the sandboxed agent
+    needs no write access there); True when restricted. MpsError if it never answers."""
+    pipe_dir = config.pipe_dir(gpu_uuid)
+    reason = _wait_until_answers(config, pipe_dir, wait_s, lambda: None)
+    if reason is not None:
+        raise MpsError(f"GPU {gpu_uuid}'s MPS daemon does not answer on {pipe_dir}: {reason}")
+    pid = daemon_pid(pipe_dir)
+    multi_user = running_multi_user(pid) if pid is not None else None
+    if multi_user is None:
+        multi_user = config.multi_user != "off"
+    if multi_user:
+        restrict_pipe_dir(pipe_dir)
+    return multi_user
+
+
 def ceiling_commands(ceiling: Ceiling) -> list[str]:
     """The control commands that set ``ceiling`` as the daemon's defaults."""
     commands = []
@@ -865,17 +883,42 @@ class SystemdMpsDaemons:
         *,
         systemctl: str = "systemctl",
         start_timeout_s: float = 30.0,
+        request_socket: Optional[str] = REQUEST_SOCKET,
     ) -> None:
         self._config = config
         self._systemctl = systemctl
+        self._request_socket = request_socket
         self._start_timeout_s = start_timeout_s
         self._prober = LivenessProber(config)
 
     def start(self, gpu: Gpu) -> MpsDaemonInfo:
-        """Start the GPU's unit (a no-op when it runs) and wait until the daemon answers."""
+        """Start the GPU's unit (a no-op when it runs) and wait until the daemon answers.
+
+        Through ``vgpu-mps-units.socket`` when it is there (the agent's sandbox cannot
+        reach systemd; see mps_units), else with ``systemctl start`` (root, no sandbox)."""
         config = self._config
-        pipe_dir, log_dir = prepare_directories(config, gpu.uuid)
         unit = SYSTEMD_UNIT_TEMPLATE.format(gpu_uuid=gpu.uuid)
+        if request_socket_available(self._request_socket):
+            # The unit makes the GPU's directories itself (exec_daemon) and restricts the
+            # pipe directory (ExecStartPost): the sandboxed agent writes neither root.
+            assert self._request_socket is not None  # noqa: S101 - checked just above
+            pipe_dir = config.pipe_dir(gpu.uuid)
+            log_dir = log_dir_for(config.log_root, gpu.uuid)
+            request_start(gpu.uuid, self._request_socket, self._start_timeout_s)
+            restrict = False  # the unit's ExecStartPost did (secure_pipe_dir)
+        else:
+            pipe_dir, log_dir = prepare_directories(config, gpu.uuid)
+            self._systemctl_start(unit)
+            restrict = True
+        reason = _wait_until_answers(config, pipe_dir, self._start_timeout_s, lambda: None)
+        if reason is not None:
+            raise MpsError(f"{unit} started but its MPS daemon does not answer: {reason}")
+        info = _reuse_info(config, gpu.uuid, pipe_dir, log_dir)
+        if info.multi_user and restrict:
+            restrict_pipe_dir(pipe_dir)
+        return info
+
+    def _systemctl_start(self, unit: str) -> None:
         try:
             completed = subprocess.run(
                 [self._systemctl, "start", unit],
@@ -899,13 +942,6 @@ class SystemdMpsDaemons:
                 f"starting {unit}: {output or f'systemctl exit {completed.returncode}'} "
                 f"(see systemctl status {unit} and journalctl -u {unit})"
             )
-        reason = _wait_until_answers(config, pipe_dir, self._start_timeout_s, lambda: None)
-        if reason is not None:
-            raise MpsError(f"{unit} started but its MPS daemon does not answer: {reason}")
-        info = _reuse_info(config, gpu.uuid, pipe_dir, log_dir)
-        if info.multi_user:
-            restrict_pipe_dir(pipe_dir)
-        return info
 
     def apply_defaults(self, gpu: Gpu, ceiling: Ceiling) -> list[str]:
         """Set ``ceiling`` as the GPU's daemon defaults and have every full probe read it

@@ -16,7 +16,7 @@ import threading
 from typing import Any, Callable, Optional, TypeVar
 
 from vgpu_agent.errors import GpuError, GpuLostError
-from vgpu_agent.gpu import ComputeMode, Gpu, GpuEvent, GpuEventKind
+from vgpu_agent.gpu import ComputeMode, Gpu, GpuEvent, GpuEventKind, GpuProcess
 
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -105,6 +105,14 @@ def numa_node_from_sysfs(bus_id: str, sysfs_root: str = "/sys/bus/pci/devices") 
     except (OSError, ValueError):
         return None
     return node if node >= 0 else None
+
+
+def process_from_nvml(gpu_uuid: str, entry: Any) -> GpuProcess:
+    """Our GpuProcess for one of NVML's process info entries (``pid``, ``usedGpuMemory`` in
+    bytes, None when NVML cannot tell)."""
+    used_bytes = getattr(entry, "usedGpuMemory", None)
+    used_mib = int(used_bytes) // (1024 * 1024) if used_bytes is not None else None
+    return GpuProcess(pid=int(entry.pid), gpu_uuid=gpu_uuid, used_memory_mib=used_mib)
 
 
 def _text(value: Any) -> str:
@@ -331,6 +339,17 @@ class NvmlBackend:
         if event_type & _EVENT_DOUBLE_BIT_ECC:
             return GpuEvent(GpuEventKind.DOUBLE_BIT_ECC, gpu_uuid, detail="double-bit ECC error")
         return GpuEvent(GpuEventKind.LOST, gpu_uuid, detail=f"NVML event 0x{event_type:x}")
+
+    def mps_client_processes(self, gpu_uuid: str) -> list[GpuProcess]:
+        """The GPU's MPS clients (nvmlDeviceGetMPSComputeRunningProcesses), host pids."""
+        with self._lock:
+            handle = self._handle(gpu_uuid)
+            entries = self._call_unlocked(
+                f"listing the MPS client processes of GPU {gpu_uuid}",
+                self._nvml.nvmlDeviceGetMPSComputeRunningProcesses,
+                handle,
+            )
+        return [process_from_nvml(gpu_uuid, entry) for entry in entries]
 
     def interrupt_wait(self) -> None:
         """NVML's event wait cannot be interrupted; it returns at its timeout."""

@@ -12,6 +12,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -178,9 +179,19 @@ def check_device_ids(device_ids: Sequence[str], what: str) -> None:
 class PluginServicer(pb_grpc.DevicePluginServicer):
     """The DevicePlugin service over a :class:`~vgpu_agent.node.Node`."""
 
-    def __init__(self, node: Node, max_streams: int = MAX_LIST_AND_WATCH_STREAMS) -> None:
+    def __init__(
+        self,
+        node: Node,
+        max_streams: int = MAX_LIST_AND_WATCH_STREAMS,
+        *,
+        observe_latency: Optional[Callable[[str, float], None]] = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self._node = node
         self._max_streams = max_streams
+        #: Told (method name, seconds) after each Allocate and GetPreferredAllocation.
+        self._observe_latency = observe_latency
+        self._clock = clock
         self._lock = threading.Lock()
         self._streams = 0
         # Streams started under an older generation end; see end_streams().
@@ -241,13 +252,27 @@ class PluginServicer(pb_grpc.DevicePluginServicer):
         self, request: pb.PreferredAllocationRequest, context: RpcContext
     ) -> pb.PreferredAllocationResponse:
         """Best-fit ids on one GPU for each container request."""
-        return _answer(context, "GetPreferredAllocation", lambda: self._preferred(_parsed(request)))
+        started = self._clock()
+        try:
+            return _answer(
+                context, "GetPreferredAllocation", lambda: self._preferred(_parsed(request))
+            )
+        finally:
+            self._observed("GetPreferredAllocation", started)
 
     def Allocate(  # noqa: N802 - the gRPC method name
         self, request: pb.AllocateRequest, context: RpcContext
     ) -> pb.AllocateResponse:
         """Validate each container's ids and return its environment, mounts, annotations."""
-        return _answer(context, "Allocate", lambda: self._allocate(_parsed(request)))
+        started = self._clock()
+        try:
+            return _answer(context, "Allocate", lambda: self._allocate(_parsed(request)))
+        finally:
+            self._observed("Allocate", started)
+
+    def _observed(self, method: str, started: float) -> None:
+        if self._observe_latency is not None:
+            self._observe_latency(method, self._clock() - started)
 
     def PreStartContainer(  # noqa: N802 - the gRPC method name
         self, request: pb.PreStartContainerRequest, context: RpcContext

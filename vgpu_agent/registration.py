@@ -99,6 +99,8 @@ class Registrar:
         self._next_attempt_at = 0.0
         self._problem = ""
         self.registrations = 0
+        #: Registrations with a kubelet.sock other than the previous registration's.
+        self.kubelet_restarts = 0
 
     @property
     def state(self) -> RegistrationState:
@@ -218,6 +220,9 @@ class Registrar:
             self._state = RegistrationState.RETRYING
             log.warning("registering with the kubelet failed: %s; retrying in %.1f s", exc, delay_s)
             return
+        if self._registered_with is not None and identity != self._registered_with:
+            # Registered before, now with another kubelet.sock: the kubelet restarted.
+            self.kubelet_restarts += 1
         self._registered_with = identity
         self._state = RegistrationState.REGISTERED
         self.registrations += 1

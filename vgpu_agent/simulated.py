@@ -18,7 +18,7 @@ from vgpu_agent.config import Config, MultiUser, SimulatedConfig, simulated_mps
 from vgpu_agent.daemons import MpsDaemonInfo
 from vgpu_agent.devices import Ceiling, pipe_dir_for
 from vgpu_agent.errors import GpuError, GpuLostError, VgpuError
-from vgpu_agent.gpu import ComputeMode, Gpu, GpuEvent, GpuEventKind
+from vgpu_agent.gpu import ComputeMode, Gpu, GpuEvent, GpuEventKind, GpuProcess
 
 #: Namespace for deterministic simulated UUIDs: the same count always gives the same UUIDs.
 _UUID_NAMESPACE = uuid_module.UUID("6a0f3f4e-2b5c-4d8e-9a61-7c2d0b1e5f93")
@@ -74,6 +74,7 @@ class SimulatedBackend:
         self._watched: set[str] = set()
         self._events: deque[GpuEvent] = deque()
         self._failing_calls: Optional[str] = None
+        self._processes: dict[int, GpuProcess] = {}
         #: How many calls failed because of :meth:`fail_calls` (tests wait on it).
         self.failed_calls = 0
         self.closed = False
@@ -125,6 +126,15 @@ class SimulatedBackend:
             self._events.clear()
             return events
 
+    def mps_client_processes(self, gpu_uuid: str) -> list[GpuProcess]:
+        """The simulated MPS clients on the GPU (see :meth:`add_mps_client`), by pid."""
+        with self._lock:
+            self._require(gpu_uuid, "listing the MPS client processes of")
+            return sorted(
+                (process for process in self._processes.values() if process.gpu_uuid == gpu_uuid),
+                key=lambda process: process.pid,
+            )
+
     def interrupt_wait(self) -> None:
         """Wake a blocked wait_events with no events."""
         with self._events_ready:
@@ -158,6 +168,17 @@ class SimulatedBackend:
         with self._lock:
             self._require_known(gpu_uuid)
             self._lost.discard(gpu_uuid)
+
+    def add_mps_client(self, gpu_uuid: str, pid: int, used_memory_mib: Optional[int]) -> None:
+        """A process ``pid`` becomes (or stays, with new memory) an MPS client of the GPU."""
+        with self._lock:
+            self._require_known(gpu_uuid)
+            self._processes[pid] = GpuProcess(pid, gpu_uuid, used_memory_mib)
+
+    def remove_mps_client(self, pid: int) -> None:
+        """The client process ``pid`` exits."""
+        with self._lock:
+            self._processes.pop(pid, None)
 
     def set_unwatchable(self, gpu_uuid: str) -> None:
         """Make event registration unsupported for this GPU (it must be polled)."""
@@ -307,6 +328,10 @@ class Simulation:
             self.backend.lose(gpu_uuid)
         elif action is SimulateAction.RECOVER:
             self.backend.recover(gpu_uuid)
+        elif action is SimulateAction.MPS_CLIENT:
+            if command.pid is None:
+                raise VgpuError("simulate mps-client needs a pid")
+            self.backend.add_mps_client(gpu_uuid, command.pid, command.memory_mib)
         elif self.mps is None:
             raise VgpuError("MPS is off in this config; nothing to simulate")
         else:

@@ -151,10 +151,16 @@ class Node:
         return response.container_responses[0]
 
     def start_client(
-        self, grant: Any, uid: int, label: str, arguments: Sequence[str] = ()
+        self,
+        grant: Any,
+        uid: int,
+        label: str,
+        arguments: Sequence[str] = (),
+        prefix: Sequence[str] = (),
     ) -> Client:
         """Start mps_client.py in pod-like namespaces as ``uid`` with exactly the grant's
-        environment (plus what an image brings) and its mounts at their container paths."""
+        environment (plus what an image brings) and its mounts at their container paths;
+        ``prefix`` runs first and execs the rest (e.g. to enter a cgroup)."""
         environment = dict(IMAGE_ENV)
         if os.environ.get("LD_LIBRARY_PATH"):
             # Where the lent machines keep libcuda; a container runtime injects it likewise.
@@ -170,6 +176,7 @@ class Node:
             for mount in grant.mounts
         ]
         command = [
+            *prefix,
             "unshare",
             *POD_NAMESPACES,
             str(self.work_dir / "container.sh"),
