@@ -367,13 +367,13 @@ def node_gpu() -> Gpu:
     return gpus_from_config(SimulatedConfig(count=1, memory_mib=MEMORY_MIB))[0]
 
 
-def test_full_probe_with_a_ceiling_reads_it_back_instead_of_listing_servers(
+def test_full_probe_with_a_ceiling_reads_it_back_instead_of_a_bare_liveness_command(
     direct: tuple[DirectMpsDaemons, MpsConfig],
     short_tmp_dir: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A full probe of a daemon that holds a ceiling asks just the two get commands (which
-    prove it answers too), not get_server_list as well: one process start fewer."""
+    """A full probe of a daemon that holds a ceiling reads back its defaults and the list of
+    its servers (which prove it answers too), with no separate liveness command."""
     command_log = Path(short_tmp_dir) / "probe-commands"
     monkeypatch.setenv("FAKE_MPS_COMMAND_LOG", str(command_log))
     daemons, config = direct
@@ -386,7 +386,36 @@ def test_full_probe_with_a_ceiling_reads_it_back_instead_of_listing_servers(
     assert asked == [
         "get_default_active_thread_percentage",
         "get_default_device_pinned_mem_limit 0",
+        "get_server_list",
     ]
+
+
+def test_a_running_server_gets_the_ceiling_and_is_checked(
+    direct: tuple[DirectMpsDaemons, MpsConfig],
+) -> None:
+    """A server spawned before the ceiling keeps the daemon's old defaults (driver 580): the
+    ceiling is also sent to each running server, and the probe reads each server back,
+    reports one that lost it and puts it back."""
+    daemons, config = direct
+    info = daemons.start(node_gpu())
+    control_command(config, info.pipe_dir, "fake_start_server 4242")
+    now = [0.0]
+    prober = LivenessProber(config, full_interval_s=5.0, clock=lambda: now[0])
+    sent = prober.hold(info.pipe_dir, Ceiling(Decimal("12.5"), 17971))
+    assert sent[2:] == [
+        "set_active_thread_percentage 4242 12.5",
+        "set_device_pinned_mem_limit 4242 0 17971M",
+    ]
+    assert control_command(config, info.pipe_dir, "get_active_thread_percentage 4242") == "12.5"
+    assert prober.probe(info.pipe_dir) is None
+    control_command(config, info.pipe_dir, "set_active_thread_percentage 4242 100")
+    now[0] = 6.0
+    problem = prober.probe(info.pipe_dir)
+    assert problem is not None
+    assert "server 4242: thread percentage 100, not 12.5" in problem
+    now[0] = 6.5
+    assert prober.probe(info.pipe_dir) is None
+    assert control_command(config, info.pipe_dir, "get_active_thread_percentage 4242") == "12.5"
 
 
 @pytest.mark.parametrize(

@@ -561,10 +561,32 @@ def daemon_default_commands(config: MpsConfig, memory_mib: int, replicas: int) -
     return ceiling_commands(daemon_ceiling(config, memory_mib, replicas))
 
 
+def server_ceiling_commands(ceiling: Ceiling, server_pid: int) -> list[str]:
+    """The control commands that hold the running server ``server_pid`` to ``ceiling``: a
+    server keeps the defaults it was spawned with (bench/RESULTS.md, driver 580)."""
+    commands = []
+    if ceiling.thread_percentage is not None:
+        percentage = percentage_text(ceiling.thread_percentage)
+        commands.append(f"set_active_thread_percentage {server_pid} {percentage}")
+    if ceiling.memory_mib is not None:
+        commands.append(f"set_device_pinned_mem_limit {server_pid} 0 {ceiling.memory_mib}M")
+    return commands
+
+
+def server_pids(config: MpsConfig, pipe_dir: str) -> list[int]:
+    """The pids of the MPS servers the daemon of ``pipe_dir`` runs (``get_server_list``)."""
+    answer = control_command(config, pipe_dir, "get_server_list")
+    return [int(word) for word in answer.split() if word.isdigit()]
+
+
 def send_ceiling(config: MpsConfig, pipe_dir: str, ceiling: Ceiling) -> list[str]:
-    """Send the commands that set ``ceiling`` to a daemon that answers; returns them.
-    Raises MpsError naming the command that failed."""
+    """Send the commands that set ``ceiling`` to a daemon that answers, as its defaults and
+    on each server it already runs (new clients of those servers are held to it too);
+    returns them. Raises MpsError naming the command that failed."""
     commands = ceiling_commands(ceiling)
+    if not ceiling.empty:
+        for pid in server_pids(config, pipe_dir):
+            commands.extend(server_ceiling_commands(ceiling, pid))
     for command in commands:
         answer = control_command(config, pipe_dir, command)
         if any(word in answer.lower() for word in ("unrecognized", "error", "invalid")):
@@ -610,9 +632,17 @@ _LARGEST_MIB = Decimal(2**24)
 _THREAD_READBACK_TOLERANCE = Decimal("0.1")
 
 
-def read_thread_default(config: MpsConfig, pipe_dir: str) -> Optional[Decimal]:
-    """The daemon's default active thread percentage; None when its answer has no number."""
-    answer = control_command(config, pipe_dir, "get_default_active_thread_percentage")
+def read_thread_default(
+    config: MpsConfig, pipe_dir: str, server_pid: Optional[int] = None
+) -> Optional[Decimal]:
+    """The daemon's default active thread percentage (or server ``server_pid``'s); None when
+    the answer has no number."""
+    command = (
+        "get_default_active_thread_percentage"
+        if server_pid is None
+        else f"get_active_thread_percentage {server_pid}"
+    )
+    answer = control_command(config, pipe_dir, command)
     match = _NUMBER.search(answer)
     return Decimal(match.group(0)) if match else None
 
@@ -659,18 +689,37 @@ def parse_memory_answer(answer: str) -> Optional[MemoryReading]:
     return MemoryReading(value * step, step)
 
 
-def read_memory_default(config: MpsConfig, pipe_dir: str) -> Optional[MemoryReading]:
-    """The daemon's default pinned memory limit on device 0; None when it has none."""
-    answer = control_command(config, pipe_dir, "get_default_device_pinned_mem_limit 0")
+def read_memory_default(
+    config: MpsConfig, pipe_dir: str, server_pid: Optional[int] = None
+) -> Optional[MemoryReading]:
+    """The daemon's default pinned memory limit on device 0 (or server ``server_pid``'s);
+    None when it has none."""
+    command = (
+        "get_default_device_pinned_mem_limit 0"
+        if server_pid is None
+        else f"get_device_pinned_mem_limit {server_pid} 0"
+    )
+    answer = control_command(config, pipe_dir, command)
     return parse_memory_answer(answer)
 
 
 def ceiling_gaps(config: MpsConfig, pipe_dir: str, ceiling: Ceiling) -> list[str]:
-    """What of ``ceiling`` the daemon of ``pipe_dir`` no longer holds, read back through its
-    control pipe; empty when all of it is in force. Raises MpsError if it does not answer."""
+    """What of ``ceiling`` the daemon of ``pipe_dir`` and the servers it runs no longer
+    hold, read back through its control pipe; empty when all of it is in force. Raises
+    MpsError if it does not answer."""
+    gaps = _gaps(config, pipe_dir, ceiling, None)
+    for pid in server_pids(config, pipe_dir):
+        gaps.extend(f"server {pid}: {gap}" for gap in _gaps(config, pipe_dir, ceiling, pid))
+    return gaps
+
+
+def _gaps(
+    config: MpsConfig, pipe_dir: str, ceiling: Ceiling, server_pid: Optional[int]
+) -> list[str]:
+    """The gaps in the daemon's defaults (``server_pid`` None) or in one server's limits."""
     gaps = []
     if ceiling.thread_percentage is not None:
-        threads = read_thread_default(config, pipe_dir)
+        threads = read_thread_default(config, pipe_dir, server_pid)
         if threads is None or abs(threads - ceiling.thread_percentage) > (
             _THREAD_READBACK_TOLERANCE
         ):
@@ -679,7 +728,7 @@ def ceiling_gaps(config: MpsConfig, pipe_dir: str, ceiling: Ceiling) -> list[str
                 f"thread percentage {shown}, not {percentage_text(ceiling.thread_percentage)}"
             )
     if ceiling.memory_mib is not None:
-        memory = read_memory_default(config, pipe_dir)
+        memory = read_memory_default(config, pipe_dir, server_pid)
         if memory is None or not memory.shows(ceiling.memory_mib):
             shown = "none" if memory is None else memory.describe()
             gaps.append(f"pinned memory limit {shown}, not {ceiling.memory_mib} MiB")

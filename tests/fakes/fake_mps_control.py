@@ -21,6 +21,10 @@ It behaves like the real program where the agent can tell (driver 580, see docs/
   one: a restarted daemon has none, and the get commands answer as driver 580 does
   (bench/RESULTS.md): the percentage with one decimal, the memory limit in whole GiB
   rounded down (``17971M`` reads ``17G``), nothing when no limit is set.
+- ``fake_start_server <pid>`` (stand-in only) stands for a client spawning a server: it
+  appears in ``get_server_list`` with the daemon's defaults of that moment, and the
+  per-server commands (``set_active_thread_percentage <pid> <n>``,
+  ``set_device_pinned_mem_limit <pid> <dev> <value>`` and their ``get_`` forms) act on it.
 - no option: the client. It sends each line of stdin to the daemon and prints the
   answers; no daemon: "Cannot find MPS control daemon process", exit 1.
 """
@@ -32,6 +36,7 @@ import os
 import socket
 import sys
 import time
+from typing import Optional
 
 HELP = """nvidia-cuda-mps-control [options] [command]
 OPTIONS:
@@ -66,13 +71,43 @@ def mebibytes(value: str) -> int:
     return int(value) // (1024 * 1024)
 
 
+def _server_command(words: list[str], state: dict[str, str]) -> Optional[str]:
+    """The per-server commands on a running server's pid; None for other commands."""
+    if len(words) < 2 or f"server{words[1]}" not in state:
+        return None
+    pid = words[1]
+    if words[0] == "set_active_thread_percentage" and len(words) == 3:
+        state[f"threads@{pid}"] = words[2]
+        return words[2]
+    if words[0] == "get_active_thread_percentage" and len(words) == 2:
+        return f"{float(state.get(f'threads@{pid}', '100')):.1f}"
+    if words[0] == "set_device_pinned_mem_limit" and len(words) == 4:
+        state[f"memory{words[2]}@{pid}"] = words[3]
+        return ""
+    if words[0] == "get_device_pinned_mem_limit" and len(words) == 3:
+        memory = state.get(f"memory{words[2]}@{pid}")
+        return "" if memory is None else f"{mebibytes(memory) // 1024}G"
+    return None
+
+
 def answer(command: str, state: dict[str, str]) -> str:
     """The daemon's reply to one control command."""
     words = command.split()
     if not words:
         return ""
     if words[0] == "get_server_list":
-        return state.get("servers", "")
+        return "\n".join(key[len("server") :] for key in state if key.startswith("server"))
+    if words[0] == "fake_start_server" and len(words) == 2:
+        # Stand-in only: a client's connection spawning a server, which takes the daemon's
+        # defaults of that moment and keeps them (driver 580, bench/RESULTS.md).
+        state[f"server{words[1]}"] = ""
+        state[f"threads@{words[1]}"] = state.get("threads", "100")
+        if "memory0" in state:
+            state[f"memory0@{words[1]}"] = state["memory0"]
+        return ""
+    server_command = _server_command(words, state)
+    if server_command is not None:
+        return server_command
     if words[0] == "set_default_active_thread_percentage" and len(words) == 2:
         state["threads"] = words[1]
         return ""
