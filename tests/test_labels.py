@@ -31,7 +31,7 @@ def test_labels_describe_the_served_gpus() -> None:
         "vgpu.replicas-per-gpu": "4",
         "vgpu.memory-mib": str(24_576 // 4),
         "sharing-strategy": "mps",
-        "mps.confined": "false",
+        "mps.confined": "true",
         "resource-name": "eks.amazonaws.com.vgpu",
     }
 
@@ -40,8 +40,9 @@ def test_labels_describe_the_served_gpus() -> None:
     ("document", "key", "value"),
     [
         ("mps.daemon_thread_limit = 'proportional'", "mps.confined", "true"),
-        ("mps.daemon_thread_limit = 30", "mps.confined", "true"),
-        ("mps.enabled = false\nmps.daemon_thread_limit = 30", "mps.confined", "false"),
+        ("mps.confinement = 'cooperative'\nmps.daemon_thread_limit = 30", "mps.confined", "true"),
+        ("mps.confinement = 'cooperative'", "mps.confined", "false"),
+        ("mps.enabled = false", "mps.confined", "false"),
         ("mps.enabled = false", "sharing-strategy", "time-slicing"),
         ("mps.memory_limit = 2048", "vgpu.memory-mib", "2048"),
         ("mps.memory_headroom_mib = 576", "vgpu.memory-mib", str((24_576 - 576) // 4)),
@@ -49,7 +50,8 @@ def test_labels_describe_the_served_gpus() -> None:
     ],
     ids=[
         "daemon-proportional",
-        "daemon-fixed",
+        "cooperative-daemon-fixed",
+        "cooperative-not-confined",
         "no-mps-not-confined",
         "time-slicing",
         "fixed-memory",

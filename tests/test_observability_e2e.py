@@ -13,6 +13,7 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -86,6 +87,8 @@ def test_an_agent_attributes_memory_and_counts_events(
         metrics=MetricsConfig(enabled=True, listen_address="127.0.0.1:0"),
         labels=LabelsConfig(enabled=True, features_dir=str(features)),
     )
+    # Its pod holds 2 vGPUs: allowed, with a ceiling of two shares.
+    config = replace(config, mps=replace(config.mps, max_vgpus_per_container=2))
     run = start(
         config,
         gather_attribution=functools.partial(
@@ -160,7 +163,9 @@ def test_a_real_agent_process_serves_metrics_and_status(short_tmp_dir: str) -> N
     config_path = Path(root) / "config.toml"
     config_path.write_text(
         f'[agent]\nstate_dir = "{root}/state"\n[plugin]\nplugin_dir = "{root}/dp"\n'
-        f'[mps]\npipe_root = "{root}/mps"\n[gpus]\nbackend = "simulated"\nreplicas_per_gpu = 4\n'
+        # Its pod holds 2 vGPUs: allowed, with a ceiling of two shares.
+        f'[mps]\npipe_root = "{root}/mps"\nmax_vgpus_per_container = 2\n'
+        '[gpus]\nbackend = "simulated"\nreplicas_per_gpu = 4\n'
         f'[attribution]\npod_resources_socket = "{root}/pr/kubelet.sock"\n'
         f"refresh_interval_s = 0.5\n"
         f'[metrics]\nenabled = true\nlisten_address = "127.0.0.1:{port}"\n'
@@ -229,6 +234,7 @@ def test_the_demo_shows_who_uses_which_vgpu() -> None:
     lines: list[str] = []
     assert run_demo(lines.append) == 0
     text = "\n".join(lines)
-    assert "ml/trainer-0 main: 2 vGPUs, limit 50% of SMs and" in text
+    # One vGPU: what a container may hold under the default (enforced) confinement.
+    assert "ml/trainer-0 main: 1 vGPU, limit 25% of SMs and" in text
     assert "uses 9200 MiB (pids 4242)" in text
     assert "::0  Healthy  ml/trainer-0 main" in text

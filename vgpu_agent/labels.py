@@ -56,9 +56,12 @@ class NodeLabels:
 
 
 def mps_confined(config: Config) -> bool:
-    """Whether MPS confines clients that bring no limits of their own: the daemons hold
-    default thread limits (mps.daemon_thread_limit)."""
-    return config.mps.enabled and config.mps.daemon_thread_limit != "none"
+    """Whether MPS confines clients that bring no limits of their own: the daemons hold a
+    thread ceiling (mps.confinement = "enforced", or mps.daemon_thread_limit when
+    cooperative)."""
+    if not config.mps.enabled:
+        return False
+    return config.mps.confinement == "enforced" or config.mps.daemon_thread_limit != "none"
 
 
 def node_labels(config: Config, inventory: Inventory) -> NodeLabels:
