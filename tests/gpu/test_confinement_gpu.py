@@ -1,0 +1,106 @@
+"""On a real NVIDIA GPU: a client holding 1 vGPU of N gets no more SMs and no more memory
+than its ceiling, whatever it does with its limit variables (issue 11 item 6).
+
+The ceiling is the daemon's defaults as the agent sets them; the client runs the way a
+container runtime starts it from Allocate (pod-like namespaces, uid 1000, the grant's
+mounts), then either keeps the grant's variables, unsets them, or raises them to the whole
+GPU. Run with scripts/test-gpu; bench/gpu_mps.py --study hostile prints the same figures
+as a table beside a daemon without a ceiling."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Callable
+
+import pytest
+
+from vgpu_agent.mps import apply_daemon_defaults
+
+from .conftest import Node
+
+pytestmark = pytest.mark.gpu
+NodeFactory = Callable[..., Node]
+#: vGPUs per GPU here: the ceiling is one eighth of the SMs and of the memory.
+REPLICAS = 8
+#: How much more matrix throughput than the compliant client counts as noise.
+THROUGHPUT_NOISE = 1.15
+
+
+def _with_ceiling(make_node: NodeFactory) -> tuple[Node, int]:
+    """A node whose GPU 0 daemon carries the ceiling of one vGPU; returns it and the
+    memory slice in MiB."""
+    node = make_node(replicas=REPLICAS)
+    pipe_dir = node.state.get().gpus[0].pipe_dir
+    assert pipe_dir is not None
+    mps_config = replace(
+        node.config.mps, daemon_thread_limit="proportional", daemon_memory_limit="proportional"
+    )
+    apply_daemon_defaults(mps_config, pipe_dir, node.gpus[0].memory_mib, REPLICAS)
+    print(
+        "daemon ceiling:",
+        node.control(0, "get_default_active_thread_percentage"),
+        "% threads,",
+        node.control(0, "get_default_device_pinned_mem_limit 0"),
+    )
+    return node, node.gpus[0].memory_mib // REPLICAS
+
+
+def _run(node: Node, label: str, envs: dict[str, str]) -> dict[str, Any]:
+    """One client alone on the GPU with the grant's mounts and exactly ``envs``."""
+    grant = node.allocate(0, 1)
+    shaped = type(grant)()
+    shaped.CopyFrom(grant)
+    shaped.envs.clear()
+    shaped.envs.update(envs)
+    report = node.start_client(shaped, 1000, label, ["--probe-s", "2", "--max-alloc"]).result()
+    print(
+        f"{label}: {report['multi_processor_count']} SMs reported, {report['tflops']} TFLOP/s, "
+        f"at most {report['max_alloc_mib']} MiB allocated, env "
+        f"{ {k: v for k, v in envs.items() if 'LIMIT' in k or 'PERCENTAGE' in k} }"
+    )
+    return report
+
+
+LIMIT_VARIABLES = ("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT")
+
+
+@pytest.mark.parametrize("tamper", ["unset", "raised-to-whole-gpu"])
+def test_a_client_cannot_leave_its_ceiling(make_node: NodeFactory, tamper: str) -> None:
+    """A client that unsets its limit variables, or raises them to 100 % and the whole
+    memory, gets no more SMs, throughput or memory than a compliant client of one vGPU."""
+    node, slice_mib = _with_ceiling(make_node)
+    granted = dict(node.allocate(0, 1).envs)
+    compliant = _run(node, "compliant", granted)
+    if tamper == "unset":
+        envs = {key: value for key, value in granted.items() if key not in LIMIT_VARIABLES}
+    else:
+        envs = {
+            **granted,
+            "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "100",
+            "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": f"0={node.gpus[0].memory_mib}M",
+        }
+    hostile = _run(node, tamper, envs)
+    assert hostile["multi_processor_count"] <= compliant["multi_processor_count"]
+    assert hostile["tflops"] <= compliant["tflops"] * THROUGHPUT_NOISE
+    # Its own CUDA context counts against the limit, so it allocates a little less.
+    assert compliant["max_alloc_mib"] <= slice_mib
+    assert hostile["max_alloc_mib"] <= slice_mib
+    assert hostile["max_alloc_mib"] > slice_mib // 2
+
+
+def test_a_client_can_still_lower_its_own_limits(make_node: NodeFactory) -> None:
+    """Below the ceiling a client's variables still apply: half a share and 4 GiB hold it."""
+    node, slice_mib = _with_ceiling(make_node)
+    granted = dict(node.allocate(0, 1).envs)
+    compliant = _run(node, "compliant", granted)
+    lowered = _run(
+        node,
+        "lowered",
+        {
+            **granted,
+            "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": f"{100 / REPLICAS / 2:g}",
+            "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=4096M",
+        },
+    )
+    assert lowered["max_alloc_mib"] <= 4096 < slice_mib
+    assert lowered["tflops"] < compliant["tflops"] * 0.75
