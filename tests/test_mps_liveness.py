@@ -7,7 +7,6 @@ import signal
 import time
 
 from tests.test_mps import GPU, FakeMps, direct, fake_mps  # noqa: F401 - fixtures
-from tests.waiting import wait_for
 from vgpu_agent.mps import DirectMpsDaemons, LivenessProber, process_state, quick_check
 
 
@@ -28,8 +27,7 @@ def test_quick_check_sees_stopped_daemon_at_once(
     assert quick_check(pipe_dir) is None
     os.kill(info.pid, signal.SIGSTOP)
     try:
-        pid = info.pid
-        wait_for(lambda: process_state(pid) == "T", "the daemon to be stopped")
+        time.sleep(0.1)
         started = time.monotonic()
         problem = quick_check(pipe_dir)
         assert problem is not None
@@ -85,8 +83,9 @@ def test_prober_reports_killed_daemon_at_once(
     prober = LivenessProber(fake_mps.config, full_interval_s=3600.0)
     assert prober.probe(pipe_dir) is None
     os.kill(info.pid, signal.SIGKILL)
-    pid = info.pid
-    wait_for(lambda: process_state(pid) in (None, "Z"), "the killed daemon to die")
+    deadline = time.monotonic() + 5
+    while process_state(info.pid) not in (None, "Z") and time.monotonic() < deadline:
+        time.sleep(0.05)
     problem = prober.probe(pipe_dir)
     assert problem is not None
     assert "is not running" in problem
@@ -101,7 +100,8 @@ def test_direct_daemon_replaced_after_death_is_healthy(
     info = direct.start(GPU)
     assert info.pid is not None
     os.kill(info.pid, signal.SIGKILL)
-    assert "exited" in wait_for(lambda: direct.probe(GPU.uuid), "the killed daemon to be reported")
+    time.sleep(0.2)
+    assert "exited" in (direct.probe(GPU.uuid) or "")
     other = DirectMpsDaemons(fake_mps.config)
     try:
         other.start(GPU)
