@@ -22,10 +22,12 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Callable
+from typing import Callable, TextIO
 
 from vgpu_agent import control
-from vgpu_agent.kubelet_standin import KubeletStandin, StandinDevice
+from vgpu_agent.commands import HealthResetCommand, SimulateAction, SimulateCommand
+from vgpu_agent.kubelet_standin import KubeletStandin
+from vgpu_agent.plugin import AdvertisedDevice
 
 RESOURCE = "eks.amazonaws.com/vgpu"
 GPUS = 8
@@ -106,7 +108,7 @@ def timed(calls: int, call: Callable[[], object]) -> list[float]:
 
 def time_to_update(
     standin: KubeletStandin,
-    predicate: Callable[[tuple[StandinDevice, ...]], bool],
+    predicate: Callable[[tuple[AdvertisedDevice, ...]], bool],
     act: Callable[[], object],
 ) -> float:
     """Milliseconds from ``act`` to a ListAndWatch update that satisfies ``predicate``."""
@@ -114,6 +116,13 @@ def time_to_update(
     act()
     standin.wait_for_devices(predicate, WAIT_S, RESOURCE)
     return (time.monotonic() - started) * 1000
+
+
+def show_log(agent_log: TextIO) -> None:
+    """Print the agent's log (kept out of the numbers) after a failure, to show why."""
+    agent_log.seek(0)
+    print("the benchmark failed; the agent's log:", file=sys.stderr)
+    sys.stderr.write(agent_log.read())
 
 
 def main() -> int:
@@ -133,8 +142,12 @@ def main() -> int:
     standin.start()
     env = {**os.environ, "NOTIFY_SOCKET": os.path.join(root, "notify")}
     started = time.monotonic()
+    # The agent's log goes to a file, not between the numbers; shown if the bench fails.
+    agent_log = open(os.path.join(root, "agent.log"), "w+")  # noqa: SIM115 - closed below
     agent = subprocess.Popen(
-        [sys.executable, "-m", "vgpu_agent", "--config", config_path, "run"], env=env
+        [sys.executable, "-m", "vgpu_agent", "--config", config_path, "run"],
+        env=env,
+        stderr=agent_log,
     )
     try:
         ready_s = wait_ready(notify, WAIT_S) - started
@@ -176,37 +189,33 @@ def main() -> int:
         sock = os.path.join(root, "state", "control.sock")
         gpu0 = ids[0].split("::")[0]
 
-        def unhealthy_on_gpu0(devs: tuple[StandinDevice, ...]) -> bool:
+        def unhealthy_on_gpu0(devs: tuple[AdvertisedDevice, ...]) -> bool:
             return (
                 sum(d.health == "Unhealthy" and d.device_id.startswith(gpu0) for d in devs)
                 == REPLICAS
             )
 
-        def all_healthy(devs: tuple[StandinDevice, ...]) -> bool:
+        def all_healthy(devs: tuple[AdvertisedDevice, ...]) -> bool:
             return all(d.health == "Healthy" for d in devs)
 
         xid_ms = time_to_update(
             standin,
             unhealthy_on_gpu0,
-            lambda: control.request(
-                sock, {"command": "simulate", "action": "xid", "gpu": "0", "xid": 79}
-            ),
+            lambda: control.request(sock, SimulateCommand(SimulateAction.XID, "0", 79)),
         )
         print(f"injected XID -> ListAndWatch update:      {xid_ms:.1f} ms")
-        control.request(sock, {"command": "health-reset", "gpu": "0"})
+        control.request(sock, HealthResetCommand("0"))
         standin.wait_for_devices(all_healthy, WAIT_S, RESOURCE)
         mps_ms = time_to_update(
             standin,
             unhealthy_on_gpu0,
-            lambda: control.request(
-                sock, {"command": "simulate", "action": "mps-down", "gpu": "0"}
-            ),
+            lambda: control.request(sock, SimulateCommand(SimulateAction.MPS_DOWN, "0")),
         )
         print(
             f"dead MPS daemon -> ListAndWatch update:   {mps_ms:.1f} ms "
             "(simulated daemon; probe interval 0.5 s)"
         )
-        control.request(sock, {"command": "simulate", "action": "mps-up", "gpu": "0"})
+        control.request(sock, SimulateCommand(SimulateAction.MPS_UP, "0"))
         standin.wait_for_devices(all_healthy, WAIT_S, RESOURCE)
 
         time.sleep(1.0)
@@ -217,9 +226,13 @@ def main() -> int:
             f"idle CPU over {args.idle_seconds:.0f} s:            "
             f"{cpu_used / args.idle_seconds * 100:.3f} % of one core"
         )
+    except BaseException:
+        show_log(agent_log)
+        raise
     finally:
         agent.terminate()
         agent.wait(WAIT_S)
+        agent_log.close()
         standin.stop()
         notify.close()
         shutil.rmtree(root, ignore_errors=True)
@@ -245,7 +258,10 @@ def daemon_faults(gpus: int) -> None:
         config_file.write(text)
     standin = KubeletStandin(os.path.join(root, "dp"))
     standin.start()
-    agent = subprocess.Popen([sys.executable, "-m", "vgpu_agent", "--config", config_path, "run"])
+    agent_log = open(os.path.join(root, "agent.log"), "w+")  # noqa: SIM115 - closed below
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "vgpu_agent", "--config", config_path, "run"], stderr=agent_log
+    )
     pids: list[int] = []
     try:
         total = gpus * REPLICAS
@@ -260,7 +276,7 @@ def daemon_faults(gpus: int) -> None:
             with open(os.path.join(root, "mps", name, "nvidia-cuda-mps-control.pid")) as f:
                 pids.append(int(f.read()))
 
-        def gpu0_is(health: str) -> Callable[[tuple[StandinDevice, ...]], bool]:
+        def gpu0_is(health: str) -> Callable[[tuple[AdvertisedDevice, ...]], bool]:
             return lambda devs: all(
                 d.health == health for d in devs if d.device_id.startswith(gpu0)
             )
@@ -282,9 +298,13 @@ def daemon_faults(gpus: int) -> None:
             f"killed (SIGKILL) -> update: {killed_ms:.0f} ms  "
             f"({gpus} daemon processes, probe interval 0.5 s)"
         )
+    except BaseException:
+        show_log(agent_log)
+        raise
     finally:
         agent.terminate()
         agent.wait(WAIT_S)
+        agent_log.close()
         for pid in pids:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)

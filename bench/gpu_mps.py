@@ -214,26 +214,23 @@ def agent_plan(count: int, memory_mib: int) -> Plan:
     """The agent's default configuration for ``count`` vGPUs of this GPU, computed by its
     own code: multi-user mode unless the config says off, the daemon defaults it sets, and
     the limit variables Allocate grants one vGPU."""
-    from vgpu_agent.config import MpsConfig
-    from vgpu_agent.devices import MpsGrantPolicy, ServedGpu, grant
+    from vgpu_agent.config import Config
+    from vgpu_agent.devices import ServedGpu, grant
     from vgpu_agent.gpu import Gpu
     from vgpu_agent.mps import daemon_default_commands
+    from vgpu_agent.plan import grant_policy
 
-    config = MpsConfig()
+    config = Config()
     gpu = Gpu(0, "GPU-bench", "bench", memory_mib, (9, 0))
     served = ServedGpu(gpu, count, pipe_dir="/pipe")
-    policy = MpsGrantPolicy(
-        thread_limit=config.thread_limit,
-        memory_limit=config.memory_limit,
-        memory_headroom_mib=config.memory_headroom_mib,
-    )
+    policy = grant_policy(config)
     env = {
         key: value
         for key, value in grant(served, 1, policy).envs.items()
         if key.startswith("CUDA_MPS_") and key != "CUDA_MPS_PIPE_DIRECTORY"
     }
-    commands = daemon_default_commands(config, memory_mib, count)
-    return Plan(True, config.multi_user != "off", commands, env)
+    commands = daemon_default_commands(config.mps, memory_mib, count)
+    return Plan(True, config.mps.multi_user != "off", commands, env)
 
 
 # -- the GPU, the daemons and the clients --------------------------------------------------
@@ -692,12 +689,38 @@ def late_ceiling_study(machine: Machine, run: Run, log: Callable[[str], None]) -
                 ):
                     readback[query] = daemon.command(query) or ""
                 record("unset, same server", probe_clients(machine, daemon, [("", {})], False)[0])
+                # The per-server commands, for each running server: do they reach it?
+                servers = (daemon.command("get_server_list") or "").split()
+                for server in servers:
+                    for command in (
+                        f"set_active_thread_percentage {server} {percentage(1.0, replicas)}",
+                        f"set_device_pinned_mem_limit {server} 0 {slice_mib}M",
+                    ):
+                        readback[command] = daemon.command(command, check=False) or ""
+                    for query in (
+                        f"get_active_thread_percentage {server}",
+                        f"get_device_pinned_mem_limit {server} 0",
+                    ):
+                        readback[query] = daemon.command(query, check=False) or ""
+                log(f"late ceiling, read back: {readback}")
+                record(
+                    "unset, same server after per-server commands",
+                    probe_clients(machine, daemon, [("", {})], False)[0],
+                )
             finally:
                 if holder is not None:
                     holder.kill()
                     holder.wait()
-            # Whether the server exits once its clients have gone is part of the answer.
-            wait_for_servers(daemon, present=False, fake=machine.fake, timeout_s=20.0)
+            # Whether (and when) the server exits once its clients have gone.
+            left = time.monotonic()
+            try:
+                wait_for_servers(daemon, present=False, fake=machine.fake, timeout_s=45.0)
+            except RuntimeError as exc:
+                run.failed.append(f"late ceiling: {exc} after its last client left")
+                log(f"late ceiling: {exc} after its last client left")
+                return
+            readback["server exit after its last client, s"] = f"{time.monotonic() - left:.1f}"
+            log(f"server gone {time.monotonic() - left:.1f} s after its last client")
             record("unset, new server", probe_clients(machine, daemon, [("", {})], False)[0])
     except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as exc:
         run.failed.append(f"late ceiling: {exc}")

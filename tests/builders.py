@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Optional
 
-from vgpu_agent.devices import Inventory, ServedGpu, make_vgpu_id
+from vgpu_agent.devices import HealthReason, Inventory, ReasonKind, ServedGpu, make_vgpu_id
 from vgpu_agent.gpu import Gpu
 
 DEFAULT_MODEL = "NVIDIA A10G"
@@ -63,9 +63,20 @@ def make_served(
     return ServedGpu(
         gpu=gpu,
         replicas=replicas,
-        unhealthy_reasons=reasons,
+        unhealthy_reasons=tuple(reason_of(text) for text in reasons),
         pipe_dir=None if pipe_root is None else f"{pipe_root}/{gpu.uuid}",
     )
+
+
+def reason_of(text: str) -> HealthReason:
+    """The typed health reason a test names by its text ("xid 79", "GPU lost", ...); any
+    other text is an MPS reason with exactly that text."""
+    if text.startswith("xid "):
+        return HealthReason.xid_fault(int(text.split()[1]))
+    for reason in (HealthReason.lost(), HealthReason.ecc_fault()):
+        if text == reason.text:
+            return reason
+    return HealthReason(ReasonKind.MPS, text)
 
 
 def make_inventory(

@@ -1,5 +1,5 @@
 """Shared fixtures: short temp directories for unix sockets, inventories built from plain
-values, and a kubelet stand-in serving in a temp plugin directory."""
+values, a kubelet stand-in serving in a temp plugin directory, and running agents."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import pytest
 
 from tests import builders
+from tests.harness import AgentRun, agent_runs
 from vgpu_agent.devices import Inventory
 from vgpu_agent.kubelet_standin import KubeletStandin
 
@@ -55,3 +56,10 @@ def kubelet_standin(plugin_dir: str) -> Iterator[KubeletStandin]:
 def inventory_factory() -> Callable[..., Inventory]:
     """:func:`make_inventory`, for tests that want another shape of node."""
     return make_inventory
+
+
+@pytest.fixture
+def run_agent(short_tmp_dir: str) -> Iterator[Callable[..., AgentRun]]:
+    """Start agents in threads with kubelet stand-ins (see :mod:`tests.harness`); all are
+    stopped and closed at the end."""
+    yield from agent_runs(short_tmp_dir)

@@ -10,169 +10,39 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
 import pytest
 
+from tests.harness import RESOURCE, WAIT_S, AgentRun, NotifyListener, make_config
 from vgpu_agent import control
-from vgpu_agent.agent import EXIT_FAILURE, EXIT_OK, Agent, build_backend, build_mps, plan_gpus
+from vgpu_agent.agent import EXIT_CONFIG, EXIT_OK
+from vgpu_agent.commands import parse_command
+from vgpu_agent.compose import build_agent, open_backend_for, real_mps
 from vgpu_agent.config import (
-    AgentConfig,
     Config,
     GpusConfig,
     HealthConfig,
-    MpsConfig,
-    PluginConfig,
     SimulatedConfig,
     SimulatedGpu,
     parse,
 )
+from vgpu_agent.daemons import MpsDaemonInfo
 from vgpu_agent.errors import ConfigError, GpuError, MpsError
 from vgpu_agent.gpu import ComputeMode, Gpu, GpuBackend
-from vgpu_agent.kubelet_standin import KubeletStandin, StandinDevice
-from vgpu_agent.mps import MpsDaemonInfo, MpsDaemons
+from vgpu_agent.kubelet_standin import KubeletStandin
 from vgpu_agent.simulated import SimulatedBackend, gpus_from_config
 from vgpu_agent.systemd import Notifier
 
-RESOURCE = "eks.amazonaws.com/vgpu"
-WAIT_S = 10.0
 #: Generous bound for "promptly" on a loaded 2-core CI machine; bench/ has the real numbers.
 PROMPT_S = 3.0
 
 
-class NotifyListener:
-    """A real datagram socket standing in for systemd's NOTIFY_SOCKET."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(path)
-        self.sock.settimeout(0.1)
-        self.messages: list[str] = []
-        self._lock = threading.Condition()
-        self._stop = False
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        while not self._stop:
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                self.messages.append(data.decode())
-                self._lock.notify_all()
-
-    def wait_for(self, predicate: Callable[[str], bool], timeout_s: float = WAIT_S) -> str:
-        """The first datagram matching ``predicate``."""
-        with self._lock:
-            found: list[str] = []
-
-            def matched() -> bool:
-                found[:] = [m for m in self.messages if predicate(m)]
-                return bool(found)
-
-            if not self._lock.wait_for(matched, timeout=timeout_s):
-                raise TimeoutError(f"no matching notification in {self.messages!r}")
-            return found[0]
-
-    def close(self) -> None:
-        self._stop = True
-        self._thread.join()
-        self.sock.close()
-
-
-@dataclass
-class Harness:
-    """A running agent with its kubelet stand-in and notify socket."""
-
-    agent: Agent
-    standin: KubeletStandin
-    notify: NotifyListener
-    thread: threading.Thread
-    root: str
-    exit_code: list[int]
-    notifier: Notifier
-
-    def devices(
-        self, predicate: Callable[[tuple[StandinDevice, ...]], bool]
-    ) -> tuple[StandinDevice, ...]:
-        return self.standin.wait_for_devices(predicate, WAIT_S, RESOURCE)
-
-    def stop(self) -> int:
-        self.agent.request_stop("test finished")
-        self.thread.join(timeout=WAIT_S)
-        assert not self.thread.is_alive()
-        return self.exit_code[0]
-
-
-def make_config(root: str, **overrides: object) -> Config:
-    """Two simulated GPUs of 4 vGPUs, fast health checks, everything under ``root``."""
-    config = Config(
-        agent=AgentConfig(state_dir=f"{root}/state"),
-        plugin=PluginConfig(plugin_dir=f"{root}/dp"),
-        gpus=GpusConfig(backend="simulated", replicas_per_gpu=4),
-        mps=MpsConfig(pipe_root=f"{root}/mps", log_root=f"{root}/mpslog"),
-        health=HealthConfig(
-            recovery_quiet_period_s=0.5, poll_interval_s=0.05, mps_check_interval_s=0.05
-        ),
-        simulated=SimulatedConfig(count=2),
-    )
-    return replace(config, **overrides)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def start_agent(short_tmp_dir: str) -> Iterator[Callable[..., Harness]]:
-    """Start an agent (in a thread) with a kubelet stand-in; stopped at the end."""
-    harnesses: list[Harness] = []
-
-    def start(
-        config: Optional[Config] = None,
-        *,
-        kubelet: bool = True,
-        watchdog_usec: Optional[int] = None,
-        config_loader: Optional[Callable[[], Config]] = None,
-        backend_factory: Callable[[Config], GpuBackend] = build_backend,
-        mps_factory: Callable[[Config], Optional[MpsDaemons]] = build_mps,
-    ) -> Harness:
-        config = config or make_config(short_tmp_dir)
-        standin = KubeletStandin(config.plugin.plugin_dir)
-        if kubelet:
-            standin.start()
-        notify = NotifyListener(os.path.join(short_tmp_dir, "notify"))
-        notifier = Notifier(notify.path, watchdog_usec=watchdog_usec, use_libsystemd=False)
-        agent = Agent(
-            config,
-            notifier=notifier,
-            config_loader=config_loader,
-            backend_factory=backend_factory,
-            mps_factory=mps_factory,
-        )
-        exit_code: list[int] = []
-        thread = threading.Thread(target=lambda: exit_code.append(agent.run()), daemon=True)
-        thread.start()
-        harness = Harness(agent, standin, notify, thread, short_tmp_dir, exit_code, notifier)
-        harnesses.append(harness)
-        return harness
-
-    yield start
-    for harness in harnesses:
-        if harness.thread.is_alive():
-            harness.stop()
-        harness.standin.stop()
-        harness.notifier.close()
-        harness.notify.close()
-
-
-def test_registers_and_advertises(start_agent: Callable[..., Harness]) -> None:
+def test_registers_and_advertises(run_agent: Callable[..., AgentRun]) -> None:
     """The agent registers and lists 4 healthy vGPUs per GPU with NUMA nodes."""
-    harness = start_agent()
+    harness = run_agent()
     registration = harness.standin.wait_for_registration(1, WAIT_S)
     assert (registration.version, registration.resource_name) == ("v1beta1", RESOURCE)
     assert registration.endpoint == "vgpu.sock"
@@ -188,9 +58,9 @@ def test_registers_and_advertises(start_agent: Callable[..., Harness]) -> None:
     )
 
 
-def test_allocate_through_kubelet(start_agent: Callable[..., Harness]) -> None:
+def test_allocate_through_kubelet(run_agent: Callable[..., AgentRun]) -> None:
     """Allocate over the wire gives the GPU, the pipe directory and proportional limits."""
-    harness = start_agent()
+    harness = run_agent()
     devices = harness.devices(lambda devs: len(devs) == 8)
     ids = [device.device_id for device in devices[:2]]
     response = harness.standin.allocate(RESOURCE, ids).container_responses[0]
@@ -203,9 +73,9 @@ def test_allocate_through_kubelet(start_agent: Callable[..., Harness]) -> None:
     ]
 
 
-def test_waits_for_kubelet_then_registers(start_agent: Callable[..., Harness]) -> None:
+def test_waits_for_kubelet_then_registers(run_agent: Callable[..., AgentRun]) -> None:
     """Without kubelet.sock the agent waits (STATUS says so) and registers when it appears."""
-    harness = start_agent(kubelet=False)
+    harness = run_agent(kubelet=False)
     harness.notify.wait_for(lambda m: "waiting for kubelet" in m)
     assert harness.thread.is_alive()
     harness.standin.start()
@@ -213,10 +83,10 @@ def test_waits_for_kubelet_then_registers(start_agent: Callable[..., Harness]) -
     harness.notify.wait_for(lambda m: "registered with kubelet" in m)
 
 
-def test_kubelet_restart_reregisters(start_agent: Callable[..., Harness]) -> None:
+def test_kubelet_restart_reregisters(run_agent: Callable[..., AgentRun]) -> None:
     """A kubelet restart (socket files deleted, new kubelet.sock) is followed by a new
     registration, promptly, and the device list flows again."""
-    harness = start_agent()
+    harness = run_agent()
     harness.standin.wait_for_registration(1, WAIT_S)
     for round_number in range(2, 5):
         restarted = time.monotonic()
@@ -227,22 +97,22 @@ def test_kubelet_restart_reregisters(start_agent: Callable[..., Harness]) -> Non
     assert os.path.exists(os.path.join(harness.agent.config.plugin.plugin_dir, "vgpu.sock"))
 
 
-def test_plugin_socket_deleted_reregisters(start_agent: Callable[..., Harness]) -> None:
+def test_plugin_socket_deleted_reregisters(run_agent: Callable[..., AgentRun]) -> None:
     """If only our socket is deleted, the agent recreates it and registers again."""
-    harness = start_agent()
+    harness = run_agent()
     harness.standin.wait_for_registration(1, WAIT_S)
     os.unlink(os.path.join(harness.agent.config.plugin.plugin_dir, "vgpu.sock"))
     harness.standin.wait_for_registration(2, WAIT_S)
 
 
-def test_stale_socket_replaced(short_tmp_dir: str, start_agent: Callable[..., Harness]) -> None:
+def test_stale_socket_replaced(short_tmp_dir: str, run_agent: Callable[..., AgentRun]) -> None:
     """A socket file left by a killed agent is replaced at start."""
     config = make_config(short_tmp_dir)
     os.makedirs(config.plugin.plugin_dir)
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(os.path.join(config.plugin.plugin_dir, "vgpu.sock"))
     stale.close()
-    harness = start_agent(config)
+    harness = run_agent(config)
     harness.standin.wait_for_registration(1, WAIT_S)
     harness.devices(lambda devs: len(devs) == 8)
 
@@ -253,14 +123,16 @@ def test_stale_socket_replaced(short_tmp_dir: str, start_agent: Callable[..., Ha
     ids=["xid79-fallen-off-bus", "xid48-dbe", "xid13-app-fault-ignored", "xid43-ignored"],
 )
 def test_xid_marks_gpu(
-    short_tmp_dir: str, start_agent: Callable[..., Harness], xid: int, unhealthy: int
+    short_tmp_dir: str, run_agent: Callable[..., AgentRun], xid: int, unhealthy: int
 ) -> None:
     """A critical XID marks the GPU's vGPUs Unhealthy promptly; application XIDs do not."""
     health = HealthConfig(recovery_quiet_period_s=0, poll_interval_s=0.05)
-    harness = start_agent(make_config(short_tmp_dir, health=health))
+    harness = run_agent(make_config(short_tmp_dir, health=health))
     harness.devices(lambda devs: len(devs) == 8)
     sent = time.monotonic()
-    harness.agent.submit({"command": "simulate", "action": "xid", "gpu": "1", "xid": xid})
+    harness.agent.submit(
+        parse_command({"command": "simulate", "action": "xid", "gpu": "1", "xid": xid})
+    )
     if unhealthy:
         devices = harness.devices(lambda devs: sum(d.health == "Unhealthy" for d in devs) == 4)
         assert time.monotonic() - sent < PROMPT_S
@@ -269,64 +141,79 @@ def test_xid_marks_gpu(
         }
         harness.notify.wait_for(lambda m: f"4 unhealthy (GPU 1: xid {xid})" in m)
     else:
-        time.sleep(0.3)
-        assert all(d.health == "Healthy" for d in harness.standin.latest_devices(RESOURCE) or ())
+        # A critical XID on GPU 0 after it: once GPU 0 turns Unhealthy, the event thread
+        # has handled the application XID too (events are handled in order).
+        harness.agent.submit(
+            parse_command({"command": "simulate", "action": "xid", "gpu": "0", "xid": 79})
+        )
+        devices = harness.devices(lambda devs: sum(d.health == "Unhealthy" for d in devs) == 4)
+        gpu1 = harness.agent.describe()["gpus"][1]
+        assert gpu1["healthy"], "an application XID leaves its GPU Healthy"
+        assert all(d.health == "Healthy" for d in devices if d.device_id.startswith(gpu1["uuid"]))
 
 
-def test_xid_recovers_after_quiet_period(start_agent: Callable[..., Harness]) -> None:
+def test_xid_recovers_after_quiet_period(run_agent: Callable[..., AgentRun]) -> None:
     """After the quiet period with no new event and a good query, the GPU is Healthy again."""
-    harness = start_agent()
+    harness = run_agent()
     harness.devices(lambda devs: len(devs) == 8)
-    harness.agent.submit({"command": "simulate", "action": "xid", "gpu": "0", "xid": 79})
+    harness.agent.submit(
+        parse_command({"command": "simulate", "action": "xid", "gpu": "0", "xid": 79})
+    )
     harness.devices(lambda devs: sum(d.health == "Unhealthy" for d in devs) == 4)
     harness.devices(lambda devs: all(d.health == "Healthy" for d in devs))
 
 
-def test_health_reset_clears_xid(short_tmp_dir: str, start_agent: Callable[..., Harness]) -> None:
+def test_health_reset_clears_xid(short_tmp_dir: str, run_agent: Callable[..., AgentRun]) -> None:
     """`health reset` over the control socket clears an XID at once, even with no quiet period."""
     config = make_config(
         short_tmp_dir,
         health=HealthConfig(recovery_quiet_period_s=0, poll_interval_s=0.05),
     )
-    harness = start_agent(config)
+    harness = run_agent(config)
     harness.devices(lambda devs: len(devs) == 8)
     sock = os.path.join(config.agent.state_dir, "control.sock")
-    assert control.request(sock, {"command": "simulate", "action": "xid", "gpu": "0", "xid": 94})[
-        "ok"
-    ]
+    assert control.request(
+        sock, parse_command({"command": "simulate", "action": "xid", "gpu": "0", "xid": 94})
+    )["ok"]
     harness.devices(lambda devs: sum(d.health == "Unhealthy" for d in devs) == 4)
-    status = control.request(sock, {"command": "status"})
+    status = control.request(sock, parse_command({"command": "status"}))
     assert status["gpus"][0]["reasons"] == ["xid 94"]
-    answer = control.request(sock, {"command": "health-reset", "gpu": "0"})
+    answer = control.request(sock, parse_command({"command": "health-reset", "gpu": "0"}))
     assert answer["cleared"] == ["xid 94"]
     harness.devices(lambda devs: all(d.health == "Healthy" for d in devs))
 
 
-def test_gpu_lost_until_it_answers(start_agent: Callable[..., Harness]) -> None:
+def test_gpu_lost_until_it_answers(run_agent: Callable[..., AgentRun]) -> None:
     """A lost GPU stays Unhealthy until a query succeeds again."""
-    harness = start_agent()
+    harness = run_agent()
     harness.devices(lambda devs: len(devs) == 8)
-    harness.agent.submit({"command": "simulate", "action": "lose", "gpu": "1"})
+    harness.agent.submit(parse_command({"command": "simulate", "action": "lose", "gpu": "1"}))
     harness.devices(lambda devs: sum(d.health == "Unhealthy" for d in devs) == 4)
-    time.sleep(0.7)  # longer than the quiet period: loss is not healed by time
+    # An XID on GPU 0 clears after the quiet period: once it has, a quiet period has passed
+    # for the lost GPU 1 too, which time alone must not heal.
+    harness.agent.submit(
+        parse_command({"command": "simulate", "action": "xid", "gpu": "0", "xid": 79})
+    )
+    harness.devices(lambda devs: sum(d.health == "Unhealthy" for d in devs) == 8)
+    harness.devices(lambda devs: sum(d.health == "Unhealthy" for d in devs) == 4)
     assert harness.agent.describe()["gpus"][1]["reasons"] == ["GPU lost"]
-    harness.agent.submit({"command": "simulate", "action": "recover", "gpu": "1"})
+    harness.agent.submit(parse_command({"command": "simulate", "action": "recover", "gpu": "1"}))
     harness.devices(lambda devs: all(d.health == "Healthy" for d in devs))
 
 
-def test_mps_down_and_up(start_agent: Callable[..., Harness]) -> None:
+def test_mps_down_and_up(run_agent: Callable[..., AgentRun]) -> None:
     """A dead MPS daemon marks its GPU Unhealthy; when it answers again the GPU heals."""
-    harness = start_agent()
+    harness = run_agent()
     harness.devices(lambda devs: len(devs) == 8)
-    harness.agent.submit({"command": "simulate", "action": "mps-down", "gpu": "0"})
+    harness.agent.submit(parse_command({"command": "simulate", "action": "mps-down", "gpu": "0"}))
     harness.devices(lambda devs: sum(d.health == "Unhealthy" for d in devs) == 4)
     reasons = harness.agent.describe()["gpus"][0]["reasons"]
     assert reasons == ["MPS daemon down (simulated)"]
-    harness.agent.submit({"command": "simulate", "action": "mps-up", "gpu": "0"})
+    harness.agent.submit(parse_command({"command": "simulate", "action": "mps-up", "gpu": "0"}))
     harness.devices(lambda devs: all(d.health == "Healthy" for d in devs))
 
 
-def test_reload_changes_replicas(short_tmp_dir: str, start_agent: Callable[..., Harness]) -> None:
+def test_reload_changes_replicas(short_tmp_dir: str, run_agent: Callable[..., AgentRun]) -> None:
     """A reload with a new vGPU count advertises the new list; a bad file keeps the old."""
     configs: list[Callable[[], Config]] = []
 
@@ -334,7 +221,7 @@ def test_reload_changes_replicas(short_tmp_dir: str, start_agent: Callable[..., 
         return configs[-1]()
 
     base = make_config(short_tmp_dir)
-    harness = start_agent(base, config_loader=loader)
+    harness = run_agent(base, config_loader=loader)
     harness.devices(lambda devs: len(devs) == 8)
     configs.append(lambda: replace(base, gpus=replace(base.gpus, replicas_per_gpu=6)))
     harness.agent.request_reload()
@@ -346,14 +233,15 @@ def test_reload_changes_replicas(short_tmp_dir: str, start_agent: Callable[..., 
 
     configs.append(bad)
     harness.agent.request_reload()
-    time.sleep(0.3)
+    # Every reload ends with READY=1: the start, the good reload and the refused one.
+    harness.notify.wait_for_count(lambda m: m.startswith("READY=1"), 3)
     assert harness.agent.config.gpus.replicas_per_gpu == 6
     assert len(harness.standin.latest_devices(RESOURCE) or ()) == 12
 
 
-def test_stop_removes_socket(start_agent: Callable[..., Harness]) -> None:
+def test_stop_removes_socket(run_agent: Callable[..., AgentRun]) -> None:
     """Stopping removes our socket, sends STOPPING=1 and returns exit code 0."""
-    harness = start_agent()
+    harness = run_agent()
     harness.standin.wait_for_registration(1, WAIT_S)
     sock = os.path.join(harness.agent.config.plugin.plugin_dir, "vgpu.sock")
     assert os.path.exists(sock)
@@ -362,16 +250,16 @@ def test_stop_removes_socket(start_agent: Callable[..., Harness]) -> None:
     harness.notify.wait_for(lambda m: "STOPPING=1" in m)
 
 
-def test_watchdog_pings(start_agent: Callable[..., Harness]) -> None:
+def test_watchdog_pings(run_agent: Callable[..., AgentRun]) -> None:
     """With WATCHDOG_USEC set, the loop sends WATCHDOG=1 at half the interval."""
-    harness = start_agent(watchdog_usec=200_000)
+    harness = run_agent(watchdog_usec=200_000)
     harness.standin.wait_for_registration(1, WAIT_S)
-    time.sleep(0.5)
-    pings = [m for m in harness.notify.messages if m == "WATCHDOG=1"]
-    assert len(pings) >= 3
+    started = time.monotonic()
+    harness.notify.wait_for_count(lambda m: m == "WATCHDOG=1", 3)
+    assert time.monotonic() - started < PROMPT_S
 
 
-def test_backend_retries_until_driver(start_agent: Callable[..., Harness]) -> None:
+def test_backend_retries_until_driver(run_agent: Callable[..., AgentRun]) -> None:
     """An NVML that fails at boot is retried with a STATUS that says why; no exit."""
     attempts: list[int] = []
 
@@ -379,81 +267,26 @@ def test_backend_retries_until_driver(start_agent: Callable[..., Harness]) -> No
         attempts.append(1)
         if len(attempts) < 2:
             raise GpuError("NVML: driver not loaded (is the NVIDIA driver installed?)")
-        return build_backend(config)
+        return open_backend_for(config)
 
-    harness = start_agent(backend_factory=flaky)
+    harness = run_agent(open_backend=flaky)
     harness.notify.wait_for(lambda m: "waiting for the GPU driver" in m)
     harness.standin.wait_for_registration(1, WAIT_S)
     assert len(attempts) == 2
 
 
-def test_no_servable_gpu_fails(short_tmp_dir: str, start_agent: Callable[..., Harness]) -> None:
-    """When every GPU is refused the agent exits 1 and says why."""
+def test_no_servable_gpu_fails(short_tmp_dir: str, run_agent: Callable[..., AgentRun]) -> None:
+    """When every GPU is refused the agent exits 78 (a config the node cannot serve, which
+    systemd does not restart) and says why."""
     config = make_config(
         short_tmp_dir,
         simulated=SimulatedConfig(
             gpus=(SimulatedGpu(uuid="GPU-old", model="Tesla P100", compute_capability=(6, 0)),)
         ),
     )
-    harness = start_agent(config)
+    harness = run_agent(config)
     harness.thread.join(timeout=WAIT_S)
-    assert harness.exit_code == [EXIT_FAILURE]
-
-
-def _gpu(index: int, model: str = "NVIDIA A10G", cc: tuple[int, int] = (8, 6)) -> Gpu:
-    return Gpu(index, f"GPU-{index}", model, 24_000, cc)
-
-
-@pytest.mark.parametrize(
-    ("config_text", "gpus", "served", "refused_words"),
-    [
-        ("", [_gpu(0), _gpu(1)], [("GPU-0", 10), ("GPU-1", 10)], []),
-        ("[gpus]\nserve = [1]\n", [_gpu(0), _gpu(1)], [("GPU-1", 10)], []),
-        ('[gpus]\nserve = ["GPU-7"]\n', [_gpu(0)], [], ["no such GPU"]),
-        ('[gpus.replicas_by_model]\n"A10G" = 7\n', [_gpu(0)], [("GPU-0", 7)], []),
-        ("[gpus]\nreplicas_per_gpu = 20\n", [_gpu(0, "Tesla P100", (6, 0))], [], ["Volta"]),
-        (
-            "[gpus]\nreplicas_per_gpu = 20\nallow_unconfined_sharing = true\n",
-            [_gpu(0, "Tesla P100", (6, 0))],
-            [],
-            ["16 MPS clients"],
-        ),
-        (
-            "[gpus]\nallow_unconfined_sharing = true\n",
-            [_gpu(0, "Tesla P100", (6, 0))],
-            [("GPU-0", 10)],
-            [],
-        ),
-        ("[mps]\nenabled = false\n", [_gpu(0, "Tesla P100", (6, 0))], [("GPU-0", 10)], []),
-    ],
-    ids=[
-        "all",
-        "by-index",
-        "missing-uuid",
-        "model-override",
-        "pre-volta-refused",
-        "pre-volta-over-16",
-        "pre-volta-allowed",
-        "no-mps-no-limit",
-    ],
-)
-def test_plan_gpus(
-    config_text: str, gpus: list[Gpu], served: list[tuple[str, int]], refused_words: list[str]
-) -> None:
-    """GPU selection honours serve, model overrides, the MPS client limit and Volta."""
-    plan = plan_gpus(parse(config_text), gpus)
-    assert [(gpu.uuid, replicas) for gpu, replicas in plan.served] == served
-    assert len(plan.refused) == len(refused_words)
-    for message, word in zip(plan.refused, refused_words):
-        assert word in message
-
-
-def test_mig_refused() -> None:
-    """A GPU in MIG mode is refused under MPS with the reason."""
-    gpu = Gpu(0, "GPU-0", "NVIDIA A100", 40_000, (8, 0), mig_enabled=True)
-    plan = plan_gpus(Config(), [gpu])
-    assert not plan.served
-    assert "MIG" in plan.refused[0]
+    assert harness.exit_code == [EXIT_CONFIG]
 
 
 def test_compute_mode_applied_and_restored(short_tmp_dir: str) -> None:
@@ -467,7 +300,7 @@ def test_compute_mode_applied_and_restored(short_tmp_dir: str) -> None:
     backend = SimulatedBackend(gpus_from_config(config.simulated))
     standin = KubeletStandin(config.plugin.plugin_dir)
     standin.start()
-    agent = Agent(config, notifier=Notifier(None), backend_factory=lambda _c: backend)
+    agent = build_agent(config, notifier=Notifier(None), open_backend=lambda _c: backend)
     thread = threading.Thread(target=agent.run, daemon=True)
     thread.start()
     try:
@@ -484,7 +317,7 @@ def test_compute_mode_applied_and_restored(short_tmp_dir: str) -> None:
 
 def test_build_mps_off() -> None:
     """With MPS disabled there is no daemon manager and Allocate hands out only the GPU."""
-    assert build_mps(parse("[mps]\nenabled = false\n")) is None
+    assert real_mps(parse("[mps]\nenabled = false\n")) is None
 
 
 # -- the real process: signals -----------------------------------------------------------------
@@ -521,7 +354,8 @@ def test_process_signals(short_tmp_dir: str) -> None:
         standin.wait_for_devices(lambda devs: len(devs) == 10, WAIT_S, RESOURCE)
         config_path.write_text(body + "replicas_per_gpu = 'many'\n")
         process.send_signal(signal.SIGHUP)
-        time.sleep(0.5)
+        # The refused reload ends with READY=1 too (the start, the good reload, this one).
+        notify.wait_for_count(lambda m: m.startswith("READY=1"), 3)
         assert process.poll() is None
         process.send_signal(signal.SIGTERM)
         assert process.wait(WAIT_S) == 0
@@ -555,6 +389,10 @@ class LateMpsDaemons:
     def start(self, gpu: Gpu) -> MpsDaemonInfo:
         raise MpsError(f"starting the MPS daemon of GPU {gpu.uuid}: not answering yet")
 
+    def apply_defaults(self, gpu: Gpu, replicas: int) -> list[str]:
+        """Nothing to set."""
+        return []
+
     def stop(self, gpu_uuid: str) -> None:
         """Nothing to stop."""
 
@@ -563,13 +401,13 @@ class LateMpsDaemons:
 
 
 def test_mps_daemon_late_at_start_heals(
-    short_tmp_dir: str, start_agent: Callable[..., Harness]
+    short_tmp_dir: str, run_agent: Callable[..., AgentRun]
 ) -> None:
     """A daemon that does not answer when the agent starts leaves its GPU Unhealthy only
     until it answers."""
     daemons = LateMpsDaemons()
     config = make_config(short_tmp_dir)
-    harness = start_agent(config, mps_factory=lambda _c: daemons)
+    harness = run_agent(config, make_mps=lambda _c: daemons)
     harness.devices(lambda devs: len(devs) == 8 and all(d.health == "Unhealthy" for d in devs))
     reasons = harness.agent.describe()["gpus"][0]["reasons"]
     # The start failure, replaced (new reason first, never a gap) by what the probes see.
@@ -580,7 +418,7 @@ def test_mps_daemon_late_at_start_heals(
 
 
 def test_cli_status_falls_back_to_plugin_socket(
-    short_tmp_dir: str, start_agent: Callable[..., Harness]
+    short_tmp_dir: str, run_agent: Callable[..., AgentRun]
 ) -> None:
     """Without its control socket, `vgpu-agent status` reads the device list from the
     plugin socket, as the kubelet sees it; with it, it shows the reasons too."""
@@ -588,9 +426,9 @@ def test_cli_status_falls_back_to_plugin_socket(
 
     from vgpu_agent.cli import cli
 
-    harness = start_agent()
+    harness = run_agent()
     harness.devices(lambda devs: len(devs) == 8)
-    harness.agent.submit({"command": "simulate", "action": "lose", "gpu": "1"})
+    harness.agent.submit(parse_command({"command": "simulate", "action": "lose", "gpu": "1"}))
     harness.devices(lambda devs: sum(d.health == "Unhealthy" for d in devs) == 4)
     config = harness.agent.config
     for state_dir, expected in [
@@ -609,13 +447,13 @@ def test_cli_status_falls_back_to_plugin_socket(
 
 
 def test_reload_adds_and_removes_gpus(
-    short_tmp_dir: str, start_agent: Callable[..., Harness]
+    short_tmp_dir: str, run_agent: Callable[..., AgentRun]
 ) -> None:
     """A reload that changes gpus.serve starts serving the added GPU (compute mode, MPS,
     health watch) and withdraws the removed one."""
     base = make_config(short_tmp_dir)
     configs = [replace(base, gpus=replace(base.gpus, serve=(0,)))]
-    harness = start_agent(configs[0], config_loader=lambda: configs[-1])
+    harness = run_agent(configs[0], config_loader=lambda: configs[-1])
     first = harness.devices(lambda devs: len(devs) == 4)
     gpu0 = first[0].device_id.split("::")[0]
     configs.append(replace(base, gpus=replace(base.gpus, serve="all")))
@@ -623,7 +461,9 @@ def test_reload_adds_and_removes_gpus(
     devices = harness.devices(lambda devs: len(devs) == 8)
     gpu1 = next(d.device_id.split("::")[0] for d in devices if not d.device_id.startswith(gpu0))
     # The added GPU is watched: an XID on it turns its vGPUs Unhealthy.
-    harness.agent.submit({"command": "simulate", "action": "xid", "gpu": gpu1, "xid": 79})
+    harness.agent.submit(
+        parse_command({"command": "simulate", "action": "xid", "gpu": gpu1, "xid": 79})
+    )
     harness.devices(
         lambda devs: all(d.health == "Unhealthy" for d in devs if d.device_id.startswith(gpu1))
     )

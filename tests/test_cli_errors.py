@@ -22,9 +22,9 @@ from typing import Callable
 import click
 import pytest
 
-from tests.test_agent import make_config
-from vgpu_agent.agent import Agent
+from tests.harness import make_config
 from vgpu_agent.cli import cli
+from vgpu_agent.compose import build_agent
 from vgpu_agent.kubelet_standin import KubeletStandin
 from vgpu_agent.systemd import Notifier
 
@@ -45,6 +45,7 @@ COMMANDS: dict[str, list[str]] = {
     "gpus": ["gpus"],
     "gpus apply-compute-mode": ["gpus", "apply-compute-mode"],
     "gpus set-compute-mode": ["gpus", "set-compute-mode", "default"],
+    "gpus restore-compute-mode": ["gpus", "restore-compute-mode", "/nonexistent/record.json"],
     "status": ["status"],
     "health reset": ["health", "reset", "0"],
     "simulate xid": ["simulate", "xid", "0", "79"],
@@ -53,12 +54,14 @@ COMMANDS: dict[str, list[str]] = {
     "simulate recover": ["simulate", "recover", "0"],
     "simulate mps-down": ["simulate", "mps-down", "0"],
     "simulate mps-up": ["simulate", "mps-up", "0"],
+    "simulate mps-client": ["simulate", "mps-client", "0", "4242", "512"],
     "mps apply-defaults": ["mps", "apply-defaults", SOME_UUID],
     "mps exec-daemon": ["mps", "exec-daemon", SOME_UUID],
     "mps quit": ["mps", "quit", SOME_UUID],
     "mps start": ["mps", "start"],
     "mps status": ["mps", "status"],
     "mps stop": ["mps", "stop"],
+    "mps unit-request": ["mps", "unit-request"],
     "doctor": ["doctor"],
 }
 #: Commands that talk to the running agent.
@@ -69,6 +72,7 @@ AGENT_COMMANDS = ["status", "health reset"] + [
 GPU_COMMANDS = [
     "gpus",
     "gpus apply-compute-mode",
+    "gpus restore-compute-mode",
     "gpus set-compute-mode",
     "mps apply-defaults",
     "mps start",
@@ -367,7 +371,7 @@ def running_agent(short_tmp_dir: str) -> Iterator[Path]:
     config = make_config(short_tmp_dir)
     standin = KubeletStandin(config.plugin.plugin_dir)
     standin.start()
-    agent = Agent(config, notifier=Notifier(None))
+    agent = build_agent(config, notifier=Notifier(None))
     thread = threading.Thread(target=agent.run, daemon=True)
     thread.start()
     try:
@@ -388,12 +392,17 @@ def test_no_permission(running_agent: Path, short_tmp_dir: str) -> None:
     """As an unprivileged user: the control socket of a running agent, and MPS
     directories under a root-owned directory, are refused in one line each."""
     root = Path(short_tmp_dir)
-    (root / "pipe").mkdir(mode=0o755)  # root's: nobody cannot create the pipe root in it
+    # Real daemons (a stand-in program): simulated ones need no directories.
+    real = root / "real"
+    (real / "pipe").mkdir(mode=0o755, parents=True)  # root's: nobody cannot create in it
+    real.chmod(0o755)
+    real_daemons = _write_config(real, "simulated", control_binary="/bin/true")
+    real_daemons.chmod(0o644)
     config = ("--config", str(running_agent))
     jobs = {
-        name: Job((*config, *COMMANDS[name]), as_nobody=True)
-        for name in ("status", "health reset", "mps start")
+        name: Job((*config, *COMMANDS[name]), as_nobody=True) for name in ("status", "health reset")
     }
+    jobs["mps start"] = Job(("--config", str(real_daemons), *COMMANDS["mps start"]), as_nobody=True)
     results = run_all(jobs)
     assert_one_line_error(results["status"], "permission denied", "run as root")
     assert_one_line_error(results["health reset"], "permission denied", "run as root")

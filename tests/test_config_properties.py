@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import posixpath
 import sys
 from typing import Union
 
@@ -12,12 +13,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from vgpu_agent.config import (
-    MAX_SOCKET_PATH_BYTES,
+    SHARED_SYSTEM_DIRECTORIES,
     AgentConfig,
     Config,
     GpusConfig,
     HealthConfig,
-    LimitPolicy,
     MpsConfig,
     PluginConfig,
     SimulatedConfig,
@@ -25,7 +25,9 @@ from vgpu_agent.config import (
     parse,
     to_toml,
 )
+from vgpu_agent.devices import LimitPolicy
 from vgpu_agent.errors import ConfigError
+from vgpu_agent.sockets import MAX_UNIX_SOCKET_PATH_BYTES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -228,6 +230,10 @@ _plain_names = st.builds(
     ),
 )
 _absolute_paths = _path_text.map(lambda text: "/" + text)
+#: MPS directory roots: any absolute path but the shared system ones (/, /tmp, ...).
+_own_directories: st.SearchStrategy[str] = _absolute_paths.filter(
+    lambda path: "/" + posixpath.normpath(path).lstrip("/") not in SHARED_SYSTEM_DIRECTORIES
+)
 _seconds = st.floats(min_value=0, exclude_min=True, allow_nan=False, allow_infinity=False)
 _uuids = st.from_regex(r"GPU-[A-Za-z0-9-]{1,55}", fullmatch=True)
 _resource_names: st.SearchStrategy[str] = st.from_regex(
@@ -247,7 +253,7 @@ def _plugins(draw: st.DrawFn) -> PluginConfig:
         _socket_names.filter(lambda name: name not in (kubelet_socket_name, "kubelet.sock"))
     )
     for name in (socket_name, kubelet_socket_name):
-        if len(f"{plugin_dir}/{name}".encode()) > MAX_SOCKET_PATH_BYTES:
+        if len(f"{plugin_dir}/{name}".encode()) > MAX_UNIX_SOCKET_PATH_BYTES:
             plugin_dir = "/p"
     return PluginConfig(
         resource_name=draw(_resource_names),
@@ -332,8 +338,8 @@ valid_configs = st.builds(
         MpsConfig,
         enabled=st.booleans(),
         manager=st.sampled_from(["direct", "systemd", "external"]),
-        pipe_root=_absolute_paths,
-        log_root=_absolute_paths,
+        pipe_root=_own_directories,
+        log_root=_own_directories,
         control_binary=_programs,
         multi_user=st.sampled_from(["auto", "on", "off"]),
         container_pipe_dir=_absolute_paths,

@@ -12,7 +12,8 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from vgpu_agent.config import ComputeModeSetting, Config, MultiUser, SimulatedConfig
+from vgpu_agent.commands import ControlCommand, StatusCommand
+from vgpu_agent.config import ComputeModeSetting, Config, MultiUser, SimulatedConfig, simulated_mps
 from vgpu_agent.control import ControlServer
 from vgpu_agent.doctor import (
     CheckLine,
@@ -22,12 +23,12 @@ from vgpu_agent.doctor import (
     judge_compute_mode,
     judge_multi_user,
     run_doctor,
-    socket_state,
     system_probes,
 )
 from vgpu_agent.errors import GpuError, MpsError
 from vgpu_agent.gpu import ComputeMode, GpuBackend
 from vgpu_agent.simulated import SimulatedBackend, gpus_from_config, simulated_uuid
+from vgpu_agent.sockets import socket_state
 
 NVIDIA_DEFAULT_V2 = """
 version = 2
@@ -158,7 +159,7 @@ class FakeMps:
         return self.daemon_multi_user
 
 
-def not_running(socket_path: str, _command: dict[str, Any]) -> dict[str, Any]:
+def not_running(socket_path: str, _command: ControlCommand) -> dict[str, Any]:
     """The control client's answer when no agent listens."""
     from vgpu_agent.errors import AgentError
 
@@ -186,6 +187,8 @@ def probes_for(node: Node, mps: Optional[FakeMps] = None, **changes: Any) -> Doc
         mps_probe=fake.probe,
         mps_multi_user_supported=fake.multi_user_supported,
         mps_daemon_multi_user=fake.running_multi_user,
+        # As the composition root decides: simulated GPUs with the default MPS program.
+        mps_in_agent=lambda config: "simulated" if simulated_mps(config) else None,
         agent_request=not_running,
         containerd_config=node.containerd_config,
         containerd_dropin_dirs=(node.dropin_dir,),
@@ -238,8 +241,8 @@ def test_healthy_simulated_node_passes_every_check(
     """A simulated node with kubelet, containerd and a registered agent: all ok, exit 0."""
     healthy(node, sockets)
 
-    def answer(command: dict[str, Any]) -> dict[str, Any]:
-        assert command == {"command": "status"}
+    def answer(command: ControlCommand) -> dict[str, Any]:
+        assert command == StatusCommand()
         return {
             "ok": True,
             "status": "serving 20 vGPUs on 2 GPUs as eks.amazonaws.com/vgpu; registered",

@@ -15,16 +15,10 @@ from typing import Any, Callable, Optional
 import pytest
 
 from vgpu_agent.config import HealthConfig, SimulatedConfig
+from vgpu_agent.daemons import MpsDaemonInfo, MpsDaemons
+from vgpu_agent.devices import HealthReason
 from vgpu_agent.gpu import Gpu
-from vgpu_agent.health import (
-    REASON_DBE,
-    REASON_LOST,
-    HealthChange,
-    HealthMonitor,
-    is_fault_reason,
-    xid_reason,
-)
-from vgpu_agent.mps import MpsDaemonInfo, MpsDaemons
+from vgpu_agent.health import HealthChange, HealthMonitor, poll_tick_s
 from vgpu_agent.simulated import SimulatedBackend, SimulatedMpsDaemons, gpus_from_config
 
 #: Generous bound for anything that should happen "at once" (a busy 2-core machine).
@@ -35,6 +29,8 @@ FAST = HealthConfig(
     poll_interval_s=0.05, mps_check_interval_s=0.05, recovery_quiet_period_s=NEVER_S
 )
 MPS_DOWN = "MPS daemon down (simulated)"
+REASON_DBE = HealthReason.ecc_fault().text
+REASON_LOST = HealthReason.lost().text
 
 Summary = tuple[str, str, bool]
 
@@ -59,13 +55,13 @@ class Recorder:
 
     def summary(self) -> list[Summary]:
         """(GPU, reason, present) of every change so far."""
-        return [(change.gpu_uuid, change.reason, change.present) for change in self.changes]
+        return [(change.gpu_uuid, change.reason.text, change.present) for change in self.changes]
 
     def wait_for(self, *expected: Summary) -> list[HealthChange]:
         """Wait until every expected (GPU, reason, present) has been emitted; return those."""
 
         def found() -> bool:
-            seen = {(c.gpu_uuid, c.reason, c.present) for c in self._changes}
+            seen = {(c.gpu_uuid, c.reason.text, c.present) for c in self._changes}
             return all(item in seen for item in expected)
 
         with self._ready:
@@ -74,7 +70,7 @@ class Recorder:
             return [
                 change
                 for change in self._changes
-                if (change.gpu_uuid, change.reason, change.present) in expected
+                if (change.gpu_uuid, change.reason.text, change.present) in expected
             ]
 
 
@@ -204,19 +200,20 @@ def config_with(**changes: Any) -> HealthConfig:
 
 
 @pytest.mark.parametrize(
-    ("reason", "is_fault"),
+    ("reason", "is_fault", "text"),
     [
-        (xid_reason(79), True),
-        (REASON_DBE, True),
-        (REASON_LOST, False),
-        (MPS_DOWN, False),
-        ("xidless", False),
+        (HealthReason.xid_fault(79), True, "xid 79"),
+        (HealthReason.ecc_fault(), True, "double-bit ECC error"),
+        (HealthReason.lost(), False, "GPU lost"),
+        (HealthReason.mps_down(MPS_DOWN), False, MPS_DOWN),
+        (HealthReason.mps_down("xid 79 look-alike"), False, "MPS daemon: xid 79 look-alike"),
     ],
     ids=["xid", "dbe", "lost", "mps", "look-alike"],
 )
-def test_is_fault_reason(reason: str, is_fault: bool) -> None:
-    """Only XID and double-bit ECC reasons are faults cleared by quiet period or reset."""
-    assert is_fault_reason(reason) is is_fault
+def test_reason_kinds(reason: HealthReason, is_fault: bool, text: str) -> None:
+    """Only XID and double-bit ECC reasons are faults cleared by quiet period or reset,
+    whatever a reason's text says; MPS reasons always read "MPS daemon ..."."""
+    assert (reason.is_fault, reason.text) == (is_fault, text)
 
 
 # -- GPU events -------------------------------------------------------------------------------
@@ -253,7 +250,7 @@ def test_xid_change_carries_the_xid_and_detail(make_node: NodeFactory) -> None:
     node.start()
     node.backend.inject_xid(node.uuid(0), 79)
     (change,) = node.changes.wait_for((node.uuid(0), "xid 79", True))
-    assert (change.xid, change.detail) == (79, "simulated XID 79")
+    assert (change.reason.xid, change.detail) == (79, "simulated XID 79")
 
 
 @pytest.mark.parametrize(
@@ -463,20 +460,16 @@ def test_quiet_period_zero_never_recovers(make_node: NodeFactory) -> None:
     assert node.changes.summary() == [(node.uuid(0), "xid 79", True)]
 
 
-def test_quiet_period_zero_polls_only_at_the_poll_interval(make_node: NodeFactory) -> None:
-    """With no recovery to time, the poll thread wakes only every poll interval (idle CPU)."""
-    clock = FakeClock()
-    config = config_with(recovery_quiet_period_s=0, poll_interval_s=30)
-    node = make_node(config, with_mps=False, clock=clock)
-    node.start()
-    deadline = time.monotonic() + PROMPTLY_S
-    while clock.reads == 0:
-        assert time.monotonic() < deadline, "the poll thread never ran"
-        time.sleep(0.01)
-    time.sleep(0.2)
-    reads_before = clock.reads
-    time.sleep(0.5)
-    assert clock.reads == reads_before
+@pytest.mark.parametrize(
+    ("quiet_period_s", "poll_interval_s", "tick_s"),
+    [(0, 30, 30), (300, 5, 5), (2, 5, 2), (0.01, 5, 0.1)],
+    ids=["no-recovery-poll-interval", "long-quiet-period", "short-quiet-period", "floor"],
+)
+def test_poll_tick(quiet_period_s: float, poll_interval_s: float, tick_s: float) -> None:
+    """With no recovery to time the poll thread wakes only every poll interval (idle CPU);
+    a short quiet period needs a finer tick, never below 0.1 s."""
+    config = config_with(recovery_quiet_period_s=quiet_period_s, poll_interval_s=poll_interval_s)
+    assert poll_tick_s(config) == tick_s
 
 
 def test_recovery_waits_for_a_successful_query(make_node: NodeFactory) -> None:
@@ -501,7 +494,9 @@ def test_lost_gpu_keeps_its_fault_until_it_answers(make_node: NodeFactory) -> No
     node.backend.inject_xid(node.uuid(0), 79)
     node.backend.lose(node.uuid(0))
     node.changes.wait_for((node.uuid(0), "xid 79", True), (node.uuid(0), REASON_LOST, True))
-    time.sleep(0.5)
+    # GPU 1's XID, raised later, recovers after its quiet period: by then GPU 0's was due.
+    node.backend.inject_xid(node.uuid(1), 79)
+    node.changes.wait_for((node.uuid(1), "xid 79", True), (node.uuid(1), "xid 79", False))
     assert (node.uuid(0), "xid 79", False) not in node.changes.summary()
     node.backend.recover(node.uuid(0))
     node.changes.wait_for((node.uuid(0), REASON_LOST, False), (node.uuid(0), "xid 79", False))
@@ -522,7 +517,7 @@ def test_reset_clears_fault_reasons(make_node: NodeFactory) -> None:
         (node.uuid(0), REASON_DBE, True),
         (node.uuid(1), "xid 48", True),
     )
-    assert node.monitor.reset(node.uuid(0)) == sorted([REASON_DBE, "xid 79"])
+    assert [r.text for r in node.monitor.reset(node.uuid(0))] == sorted([REASON_DBE, "xid 79"])
     cleared = node.changes.wait_for(
         (node.uuid(0), "xid 79", False), (node.uuid(0), REASON_DBE, False)
     )
@@ -567,8 +562,8 @@ def test_emit_may_call_reset(make_node: NodeFactory) -> None:
 
     def reset_on_fault(change: HealthChange) -> None:
         node.changes(change)
-        if change.present and change.reason.startswith("xid"):
-            resets.append(node.monitor.reset(change.gpu_uuid))
+        if change.present and change.reason.is_fault:
+            resets.append([reason.text for reason in node.monitor.reset(change.gpu_uuid)])
 
     node.monitor = HealthMonitor(node.backend, None, FAST, [node.uuid(0)], emit=reset_on_fault)
     node.start()
@@ -649,6 +644,10 @@ class ScriptedDaemons:
         """Nothing to start."""
         return MpsDaemonInfo(gpu.uuid, "/run/none", "/var/log/none", multi_user=False)
 
+    def apply_defaults(self, gpu: Gpu, replicas: int) -> list[str]:
+        """No defaults to set."""
+        return []
+
     def stop(self, gpu_uuid: str) -> None:
         """Nothing to stop."""
 
@@ -726,7 +725,8 @@ def test_xid_off_ignores_events(make_node: NodeFactory) -> None:
     node.backend.lose(node.uuid(0))
     node.daemons.set_down(node.uuid(0))
     node.changes.wait_for((node.uuid(0), MPS_DOWN, True))
-    time.sleep(0.3)
+    assert "vgpu-health-events" not in node.new_thread_names(), "nothing waits for events"
+    node.monitor.stop()  # joins every watcher: whatever they would report is reported
     assert node.changes.summary() == [(node.uuid(0), MPS_DOWN, True)]
 
 
@@ -735,7 +735,7 @@ def test_mps_liveness_off_ignores_dead_daemons(make_node: NodeFactory) -> None:
     node = make_node(config_with(mps_liveness_enabled=False))
     node.start()
     node.daemons.set_down(node.uuid(0))
-    time.sleep(0.3)
+    assert not [name for name in node.new_thread_names() if name.startswith("vgpu-mps-probe")]
     node.backend.inject_xid(node.uuid(1), 79)
     node.changes.wait_for((node.uuid(1), "xid 79", True))
     assert node.changes.summary() == [(node.uuid(1), "xid 79", True)]
@@ -771,7 +771,7 @@ def test_no_changes_after_stop(make_node: NodeFactory) -> None:
     node = make_node()
     node.start()
     node.monitor.stop()
+    assert node.new_thread_names() == [], "no watcher is left to report anything"
     node.backend.inject_xid(node.uuid(0), 79)
     node.daemons.set_down(node.uuid(0))
-    time.sleep(0.2)
     assert node.changes.changes == []

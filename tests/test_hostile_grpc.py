@@ -23,10 +23,10 @@ from hypothesis import strategies as st
 
 from tests.conftest import make_inventory
 from vgpu_agent._proto import deviceplugin_pb2 as pb
-from vgpu_agent.devices import Inventory, MpsGrantPolicy
+from vgpu_agent.devices import HealthReason, Inventory, MpsGrantPolicy
+from vgpu_agent.node import Node
 from vgpu_agent.plugin import (
     MAX_IDS_PER_REQUEST,
-    DeviceState,
     PluginServer,
     PluginServicer,
     device_plugin_stub,
@@ -84,7 +84,7 @@ def hostile() -> Iterator[Hostile]:
     """One server for the whole module (hypothesis runs many examples against it)."""
     directory = tempfile.mkdtemp(prefix="vgh", dir="/tmp")
     inventory = make_inventory((4, 4), numa_nodes=(0, 1))
-    servicer = PluginServicer(DeviceState(inventory), MpsGrantPolicy())
+    servicer = PluginServicer(Node(inventory, MpsGrantPolicy()))
     server = PluginServer(os.path.join(directory, "vgpu.sock"), servicer)
     server.start()
     channel = grpc.insecure_channel(f"unix://{server.socket_path}")
@@ -220,11 +220,9 @@ def test_allocate_100000_real_looking_ids(hostile: Hostile) -> None:
 
 def test_allocate_unhealthy_id_names_the_reason() -> None:
     """An id of an unhealthy GPU is refused with the reason, for `kubectl describe pod`."""
-    inventory = NODE.with_reason(UUID0, "xid 79", True)
+    inventory = NODE.with_reason(UUID0, HealthReason.xid_fault(79), True)
     directory = tempfile.mkdtemp(prefix="vgh", dir="/tmp")
-    server = PluginServer(
-        os.path.join(directory, "vgpu.sock"), PluginServicer(DeviceState(inventory), None)
-    )
+    server = PluginServer(os.path.join(directory, "vgpu.sock"), PluginServicer(Node(inventory)))
     server.start()
     try:
         with grpc.insecure_channel(f"unix://{server.socket_path}") as channel:

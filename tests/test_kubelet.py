@@ -15,10 +15,12 @@ from typing import Callable
 import pytest
 
 from vgpu_agent import kubelet
-from vgpu_agent.devices import Inventory
+from vgpu_agent.devices import HealthReason, Inventory
 from vgpu_agent.errors import RegistrationError
 from vgpu_agent.kubelet_standin import KubeletStandin, is_extended_resource_name
-from vgpu_agent.plugin import DeviceState, PluginServer, PluginServicer, query_devices
+from vgpu_agent.node import Node
+from vgpu_agent.plugin import PluginServer, PluginServicer, query_devices
+from vgpu_agent.sockets import socket_identity
 
 RESOURCE = "eks.amazonaws.com/vgpu"
 PLUGIN_SOCKET = "vgpu.sock"
@@ -27,15 +29,15 @@ PROMPT_S = 5.0
 
 
 @pytest.fixture
-def state(inventory_factory: Callable[..., Inventory]) -> DeviceState:
+def state(inventory_factory: Callable[..., Inventory]) -> Node:
     """Two GPUs of three vGPUs; GPU 1 on NUMA node 0."""
-    return DeviceState(inventory_factory(replicas=(3, 3), numa_nodes=(None, 0)))
+    return Node(inventory_factory(replicas=(3, 3), numa_nodes=(None, 0)))
 
 
 @pytest.fixture
-def plugin_server(plugin_dir: str, state: DeviceState) -> Iterator[PluginServer]:
+def plugin_server(plugin_dir: str, state: Node) -> Iterator[PluginServer]:
     """Our plugin serving on <plugin_dir>/vgpu.sock."""
-    server = PluginServer(os.path.join(plugin_dir, PLUGIN_SOCKET), PluginServicer(state, None))
+    server = PluginServer(os.path.join(plugin_dir, PLUGIN_SOCKET), PluginServicer(state))
     server.start()
     yield server
     server.stop()
@@ -68,13 +70,15 @@ def test_kubelet_sees_health_changes(
     plugin_dir: str,
     kubelet_standin: KubeletStandin,
     plugin_server: PluginServer,
-    state: DeviceState,
+    state: Node,
 ) -> None:
     """A health change in the state reaches the kubelet as a new device list."""
     register(plugin_dir)
     kubelet_standin.wait_for_devices(lambda devices: len(devices) == 6, PROMPT_S)
-    uuid = state.get().gpus[0].gpu.uuid
-    state.update(lambda inventory: inventory.with_reason(uuid, "xid 79", present=True))
+    uuid = state.inventory().gpus[0].gpu.uuid
+    state.update(
+        lambda inventory: inventory.with_reason(uuid, HealthReason.xid_fault(79), present=True)
+    )
     devices = kubelet_standin.wait_for_devices(
         lambda devices: devices[0].health == "Unhealthy", PROMPT_S
     )
@@ -85,28 +89,26 @@ def test_kubelet_calls_the_plugin_rpcs(
     plugin_dir: str,
     kubelet_standin: KubeletStandin,
     plugin_server: PluginServer,
-    state: DeviceState,
+    state: Node,
 ) -> None:
     """The stand-in's admission-time calls reach the plugin over the socket."""
     register(plugin_dir)
-    ids = state.get().gpus[1].vgpu_ids
+    ids = state.inventory().gpus[1].vgpu_ids
     preferred = kubelet_standin.preferred_allocation(RESOURCE, ids, [], 2)
     response = kubelet_standin.allocate(RESOURCE, preferred)
     assert preferred == ids[:2]
     assert response.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"] == (
-        state.get().gpus[1].gpu.uuid
+        state.inventory().gpus[1].gpu.uuid
     )
     assert kubelet_standin.plugin_options(RESOURCE).get_preferred_allocation_available
     kubelet_standin.pre_start_container(RESOURCE, preferred)
 
 
-def test_query_devices_reads_the_running_plugin(
-    plugin_server: PluginServer, state: DeviceState
-) -> None:
+def test_query_devices_reads_the_running_plugin(plugin_server: PluginServer, state: Node) -> None:
     """query_devices (vgpu-agent status) gets the advertised list from the socket."""
     devices = query_devices(plugin_server.socket_path, timeout_s=PROMPT_S)
     assert [device.device_id for device in devices] == [
-        vgpu_id for served in state.get().gpus for vgpu_id in served.vgpu_ids
+        vgpu_id for served in state.inventory().gpus for vgpu_id in served.vgpu_ids
     ]
 
 
@@ -227,9 +229,9 @@ def test_kubelet_socket_identity_changes_across_restart(
 ) -> None:
     """The socket made by a restarted kubelet has another identity (even on a reused inode)."""
     path = os.path.join(plugin_dir, "kubelet.sock")
-    before = kubelet.kubelet_socket_identity(path)
+    before = socket_identity(path)
     kubelet_standin.restart()
-    after = kubelet.kubelet_socket_identity(path)
+    after = socket_identity(path)
     assert before is not None
     assert after is not None
     assert before != after
@@ -238,17 +240,17 @@ def test_kubelet_socket_identity_changes_across_restart(
 def test_kubelet_socket_identity_is_none_without_a_socket(plugin_dir: str) -> None:
     """A missing path or a regular file has no identity."""
     path = os.path.join(plugin_dir, "kubelet.sock")
-    assert kubelet.kubelet_socket_identity(path) is None
+    assert socket_identity(path) is None
     with open(path, "w", encoding="utf-8") as regular:
         regular.write("")
-    assert kubelet.kubelet_socket_identity(path) is None
+    assert socket_identity(path) is None
 
 
 def test_register_again_after_a_kubelet_restart(
-    plugin_dir: str, kubelet_standin: KubeletStandin, state: DeviceState
+    plugin_dir: str, kubelet_standin: KubeletStandin, state: Node
 ) -> None:
     """After a restart a new server and registration bring the devices back to the kubelet."""
-    servicer = PluginServicer(state, None)
+    servicer = PluginServicer(state)
     server = PluginServer(os.path.join(plugin_dir, PLUGIN_SOCKET), servicer)
     server.start()
     register(plugin_dir)

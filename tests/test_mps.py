@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import wait_until
+from tests.test_mps_units import request_server
 from vgpu_agent.config import MpsConfig
 from vgpu_agent.errors import MpsError
 from vgpu_agent.gpu import Gpu
@@ -33,6 +35,7 @@ from vgpu_agent.mps import (
     probe_pipe_dir,
     quit_daemon,
     resolve_multi_user,
+    secure_pipe_dir,
 )
 
 FAKE_CONTROL = Path(__file__).parent / "fakes" / "fake_mps_control.py"
@@ -211,6 +214,38 @@ def test_start_runs_a_multi_user_daemon_that_answers(
     assert stat.S_IMODE(os.stat(fake_mps.pipe_dir() / "control").st_mode) == 0o666
 
 
+def test_secure_pipe_dir_restricts_a_multi_user_daemons_lock(
+    fake_mps: FakeMps, direct: DirectMpsDaemons
+) -> None:
+    """What the MPS unit's ExecStartPost does: the lock file of a multi-user daemon goes
+    back to root-only however it was left; the control socket stays open to clients."""
+    direct.start(GPU)
+    lock = fake_mps.pipe_dir() / "control_lock"
+    lock.chmod(0o666)  # as the real daemon makes it
+    assert secure_pipe_dir(fake_mps.config, GPU.uuid, wait_s=5)
+    assert stat.S_IMODE(os.stat(lock).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(fake_mps.pipe_dir() / "control").st_mode) == 0o666
+
+
+def test_secure_pipe_dir_leaves_a_single_user_daemon_alone(fake_mps: FakeMps) -> None:
+    """A daemon without -M serves its clients' uid: its pipe directory is left as it is."""
+    single = DirectMpsDaemons(fake_mps.config, multi_user=False)
+    try:
+        single.start(GPU)
+        lock = fake_mps.pipe_dir() / "control_lock"
+        lock.chmod(0o666)
+        assert not secure_pipe_dir(fake_mps.config, GPU.uuid, wait_s=5)
+        assert stat.S_IMODE(os.stat(lock).st_mode) == 0o666
+    finally:
+        single.stop_all()
+
+
+def test_secure_pipe_dir_names_a_daemon_that_never_answers(fake_mps: FakeMps) -> None:
+    """No daemon within the wait: an error naming the GPU and the pipe directory."""
+    with pytest.raises(MpsError, match=f"GPU {GPU.uuid}'s MPS daemon does not answer on"):
+        secure_pipe_dir(fake_mps.config, GPU.uuid, wait_s=0.2)
+
+
 def test_start_twice_keeps_the_same_daemon(direct: DirectMpsDaemons) -> None:
     """A second start() of a running GPU returns the daemon already there."""
     first = direct.start(GPU)
@@ -247,10 +282,7 @@ def test_probe_reports_a_killed_daemon(fake_mps: FakeMps, direct: DirectMpsDaemo
     info = direct.start(GPU)
     assert info.pid is not None
     os.kill(info.pid, signal.SIGKILL)
-    time.sleep(0.2)
-    own = direct.probe(GPU.uuid)
-    assert own is not None
-    assert "exited" in own
+    wait_until(lambda: "exited" in (direct.probe(GPU.uuid) or ""), what="the kill to be seen")
     other = ExternalMpsDaemons(fake_mps.config).probe(GPU.uuid)
     assert other is not None
     assert "Cannot find MPS control daemon process" in other
@@ -311,8 +343,7 @@ def test_a_daemon_that_never_answers_fails_start_and_is_killed(
         daemons.start(GPU)
     assert "not running" in str(raised.value)
     pid = int((fake_mps.pipe_dir() / "nvidia-cuda-mps-control.pid").read_text())
-    time.sleep(0.1)
-    assert not Path(f"/proc/{pid}").exists()
+    wait_until(lambda: not Path(f"/proc/{pid}").exists(), what=f"process {pid} to be gone")
 
 
 def test_a_daemon_that_exits_at_start_is_reported_with_its_output(fake_mps: FakeMps) -> None:
@@ -384,7 +415,9 @@ setsid "{sys.executable}" -c "{starter}" "$uuid" >/dev/null 2>&1 &
 
 def test_systemd_manager_starts_the_unit_and_never_stops_it(fake_mps: FakeMps) -> None:
     """start() runs systemctl start vgpu-mps@<uuid>.service and waits; stop() leaves it."""
-    daemons = SystemdMpsDaemons(fake_mps.config, systemctl=str(_fake_systemctl(fake_mps)))
+    daemons = SystemdMpsDaemons(
+        fake_mps.config, systemctl=str(_fake_systemctl(fake_mps)), request_socket=None
+    )
     info = daemons.start(GPU)
     calls = (fake_mps.root / "systemctl.calls").read_text().splitlines()
     assert calls == [f"start vgpu-mps@{GPU.uuid}.service"]
@@ -393,17 +426,58 @@ def test_systemd_manager_starts_the_unit_and_never_stops_it(fake_mps: FakeMps) -
     daemons.stop(GPU.uuid)
     assert daemons.probe(GPU.uuid) is None
     quit_daemon(fake_mps.config, GPU.uuid)
-    time.sleep(0.2)
-    assert daemons.probe(GPU.uuid) is not None
+    wait_until(lambda: daemons.probe(GPU.uuid) is not None, what="the daemon to be gone")
 
 
 def test_systemd_manager_reports_a_failed_unit(fake_mps: FakeMps) -> None:
     """A unit that fails to start is reported with where to look."""
     daemons = SystemdMpsDaemons(
-        fake_mps.config, systemctl=str(_fake_systemctl(fake_mps, exit_code=1))
+        fake_mps.config,
+        systemctl=str(_fake_systemctl(fake_mps, exit_code=1)),
+        request_socket=None,
     )
     with pytest.raises(MpsError, match=r"failed.*journalctl -u vgpu-mps@"):
         daemons.start(GPU)
+
+
+def test_systemd_manager_goes_through_the_request_socket_when_there(fake_mps: FakeMps) -> None:
+    """With the request socket present the unit is started through it, never by systemctl."""
+    socket_path = str(fake_mps.root / "units.sock")
+    config = fake_mps.config
+    units: list[subprocess.Popen[bytes]] = []
+
+    def start(gpu_uuid: str) -> None:
+        # What vgpu-mps@<uuid>.service runs, detached as systemd would run it.
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from vgpu_agent.config import MpsConfig; "
+                "from vgpu_agent.mps import exec_daemon; "
+                f"exec_daemon(MpsConfig(pipe_root={config.pipe_root!r}, "
+                f"log_root={config.log_root!r}, control_binary={config.control_binary!r}), "
+                "sys.argv[1])",
+                gpu_uuid,
+            ],
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        units.append(process)
+
+    daemons = SystemdMpsDaemons(
+        config, systemctl=str(fake_mps.root / "no-systemctl"), request_socket=socket_path
+    )
+    with request_server(socket_path, lambda: {GPU.uuid}, start) as results:
+        info = daemons.start(GPU)
+        other = replace(GPU, index=1, uuid="GPU-99999999-2222-3333-4444-555555555555")
+        with pytest.raises(MpsError, match="is not served by this node's config"):
+            daemons.start(other)
+    assert results == [True, False]
+    assert info.pid is not None
+    assert daemons.probe(GPU.uuid) is None
+    quit_daemon(config, GPU.uuid)
+    assert [unit.wait(timeout=10) for unit in units] == [0]
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import os
 import signal
 import time
 
+from tests.harness import wait_until
 from tests.test_mps import GPU, FakeMps, direct, fake_mps  # noqa: F401 - fixtures
 from vgpu_agent.mps import DirectMpsDaemons, LivenessProber, process_state, quick_check
 
@@ -100,8 +101,7 @@ def test_direct_daemon_replaced_after_death_is_healthy(
     info = direct.start(GPU)
     assert info.pid is not None
     os.kill(info.pid, signal.SIGKILL)
-    time.sleep(0.2)
-    assert "exited" in (direct.probe(GPU.uuid) or "")
+    wait_until(lambda: "exited" in (direct.probe(GPU.uuid) or ""), what="the kill to be seen")
     other = DirectMpsDaemons(fake_mps.config)
     try:
         other.start(GPU)

@@ -19,8 +19,8 @@ from vgpu_agent.gpu import ComputeMode, Gpu, GpuEvent, GpuEventKind
 @pytest.mark.parametrize(
     ("code", "kind", "hint"),
     [
-        (nvml.NVML_ERROR_LIBRARY_NOT_FOUND, GpuError, "is the NVIDIA driver installed and loaded?"),
-        (nvml.NVML_ERROR_DRIVER_NOT_LOADED, GpuError, "is the NVIDIA driver installed and loaded?"),
+        (nvml.NVML_ERROR_LIBRARY_NOT_FOUND, GpuError, "; libnvidia-ml.so.1 was not found: install"),
+        (nvml.NVML_ERROR_DRIVER_NOT_LOADED, GpuError, "; the NVIDIA kernel driver is not loaded"),
         (nvml.NVML_ERROR_NO_PERMISSION, GpuError, "run as root"),
         (nvml.NVML_ERROR_GPU_IS_LOST, GpuLostError, "lost"),
         (nvml.NVML_ERROR_GPU_NOT_FOUND, GpuLostError, "gone"),
@@ -35,6 +35,9 @@ def test_nvml_errors_become_ours_with_a_hint(code: int, kind: type, hint: str) -
     assert type(error) is kind
     assert str(error).startswith("setting compute mode on GPU-1: NVML error: Some NVML Text")
     assert hint in str(error)
+    # One level of parentheses at most: the hint is not wrapped in them.
+    assert "((" not in str(error).replace(" ", "")
+    assert not str(error).endswith("))")
 
 
 @pytest.mark.parametrize(
@@ -73,9 +76,33 @@ def test_numa_node_comes_from_sysfs(
     ctypes.util.find_library("nvidia-ml") is not None, reason="this machine has the NVIDIA driver"
 )
 def test_without_the_driver_the_backend_says_to_install_it() -> None:
-    """Opening NVML where libnvidia-ml is absent fails with a GpuError pointing at the driver."""
-    with pytest.raises(GpuError, match="is the NVIDIA driver installed and loaded"):
+    """Opening NVML where libnvidia-ml is absent fails with a GpuError saying to install
+    the driver or to try the simulated backend."""
+    with pytest.raises(GpuError) as raised:
         nvml.NvmlBackend()
+    assert "install the NVIDIA driver" in str(raised.value)
+    assert '--simulate N, or gpus.backend = "simulated"' in str(raised.value)
+
+
+class _NvmlProcessInfo:
+    """The shape of pynvml's process info entries: pid and usedGpuMemory in bytes."""
+
+    def __init__(self, pid: int, used: Optional[int]) -> None:
+        self.pid = pid
+        self.usedGpuMemory = used
+
+
+@pytest.mark.parametrize(
+    ("used_bytes", "used_mib"),
+    [(512 * 1024 * 1024, 512), (512 * 1024 * 1024 + 5, 512), (0, 0), (None, None)],
+    ids=["exact", "rounded-down", "zero", "not-available"],
+)
+def test_mps_client_entries_become_processes_in_mib(
+    used_bytes: Optional[int], used_mib: Optional[int]
+) -> None:
+    """NVML's MPS client entries give pid and MiB; memory NVML cannot tell stays None."""
+    process = nvml.process_from_nvml("GPU-1", _NvmlProcessInfo(4242, used_bytes))
+    assert (process.pid, process.gpu_uuid, process.used_memory_mib) == (4242, "GPU-1", used_mib)
 
 
 # NvmlBackend driven through a fake pynvml module (tests/fakes/fake_pynvml.py) ----------
@@ -117,8 +144,8 @@ def test_backend_initialises_nvml_and_close_shuts_it_down_once() -> None:
 @pytest.mark.parametrize(
     ("code", "kind", "hint"),
     [
-        (fake_pynvml.NVML_ERROR_LIBRARY_NOT_FOUND, GpuError, "is the NVIDIA driver installed"),
-        (fake_pynvml.NVML_ERROR_DRIVER_NOT_LOADED, GpuError, "is the NVIDIA driver installed"),
+        (fake_pynvml.NVML_ERROR_LIBRARY_NOT_FOUND, GpuError, "install the NVIDIA driver"),
+        (fake_pynvml.NVML_ERROR_DRIVER_NOT_LOADED, GpuError, "kernel driver is not loaded"),
         (fake_pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH, GpuError, "reload the driver"),
         (fake_pynvml.NVML_ERROR_NO_PERMISSION, GpuError, "run as root"),
     ],
@@ -526,3 +553,17 @@ def test_driver_version_failure_names_the_query() -> None:
     with pytest.raises(GpuError, match="reading the driver version"):
         backend.driver_version()
     assert backend.driver_version() == "580.159.04"
+
+
+def test_mps_client_processes_come_from_nvml_for_the_gpu() -> None:
+    """The MPS client list of a GPU gives host pids and MiB; a failing query names the GPU."""
+    backend, fake = backend_on(h200(0), h200(1))
+    fake.devices[1].mps_processes = [(4242, 512 * 1024 * 1024), (4243, None)]
+    assert backend.mps_client_processes(h200(0).uuid) == []
+    assert [
+        (process.pid, process.gpu_uuid, process.used_memory_mib)
+        for process in backend.mps_client_processes(h200(1).uuid)
+    ] == [(4242, h200(1).uuid, 512), (4243, h200(1).uuid, None)]
+    fake.fail("nvmlDeviceGetMPSComputeRunningProcesses", fake_pynvml.NVML_ERROR_NO_PERMISSION)
+    with pytest.raises(GpuError, match=f"listing the MPS client processes of GPU {h200(1).uuid}"):
+        backend.mps_client_processes(h200(1).uuid)

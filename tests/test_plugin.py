@@ -15,9 +15,10 @@ import grpc
 import pytest
 
 from vgpu_agent._proto import deviceplugin_pb2 as pb
-from vgpu_agent.devices import Inventory, MpsGrantPolicy, VGpu
+from vgpu_agent.devices import HealthReason, Inventory, MpsGrantPolicy, VGpu
 from vgpu_agent.errors import AgentError
-from vgpu_agent.plugin import DeviceState, PluginServer, PluginServicer, device_plugin_stub
+from vgpu_agent.node import Allocation, Node
+from vgpu_agent.plugin import PluginServer, PluginServicer, device_plugin_stub
 
 #: Generous: a change normally arrives within milliseconds.
 PROMPT_S = 5.0
@@ -27,11 +28,10 @@ PROMPT_S = 5.0
 class Served:
     """A plugin server under test and a client connected to it."""
 
-    state: DeviceState
+    state: Node
     servicer: PluginServicer
     server: PluginServer
     stub: Any
-    allocated: list[list[str]]
 
     def allocate(self, *containers: list[str]) -> pb.AllocateResponse:
         request = pb.AllocateRequest(
@@ -69,14 +69,13 @@ def serve(
     max_streams: int = 12,
 ) -> Iterator[Served]:
     """Start a plugin server on ``socket_dir``/vgpu.sock and connect a client to it."""
-    allocated: list[list[str]] = []
-    state = DeviceState(inventory)
-    servicer = PluginServicer(state, mps_policy, allocated.append, max_streams=max_streams)
+    state = Node(inventory, mps_policy)
+    servicer = PluginServicer(state, max_streams=max_streams)
     server = PluginServer(os.path.join(socket_dir, "vgpu.sock"), servicer)
     server.start()
     channel = grpc.insecure_channel(f"unix://{server.socket_path}")
     try:
-        yield Served(state, servicer, server, device_plugin_stub(channel), allocated)
+        yield Served(state, servicer, server, device_plugin_stub(channel))
     finally:
         channel.close()
         server.stop()
@@ -97,7 +96,7 @@ def served(short_tmp_dir: str, inventory: Inventory) -> Iterator[Served]:
 
 def assert_still_serving(served: Served) -> None:
     """A valid Allocate still succeeds."""
-    inventory = served.state.get()
+    inventory = served.state.inventory()
     response = served.allocate([vgpu(inventory, 0, 0)])
     assert len(response.container_responses) == 1
 
@@ -126,9 +125,13 @@ def test_list_and_watch_sends_update_after_health_change(
     stream = served.stub.ListAndWatch(pb.Empty(), timeout=PROMPT_S)
     next(stream)
     gpu_uuid = inventory.gpus[1].gpu.uuid
-    served.state.update(lambda inv: inv.with_reason(gpu_uuid, "xid 79", present=True))
+    served.state.update(
+        lambda inv: inv.with_reason(gpu_uuid, HealthReason.xid_fault(79), present=True)
+    )
     second = next(stream)
-    served.state.update(lambda inv: inv.with_reason(gpu_uuid, "xid 79", present=False))
+    served.state.update(
+        lambda inv: inv.with_reason(gpu_uuid, HealthReason.xid_fault(79), present=False)
+    )
     third = next(stream)
     stream.cancel()
     assert [d.health for d in second.devices] == ["Healthy"] * 4 + ["Unhealthy"] * 4
@@ -140,7 +143,11 @@ def test_list_and_watch_streams_get_every_change(served: Served, inventory: Inve
     streams = [served.stub.ListAndWatch(pb.Empty(), timeout=PROMPT_S) for _ in range(3)]
     for stream in streams:
         next(stream)
-    served.state.set(inventory.with_reason(inventory.gpus[0].gpu.uuid, "mps down", present=True))
+    served.state.serve(
+        inventory.with_reason(
+            inventory.gpus[0].gpu.uuid, HealthReason.mps_down("mps down"), present=True
+        )
+    )
     for stream in streams:
         assert next(stream).devices[0].health == "Unhealthy"
         stream.cancel()
@@ -215,29 +222,33 @@ def test_list_and_watch_failure_inside_is_internal(
         assert_still_serving(served)
 
 
-def test_device_state_ignores_an_equal_inventory(inventory: Inventory) -> None:
+def test_node_ignores_an_equal_inventory(inventory: Inventory) -> None:
     """Setting the same inventory again is no change: the version stays."""
-    state = DeviceState(inventory)
-    state.set(Inventory(inventory.gpus))
+    state = Node(inventory)
+    state.serve(Inventory(inventory.gpus))
     assert state.version == 0
-    state.update(lambda inv: inv.with_reason(inv.gpus[0].gpu.uuid, "xid 48", present=True))
+    state.update(
+        lambda inv: inv.with_reason(inv.gpus[0].gpu.uuid, HealthReason.xid_fault(48), present=True)
+    )
     assert state.version == 1
 
 
-def test_device_state_wait_returns_on_change(inventory: Inventory) -> None:
+def test_node_wait_returns_on_change(inventory: Inventory) -> None:
     """A waiter wakes with the new version when another thread changes the state."""
-    state = DeviceState(inventory)
-    changed = inventory.with_reason(inventory.gpus[0].gpu.uuid, "xid 48", present=True)
-    timer = threading.Timer(0.05, state.set, args=(changed,))
+    state = Node(inventory)
+    changed = inventory.with_reason(
+        inventory.gpus[0].gpu.uuid, HealthReason.xid_fault(48), present=True
+    )
+    timer = threading.Timer(0.05, state.serve, args=(changed,))
     timer.start()
     version, seen = state.wait_for_change(0, timeout_s=PROMPT_S)
     timer.join()
     assert (version, seen) == (1, changed)
 
 
-def test_device_state_wait_times_out_unchanged(inventory: Inventory) -> None:
+def test_node_wait_times_out_unchanged(inventory: Inventory) -> None:
     """Without a change the wait returns the same version after the timeout."""
-    state = DeviceState(inventory)
+    state = Node(inventory)
     assert state.wait_for_change(0, timeout_s=0.01) == (0, inventory)
 
 
@@ -308,7 +319,6 @@ def test_allocate_with_mps_policy(served: Served, inventory: Inventory) -> None:
         ("/run/nvidia-mps", served_gpu.pipe_dir, False)
     ]
     assert dict(container.annotations) == {"vgpu.eks.amazonaws.com/gpu-uuid": served_gpu.gpu.uuid}
-    assert served.allocated == [ids]
 
 
 def test_allocate_without_mps(short_tmp_dir: str, inventory: Inventory) -> None:
@@ -320,8 +330,8 @@ def test_allocate_without_mps(short_tmp_dir: str, inventory: Inventory) -> None:
 
 
 def test_allocate_follows_a_reloaded_mps_policy(served: Served, inventory: Inventory) -> None:
-    """set_mps_policy applies to the next Allocate."""
-    served.servicer.set_mps_policy(MpsGrantPolicy(thread_limit="none", memory_limit=4096))
+    """A grant policy set on the node applies to the next Allocate."""
+    served.state.set_grant_policy(MpsGrantPolicy(thread_limit="none", memory_limit=4096))
     (container,) = served.allocate([vgpu(inventory, 0, 0)]).container_responses
     assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in container.envs
     assert container.envs["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=4096M"
@@ -388,49 +398,44 @@ def test_allocate_refuses_bad_requests(
     """Bad Allocate requests get INVALID_ARGUMENT with a message for kubectl describe pod,
     and the server keeps serving."""
     node = inventory_factory(replicas=(4, 4, 4))
-    node = node.with_reason(node.gpus[1].gpu.uuid, "xid 79", present=True)
+    node = node.with_reason(node.gpus[1].gpu.uuid, HealthReason.xid_fault(79), present=True)
     with serve(short_tmp_dir, node, MpsGrantPolicy()) as served:
         with pytest.raises(grpc.RpcError) as raised:
             served.allocate(*containers)
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert message in raised.value.details()
-        assert served.allocated == []
         assert_still_serving(served)
+
+
+class BrokenNode(Node):
+    """A node whose Allocate fails with an error no request can cause (a bug)."""
+
+    def allocate(self, vgpu_ids: list[str]) -> Allocation:
+        """Fail unexpectedly."""
+        raise RuntimeError("the node broke")
 
 
 def test_allocate_failure_inside_is_internal(short_tmp_dir: str, inventory: Inventory) -> None:
     """An unexpected error while answering becomes INTERNAL with a message; the server lives."""
-    broken_policy = MpsGrantPolicy(thread_limit="half")
-    with serve(short_tmp_dir, inventory, broken_policy) as served:
-        with pytest.raises(grpc.RpcError) as raised:
-            served.allocate([vgpu(inventory, 0, 0)])
-        assert raised.value.code() == grpc.StatusCode.INTERNAL
-        assert "vgpu-agent failed to answer Allocate" in raised.value.details()
-        assert "unknown thread limit policy 'half'" in raised.value.details()
-        served.servicer.set_mps_policy(None)
-        assert_still_serving(served)
-
-
-def test_allocate_survives_a_failing_observer(short_tmp_dir: str, inventory: Inventory) -> None:
-    """An on_allocate callback that raises does not fail the Allocate."""
-
-    def broken_observer(vgpu_ids: list[str]) -> None:
-        raise RuntimeError("observer broke")
-
-    state = DeviceState(inventory)
     server = PluginServer(
-        os.path.join(short_tmp_dir, "vgpu.sock"), PluginServicer(state, None, broken_observer)
+        os.path.join(short_tmp_dir, "vgpu.sock"), PluginServicer(BrokenNode(inventory))
     )
     server.start()
     try:
         with grpc.insecure_channel(f"unix://{server.socket_path}") as channel:
+            stub = device_plugin_stub(channel)
             request = pb.AllocateRequest(
                 container_requests=[
                     pb.ContainerAllocateRequest(devices_ids=[vgpu(inventory, 0, 0)])
                 ]
             )
-            response = device_plugin_stub(channel).Allocate(request, timeout=PROMPT_S)
-        assert len(response.container_responses) == 1
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.Allocate(request, timeout=PROMPT_S)
+            assert raised.value.code() == grpc.StatusCode.INTERNAL
+            details = raised.value.details()
+            assert "vgpu-agent failed to answer Allocate: RuntimeError: the node broke" in details
+            options = stub.GetDevicePluginOptions(pb.Empty(), timeout=PROMPT_S)
+            assert options.get_preferred_allocation_available
     finally:
         server.stop()
 
@@ -453,7 +458,7 @@ def test_start_removes_a_stale_socket(short_tmp_dir: str, inventory: Inventory) 
     """A socket file left by a dead process is replaced and served."""
     path = os.path.join(short_tmp_dir, "vgpu.sock")
     bind_dead_socket(path)
-    server = PluginServer(path, PluginServicer(DeviceState(inventory), None))
+    server = PluginServer(path, PluginServicer(Node(inventory)))
     server.start()
     try:
         assert server.socket_exists()
@@ -480,7 +485,7 @@ def test_start_refuses_a_file_in_the_way(short_tmp_dir: str, inventory: Inventor
     path = os.path.join(short_tmp_dir, "vgpu.sock")
     with open(path, "w", encoding="utf-8") as in_the_way:
         in_the_way.write("not a socket")
-    server = PluginServer(path, PluginServicer(DeviceState(inventory), None))
+    server = PluginServer(path, PluginServicer(Node(inventory)))
     with pytest.raises(AgentError, match="not a socket is in the way"):
         server.start()
     assert os.path.isfile(path)
@@ -489,7 +494,7 @@ def test_start_refuses_a_file_in_the_way(short_tmp_dir: str, inventory: Inventor
 def test_start_refuses_an_overlong_socket_path(short_tmp_dir: str, inventory: Inventory) -> None:
     """A socket path over the unix limit fails with an error naming the limit."""
     path = os.path.join(short_tmp_dir, "d" * 120, "vgpu.sock")
-    server = PluginServer(path, PluginServicer(DeviceState(inventory), None))
+    server = PluginServer(path, PluginServicer(Node(inventory)))
     with pytest.raises(AgentError, match="at most 107 bytes"):
         server.start()
 
@@ -524,7 +529,7 @@ def test_servicer_serves_again_after_a_server_restart(
     short_tmp_dir: str, inventory: Inventory
 ) -> None:
     """One servicer behind a new server (as after a kubelet restart) streams normally."""
-    servicer = PluginServicer(DeviceState(inventory), None)
+    servicer = PluginServicer(Node(inventory))
     path = os.path.join(short_tmp_dir, "vgpu.sock")
     for _ in range(2):
         server = PluginServer(path, servicer)

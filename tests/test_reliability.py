@@ -18,34 +18,32 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent import futures
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, cast
 
 import grpc
 import pytest
 
-from tests.test_agent import NotifyListener, make_config
+from tests.harness import RESOURCE, WAIT_S, AgentRun, make_config, wait_until
 from tests.test_mps import FAKE_CONTROL
-from vgpu_agent import agent as agent_module
 from vgpu_agent import control, kubelet
 from vgpu_agent._proto import deviceplugin_pb2 as pb
 from vgpu_agent._proto import deviceplugin_pb2_grpc as pb_grpc
-from vgpu_agent.agent import EXIT_OK, Agent, build_backend, build_mps
+from vgpu_agent.agent import EXIT_OK
+from vgpu_agent.commands import parse_command
+from vgpu_agent.compose import open_backend_for
 from vgpu_agent.config import Config, HealthConfig, MpsConfig, parse
 from vgpu_agent.errors import ConfigError, GpuError, RegistrationError
 from vgpu_agent.gpu import GpuBackend
 from vgpu_agent.kubelet import unix_target
-from vgpu_agent.kubelet_standin import KubeletStandin, StandinDevice
-from vgpu_agent.mps import DirectMpsDaemons, MpsDaemons, control_command, process_state
+from vgpu_agent.kubelet_standin import KubeletStandin
+from vgpu_agent.mps import DirectMpsDaemons, control_command, process_state
+from vgpu_agent.plugin import AdvertisedDevice
 from vgpu_agent.simulated import SimulatedBackend, gpus_from_config
-from vgpu_agent.systemd import Notifier
 
-RESOURCE = "eks.amazonaws.com/vgpu"
 #: Generous bounds for a loaded 2-core CI machine; bench/ has the real numbers.
-WAIT_S = 15.0
 PROMPT_S = 3.0
 #: A waiting agent may use at most this share of one core (a busy loop uses all of it).
 MAX_IDLE_CPU_SHARE = 0.5
@@ -82,89 +80,9 @@ def cpu_seconds_over(wall_s: float) -> float:
     return time.process_time() - start
 
 
-def wait_until(predicate: Callable[[], bool], timeout_s: float = WAIT_S, what: str = "") -> None:
-    """Poll ``predicate`` until it holds; fail the test naming ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what or predicate}")
-        time.sleep(0.02)
-
-
-def healthy_count(devices: tuple[StandinDevice, ...]) -> int:
+def healthy_count(devices: tuple[AdvertisedDevice, ...]) -> int:
     """How many devices of a list are Healthy."""
     return sum(device.health == "Healthy" for device in devices)
-
-
-@dataclass
-class AgentRun:
-    """An agent running in a thread with a kubelet stand-in and a NOTIFY_SOCKET listener."""
-
-    agent: Agent
-    standin: KubeletStandin
-    notify: NotifyListener
-    notifier: Notifier
-    thread: threading.Thread
-    exit_code: list[int] = field(default_factory=list)
-
-    def devices(
-        self, predicate: Callable[[tuple[StandinDevice, ...]], bool], timeout_s: float = WAIT_S
-    ) -> tuple[StandinDevice, ...]:
-        return self.standin.wait_for_devices(predicate, timeout_s, RESOURCE)
-
-    def status_seen(self, words: str, timeout_s: float = WAIT_S) -> str:
-        return self.notify.wait_for(lambda m: "STATUS=" in m and words in m, timeout_s)
-
-    def stop(self) -> int:
-        self.agent.request_stop("test finished")
-        self.thread.join(timeout=WAIT_S)
-        assert not self.thread.is_alive(), "the agent did not stop"
-        return self.exit_code[0]
-
-
-@pytest.fixture
-def run_agent(short_tmp_dir: str) -> Iterator[Callable[..., AgentRun]]:
-    """Start agents in threads (kubelet stand-in not started unless ``kubelet``); every
-    agent is stopped, and every stand-in and listener closed, at the end."""
-    runs: list[AgentRun] = []
-
-    def start(
-        config: Optional[Config] = None,
-        *,
-        kubelet: bool = True,
-        backend_factory: Callable[[Config], GpuBackend] = build_backend,
-        mps_factory: Callable[[Config], Optional[MpsDaemons]] = build_mps,
-        config_loader: Optional[Callable[[], Config]] = None,
-        dial_timeout_s: float = 5.0,
-    ) -> AgentRun:
-        config = config or make_config(short_tmp_dir)
-        standin = KubeletStandin(config.plugin.plugin_dir, dial_timeout_s=dial_timeout_s)
-        if kubelet:
-            standin.start()
-        notify = NotifyListener(os.path.join(short_tmp_dir, f"notify{len(runs)}"))
-        notifier = Notifier(notify.path, use_libsystemd=False)
-        agent = Agent(
-            config,
-            notifier=notifier,
-            backend_factory=backend_factory,
-            mps_factory=mps_factory,
-            config_loader=config_loader,
-        )
-        run = AgentRun(agent, standin, notify, notifier, threading.Thread())
-        run.thread = threading.Thread(
-            target=lambda: run.exit_code.append(agent.run()), name="agent-under-test", daemon=True
-        )
-        run.thread.start()
-        runs.append(run)
-        return run
-
-    yield start
-    for run in runs:
-        if run.thread.is_alive():
-            run.stop()
-        run.standin.stop()
-        run.notifier.close()
-        run.notify.close()
 
 
 def with_plugin(config: Config, **changes: Any) -> Config:
@@ -432,10 +350,13 @@ def test_second_agent_never_takes_over(
     first.devices(lambda devs: len(devs) == 8)
     second = run_agent(make_config(short_tmp_dir), kubelet=False)
     second.status_seen("another process is serving on that socket")
-    time.sleep(1.0)
+    # Its second attempt (after the first backoff) is refused the same way.
+    second.status_seen("retrying in 1.0 s")
     assert len(first.standin.registrations) == 1
     assert first.standin.stream_open(RESOURCE)
-    answer = control.request(f"{short_tmp_dir}/state/control.sock", {"command": "status"})
+    answer = control.request(
+        f"{short_tmp_dir}/state/control.sock", parse_command({"command": "status"})
+    )
     assert answer["registrations"] == 1  # the first agent answers, not the second
     assert second.stop() == EXIT_OK
     assert first.standin.stream_open(RESOURCE)
@@ -487,15 +408,15 @@ def _kill_daemons(mps: MpsConfig, extra: tuple[int, ...] = ()) -> None:
 #: simulated MPS daemons for simulated GPUs); SIGTERM stops it like `vgpu-agent run`.
 DIRECT_MPS_AGENT = """
 import os, signal, sys
-from vgpu_agent.agent import Agent
+from vgpu_agent.compose import build_agent
 from vgpu_agent.config import load
 from vgpu_agent.log import setup_logging
 from vgpu_agent.mps import DirectMpsDaemons
 from vgpu_agent.systemd import Notifier
 config = load(sys.argv[1])
 setup_logging("info", os.environ)
-agent = Agent(config, notifier=Notifier.from_environ(os.environ),
-              mps_factory=lambda c: DirectMpsDaemons(c.mps))
+agent = build_agent(config, notifier=Notifier.from_environ(os.environ),
+                    make_mps=lambda c: DirectMpsDaemons(c.mps))
 signal.signal(signal.SIGTERM, lambda *_: agent.request_stop("SIGTERM"))
 sys.exit(agent.run())
 """
@@ -556,7 +477,7 @@ def test_sigkill_cli_agent_restarts_cleanly(short_tmp_dir: str) -> None:
         second = _spawn(argv, log_path)
         standin.wait_for_registration(2, WAIT_S)
         standin.wait_for_devices(lambda devs: healthy_count(devs) == 6, WAIT_S, RESOURCE)
-        answer = control.request(f"{root}/state/control.sock", {"command": "status"})
+        answer = control.request(f"{root}/state/control.sock", parse_command({"command": "status"}))
         assert answer["ok"]
         assert answer["registered"]
         second.send_signal(signal.SIGTERM)
@@ -699,7 +620,7 @@ def test_mps_daemon_fault_marks_gpu_then_heals(
         managers.append(DirectMpsDaemons(config.mps))
         return managers[-1]
 
-    run = run_agent(config, mps_factory=direct)
+    run = run_agent(config, make_mps=direct)
     broken: Optional[BrokenDaemon] = None
     try:
         run.devices(lambda devs: len(devs) == 8 and healthy_count(devs) == 8)
@@ -738,14 +659,10 @@ def test_mps_daemon_fault_marks_gpu_then_heals(
 # -- 5. NVML faults ------------------------------------------------------------------------------
 
 
-def test_driver_missing_at_boot_waits(
-    run_agent: Callable[..., AgentRun], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_driver_missing_at_boot_waits(run_agent: Callable[..., AgentRun]) -> None:
     """NVML fails at boot a few times: STATUS says it waits for the driver, the agent
-    answers control requests and does not exit; it serves once NVML works."""
-    # Shorter retries than production (1 s doubling to 30 s) keep the test quick.
-    monkeypatch.setattr(agent_module, "BACKEND_RETRY_INITIAL_S", 0.05)
-    monkeypatch.setattr(agent_module, "BACKEND_RETRY_MAX_S", 0.2)
+    answers control requests truthfully (status: waiting for the driver; health reset:
+    nothing served yet) and does not exit; it serves once NVML works."""
     driver_loaded = threading.Event()
     attempts: list[float] = []
 
@@ -753,14 +670,20 @@ def test_driver_missing_at_boot_waits(
         attempts.append(time.monotonic())
         if not driver_loaded.is_set():
             raise GpuError("initialising NVML: Driver Not Loaded (is the NVIDIA driver loaded?)")
-        return build_backend(config)
+        return open_backend_for(config)
 
-    run = run_agent(backend_factory=booting)
+    # Shorter retries than production (1 s doubling to 30 s) keep the test quick.
+    run = run_agent(open_backend=booting, backend_retry_initial_s=0.05, backend_retry_max_s=0.2)
     status = run.status_seen("waiting for the GPU driver")
     assert "Driver Not Loaded" in status
     wait_until(lambda: len(attempts) >= 4, what="four attempts to open NVML")
-    answer = run.agent.submit({"command": "status"})
-    assert answer == {"ok": False, "error": "no GPU backend yet"}
+    answer = run.agent.submit(parse_command({"command": "status"}))
+    assert answer["ok"] is True
+    assert answer["status"].startswith("waiting for the GPU driver: initialising NVML: Driver")
+    assert answer["gpus"] == []
+    reset = run.agent.submit(parse_command({"command": "health-reset", "gpu": "0"}))
+    assert reset["ok"] is False
+    assert reset["error"].startswith("no GPU is served yet: waiting for the GPU driver")
     cpu_s = cpu_seconds_over(1.0)
     assert cpu_s < MAX_IDLE_CPU_SHARE, f"{cpu_s:.2f} s of CPU in 1 s while waiting"
     assert run.thread.is_alive()
@@ -777,7 +700,7 @@ def test_stop_while_waiting_for_driver(run_agent: Callable[..., AgentRun]) -> No
     def never(config: Config) -> GpuBackend:
         raise GpuError("initialising NVML: Driver Not Loaded")
 
-    run = run_agent(backend_factory=never)
+    run = run_agent(open_backend=never)
     run.status_seen("waiting for the GPU driver")
     stopped = time.monotonic()
     assert run.stop() == EXIT_OK
@@ -796,14 +719,16 @@ def test_nvml_calls_fail_mid_run(short_tmp_dir: str, run_agent: Callable[..., Ag
     backend = SimulatedBackend(gpus_from_config(config.simulated))
     gpus = backend.list_gpus()
     backend.set_unwatchable(gpus[1].uuid)  # GPU 1 is polled: the poll loop meets failures too
-    run = run_agent(config, backend_factory=lambda _config: backend)
+    run = run_agent(config, open_backend=lambda _config: backend)
     devices = run.devices(lambda devs: healthy_count(devs) == 8)
     backend.fail_calls("NVML_ERROR_UNKNOWN (simulated)")
-    time.sleep(1.5)  # several event waits and polls fail meanwhile
+    failed_before = backend.failed_calls
+    # Several event waits and polls fail meanwhile.
+    wait_until(lambda: backend.failed_calls >= failed_before + 6, what="failing NVML calls")
     assert run.thread.is_alive()
     response = run.standin.allocate(RESOURCE, [devices[0].device_id])
     assert response.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"] == gpus[0].uuid
-    assert run.agent.submit({"command": "status"})["ok"]
+    assert run.agent.submit(parse_command({"command": "status"}))["ok"]
     names = {thread.name for thread in threading.enumerate()}
     assert {"vgpu-health-events", "vgpu-health-poll"} <= names
     assert healthy_count(run.standin.latest_devices(RESOURCE) or ()) == 8
@@ -824,14 +749,18 @@ def test_gpu_disappears_and_returns(run_agent: Callable[..., AgentRun]) -> None:
         by_gpu.setdefault(device.device_id.split("::")[0], []).append(device.device_id)
     first_gpu, lost_gpu = sorted(by_gpu, key=lambda uuid: by_gpu[uuid][0])
     gpu_refs = {g["uuid"]: str(g["index"]) for g in run.agent.describe()["gpus"]}
-    run.agent.submit({"command": "simulate", "action": "lose", "gpu": gpu_refs[lost_gpu]})
+    run.agent.submit(
+        parse_command({"command": "simulate", "action": "lose", "gpu": gpu_refs[lost_gpu]})
+    )
     run.devices(lambda devs: healthy_count(devs) == 4)
     with pytest.raises(grpc.RpcError) as refused:
         run.standin.allocate(RESOURCE, by_gpu[lost_gpu][:1])
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "GPU lost" in refused.value.details()
     assert run.standin.allocate(RESOURCE, by_gpu[first_gpu][:2]).container_responses
-    run.agent.submit({"command": "simulate", "action": "recover", "gpu": gpu_refs[lost_gpu]})
+    run.agent.submit(
+        parse_command({"command": "simulate", "action": "recover", "gpu": gpu_refs[lost_gpu]})
+    )
     run.devices(lambda devs: healthy_count(devs) == 8)
     assert run.standin.allocate(RESOURCE, by_gpu[lost_gpu][:1]).container_responses
 
@@ -892,7 +821,7 @@ def _latest(loaders: list[Callable[[], Config]]) -> Callable[[], Config]:
     return load
 
 
-def _count_is(count: int) -> Callable[[tuple[StandinDevice, ...]], bool]:
+def _count_is(count: int) -> Callable[[tuple[AdvertisedDevice, ...]], bool]:
     return lambda devices: len(devices) == count
 
 
@@ -916,11 +845,12 @@ def test_reload_under_allocate_load(short_tmp_dir: str, run_agent: Callable[...,
         return parse("[gpus]\nreplicas_per_gpu = 0\n", "bad.toml")
 
     with AllocateLoad(run.standin, every_id) as load:
-        for count in (6, 2, 5, None, 3, 4):
+        for reloads, count in enumerate((6, 2, 5, None, 3, 4), start=2):
             loaders.append(replicas(count) if count is not None else invalid)
             run.agent.request_reload()
             if count is None:
-                time.sleep(0.3)
+                # Every reload, refused or not, ends with READY=1 (the first one: the start).
+                run.notify.wait_for_count(lambda m: m.startswith("READY=1"), reloads)
                 assert run.agent.config.gpus.replicas_per_gpu == 5  # the last good one
                 continue
             run.devices(_count_is(2 * count))
@@ -955,7 +885,7 @@ def test_reload_keeps_health_and_allocations(
     loaders: list[Callable[[], Config]] = []
     run = run_agent(base, config_loader=_latest(loaders))
     devices = run.devices(lambda devs: len(devs) == 8)
-    run.agent.submit({"command": "simulate", "action": "mps-down", "gpu": "1"})
+    run.agent.submit(parse_command({"command": "simulate", "action": "mps-down", "gpu": "1"}))
     run.devices(lambda devs: healthy_count(devs) == 4)
     loaders.append(lambda: replace(base, gpus=replace(base.gpus, replicas_per_gpu=6)))
     run.agent.request_reload()
@@ -984,10 +914,10 @@ def test_bad_reload_keeps_old_config(
     run = run_agent(base, config_loader=lambda: bad_config(base))
     run.devices(lambda devs: len(devs) == 8)
     run.agent.request_reload()
-    run.notify.wait_for(lambda m: "RELOADING=1" in m)
-    time.sleep(0.3)
+    # The refused reload ends with READY=1 like the start.
+    run.notify.wait_for_count(lambda m: m.startswith("READY=1"), 2)
     assert run.agent.config == base
-    assert run.agent.state.get().vgpu_count == 8
+    assert run.agent.node.inventory().vgpu_count == 8
     assert len(run.standin.latest_devices(RESOURCE) or ()) == 8
     ids = [d.device_id for d in run.standin.latest_devices(RESOURCE) or ()][:1]
     assert run.standin.allocate(RESOURCE, ids).container_responses

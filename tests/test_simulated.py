@@ -11,9 +11,9 @@ from typing import Callable
 import pytest
 
 from vgpu_agent.config import SimulatedConfig, SimulatedGpu, parse
-from vgpu_agent.errors import GpuError, GpuLostError, MpsError
-from vgpu_agent.gpu import ComputeMode, Gpu, GpuBackend, GpuEvent, GpuEventKind
-from vgpu_agent.mps import MpsDaemons
+from vgpu_agent.daemons import MpsDaemons
+from vgpu_agent.errors import GpuError, GpuLostError
+from vgpu_agent.gpu import ComputeMode, Gpu, GpuBackend, GpuEvent, GpuEventKind, GpuProcess
 from vgpu_agent.simulated import (
     SimulatedBackend,
     SimulatedMpsDaemons,
@@ -388,7 +388,22 @@ def test_mps_daemon_down_is_per_gpu() -> None:
     assert [daemons.probe(gpu.uuid) for gpu in gpus] == [None, "MPS daemon down (simulated)", None]
 
 
-def test_mps_daemon_refuse_raises_mps_error() -> None:
-    """refuse() raises the MpsError a daemon that cannot start gives, naming the GPU."""
-    with pytest.raises(MpsError, match=f"starting the MPS daemon for GPU {OTHER_UUID}"):
-        SimulatedMpsDaemons.refuse(OTHER_UUID)
+def test_simulated_mps_clients_come_and_go() -> None:
+    """Simulated MPS clients are listed per GPU by pid with their memory, until they exit."""
+    gpus = gpus_from_config(SimulatedConfig(count=2))
+    backend = SimulatedBackend(gpus)
+    backend.add_mps_client(gpus[0].uuid, 20, 300)
+    backend.add_mps_client(gpus[0].uuid, 10, None)
+    backend.add_mps_client(gpus[1].uuid, 30, 50)
+    assert backend.mps_client_processes(gpus[0].uuid) == [
+        GpuProcess(10, gpus[0].uuid, None),
+        GpuProcess(20, gpus[0].uuid, 300),
+    ]
+    backend.add_mps_client(gpus[0].uuid, 20, 900)
+    backend.remove_mps_client(10)
+    assert backend.mps_client_processes(gpus[0].uuid) == [GpuProcess(20, gpus[0].uuid, 900)]
+    backend.lose(gpus[1].uuid)
+    with pytest.raises(GpuLostError):
+        backend.mps_client_processes(gpus[1].uuid)
+    with pytest.raises(GpuError, match="no simulated GPU"):
+        backend.add_mps_client("GPU-nope", 1, 1)

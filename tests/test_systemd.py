@@ -21,7 +21,6 @@ from vgpu_agent.systemd import (
     Notifier,
     encode_journal_entry,
     journal_field_name,
-    journal_send,
     under_systemd,
 )
 
@@ -106,7 +105,6 @@ def parse_journal_entry(payload: bytes) -> dict[str, str]:
         (lambda n: n.status("waiting for kubelet"), b"STATUS=waiting for kubelet"),
         (lambda n: n.status("two\nlines"), b"STATUS=two lines"),
         (lambda n: n.watchdog(), b"WATCHDOG=1"),
-        (lambda n: n.ready_after_reload(), b"READY=1"),
         (lambda n: n.stopping(), b"STOPPING=1"),
         (lambda n: n.stopping("shutting down"), b"STOPPING=1\nSTATUS=shutting down"),
         (lambda n: n.notify("EXTEND_TIMEOUT_USEC=5000000"), b"EXTEND_TIMEOUT_USEC=5000000"),
@@ -117,7 +115,6 @@ def parse_journal_entry(payload: bytes) -> dict[str, str]:
         "status",
         "status-newline-flattened",
         "watchdog",
-        "ready-after-reload",
         "stopping",
         "stopping-status",
         "raw-assignment",
@@ -429,16 +426,6 @@ def test_journal_missing_socket_returns_false(short_dir: Path) -> None:
         assert sender.send("lost", 6) is False
     finally:
         sender.close()
-
-
-def test_journal_send_function_uses_given_journal(
-    journal: Journal, journal_receiver: tuple[str, socket.socket]
-) -> None:
-    """journal_send() writes through the Journal it is given."""
-    _, receiver = journal_receiver
-    assert journal.available
-    assert journal_send("hello", 5, {"VGPU_EVENT": "test"}, journal=journal)
-    assert parse_journal_entry(receiver.recv(4096))["VGPU_EVENT"] == "test"
 
 
 def test_default_journal_path() -> None:

@@ -1,34 +1,55 @@
-"""The composition root and the event loop.
+"""The agent's event loop: it owns time and every change to the node.
 
-:func:`build_backend` and :func:`build_mps` pick the implementations; :class:`Agent` wires
-everything together and owns time: signals, watchers and the control socket only queue
-events, and one loop turns them into reloads, re-registrations, health changes and the stop.
+Signals, watchers and the control socket only queue events; one loop turns them into
+reloads, re-registrations, health changes and the stop. The agent builds nothing itself:
+every collaborator comes in :class:`AgentParts`, which :func:`vgpu_agent.compose.build_agent`
+fills (and tests fill with fakes).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
-import os
 import queue
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Protocol, Union
 
-from vgpu_agent import kubelet
-from vgpu_agent.config import Config, simulated_mps
-from vgpu_agent.devices import Inventory, MpsGrantPolicy, ServedGpu
+from vgpu_agent.commands import (
+    ControlCommand,
+    FaultInjector,
+    HealthResetCommand,
+    SimulateCommand,
+    StatusCommand,
+)
+from vgpu_agent.config import Config, HealthConfig, PluginConfig, slice_warnings
+from vgpu_agent.daemons import MpsDaemons
+from vgpu_agent.devices import HealthReason, Inventory, ReasonKind, ServedGpu
 from vgpu_agent.errors import ConfigError, GpuError, MpsError, VgpuError
-from vgpu_agent.gpu import ComputeMode, Gpu, GpuBackend
-from vgpu_agent.health import MPS_REASON_PREFIX, HealthChange, HealthMonitor
+from vgpu_agent.gpu import ComputeMode, Gpu, GpuBackend, set_compute_mode
+from vgpu_agent.health import Emit, HealthChange
 from vgpu_agent.log import log_event, set_level
-from vgpu_agent.mps import MpsDaemons, apply_daemon_defaults
-from vgpu_agent.plugin import DeviceState, PluginServer, PluginServicer
-from vgpu_agent.simulated import SimulatedBackend, SimulatedMpsDaemons, gpus_from_config
+from vgpu_agent.node import Node
+from vgpu_agent.plan import (
+    KeepRunningConfig,
+    Reregister,
+    ResizeGpu,
+    RestartHealthChecks,
+    ServeGpu,
+    UseGrantPolicy,
+    UseLogLevel,
+    WarnNotServed,
+    WithdrawGpu,
+    grant_policy,
+    plan_gpus,
+    plan_reload,
+)
+from vgpu_agent.registration import Registrar
+from vgpu_agent.sandbox import PluginDirGuard
 from vgpu_agent.systemd import Notifier
-from vgpu_agent.watch import DirectoryWatch
 
 log = logging.getLogger(__name__)
 
@@ -36,108 +57,142 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 #: EX_CONFIG: systemd's RestartPreventExitStatus=78 keeps a bad config from restart-looping.
 EXIT_CONFIG = 78
+#: EX_TEMPFAIL: only a restart can fix it (the sandbox lost the plugin directory); systemd
+#: restarts the agent (Restart=always).
+EXIT_RESTART = 75
 
 #: How often the loop looks at the kubelet socket and our own socket when it cannot watch
 #: the plugin directory (inotify); with the watch it wakes on changes, and at least every
 #: IDLE_TICK_S.
 SOCKET_CHECK_INTERVAL_S = 0.1
 IDLE_TICK_S = 1.0
-REGISTER_BACKOFF_INITIAL_S = 0.5
-REGISTER_BACKOFF_MAX_S = 10.0
 BACKEND_RETRY_INITIAL_S = 1.0
 BACKEND_RETRY_MAX_S = 30.0
+#: How long `vgpu-agent status` waits for a fresh attribution before showing the last one.
+STATUS_ATTRIBUTION_WAIT_S = 1.0
 
 
-# -- building the parts ------------------------------------------------------------------------
+# -- what the agent is handed ----------------------------------------------------------------
 
 
-def build_backend(config: Config) -> GpuBackend:
-    """The GPU backend the config names; raises GpuError when it cannot start."""
-    if config.gpus.backend == "simulated":
-        return SimulatedBackend(gpus_from_config(config.simulated))
-    from vgpu_agent.nvml import NvmlBackend  # pynvml is only needed on real nodes
+class HealthChecks(Protocol):
+    """The health watchers of a fixed set of GPUs (:class:`vgpu_agent.health.HealthMonitor`)."""
 
-    return NvmlBackend()
+    def start(self) -> None:
+        """Start watching."""
+        ...
 
+    def stop(self) -> None:
+        """Stop watching and wait for the watchers."""
+        ...
 
-def build_mps(config: Config) -> Optional[MpsDaemons]:
-    """The MPS daemon manager for the config (None when MPS is off)."""
-    if not config.mps.enabled:
-        return None
-    if simulated_mps(config):
-        return SimulatedMpsDaemons(config.mps.pipe_root, config.mps.log_root)
-    from vgpu_agent.mps import build_mps_daemons
-
-    return build_mps_daemons(config.mps)
+    def reset(self, gpu_uuid: str) -> list[HealthReason]:
+        """Clear the GPU's fault reasons now (emitting the changes); returns them."""
+        ...
 
 
-def mps_policy(config: Config) -> Optional[MpsGrantPolicy]:
-    """What Allocate hands out for MPS, from the config."""
-    if not config.mps.enabled:
-        return None
-    return MpsGrantPolicy(
-        container_pipe_dir=config.mps.container_pipe_dir,
-        thread_limit=config.mps.thread_limit,
-        memory_limit=config.mps.memory_limit,
-        memory_headroom_mib=config.mps.memory_headroom_mib,
-        share_host_shm=config.mps.share_host_shm,
-        # Clients only connect to the daemon's sockets (shown on an H200, docs/mps.md);
-        # read-only keeps pods from touching its lock and pid files.
-        pipe_dir_read_only=True,
-    )
+class Service(Protocol):
+    """Something started once and stopped at the end (the control socket)."""
+
+    def start(self) -> None:
+        """Start; raises VgpuError when it cannot."""
+        ...
+
+    def stop(self) -> None:
+        """Stop; safe to call more than once."""
+        ...
+
+
+class Observer(Protocol):
+    """What the agent tells about itself beyond the kubelet: attribution, metrics, labels
+    (:class:`vgpu_agent.observability.Observability`)."""
+
+    def start(self, backend: GpuBackend) -> None:
+        """Start observing the served GPUs through ``backend``."""
+        ...
+
+    def stop(self) -> None:
+        """Stop; safe to call more than once."""
+        ...
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply a reloaded config (and what it changed in the served GPUs)."""
+        ...
+
+    def record_xid(self, gpu_uuid: str, xid: int) -> None:
+        """A critical XID event was reported for the GPU."""
+        ...
+
+    def record_health(self, gpu_uuid: str, healthy: bool) -> None:
+        """The GPU's vGPUs turned Healthy or Unhealthy."""
+        ...
+
+    def describe(self, inventory: Inventory, wait_s: float) -> dict[str, Any]:
+        """Status fields: who uses each GPU (``"gpus"`` by UUID) and the rest."""
+        ...
+
+
+class Watch(Protocol):
+    """A watch on the plugin directory that wakes the loop when it changes."""
+
+    @property
+    def active(self) -> bool:
+        """Whether it still watches (False once the directory was deleted)."""
+        ...
+
+    def stop(self) -> None:
+        """Stop watching."""
+        ...
 
 
 @dataclass(frozen=True)
-class GpuPlan:
-    """Which GPUs to serve with how many vGPUs, and why the others are not served."""
+class HealthScope:
+    """What health checks watch, and where their findings go."""
 
-    served: tuple[tuple[Gpu, int], ...]
-    refused: tuple[str, ...] = ()
+    backend: GpuBackend
+    mps: Optional[MpsDaemons]
+    config: HealthConfig
+    #: How long one MPS probe may take (mps.control_timeout_s).
+    probe_timeout_s: float
+    gpu_uuids: list[str]
+    emit: Emit
+    #: GPUs whose MPS daemon was already down, with the reason raised.
+    mps_down: dict[str, HealthReason]
 
 
-def plan_gpus(config: Config, gpus: list[Gpu]) -> GpuPlan:
-    """Choose the GPUs to serve (pure): the config's selection, each within MPS's limits."""
-    selection = config.gpus.serve
-    refused: list[str] = []
-    chosen: list[Gpu] = []
-    if selection == "all":
-        chosen = list(gpus)
-    else:
-        for wanted in selection:
-            match = [
-                gpu
-                for gpu in gpus
-                if (isinstance(wanted, int) and gpu.index == wanted) or gpu.uuid == wanted
-            ]
-            if not match:
-                refused.append(f"gpus.serve names {wanted!r}, but no such GPU is on this node")
-            chosen.extend(gpu for gpu in match if gpu not in chosen)
-    served: list[tuple[Gpu, int]] = []
-    for gpu in chosen:
-        replicas = config.replicas_for_model(gpu.model)
-        unconfined = config.gpus.allow_unconfined_sharing
-        if config.mps.enabled and gpu.mig_enabled and not unconfined:
-            refused.append(
-                f"GPU {gpu.index} ({gpu.uuid}, {gpu.model}) is in MIG mode, where MPS cannot "
-                "confine clients; disable MIG or set gpus.allow_unconfined_sharing = true"
-            )
-            continue
-        if config.mps.enabled and not gpu.volta_or_newer and not unconfined:
-            refused.append(
-                f"GPU {gpu.index} ({gpu.uuid}, {gpu.model}) is older than Volta: MPS gives it no "
-                "per-client memory or thread limits; set gpus.allow_unconfined_sharing = true "
-                "to share it unconfined"
-            )
-            continue
-        if replicas > gpu.mps_client_limit:
-            refused.append(
-                f"GPU {gpu.index} ({gpu.uuid}, {gpu.model}) would get {replicas} vGPUs, more "
-                f"than the {gpu.mps_client_limit} MPS clients it serves; lower "
-                "gpus.replicas_per_gpu or add a gpus.replicas_by_model entry"
-            )
-            continue
-        served.append((gpu, replicas))
-    return GpuPlan(tuple(served), tuple(refused))
+#: The health checks of a scope.
+HealthChecksFactory = Callable[[HealthScope], HealthChecks]
+#: (socket path, handler) -> the control socket server
+ControlFactory = Callable[[str, Callable[[ControlCommand], dict[str, Any]]], Service]
+#: (plugin settings, called while registering) -> the registrar for those settings
+RegistrarFactory = Callable[[PluginConfig, Callable[[], None]], Registrar]
+#: (directory, wake) -> a started watch, or None when the directory cannot be watched
+WatchFactory = Callable[[str, Callable[[], None]], Optional[Watch]]
+
+
+@dataclass(frozen=True)
+class AgentParts:
+    """Every collaborator of the agent, built by the composition root."""
+
+    node: Node
+    notifier: Notifier
+    open_backend: Callable[[Config], GpuBackend]
+    make_mps: Callable[[Config], Optional[MpsDaemons]]
+    make_registrar: RegistrarFactory
+    make_health_checks: HealthChecksFactory
+    make_control: ControlFactory
+    watch_directory: WatchFactory
+    #: Injects `vgpu-agent simulate` faults; None on a real node.
+    faults: Optional[FaultInjector] = None
+    #: Attribution, metrics and node labels; None to run without them.
+    observer: Optional[Observer] = None
+    #: Re-reads the config on reload; None when it was not loaded from a file.
+    config_loader: Optional[Callable[[], Config]] = None
+    clock: Callable[[], float] = time.monotonic
+    backend_retry_initial_s: float = BACKEND_RETRY_INITIAL_S
+    backend_retry_max_s: float = BACKEND_RETRY_MAX_S
+    #: Says when the sandbox lost the plugin directory (exit 75 for a fresh one).
+    plugin_dir_guard: PluginDirGuard = field(default_factory=PluginDirGuard)
 
 
 # -- events --------------------------------------------------------------------------------------
@@ -164,7 +219,7 @@ class Wake:
 class ControlRequest:
     """A request from the control socket, answered through ``reply``."""
 
-    command: dict[str, Any]
+    command: ControlCommand
     reply: Future[dict[str, Any]] = field(default_factory=Future)
 
 
@@ -174,49 +229,76 @@ Event = Union[Stop, Reload, Wake, HealthChange, ControlRequest]
 # -- the agent -------------------------------------------------------------------------------------
 
 
+def status_line(
+    inventory: Inventory,
+    resource_name: str,
+    *,
+    registered: bool,
+    waiting_for: str,
+    waiting_for_driver: Optional[str] = None,
+) -> str:
+    """The one-line state systemd shows (STATUS=) and `vgpu-agent status` prints first;
+    ``waiting_for_driver`` says why the GPU backend is not open yet (nothing served)."""
+    if waiting_for_driver is not None:
+        return f"waiting for the GPU driver: {waiting_for_driver}"
+    line = f"serving {inventory.vgpu_count} vGPUs on {len(inventory.gpus)} GPUs as {resource_name}"
+    unhealthy = [served for served in inventory.gpus if not served.healthy]
+    if unhealthy:
+        causes = "; ".join(
+            f"GPU {served.gpu.index}: {', '.join(served.reason_texts)}" for served in unhealthy
+        )
+        line += f"; {inventory.unhealthy_vgpu_count} unhealthy ({causes})"
+    if registered:
+        line += "; registered with kubelet"
+    elif waiting_for:
+        line += f"; waiting for {waiting_for}"
+    return line
+
+
 class Agent:
     """The daemon: serves vGPUs to the kubelet until told to stop."""
 
-    def __init__(
-        self,
-        config: Config,
-        *,
-        notifier: Notifier,
-        backend_factory: Callable[[Config], GpuBackend] = build_backend,
-        mps_factory: Callable[[Config], Optional[MpsDaemons]] = build_mps,
-        config_loader: Optional[Callable[[], Config]] = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, config: Config, parts: AgentParts) -> None:
         self.config = config
-        self._notifier = notifier
-        self._backend_factory = backend_factory
-        self._mps_factory = mps_factory
-        self._config_loader = config_loader
-        self._clock = clock
+        self._parts = parts
+        self._notifier = parts.notifier
+        self._clock = parts.clock
+        self.node = parts.node
+        self.node.set_grant_policy(grant_policy(config))
         # SimpleQueue.put is reentrant: signal handlers may call request_stop().
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
-        self.state = DeviceState(Inventory())
-        self._servicer = PluginServicer(self.state, mps_policy(config))
-        self._server: Optional[PluginServer] = None
         self._backend: Optional[GpuBackend] = None
         self._mps: Optional[MpsDaemons] = None
-        self._monitor: Optional[HealthMonitor] = None
-        self._gpus: list[Gpu] = []
+        self._health: Optional[HealthChecks] = None
         self._changed_modes: dict[str, ComputeMode] = {}
-        self._kubelet_identity: Optional[tuple[int, int]] = None
-        self.registered = False
-        self.registrations = 0
-        self._next_register_at = 0.0
-        self._register_backoff_s = REGISTER_BACKOFF_INITIAL_S
-        #: The kubelet socket the last registration attempt went to.
-        self._attempted_identity: Optional[tuple[int, int]] = None
-        self._waiting_for = "starting"
+        self._registrar = parts.make_registrar(config.plugin, self._ping_watchdog)
+        #: Registrations by registrars a reload replaced.
+        self._earlier_registrations = 0
+        self._earlier_kubelet_restarts = 0
+        self._observer = parts.observer
         self._last_status = ""
         self._next_watchdog_at = 0.0
         self.ready = threading.Event()
         self.stopped = threading.Event()
-        self._control: Optional[Any] = None
-        self._watch: Optional[DirectoryWatch] = None
+        self._control: Optional[Service] = None
+        self._watch: Optional[Watch] = None
+        #: Why the GPU backend is not open yet (and when it is retried); None once it is.
+        self._waiting_for_driver: Optional[str] = None
+
+    @property
+    def registered(self) -> bool:
+        """Whether the plugin is registered with the current kubelet."""
+        return self._registrar.registered
+
+    @property
+    def registrations(self) -> int:
+        """How many times the plugin registered since the agent started."""
+        return self._earlier_registrations + self._registrar.registrations
+
+    @property
+    def kubelet_restarts(self) -> int:
+        """How many kubelet restarts the agent noticed since it started."""
+        return self._earlier_kubelet_restarts + self._registrar.kubelet_restarts
 
     # -- for signal handlers, the control socket and watchers (any thread) ---------------------
 
@@ -228,11 +310,19 @@ class Agent:
         """Ask the loop to re-read the config (safe from a signal handler)."""
         self._events.put(Reload())
 
-    def submit(self, command: dict[str, Any], timeout_s: float = 5.0) -> dict[str, Any]:
+    def submit(self, command: ControlCommand, timeout_s: float = 5.0) -> dict[str, Any]:
         """Run a control command on the loop's thread and return its answer."""
         request = ControlRequest(command)
         self._events.put(request)
-        return request.reply.result(timeout=timeout_s)
+        try:
+            return request.reply.result(timeout=timeout_s)
+        except concurrent.futures.TimeoutError:
+            # The loop is busy (starting MPS daemons, registering): say so, not "internal".
+            return {
+                "ok": False,
+                "error": f"the agent did not answer within {timeout_s:g} s "
+                f"({self._last_status}); try again",
+            }
 
     def emit_health(self, change: HealthChange) -> None:
         """Queue a health change from a watcher."""
@@ -249,11 +339,17 @@ class Agent:
 
     def _run(self) -> int:
         self._set_status("starting")
+        # The control socket comes first, so that `vgpu-agent status` tells the truth
+        # (waiting for the GPU driver) from the start instead of "not running".
+        self._start_control()
         backend = self._open_backend()
         if backend is None:
             self._notifier.stopping()
+            if self._control is not None:
+                self._control.stop()
             return EXIT_OK
         self._backend = backend
+        self._waiting_for_driver = None
         try:
             self._start_serving()
         except ConfigError as exc:
@@ -266,9 +362,15 @@ class Agent:
             return EXIT_FAILURE
         self._notifier.ready(self._status_line())
         self.ready.set()
+        exit_code = EXIT_OK
         try:
             while True:
                 self._tick()
+                must_restart = self._parts.plugin_dir_guard.check(self.config.plugin.plugin_dir)
+                if must_restart is not None:
+                    log_event(log, logging.ERROR, must_restart, VGPU_EVENT="sandbox-restart")
+                    exit_code = EXIT_RESTART
+                    break
                 try:
                     event = self._events.get(timeout=self._loop_timeout())
                 except queue.Empty:
@@ -279,16 +381,17 @@ class Agent:
                 self._handle(event)
         finally:
             self._shutdown()
-        return EXIT_OK
+        return exit_code
 
     def _open_backend(self) -> Optional[GpuBackend]:
         """Open the GPU backend, retrying while the driver is not there yet (boot)."""
-        delay_s = BACKEND_RETRY_INITIAL_S
+        delay_s = self._parts.backend_retry_initial_s
         while True:
             try:
-                return self._backend_factory(self.config)
+                return self._parts.open_backend(self.config)
             except GpuError as exc:
-                self._set_status(f"waiting for the GPU driver: {exc}; retrying in {delay_s:.0f} s")
+                self._waiting_for_driver = f"{exc}; retrying in {delay_s:.0f} s"
+                self._set_status(self._status_line())
                 log.warning("opening the GPU backend failed: %s; retrying in %.0f s", exc, delay_s)
             deadline = self._clock() + delay_s
             while self._clock() < deadline:
@@ -300,27 +403,40 @@ class Agent:
                 if isinstance(event, Stop):
                     return None
                 if isinstance(event, ControlRequest):
-                    event.reply.set_result({"ok": False, "error": "no GPU backend yet"})
-            delay_s = min(delay_s * 2, BACKEND_RETRY_MAX_S)
+                    event.reply.set_result(self._answer_while_waiting(event.command))
+            delay_s = min(delay_s * 2, self._parts.backend_retry_max_s)
+
+    def _answer_while_waiting(self, command: ControlCommand) -> dict[str, Any]:
+        """A control answer before the GPU backend opened: the truth, no GPU yet."""
+        if isinstance(command, StatusCommand):
+            return {"ok": True, **self.describe()}
+        return {
+            "ok": False,
+            "error": f"no GPU is served yet: {self._status_line()}; "
+            "install or load the NVIDIA driver (the agent retries on its own)",
+        }
 
     def _start_serving(self) -> None:
         assert self._backend is not None  # noqa: S101 - set by _run
-        gpus = self._backend.list_gpus()
-        plan = plan_gpus(self.config, gpus)
+        plan = plan_gpus(self.config, self._backend.list_gpus())
         for problem in plan.refused:
             log.warning("%s", problem)
         if not plan.served:
-            raise GpuError(
+            # A node that has nothing to serve will not have it after a restart either:
+            # a config error (exit 78), so that Restart=always does not loop on it.
+            raise ConfigError(
                 "no GPU to serve: "
                 + ("; ".join(plan.refused) if plan.refused else "the node has no NVIDIA GPU")
+                + "; fix the config (gpus.serve, ...) or stop the agent on this node"
             )
-        self._gpus = [gpu for gpu, _ in plan.served]
-        self._apply_compute_modes()
-        self._mps = self._mps_factory(self.config)
-        served: list[ServedGpu] = []
-        for gpu, replicas in plan.served:
-            served.append(self._start_mps(gpu, replicas))
-        self.state.set(Inventory(tuple(served)))
+        for gpu, _ in plan.served:
+            for warning in slice_warnings(self.config, gpu.model, gpu.memory_mib):
+                log.warning("GPU %s (%s): %s", gpu.index, gpu.uuid, warning)
+        for gpu, _ in plan.served:
+            self._apply_compute_mode(gpu)
+        self._mps = self._parts.make_mps(self.config)
+        served = [self._start_mps(gpu, replicas) for gpu, replicas in plan.served]
+        self.node.serve(Inventory(tuple(served)))
         for entry in served:
             log_event(
                 log,
@@ -330,8 +446,9 @@ class Agent:
                 VGPU_EVENT="gpu-served",
                 VGPU_REPLICAS=str(entry.replicas),
             )
-        self._start_monitor()
-        self._start_control()
+        self._start_health_checks()
+        if self._observer is not None:
+            self._observer.start(self._backend)
 
     def _start_mps(self, gpu: Gpu, replicas: int) -> ServedGpu:
         if self._mps is None:
@@ -340,24 +457,17 @@ class Agent:
             info = self._mps.start(gpu)
         except MpsError as exc:
             log_event(log, logging.ERROR, str(exc), GPU_UUID=gpu.uuid, VGPU_EVENT="mps-failed")
-            pipe_dir = os.path.join(self.config.mps.pipe_root, gpu.uuid)
-            return ServedGpu(gpu, replicas, (f"MPS daemon could not start: {exc}",), pipe_dir)
-        if not isinstance(self._mps, SimulatedMpsDaemons):
-            try:
-                sent = apply_daemon_defaults(
-                    self.config.mps, info.pipe_dir, gpu.memory_mib, replicas
-                )
-            except MpsError as exc:
-                # A safety net only: pods still get their limits from Allocate.
-                log_event(log, logging.WARNING, str(exc), GPU_UUID=gpu.uuid, VGPU_EVENT="mps")
-            else:
-                for command in sent:
-                    log.info("GPU %s MPS daemon: %s", gpu.uuid, command)
+            reason = HealthReason.mps_down(f"MPS daemon could not start: {exc}")
+            return ServedGpu(gpu, replicas, (reason,), self.config.mps.pipe_dir(gpu.uuid))
+        try:
+            sent = self._mps.apply_defaults(gpu, replicas)
+        except MpsError as exc:
+            # A safety net only: pods still get their limits from Allocate.
+            log_event(log, logging.WARNING, str(exc), GPU_UUID=gpu.uuid, VGPU_EVENT="mps")
+        else:
+            for command in sent:
+                log.info("GPU %s MPS daemon: %s", gpu.uuid, command)
         return ServedGpu(gpu, replicas, (), info.pipe_dir)
-
-    def _apply_compute_modes(self) -> None:
-        for gpu in self._gpus:
-            self._apply_compute_mode(gpu)
 
     def _apply_compute_mode(self, gpu: Gpu) -> None:
         assert self._backend is not None  # noqa: S101 - set by _run
@@ -365,71 +475,67 @@ class Agent:
         if setting == "unchanged":
             return
         wanted = ComputeMode(setting)
-        previous = self._backend.get_compute_mode(gpu.uuid)
-        if previous is not wanted:
-            self._backend.set_compute_mode(gpu.uuid, wanted)
-            self._changed_modes.setdefault(gpu.uuid, previous)
-        now = self._backend.get_compute_mode(gpu.uuid)
-        if now is not wanted:
-            raise GpuError(
-                f"setting compute mode {wanted.value} on GPU {gpu.uuid}: it reads back as "
-                f"{now.value}; check that nothing else changes it (nvidia-smi -q -d COMPUTE)"
-            )
+        previous = set_compute_mode(
+            self._backend,
+            gpu.uuid,
+            wanted,
+            on_changed=lambda previous: self._remember_mode(gpu.uuid, previous),
+        )
         log_event(
             log,
             logging.INFO,
-            f"GPU {gpu.index} compute mode is {now.value} (was {previous.value})",
+            f"GPU {gpu.index} compute mode is {wanted.value} (was {previous.value})",
             GPU_UUID=gpu.uuid,
             VGPU_EVENT="compute-mode",
         )
 
-    def _start_monitor(self) -> None:
+    def _remember_mode(self, gpu_uuid: str, previous: ComputeMode) -> None:
+        """Keep the mode a GPU had before the agent first changed it (restored at stop)."""
+        self._changed_modes.setdefault(gpu_uuid, previous)
+
+    def _start_health_checks(self) -> None:
         assert self._backend is not None  # noqa: S101 - set by _run
-        self._monitor = HealthMonitor(
-            self._backend,
-            self._mps,
-            self.config.health,
-            [gpu.uuid for gpu in self._gpus],
+        inventory = self.node.inventory()
+        scope = HealthScope(
+            backend=self._backend,
+            mps=self._mps,
+            config=self.config.health,
+            probe_timeout_s=self.config.mps.control_timeout_s,
+            gpu_uuids=[served.gpu.uuid for served in inventory.gpus],
             emit=self.emit_health,
-            clock=self._clock,
             mps_down={
                 served.gpu.uuid: reason
-                for served in self.state.get().gpus
+                for served in inventory.gpus
                 for reason in served.unhealthy_reasons
-                if reason.startswith(MPS_REASON_PREFIX)
+                if reason.kind is ReasonKind.MPS
             },
         )
-        self._monitor.start()
+        self._health = self._parts.make_health_checks(scope)
+        self._health.start()
 
     def _start_control(self) -> None:
-        from vgpu_agent.control import ControlServer
-
-        self._control = ControlServer(
-            os.path.join(self.config.agent.state_dir, "control.sock"), self.submit
-        )
+        control = self._parts.make_control(self.config.agent.control_socket_path, self.submit)
         try:
-            self._control.start()
+            control.start()
         except VgpuError as exc:
             log.warning("%s; `vgpu-agent status` will not reach this agent", exc)
-            self._control = None
+            return
+        self._control = control
 
     def _tick(self) -> None:
         self._ping_watchdog()
         self._ensure_watch()
-        self._check_registration()
+        if self._registrar.check():
+            self._set_status(self._status_line())
 
     def _ensure_watch(self) -> None:
         """Watch the plugin directory when it exists (again), so the loop can sleep."""
         if self._watch is not None and self._watch.active:
             return
-        if self._watch is not None:
-            self._watch.stop()
-            self._watch = None
-        plugin_dir = self.config.plugin.plugin_dir
-        if os.path.isdir(plugin_dir):
-            watch = DirectoryWatch(plugin_dir, lambda: self._events.put(Wake()))
-            if watch.start():
-                self._watch = watch
+        self._stop_watch()
+        self._watch = self._parts.watch_directory(
+            self.config.plugin.plugin_dir, lambda: self._events.put(Wake())
+        )
 
     def _stop_watch(self) -> None:
         if self._watch is not None:
@@ -443,10 +549,10 @@ class Agent:
             return SOCKET_CHECK_INTERVAL_S
         timeout = IDLE_TICK_S
         now = self._clock()
-        if not self.registered and self._waiting_for != "kubelet":
-            timeout = min(timeout, self._next_register_at - now)
-        interval = self._notifier.watchdog_interval_s
-        if interval is not None:
+        due_in = self._registrar.seconds_until_due(now)
+        if due_in is not None:
+            timeout = min(timeout, due_in)
+        if self._notifier.watchdog_interval_s is not None:
             timeout = min(timeout, self._next_watchdog_at - now)
         return max(timeout, 0.01)
 
@@ -458,96 +564,6 @@ class Agent:
         if now >= self._next_watchdog_at:
             self._notifier.watchdog()
             self._next_watchdog_at = now + interval
-
-    # -- registration -------------------------------------------------------------------------
-
-    def _plugin_dir(self) -> str:
-        return self.config.plugin.plugin_dir
-
-    def _check_registration(self) -> None:
-        plugin = self.config.plugin
-        kubelet_path = os.path.join(plugin.plugin_dir, plugin.kubelet_socket_name)
-        identity = kubelet.kubelet_socket_identity(kubelet_path)
-        if identity is None:
-            if self.registered or self._waiting_for != "kubelet":
-                if self.registered:
-                    log.warning("kubelet socket %s disappeared; waiting for kubelet", kubelet_path)
-                self.registered = False
-                self._waiting_for = "kubelet"
-                self._set_status(self._status_line())
-            return
-        ours_gone = self._server is not None and not self._server.socket_exists()
-        if self.registered and identity == self._kubelet_identity and not ours_gone:
-            return
-        if self.registered:
-            log_event(
-                log,
-                logging.INFO,
-                "kubelet restarted (its socket was replaced or ours deleted); registering again",
-                VGPU_EVENT="kubelet-restart",
-            )
-            self.registered = False
-            self._register_backoff_s = REGISTER_BACKOFF_INITIAL_S
-            self._next_register_at = 0.0
-        if identity != self._attempted_identity:
-            # A new kubelet socket is a new kubelet: the backoff earned by the old one
-            # (up to REGISTER_BACKOFF_MAX_S) must not delay registering with it.
-            self._register_backoff_s = REGISTER_BACKOFF_INITIAL_S
-            self._next_register_at = 0.0
-        if self._clock() < self._next_register_at:
-            return
-        self._register(identity)
-
-    def _register(self, identity: tuple[int, int]) -> None:
-        plugin = self.config.plugin
-        self._attempted_identity = identity
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
-        socket_path = os.path.join(plugin.plugin_dir, plugin.socket_name)
-        kubelet_path = os.path.join(plugin.plugin_dir, plugin.kubelet_socket_name)
-        try:
-            server = PluginServer(socket_path, self._servicer)
-            self._server = server
-            server.start()
-
-            def abandon() -> bool:
-                # A kubelet that restarts again, or deletes our socket, while we register
-                # would only time out (register_timeout_s); give up now and register anew.
-                self._ping_watchdog()
-                return (
-                    kubelet.kubelet_socket_identity(kubelet_path) != identity
-                    or not server.socket_exists()
-                )
-
-            kubelet.register(
-                plugin.plugin_dir,
-                plugin.kubelet_socket_name,
-                plugin.socket_name,
-                plugin.resource_name,
-                plugin.register_timeout_s,
-                abandon=abandon,
-            )
-        except VgpuError as exc:
-            delay_s = self._register_backoff_s
-            self._next_register_at = self._clock() + delay_s
-            self._register_backoff_s = min(delay_s * 2, REGISTER_BACKOFF_MAX_S)
-            self._waiting_for = f"registration ({exc}); retrying in {delay_s:.1f} s"
-            self._set_status(self._status_line())
-            log.warning("registering with the kubelet failed: %s; retrying in %.1f s", exc, delay_s)
-            return
-        self._kubelet_identity = identity
-        self.registered = True
-        self.registrations += 1
-        self._waiting_for = ""
-        self._register_backoff_s = REGISTER_BACKOFF_INITIAL_S
-        log_event(
-            log,
-            logging.INFO,
-            f"registered with the kubelet as {plugin.resource_name} on {socket_path}",
-            VGPU_EVENT="registered",
-        )
-        self._set_status(self._status_line())
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -569,108 +585,111 @@ class Agent:
             event.reply.set_result(answer)
 
     def _apply_health(self, change: HealthChange) -> None:
-        before = self.state.get().get(change.gpu_uuid)
-        if before is None:
+        observer = self._observer
+        if observer is not None and change.present and change.reason.xid is not None:
+            observer.record_xid(change.gpu_uuid, change.reason.xid)
+        transition = self.node.set_health(change.gpu_uuid, change.reason, change.present)
+        if transition is None:
             return
-        had = change.reason in before.unhealthy_reasons
-        if had == change.present:
-            return
-        self.state.update(
-            lambda inv: inv.with_reason(change.gpu_uuid, change.reason, change.present)
+        flipped = (
+            transition.healthy
+            if not change.present
+            else (transition.gpu.unhealthy_reasons == (change.reason,))
         )
-        after = self.state.get().get(change.gpu_uuid)
-        healthy = after is not None and after.healthy
+        if observer is not None and flipped:
+            observer.record_health(change.gpu_uuid, transition.healthy)
+        health = transition.gpu.health
         verb = "" if change.present else "cleared "
         fields = {
             "GPU_UUID": change.gpu_uuid,
             "VGPU_EVENT": "health",
-            "VGPU_HEALTH": "Healthy" if healthy else "Unhealthy",
-            "VGPU_REASON": change.reason,
+            "VGPU_HEALTH": health,
+            "VGPU_REASON": change.reason.text,
         }
-        if change.xid is not None:
-            fields["XID"] = str(change.xid)
+        if change.reason.xid is not None:
+            fields["XID"] = str(change.reason.xid)
         detail = f" ({change.detail})" if change.detail else ""
         log_event(
             log,
             logging.WARNING if change.present else logging.INFO,
-            f"GPU {change.gpu_uuid}: {verb}{change.reason}{detail}; its vGPUs are now "
-            f"{fields['VGPU_HEALTH']}",
+            f"GPU {change.gpu_uuid}: {verb}{change.reason}{detail}; its vGPUs are now {health}",
             **fields,
         )
         self._set_status(self._status_line())
 
     def _reload(self) -> None:
         self._notifier.reloading()
-        if self._config_loader is None:
+        if self._parts.config_loader is None:
             log.info("reload requested, but the config was not loaded from a file; nothing to do")
             self._notifier.ready(self._status_line())
             return
         try:
-            new = self._config_loader()
+            new = self._parts.config_loader()
         except ConfigError as exc:
             log.error("reload: keeping the running config, the new one is invalid: %s", exc)
             self._notifier.ready(self._status_line())
             return
         assert self._backend is not None  # noqa: S101 - set by _run
+        inventory = self.node.inventory()
         try:
             node_gpus = self._backend.list_gpus()
         except GpuError as exc:
             log.warning("reload: listing the GPUs failed (%s); considering those served now", exc)
-            node_gpus = self._gpus
-        plan = plan_gpus(new, node_gpus)
-        if not plan.served:
-            # At start such a config is refused; on reload it would silently withdraw every
-            # vGPU from the kubelet.
-            log.error(
-                "reload: keeping the running config, the new one serves no GPU: %s",
-                "; ".join(plan.refused) or "no GPU selected",
-            )
+            node_gpus = [served.gpu for served in inventory.gpus]
+        served_now = {served.gpu.uuid: served.replicas for served in inventory.gpus}
+        actions = plan_reload(self.config, new, node_gpus, served_now)
+        if actions and isinstance(actions[0], KeepRunningConfig):
+            log.error("reload: keeping the running config, %s", actions[0].why)
             self._notifier.ready(self._status_line())
             return
-        old = self.config
         self.config = new
-        set_level(new.agent.log_level)
-        self._servicer.set_mps_policy(mps_policy(new))
-        for problem in plan.refused:
-            log.warning("reload: %s", problem)
-        replicas = {gpu.uuid: count for gpu, count in plan.served}
-        served_before = {served.gpu.uuid for served in self.state.get().gpus}
         added: list[ServedGpu] = []
-        for gpu, count in plan.served:
-            if gpu.uuid in served_before:
-                continue
-            entry = self._serve_added(gpu, count)
-            if entry is None:
-                del replicas[gpu.uuid]
-            else:
-                added.append(entry)
+        replicas = dict(served_now)
+        restart_health = False
+        for action in actions:
+            if isinstance(action, UseLogLevel):
+                set_level(action.level)
+            elif isinstance(action, UseGrantPolicy):
+                self.node.set_grant_policy(action.policy)
+            elif isinstance(action, WarnNotServed):
+                log.warning("reload: %s", action.problem)
+            elif isinstance(action, ServeGpu):
+                entry = self._serve_added(action.gpu, action.replicas)
+                if entry is not None:
+                    added.append(entry)
+            elif isinstance(action, ResizeGpu):
+                replicas[action.gpu_uuid] = action.replicas
+            elif isinstance(action, WithdrawGpu):
+                del replicas[action.gpu_uuid]
+            elif isinstance(action, Reregister):
+                log.info("reload: plugin settings changed; registering again")
+                self._registrar.stop()
+                self._earlier_registrations += self._registrar.registrations
+                self._earlier_kubelet_restarts += self._registrar.kubelet_restarts
+                self._registrar = self._parts.make_registrar(new.plugin, self._ping_watchdog)
+                self._stop_watch()
+            elif isinstance(action, RestartHealthChecks):
+                restart_health = True
 
-        def resize(inventory: Inventory) -> Inventory:
+        def resize(current: Inventory) -> Inventory:
             kept = [
                 dataclasses.replace(served, replicas=replicas[served.gpu.uuid])
-                for served in inventory.gpus
+                for served in current.gpus
                 if served.gpu.uuid in replicas
             ]
             return Inventory(tuple(sorted(kept + added, key=lambda served: served.gpu.index)))
 
-        self.state.update(resize)
-        gpus_changed = {gpu.uuid for gpu in self._gpus} != set(replicas)
-        self._gpus = [gpu for gpu, _ in plan.served if gpu.uuid in replicas]
-        if old.plugin != new.plugin:
-            log.info("reload: plugin settings changed; registering again")
-            if self._server is not None:
-                self._server.stop()
-                self._server = None
-            self.registered = False
-            self._next_register_at = 0.0
-            self._stop_watch()
-        if (old.health != new.health or gpus_changed) and self._monitor is not None:
-            self._monitor.stop()
-            self._start_monitor()
+        after = self.node.update(resize)
+        gpus_changed = {served.gpu.uuid for served in after.gpus} != set(served_now)
+        if (restart_health or gpus_changed) and self._health is not None:
+            self._health.stop()
+            self._start_health_checks()
+        if self._observer is not None:
+            self._observer.reconfigure(new)
         log_event(
             log,
             logging.INFO,
-            f"reloaded {new.source}: {self.state.get().vgpu_count} vGPUs",
+            f"reloaded {new.source}: {after.vgpu_count} vGPUs",
             VGPU_EVENT="reloaded",
         )
         self._notifier.ready(self._status_line())
@@ -699,19 +718,22 @@ class Agent:
         )
         return self._start_mps(gpu, replicas)
 
-    def _control_command(self, command: dict[str, Any]) -> dict[str, Any]:
-        name = command.get("command")
-        if name == "status":
+    def _control_command(self, command: ControlCommand) -> dict[str, Any]:
+        if isinstance(command, StatusCommand):
             return {"ok": True, **self.describe()}
-        if name == "health-reset":
-            gpu = self._find_gpu(command.get("gpu"))
-            cleared = self._monitor.reset(gpu.uuid) if self._monitor is not None else []
+        gpu = self.node.find_gpu(command.gpu).gpu
+        if isinstance(command, HealthResetCommand):
+            cleared = self._health.reset(gpu.uuid) if self._health is not None else []
             # The reset's changes are queued; apply them now so the answer is true.
             self._drain_health()
-            return {"ok": True, "gpu": gpu.uuid, "cleared": cleared}
-        if name == "simulate":
-            return self._simulate(command)
-        raise VgpuError(f"unknown control command {name!r}")
+            return {"ok": True, "gpu": gpu.uuid, "cleared": [reason.text for reason in cleared]}
+        return self._simulate(command, gpu.uuid)
+
+    def _simulate(self, command: SimulateCommand, gpu_uuid: str) -> dict[str, Any]:
+        if self._parts.faults is None:
+            raise VgpuError("simulate works only with the simulated backend (gpus.backend)")
+        self._parts.faults.inject(command, gpu_uuid)
+        return {"ok": True, "gpu": gpu_uuid, "action": command.action.value}
 
     def _drain_health(self) -> None:
         pending: list[Event] = []
@@ -727,49 +749,23 @@ class Agent:
         for event in pending:
             self._events.put(event)
 
-    def _find_gpu(self, ref: object) -> Gpu:
-        for gpu in self._gpus:
-            if ref in (gpu.uuid, str(gpu.index)) or ref == gpu.index:
-                return gpu
-        known = ", ".join(f"{gpu.index}={gpu.uuid}" for gpu in self._gpus)
-        raise VgpuError(f"no served GPU {ref!r} (served: {known})")
-
-    def _simulate(self, command: dict[str, Any]) -> dict[str, Any]:
-        backend = self._backend
-        if not isinstance(backend, SimulatedBackend):
-            raise VgpuError("simulate works only with the simulated backend (gpus.backend)")
-        action = command.get("action")
-        gpu = self._find_gpu(command.get("gpu"))
-        if action == "xid":
-            xid = command.get("xid")
-            if not isinstance(xid, int):
-                raise VgpuError("simulate xid needs an XID number")
-            backend.inject_xid(gpu.uuid, xid)
-        elif action == "ecc":
-            backend.inject_double_bit_ecc(gpu.uuid)
-        elif action == "lose":
-            backend.lose(gpu.uuid)
-        elif action == "recover":
-            backend.recover(gpu.uuid)
-        elif action in ("mps-down", "mps-up"):
-            if not isinstance(self._mps, SimulatedMpsDaemons):
-                raise VgpuError("MPS is off in this config; nothing to simulate")
-            reason = "MPS daemon down (simulated)" if action == "mps-down" else None
-            self._mps.set_down(gpu.uuid, reason)
-        else:
-            raise VgpuError(f"unknown simulate action {action!r}")
-        return {"ok": True, "gpu": gpu.uuid, "action": action}
-
     # -- status -----------------------------------------------------------------------------------
 
-    def describe(self) -> dict[str, Any]:
-        """What `vgpu-agent status` shows: the agent, each GPU and its health."""
-        inventory = self.state.get()
+    def describe(self, attribution_wait_s: float = STATUS_ATTRIBUTION_WAIT_S) -> dict[str, Any]:
+        """What `vgpu-agent status` shows: the agent, each GPU, its health and who uses it
+        (waiting up to ``attribution_wait_s`` for a fresh attribution)."""
+        inventory = self.node.inventory()
+        observed: dict[str, Any] = {}
+        if self._observer is not None:
+            observed = self._observer.describe(inventory, attribution_wait_s)
+        users: dict[str, Any] = observed.pop("gpus", {})
         return {
             "status": self._status_line(),
             "resource_name": self.config.plugin.resource_name,
             "registered": self.registered,
             "registrations": self.registrations,
+            "kubelet_restarts": self.kubelet_restarts,
+            **observed,
             "gpus": [
                 {
                     "index": served.gpu.index,
@@ -778,33 +774,23 @@ class Agent:
                     "memory_mib": served.gpu.memory_mib,
                     "replicas": served.replicas,
                     "healthy": served.healthy,
-                    "reasons": list(served.unhealthy_reasons),
+                    "reasons": served.reason_texts,
                     "pipe_dir": served.pipe_dir,
                     "vgpu_ids": served.vgpu_ids,
+                    "attribution": users.get(served.gpu.uuid),
                 }
                 for served in inventory.gpus
             ],
         }
 
     def _status_line(self) -> str:
-        inventory = self.state.get()
-        plugin = self.config.plugin
-        line = (
-            f"serving {inventory.vgpu_count} vGPUs on {len(inventory.gpus)} GPUs "
-            f"as {plugin.resource_name}"
+        return status_line(
+            self.node.inventory(),
+            self.config.plugin.resource_name,
+            registered=self.registered,
+            waiting_for=self._registrar.waiting_for,
+            waiting_for_driver=self._waiting_for_driver,
         )
-        unhealthy = [served for served in inventory.gpus if not served.healthy]
-        if unhealthy:
-            causes = "; ".join(
-                f"GPU {served.gpu.index}: {', '.join(served.unhealthy_reasons)}"
-                for served in unhealthy
-            )
-            line += f"; {inventory.unhealthy_vgpu_count} unhealthy ({causes})"
-        if self.registered:
-            line += "; registered with kubelet"
-        elif self._waiting_for:
-            line += f"; waiting for {self._waiting_for}"
-        return line
 
     def _set_status(self, line: str) -> None:
         if line != self._last_status:
@@ -816,14 +802,14 @@ class Agent:
     def _shutdown(self) -> None:
         self._notifier.stopping()
         self._stop_watch()
-        if self._monitor is not None:
-            self._monitor.stop()
+        if self._observer is not None:
+            self._observer.stop()
+        if self._health is not None:
+            self._health.stop()
         if self._control is not None:
             self._control.stop()
-        self.state.close()
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
+        self.node.close()
+        self._registrar.stop()
         self._restore_compute_modes()
         if self._backend is not None:
             try:

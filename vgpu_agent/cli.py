@@ -16,13 +16,25 @@ from typing import Any, Callable, Optional, TypeVar
 
 import click
 
-from vgpu_agent import __version__, control, mps
+from vgpu_agent import __version__, control, instance, mps
 from vgpu_agent import config as config_module
-from vgpu_agent.agent import EXIT_CONFIG, Agent, build_backend, plan_gpus
-from vgpu_agent.config import Config
+from vgpu_agent.agent import EXIT_CONFIG
+from vgpu_agent.commands import (
+    ControlCommand,
+    HealthResetCommand,
+    SimulateAction,
+    SimulateCommand,
+    StatusCommand,
+)
+from vgpu_agent.compose import build_agent, open_backend_for
+from vgpu_agent.config import Config, simulated_mps
+from vgpu_agent.devices import HEALTHY, UNHEALTHY
 from vgpu_agent.errors import AgentError, ConfigError, VgpuError
-from vgpu_agent.gpu import ComputeMode, Gpu
+from vgpu_agent.gpu import ComputeMode, Gpu, set_compute_mode
+from vgpu_agent.observability import status_header_lines, status_lines
+from vgpu_agent.plan import plan_gpus
 from vgpu_agent.plugin import AdvertisedDevice, query_devices
+from vgpu_agent.simulated import SIMULATED_DAEMON_NOTE
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_ERROR = 1
@@ -133,7 +145,12 @@ def run(ctx: click.Context, simulate: Optional[int], plugin_dir: Optional[str]) 
         click.echo(f"vgpu-agent: config error: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     setup_logging(config.agent.log_level, os.environ)
-    agent = Agent(config, notifier=notifier, config_loader=load)
+    # Before anything is touched: a second agent beside a running one stops here.
+    lock = instance.InstanceLock(config.agent.state_dir)
+    lock.acquire()
+    config_path = config_module.resolve_path(options.config_path, os.environ)
+    instance.write_record(config_path, config.agent.control_socket_path)
+    agent = build_agent(config, notifier=notifier, config_loader=load)
 
     def on_stop(signum: int, _frame: Optional[FrameType]) -> None:
         agent.request_stop(f"signal {signal.Signals(signum).name}")
@@ -144,7 +161,12 @@ def run(ctx: click.Context, simulate: Optional[int], plugin_dir: Optional[str]) 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_reload)
-    sys.exit(agent.run())
+    try:
+        code = agent.run()
+    finally:
+        instance.remove_record(config_path)
+        lock.release()
+    sys.exit(code)
 
 
 # -- config ------------------------------------------------------------------------------------
@@ -183,7 +205,7 @@ def gpus_group(ctx: click.Context, simulate: Optional[int]) -> None:
     if ctx.invoked_subcommand is not None:
         return
     loaded = with_overrides(_load(ctx), simulate=simulate)
-    backend = build_backend(loaded)
+    backend = open_backend_for(loaded)
     try:
         gpus = backend.list_gpus()
         plan = plan_gpus(loaded, gpus)
@@ -216,7 +238,7 @@ def _pick(gpus: list[Gpu], refs: tuple[str, ...], what: str) -> list[Gpu]:
 
 
 def _apply_modes(loaded: Config, mode: ComputeMode, refs: tuple[str, ...]) -> None:
-    backend = build_backend(loaded)
+    backend = open_backend_for(loaded)
     try:
         gpus = backend.list_gpus()
         if refs:
@@ -224,26 +246,57 @@ def _apply_modes(loaded: Config, mode: ComputeMode, refs: tuple[str, ...]) -> No
         else:
             chosen = [gpu for gpu, _ in plan_gpus(loaded, gpus).served]
         for gpu in chosen:
-            before = backend.get_compute_mode(gpu.uuid)
-            if before is not mode:
-                backend.set_compute_mode(gpu.uuid, mode)
-            after = backend.get_compute_mode(gpu.uuid)
-            if after is not mode:
-                raise VgpuError(f"GPU {gpu.uuid}: compute mode reads back as {after.value}")
-            click.echo(f"GPU {gpu.index} {gpu.uuid}: {before.value} -> {after.value}")
+            before = set_compute_mode(backend, gpu.uuid, mode)
+            click.echo(f"GPU {gpu.index} {gpu.uuid}: {before.value} -> {mode.value}")
     finally:
         backend.close()
 
 
 @gpus_group.command("apply-compute-mode")
+@click.option(
+    "--record",
+    "record_path",
+    metavar="FILE",
+    default="",
+    help="Remember there each changed GPU's previous mode (for restore-compute-mode).",
+)
 @click.pass_context
-def gpus_apply(ctx: click.Context) -> None:
+def gpus_apply(ctx: click.Context, record_path: str) -> None:
     """Set every served GPU's compute mode to gpus.compute_mode (for the boot unit)."""
+    from vgpu_agent.compute_mode import apply_compute_mode
+
     loaded = _load(ctx)
     if loaded.gpus.compute_mode == "unchanged":
         click.echo("gpus.compute_mode is 'unchanged': leaving every GPU as it is")
         return
-    _apply_modes(loaded, ComputeMode(loaded.gpus.compute_mode), ())
+    backend = open_backend_for(loaded)
+    try:
+        served = [gpu for gpu, _ in plan_gpus(loaded, backend.list_gpus()).served]
+        mode = ComputeMode(loaded.gpus.compute_mode)
+        for line in apply_compute_mode(backend, served, mode, record_path):
+            click.echo(line)
+    finally:
+        backend.close()
+
+
+@gpus_group.command("restore-compute-mode")
+@click.argument("record_path", metavar="FILE")
+@click.pass_context
+def gpus_restore(ctx: click.Context, record_path: str) -> None:
+    """Set back the compute modes apply-compute-mode --record FILE changed (ExecStop)."""
+    from vgpu_agent.compute_mode import restore_compute_modes
+
+    backend = open_backend_for(_load(ctx))
+    try:
+        lines, problems = restore_compute_modes(backend, record_path)
+    finally:
+        backend.close()
+    for line in lines:
+        click.echo(line)
+    for problem in problems:
+        click.echo(f"vgpu-agent: error: {problem}", err=True)
+    if problems:
+        sys.exit(EXIT_ERROR)
 
 
 @gpus_group.command("set-compute-mode")
@@ -258,9 +311,36 @@ def gpus_set(ctx: click.Context, mode: str, gpus: tuple[str, ...]) -> None:
 # -- talking to the running agent ----------------------------------------------------------------
 
 
-def _ask(ctx: click.Context, command: dict[str, Any]) -> dict[str, Any]:
-    loaded = _load(ctx)
-    answer = control.request(os.path.join(loaded.agent.state_dir, "control.sock"), command)
+def _agent_socket(ctx: click.Context) -> str:
+    """The control socket of the agent this config file runs: where the file says, unless
+    the agent started with it recorded another place (the file was broken or changed after
+    it started), which is then said on stderr. The ConfigError when neither tells."""
+    options: _Options = ctx.find_root().obj
+    config_path = config_module.resolve_path(options.config_path, os.environ)
+    recorded = instance.recorded_socket(config_path)
+    try:
+        configured = _load(ctx).agent.control_socket_path
+    except ConfigError as exc:
+        if recorded is None:
+            raise
+        click.echo(
+            f"vgpu-agent: note: {exc}; asking the agent that runs with the config it "
+            f"loaded, on {recorded}",
+            err=True,
+        )
+        return recorded
+    if recorded is not None and recorded != configured and not os.path.exists(configured):
+        click.echo(
+            f"vgpu-agent: note: {config_path} was changed since the agent started (restart "
+            f"it to apply the file); asking it on {recorded}",
+            err=True,
+        )
+        return recorded
+    return configured
+
+
+def _ask(ctx: click.Context, command: ControlCommand) -> dict[str, Any]:
+    answer = control.request(_agent_socket(ctx), command)
     if not answer.get("ok"):
         raise VgpuError(str(answer.get("error", "the agent refused the request")))
     return answer
@@ -271,13 +351,12 @@ def _ask(ctx: click.Context, command: dict[str, Any]) -> dict[str, Any]:
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Show the running agent: each GPU, its vGPUs and their health."""
-    loaded = _load(ctx)
     try:
-        answer = _ask(ctx, {"command": "status"})
+        answer = _ask(ctx, StatusCommand())
     except AgentError as control_error:
         # No control socket (another state_dir, no permission): the plugin socket still
         # tells the device list, as the kubelet sees it, without the reasons.
-        plugin_socket = os.path.join(loaded.plugin.plugin_dir, loaded.plugin.socket_name)
+        plugin_socket = _load(ctx).plugin.socket_path
         try:
             devices = query_devices(plugin_socket)
         except AgentError:
@@ -288,13 +367,15 @@ def status(ctx: click.Context, as_json: bool) -> None:
         click.echo(json.dumps(answer, indent=2))
         return
     click.echo(answer["status"])
+    for line in status_header_lines(answer):
+        click.echo(line)
     for gpu in answer["gpus"]:
-        health = "Healthy" if gpu["healthy"] else "Unhealthy: " + "; ".join(gpu["reasons"])
+        health = HEALTHY if gpu["healthy"] else f"{UNHEALTHY}: " + "; ".join(gpu["reasons"])
         click.echo(
             f"GPU {gpu['index']} {gpu['uuid']} {gpu['model']}: {gpu['replicas']} vGPUs, {health}"
         )
-        for vgpu_id in gpu["vgpu_ids"]:
-            click.echo(f"  {vgpu_id}  {'Healthy' if gpu['healthy'] else 'Unhealthy'}")
+        for line in status_lines(gpu):
+            click.echo(line)
 
 
 def _print_devices(devices: tuple[AdvertisedDevice, ...], as_json: bool) -> None:
@@ -302,7 +383,7 @@ def _print_devices(devices: tuple[AdvertisedDevice, ...], as_json: bool) -> None
         listed = [{"id": d.device_id, "health": d.health} for d in devices]
         click.echo(json.dumps({"devices": listed}, indent=2))
         return
-    unhealthy = sum(device.health != "Healthy" for device in devices)
+    unhealthy = sum(device.health != HEALTHY for device in devices)
     click.echo(
         f"{len(devices)} vGPUs advertised, {unhealthy} unhealthy (from the plugin socket; "
         "the control socket is not reachable, so no reasons)"
@@ -321,9 +402,11 @@ def health_group() -> None:
 @click.pass_context
 def health_reset(ctx: click.Context, gpu: str) -> None:
     """Mark GPU (UUID or index) healthy again after XID errors, at once."""
-    answer = _ask(ctx, {"command": "health-reset", "gpu": gpu})
-    cleared = ", ".join(answer["cleared"]) or "nothing to clear"
-    click.echo(f"GPU {answer['gpu']}: cleared {cleared}")
+    answer = _ask(ctx, HealthResetCommand(gpu))
+    if answer["cleared"]:
+        click.echo(f"GPU {answer['gpu']}: cleared {', '.join(answer['cleared'])}")
+    else:
+        click.echo(f"GPU {answer['gpu']}: no fault recorded, nothing to clear")
 
 
 @cli.group("simulate")
@@ -331,22 +414,58 @@ def simulate_group() -> None:
     """Inject faults into a running agent that uses the simulated backend."""
 
 
-def _simulate(ctx: click.Context, action: str, gpu: str, **extra: Any) -> None:
-    answer = _ask(ctx, {"command": "simulate", "action": action, "gpu": gpu, **extra})
-    click.echo(f"GPU {answer['gpu']}: {action} injected")
+def _simulate(
+    ctx: click.Context, action: SimulateAction, gpu: str, xid: Optional[int] = None
+) -> None:
+    answer = _ask(ctx, SimulateCommand(action, gpu, xid))
+    click.echo(f"GPU {answer['gpu']}: {action.value} injected")
+
+
+MAX_XID = 65535
+
+
+class _XidType(click.ParamType):
+    """An XID number; its error says what one is (click.IntRange's talks of a "range")."""
+
+    name = "xid"
+
+    def convert(
+        self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]
+    ) -> int:
+        try:
+            xid = int(value, 10) if isinstance(value, str) else int(value)
+        except ValueError:
+            xid = -1
+        if not 0 <= xid <= MAX_XID:
+            self.fail(
+                f"{value!r} is not an XID number (an integer from 0 to {MAX_XID})", param, ctx
+            )
+        return xid
 
 
 @simulate_group.command("xid")
 @click.argument("gpu")
-@click.argument("xid", type=click.IntRange(0, 65535))
+@click.argument("xid", type=_XidType())
 @click.pass_context
 def simulate_xid(ctx: click.Context, gpu: str, xid: int) -> None:
     """An XID error on GPU."""
-    _simulate(ctx, "xid", gpu, xid=xid)
+    _simulate(ctx, SimulateAction.XID, gpu, xid)
 
 
-def _simple_simulation(action: str, doc: str) -> None:
-    @simulate_group.command(action)
+@simulate_group.command("mps-client")
+@click.argument("gpu")
+@click.argument("pid", type=click.IntRange(0))
+@click.argument("memory_mib", type=click.IntRange(0))
+@click.pass_context
+def simulate_mps_client(ctx: click.Context, gpu: str, pid: int, memory_mib: int) -> None:
+    """Process PID becomes an MPS client of GPU using MEMORY_MIB (attribution shows it)."""
+    action = SimulateAction.MPS_CLIENT
+    answer = _ask(ctx, SimulateCommand(action, gpu, pid=pid, memory_mib=memory_mib))
+    click.echo(f"GPU {answer['gpu']}: {action.value} injected")
+
+
+def _simple_simulation(action: SimulateAction, doc: str) -> None:
+    @simulate_group.command(action.value)
     @click.argument("gpu")
     @click.pass_context
     def command(ctx: click.Context, gpu: str) -> None:
@@ -355,11 +474,11 @@ def _simple_simulation(action: str, doc: str) -> None:
     command.help = doc
 
 
-_simple_simulation("ecc", "A double-bit ECC error on GPU.")
-_simple_simulation("lose", "GPU falls off the bus.")
-_simple_simulation("recover", "A lost GPU answers again.")
-_simple_simulation("mps-down", "GPU's MPS daemon stops answering.")
-_simple_simulation("mps-up", "GPU's MPS daemon answers again.")
+_simple_simulation(SimulateAction.ECC, "A double-bit ECC error on GPU.")
+_simple_simulation(SimulateAction.LOSE, "GPU falls off the bus.")
+_simple_simulation(SimulateAction.RECOVER, "A lost GPU answers again.")
+_simple_simulation(SimulateAction.MPS_DOWN, "GPU's MPS daemon stops answering.")
+_simple_simulation(SimulateAction.MPS_UP, "GPU's MPS daemon answers again.")
 
 
 # -- mps ----------------------------------------------------------------------------------------
@@ -371,7 +490,7 @@ def mps_group() -> None:
 
 
 def _served_gpus(loaded: Config, refs: tuple[str, ...]) -> list[Gpu]:
-    backend = build_backend(loaded)
+    backend = open_backend_for(loaded)
     try:
         gpus = [gpu for gpu, _ in plan_gpus(loaded, backend.list_gpus()).served]
     finally:
@@ -380,10 +499,19 @@ def _served_gpus(loaded: Config, refs: tuple[str, ...]) -> list[Gpu]:
 
 
 def _apply_defaults(loaded: Config, gpu: Gpu) -> None:
-    pipe_dir = os.path.join(loaded.mps.pipe_root, gpu.uuid)
     replicas = loaded.replicas_for_model(gpu.model)
+    pipe_dir = loaded.mps.pipe_dir(gpu.uuid)
     for command in mps.apply_daemon_defaults(loaded.mps, pipe_dir, gpu.memory_mib, replicas):
         click.echo(f"GPU {gpu.index} {gpu.uuid}: {command}")
+
+
+def _refuse_simulated(loaded: Config, what: str) -> None:
+    """A VgpuError when the config's MPS daemons are simulated: no process to ``what``."""
+    if simulated_mps(loaded):
+        raise VgpuError(
+            f"cannot {what}: with simulated GPUs the MPS daemons are {SIMULATED_DAEMON_NOTE}; "
+            "set mps.control_binary to a stand-in program to run real daemon processes"
+        )
 
 
 @mps_group.command("exec-daemon")
@@ -391,7 +519,11 @@ def _apply_defaults(loaded: Config, gpu: Gpu) -> None:
 @click.pass_context
 def mps_exec_daemon(ctx: click.Context, gpu_uuid: str) -> None:
     """Become GPU_UUID's MPS control daemon in the foreground (vgpu-mps@.service)."""
-    mps.exec_daemon(_load(ctx).mps, gpu_uuid)
+    loaded = _load(ctx)
+    _refuse_simulated(loaded, f"run the MPS daemon of {gpu_uuid}")
+    # Check the GPU before creating its directories: a typo must leave nothing behind.
+    _served_gpus(loaded, (gpu_uuid,))
+    mps.exec_daemon(loaded.mps, gpu_uuid)
 
 
 @mps_group.command("quit")
@@ -399,22 +531,29 @@ def mps_exec_daemon(ctx: click.Context, gpu_uuid: str) -> None:
 @click.pass_context
 def mps_quit(ctx: click.Context, gpu_uuid: str) -> None:
     """Ask GPU_UUID's MPS control daemon to quit (vgpu-mps@.service's ExecStop)."""
-    mps.quit_daemon(_load(ctx).mps, gpu_uuid)
+    loaded = _load(ctx)
+    _refuse_simulated(loaded, f"ask the MPS daemon of {gpu_uuid} to quit")
+    mps.quit_daemon(loaded.mps, gpu_uuid)
 
 
 @mps_group.command("apply-defaults")
 @click.argument("gpu_uuid")
 @click.pass_context
 def mps_apply_defaults(ctx: click.Context, gpu_uuid: str) -> None:
-    """Set GPU_UUID's daemon defaults that mps.daemon_*_limit ask for (ExecStartPost)."""
+    """Once GPU_UUID's daemon answers, restrict its pipe directory (multi-user) and set the
+    defaults mps.daemon_*_limit ask for (vgpu-mps@.service's ExecStartPost)."""
     loaded = _load(ctx)
-    if loaded.mps.daemon_thread_limit == "none" and loaded.mps.daemon_memory_limit == "none":
-        return  # nothing asked for: no need to open NVML
-    served = {gpu.uuid: gpu for gpu in _served_gpus(loaded, ())}
-    gpu = served.get(gpu_uuid)
-    if gpu is None:
-        raise VgpuError(f"GPU {gpu_uuid} is not served by this config (see `vgpu-agent gpus`)")
-    _apply_defaults(loaded, gpu)
+    gpu: Optional[Gpu] = None
+    if loaded.mps.daemon_thread_limit != "none" or loaded.mps.daemon_memory_limit != "none":
+        _refuse_simulated(loaded, f"set the daemon defaults of {gpu_uuid}")
+        served = {gpu.uuid: gpu for gpu in _served_gpus(loaded, ())}
+        gpu = served.get(gpu_uuid)
+        if gpu is None:
+            raise VgpuError(f"GPU {gpu_uuid} is not served by this config (see `vgpu-agent gpus`)")
+    _refuse_simulated(loaded, f"secure the pipe directory of {gpu_uuid}")
+    mps.secure_pipe_dir(loaded.mps, gpu_uuid)
+    if gpu is not None:
+        _apply_defaults(loaded, gpu)
 
 
 @mps_group.command("start")
@@ -423,6 +562,10 @@ def mps_apply_defaults(ctx: click.Context, gpu_uuid: str) -> None:
 def mps_start(ctx: click.Context, gpus: tuple[str, ...]) -> None:
     """Start the MPS daemons of the served GPUs directly (no systemd); they keep running."""
     loaded = _load(ctx)
+    if simulated_mps(loaded):
+        for gpu in _served_gpus(loaded, gpus):
+            click.echo(f"GPU {gpu.index} {gpu.uuid}: nothing to start: {SIMULATED_DAEMON_NOTE}")
+        return
     daemons = mps.DirectMpsDaemons(loaded.mps)
     for gpu in _served_gpus(loaded, gpus):
         info = daemons.start(gpu)
@@ -438,7 +581,10 @@ def mps_stop(ctx: click.Context, gpus: tuple[str, ...]) -> None:
     """Ask the served GPUs' MPS daemons to quit."""
     loaded = _load(ctx)
     for gpu in _served_gpus(loaded, gpus):
-        problem = mps.probe_pipe_dir(loaded.mps, os.path.join(loaded.mps.pipe_root, gpu.uuid))
+        if simulated_mps(loaded):
+            click.echo(f"GPU {gpu.index} {gpu.uuid}: nothing to stop: {SIMULATED_DAEMON_NOTE}")
+            continue
+        problem = mps.probe_pipe_dir(loaded.mps, loaded.mps.pipe_dir(gpu.uuid))
         if problem is not None:
             click.echo(f"GPU {gpu.index} {gpu.uuid}: nothing to stop ({problem})")
             continue
@@ -447,17 +593,46 @@ def mps_stop(ctx: click.Context, gpus: tuple[str, ...]) -> None:
 
 
 @mps_group.command("status")
+@click.argument("gpus", nargs=-1, metavar="[GPU]...")
 @click.pass_context
-def mps_status(ctx: click.Context) -> None:
-    """Whether each served GPU's MPS daemon answers (exit 1 if one does not)."""
+def mps_status(ctx: click.Context, gpus: tuple[str, ...]) -> None:
+    """Whether the served GPUs' MPS daemons answer (exit 1 if one does not)."""
     loaded = _load(ctx)
     failed = False
-    for gpu in _served_gpus(loaded, ()):
-        pipe_dir = os.path.join(loaded.mps.pipe_root, gpu.uuid)
+    for gpu in _served_gpus(loaded, gpus):
+        if simulated_mps(loaded):
+            click.echo(f"GPU {gpu.index} {gpu.uuid}: {SIMULATED_DAEMON_NOTE}")
+            continue
+        pipe_dir = loaded.mps.pipe_dir(gpu.uuid)
         problem = mps.probe_pipe_dir(loaded.mps, pipe_dir)
         failed = failed or problem is not None
-        click.echo(f"GPU {gpu.index} {gpu.uuid}: {problem or 'answers'} ({pipe_dir})")
+        # Each problem names the pipe directory already.
+        click.echo(f"GPU {gpu.index} {gpu.uuid}: {problem or f'answers on {pipe_dir}'}")
     if failed:
+        sys.exit(EXIT_ERROR)
+
+
+@mps_group.command("unit-request", hidden=True)
+@click.pass_context
+def mps_unit_request(ctx: click.Context) -> None:
+    """Answer one request of the agent on stdin (vgpu-mps-units@.service, socket-activated):
+    start the MPS unit of a GPU the config serves."""
+    from vgpu_agent import mps_units
+
+    try:
+        loaded = _load(ctx)
+    except ConfigError as exc:
+        # The agent waits for one line on the socket; the journal gets the same (stderr).
+        sys.stdout.buffer.write(f"error config error: {exc}\n".encode("utf-8", "replace"))
+        sys.stdout.buffer.flush()
+        raise
+
+    def served_uuids() -> set[str]:
+        return {gpu.uuid for gpu in _served_gpus(loaded, ())}
+
+    problem = mps_units.handle_request(sys.stdin.buffer, sys.stdout.buffer, served_uuids)
+    if problem is not None:
+        click.echo(f"vgpu-agent: error: request refused: {problem}", err=True)
         sys.exit(EXIT_ERROR)
 
 

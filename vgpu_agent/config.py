@@ -9,9 +9,13 @@ bad value, and saying what is allowed. Unknown keys are errors.
 from __future__ import annotations
 
 import datetime
+import errno
+import ipaddress
 import math
 import os
+import posixpath
 import re
+import stat
 import sys
 from dataclasses import dataclass, field, fields
 from typing import (
@@ -24,10 +28,13 @@ from typing import (
     Sequence,
     TypeVar,
     Union,
+    get_args,
 )
 
+from vgpu_agent.devices import LimitPolicy, pipe_dir_for, proportional_memory_mib
 from vgpu_agent.errors import ConfigError
 from vgpu_agent.gpu import MPS_CLIENT_LIMIT_PRE_VOLTA, MPS_CLIENT_LIMIT_VOLTA
+from vgpu_agent.sockets import MAX_UNIX_SOCKET_PATH_BYTES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -40,12 +47,12 @@ if TYPE_CHECKING:
 DEFAULT_CONFIG_PATH = "/etc/vgpu/config.toml"
 CONFIG_ENV_VAR = "VGPU_CONFIG"
 SCHEMA_VERSION = 1
+#: The agent's control socket, in agent.state_dir.
+CONTROL_SOCKET_NAME = "control.sock"
 
 ComputeModeSetting = Literal["exclusive_process", "default", "unchanged"]
 BackendName = Literal["nvml", "simulated"]
 MpsManager = Literal["direct", "systemd", "external"]
-#: "proportional", "none", or a fixed number (percent for threads, MiB for memory)
-LimitPolicy = Union[Literal["proportional", "none"], int]
 MultiUser = Literal["auto", "on", "off"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -60,6 +67,16 @@ class PluginConfig:
     kubelet_socket_name: str = "kubelet.sock"
     #: Seconds a Register call may take before we retry.
     register_timeout_s: float = 5.0
+
+    @property
+    def socket_path(self) -> str:
+        """Our plugin socket, where the kubelet dials us."""
+        return os.path.join(self.plugin_dir, self.socket_name)
+
+    @property
+    def kubelet_socket_path(self) -> str:
+        """The kubelet's registration socket."""
+        return os.path.join(self.plugin_dir, self.kubelet_socket_name)
 
 
 @dataclass(frozen=True)
@@ -134,6 +151,10 @@ class MpsConfig:
     #: one vGPU's slice; or MiB), set through its control pipe after it starts.
     daemon_memory_limit: LimitPolicy = "none"
 
+    def pipe_dir(self, gpu_uuid: str) -> str:
+        """The host pipe directory of a GPU's MPS daemon."""
+        return pipe_dir_for(self.pipe_root, gpu_uuid)
+
 
 @dataclass(frozen=True)
 class HealthConfig:
@@ -158,6 +179,40 @@ class AgentConfig:
     #: Where the agent keeps its control socket and state.
     state_dir: str = "/run/vgpu-agent"
 
+    @property
+    def control_socket_path(self) -> str:
+        """The agent's control socket (`vgpu-agent status`, `health reset`, `simulate`)."""
+        return os.path.join(self.state_dir, CONTROL_SOCKET_NAME)
+
+
+@dataclass(frozen=True)
+class AttributionConfig:
+    """Finding which pods use which vGPUs. ``[attribution]``"""
+
+    #: The kubelet's PodResources API socket.
+    pod_resources_socket: str = "/var/lib/kubelet/pod-resources/kubelet.sock"
+    #: Seconds between refreshes of the attribution that metrics and the textfile show.
+    refresh_interval_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics. ``[metrics]``"""
+
+    enabled: bool = False
+    #: "<host>:<port>" for the HTTP endpoint (/metrics); "" serves none (textfile only).
+    listen_address: str = "127.0.0.1:9402"
+    #: node-exporter textfile collector output ("" for none), rewritten atomically.
+    textfile_path: str = ""
+
+
+@dataclass(frozen=True)
+class LabelsConfig:
+    """Node labels through node-feature-discovery's local feature files. ``[labels]``"""
+
+    enabled: bool = False
+    features_dir: str = "/etc/kubernetes/node-feature-discovery/features.d"
+
 
 @dataclass(frozen=True)
 class Config:
@@ -170,6 +225,9 @@ class Config:
     mps: MpsConfig = field(default_factory=MpsConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     simulated: SimulatedConfig = field(default_factory=SimulatedConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
     #: Where this config came from (a path, or "<defaults>"); not a key in the file.
     source: str = "<defaults>"
 
@@ -201,10 +259,10 @@ MAX_SIMULATED_GPUS = 64
 #: A proportional memory slice below this leaves an MPS client almost nothing once its own
 #: CUDA context is counted against the limit (measured: a 1 GiB limit left 0.39 GiB free).
 MIN_USEFUL_SLICE_MIB = 640
+#: TOML's integers are signed 64-bit; larger ones are refused as out of range.
+MAX_INTEGER = 2**63 - 1
 #: vGPU ids are "<uuid>::<replica>" and at most 63 characters; replicas need up to 2 digits.
 MAX_GPU_UUID_LENGTH = 63 - len("::") - len(str(MAX_REPLICAS_PER_GPU - 1))
-#: sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
-MAX_SOCKET_PATH_BYTES = 107
 
 _REPLICAS_ALLOWED = (
     f"an integer from 1 to {MAX_REPLICAS_PER_GPU} (the MPS client limit on Volta and newer "
@@ -234,12 +292,7 @@ _MPS_MANAGERS: dict[str, MpsManager] = {
     "external": "external",
 }
 _MULTI_USER: dict[str, MultiUser] = {"auto": "auto", "on": "on", "off": "off"}
-_LOG_LEVELS: dict[str, LogLevel] = {
-    "debug": "debug",
-    "info": "info",
-    "warning": "warning",
-    "error": "error",
-}
+_LOG_LEVELS: dict[str, LogLevel] = {name: name for name in get_args(LogLevel)}
 _POLICIES: dict[str, Literal["proportional", "none"]] = {
     "proportional": "proportional",
     "none": "none",
@@ -384,6 +437,9 @@ def _int(value: _Value, expected: str, low: int, high: Optional[int] = None) -> 
         value.fail(expected, wrong_type=True)
     if raw < low or (high is not None and raw > high):
         value.fail(expected, "out of range")
+    if raw > MAX_INTEGER:
+        # TOML integers are 64-bit; Python would take any size and pass it on to NVML or MPS.
+        value.fail(expected, f"out of range (more than {MAX_INTEGER}, the largest 64-bit integer)")
     return raw
 
 
@@ -401,6 +457,8 @@ def _seconds(*, allow_zero: bool, note: str = "") -> Callable[[_Value], float]:
         raw = value.raw
         if isinstance(raw, bool) or not isinstance(raw, (int, float)):
             value.fail(expected, wrong_type=True)
+        if isinstance(raw, int) and abs(raw) > MAX_INTEGER:
+            value.fail(expected, f"out of range (beyond {MAX_INTEGER}, the 64-bit limit)")
         seconds = float(raw)
         if not math.isfinite(seconds):
             value.fail(expected, "not a finite number")
@@ -444,6 +502,28 @@ def _absolute_path(value: _Value) -> str:
     path = _string(value, expected)
     if not path.startswith("/"):
         value.fail(expected, "not absolute")
+    return path
+
+
+#: Directories the system or every user shares: the agent makes and chmods its MPS
+#: directories in mps.pipe_root and mps.log_root, so neither may be one of these.
+SHARED_SYSTEM_DIRECTORIES = frozenset(
+    {
+        "/", "/bin", "/boot", "/dev", "/dev/shm", "/etc", "/home", "/lib", "/lib64",
+        "/media", "/mnt", "/opt", "/proc", "/root", "/run", "/run/lock", "/run/user",
+        "/sbin", "/srv", "/sys", "/tmp", "/usr", "/usr/bin", "/usr/lib", "/usr/local",
+        "/usr/sbin", "/var", "/var/lib", "/var/lib/kubelet", "/var/log", "/var/run",
+        "/var/tmp",
+    }
+)  # fmt: skip
+
+
+def _own_directory(value: _Value) -> str:
+    expected = "an absolute path of a directory of its own (not /tmp, /run, /var, ...)"
+    path = _absolute_path(value)
+    normal = "/" + posixpath.normpath(path).lstrip("/")
+    if normal in SHARED_SYSTEM_DIRECTORIES:
+        value.fail(expected, "a directory the system or every user shares")
     return path
 
 
@@ -658,7 +738,7 @@ def _parse_plugin(table: _Table) -> PluginConfig:
         ("kubelet_socket_name", plugin.kubelet_socket_name),
     ):
         path = os.path.join(plugin.plugin_dir, name)
-        if len(path.encode("utf-8", "surrogatepass")) > MAX_SOCKET_PATH_BYTES:
+        if len(path.encode("utf-8", "surrogatepass")) > MAX_UNIX_SOCKET_PATH_BYTES:
             # Blame the directory when the file sets it: that is the long part.
             blamed = (
                 table.value_of("plugin_dir", plugin.plugin_dir)
@@ -667,7 +747,7 @@ def _parse_plugin(table: _Table) -> PluginConfig:
             )
             blamed.fail(
                 "a plugin_dir and socket name whose joined path fits a unix socket "
-                f"(at most {MAX_SOCKET_PATH_BYTES} bytes)",
+                f"(at most {MAX_UNIX_SOCKET_PATH_BYTES} bytes)",
                 f"{path!r} is too long",
             )
     return plugin
@@ -701,8 +781,8 @@ def _parse_mps(table: _Table) -> MpsConfig:
     return MpsConfig(
         enabled=table.get("enabled", defaults.enabled, _bool),
         manager=table.get("manager", defaults.manager, _choice(_MPS_MANAGERS)),
-        pipe_root=table.get("pipe_root", defaults.pipe_root, _absolute_path),
-        log_root=table.get("log_root", defaults.log_root, _absolute_path),
+        pipe_root=table.get("pipe_root", defaults.pipe_root, _own_directory),
+        log_root=table.get("log_root", defaults.log_root, _own_directory),
         control_binary=table.get("control_binary", defaults.control_binary, _program),
         multi_user=table.get("multi_user", defaults.multi_user, _multi_user),
         container_pipe_dir=table.get(
@@ -755,6 +835,87 @@ def _parse_health(table: _Table) -> HealthConfig:
         poll_interval_s=table.get(
             "poll_interval_s", defaults.poll_interval_s, _seconds(allow_zero=False)
         ),
+    )
+
+
+_LISTEN_ALLOWED = (
+    '"<host>:<port>" such as "127.0.0.1:9402", "[::1]:9402" or "0.0.0.0:9402" (port 0 to '
+    '65535, 0 picks a free one), or "" for no HTTP endpoint'
+)
+_HOST_RE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?")
+
+
+def split_listen_address(address: str) -> tuple[str, int]:
+    """(host, port) of a checked ``metrics.listen_address`` (IPv6 without brackets)."""
+    host, _, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def _listen_address(value: _Value) -> str:
+    address = _string(value, _LISTEN_ALLOWED)
+    if address == "":
+        return address
+    host, colon, port = address.rpartition(":")
+    if not colon or not host:
+        value.fail(_LISTEN_ALLOWED, "no host and port")
+    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        value.fail(_LISTEN_ALLOWED, f"bad port {port!r}")
+    if host.startswith("["):
+        inner = host[1:-1] if host.endswith("]") else ""
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            value.fail(_LISTEN_ALLOWED, f"bad IPv6 address {host!r}")
+    elif ":" in host:
+        value.fail(_LISTEN_ALLOWED, "an IPv6 address needs [brackets]")
+    elif not _HOST_RE.fullmatch(host):
+        value.fail(_LISTEN_ALLOWED, f"bad host {host!r}")
+    return address
+
+
+def _textfile_path(value: _Value) -> str:
+    expected = (
+        "an absolute path ending in '.prom' (node-exporter's textfile collector reads only "
+        'those), or "" for none'
+    )
+    path = _string(value, expected)
+    if path == "":
+        return path
+    if not path.startswith("/"):
+        value.fail(expected, "not absolute")
+    if not path.endswith(".prom") or path.endswith("/.prom"):
+        value.fail(expected, "node-exporter ignores files not named *.prom")
+    return path
+
+
+def _parse_attribution(table: _Table) -> AttributionConfig:
+    defaults = AttributionConfig()
+    return AttributionConfig(
+        pod_resources_socket=table.get(
+            "pod_resources_socket", defaults.pod_resources_socket, _absolute_path
+        ),
+        refresh_interval_s=table.get(
+            "refresh_interval_s", defaults.refresh_interval_s, _seconds(allow_zero=False)
+        ),
+    )
+
+
+def _parse_metrics(table: _Table) -> MetricsConfig:
+    defaults = MetricsConfig()
+    return MetricsConfig(
+        enabled=table.get("enabled", defaults.enabled, _bool),
+        listen_address=table.get("listen_address", defaults.listen_address, _listen_address),
+        textfile_path=table.get("textfile_path", defaults.textfile_path, _textfile_path),
+    )
+
+
+def _parse_labels(table: _Table) -> LabelsConfig:
+    defaults = LabelsConfig()
+    return LabelsConfig(
+        enabled=table.get("enabled", defaults.enabled, _bool),
+        features_dir=table.get("features_dir", defaults.features_dir, _absolute_path),
     )
 
 
@@ -824,6 +985,11 @@ def parse(text: str, source: str = "<string>") -> Config:
         mps=_parse_mps(root.table("mps", "[mps]", _keys(MpsConfig))),
         health=_parse_health(root.table("health", "[health]", _keys(HealthConfig))),
         simulated=_parse_simulated(root.table("simulated", "[simulated]", _keys(SimulatedConfig))),
+        attribution=_parse_attribution(
+            root.table("attribution", "[attribution]", _keys(AttributionConfig))
+        ),
+        metrics=_parse_metrics(root.table("metrics", "[metrics]", _keys(MetricsConfig))),
+        labels=_parse_labels(root.table("labels", "[labels]", _keys(LabelsConfig))),
         source=source,
     )
 
@@ -939,6 +1105,25 @@ def to_toml(config: Config) -> str:
             ("poll_interval_s", health.poll_interval_s),
         ],
     )
+    table(
+        "attribution",
+        [
+            ("pod_resources_socket", config.attribution.pod_resources_socket),
+            ("refresh_interval_s", config.attribution.refresh_interval_s),
+        ],
+    )
+    table(
+        "metrics",
+        [
+            ("enabled", config.metrics.enabled),
+            ("listen_address", config.metrics.listen_address),
+            ("textfile_path", config.metrics.textfile_path),
+        ],
+    )
+    table(
+        "labels",
+        [("enabled", config.labels.enabled), ("features_dir", config.labels.features_dir)],
+    )
     simulated = config.simulated
     if simulated.gpus:
         # parse() refuses the single-model keys next to an explicit list.
@@ -987,8 +1172,7 @@ def _read_text(path: str, *, missing_ok: bool) -> Optional[str]:
     if not path:
         raise ConfigError("reading config file: the path is empty; give a file name")
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
+        data = _read_regular_file(path, action)
     except FileNotFoundError as exc:
         if missing_ok:
             return None
@@ -1016,6 +1200,32 @@ def _read_text(path: str, *, missing_ok: bool) -> Optional[str]:
         raise ConfigError(
             f"{action}: not UTF-8 text (byte {exc.start}); TOML files must be UTF-8"
         ) from exc
+
+
+def _read_regular_file(path: str, action: str) -> bytes:
+    """The bytes of ``path``; OSError as open() raises it, ConfigError for a FIFO, device
+    or socket (which a read could block on or never end)."""
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if not stat.S_ISREG(mode):
+            raise ConfigError(
+                f"{action}: not a regular file ({_file_kind(mode)}); give the path of a TOML file"
+            )
+        return handle.read()
+
+
+def _file_kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a plain file")
 
 
 def load(path: str) -> Config:
@@ -1058,8 +1268,7 @@ def slice_warnings(config: Config, model: str, memory_mib: int) -> list[str]:
     if mps.memory_limit == "none":
         return []
     if mps.memory_limit == "proportional":
-        usable_mib = memory_mib - mps.memory_headroom_mib
-        slice_mib = max(usable_mib, 0) // replicas
+        slice_mib = proportional_memory_mib(memory_mib, mps.memory_headroom_mib, 1, replicas)
         if slice_mib >= MIN_USEFUL_SLICE_MIB:
             return []
         return [

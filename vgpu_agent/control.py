@@ -2,7 +2,8 @@
 the running agent through it.
 
 One JSON object per line each way, over a unix stream socket that only root can open
-(mode 0600). The server hands each request to a callable that runs it on the agent's loop.
+(mode 0600). The server parses each request into a typed command
+(:mod:`vgpu_agent.commands`) and hands it to a callable that runs it on the agent's loop.
 """
 
 from __future__ import annotations
@@ -12,18 +13,23 @@ import json
 import logging
 import os
 import socket
-import stat
 import threading
 from typing import Any, Callable, Optional
 
-from vgpu_agent.errors import AgentError
+from vgpu_agent.commands import ControlCommand, parse_command, to_request
+from vgpu_agent.errors import AgentError, VgpuError
+from vgpu_agent.sockets import socket_answers
 
 log = logging.getLogger(__name__)
 
+#: A request is one small command; anything longer is refused unread.
 MAX_REQUEST_BYTES = 64 * 1024
+#: A reply grows with the vGPUs served (`status` lists each one, ~60 bytes a vGPU); this
+#: only bounds what a broken agent could make the client hold in memory.
+MAX_REPLY_BYTES = 64 * 1024 * 1024
 CLIENT_TIMEOUT_S = 10.0
 
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
+Handler = Callable[[ControlCommand], dict[str, Any]]
 
 
 class ControlServer:
@@ -41,7 +47,7 @@ class ControlServer:
         directory = os.path.dirname(self.socket_path)
         try:
             os.makedirs(directory, mode=0o755, exist_ok=True)
-            if _answers(self.socket_path):
+            if socket_answers(self.socket_path):
                 raise AgentError(
                     f"another vgpu-agent already answers on {self.socket_path}; stop it first "
                     "(systemctl stop vgpu-agent)"
@@ -93,15 +99,26 @@ class ControlServer:
         with conn:
             conn.settimeout(CLIENT_TIMEOUT_S)
             try:
-                request = _read_line(conn)
-                answer = self._handler(_parse_request(request))
+                request = _read_line(conn, MAX_REQUEST_BYTES, "request")
+                command = parse_command(_parse_request(request))
             except (ValueError, UnicodeDecodeError) as exc:
                 answer = {"ok": False, "error": f"bad request: {exc}"}
+            except VgpuError as exc:
+                answer = {"ok": False, "error": str(exc)}
             except Exception as exc:  # the control socket must never take the agent down
                 log.exception("control request failed")
                 answer = {"ok": False, "error": f"internal error: {exc}"}
+            else:
+                answer = self._run(command)
             with contextlib.suppress(OSError):  # the client went away; nothing to tell it
                 conn.sendall(json.dumps(answer).encode() + b"\n")
+
+    def _run(self, command: ControlCommand) -> dict[str, Any]:
+        try:
+            return self._handler(command)
+        except Exception as exc:  # the control socket must never take the agent down
+            log.exception("control request failed")
+            return {"ok": False, "error": f"internal error: {exc}"}
 
 
 def _parse_request(text: str) -> dict[str, Any]:
@@ -111,43 +128,34 @@ def _parse_request(text: str) -> dict[str, Any]:
     return command
 
 
-def _read_line(conn: socket.socket) -> str:
-    data = b""
-    while b"\n" not in data:
-        chunk = conn.recv(4096)
+def _read_line(conn: socket.socket, limit_bytes: int, what: str) -> str:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = conn.recv(65536)
         if not chunk:
             break
-        data += chunk
-        if len(data) > MAX_REQUEST_BYTES:
-            raise ValueError(f"request longer than {MAX_REQUEST_BYTES} bytes")
-    return data.split(b"\n", 1)[0].decode()
+        chunks.append(chunk)
+        size += len(chunk)
+        if b"\n" in chunk:
+            break
+        if size > limit_bytes:
+            raise ValueError(f"{what} longer than {limit_bytes} bytes")
+    data = b"".join(chunks)
+    line = data.split(b"\n", 1)[0]
+    if len(line) > limit_bytes:
+        raise ValueError(f"{what} longer than {limit_bytes} bytes")
+    return line.decode()
 
 
-def _answers(path: str) -> bool:
-    try:
-        if not stat.S_ISSOCK(os.stat(path).st_mode):
-            return False
-    except OSError:
-        return False
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(0.5)
-    try:
-        probe.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
-
-
-def request(socket_path: str, command: dict[str, Any]) -> dict[str, Any]:
+def request(socket_path: str, command: ControlCommand) -> dict[str, Any]:
     """Send one command to the running agent; raises AgentError when it cannot be reached."""
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     client.settimeout(CLIENT_TIMEOUT_S)
     try:
         client.connect(socket_path)
-        client.sendall(json.dumps(command).encode() + b"\n")
-        answer = json.loads(_read_line(client))
+        client.sendall(json.dumps(to_request(command)).encode() + b"\n")
+        answer = json.loads(_read_line(client, MAX_REPLY_BYTES, "reply"))
     except FileNotFoundError as exc:
         raise AgentError(
             f"the agent is not running (no control socket at {socket_path}); "

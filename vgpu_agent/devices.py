@@ -4,10 +4,11 @@ what an Allocate grants a container. No I/O here; everything is plain values.
 
 from __future__ import annotations
 
+import enum
 import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Literal, Optional, Union
 
 from vgpu_agent.errors import VgpuError
 from vgpu_agent.gpu import Gpu
@@ -17,6 +18,9 @@ UNHEALTHY = "Unhealthy"
 #: GPU UUIDs never contain ':' so the last "::" splits an id unambiguously.
 VGPU_ID_SEPARATOR = "::"
 MAX_DEVICE_ID_LENGTH = 63
+#: A per-client limit: "proportional" (the vGPUs' share of the GPU), "none", or a fixed
+#: amount per vGPU (percent of threads, MiB of memory). Parsed once, by the config.
+LimitPolicy = Union[Literal["proportional", "none"], int]
 
 
 class InvalidRequestError(VgpuError):
@@ -55,6 +59,63 @@ def _shorten(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+class ReasonKind(enum.Enum):
+    """What kind of cause makes a GPU Unhealthy, which decides how the cause is cleared."""
+
+    #: A critical GPU event (XID, double-bit ECC): cleared after a quiet period or a reset.
+    FAULT = "fault"
+    #: The GPU fell off the bus: cleared when it answers a query again.
+    LOST = "lost"
+    #: The GPU's MPS daemon does not answer: cleared when it answers.
+    MPS = "mps"
+
+
+#: Every MPS reason's text starts so (what `vgpu-agent status` and the journal show).
+_MPS_TEXT = "MPS daemon"
+
+
+@dataclass(frozen=True)
+class HealthReason:
+    """One cause for a GPU to be Unhealthy: its kind and the text people read.
+
+    Build one with :meth:`xid_fault`, :meth:`ecc_fault`, :meth:`lost` or :meth:`mps_down`.
+    """
+
+    kind: ReasonKind
+    text: str
+    #: The XID number for an XID fault.
+    xid: Optional[int] = None
+
+    def __str__(self) -> str:
+        return self.text
+
+    @property
+    def is_fault(self) -> bool:
+        """Whether a GPU fault event raised it (cleared by the quiet period or a reset)."""
+        return self.kind is ReasonKind.FAULT
+
+    @classmethod
+    def xid_fault(cls, xid: int) -> HealthReason:
+        """A critical XID error."""
+        return cls(ReasonKind.FAULT, f"xid {xid}", xid)
+
+    @classmethod
+    def ecc_fault(cls) -> HealthReason:
+        """A double-bit (uncorrectable) ECC error."""
+        return cls(ReasonKind.FAULT, "double-bit ECC error")
+
+    @classmethod
+    def lost(cls) -> HealthReason:
+        """The GPU fell off the bus."""
+        return cls(ReasonKind.LOST, "GPU lost")
+
+    @classmethod
+    def mps_down(cls, problem: str) -> HealthReason:
+        """The GPU's MPS daemon does not answer, because of ``problem``."""
+        text = problem if problem.startswith(_MPS_TEXT) else f"{_MPS_TEXT}: {problem}"
+        return cls(ReasonKind.MPS, text)
+
+
 @dataclass(frozen=True)
 class VGpu:
     """One virtual GPU as advertised to the kubelet."""
@@ -70,13 +131,13 @@ class VGpu:
 class ServedGpu:
     """A physical GPU we serve, split into ``replicas`` vGPUs, with its health.
 
-    ``unhealthy_reasons`` holds every current cause (e.g. ``"xid 79"``, ``"mps daemon down"``);
-    the GPU is healthy when there is none.
+    ``unhealthy_reasons`` holds every current cause (an XID, a dead MPS daemon, ...); the
+    GPU is healthy when there is none.
     """
 
     gpu: Gpu
     replicas: int
-    unhealthy_reasons: tuple[str, ...] = ()
+    unhealthy_reasons: tuple[HealthReason, ...] = ()
     #: The MPS pipe directory on the host, when MPS is used.
     pipe_dir: Optional[str] = None
 
@@ -84,6 +145,16 @@ class ServedGpu:
     def healthy(self) -> bool:
         """Whether the GPU's vGPUs are advertised Healthy."""
         return not self.unhealthy_reasons
+
+    @property
+    def health(self) -> str:
+        """``Healthy`` or ``Unhealthy``, as the kubelet reads it."""
+        return HEALTHY if self.healthy else UNHEALTHY
+
+    @property
+    def reason_texts(self) -> list[str]:
+        """The causes as people read them."""
+        return [reason.text for reason in self.unhealthy_reasons]
 
     @property
     def vgpu_ids(self) -> list[str]:
@@ -116,7 +187,7 @@ class Inventory:
                 vgpu_id=vgpu_id,
                 gpu_uuid=served.gpu.uuid,
                 replica=replica,
-                health=HEALTHY if served.healthy else UNHEALTHY,
+                health=served.health,
                 numa_node=served.gpu.numa_node,
             )
             for served in self.gpus
@@ -133,7 +204,7 @@ class Inventory:
         """How many advertised vGPUs are Unhealthy."""
         return sum(served.replicas for served in self.gpus if not served.healthy)
 
-    def with_reason(self, gpu_uuid: str, reason: str, present: bool) -> Inventory:
+    def with_reason(self, gpu_uuid: str, reason: HealthReason, present: bool) -> Inventory:
         """A copy where ``reason`` is added to (present) or removed from a GPU's causes."""
         gpus = []
         for served in self.gpus:
@@ -170,7 +241,7 @@ def validate_allocation(inventory: Inventory, vgpu_ids: list[str]) -> ServedGpu:
             )
         if not served.healthy:
             raise InvalidRequestError(
-                f"vGPU {vgpu_id} is unhealthy ({'; '.join(served.unhealthy_reasons)}); "
+                f"vGPU {vgpu_id} is unhealthy ({'; '.join(served.reason_texts)}); "
                 "delete the pod to reschedule it"
             )
         gpu_uuids[gpu_uuid] = None
@@ -253,10 +324,10 @@ class MpsGrantPolicy:
     """How Allocate sets up MPS for a container (from the ``[mps]`` config)."""
 
     container_pipe_dir: str = "/run/nvidia-mps"
-    #: "proportional", "none", or a fixed percentage per vGPU.
-    thread_limit: object = "proportional"
-    #: "proportional", "none", or a fixed number of MiB per vGPU.
-    memory_limit: object = "proportional"
+    #: A fixed number is a percentage per vGPU.
+    thread_limit: LimitPolicy = "proportional"
+    #: A fixed number is MiB per vGPU.
+    memory_limit: LimitPolicy = "proportional"
     memory_headroom_mib: int = 0
     share_host_shm: bool = False
     pipe_dir_read_only: bool = False
@@ -271,30 +342,31 @@ class ContainerGrant:
     annotations: dict[str, str] = field(default_factory=dict)
 
 
-def thread_percentage(policy: object, vgpus: int, replicas: int) -> Optional[int]:
+def thread_percentage(policy: LimitPolicy, vgpus: int, replicas: int) -> Optional[int]:
     """CUDA_MPS_ACTIVE_THREAD_PERCENTAGE for ``vgpus`` of ``replicas``; None for no limit."""
-    if policy == "none":
-        return None
-    if policy == "proportional":
-        return max(1, min(100, (vgpus * 100) // replicas))
     if isinstance(policy, int):
         # A fixed value is per vGPU: a pod of n vGPUs gets n times it.
         return min(100, policy * vgpus)
-    raise ValueError(f"unknown thread limit policy {policy!r}")
+    if policy == "none":
+        return None
+    return max(1, min(100, (vgpus * 100) // replicas))
+
+
+def proportional_memory_mib(memory_mib: int, headroom_mib: int, vgpus: int, replicas: int) -> int:
+    """``vgpus`` of ``replicas`` equal slices of the GPU's memory less the headroom (MiB)."""
+    return (max(memory_mib - headroom_mib, 0) * vgpus) // replicas
 
 
 def memory_limit_mib(
-    policy: object, vgpus: int, replicas: int, memory_mib: int, headroom_mib: int
+    policy: LimitPolicy, vgpus: int, replicas: int, memory_mib: int, headroom_mib: int
 ) -> Optional[int]:
     """Pinned device memory for ``vgpus`` of ``replicas`` in MiB; None for no limit."""
-    if policy == "none":
-        return None
-    if policy == "proportional":
-        return max(1, (max(memory_mib - headroom_mib, 0) * vgpus) // replicas)
     if isinstance(policy, int):
         # A fixed value is per vGPU: a pod of n vGPUs gets n times it.
         return policy * vgpus
-    raise ValueError(f"unknown memory limit policy {policy!r}")
+    if policy == "none":
+        return None
+    return max(1, proportional_memory_mib(memory_mib, headroom_mib, vgpus, replicas))
 
 
 def grant(served: ServedGpu, vgpus: int, mps: Optional[MpsGrantPolicy]) -> ContainerGrant:

@@ -14,18 +14,20 @@ import enum
 import glob
 import os
 import shutil
-import socket
-import stat
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
 from vgpu_agent import config as config_module
 from vgpu_agent import control, mps
-from vgpu_agent.config import ComputeModeSetting, Config, MultiUser, simulated_mps
-from vgpu_agent.devices import pipe_dir_for
+from vgpu_agent.commands import ControlCommand, StatusCommand
+from vgpu_agent.config import ComputeModeSetting, Config, MultiUser
+from vgpu_agent.daemons import MpsInspector
 from vgpu_agent.errors import ConfigError, VgpuError
 from vgpu_agent.gpu import ComputeMode, Gpu, GpuBackend
+from vgpu_agent.plan import plan_gpus
+from vgpu_agent.simulated import SIMULATED_DAEMON_NOTE
+from vgpu_agent.sockets import socket_state
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -39,7 +41,6 @@ CONTAINERD_CONFIG = "/etc/containerd/config.toml"
 #: Where nvidia-ctk and the GPU operator put containerd drop-ins (99-nvidia.toml).
 CONTAINERD_DROPIN_DIRS = ("/etc/containerd/conf.d",)
 MPS_SERVER_BINARY = "nvidia-cuda-mps-server"
-CONTROL_SOCKET_NAME = "control.sock"
 #: How long a socket check waits for a listener to accept.
 SOCKET_CONNECT_TIMEOUT_S = 1.0
 
@@ -95,46 +96,40 @@ class DoctorProbes:
     mps_multi_user_supported: Callable[[Config], bool]
     #: Whether the running daemon of (config, GPU UUID) was started in multi-user mode.
     mps_daemon_multi_user: Callable[[Config, str], Optional[bool]]
+    #: How the MPS daemons live inside the agent (e.g. "simulated"; no MPS program is then
+    #: needed on the host), or None for real daemons.
+    mps_in_agent: Callable[[Config], Optional[str]]
     #: Send a command to the agent's control socket (path, command) and return its answer.
-    agent_request: Callable[[str, dict[str, Any]], dict[str, Any]]
+    agent_request: Callable[[str, ControlCommand], dict[str, Any]]
     containerd_config: str = CONTAINERD_CONFIG
     containerd_dropin_dirs: tuple[str, ...] = CONTAINERD_DROPIN_DIRS
     socket_timeout_s: float = SOCKET_CONNECT_TIMEOUT_S
+    #: Why the agent would refuse to run the control program as root (another user could
+    #: change it), or None (the default: not checked).
+    untrusted_program: Callable[[str], Optional[str]] = lambda _control_binary: None
 
 
 # -- the probes of the real node ---------------------------------------------------------------
 
 
 def _open_backend(config: Config) -> GpuBackend:
-    from vgpu_agent.agent import build_backend  # the agent module pulls in gRPC
+    from vgpu_agent.compose import inspected_backend_for  # the composition root pulls in gRPC
 
-    backend = build_backend(config)
-    if config.gpus.backend == "simulated" and config.gpus.compute_mode != "unchanged":
-        # Simulated GPUs keep their compute mode inside the agent's process; doctor sees
-        # them as the agent leaves them, so a simulated node checks clean.
-        wanted = ComputeMode(config.gpus.compute_mode)
-        for gpu in backend.list_gpus():
-            backend.set_compute_mode(gpu.uuid, wanted)
-    return backend
+    return inspected_backend_for(config)
 
 
-def _mps_probe(config: Config, gpu_uuid: str) -> Optional[str]:
-    if simulated_mps(config):
-        return None  # simulated daemons live inside the agent and always answer here
-    return mps.probe_pipe_dir(config.mps, pipe_dir_for(config.mps.pipe_root, gpu_uuid))
+def _inspector(config: Config) -> MpsInspector:
+    from vgpu_agent.compose import mps_inspector_for  # the composition root pulls in gRPC
+
+    return mps_inspector_for(config)
 
 
-def _mps_multi_user_supported(config: Config) -> bool:
-    if simulated_mps(config):
-        return True
-    return mps.help_supports_multi_user(mps.control_help(config.mps.control_binary))
-
-
-def _mps_daemon_multi_user(config: Config, gpu_uuid: str) -> Optional[bool]:
-    if simulated_mps(config):
-        return config.mps.multi_user != "off"
-    pid = mps.daemon_pid(pipe_dir_for(config.mps.pipe_root, gpu_uuid))
-    return mps.running_multi_user(pid) if pid is not None else None
+def _untrusted_program(control_binary: str) -> Optional[str]:
+    try:
+        mps.checked_program(control_binary)
+    except VgpuError as exc:
+        return str(exc)
+    return None
 
 
 def system_probes() -> DoctorProbes:
@@ -142,10 +137,14 @@ def system_probes() -> DoctorProbes:
     return DoctorProbes(
         open_backend=_open_backend,
         which=shutil.which,
-        mps_probe=_mps_probe,
-        mps_multi_user_supported=_mps_multi_user_supported,
-        mps_daemon_multi_user=_mps_daemon_multi_user,
+        mps_probe=lambda config, gpu_uuid: _inspector(config).probe(gpu_uuid),
+        mps_multi_user_supported=lambda config: _inspector(config).multi_user_supported(),
+        mps_daemon_multi_user=lambda config, gpu_uuid: _inspector(config).daemon_multi_user(
+            gpu_uuid
+        ),
+        mps_in_agent=lambda config: _inspector(config).in_agent,
         agent_request=control.request,
+        untrusted_program=_untrusted_program,
     )
 
 
@@ -301,7 +300,6 @@ def _check_config(report: _Report, option: Optional[str], environ: Mapping[str, 
 
 
 def _check_gpus(report: _Report, config: Config, probes: DoctorProbes, node: _Node) -> None:
-    from vgpu_agent.agent import plan_gpus  # the agent module pulls in gRPC
 
     simulated = config.gpus.backend == "simulated"
     check = "driver"
@@ -362,8 +360,9 @@ def _check_mps_binaries(report: _Report, config: Config, probes: DoctorProbes) -
     if not config.mps.enabled:
         report.ok(check, "not needed: MPS is off (mps.enabled = false)")
         return
-    if simulated_mps(config):
-        report.ok(check, "not needed: the simulated backend simulates the MPS daemons")
+    in_agent = probes.mps_in_agent(config)
+    if in_agent is not None:
+        report.ok(check, f"not needed: the MPS daemons are {in_agent} inside the agent")
         return
     control_binary = config.mps.control_binary
     control_path = probes.which(control_binary)
@@ -373,6 +372,10 @@ def _check_mps_binaries(report: _Report, config: Config, probes: DoctorProbes) -
             check,
             f"{control_binary} {where}; {_MPS_PACKAGES}, or set mps.control_binary to its path",
         )
+        return
+    untrusted = probes.untrusted_program(control_binary)
+    if untrusted is not None:
+        report.fail(check, untrusted)
         return
     # The control daemon starts the server; it ships next to it.
     beside = os.path.join(os.path.dirname(control_path), MPS_SERVER_BINARY)
@@ -440,9 +443,9 @@ def _check_mps_daemons(report: _Report, config: Config, probes: DoctorProbes, no
         return
     if _served_backend(report, check, node) is None:
         return
-    simulated = " (simulated)" if simulated_mps(config) else ""
+    in_agent = probes.mps_in_agent(config)
     for gpu in node.served:
-        pipe_dir = pipe_dir_for(config.mps.pipe_root, gpu.uuid)
+        pipe_dir = config.mps.pipe_dir(gpu.uuid)
         try:
             why = probes.mps_probe(config, gpu.uuid)
         except VgpuError as exc:
@@ -463,7 +466,11 @@ def _check_mps_daemons(report: _Report, config: Config, probes: DoctorProbes, no
                 f"{_restart_hint(config, gpu.uuid)}",
             )
             continue
-        report.ok(check, f"GPU {gpu.index}: the daemon on {pipe_dir} answers{simulated}")
+        if in_agent is not None:
+            # As `mps status` says it: there is no daemon on disk to answer.
+            report.ok(check, f"GPU {gpu.index}: {SIMULATED_DAEMON_NOTE}")
+        else:
+            report.ok(check, f"GPU {gpu.index}: the daemon on {pipe_dir} answers")
 
 
 def _check_multi_user(report: _Report, config: Config, probes: DoctorProbes) -> None:
@@ -488,25 +495,6 @@ def _check_multi_user(report: _Report, config: Config, probes: DoctorProbes) -> 
     report.add(status, check, message)
 
 
-def socket_state(path: str, timeout_s: float = SOCKET_CONNECT_TIMEOUT_S) -> str:
-    """ "missing", "not a socket", "listening" or "stale" (a socket nothing accepts on)."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return "missing"
-    if not stat.S_ISSOCK(mode):
-        return "not a socket"
-    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    client.settimeout(timeout_s)
-    try:
-        client.connect(path)
-    except OSError:
-        return "stale"
-    finally:
-        client.close()
-    return "listening"
-
-
 def _check_sockets(report: _Report, config: Config, probes: DoctorProbes) -> None:
     plugin = config.plugin
     if not os.path.isdir(plugin.plugin_dir):
@@ -516,7 +504,7 @@ def _check_sockets(report: _Report, config: Config, probes: DoctorProbes) -> Non
             "or plugin.plugin_dir is wrong; the agent waits for it",
         )
         return
-    kubelet_socket = os.path.join(plugin.plugin_dir, plugin.kubelet_socket_name)
+    kubelet_socket = plugin.kubelet_socket_path
     state = socket_state(kubelet_socket, probes.socket_timeout_s)
     if state == "listening":
         report.ok("kubelet", f"{kubelet_socket} answers")
@@ -529,7 +517,7 @@ def _check_sockets(report: _Report, config: Config, probes: DoctorProbes) -> Non
             f"{kubelet_socket} {why}: the kubelet is not running yet (the agent registers "
             "once it is); check `systemctl status kubelet`",
         )
-    own_socket = os.path.join(plugin.plugin_dir, plugin.socket_name)
+    own_socket = plugin.socket_path
     state = socket_state(own_socket, probes.socket_timeout_s)
     if state == "listening":
         report.ok("plugin socket", f"{own_socket} answers")
@@ -762,9 +750,9 @@ def _check_container_runtime(report: _Report, probes: DoctorProbes) -> None:
 
 def _check_agent(report: _Report, config: Config, probes: DoctorProbes) -> None:
     check = "agent"
-    socket_path = os.path.join(config.agent.state_dir, CONTROL_SOCKET_NAME)
+    socket_path = config.agent.control_socket_path
     try:
-        answer = probes.agent_request(socket_path, {"command": "status"})
+        answer = probes.agent_request(socket_path, StatusCommand())
     except VgpuError as exc:
         report.warn(check, str(exc))
         return
@@ -783,7 +771,9 @@ def _check_agent(report: _Report, config: Config, probes: DoctorProbes) -> None:
             reasons = gpu.get("reasons", [])
             causes = "; ".join(str(reason) for reason in reasons) if reasons else "no reason"
             unhealthy.append(f"GPU {gpu.get('index', '?')}: {causes}")
-    if unhealthy:
+    if line.startswith("waiting for the GPU driver"):
+        report.warn(check, f"running, but {line}; see the driver check above")
+    elif unhealthy:
         report.warn(
             check,
             f"running: {line}; unhealthy {', '.join(unhealthy)}; once fixed, "

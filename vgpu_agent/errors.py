@@ -10,6 +10,7 @@ the OS) are translated into these where they enter the program::
     │   └── GpuLostError    a GPU fell off the bus or disappeared
     ├── MpsError            an MPS control daemon could not be started, stopped or asked
     ├── RegistrationError   the kubelet refused or did not answer our registration
+    ├── AttributionError    the kubelet's PodResources API or checkpoint could not be read
     └── AgentError          anything else the daemon itself detects (socket in use, ...)
 """
 
@@ -38,6 +39,10 @@ class MpsError(VgpuError):
 
 class RegistrationError(VgpuError):
     """Registering with the kubelet failed."""
+
+
+class AttributionError(VgpuError):
+    """Finding which pods hold which vGPUs failed (PodResources API, kubelet checkpoint)."""
 
 
 class AgentError(VgpuError):

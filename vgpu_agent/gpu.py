@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
+
+from vgpu_agent.errors import GpuError
 
 #: CUDA MPS serves at most this many clients per GPU on Volta (compute capability 7.0) and newer.
 MPS_CLIENT_LIMIT_VOLTA = 48
@@ -73,6 +75,19 @@ class GpuEvent:
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class GpuProcess:
+    """An MPS client process on a GPU, as the driver reports it.
+
+    ``pid`` is in the host's PID namespace; ``used_memory_mib`` is None where the driver
+    cannot tell.
+    """
+
+    pid: int
+    gpu_uuid: str
+    used_memory_mib: Optional[int]
+
+
 class GpuBackend(Protocol):
     """What the agent asks of the GPUs. Every method raises :class:`GpuError` on failure."""
 
@@ -106,6 +121,32 @@ class GpuBackend(Protocol):
         cannot: its wait ends at its timeout)."""
         ...
 
+    def mps_client_processes(self, gpu_uuid: str) -> list[GpuProcess]:
+        """The MPS client processes on the GPU with the memory each uses."""
+        ...
+
     def close(self) -> None:
         """Release the backend (NVML shutdown)."""
         ...
+
+
+def set_compute_mode(
+    backend: GpuBackend,
+    gpu_uuid: str,
+    wanted: ComputeMode,
+    on_changed: Callable[[ComputeMode], None] = lambda previous: None,
+) -> ComputeMode:
+    """Set a GPU's compute mode and check that it reads back so; returns the mode it had.
+    ``on_changed(previous)`` is called once the mode was changed (even if it then reads
+    back otherwise). Raises GpuError when it cannot be set or reads back otherwise."""
+    previous = backend.get_compute_mode(gpu_uuid)
+    if previous is not wanted:
+        backend.set_compute_mode(gpu_uuid, wanted)
+        on_changed(previous)
+    now = backend.get_compute_mode(gpu_uuid)
+    if now is not wanted:
+        raise GpuError(
+            f"setting compute mode {wanted.value} on GPU {gpu_uuid}: it reads back as "
+            f"{now.value}; check that nothing else changes it (nvidia-smi -q -d COMPUTE)"
+        )
+    return previous

@@ -4,11 +4,13 @@ They never touch the device list themselves: each finding becomes a :class:`Heal
 handed to ``emit`` (the agent's event queue), and the agent's loop applies it. A GPU is
 Unhealthy while it has at least one reason; reasons come and go independently:
 
-- ``xid <n>`` / ``double-bit ECC error``: a critical NVML event; cleared after the quiet
-  period with no new event and a successful query (never, when the period is 0), or by
-  ``vgpu-agent health reset``.
+- a fault (``xid <n>``, ``double-bit ECC error``): a critical NVML event; cleared after
+  the quiet period with no new event and a successful query (never, when the period is
+  0), or by ``vgpu-agent health reset``.
 - ``GPU lost``: the GPU fell off the bus; cleared only when a query succeeds again.
 - ``MPS daemon ...``: the GPU's MPS daemon does not answer; cleared when it answers.
+
+Each is a typed :class:`~vgpu_agent.devices.HealthReason`.
 """
 
 from __future__ import annotations
@@ -20,27 +22,15 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from vgpu_agent.config import HealthConfig
+from vgpu_agent.daemons import MpsDaemons
+from vgpu_agent.devices import HealthReason
 from vgpu_agent.errors import GpuError, GpuLostError
 from vgpu_agent.gpu import GpuBackend, GpuEvent, GpuEventKind
-from vgpu_agent.mps import MpsDaemons
 
 log = logging.getLogger(__name__)
 
-REASON_LOST = "GPU lost"
-REASON_DBE = "double-bit ECC error"
-MPS_REASON_PREFIX = "MPS daemon"
 #: How long the event thread blocks in one wait; bounds how long stop() takes.
 EVENT_WAIT_S = 1.0
-
-
-def xid_reason(xid: int) -> str:
-    """The health reason for a critical XID."""
-    return f"xid {xid}"
-
-
-def is_fault_reason(reason: str) -> bool:
-    """Whether a reason came from a GPU fault event (cleared by quiet period or reset)."""
-    return reason.startswith("xid ") or reason == REASON_DBE
 
 
 @dataclass(frozen=True)
@@ -48,13 +38,22 @@ class HealthChange:
     """A reason for a GPU to be Unhealthy appears (``present``) or goes away."""
 
     gpu_uuid: str
-    reason: str
+    reason: HealthReason
     present: bool
-    xid: Optional[int] = None
     detail: str = ""
 
 
 Emit = Callable[[HealthChange], None]
+
+
+def poll_tick_s(config: HealthConfig) -> float:
+    """How often the poll thread wakes: recovery needs a finer tick than the poll interval
+    when the quiet period is short; with no recovery (quiet period 0) the poll interval is
+    all there is to do, so an idle agent wakes rarely."""
+    tick = config.poll_interval_s
+    if config.recovery_quiet_period_s > 0:
+        tick = min(tick, max(config.recovery_quiet_period_s, 0.1))
+    return tick
 
 
 class HealthMonitor:
@@ -69,10 +68,12 @@ class HealthMonitor:
         *,
         emit: Emit,
         clock: Callable[[], float] = time.monotonic,
-        mps_down: Optional[dict[str, str]] = None,
+        mps_down: Optional[dict[str, HealthReason]] = None,
+        probe_timeout_s: float = 2.0,
     ) -> None:
         """``mps_down`` names GPUs whose daemon was already down (reason) when the agent
-        started; their reasons are cleared like any other once the daemon answers."""
+        started; their reasons are cleared like any other once the daemon answers.
+        ``probe_timeout_s`` is how long one MPS probe may take (``mps.control_timeout_s``)."""
         self._backend = backend
         self._mps = mps
         self._config = config
@@ -84,10 +85,11 @@ class HealthMonitor:
         # Reentrant: changes are emitted under it, and an emit callback may call reset().
         self._lock = threading.RLock()
         #: GPU -> (fault reasons currently raised, time of the last critical event)
-        self._faults: dict[str, tuple[set[str], float]] = {}
+        self._faults: dict[str, tuple[set[HealthReason], float]] = {}
         self._lost: set[str] = set()
         self._polled: set[str] = set()
-        self._mps_down: dict[str, str] = dict(mps_down or {})
+        self._mps_down: dict[str, HealthReason] = dict(mps_down or {})
+        self._probe_timeout_s = probe_timeout_s
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -123,7 +125,7 @@ class HealthMonitor:
         self._stop.set()
         self._backend.interrupt_wait()
         for thread in self._threads:
-            thread.join(timeout=max(EVENT_WAIT_S * 4, self._mps_timeout() + 1))
+            thread.join(timeout=max(EVENT_WAIT_S * 4, self._probe_timeout_s + 1))
         self._threads.clear()
 
     def _spawn(self, name: str, target: Callable[..., None], *args: object) -> None:
@@ -131,20 +133,18 @@ class HealthMonitor:
         thread.start()
         self._threads.append(thread)
 
-    def _mps_timeout(self) -> float:
-        return 2.0
-
     # -- commands from the agent -----------------------------------------------------------
 
-    def reset(self, gpu_uuid: str) -> list[str]:
+    def reset(self, gpu_uuid: str) -> list[HealthReason]:
         """Clear the GPU's fault reasons at once (an operator decided); returns them."""
         with self._lock:
             reasons, _ = self._faults.pop(gpu_uuid, (set(), 0.0))
-            for reason in sorted(reasons):
+            cleared = sorted(reasons, key=str)
+            for reason in cleared:
                 self._emit(
                     HealthChange(gpu_uuid, reason, present=False, detail="reset by operator")
                 )
-        return sorted(reasons)
+        return cleared
 
     # -- GPU events --------------------------------------------------------------------------
 
@@ -184,14 +184,16 @@ class HealthMonitor:
                     extra={"fields": {"GPU_UUID": ",".join(targets), "XID": str(xid)}},
                 )
                 return
-            reason = xid_reason(xid)
+            reason = HealthReason.xid_fault(xid)
         elif event.kind is GpuEventKind.DOUBLE_BIT_ECC:
-            reason = REASON_DBE
+            reason = HealthReason.ecc_fault()
         else:
             with self._lock:
                 self._lost.update(targets)
                 for gpu_uuid in targets:
-                    self._emit(HealthChange(gpu_uuid, REASON_LOST, True, detail=event.detail))
+                    self._emit(
+                        HealthChange(gpu_uuid, HealthReason.lost(), True, detail=event.detail)
+                    )
             return
         now = self._clock()
         # Emitting under the lock keeps a change and a concurrent reset or recovery of the
@@ -201,16 +203,12 @@ class HealthMonitor:
                 reasons, _ = self._faults.get(gpu_uuid, (set(), now))
                 reasons.add(reason)
                 self._faults[gpu_uuid] = (reasons, now)
-                self._emit(HealthChange(gpu_uuid, reason, True, xid=event.xid, detail=event.detail))
+                self._emit(HealthChange(gpu_uuid, reason, True, detail=event.detail))
 
     # -- polling: lost GPUs, unwatchable GPUs, recovery --------------------------------------
 
     def _poll_loop(self) -> None:
-        # Recovery needs a finer tick than the poll interval when the quiet period is short;
-        # with no recovery (quiet period 0) the poll interval is all there is to do.
-        tick = self._config.poll_interval_s
-        if self._config.recovery_quiet_period_s > 0:
-            tick = min(tick, max(self._config.recovery_quiet_period_s, 0.1))
+        tick = poll_tick_s(self._config)
         next_poll = 0.0
         while not self._stop.wait(tick if next_poll else 0):
             now = self._clock()
@@ -229,7 +227,7 @@ class HealthMonitor:
                 with self._lock:
                     if gpu_uuid not in self._lost:
                         self._lost.add(gpu_uuid)
-                        self._emit(HealthChange(gpu_uuid, REASON_LOST, True, detail=str(exc)))
+                        self._emit(HealthChange(gpu_uuid, HealthReason.lost(), True, str(exc)))
             except GpuError as exc:
                 log.debug("polling GPU %s failed: %s", gpu_uuid, exc)
             else:
@@ -237,7 +235,7 @@ class HealthMonitor:
                     if gpu_uuid in self._lost:
                         self._lost.discard(gpu_uuid)
                         self._emit(
-                            HealthChange(gpu_uuid, REASON_LOST, False, detail="GPU answers again")
+                            HealthChange(gpu_uuid, HealthReason.lost(), False, "GPU answers again")
                         )
 
     def _recover_quiet_gpus(self, now: float) -> None:
@@ -263,7 +261,7 @@ class HealthMonitor:
                 if entry is None or now - entry[1] < quiet_s:
                     continue
                 del self._faults[gpu_uuid]
-                for reason in sorted(entry[0]):
+                for reason in sorted(entry[0], key=str):
                     self._emit(HealthChange(gpu_uuid, reason, False, detail=detail))
 
     # -- MPS liveness ---------------------------------------------------------------------------
@@ -273,19 +271,16 @@ class HealthMonitor:
         interval_s = self._config.mps_check_interval_s
         while not self._stop.is_set():
             started = self._clock()
+            previous = self._mps_down.get(gpu_uuid)
+            reason: Optional[HealthReason]
             try:
                 problem = self._mps.probe(gpu_uuid)
+                reason = None if problem is None else HealthReason.mps_down(problem)
             except Exception as exc:  # a probe must never kill its watcher
-                problem = f"{MPS_REASON_PREFIX} probe failed: {exc}"
-                if problem != self._mps_down.get(gpu_uuid):
+                reason = HealthReason.mps_down(f"MPS daemon probe failed: {exc}")
+                if reason != previous:
                     log.exception("probing the MPS daemon of GPU %s failed", gpu_uuid)
-            previous = self._mps_down.get(gpu_uuid)
-            if problem is not None:
-                reason = (
-                    problem
-                    if problem.startswith(MPS_REASON_PREFIX)
-                    else (f"{MPS_REASON_PREFIX}: {problem}")
-                )
+            if reason is not None:
                 if previous != reason:
                     # The new reason first: clearing the old one first would make the GPU
                     # look Healthy in between, and ListAndWatch would advertise that.

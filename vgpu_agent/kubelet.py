@@ -2,13 +2,13 @@
 
 The kubelet serves ``Registration`` on ``<plugin dir>/kubelet.sock``. When it restarts it
 deletes every file in the plugin directory (our socket included) and listens on a new
-``kubelet.sock``; :func:`kubelet_socket_identity` lets the loop see that replacement.
+``kubelet.sock``; :func:`vgpu_agent.sockets.socket_identity` lets the loop see that
+replacement.
 """
 
 from __future__ import annotations
 
 import os
-import stat
 from typing import Any, Callable, Optional, cast
 
 import grpc
@@ -16,6 +16,7 @@ import grpc
 from vgpu_agent._proto import deviceplugin_pb2 as pb
 from vgpu_agent._proto import deviceplugin_pb2_grpc as pb_grpc
 from vgpu_agent.errors import RegistrationError
+from vgpu_agent.sockets import socket_identity
 
 #: The device plugin API version we speak.
 API_VERSION = "v1beta1"
@@ -44,27 +45,10 @@ def unix_target(path: str) -> str:
     return f"unix://{os.path.abspath(path)}"
 
 
-def socket_identity(path: str) -> Optional[tuple[int, int]]:
-    """(inode, ctime in ns) of the unix socket at ``path``, or None when there is none.
-
-    The inode alone is not enough: a filesystem such as ext4 hands a freed inode number to
-    the next file made, so a socket deleted and made again usually has the same inode. Its
-    change time tells the two apart.
-    """
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    if not stat.S_ISSOCK(info.st_mode):
-        return None
-    return info.st_ino, info.st_ctime_ns
-
-
-def kubelet_socket_identity(path: str) -> Optional[tuple[int, int]]:
-    """The identity of the kubelet's socket at ``path`` (see :func:`socket_identity`), or
-    None when there is no socket. A value different from last time means the kubelet made
-    a new socket: it restarted, and the plugin must register again."""
-    return socket_identity(path)
+def plugin_options() -> pb.DevicePluginOptions:
+    """What the plugin supports: no PreStartContainer, GetPreferredAllocation available
+    (sent in Register and answered to GetDevicePluginOptions)."""
+    return pb.DevicePluginOptions(pre_start_required=False, get_preferred_allocation_available=True)
 
 
 def register(
@@ -85,7 +69,7 @@ def register(
     RegistrationError raised at once, instead of waiting out ``timeout_s``."""
     kubelet_path = os.path.join(plugin_dir, kubelet_socket_name)
     action = f"registering {resource_name} with the kubelet at {kubelet_path}"
-    if kubelet_socket_identity(kubelet_path) is None:
+    if socket_identity(kubelet_path) is None:
         raise RegistrationError(
             f"{action}: no socket there (is the kubelet running, and is the plugin directory "
             f"{plugin_dir} the one it uses?)"
@@ -94,9 +78,7 @@ def register(
         version=API_VERSION,
         endpoint=endpoint_socket_name,
         resource_name=resource_name,
-        options=pb.DevicePluginOptions(
-            pre_start_required=False, get_preferred_allocation_available=True
-        ),
+        options=plugin_options(),
     )
     with grpc.insecure_channel(unix_target(kubelet_path), options=CHANNEL_OPTIONS) as channel:
         call = _registration_stub(channel).Register.future(request, timeout=timeout_s)

@@ -29,6 +29,7 @@ import grpc
 
 from vgpu_agent._proto import deviceplugin_pb2 as pb
 from vgpu_agent._proto import deviceplugin_pb2_grpc as pb_grpc
+from vgpu_agent.devices import HEALTHY
 from vgpu_agent.kubelet import (
     API_VERSION,
     CHANNEL_OPTIONS,
@@ -63,22 +64,18 @@ class Registration:
     at: float
 
 
-#: One device of a ListAndWatch message (kept under this name for readers of the tests).
-StandinDevice = AdvertisedDevice
-
-
 @dataclass(frozen=True)
 class DeviceListUpdate:
     """One ListAndWatch message: the plugin's whole device list at time ``at`` (monotonic)."""
 
     resource_name: str
-    devices: tuple[StandinDevice, ...]
+    devices: tuple[AdvertisedDevice, ...]
     at: float
 
     @property
     def healthy_count(self) -> int:
         """How many devices are Healthy (the kubelet's allocatable)."""
-        return sum(1 for device in self.devices if device.health == "Healthy")
+        return sum(1 for device in self.devices if device.health == HEALTHY)
 
 
 def is_extended_resource_name(resource_name: str) -> bool:
@@ -220,12 +217,12 @@ class KubeletStandin:
         with self._condition:
             return list(self._updates)
 
-    def latest_devices(self, resource_name: str) -> Optional[tuple[StandinDevice, ...]]:
+    def latest_devices(self, resource_name: str) -> Optional[tuple[AdvertisedDevice, ...]]:
         """The last device list the plugin for ``resource_name`` sent, if any."""
         with self._condition:
             return self._latest(resource_name)
 
-    def _latest(self, resource_name: str) -> Optional[tuple[StandinDevice, ...]]:
+    def _latest(self, resource_name: str) -> Optional[tuple[AdvertisedDevice, ...]]:
         for update in reversed(self._updates):
             if update.resource_name == resource_name:
                 return update.devices
@@ -252,15 +249,15 @@ class KubeletStandin:
 
     def wait_for_devices(
         self,
-        predicate: Callable[[tuple[StandinDevice, ...]], bool],
+        predicate: Callable[[tuple[AdvertisedDevice, ...]], bool],
         timeout_s: float,
         resource_name: Optional[str] = None,
-    ) -> tuple[StandinDevice, ...]:
+    ) -> tuple[AdvertisedDevice, ...]:
         """Wait until the latest device list (of ``resource_name``, default: the last
         registered resource) satisfies ``predicate``; returns it. TimeoutError after
         ``timeout_s``."""
 
-        def latest() -> Optional[tuple[StandinDevice, ...]]:
+        def latest() -> Optional[tuple[AdvertisedDevice, ...]]:
             name = resource_name
             if name is None:
                 if not self._registrations:

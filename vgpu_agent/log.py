@@ -20,20 +20,18 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Mapping, Optional, TextIO
+from typing import Mapping, Optional, TextIO, get_args
 
+from vgpu_agent.config import LogLevel
 from vgpu_agent.errors import ConfigError
 from vgpu_agent.systemd import SYSLOG_IDENTIFIER, Journal, journal_field_name, under_systemd
 
 #: The ``extra`` key whose mapping holds a record's structured fields.
 FIELDS_KEY = "fields"
 
-_LEVELS = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-    "critical": logging.CRITICAL,
+#: The config's level names (agent.log_level), each the name of a logging level.
+_LEVELS: dict[str, int] = {
+    name: int(logging.getLevelName(name.upper())) for name in get_args(LogLevel)
 }
 
 # Handlers we install carry this name prefix, so a second setup replaces them.

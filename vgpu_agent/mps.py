@@ -2,7 +2,8 @@
 
 One ``nvidia-cuda-mps-control`` runs per served GPU, pinned to it with
 ``CUDA_VISIBLE_DEVICES=<uuid>``, with its own pipe directory ``<pipe_root>/<uuid>`` and
-log directory ``<log_root>/<uuid>``. Three managers implement :class:`MpsDaemons`:
+log directory ``<log_root>/<uuid>``. Three managers implement
+:class:`~vgpu_agent.daemons.MpsDaemons`:
 
 - :class:`DirectMpsDaemons` starts the daemons as child processes (no systemd; the
   real-GPU tests drive this one),
@@ -10,7 +11,7 @@ log directory ``<log_root>/<uuid>``. Three managers implement :class:`MpsDaemons
 - :class:`ExternalMpsDaemons` only uses and watches daemons someone else runs.
 
 :func:`daemon_command` and :func:`daemon_environment` are what the systemd unit runs too
-(through ``vgpu-agent mps run-daemon``, which calls :func:`exec_daemon`), so both paths
+(through ``vgpu-agent mps exec-daemon``, which calls :func:`exec_daemon`), so both paths
 start the daemon the same way. What was measured on a real GPU is in docs/mps.md.
 """
 
@@ -19,17 +20,20 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import stat
 import subprocess
 import threading
 import time
 from dataclasses import dataclass
-from typing import IO, Callable, Optional, Protocol
+from typing import IO, Callable, Optional
 
 from vgpu_agent.config import MpsConfig
-from vgpu_agent.devices import memory_limit_mib, pipe_dir_for, thread_percentage
+from vgpu_agent.daemons import MpsDaemonInfo, MpsDaemons
+from vgpu_agent.devices import memory_limit_mib, thread_percentage
 from vgpu_agent.errors import MpsError
 from vgpu_agent.gpu import Gpu
+from vgpu_agent.mps_units import REQUEST_SOCKET, request_socket_available, request_start
 
 _log = logging.getLogger(__name__)
 
@@ -55,36 +59,6 @@ MULTI_USER_OFF = (
 _MULTI_USER_OPTION = re.compile(r"(?m)^\s*-M\b|--multiuser-server\b|--multi-?user\b")
 
 
-@dataclass(frozen=True)
-class MpsDaemonInfo:
-    """Where a GPU's MPS daemon lives."""
-
-    gpu_uuid: str
-    pipe_dir: str
-    log_dir: str
-    multi_user: bool
-    #: The control daemon's pid when known (read from its pid file).
-    pid: Optional[int] = None
-    #: Whether an already-running daemon was found and kept rather than started.
-    reused: bool = False
-
-
-class MpsDaemons(Protocol):
-    """Runs (or finds) one MPS control daemon per served GPU and checks that each answers."""
-
-    def start(self, gpu: Gpu) -> MpsDaemonInfo:
-        """Make sure the GPU's daemon runs and answers; raises MpsError if it cannot."""
-        ...
-
-    def stop(self, gpu_uuid: str) -> None:
-        """Quit the GPU's daemon if this object started it (no-op otherwise)."""
-        ...
-
-    def probe(self, gpu_uuid: str) -> Optional[str]:
-        """None if the GPU's daemon answers a control command; else why it does not."""
-        ...
-
-
 # -- paths and the daemon's command line ----------------------------------------------
 
 
@@ -106,7 +80,7 @@ def daemon_environment(config: MpsConfig, gpu_uuid: str) -> dict[str, str]:
     """The variables that pin a daemon to its GPU and give it its directories."""
     return {
         "CUDA_VISIBLE_DEVICES": gpu_uuid,
-        "CUDA_MPS_PIPE_DIRECTORY": pipe_dir_for(config.pipe_root, gpu_uuid),
+        "CUDA_MPS_PIPE_DIRECTORY": config.pipe_dir(gpu_uuid),
         "CUDA_MPS_LOG_DIRECTORY": log_dir_for(config.log_root, gpu_uuid),
     }
 
@@ -115,24 +89,53 @@ def prepare_directories(config: MpsConfig, gpu_uuid: str) -> tuple[str, str]:
     """Create the GPU's pipe and log directories (mode 0755, whatever the umask).
 
     The daemon would create a missing pipe directory itself with mode 0777, which lets
-    any pod replace its sockets; so we create it first. Returns (pipe_dir, log_dir).
+    any pod replace its sockets; so we create it first. Only directories created here are
+    chmod-ed: one that exists already is used only when it is root's and writable by
+    nobody else (never /tmp-like shared directories). Returns (pipe_dir, log_dir).
     """
-    pipe_dir = pipe_dir_for(config.pipe_root, gpu_uuid)
+    pipe_dir = config.pipe_dir(gpu_uuid)
     log_dir = log_dir_for(config.log_root, gpu_uuid)
     for root, directory, key in (
         (config.pipe_root, pipe_dir, "mps.pipe_root"),
         (config.log_root, log_dir, "mps.log_root"),
     ):
         try:
-            os.makedirs(directory, mode=DIRECTORY_MODE, exist_ok=True)
+            os.makedirs(os.path.dirname(root), mode=DIRECTORY_MODE, exist_ok=True)
             for path in (root, directory):
-                os.chmod(path, DIRECTORY_MODE)
+                if _make_directory(path):
+                    os.chmod(path, DIRECTORY_MODE)
+                    continue
+                problem = _unsafe(path)
+                if problem is not None:
+                    raise MpsError(
+                        f"using MPS directory {path} for GPU {gpu_uuid}: {problem}, so other "
+                        f"users could replace what the daemon keeps there; set {key} to a "
+                        "directory of its own (e.g. /run/nvidia-mps) or chmod go-w it"
+                    )
+                if not os.stat(path).st_mode & stat.S_IXOTH:
+                    # Left as it is (not ours to chmod), but pods must pass through it.
+                    _log.warning(
+                        "MPS directory %s is not searchable by other users: pods running as "
+                        "other users cannot reach the daemon; chmod o+x it (or 0755)",
+                        path,
+                    )
         except OSError as exc:
             raise MpsError(
                 f"creating MPS directory {directory} for GPU {gpu_uuid}: {exc.strerror} "
                 f"(run the agent as root, or set {key} to a writable directory)"
             ) from exc
     return pipe_dir, log_dir
+
+
+def _make_directory(path: str) -> bool:
+    """Create ``path``; False when a directory is there already (OSError otherwise)."""
+    try:
+        os.mkdir(path, DIRECTORY_MODE)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+        return False
+    return True
 
 
 def restrict_pipe_dir(pipe_dir: str) -> None:
@@ -165,9 +168,10 @@ def help_supports_multi_user(help_text: str) -> bool:
 
 def control_help(control_binary: str, timeout_s: float = 5.0) -> str:
     """The control program's usage text (``-h``), stdout and stderr together."""
+    program = checked_program(control_binary)
     try:
         completed = subprocess.run(
-            [control_binary, "-h"],
+            [program, "-h"],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=timeout_s,
@@ -207,6 +211,65 @@ def resolve_multi_user(config: MpsConfig) -> bool:
 # -- talking to a daemon -------------------------------------------------------------
 
 
+def _ancestors(path: str) -> list[str]:
+    """The directories above ``path`` (absolute), nearest first, "/" last."""
+    found = []
+    parent = os.path.dirname(path)
+    while True:
+        found.append(parent)
+        if parent == "/":
+            return found
+        parent = os.path.dirname(parent)
+
+
+def _unsafe(path: str, *, allow_sticky: bool = False) -> Optional[str]:
+    """Why another user could change what ``path`` is, or None: it must be owned by root
+    (or by us) and writable by nobody else. With ``allow_sticky`` (a directory above a
+    program), a root-owned sticky directory (/tmp) is fine: no one else can rename or
+    replace what is in it."""
+    info = os.stat(path)
+    if info.st_uid not in (0, os.geteuid()):
+        return f"{path} is owned by uid {info.st_uid}, not root"
+    sticky_root_dir = (
+        allow_sticky
+        and stat.S_ISDIR(info.st_mode)
+        and bool(info.st_mode & stat.S_ISVTX)
+        and info.st_uid == 0
+    )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky_root_dir:
+        return f"{path} is writable by other users (mode {stat.S_IMODE(info.st_mode):04o})"
+    return None
+
+
+def checked_program(control_binary: str) -> str:
+    """The absolute path of the MPS control program, once nobody but root could have put
+    something else there: we run it as root. Symlinks are resolved; the file and every
+    directory above it (and above the link) must be root's and writable by nobody else.
+    MpsError naming the path and what to do otherwise."""
+    found = shutil.which(control_binary) if "/" not in control_binary else control_binary
+    if found is None or not os.path.isfile(found):
+        raise _missing_binary(control_binary)
+    found = os.path.abspath(found)
+    real = os.path.realpath(found)
+    try:
+        directories = _ancestors(real) + _ancestors(found)
+        problem = _unsafe(real) or next(
+            (why for why in (_unsafe(path, allow_sticky=True) for path in directories) if why),
+            None,
+        )
+    except OSError as exc:
+        raise MpsError(f"checking the MPS control program {found}: {exc.strerror}") from exc
+    if problem is not None:
+        shown = found if real == found else f"{found} (-> {real})"
+        raise MpsError(
+            f"refusing to run the MPS control program {shown} as root: {problem}; "
+            "make it and its directories root's and not writable by others (chmod go-w), "
+            "or set mps.control_binary to one that is"
+        )
+    # Run it by the checked name: the daemon finds nvidia-cuda-mps-server beside it.
+    return found
+
+
 def _missing_binary(control_binary: str) -> MpsError:
     return MpsError(
         f"the MPS control program {control_binary!r} was not found: install the NVIDIA "
@@ -224,9 +287,10 @@ def control_command(config: MpsConfig, pipe_dir: str, command: str) -> str:
     environment = dict(os.environ)
     environment["CUDA_MPS_PIPE_DIRECTORY"] = pipe_dir
     timeout_s = config.control_timeout_s
+    program = checked_program(config.control_binary)
     try:
         completed = subprocess.run(
-            [config.control_binary],
+            [program],
             input=(command + "\n").encode(),
             capture_output=True,
             env=environment,
@@ -353,14 +417,17 @@ def running_multi_user(pid: int) -> Optional[bool]:
 
 def quit_daemon(config: MpsConfig, gpu_uuid: str) -> None:
     """Ask the GPU's daemon to quit (what ``vgpu-agent mps quit`` and ExecStop do)."""
-    control_command(config, pipe_dir_for(config.pipe_root, gpu_uuid), "quit")
+    control_command(config, config.pipe_dir(gpu_uuid), "quit")
 
 
 def exec_daemon(config: MpsConfig, gpu_uuid: str) -> None:
     """Become the GPU's control daemon (``vgpu-agent mps run-daemon <uuid>``, systemd's
     ExecStart): prepare its directories, then exec it in the foreground."""
+    # Check the program before creating anything: a bad one must leave nothing behind.
+    program = checked_program(config.control_binary)
+    multi_user = resolve_multi_user(config)
     prepare_directories(config, gpu_uuid)
-    command = daemon_command(config, resolve_multi_user(config))
+    command = [program, *daemon_command(config, multi_user)[1:]]
     environment = dict(os.environ)
     environment.update(daemon_environment(config, gpu_uuid))
     try:
@@ -393,6 +460,23 @@ def _wait_until_answers(
         if time.monotonic() >= deadline:
             return reason
         time.sleep(0.05)
+
+
+def secure_pipe_dir(config: MpsConfig, gpu_uuid: str, wait_s: float = 15.0) -> bool:
+    """Wait until the GPU's daemon answers, then restrict its pipe directory when it runs
+    in multi-user mode (vgpu-mps@.service's ExecStartPost, so that the sandboxed agent
+    needs no write access there); True when restricted. MpsError if it never answers."""
+    pipe_dir = config.pipe_dir(gpu_uuid)
+    reason = _wait_until_answers(config, pipe_dir, wait_s, lambda: None)
+    if reason is not None:
+        raise MpsError(f"GPU {gpu_uuid}'s MPS daemon does not answer on {pipe_dir}: {reason}")
+    pid = daemon_pid(pipe_dir)
+    multi_user = running_multi_user(pid) if pid is not None else None
+    if multi_user is None:
+        multi_user = config.multi_user != "off"
+    if multi_user:
+        restrict_pipe_dir(pipe_dir)
+    return multi_user
 
 
 def daemon_default_commands(config: MpsConfig, memory_mib: int, replicas: int) -> list[str]:
@@ -500,7 +584,7 @@ class DirectMpsDaemons:
                 restrict_pipe_dir(pipe_dir)
             return info
         multi_user = self._resolved_multi_user()
-        command = daemon_command(config, multi_user)
+        command = [checked_program(config.control_binary), *daemon_command(config, multi_user)[1:]]
         environment = dict(os.environ)
         environment.update(daemon_environment(config, gpu.uuid))
         log_path = os.path.join(log_dir, "control.log")
@@ -558,6 +642,12 @@ class DirectMpsDaemons:
             gpu_uuid, pipe_dir, log_dir, self._resolved_multi_user(), pid=started.process.pid
         )
 
+    def apply_defaults(self, gpu: Gpu, replicas: int) -> list[str]:
+        """Set the daemon defaults ``mps.daemon_*_limit`` ask for; returns the commands."""
+        return apply_daemon_defaults(
+            self._config, self._config.pipe_dir(gpu.uuid), gpu.memory_mib, replicas
+        )
+
     def stop(self, gpu_uuid: str) -> None:
         """Quit the daemon this object started (``quit``, then kill after a timeout)."""
         with self._lock:
@@ -568,9 +658,7 @@ class DirectMpsDaemons:
         try:
             if process.poll() is None:
                 try:
-                    control_command(
-                        self._config, pipe_dir_for(self._config.pipe_root, gpu_uuid), "quit"
-                    )
+                    control_command(self._config, self._config.pipe_dir(gpu_uuid), "quit")
                 except MpsError as exc:
                     _log.warning("asking the MPS daemon of GPU %s to quit: %s", gpu_uuid, exc)
                 try:
@@ -597,7 +685,7 @@ class DirectMpsDaemons:
         """None if the GPU's daemon answers; else why not (exited, hung, missing)."""
         with self._lock:
             started = self._started.get(gpu_uuid)
-        problem = self._prober.probe(pipe_dir_for(self._config.pipe_root, gpu_uuid))
+        problem = self._prober.probe(self._config.pipe_dir(gpu_uuid))
         if started is not None:
             code = started.process.poll()
             if code is not None:
@@ -622,17 +710,42 @@ class SystemdMpsDaemons:
         *,
         systemctl: str = "systemctl",
         start_timeout_s: float = 30.0,
+        request_socket: Optional[str] = REQUEST_SOCKET,
     ) -> None:
         self._config = config
         self._systemctl = systemctl
+        self._request_socket = request_socket
         self._start_timeout_s = start_timeout_s
         self._prober = LivenessProber(config)
 
     def start(self, gpu: Gpu) -> MpsDaemonInfo:
-        """Start the GPU's unit (a no-op when it runs) and wait until the daemon answers."""
+        """Start the GPU's unit (a no-op when it runs) and wait until the daemon answers.
+
+        Through ``vgpu-mps-units.socket`` when it is there (the agent's sandbox cannot
+        reach systemd; see mps_units), else with ``systemctl start`` (root, no sandbox)."""
         config = self._config
-        pipe_dir, log_dir = prepare_directories(config, gpu.uuid)
         unit = SYSTEMD_UNIT_TEMPLATE.format(gpu_uuid=gpu.uuid)
+        if request_socket_available(self._request_socket):
+            # The unit makes the GPU's directories itself (exec_daemon) and restricts the
+            # pipe directory (ExecStartPost): the sandboxed agent writes neither root.
+            assert self._request_socket is not None  # noqa: S101 - checked just above
+            pipe_dir = config.pipe_dir(gpu.uuid)
+            log_dir = log_dir_for(config.log_root, gpu.uuid)
+            request_start(gpu.uuid, self._request_socket, self._start_timeout_s)
+            restrict = False  # the unit's ExecStartPost did (secure_pipe_dir)
+        else:
+            pipe_dir, log_dir = prepare_directories(config, gpu.uuid)
+            self._systemctl_start(unit)
+            restrict = True
+        reason = _wait_until_answers(config, pipe_dir, self._start_timeout_s, lambda: None)
+        if reason is not None:
+            raise MpsError(f"{unit} started but its MPS daemon does not answer: {reason}")
+        info = _reuse_info(config, gpu.uuid, pipe_dir, log_dir)
+        if info.multi_user and restrict:
+            restrict_pipe_dir(pipe_dir)
+        return info
+
+    def _systemctl_start(self, unit: str) -> None:
         try:
             completed = subprocess.run(
                 [self._systemctl, "start", unit],
@@ -656,20 +769,19 @@ class SystemdMpsDaemons:
                 f"starting {unit}: {output or f'systemctl exit {completed.returncode}'} "
                 f"(see systemctl status {unit} and journalctl -u {unit})"
             )
-        reason = _wait_until_answers(config, pipe_dir, self._start_timeout_s, lambda: None)
-        if reason is not None:
-            raise MpsError(f"{unit} started but its MPS daemon does not answer: {reason}")
-        info = _reuse_info(config, gpu.uuid, pipe_dir, log_dir)
-        if info.multi_user:
-            restrict_pipe_dir(pipe_dir)
-        return info
+
+    def apply_defaults(self, gpu: Gpu, replicas: int) -> list[str]:
+        """Set the daemon defaults ``mps.daemon_*_limit`` ask for; returns the commands."""
+        return apply_daemon_defaults(
+            self._config, self._config.pipe_dir(gpu.uuid), gpu.memory_mib, replicas
+        )
 
     def stop(self, gpu_uuid: str) -> None:
         """Leave the unit running: an agent stop or upgrade must not kill MPS jobs."""
 
     def probe(self, gpu_uuid: str) -> Optional[str]:
         """None if the GPU's daemon answers a control command; else why not."""
-        return self._prober.probe(pipe_dir_for(self._config.pipe_root, gpu_uuid))
+        return self._prober.probe(self._config.pipe_dir(gpu_uuid))
 
 
 class ExternalMpsDaemons:
@@ -681,7 +793,7 @@ class ExternalMpsDaemons:
 
     def start(self, gpu: Gpu) -> MpsDaemonInfo:
         """Check that the GPU's daemon answers; MpsError naming what is wrong if not."""
-        pipe_dir = pipe_dir_for(self._config.pipe_root, gpu.uuid)
+        pipe_dir = self._config.pipe_dir(gpu.uuid)
         log_dir = log_dir_for(self._config.log_root, gpu.uuid)
         reason = probe_pipe_dir(self._config, pipe_dir)
         if reason is not None:
@@ -690,12 +802,40 @@ class ExternalMpsDaemons:
             )
         return _reuse_info(self._config, gpu.uuid, pipe_dir, log_dir)
 
+    def apply_defaults(self, gpu: Gpu, replicas: int) -> list[str]:
+        """Set the daemon defaults ``mps.daemon_*_limit`` ask for; returns the commands."""
+        return apply_daemon_defaults(
+            self._config, self._config.pipe_dir(gpu.uuid), gpu.memory_mib, replicas
+        )
+
     def stop(self, gpu_uuid: str) -> None:
         """Never stops a daemon it did not start."""
 
     def probe(self, gpu_uuid: str) -> Optional[str]:
         """None if the GPU's daemon answers a control command; else why not."""
-        return self._prober.probe(pipe_dir_for(self._config.pipe_root, gpu_uuid))
+        return self._prober.probe(self._config.pipe_dir(gpu_uuid))
+
+
+class HostMpsInspector:
+    """The MPS daemons on this host, as `vgpu-agent doctor` inspects them."""
+
+    in_agent: Optional[str] = None
+
+    def __init__(self, config: MpsConfig) -> None:
+        self._config = config
+
+    def probe(self, gpu_uuid: str) -> Optional[str]:
+        """None if the GPU's daemon answers; else why not."""
+        return probe_pipe_dir(self._config, self._config.pipe_dir(gpu_uuid))
+
+    def multi_user_supported(self) -> bool:
+        """Whether this driver's nvidia-cuda-mps-control offers -M."""
+        return help_supports_multi_user(control_help(self._config.control_binary))
+
+    def daemon_multi_user(self, gpu_uuid: str) -> Optional[bool]:
+        """Whether the GPU's running daemon was started with -M (None: no daemon or unknown)."""
+        pid = daemon_pid(self._config.pipe_dir(gpu_uuid))
+        return running_multi_user(pid) if pid is not None else None
 
 
 def build_mps_daemons(config: MpsConfig) -> MpsDaemons:

@@ -16,7 +16,7 @@ import threading
 from typing import Any, Callable, Optional, TypeVar
 
 from vgpu_agent.errors import GpuError, GpuLostError
-from vgpu_agent.gpu import ComputeMode, Gpu, GpuEvent, GpuEventKind
+from vgpu_agent.gpu import ComputeMode, Gpu, GpuEvent, GpuEventKind, GpuProcess
 
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -37,19 +37,22 @@ NVML_ERROR_LIB_RM_VERSION_MISMATCH = 18
 NVML_ERROR_GPU_NOT_FOUND = 28
 
 _LOST_CODES = frozenset({NVML_ERROR_GPU_IS_LOST, NVML_ERROR_GPU_NOT_FOUND})
+#: Without a GPU, what to use instead (the CLI's option and the config key).
+TRY_WITHOUT_GPU = 'or try without a GPU: --simulate N, or gpus.backend = "simulated"'
 _HINTS = {
-    NVML_ERROR_LIBRARY_NOT_FOUND: "is the NVIDIA driver installed and loaded? "
-    "(libnvidia-ml.so.1 was not found)",
-    NVML_ERROR_DRIVER_NOT_LOADED: "is the NVIDIA driver installed and loaded? (nvidia-smi shows)",
+    NVML_ERROR_LIBRARY_NOT_FOUND: "libnvidia-ml.so.1 was not found: install the NVIDIA "
+    f"driver, {TRY_WITHOUT_GPU}",
+    NVML_ERROR_DRIVER_NOT_LOADED: "the NVIDIA kernel driver is not loaded: load it "
+    f"(modprobe nvidia; nvidia-smi must list the GPUs), {TRY_WITHOUT_GPU}",
     NVML_ERROR_NO_PERMISSION: "insufficient permissions: run as root",
     NVML_ERROR_LIB_RM_VERSION_MISMATCH: "the NVML library and the loaded kernel driver "
     "differ in version: reboot or reload the driver after the upgrade",
-    NVML_ERROR_GPU_IS_LOST: "the GPU is lost (fallen off the bus?); see the kernel log",
-    NVML_ERROR_GPU_NOT_FOUND: "the GPU is gone; see the kernel log",
-    NVML_ERROR_RESET_REQUIRED: "the GPU needs a reset",
+    NVML_ERROR_GPU_IS_LOST: "the GPU is lost, fallen off the bus: see the kernel log",
+    NVML_ERROR_GPU_NOT_FOUND: "the GPU is gone: see the kernel log",
+    NVML_ERROR_RESET_REQUIRED: "the GPU needs a reset (nvidia-smi -r)",
     NVML_ERROR_NOT_SUPPORTED: "this GPU or driver does not support it",
-    NVML_ERROR_FUNCTION_NOT_FOUND: "the driver is too old for this NVML function",
-    NVML_ERROR_UNINITIALIZED: "NVML is not initialised (the backend was closed?)",
+    NVML_ERROR_FUNCTION_NOT_FOUND: "the driver is too old for this NVML function: upgrade it",
+    NVML_ERROR_UNINITIALIZED: "NVML is not initialised: the backend was closed",
 }
 
 _COMPUTE_MODES = {
@@ -71,7 +74,7 @@ def translate_error(action: str, code: Optional[int], text: str) -> GpuError:
     hint = _HINTS.get(code) if code is not None else None
     message = f"{action}: NVML error: {text}"
     if hint is not None:
-        message += f" ({hint})"
+        message += f"; {hint}"
     if code in _LOST_CODES:
         return GpuLostError(message)
     return GpuError(message)
@@ -104,6 +107,14 @@ def numa_node_from_sysfs(bus_id: str, sysfs_root: str = "/sys/bus/pci/devices") 
     return node if node >= 0 else None
 
 
+def process_from_nvml(gpu_uuid: str, entry: Any) -> GpuProcess:
+    """Our GpuProcess for one of NVML's process info entries (``pid``, ``usedGpuMemory`` in
+    bytes, None when NVML cannot tell)."""
+    used_bytes = getattr(entry, "usedGpuMemory", None)
+    used_mib = int(used_bytes) // (1024 * 1024) if used_bytes is not None else None
+    return GpuProcess(pid=int(entry.pid), gpu_uuid=gpu_uuid, used_memory_mib=used_mib)
+
+
 def _text(value: Any) -> str:
     # Older nvidia-ml-py releases return bytes, newer ones str.
     if isinstance(value, bytes):
@@ -122,7 +133,7 @@ def _import_pynvml() -> Any:
     except ImportError as exc:
         raise GpuError(
             "loading NVML: the Python package nvidia-ml-py (module pynvml) is not "
-            "installed; install it or use the simulated backend"
+            f"installed: install it, {TRY_WITHOUT_GPU}"
         ) from exc
     return pynvml
 
@@ -337,6 +348,17 @@ class NvmlBackend:
         if event_type & _EVENT_DOUBLE_BIT_ECC:
             return GpuEvent(GpuEventKind.DOUBLE_BIT_ECC, gpu_uuid, detail="double-bit ECC error")
         return GpuEvent(GpuEventKind.LOST, gpu_uuid, detail=f"NVML event 0x{event_type:x}")
+
+    def mps_client_processes(self, gpu_uuid: str) -> list[GpuProcess]:
+        """The GPU's MPS clients (nvmlDeviceGetMPSComputeRunningProcesses), host pids."""
+        with self._lock:
+            handle = self._handle(gpu_uuid)
+            entries = self._call_unlocked(
+                f"listing the MPS client processes of GPU {gpu_uuid}",
+                self._nvml.nvmlDeviceGetMPSComputeRunningProcesses,
+                handle,
+            )
+        return [process_from_nvml(gpu_uuid, entry) for entry in entries]
 
     def interrupt_wait(self) -> None:
         """NVML's event wait cannot be interrupted; it returns at its timeout."""

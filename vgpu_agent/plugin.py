@@ -1,18 +1,18 @@
-"""The DevicePlugin gRPC service: converts between protobuf messages and the device model.
+"""The DevicePlugin gRPC service: converts between protobuf messages and the node model.
 
-:class:`DeviceState` holds the current :class:`~vgpu_agent.devices.Inventory` and wakes the
-ListAndWatch streams when it changes; :class:`PluginServicer` answers the five RPCs;
-:class:`PluginServer` owns the gRPC server on the unix socket in the plugin directory.
-This module and :mod:`vgpu_agent.kubelet` are the only ones that touch generated code.
+:class:`PluginServicer` answers the five RPCs from a :class:`~vgpu_agent.node.Node`, which
+owns the served GPUs and decides every Allocate; :class:`PluginServer` owns the gRPC server
+on the unix socket in the plugin directory. This module and :mod:`vgpu_agent.kubelet` are
+the only ones that touch generated code.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 import stat
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -22,17 +22,11 @@ import grpc
 
 from vgpu_agent._proto import deviceplugin_pb2 as pb
 from vgpu_agent._proto import deviceplugin_pb2_grpc as pb_grpc
-from vgpu_agent.devices import (
-    MAX_DEVICE_ID_LENGTH,
-    InvalidRequestError,
-    Inventory,
-    MpsGrantPolicy,
-    grant,
-    preferred_allocation,
-    validate_allocation,
-)
+from vgpu_agent.devices import MAX_DEVICE_ID_LENGTH, InvalidRequestError, Inventory
 from vgpu_agent.errors import AgentError
-from vgpu_agent.kubelet import socket_identity
+from vgpu_agent.kubelet import plugin_options
+from vgpu_agent.node import Node
+from vgpu_agent.sockets import MAX_UNIX_SOCKET_PATH_BYTES, socket_answers, socket_identity
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +41,6 @@ LIST_AND_WATCH_RECHECK_S = 5.0
 SERVER_WORKERS = 16
 #: At most this many ListAndWatch streams at once, so the unary RPCs always find a worker.
 MAX_LIST_AND_WATCH_STREAMS = 12
-#: Unix socket paths are limited to 108 bytes including the terminating NUL.
-MAX_UNIX_SOCKET_PATH_BYTES = 107
 #: A request larger than this is refused by gRPC itself (RESOURCE_EXHAUSTED); 10,000 ids of
 #: 63 characters take about 0.7 MiB.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -158,96 +150,6 @@ class RpcContext(Protocol):
         ...
 
 
-class DeviceState:
-    """The current inventory, shared between the agent loop and the ListAndWatch streams.
-
-    Every change that makes the inventory different bumps a version counter and wakes the
-    waiting streams; setting an equal inventory changes nothing, so no stream re-sends.
-    """
-
-    def __init__(self, inventory: Inventory) -> None:
-        self._condition = threading.Condition()
-        self._inventory = inventory
-        self._version = 0
-        self._closed = False
-
-    def get(self) -> Inventory:
-        """The current inventory."""
-        with self._condition:
-            return self._inventory
-
-    def snapshot(self) -> tuple[int, Inventory]:
-        """The current version and inventory, read together."""
-        with self._condition:
-            return self._version, self._inventory
-
-    @property
-    def version(self) -> int:
-        """Incremented on every change of the inventory."""
-        with self._condition:
-            return self._version
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
-        with self._condition:
-            return self._closed
-
-    def set(self, inventory: Inventory) -> None:
-        """Replace the inventory; wakes the streams if it differs from the current one."""
-        with self._condition:
-            self._replace(inventory)
-
-    def update(self, change: Callable[[Inventory], Inventory]) -> Inventory:
-        """Replace the inventory by ``change(current)`` atomically; returns the new one."""
-        with self._condition:
-            inventory = change(self._inventory)
-            self._replace(inventory)
-            return inventory
-
-    def _replace(self, inventory: Inventory) -> None:
-        if inventory == self._inventory:
-            return
-        self._inventory = inventory
-        self._version += 1
-        self._condition.notify_all()
-
-    def wait_for_change(
-        self,
-        version: int,
-        timeout_s: float,
-        give_up: Optional[Callable[[], bool]] = None,
-    ) -> tuple[int, Inventory]:
-        """Block until the version differs from ``version``, :meth:`close` is called,
-        ``give_up()`` is true (checked now and after every :meth:`wake`), or ``timeout_s``
-        passes; returns the version and inventory at that point."""
-        with self._condition:
-            self._condition.wait_for(
-                lambda: (
-                    self._version != version or self._closed or (give_up is not None and give_up())
-                ),
-                timeout=timeout_s,
-            )
-            return self._version, self._inventory
-
-    def wake(self) -> None:
-        """Make every waiter check its ``give_up`` again. Call it after changing what that
-        checks: waiters evaluate it under this lock, so no wake-up is lost."""
-        with self._condition:
-            self._condition.notify_all()
-
-    def close(self) -> None:
-        """Wake every waiter for good: the streams end (used at shutdown)."""
-        with self._condition:
-            self._closed = True
-            self._condition.notify_all()
-
-
-def plugin_options() -> pb.DevicePluginOptions:
-    """What the plugin tells the kubelet it supports."""
-    return pb.DevicePluginOptions(pre_start_required=False, get_preferred_allocation_available=True)
-
-
 def list_response(inventory: Inventory) -> pb.ListAndWatchResponse:
     """The ListAndWatch message for ``inventory``: every vGPU, its health and NUMA node."""
     devices = []
@@ -275,32 +177,26 @@ def check_device_ids(device_ids: Sequence[str], what: str) -> None:
 
 
 class PluginServicer(pb_grpc.DevicePluginServicer):
-    """The DevicePlugin service over a :class:`DeviceState`.
-
-    ``mps_policy`` is what Allocate grants for MPS (None: the GPU only); ``on_allocate`` is
-    called with each container's ids after a successful Allocate (its errors are logged).
-    """
+    """The DevicePlugin service over a :class:`~vgpu_agent.node.Node`."""
 
     def __init__(
         self,
-        state: DeviceState,
-        mps_policy: Optional[MpsGrantPolicy],
-        on_allocate: Optional[Callable[[list[str]], None]] = None,
+        node: Node,
         max_streams: int = MAX_LIST_AND_WATCH_STREAMS,
+        *,
+        observe_latency: Optional[Callable[[str, float], None]] = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        self._state = state
-        self._mps_policy = mps_policy
-        self._on_allocate = on_allocate
+        self._node = node
         self._max_streams = max_streams
+        #: Told (method name, seconds) after each Allocate and GetPreferredAllocation.
+        self._observe_latency = observe_latency
+        self._clock = clock
         self._lock = threading.Lock()
         self._streams = 0
         # Streams started under an older generation end; see end_streams().
         self._generation = 0
         self._cached_response: Optional[tuple[int, pb.ListAndWatchResponse]] = None
-
-    def set_mps_policy(self, mps_policy: Optional[MpsGrantPolicy]) -> None:
-        """Use a new MPS policy for the following Allocate calls (config reload)."""
-        self._mps_policy = mps_policy
 
     @property
     def open_streams(self) -> int:
@@ -313,7 +209,7 @@ class PluginServicer(pb_grpc.DevicePluginServicer):
         streams opened later are served normally, so the servicer can be reused."""
         with self._lock:
             self._generation += 1
-        self._state.wake()
+        self._node.wake()
 
     # -- the RPCs -----------------------------------------------------------------------------
 
@@ -327,7 +223,7 @@ class PluginServicer(pb_grpc.DevicePluginServicer):
         self, request: pb.Empty, context: RpcContext
     ) -> Iterator[pb.ListAndWatchResponse]:
         """The full device list now, then again after every change, until the RPC ends,
-        the server stops or the state is closed."""
+        the server stops or the node is closed."""
         with self._lock:
             if self._streams >= self._max_streams:
                 too_many = True
@@ -356,13 +252,27 @@ class PluginServicer(pb_grpc.DevicePluginServicer):
         self, request: pb.PreferredAllocationRequest, context: RpcContext
     ) -> pb.PreferredAllocationResponse:
         """Best-fit ids on one GPU for each container request."""
-        return _answer(context, "GetPreferredAllocation", lambda: self._preferred(_parsed(request)))
+        started = self._clock()
+        try:
+            return _answer(
+                context, "GetPreferredAllocation", lambda: self._preferred(_parsed(request))
+            )
+        finally:
+            self._observed("GetPreferredAllocation", started)
 
     def Allocate(  # noqa: N802 - the gRPC method name
         self, request: pb.AllocateRequest, context: RpcContext
     ) -> pb.AllocateResponse:
         """Validate each container's ids and return its environment, mounts, annotations."""
-        return _answer(context, "Allocate", lambda: self._allocate(_parsed(request)))
+        started = self._clock()
+        try:
+            return _answer(context, "Allocate", lambda: self._allocate(_parsed(request)))
+        finally:
+            self._observed("Allocate", started)
+
+    def _observed(self, method: str, started: float) -> None:
+        if self._observe_latency is not None:
+            self._observe_latency(method, self._clock() - started)
 
     def PreStartContainer(  # noqa: N802 - the gRPC method name
         self, request: pb.PreStartContainerRequest, context: RpcContext
@@ -380,20 +290,20 @@ class PluginServicer(pb_grpc.DevicePluginServicer):
 
         def on_rpc_end() -> None:
             ended.set()
-            self._state.wake()
+            self._node.wake()
 
         def should_end() -> bool:
             return ended.is_set() or self._generation != generation
 
         if not context.add_callback(on_rpc_end):
             return  # the RPC already ended
-        version, inventory = self._state.snapshot()
+        version, inventory = self._node.snapshot()
         yield self._list_response(version, inventory)
         while True:
-            new_version, inventory = self._state.wait_for_change(
+            new_version, inventory = self._node.wait_for_change(
                 version, LIST_AND_WATCH_RECHECK_S, should_end
             )
-            if should_end() or self._state.closed or not context.is_active():
+            if should_end() or self._node.closed or not context.is_active():
                 return
             if new_version != version:
                 version = new_version
@@ -416,7 +326,6 @@ class PluginServicer(pb_grpc.DevicePluginServicer):
             ),
             "the preferred allocation request",
         )
-        inventory = self._state.get()
         response = pb.PreferredAllocationResponse()
         for container in request.container_requests:
             check_device_ids(container.available_deviceIDs, "the available device ids")
@@ -426,8 +335,7 @@ class PluginServicer(pb_grpc.DevicePluginServicer):
                     f"allocation size {container.allocation_size} is larger than "
                     f"{MAX_IDS_PER_REQUEST}"
                 )
-            chosen = preferred_allocation(
-                inventory,
+            chosen = self._node.preferred(
                 list(container.available_deviceIDs),
                 list(container.must_include_deviceIDs),
                 container.allocation_size,
@@ -443,15 +351,12 @@ class PluginServicer(pb_grpc.DevicePluginServicer):
         _check_request_size(
             sum(len(c.devices_ids) for c in request.container_requests), "the Allocate request"
         )
-        inventory = self._state.get()
-        mps_policy = self._mps_policy
         response = pb.AllocateResponse()
-        granted: list[tuple[str, list[str]]] = []
+        allocations = []
         for container in request.container_requests:
             check_device_ids(container.devices_ids, "the Allocate request")
-            vgpu_ids = list(container.devices_ids)
-            served = validate_allocation(inventory, vgpu_ids)
-            container_grant = grant(served, len(vgpu_ids), mps_policy)
+            allocation = self._node.allocate(list(container.devices_ids))
+            container_grant = allocation.grant
             response.container_responses.append(
                 pb.ContainerAllocateResponse(
                     envs=container_grant.envs,
@@ -466,26 +371,16 @@ class PluginServicer(pb_grpc.DevicePluginServicer):
                     annotations=container_grant.annotations,
                 )
             )
-            granted.append((served.gpu.uuid, vgpu_ids))
-        for gpu_uuid, vgpu_ids in granted:
+            allocations.append(allocation)
+        for allocation in allocations:
             log.info(
                 "allocated %d vGPU(s) on GPU %s: %s",
-                len(vgpu_ids),
-                gpu_uuid,
-                ", ".join(vgpu_ids),
-                extra={"fields": {"VGPU_EVENT": "allocate", "GPU_UUID": gpu_uuid}},
+                len(allocation.vgpu_ids),
+                allocation.gpu_uuid,
+                ", ".join(allocation.vgpu_ids),
+                extra={"fields": {"VGPU_EVENT": "allocate", "GPU_UUID": allocation.gpu_uuid}},
             )
-            self._notify_allocated(vgpu_ids)
         return response
-
-    def _notify_allocated(self, vgpu_ids: list[str]) -> None:
-        if self._on_allocate is None:
-            return
-        try:
-            self._on_allocate(vgpu_ids)
-        except Exception:
-            # The container already has its answer; a failing observer must not fail the pod.
-            log.exception("the Allocate observer failed for %s", ", ".join(vgpu_ids))
 
 
 def _check_request_size(total_ids: int, what: str) -> None:
@@ -562,19 +457,6 @@ def query_devices(socket_path: str, timeout_s: float = 2.0) -> tuple[AdvertisedD
         finally:
             stream.cancel()
     return advertised_devices(first)
-
-
-def socket_answers(path: str, timeout_s: float = 0.5) -> bool:
-    """Whether some process accepts connections on the unix socket at ``path``."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(timeout_s)
-    try:
-        probe.connect(path)
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
 
 
 class PluginServer:

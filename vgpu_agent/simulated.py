@@ -13,11 +13,12 @@ import uuid as uuid_module
 from collections import deque
 from typing import Optional
 
-from vgpu_agent.config import SimulatedConfig
+from vgpu_agent.commands import SimulateAction, SimulateCommand
+from vgpu_agent.config import Config, MultiUser, SimulatedConfig, simulated_mps
+from vgpu_agent.daemons import MpsDaemonInfo
 from vgpu_agent.devices import pipe_dir_for
-from vgpu_agent.errors import GpuError, GpuLostError, MpsError
-from vgpu_agent.gpu import ComputeMode, Gpu, GpuEvent, GpuEventKind
-from vgpu_agent.mps import MpsDaemonInfo
+from vgpu_agent.errors import GpuError, GpuLostError, VgpuError
+from vgpu_agent.gpu import ComputeMode, Gpu, GpuEvent, GpuEventKind, GpuProcess
 
 #: Namespace for deterministic simulated UUIDs: the same count always gives the same UUIDs.
 _UUID_NAMESPACE = uuid_module.UUID("6a0f3f4e-2b5c-4d8e-9a61-7c2d0b1e5f93")
@@ -73,6 +74,9 @@ class SimulatedBackend:
         self._watched: set[str] = set()
         self._events: deque[GpuEvent] = deque()
         self._failing_calls: Optional[str] = None
+        self._processes: dict[int, GpuProcess] = {}
+        #: How many calls failed because of :meth:`fail_calls` (tests wait on it).
+        self.failed_calls = 0
         self.closed = False
 
     # -- GpuBackend --------------------------------------------------------------------
@@ -122,6 +126,15 @@ class SimulatedBackend:
             self._events.clear()
             return events
 
+    def mps_client_processes(self, gpu_uuid: str) -> list[GpuProcess]:
+        """The simulated MPS clients on the GPU (see :meth:`add_mps_client`), by pid."""
+        with self._lock:
+            self._require(gpu_uuid, "listing the MPS client processes of")
+            return sorted(
+                (process for process in self._processes.values() if process.gpu_uuid == gpu_uuid),
+                key=lambda process: process.pid,
+            )
+
     def interrupt_wait(self) -> None:
         """Wake a blocked wait_events with no events."""
         with self._events_ready:
@@ -156,6 +169,17 @@ class SimulatedBackend:
             self._require_known(gpu_uuid)
             self._lost.discard(gpu_uuid)
 
+    def add_mps_client(self, gpu_uuid: str, pid: int, used_memory_mib: Optional[int]) -> None:
+        """A process ``pid`` becomes (or stays, with new memory) an MPS client of the GPU."""
+        with self._lock:
+            self._require_known(gpu_uuid)
+            self._processes[pid] = GpuProcess(pid, gpu_uuid, used_memory_mib)
+
+    def remove_mps_client(self, pid: int) -> None:
+        """The client process ``pid`` exits."""
+        with self._lock:
+            self._processes.pop(pid, None)
+
     def set_unwatchable(self, gpu_uuid: str) -> None:
         """Make event registration unsupported for this GPU (it must be polled)."""
         with self._lock:
@@ -175,6 +199,7 @@ class SimulatedBackend:
 
     def _maybe_fail(self, action: str) -> None:
         if self._failing_calls is not None:
+            self.failed_calls += 1
             raise GpuError(f"{action}: {self._failing_calls}")
 
     def _require_known(self, gpu_uuid: str) -> None:
@@ -189,6 +214,14 @@ class SimulatedBackend:
             raise GpuLostError(f"{action} GPU {gpu_uuid}: the GPU is lost (simulated)")
 
 
+#: What every command says of a simulated GPU's MPS daemon: it is a flag inside the
+#: running agent, so there is nothing on disk to start, stop or probe.
+SIMULATED_DAEMON_NOTE = (
+    "simulated inside `vgpu-agent run` (no daemon process, no pipe directory; "
+    "`vgpu-agent status` shows its health)"
+)
+
+
 class SimulatedMpsDaemons:
     """MPS daemons that exist only in memory: healthy unless set down."""
 
@@ -201,7 +234,7 @@ class SimulatedMpsDaemons:
         self._down: dict[str, str] = {}
 
     def start(self, gpu: Gpu) -> MpsDaemonInfo:
-        """'Start' the GPU's daemon (always succeeds; see :meth:`refuse` for failures)."""
+        """'Start' the GPU's daemon (always succeeds)."""
         with self._lock:
             self._running.add(gpu.uuid)
         return MpsDaemonInfo(
@@ -210,6 +243,10 @@ class SimulatedMpsDaemons:
             log_dir=pipe_dir_for(self._log_root, gpu.uuid),
             multi_user=self._multi_user,
         )
+
+    def apply_defaults(self, gpu: Gpu, replicas: int) -> list[str]:
+        """Nothing to set: simulated daemons have no client defaults."""
+        return []
 
     def stop(self, gpu_uuid: str) -> None:
         """'Quit' the GPU's daemon."""
@@ -235,7 +272,64 @@ class SimulatedMpsDaemons:
             else:
                 self._down[gpu_uuid] = reason
 
-    @staticmethod
-    def refuse(gpu_uuid: str) -> None:
-        """Raise the error a daemon that cannot start gives (for tests of start failures)."""
-        raise MpsError(f"starting the MPS daemon for GPU {gpu_uuid}: refused (simulated)")
+
+class SimulatedMpsInspector:
+    """Simulated MPS daemons as doctor sees them: they live inside the agent and answer."""
+
+    in_agent: Optional[str] = "simulated"
+
+    def __init__(self, multi_user: MultiUser) -> None:
+        self._multi_user = multi_user
+
+    def probe(self, gpu_uuid: str) -> Optional[str]:
+        """Always answers: the daemon lives inside the agent."""
+        return None
+
+    def multi_user_supported(self) -> bool:
+        """Simulated daemons offer multi-user mode."""
+        return True
+
+    def daemon_multi_user(self, gpu_uuid: str) -> Optional[bool]:
+        """Multi-user unless the config turns it off."""
+        return self._multi_user != "off"
+
+
+class Simulation:
+    """The simulated GPUs of one agent, its simulated MPS daemons (unless the config names
+    a stand-in control program), and the faults `vgpu-agent simulate` injects into them."""
+
+    def __init__(self, backend: SimulatedBackend, mps: Optional[SimulatedMpsDaemons]) -> None:
+        self.backend = backend
+        self.mps = mps
+
+    @classmethod
+    def from_config(cls, config: Config) -> Simulation:
+        """The simulated node ``config`` describes."""
+        backend = SimulatedBackend(gpus_from_config(config.simulated))
+        mps = None
+        if config.mps.enabled and simulated_mps(config):
+            mps = SimulatedMpsDaemons(config.mps.pipe_root, config.mps.log_root)
+        return cls(backend, mps)
+
+    def inject(self, command: SimulateCommand, gpu_uuid: str) -> None:
+        """Inject ``command``'s fault into the GPU; VgpuError when there is nothing to."""
+        action = command.action
+        if action is SimulateAction.XID:
+            if command.xid is None:
+                raise VgpuError("simulate xid needs an XID number")
+            self.backend.inject_xid(gpu_uuid, command.xid)
+        elif action is SimulateAction.ECC:
+            self.backend.inject_double_bit_ecc(gpu_uuid)
+        elif action is SimulateAction.LOSE:
+            self.backend.lose(gpu_uuid)
+        elif action is SimulateAction.RECOVER:
+            self.backend.recover(gpu_uuid)
+        elif action is SimulateAction.MPS_CLIENT:
+            if command.pid is None:
+                raise VgpuError("simulate mps-client needs a pid")
+            self.backend.add_mps_client(gpu_uuid, command.pid, command.memory_mib)
+        elif self.mps is None:
+            raise VgpuError("MPS is off in this config; nothing to simulate")
+        else:
+            down = action is SimulateAction.MPS_DOWN
+            self.mps.set_down(gpu_uuid, "MPS daemon down (simulated)" if down else None)

@@ -1,8 +1,9 @@
 """Everything the agent says to systemd: sd_notify state changes and journald entries.
 
-This is the only module that speaks to systemd. It uses systemd-python when that
-imports and otherwise speaks the two documented datagram protocols itself, with the
-same observable behaviour:
+This is the only module that speaks sd_notify and journald (starting MPS units with
+``systemctl`` is :mod:`vgpu_agent.mps`'s). It uses systemd-python where that is installed
+(it is optional and not bundled in the packages) and otherwise speaks the two documented
+datagram protocols itself, with the same observable behaviour:
 
 - sd_notify: newline-separated ``KEY=value`` assignments in one datagram to the
   AF_UNIX socket named by ``$NOTIFY_SOCKET`` (a leading ``@`` means the abstract
@@ -167,10 +168,6 @@ class Notifier:
         return self.notify(
             "RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}", *_status_lines(status)
         )
-
-    def ready_after_reload(self, status: Optional[str] = None) -> bool:
-        """The reload is done and the service is ready again (READY=1)."""
-        return self.ready(status)
 
     def stopping(self, status: Optional[str] = None) -> bool:
         """Shutdown has begun (STOPPING=1)."""
@@ -391,24 +388,3 @@ class Journal:
             sock.sendmsg([], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)], 0, self.socket_path)
         finally:
             os.close(memfd)
-
-
-_default_journal: Optional[Journal] = None
-_default_journal_lock = threading.Lock()
-
-
-def journal_send(
-    message: str,
-    priority: int,
-    fields: Mapping[str, object] = {},
-    *,
-    journal: Optional[Journal] = None,
-) -> bool:
-    """Write one entry to ``journal`` (default: the system journal); see Journal.send."""
-    global _default_journal  # noqa: PLW0603 - one shared socket for ad-hoc callers
-    if journal is None:
-        with _default_journal_lock:
-            if _default_journal is None:
-                _default_journal = Journal()
-            journal = _default_journal
-    return journal.send(message, priority, fields)

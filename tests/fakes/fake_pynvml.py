@@ -108,6 +108,8 @@ class FakeDevice:
     register_error: Optional[NVMLError] = None
     #: The error nvmlDeviceSetComputeMode raises for this GPU, if any.
     set_compute_mode_error: Optional[NVMLError] = None
+    #: MPS client processes: (pid, used memory in bytes or None when NVML cannot tell).
+    mps_processes: list[tuple[int, Optional[int]]] = field(default_factory=list)
     lost: bool = False
     removed: bool = False
     registered_events: int = 0
@@ -127,6 +129,14 @@ class FakePciInfo:
     """nvmlDeviceGetPciInfo's answer (only the field the backend reads)."""
 
     busId: str  # noqa: N815 (pynvml's field name)
+
+
+@dataclass
+class FakeProcessInfo:
+    """One entry of nvmlDeviceGetMPSComputeRunningProcesses (the fields the backend reads)."""
+
+    pid: int
+    usedGpuMemory: Optional[int]  # noqa: N815 (pynvml's field name)
 
 
 @dataclass
@@ -299,6 +309,12 @@ class FakePynvml:
         if device.set_compute_mode_error is not None:
             raise device.set_compute_mode_error
         device.compute_mode = mode
+
+    def nvmlDeviceGetMPSComputeRunningProcesses(  # noqa: N802
+        self, handle: Any
+    ) -> list[FakeProcessInfo]:
+        self._enter("nvmlDeviceGetMPSComputeRunningProcesses")
+        return [FakeProcessInfo(pid, used) for pid, used in self._device(handle).mps_processes]
 
     def nvmlEventSetCreate(self) -> ctypes.c_void_p:  # noqa: N802
         self._enter("nvmlEventSetCreate")

@@ -25,14 +25,15 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from vgpu_agent.agent import mps_policy
+from vgpu_agent import node as node_model
 from vgpu_agent.config import Config, MpsConfig
 from vgpu_agent.devices import Inventory, ServedGpu
 from vgpu_agent.gpu import Gpu
 from vgpu_agent.kubelet import register
 from vgpu_agent.kubelet_standin import KubeletStandin
 from vgpu_agent.mps import DirectMpsDaemons, control_command
-from vgpu_agent.plugin import DeviceState, PluginServer, PluginServicer
+from vgpu_agent.plan import grant_policy
+from vgpu_agent.plugin import PluginServer, PluginServicer
 
 HERE = Path(__file__).parent
 RESOURCE = "eks.amazonaws.com/vgpu"
@@ -132,7 +133,7 @@ class Node:
     config: Config
     gpus: list[Gpu]
     daemons: DirectMpsDaemons
-    state: DeviceState
+    state: node_model.Node
     standin: KubeletStandin
     server: PluginServer
     work_dir: Path
@@ -140,7 +141,7 @@ class Node:
 
     def vgpu_ids(self, gpu_index: int) -> list[str]:
         """The vGPU ids of one GPU."""
-        served = self.state.get().gpus[gpu_index]
+        served = self.state.inventory().gpus[gpu_index]
         return served.vgpu_ids
 
     def allocate(self, gpu_index: int, count: int, first: int = 0) -> Any:
@@ -150,10 +151,16 @@ class Node:
         return response.container_responses[0]
 
     def start_client(
-        self, grant: Any, uid: int, label: str, arguments: Sequence[str] = ()
+        self,
+        grant: Any,
+        uid: int,
+        label: str,
+        arguments: Sequence[str] = (),
+        prefix: Sequence[str] = (),
     ) -> Client:
         """Start mps_client.py in pod-like namespaces as ``uid`` with exactly the grant's
-        environment (plus what an image brings) and its mounts at their container paths."""
+        environment (plus what an image brings) and its mounts at their container paths;
+        ``prefix`` runs first and execs the rest (e.g. to enter a cgroup)."""
         environment = dict(IMAGE_ENV)
         if os.environ.get("LD_LIBRARY_PATH"):
             # Where the lent machines keep libcuda; a container runtime injects it likewise.
@@ -169,6 +176,7 @@ class Node:
             for mount in grant.mounts
         ]
         command = [
+            *prefix,
             "unshare",
             *POD_NAMESPACES,
             str(self.work_dir / "container.sh"),
@@ -193,7 +201,7 @@ class Node:
 
     def control(self, gpu_index: int, command: str) -> str:
         """A control command to a GPU's daemon."""
-        pipe_dir = self.state.get().gpus[gpu_index].pipe_dir
+        pipe_dir = self.state.inventory().gpus[gpu_index].pipe_dir
         assert pipe_dir is not None
         return control_command(self.config.mps, pipe_dir, command)
 
@@ -254,12 +262,10 @@ def make_node(gpus: list[Gpu], work_dir: Path) -> Iterator[Callable[..., Node]]:
             info = daemons.start(gpu)
             assert info.multi_user is multi_user
             served.append(ServedGpu(gpu, replicas, pipe_dir=info.pipe_dir))
-        state = DeviceState(Inventory(tuple(served)))
+        state = node_model.Node(Inventory(tuple(served)), grant_policy(config))
         plugin_dir = work_dir / "plugins"
         plugin_dir.mkdir(exist_ok=True)
-        server = PluginServer(
-            str(plugin_dir / "vgpu.sock"), PluginServicer(state, mps_policy(config))
-        )
+        server = PluginServer(str(plugin_dir / "vgpu.sock"), PluginServicer(state))
         server.start()
         standin = KubeletStandin(str(plugin_dir))
         standin.start()

@@ -69,6 +69,9 @@ def main() -> int:
         "--alloc-mib", type=int, action="append", default=[], help="try allocating this much"
     )
     parser.add_argument(
+        "--keep-mib", type=int, default=0, help="hold this much device memory while busy"
+    )
+    parser.add_argument(
         "--probe-s", type=float, default=0.0, help="measure matrix TFLOP/s for this long"
     )
     parser.add_argument(
@@ -102,6 +105,12 @@ def main() -> int:
         free, total = torch.cuda.mem_get_info()
         report["free_mib"] = free // MIB
         report["total_mib"] = total // MIB
+        kept = None
+        if args.keep_mib:
+            kept = torch.empty(args.keep_mib * MIB, dtype=torch.uint8, device="cuda")
+            kept.fill_(1)
+            torch.cuda.synchronize()
+            report["kept_mib"] = args.keep_mib
         kernels = 0
         while time.time() - float(report["first_kernel"]) < args.hold_s:  # type: ignore[arg-type]
             for _ in range(20):
@@ -110,6 +119,7 @@ def main() -> int:
             kernels += 20
         report["held_until"] = time.time()
         report["kernels"] = kernels
+        del kept
         allocations = []
         for size_mib in args.alloc_mib:
             try:

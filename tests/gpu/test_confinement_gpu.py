@@ -30,7 +30,7 @@ def _with_ceiling(make_node: NodeFactory) -> tuple[Node, int]:
     """A node whose GPU 0 daemon carries the ceiling of one vGPU; returns it and the
     memory slice in MiB."""
     node = make_node(replicas=REPLICAS)
-    pipe_dir = node.state.get().gpus[0].pipe_dir
+    pipe_dir = node.state.inventory().gpus[0].pipe_dir
     assert pipe_dir is not None
     mps_config = replace(
         node.config.mps, daemon_thread_limit="proportional", daemon_memory_limit="proportional"

@@ -106,7 +106,7 @@ def test_pipe_dir_works_for_a_non_root_pod_that_cannot_control_the_daemon(
 ) -> None:
     """A uid-1000 pod runs under MPS through the mounted pipe dir but cannot quit the daemon."""
     node = make_node()
-    pipe_dir = node.state.get().gpus[0].pipe_dir
+    pipe_dir = node.state.inventory().gpus[0].pipe_dir
     assert pipe_dir is not None
     assert stat.S_IMODE(os.stat(pipe_dir).st_mode) == 0o755
     assert stat.S_IMODE(os.stat(os.path.join(pipe_dir, "control")).st_mode) == 0o666
@@ -209,7 +209,7 @@ def test_killed_daemon_turns_the_vgpus_unhealthy_until_restarted(make_node: Node
     node = make_node()
     monitor = _watch_health(node)
     try:
-        pipe_dir = node.state.get().gpus[0].pipe_dir
+        pipe_dir = node.state.inventory().gpus[0].pipe_dir
         assert pipe_dir is not None
         pid = daemon_pid(pipe_dir)
         assert pid is not None
@@ -231,7 +231,7 @@ def test_killed_daemon_turns_the_vgpus_unhealthy_until_restarted(make_node: Node
 def test_stopped_daemon_is_reported_at_once(make_node: NodeFactory) -> None:
     """A SIGSTOPped (hung) daemon is reported by the next probe, well within 1 s, and recovers."""
     node = make_node()
-    pipe_dir = node.state.get().gpus[0].pipe_dir
+    pipe_dir = node.state.inventory().gpus[0].pipe_dir
     assert pipe_dir is not None
     pid = daemon_pid(pipe_dir)
     assert pid is not None
@@ -272,7 +272,7 @@ def test_daemon_defaults_confine_a_client_that_brings_no_limits(make_node: NodeF
     """With mps.daemon_*_limit = "proportional", a client reaching the daemon without the
     limits Allocate gives is still held to one vGPU's memory share."""
     node = make_node()
-    pipe_dir = node.state.get().gpus[0].pipe_dir
+    pipe_dir = node.state.inventory().gpus[0].pipe_dir
     assert pipe_dir is not None
     mps_config = replace(
         node.config.mps, daemon_thread_limit="proportional", daemon_memory_limit="proportional"

@@ -26,6 +26,8 @@ phase=
 # Simulated GPUs with fixed UUIDs, so the checks can name them; GPU_NONE is not served.
 GPU0=GPU-00000000-0000-0000-0000-000000000001
 GPU1=GPU-00000000-0000-0000-0000-000000000002
+# Simulated too, but served only after a reload adds it.
+GPU2=GPU-00000000-0000-0000-0000-000000000003
 GPU_NONE=GPU-00000000-0000-0000-0000-000000000009
 FAKE_MPS=/usr/local/lib/vgpu-systest/nvidia-cuda-mps-control
 # How the agent gets its MPS daemons. "systemd" (the packaged default) makes the agent
@@ -156,13 +158,38 @@ boot_container() {
 # and of its instance need different file names, or the instance's hides the template's.)
 set_up_node() {
     in_ct mkdir -p /etc/vgpu /usr/local/lib/vgpu-systest /run/systemd/system/vgpu-agent.service.d \
-        /run/systemd/system/vgpu-mps@.service.d \
-        "/run/systemd/system/$(mps_unit $GPU0).d" "/run/systemd/system/$(mps_unit $GPU1).d"
-    in_ct sh -c "cat > /etc/vgpu/system-test.toml" <<EOF
+        /run/systemd/system/vgpu-mps@.service.d /run/systemd/system/vgpu-mps-units@.service.d \
+        "/run/systemd/system/$(mps_unit $GPU0).d" "/run/systemd/system/$(mps_unit $GPU1).d" \
+        "/run/systemd/system/$(mps_unit $GPU2).d"
+    write_test_config '[0, 1]'
+    in_ct cp /mnt/fakes/fake_mps_control.py /mnt/fakes/sandbox-probe /usr/local/lib/vgpu-systest/
+    in_ct sh -c "printf '%s\n' '#!/bin/sh' 'exec /usr/bin/python3 /usr/local/lib/vgpu-systest/fake_mps_control.py \"\$@\"' > $FAKE_MPS && chmod 0755 $FAKE_MPS /usr/local/lib/vgpu-systest/sandbox-probe"
+    in_ct sh -c "cat > /run/systemd/system/vgpu-agent.service.d/system-test.conf" <<'EOF2'
+[Service]
+Environment=VGPU_CONFIG=/etc/vgpu/system-test.toml
+WatchdogSec=3s
+RestartSec=1s
+EOF2
+    # The MPS units and the root helper that starts them read the same config.
+    local dropin
+    for dropin in vgpu-mps@.service.d/system-test-config.conf vgpu-mps-units@.service.d/system-test-config.conf; do
+        in_ct sh -c "printf '[Service]\nEnvironment=VGPU_CONFIG=/etc/vgpu/system-test.toml\n' > /run/systemd/system/$dropin"
+    done
+    local gpu
+    for gpu in $GPU0 $GPU1 $GPU2; do
+        in_ct sh -c "printf '[Service]\nExecCondition=\n' > /run/systemd/system/$(mps_unit "$gpu").d/system-test-driver.conf"
+    done
+}
+
+# write_test_config SERVE: the system test's config, serving the simulated GPUs SERVE
+# selects (GPU2 is there, but served only once a reload selects it).
+write_test_config() {
+    in_ct sh -c "cat > /etc/vgpu/system-test.toml" <<EOF2
 version = 1
 [gpus]
 backend = "simulated"
 compute_mode = "unchanged"
+serve = $1
 [mps]
 manager = "$MPS_MANAGER"
 control_binary = "$FAKE_MPS"
@@ -170,23 +197,9 @@ control_binary = "$FAKE_MPS"
 uuid = "$GPU0"
 [[simulated.gpus]]
 uuid = "$GPU1"
-EOF
-    in_ct cp /mnt/fakes/fake_mps_control.py /usr/local/lib/vgpu-systest/
-    in_ct sh -c "printf '%s\n' '#!/bin/sh' 'exec /usr/bin/python3 /usr/local/lib/vgpu-systest/fake_mps_control.py \"\$@\"' > $FAKE_MPS && chmod 0755 $FAKE_MPS"
-    in_ct sh -c "cat > /run/systemd/system/vgpu-agent.service.d/system-test.conf" <<'EOF'
-[Service]
-Environment=VGPU_CONFIG=/etc/vgpu/system-test.toml
-WatchdogSec=3s
-RestartSec=1s
-EOF
-    in_ct sh -c "cat > /run/systemd/system/vgpu-mps@.service.d/system-test-config.conf" <<'EOF'
-[Service]
-Environment=VGPU_CONFIG=/etc/vgpu/system-test.toml
-EOF
-    local gpu
-    for gpu in $GPU0 $GPU1; do
-        in_ct sh -c "printf '[Service]\nExecCondition=\n' > /run/systemd/system/$(mps_unit "$gpu").d/system-test-driver.conf"
-    done
+[[simulated.gpus]]
+uuid = "$GPU2"
+EOF2
 }
 
 # With MPS_MANAGER=external the daemons are started here, as an operator would, before
@@ -212,8 +225,11 @@ start_kubelet_standin() {
 leftovers() {
     in_ct systemctl stop kubelet-standin.service >/dev/null 2>&1
     in_ct rm -rf /run/systemd/system/vgpu-agent.service.d /run/systemd/system/vgpu-mps@.service.d \
+        /run/systemd/system/vgpu-mps-units@.service.d /run/systemd/system/vgpu-compute-mode.service.d \
+        /run/systemd/system/systest-probe-target.service \
         "/run/systemd/system/$(mps_unit $GPU0).d" "/run/systemd/system/$(mps_unit $GPU1).d" \
-        /usr/local/lib/vgpu-systest /etc/vgpu/system-test.toml
+        "/run/systemd/system/$(mps_unit $GPU2).d" \
+        /usr/local/lib/vgpu-systest /etc/vgpu/system-test.toml /etc/vgpu/compute-test.toml
     in_ct rmdir /etc/vgpu 2>/dev/null
     in_ct systemctl daemon-reload
     in_ct systemctl reset-failed >/dev/null 2>&1
@@ -226,12 +242,226 @@ leftovers() {
 }
 
 # ---------------------------------------------------------------------------------------
+# The agent's sandbox (issue 14) and the operator's checks of issue 13.
+
+# request_unit LINE: send LINE to vgpu-mps-units.sock (as root, outside any sandbox) and
+# print the helper's answer.
+request_unit() {
+    in_ct /usr/bin/python3 -I -c 'import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(30)
+s.connect("/run/vgpu-mps-units.sock")
+s.sendall(sys.argv[1].encode() + b"\n")
+print(s.makefile("rb").readline().decode().strip())' "$1"
+}
+
+probe_line() { grep -qx "sandbox-probe: $1 $2" <<<"$3"; }
+probe_lines() {
+    in_ct journalctl --no-pager -o cat _SYSTEMD_INVOCATION_ID="$(prop vgpu-agent.service InvocationID)" |
+        grep '^sandbox-probe:'
+}
+probe_done() { [ "$(probe_lines | wc -l)" -ge 12 ]; }
+
+# From inside the agent's exact sandbox (an ExecStartPre= of the real unit), starting
+# units, systemd-run, writing /etc and /usr, D-Bus and systemd's private socket must all
+# fail, while sd_notify, journald and the MPS request socket keep working.
+sandbox_checks() {
+    log "$phase: what the agent's sandbox refuses"
+    in_ct sh -c "printf '[Unit]\nDescription=system test: runs only if the probe may start units\n[Service]\nType=oneshot\nExecStart=/bin/touch /run/systest-probe-target-ran\n' > /run/systemd/system/systest-probe-target.service"
+    in_ct systemctl daemon-reload
+    local outside inside name
+    outside=$(in_ct /usr/local/lib/vgpu-systest/sandbox-probe)
+    info "probe outside any sandbox: $(tr '\n' '|' <<<"$outside")"
+    check "outside the sandbox the probe succeeds at all 12 (so its 'denied' means something)" \
+        bash -c '! grep -q denied <<<"$1" && [ "$(grep -c allowed <<<"$1")" -eq 12 ] && [ -e "$2" ]' _ \
+        "$outside" "/proc/$container_pid/root/run/systest-probe-target-ran"
+    in_ct rm -rf /etc/vgpu-sandbox-probe /usr/vgpu-sandbox-probe /run/systest-probe-target-ran \
+        /run/nvidia-mps/sandbox-probe /run/systemd/system/vgpu-sandbox-probe.service
+    in_ct sh -c "printf '[Service]\nExecStartPre=/usr/local/lib/vgpu-systest/sandbox-probe\n' > /run/systemd/system/vgpu-agent.service.d/sandbox-probe.conf"
+    in_ct systemctl daemon-reload
+    in_ct systemctl restart vgpu-agent.service
+    wait_for 30 agent_active
+    wait_for 10 probe_done
+    inside=$(probe_lines)
+    info "probe in the agent's sandbox: $(tr '\n' '|' <<<"$inside")"
+    for name in systemd-run systemctl-start write-etc write-usr write-mps-pipe-root write-run-unit \
+        dbus-socket systemd-private systemd-private-via-pid1; do
+        check "in the agent's sandbox: $name is refused" probe_line "$name" denied "$inside"
+    done
+    for name in notify-socket journal-socket mps-units-socket; do
+        check "in the agent's sandbox: $name still works" probe_line "$name" allowed "$inside"
+    done
+    check "nothing was started or written from inside the sandbox" \
+        in_ct sh -c '[ ! -e /run/systest-probe-target-ran ] && [ ! -e /etc/vgpu-sandbox-probe ] && [ ! -e /usr/vgpu-sandbox-probe ] && [ ! -e /run/nvidia-mps/sandbox-probe ] && [ ! -e /run/systemd/system/vgpu-sandbox-probe.service ]'
+    in_ct rm -f /run/systemd/system/vgpu-agent.service.d/sandbox-probe.conf
+    in_ct systemctl daemon-reload
+    check "the agent (restarted with the probe) registers again" wait_for 30 registered
+}
+
+# The agent's MPS units are started through the request socket; the helper refuses
+# anything but a served GPU; a reload that adds a GPU gets its daemon; systemd restarts
+# a daemon that dies, and its vGPUs are healthy again.
+mps_units_checks() {
+    log "$phase: MPS units through vgpu-mps-units.socket"
+    check "the sandboxed agent had its MPS units started through vgpu-mps-units.socket (NAccepted $(prop vgpu-mps-units.socket NAccepted))" \
+        bash -c '[ "$1" -ge 2 ]' _ "$(prop vgpu-mps-units.socket NAccepted)"
+    local answer
+    answer=$(request_unit "start $GPU_NONE")
+    check "the helper refuses a GPU the config does not serve ($answer)" \
+        grep -q "^error GPU $GPU_NONE is not served" <<<"$answer"
+    check "and never tried to start its unit" \
+        is_prop "$(mps_unit $GPU_NONE)" ConditionTimestampMonotonic 0
+    answer=$(request_unit "start ../../../etc/passwd")
+    check "the helper refuses a name that is not a GPU UUID ($answer)" grep -q "is not a GPU UUID" <<<"$answer"
+    answer=$(request_unit "stop $GPU0")
+    check "the helper refuses every verb but start ($answer)" grep -q "^error unknown verb 'stop'" <<<"$answer"
+    check "GPU $GPU0's daemon still answers" mps_answers $GPU0
+    check "its unit made the multi-user daemon's control_lock root-only: $(in_ct stat -c %a /run/nvidia-mps/$GPU0/control_lock) (ExecStartPost)" \
+        bash -c '[ "$1" = 600 ]' _ "$(in_ct stat -c %a /run/nvidia-mps/$GPU0/control_lock)"
+
+    log "$phase: a reload adds GPU $GPU2"
+    write_test_config '[0, 1, 2]'
+    in_ct systemctl reload vgpu-agent.service
+    check "the reload has the added GPU's MPS unit started, and its daemon answers" wait_for 30 mps_answers $GPU2
+    check "$(mps_unit $GPU2) runs the fake MPS daemon as its main process" \
+        in_ct sh -c "pid=\$(systemctl show -p MainPID --value $(mps_unit $GPU2)); [ \"\$pid\" != 0 ] && grep -q fake_mps_control /proc/\$pid/cmdline"
+    serving() { prop vgpu-agent.service StatusText | grep -q "^serving $1 vGPUs on $2 GPUs"; }
+    check "STATUS counts the added GPU (serving 30 vGPUs on 3 GPUs)" wait_for 20 serving 30 3
+    write_test_config '[0, 1]'
+    in_ct systemctl reload vgpu-agent.service
+    check "a reload back to two GPUs serves 20 vGPUs again" wait_for 20 serving 20 2
+
+    log "$phase: an MPS daemon dies"
+    local old_pid
+    old_pid=$(prop "$(mps_unit $GPU0)" MainPID)
+    in_ct kill -KILL "$old_pid"
+    restarted_mps() {
+        local now
+        now=$(prop "$(mps_unit $GPU0)" MainPID)
+        [ "$now" != 0 ] && [ "$now" != "$old_pid" ] && mps_answers $GPU0
+    }
+    check "systemd restarts a killed MPS daemon (PID $old_pid -> new) and it answers" wait_for 20 restarted_mps
+    last_health() { in_ct journalctl -u kubelet-standin --no-pager -o cat | grep ' healthy=' | tail -n 1 | grep -q " healthy=$1 "; }
+    check "the kubelet sees all 20 vGPUs healthy again" wait_for 30 last_health 20
+}
+
+# The kubelet's plugin directory deleted and made again under the running agent: it
+# must serve the new kubelet within seconds, without anyone restarting it.
+plugin_dir_checks() {
+    log "$phase: the plugin directory deleted and made anew"
+    local mps0_pid restarts_before
+    mps0_pid=$(prop "$(mps_unit $GPU0)" MainPID)
+    restarts_before=$(prop vgpu-agent.service NRestarts)
+    in_ct systemctl stop kubelet-standin.service
+    in_ct systemctl reset-failed kubelet-standin.service >/dev/null 2>&1
+    in_ct rm -rf /var/lib/kubelet/device-plugins
+    in_ct mkdir -m 0750 /var/lib/kubelet/device-plugins
+    start_kubelet_standin
+    standin_registered() {
+        in_ct journalctl --no-pager -o cat _SYSTEMD_INVOCATION_ID="$(prop kubelet-standin.service InvocationID)" |
+            grep -q "registered eks.amazonaws.com/vgpu"
+    }
+    if wait_for 20 standin_registered; then
+        pass "the agent registers with the kubelet in the new directory within 20 s, no manual restart"
+    else
+        fail "the agent registers with the kubelet in the new directory within 20 s, no manual restart" \
+            "$(in_ct journalctl -u vgpu-agent -u kubelet-standin --no-pager -n 15 -o cat 2>&1)"
+    fi
+    check "its socket is in the new directory" in_ct test -S /var/lib/kubelet/device-plugins/vgpu.sock
+    check "the agent said why it left its sandbox for a fresh one (exit 75)" \
+        in_ct sh -c "journalctl -u vgpu-agent.service --no-pager -o cat | grep -q 'restarts the agent in a fresh sandbox'"
+    check "systemd restarted it (NRestarts $restarts_before -> $(prop vgpu-agent.service NRestarts))" \
+        bash -c '[ "$1" -gt "$2" ]' _ "$(prop vgpu-agent.service NRestarts)" "$restarts_before"
+    check "the MPS daemons were left alone" is_prop "$(mps_unit $GPU0)" MainPID "$mps0_pid"
+    check "STATUS reports the registration" wait_for 10 registered
+}
+
+# scripts/apt-install (what the build and test scripts install with) waits for another
+# apt holding the lock, says so, and gives up with a clear line after its timeout.
+apt_lock_checks() {
+    log "$phase: another apt holds the lock"
+    local out
+    # shellcheck disable=SC2016 # expanded by the container's shell
+    local hold='rm -f /run/systest-locked
+python3 -I -c "import fcntl, sys, time
+f = open(\"/var/lib/dpkg/lock-frontend\", \"w\")
+fcntl.lockf(f, fcntl.LOCK_EX)
+open(\"/run/systest-locked\", \"w\").close()
+time.sleep(float(sys.argv[1]))" "$1" &
+while [ ! -e /run/systest-locked ]; do sleep 0.1; done
+start=$SECONDS
+APT_LOCK_TIMEOUT=$2 /mnt/fakes/apt-install --no-update procps
+echo "rc=$? waited=$((SECONDS - start))"
+wait'
+    out=$(in_ct bash -c "$hold" _ 4 60 2>&1)
+    info "$(tr '\n' '|' <<<"$out")"
+    check "apt-install waits for the process holding the lock, says so, then installs" \
+        bash -c 'grep -q "waiting for process [0-9]* (python3) to release /var/lib/dpkg/lock-frontend" <<<"$1" && grep -q "^rc=0 waited=[2-9]" <<<"$1"' _ "$out"
+    out=$(in_ct bash -c "$hold" _ 8 2 2>&1)
+    info "$(tr '\n' '|' <<<"$out")"
+    check "after APT_LOCK_TIMEOUT it gives up with one line naming the holder" \
+        bash -c 'grep -q "still holds its lock after 2 s: process [0-9]* (python3)" <<<"$1" && grep -q "^rc=1 " <<<"$1"' _ "$out"
+}
+
+# vgpu-compute-mode.service, made to run on the simulated GPUs, records what it changed;
+# compute_mode_restored (after removal) checks that the removal set it back.
+compute_mode_checks() {
+    log "$phase: compute mode set at start, recorded"
+    in_ct mkdir -p /run/systemd/system/vgpu-compute-mode.service.d
+    in_ct sh -c "printf 'version = 1\n[gpus]\nbackend = \"simulated\"\ncompute_mode = \"exclusive_process\"\nserve = [0, 1]\n[[simulated.gpus]]\nuuid = \"$GPU0\"\n[[simulated.gpus]]\nuuid = \"$GPU1\"\n' > /etc/vgpu/compute-test.toml"
+    in_ct sh -c "printf '[Service]\nExecCondition=\nEnvironment=VGPU_CONFIG=/etc/vgpu/compute-test.toml\n' > /run/systemd/system/vgpu-compute-mode.service.d/system-test.conf"
+    in_ct systemctl daemon-reload
+    check "vgpu-compute-mode.service runs on the simulated GPUs" in_ct systemctl restart vgpu-compute-mode.service
+    check "it set both GPUs to exclusive_process" \
+        in_ct sh -c "[ \$(journalctl -u vgpu-compute-mode.service --no-pager -o cat | grep -c 'default -> exclusive_process') -eq 2 ]"
+    check "it recorded their previous modes" \
+        in_ct sh -c "grep -q '\"$GPU0\": \"default\"' /run/vgpu-compute-mode/changed.json && grep -q '\"$GPU1\": \"default\"' /run/vgpu-compute-mode/changed.json"
+}
+
+compute_mode_restored() {
+    local gpu
+    for gpu in $GPU0 $GPU1; do
+        check "removal set GPU $gpu's compute mode back to default" \
+            in_ct sh -c "journalctl -u vgpu-compute-mode.service --no-pager -o cat | grep -q '$gpu: compute mode set back to default'"
+    done
+}
+
+# Another setup's files in NVIDIA's default MPS directories survive the purge; the
+# per-GPU directories the package's units made do not.
+foreign_mps_files() {
+    in_ct sh -c 'mkdir -p /var/log/nvidia-mps /run/nvidia-mps/other-setup && echo other > /var/log/nvidia-mps/other-setup.log'
+}
+
+foreign_mps_files_kept() {
+    check "$1 kept another setup's files in /var/log/nvidia-mps and /run/nvidia-mps" \
+        in_ct sh -c '[ -f /var/log/nvidia-mps/other-setup.log ] && [ -d /run/nvidia-mps/other-setup ]'
+    check "$1 removed the per-GPU MPS directories" \
+        in_ct sh -c '! ls -d /var/log/nvidia-mps/GPU-* /run/nvidia-mps/GPU-* 2>/dev/null | grep -q .'
+    in_ct rm -rf /var/log/nvidia-mps /run/nvidia-mps
+}
+
+# The exposure of each unit, no worse than before issue 14 (agent 0.9, compute mode
+# 1.2, MPS 3.4); the helper no worse than the agent's compute-mode step.
+security_checks() {
+    local unit limit exposure
+    for unit in vgpu-agent.service:0.9 vgpu-compute-mode.service:1.2 "$(mps_unit $GPU_NONE):3.4" \
+        vgpu-mps-units@0.service:1.2; do
+        limit=${unit##*:}
+        unit=${unit%:*}
+        exposure=$(in_ct systemd-analyze security "$unit" 2>/dev/null | sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p')
+        check "systemd-analyze security $unit: ${exposure:-unknown} (at most $limit)" \
+            awk -v e="${exposure:-99}" -v l="$limit" 'BEGIN { exit !(e <= l) }'
+    done
+}
+
+# ---------------------------------------------------------------------------------------
 deb_phase() {
     phase=deb
     log "deb: booting a fresh container"
     boot_container deb || return
     set_up_node
 
+    apt_lock_checks
     log "deb: installing the previous build"
     check "apt-get installs the previous build ($(basename "$DEB_OLD"))" \
         in_ct apt-get install -y -q --no-install-recommends /mnt/pkgs/old.deb
@@ -243,15 +473,8 @@ deb_phase() {
     check "vgpu-agent.service is enabled on install" is_prop vgpu-agent.service UnitFileState enabled
     # shellcheck disable=SC2016 # expanded by the container's shell
     check "systemd-analyze verify is clean for every unit" \
-        in_ct sh -c 'out=$(systemd-analyze verify /lib/systemd/system/vgpu-agent.service /lib/systemd/system/vgpu-compute-mode.service /lib/systemd/system/vgpu-mps@.service 2>&1); echo "$out"; [ -z "$out" ]'
-    local unit exposure
-    for unit in vgpu-agent.service vgpu-compute-mode.service "$(mps_unit $GPU_NONE)"; do
-        exposure=$(in_ct systemd-analyze security "$unit" 2>/dev/null | sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p')
-        info "systemd-analyze security $unit: exposure ${exposure:-unknown}"
-    done
-    exposure=$(in_ct systemd-analyze security vgpu-agent.service 2>/dev/null | sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p')
-    check "the agent's exposure is 3.0 or lower (${exposure:-unknown})" \
-        awk -v e="${exposure:-99}" 'BEGIN { exit !(e <= 3.0) }'
+        in_ct sh -c 'out=$(cd /lib/systemd/system && systemd-analyze verify vgpu-agent.service vgpu-compute-mode.service vgpu-mps@.service vgpu-mps-units.socket vgpu-mps-units@.service 2>&1); echo "$out"; [ -z "$out" ]'
+    security_checks
 
     if wait_for 30 agent_active; then
         pass "the agent is active (running) on simulated GPUs"
@@ -306,6 +529,10 @@ deb_phase() {
     check "journald holds the agent's structured fields (GPU_UUID, VGPU_EVENT)" \
         in_ct sh -c "out=\$(journalctl -u vgpu-agent.service -o json --no-pager); echo \"\$out\" | grep -q '\"GPU_UUID\":\"$GPU0\"' && echo \"\$out\" | grep -q '\"VGPU_EVENT\"'"
     info "events in the journal:$(in_ct journalctl -u vgpu-agent.service -o json --no-pager | grep -o '"VGPU_EVENT":"[^"]*"' | sort | uniq -c | tr -s ' \n' ' ')"
+
+    sandbox_checks
+    mps_units_checks
+    plugin_dir_checks
 
     log "deb: MPS template without a driver"
     in_ct systemctl start "$(mps_unit $GPU_NONE)" >/dev/null 2>&1
@@ -384,15 +611,39 @@ deb_phase() {
     check "its exit status is 78" is_prop vgpu-agent.service ExecMainStatus 78
     restarts_before=$(prop vgpu-agent.service NRestarts)
     sleep 3
-    check "no restart loop (3 s later: NRestarts still $restarts_before, still failed)" \
-        sh -c "[ \"\$1\" = $restarts_before ] && [ \"\$2\" = failed ]" _ \
-        "$(prop vgpu-agent.service NRestarts)" "$(prop vgpu-agent.service ActiveState)"
+    # A manual restart sets NRestarts to 0; every automatic restart since counts.
+    check "no restart loop (NRestarts 0 since the manual restart, 3 s later still 0 and failed)" \
+        sh -c "[ \"\$1\" = 0 ] && [ \"\$2\" = 0 ] && [ \"\$3\" = failed ]" _ \
+        "$restarts_before" "$(prop vgpu-agent.service NRestarts)" "$(prop vgpu-agent.service ActiveState)"
     local bad_message
     bad_message=$(in_ct journalctl -u vgpu-agent.service --no-pager -o cat -n 30 | grep 'config error' | tail -n 1)
     info "message: $bad_message"
     check "the journal names the file, the key and the bad value" \
         sh -c "echo \"\$1\" | grep -q 'system-test.toml' && echo \"\$1\" | grep -q 'replicas_per_gpu' && echo \"\$1\" | grep -q 999" _ "$bad_message"
     in_ct mv /etc/vgpu/system-test.toml.good /etc/vgpu/system-test.toml
+    in_ct systemctl reset-failed vgpu-agent.service
+    in_ct systemctl start vgpu-agent.service
+    check "with the config fixed it starts again" wait_for 30 registered
+
+    log "deb: no GPU to serve"
+    write_test_config '[5]'
+    in_ct systemctl restart vgpu-agent.service >/dev/null 2>&1
+    if wait_for 20 is_prop vgpu-agent.service ActiveState failed; then
+        pass "a config that serves no GPU of the node stops the agent (state failed)"
+    else
+        fail "a config that serves no GPU of the node stops the agent (state failed)" \
+            "state: $(prop vgpu-agent.service ActiveState), NRestarts $(prop vgpu-agent.service NRestarts)"
+    fi
+    check "its exit status is 78 ($(prop vgpu-agent.service ExecMainStatus))" is_prop vgpu-agent.service ExecMainStatus 78
+    restarts_before=$(prop vgpu-agent.service NRestarts)
+    sleep 3
+    # A manual restart sets NRestarts to 0; every automatic restart since counts.
+    check "no restart loop (NRestarts 0 since the manual restart, 3 s later still 0 and failed)" \
+        sh -c "[ \"\$1\" = 0 ] && [ \"\$2\" = 0 ] && [ \"\$3\" = failed ]" _ \
+        "$restarts_before" "$(prop vgpu-agent.service NRestarts)" "$(prop vgpu-agent.service ActiveState)"
+    check "the journal says there is no GPU to serve" \
+        in_ct sh -c "journalctl -u vgpu-agent.service --no-pager -o cat -n 30 | grep -q 'no GPU to serve'"
+    write_test_config '[0, 1]'
     in_ct systemctl reset-failed vgpu-agent.service
     in_ct systemctl start vgpu-agent.service
     check "with the config fixed it starts again" wait_for 30 registered
@@ -415,15 +666,64 @@ deb_phase() {
         "$(prop "$(mps_unit $GPU0)" MainPID)" "$(prop "$(mps_unit $GPU1)" MainPID)"
     check "the agent registers again after the upgrade" wait_for 30 registered
 
+    compute_mode_checks
+
+    # ---- metrics, attribution and node labels (issue 15, from the obs branch) -----------
+    # As an operator would: a drop-in that lets the agent listen on loopback (its sandbox
+    # has no network otherwise), the nfd features directory, and the config keys.
+    log "deb: metrics and node labels"
+    check "the package bundles prometheus_client" \
+        in_ct test -f /usr/lib/vgpu-agent/prometheus_client/exposition.py
+    in_ct mkdir -p /etc/kubernetes/node-feature-discovery/features.d
+    in_ct sh -c "cat > /run/systemd/system/vgpu-agent.service.d/system-test-metrics.conf" <<'EOF'
+[Service]
+PrivateNetwork=no
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+IPAddressAllow=localhost
+EOF
+    in_ct sh -c "cat >> /etc/vgpu/system-test.toml" <<'EOF'
+[metrics]
+enabled = true
+listen_address = "127.0.0.1:9402"
+textfile_path = "/run/vgpu-agent/vgpu.prom"
+[labels]
+enabled = true
+EOF
+    in_ct systemctl daemon-reload
+    in_ct systemctl restart vgpu-agent.service
+    check "the agent registers again with metrics and labels on" wait_for 30 registered
+    scrape() {
+        in_ct /usr/bin/python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("http://127.0.0.1:9402/metrics", timeout=5).read().decode())'
+    }
+    scrape_shows() { scrape 2>/dev/null | grep -qF "$1"; }
+    check "GET /metrics shows GPU $GPU0's 10 allocatable vGPUs" \
+        wait_for 20 scrape_shows "vgpu_vgpus{gpu_uuid=\"$GPU0\",state=\"allocatable\"} 10.0"
+    check "GET /metrics shows the registration and GPU $GPU1's MPS daemon up" \
+        bash -c 'grep -qx "vgpu_registered 1.0" <<<"$1" && grep -qF "vgpu_mps_daemon_up{gpu_uuid=\"$2\"} 1.0" <<<"$1"' \
+        _ "$(scrape)" "$GPU1"
+    info "metrics: $(scrape | grep -c '^vgpu_') samples"
+    check "the textfile for node-exporter is written" \
+        wait_for 20 in_ct grep -q '^vgpu_registered 1.0' /run/vgpu-agent/vgpu.prom
+    check "the node-feature-discovery file labels 20 vGPUs shared through MPS" \
+        in_ct sh -c 'f=/etc/kubernetes/node-feature-discovery/features.d/vgpu-agent; grep -qx "vgpu.eks.amazonaws.com/vgpu.count=20" $f && grep -qx "vgpu.eks.amazonaws.com/sharing-strategy=mps" $f'
+    check "vgpu-agent status names the missing kubelet PodResources socket" \
+        in_ct sh -c "vgpu-agent status 2>&1 | grep -q 'PodResources socket'"
+    # ---- end of the metrics block --------------------------------------------------------
+
     log "deb: remove and purge"
     check "apt-get remove" in_ct apt-get remove -y -q vgpu-agent
+    compute_mode_restored
     check "remove stopped the agent and both MPS daemons" \
         sh -c "! nsenter -t $container_pid -a systemctl is-active -q vgpu-agent.service && ! nsenter -t $container_pid -a kill -0 $mps0_pid 2>/dev/null && ! nsenter -t $container_pid -a kill -0 $mps1_pid 2>/dev/null"
+    check "remove deleted the node-feature-discovery file (issue 15)" \
+        in_ct test ! -e /etc/kubernetes/node-feature-discovery/features.d/vgpu-agent
     check "the MPS daemons were stopped through their control pipes (quit removed the sockets)" \
         in_ct sh -c "[ ! -e /run/nvidia-mps/$GPU0/control ] && [ ! -e /run/nvidia-mps/$GPU1/control ]"
-    check "remove left no package files but the conffile" \
+    check "remove left no package files but the config" \
         in_ct sh -c '[ ! -e /usr/lib/vgpu-agent ] && [ ! -e /usr/bin/vgpu-agent ] && [ ! -e /lib/systemd/system/vgpu-agent.service ] && [ -f /etc/vgpu/config.toml ]'
+    foreign_mps_files
     check "apt-get purge" in_ct apt-get purge -y -q vgpu-agent
+    foreign_mps_files_kept purge
     local left
     left=$(leftovers; in_ct sh -c 'dpkg -l vgpu-agent 2>/dev/null | grep "^[a-z][a-z] "')
     if [ -z "$left" ]; then
@@ -450,11 +750,17 @@ rpm_phase() {
     local rpm=(rpm --nodeps)
     check "rpm installs the previous build ($(basename "$RPM_OLD"))" in_ct "${rpm[@]}" -i /mnt/pkgs/old.rpm
     check "the preset enabled vgpu-agent.service" is_prop vgpu-agent.service UnitFileState enabled
-    # Like an image build: the unit is enabled, and the next boot would start it. The
-    # scriptlets start nothing on a fresh install; start it as that boot would.
-    start_mps_units
-    in_ct systemctl start vgpu-agent.service
-    check "the agent is active (running)" wait_for 30 agent_active
+    # On a running system the rpm starts the agent, as the deb does.
+    if [ "$MPS_MANAGER" = external ]; then
+        start_mps_units
+        in_ct systemctl restart vgpu-agent.service
+    fi
+    if wait_for 30 agent_active; then
+        pass "the rpm started the agent on the running system (no manual start)"
+    else
+        fail "the rpm started the agent on the running system (no manual start)" \
+            "$(in_ct systemctl status vgpu-agent.service --no-pager 2>&1 | tail -n 5)"
+    fi
     start_kubelet_standin
     check "STATUS reports the registration" wait_for 30 registered
     local gpu
@@ -473,7 +779,11 @@ rpm_phase() {
         sh -c "[ \"\$1\" = $mps0_pid ] && [ \"\$2\" = $mps1_pid ]" _ \
         "$(prop "$(mps_unit $GPU0)" MainPID)" "$(prop "$(mps_unit $GPU1)" MainPID)"
     check "the agent registers again after the upgrade" wait_for 30 registered
+    compute_mode_checks
+    foreign_mps_files
     check "rpm erases the package" in_ct "${rpm[@]}" -e vgpu-agent
+    compute_mode_restored
+    foreign_mps_files_kept erase
     check "erase stopped the agent and both MPS daemons" \
         sh -c "! nsenter -t $container_pid -a systemctl is-active -q vgpu-agent.service && ! nsenter -t $container_pid -a kill -0 $mps0_pid 2>/dev/null && ! nsenter -t $container_pid -a kill -0 $mps1_pid 2>/dev/null"
     local left
@@ -500,18 +810,20 @@ image_phase() {
     mkdir -p "$image/upper" "$image/work" "$image/root"
     rm -rf "${image:?}/upper/"* "${image:?}/work/"*
     mount -t overlay overlay -o "lowerdir=$ROOTFS,upperdir=$image/upper,workdir=$image/work" "$image/root"
-    # The node's config, baked into the image: simulated GPUs, MPS off (the other phases
-    # cover MPS), read through a drop-in in /etc as an image would carry it.
-    mkdir -p "$image/root/etc/vgpu" "$image/root/etc/systemd/system/vgpu-agent.service.d"
+    # The node's config, baked into the image before the package is installed (what an
+    # image build does): simulated GPUs, MPS off (the other phases cover MPS). The
+    # install must neither stop at a conffile prompt nor replace it.
+    mkdir -p "$image/root/etc/vgpu"
     printf 'version = 1\n[gpus]\nbackend = "simulated"\ncompute_mode = "unchanged"\n[mps]\nenabled = false\n' \
-        > "$image/root/etc/vgpu/image-test.toml"
-    printf '[Service]\nEnvironment=VGPU_CONFIG=/etc/vgpu/image-test.toml\n' \
-        > "$image/root/etc/systemd/system/vgpu-agent.service.d/image-test.conf"
+        > "$image/root/etc/vgpu/config.toml"
+    cp "$image/root/etc/vgpu/config.toml" "$work/preseeded.toml"
     local install=(apt-get install -y -q --no-install-recommends /mnt/pkgs/new.deb)
     [ "$kind" = rpm ] && install=(rpm -i --nodeps /mnt/pkgs/new.rpm)
     check "the $kind installs where systemd is not running" \
         systemd-nspawn -q -D "$image/root" --bind-ro="$work/pkgs:/mnt/pkgs" --register=no \
-        --keep-unit --pipe env DEBIAN_FRONTEND=noninteractive "${install[@]}"
+        --keep-unit --pipe env DEBIAN_FRONTEND=noninteractive "${install[@]}" </dev/null
+    check "the pre-seeded /etc/vgpu/config.toml is kept as it was" \
+        cmp "$work/preseeded.toml" "$image/root/etc/vgpu/config.toml"
     check "vgpu-agent.service is enabled in the image" \
         test -L "$image/root/etc/systemd/system/multi-user.target.wants/vgpu-agent.service"
     if boot_container "image-$kind" "$image/root"; then
@@ -540,7 +852,8 @@ if [ -n "$RPM_OLD" ]; then
     cp "$RPM_OLD" "$work/pkgs/old.rpm"
     cp "$RPM_NEW" "$work/pkgs/new.rpm"
 fi
-cp "$repo/tests/fakes/fake_mps_control.py" "$work/fakes/"
+cp "$repo/tests/fakes/fake_mps_control.py" "$here/sandbox-probe" "$repo/scripts/apt-install" \
+    "$work/fakes/"
 
 deb_phase
 image_phase deb

@@ -1,0 +1,71 @@
+"""The MPS daemon boundary: what the agent and its health checks ask of the per-GPU MPS
+control daemons, whoever runs them.
+
+:mod:`vgpu_agent.mps` implements it with real ``nvidia-cuda-mps-control`` processes (run
+directly, by systemd, or by someone else); :mod:`vgpu_agent.simulated` keeps simulated
+daemons in memory. The composition root (:mod:`vgpu_agent.compose`) picks one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+from vgpu_agent.gpu import Gpu
+
+
+@dataclass(frozen=True)
+class MpsDaemonInfo:
+    """Where a GPU's MPS daemon lives."""
+
+    gpu_uuid: str
+    pipe_dir: str
+    log_dir: str
+    multi_user: bool
+    #: The control daemon's pid when known (read from its pid file).
+    pid: Optional[int] = None
+    #: Whether an already-running daemon was found and kept rather than started.
+    reused: bool = False
+
+
+class MpsDaemons(Protocol):
+    """Runs (or finds) one MPS control daemon per served GPU and checks that each answers."""
+
+    def start(self, gpu: Gpu) -> MpsDaemonInfo:
+        """Make sure the GPU's daemon runs and answers; raises MpsError if it cannot."""
+        ...
+
+    def apply_defaults(self, gpu: Gpu, replicas: int) -> list[str]:
+        """Set the daemon's defaults for clients that set no limit (``mps.daemon_*_limit``)
+        for a GPU split into ``replicas``; returns the commands sent. Raises MpsError."""
+        ...
+
+    def stop(self, gpu_uuid: str) -> None:
+        """Quit the GPU's daemon if this object started it (no-op otherwise)."""
+        ...
+
+    def probe(self, gpu_uuid: str) -> Optional[str]:
+        """None if the GPU's daemon answers a control command; else why it does not."""
+        ...
+
+
+class MpsInspector(Protocol):
+    """What `vgpu-agent doctor` asks about the MPS daemons of a node, which it did not start."""
+
+    @property
+    def in_agent(self) -> Optional[str]:
+        """How the daemons live inside the agent (e.g. "simulated"), so that no MPS
+        program is needed on the host; None for real daemons."""
+        ...
+
+    def probe(self, gpu_uuid: str) -> Optional[str]:
+        """None if the GPU's daemon answers a control command; else why it does not."""
+        ...
+
+    def multi_user_supported(self) -> bool:
+        """Whether the driver's MPS offers multi-user mode; VgpuError when it cannot tell."""
+        ...
+
+    def daemon_multi_user(self, gpu_uuid: str) -> Optional[bool]:
+        """Whether the GPU's running daemon is in multi-user mode (None: unknown)."""
+        ...
