@@ -28,13 +28,13 @@ from vgpu_agent.commands import (
 )
 from vgpu_agent.compose import build_agent, open_backend_for
 from vgpu_agent.config import Config, simulated_mps
+from vgpu_agent.daemons import SIMULATED_DAEMON_NOTE
 from vgpu_agent.devices import HEALTHY, UNHEALTHY
 from vgpu_agent.errors import AgentError, ConfigError, VgpuError
 from vgpu_agent.gpu import ComputeMode, Gpu, set_compute_mode
 from vgpu_agent.observability import status_header_lines, status_lines
 from vgpu_agent.plan import plan_gpus
 from vgpu_agent.plugin import AdvertisedDevice, query_devices
-from vgpu_agent.simulated import SIMULATED_DAEMON_NOTE
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_ERROR = 1
