@@ -215,27 +215,37 @@ BAD_CONFIGS = [
 
 
 @pytest.fixture(scope="module")
-def bad_config_results(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Result]:
-    """Every command with every bad config, run once for the module, four at a time."""
-    jobs: dict[str, Job] = {}
-    keys: dict[str, tuple[str, str]] = {}
-    for bad in BAD_CONFIGS:
-        if bad.as_nobody and SETPRIV is None:
-            continue
-        path = str(bad.make(tmp_path_factory.mktemp(bad.name)))
-        argvs = {name: ("--config", path, *args) for name, args in COMMANDS.items()}
-        argvs["config check PATH"] = ("config", "check", path)
-        for name, argv in argvs.items():
-            jobs[f"{bad.name}:{name}"] = Job(argv, bad.as_nobody)
-            keys[f"{bad.name}:{name}"] = (bad.name, name)
-    results = run_all(jobs)
-    return {keys[job_name]: result for job_name, result in results.items()}
+def bad_config_results(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[[BadConfig], dict[str, Result]]:
+    """Every command with a bad config, run (four at a time) once per bad config, when the
+    first test of that config asks; the tests of one config share a test worker."""
+    results: dict[str, dict[str, Result]] = {}
+
+    def results_for(bad: BadConfig) -> dict[str, Result]:
+        if bad.name not in results:
+            path = str(bad.make(tmp_path_factory.mktemp(bad.name)))
+            argvs = {name: ("--config", path, *args) for name, args in COMMANDS.items()}
+            argvs["config check PATH"] = ("config", "check", path)
+            results[bad.name] = run_all(
+                {name: Job(argv, bad.as_nobody) for name, argv in argvs.items()}
+            )
+        return results[bad.name]
+
+    return results_for
 
 
-@pytest.mark.parametrize("bad", BAD_CONFIGS, ids=[bad.name for bad in BAD_CONFIGS])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        # One xdist group per config: its commands run once, in one worker.
+        pytest.param(bad, id=bad.name, marks=pytest.mark.xdist_group(f"bad-config-{bad.name}"))
+        for bad in BAD_CONFIGS
+    ],
+)
 @pytest.mark.parametrize("command", [*COMMANDS, "config check PATH"])
 def test_bad_config(
-    bad_config_results: dict[tuple[str, str], Result], bad: BadConfig, command: str
+    bad_config_results: Callable[[BadConfig], dict[str, Result]], bad: BadConfig, command: str
 ) -> None:
     """A missing, directory, unparseable, invalid or unreadable config: exit 78 and one
     line naming the file and the problem (doctor: its report, with the config failing)."""
@@ -243,7 +253,7 @@ def test_bad_config(
         pytest.skip("setpriv is not installed: cannot run as another user")
     if bad.as_nobody and os.geteuid() != 0:
         pytest.skip("only root can run a command as nobody")
-    result = bad_config_results[(bad.name, command)]
+    result = bad_config_results(bad)[command]
     if command == "doctor":
         assert result.code != 0, result.describe()
         assert "Traceback" not in result.stdout + result.stderr

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 from types import FrameType
-from typing import Any, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 import click
 
@@ -26,15 +26,20 @@ from vgpu_agent.commands import (
     SimulateCommand,
     StatusCommand,
 )
-from vgpu_agent.compose import build_agent, open_backend_for
 from vgpu_agent.config import Config, simulated_mps
+from vgpu_agent.daemons import SIMULATED_DAEMON_NOTE
 from vgpu_agent.devices import HEALTHY, UNHEALTHY
 from vgpu_agent.errors import AgentError, ConfigError, VgpuError
 from vgpu_agent.gpu import ComputeMode, Gpu, set_compute_mode
 from vgpu_agent.observability import status_header_lines, status_lines
 from vgpu_agent.plan import plan_gpus
-from vgpu_agent.plugin import AdvertisedDevice, query_devices
-from vgpu_agent.simulated import SIMULATED_DAEMON_NOTE
+
+if TYPE_CHECKING:
+    from vgpu_agent.plugin import AdvertisedDevice
+
+# The composition root and the plugin module are imported by the commands that use them:
+# they bring in gRPC and the backends, a third of the CLI's start-up, which commands that
+# only read the config or talk to the control socket (and every bad-config error) skip.
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_ERROR = 1
@@ -150,6 +155,8 @@ def run(ctx: click.Context, simulate: Optional[int], plugin_dir: Optional[str]) 
     lock.acquire()
     config_path = config_module.resolve_path(options.config_path, os.environ)
     instance.write_record(config_path, config.agent.control_socket_path)
+    from vgpu_agent.compose import build_agent
+
     agent = build_agent(config, notifier=notifier, config_loader=load)
 
     def on_stop(signum: int, _frame: Optional[FrameType]) -> None:
@@ -205,6 +212,8 @@ def gpus_group(ctx: click.Context, simulate: Optional[int]) -> None:
     if ctx.invoked_subcommand is not None:
         return
     loaded = with_overrides(_load(ctx), simulate=simulate)
+    from vgpu_agent.compose import open_backend_for
+
     backend = open_backend_for(loaded)
     try:
         gpus = backend.list_gpus()
@@ -238,6 +247,8 @@ def _pick(gpus: list[Gpu], refs: tuple[str, ...], what: str) -> list[Gpu]:
 
 
 def _apply_modes(loaded: Config, mode: ComputeMode, refs: tuple[str, ...]) -> None:
+    from vgpu_agent.compose import open_backend_for
+
     backend = open_backend_for(loaded)
     try:
         gpus = backend.list_gpus()
@@ -269,6 +280,8 @@ def gpus_apply(ctx: click.Context, record_path: str) -> None:
     if loaded.gpus.compute_mode == "unchanged":
         click.echo("gpus.compute_mode is 'unchanged': leaving every GPU as it is")
         return
+    from vgpu_agent.compose import open_backend_for
+
     backend = open_backend_for(loaded)
     try:
         served = [gpu for gpu, _ in plan_gpus(loaded, backend.list_gpus()).served]
@@ -284,6 +297,7 @@ def gpus_apply(ctx: click.Context, record_path: str) -> None:
 @click.pass_context
 def gpus_restore(ctx: click.Context, record_path: str) -> None:
     """Set back the compute modes apply-compute-mode --record FILE changed (ExecStop)."""
+    from vgpu_agent.compose import open_backend_for
     from vgpu_agent.compute_mode import restore_compute_modes
 
     backend = open_backend_for(_load(ctx))
@@ -356,6 +370,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
     except AgentError as control_error:
         # No control socket (another state_dir, no permission): the plugin socket still
         # tells the device list, as the kubelet sees it, without the reasons.
+        from vgpu_agent.plugin import query_devices
+
         plugin_socket = _load(ctx).plugin.socket_path
         try:
             devices = query_devices(plugin_socket)
@@ -496,6 +512,8 @@ def mps_group() -> None:
 
 
 def _served_gpus(loaded: Config, refs: tuple[str, ...]) -> list[Gpu]:
+    from vgpu_agent.compose import open_backend_for
+
     backend = open_backend_for(loaded)
     try:
         gpus = [gpu for gpu, _ in plan_gpus(loaded, backend.list_gpus()).served]

@@ -52,6 +52,14 @@ class MpsDaemons(Protocol):
         ...
 
 
+#: What every command says of a simulated GPU's MPS daemon: it is a flag inside the
+#: running agent, so there is nothing on disk to start, stop or probe.
+SIMULATED_DAEMON_NOTE = (
+    "simulated inside `vgpu-agent run` (no daemon process, no pipe directory; "
+    "`vgpu-agent status` shows its health)"
+)
+
+
 class MpsInspector(Protocol):
     """What `vgpu-agent doctor` asks about the MPS daemons of a node, which it did not start."""
 

@@ -22,12 +22,11 @@ from vgpu_agent import config as config_module
 from vgpu_agent import confinement, control, mps
 from vgpu_agent.commands import ControlCommand, StatusCommand
 from vgpu_agent.config import ComputeModeSetting, Config, MultiUser
-from vgpu_agent.daemons import MpsInspector
+from vgpu_agent.daemons import SIMULATED_DAEMON_NOTE, MpsInspector
 from vgpu_agent.devices import Ceiling
 from vgpu_agent.errors import ConfigError, VgpuError
 from vgpu_agent.gpu import ComputeMode, Gpu, GpuBackend
 from vgpu_agent.plan import confinement_line, gpu_ceiling, plan_gpus
-from vgpu_agent.simulated import SIMULATED_DAEMON_NOTE
 from vgpu_agent.sockets import socket_state
 
 if sys.version_info >= (3, 11):

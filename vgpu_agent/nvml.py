@@ -127,26 +127,35 @@ def _handle_address(handle: Any) -> Optional[int]:
     return int(address) if address else None
 
 
+def _import_pynvml() -> Any:
+    try:
+        import pynvml
+    except ImportError as exc:
+        raise GpuError(
+            "loading NVML: the Python package nvidia-ml-py (module pynvml) is not "
+            f"installed: install it, {TRY_WITHOUT_GPU}"
+        ) from exc
+    return pynvml
+
+
 class NvmlBackend:
     """:class:`~vgpu_agent.gpu.GpuBackend` on real GPUs through NVML.
 
-    NVML is initialised in the constructor and shut down by :meth:`close`.
+    NVML is initialised in the constructor and shut down by :meth:`close`. ``nvml`` is the
+    pynvml module (imported here when not given; tests pass a fake with the same names), and
+    ``sysfs_root`` is where PCI devices' NUMA nodes are read when NVML cannot say.
     """
 
-    def __init__(self) -> None:
-        try:
-            import pynvml
-        except ImportError as exc:
-            raise GpuError(
-                "loading NVML: the Python package nvidia-ml-py (module pynvml) is not "
-                f"installed: install it, {TRY_WITHOUT_GPU}"
-            ) from exc
-        self._nvml: Any = pynvml
+    def __init__(
+        self, nvml: Optional[Any] = None, sysfs_root: str = "/sys/bus/pci/devices"
+    ) -> None:
+        self._nvml: Any = nvml if nvml is not None else _import_pynvml()
+        self._sysfs_root = sysfs_root
         self._lock = threading.Lock()
         self._event_set: Any = None
         self._uuid_by_handle: dict[int, str] = {}
         self._closed = False
-        self._call("initialising NVML", pynvml.nvmlInit)
+        self._call("initialising NVML", self._nvml.nvmlInit)
 
     def _call(self, action: str, function: Callable[..., _T], *args: Any) -> _T:
         with self._lock:
@@ -213,7 +222,7 @@ class NvmlBackend:
                 node = -1
             if node >= 0:
                 return node
-        return numa_node_from_sysfs(bus_id)
+        return numa_node_from_sysfs(bus_id, self._sysfs_root)
 
     def _mig_enabled(self, handle: Any, what: str) -> bool:
         try:

@@ -214,14 +214,6 @@ class SimulatedBackend:
             raise GpuLostError(f"{action} GPU {gpu_uuid}: the GPU is lost (simulated)")
 
 
-#: What every command says of a simulated GPU's MPS daemon: it is a flag inside the
-#: running agent, so there is nothing on disk to start, stop or probe.
-SIMULATED_DAEMON_NOTE = (
-    "simulated inside `vgpu-agent run` (no daemon process, no pipe directory; "
-    "`vgpu-agent status` shows its health)"
-)
-
-
 class SimulatedMpsDaemons:
     """MPS daemons that exist only in memory: healthy unless set down."""
 
