@@ -32,12 +32,15 @@ from vgpu_agent.gpu import Gpu
 from vgpu_agent.kubelet import register
 from vgpu_agent.kubelet_standin import KubeletStandin
 from vgpu_agent.mps import DirectMpsDaemons, control_command
-from vgpu_agent.plan import grant_policy
+from vgpu_agent.plan import daemon_ceiling, grant_policy
 from vgpu_agent.plugin import PluginServer, PluginServicer
 
 HERE = Path(__file__).parent
 RESOURCE = "eks.amazonaws.com/vgpu"
 REPLICAS = 4
+#: Enforced confinement (the default) with a ceiling of two shares, so that tests may grant
+#: one container two vGPUs; the confinement tests build nodes with the product default, 1.
+MAX_VGPUS_PER_CONTAINER = 2
 #: Where the pipe directory appears inside the client's namespace, as in a pod.
 CONTAINER_PIPE_DIR = "/run/nvidia-mps"
 #: What a container image brings besides the Allocate response (not from the plugin).
@@ -242,17 +245,23 @@ def memory_limit_mib(grant: Any) -> int:
 
 @pytest.fixture
 def make_node(gpus: list[Gpu], work_dir: Path) -> Iterator[Callable[..., Node]]:
-    """Builds a node: a daemon per GPU (multi-user on unless asked), plugin, stand-in."""
+    """Builds a node: a daemon per GPU (multi-user on unless asked) holding the enforced
+    ceiling, the plugin, the kubelet stand-in."""
     nodes: list[Node] = []
     all_daemons: list[DirectMpsDaemons] = []
 
-    def build(multi_user: bool = True, replicas: int = REPLICAS) -> Node:
+    def build(
+        multi_user: bool = True,
+        replicas: int = REPLICAS,
+        max_vgpus_per_container: int = MAX_VGPUS_PER_CONTAINER,
+    ) -> Node:
         mps = MpsConfig(
             manager="direct",
             pipe_root=str(work_dir / "pipe"),
             log_root=str(work_dir / "log"),
             multi_user="on" if multi_user else "off",
             container_pipe_dir=CONTAINER_PIPE_DIR,
+            max_vgpus_per_container=max_vgpus_per_container,
         )
         config = Config(mps=mps)
         daemons = DirectMpsDaemons(mps)
@@ -261,6 +270,9 @@ def make_node(gpus: list[Gpu], work_dir: Path) -> Iterator[Callable[..., Node]]:
         for gpu in gpus:
             info = daemons.start(gpu)
             assert info.multi_user is multi_user
+            # As the agent does after starting a daemon: set the ceiling of mps.confinement
+            # ("enforced" by default), which the liveness probe then keeps.
+            daemons.apply_defaults(gpu, daemon_ceiling(mps, gpu.memory_mib, replicas))
             served.append(ServedGpu(gpu, replicas, pipe_dir=info.pipe_dir))
         state = node_model.Node(Inventory(tuple(served)), grant_policy(config))
         plugin_dir = work_dir / "plugins"

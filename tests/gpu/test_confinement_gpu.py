@@ -1,7 +1,8 @@
 """On a real NVIDIA GPU: a client holding 1 vGPU of N gets no more SMs and no more memory
 than its ceiling, whatever it does with its limit variables (issue 11 item 6).
 
-The ceiling is the daemon's defaults as the agent sets them; the client runs the way a
+The ceiling is the daemon's defaults as the agent sets them in its default configuration
+(enforced confinement, one vGPU per container at most); the client runs the way a
 container runtime starts it from Allocate (pod-like namespaces, uid 1000, the grant's
 mounts), then either keeps the grant's variables, unsets them, or raises them to the whole
 GPU. Run with scripts/test-gpu; bench/gpu_mps.py --study hostile prints the same figures
@@ -9,12 +10,12 @@ as a table beside a daemon without a ceiling."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any, Callable
 
 import pytest
 
-from vgpu_agent.mps import apply_daemon_defaults
+from vgpu_agent.mps import ceiling_gaps
+from vgpu_agent.plan import daemon_ceiling
 
 from .conftest import Node
 
@@ -27,15 +28,9 @@ THROUGHPUT_NOISE = 1.15
 
 
 def _with_ceiling(make_node: NodeFactory) -> tuple[Node, int]:
-    """A node whose GPU 0 daemon carries the ceiling of one vGPU; returns it and the
-    memory slice in MiB."""
-    node = make_node(replicas=REPLICAS)
-    pipe_dir = node.state.inventory().gpus[0].pipe_dir
-    assert pipe_dir is not None
-    mps_config = replace(
-        node.config.mps, daemon_thread_limit="proportional", daemon_memory_limit="proportional"
-    )
-    apply_daemon_defaults(mps_config, pipe_dir, node.gpus[0].memory_mib, REPLICAS)
+    """A node as the agent runs it by default (enforced confinement, at most 1 vGPU per
+    container), its GPU 0 daemon holding the ceiling; returns it and the memory slice."""
+    node = make_node(replicas=REPLICAS, max_vgpus_per_container=1)
     print(
         "daemon ceiling:",
         node.control(0, "get_default_active_thread_percentage"),
@@ -104,3 +99,17 @@ def test_a_client_can_still_lower_its_own_limits(make_node: NodeFactory) -> None
     )
     assert lowered["max_alloc_mib"] <= 4096 < slice_mib
     assert lowered["tflops"] < compliant["tflops"] * 0.75
+
+
+def test_the_ceiling_reads_back_as_it_was_set(make_node: NodeFactory) -> None:
+    """The daemon's answers to the get commands match the ceiling the agent set, so the
+    liveness probe's full check keeps the GPU healthy instead of seeing the ceiling lost."""
+    node, _ = _with_ceiling(make_node)
+    pipe_dir = node.state.inventory().gpus[0].pipe_dir
+    assert pipe_dir is not None
+    ceiling = daemon_ceiling(node.config.mps, node.gpus[0].memory_mib, REPLICAS)
+    assert ceiling.thread_percentage is not None
+    assert ceiling.memory_mib is not None
+    assert ceiling_gaps(node.config.mps, pipe_dir, ceiling) == []
+    # The first probe of a daemon is a full one: it reads the ceiling back.
+    assert node.daemons.probe(node.gpus[0].uuid) is None

@@ -8,7 +8,6 @@ import signal
 import stat
 import subprocess
 import time
-from dataclasses import replace
 from typing import Any, Callable
 
 import pytest
@@ -18,7 +17,8 @@ from vgpu_agent.devices import HEALTHY, UNHEALTHY
 from vgpu_agent.errors import GpuLostError
 from vgpu_agent.gpu import ComputeMode, Gpu
 from vgpu_agent.health import HealthChange, HealthMonitor
-from vgpu_agent.mps import apply_daemon_defaults, daemon_pid, process_state
+from vgpu_agent.mps import FULL_PROBE_INTERVAL_S, daemon_pid, process_state
+from vgpu_agent.plan import daemon_ceiling
 
 from .conftest import CONTAINER_PIPE_DIR, REPLICAS, Node, memory_limit_mib
 
@@ -220,7 +220,13 @@ def test_killed_daemon_turns_the_vgpus_unhealthy_until_restarted(make_node: Node
         reason = node.daemons.probe(node.gpus[0].uuid)
         assert reason is not None
         node.daemons.start(node.gpus[0])
-        node.standin.wait_for_devices(_all_gpu0(node, HEALTHY), 5.0)
+        # As the unit's ExecStartPost (or the agent) does: the new daemon gets the ceiling.
+        node.daemons.apply_defaults(
+            node.gpus[0], daemon_ceiling(node.config.mps, node.gpus[0].memory_mib, REPLICAS)
+        )
+        # A full probe that ran before the ceiling was back reports it lost once; the next
+        # one, FULL_PROBE_INTERVAL_S later, sees it held.
+        node.standin.wait_for_devices(_all_gpu0(node, HEALTHY), FULL_PROBE_INTERVAL_S + 7.0)
         grant = node.allocate(0, 1)
         report = node.start_client(grant, 0, "after-restart").result()
         assert _under_mps(report, memory_limit_mib(grant))
@@ -269,20 +275,10 @@ def test_client_sees_only_its_gpu(make_node: NodeFactory, gpus: list[Gpu]) -> No
 
 
 def test_daemon_defaults_confine_a_client_that_brings_no_limits(make_node: NodeFactory) -> None:
-    """With mps.daemon_*_limit = "proportional", a client reaching the daemon without the
-    limits Allocate gives is still held to one vGPU's memory share."""
-    node = make_node()
-    pipe_dir = node.state.inventory().gpus[0].pipe_dir
-    assert pipe_dir is not None
-    mps_config = replace(
-        node.config.mps, daemon_thread_limit="proportional", daemon_memory_limit="proportional"
-    )
+    """With enforced confinement (one vGPU per container), a client reaching the daemon
+    without the limits Allocate gives is still held to one vGPU's memory share."""
+    node = make_node(max_vgpus_per_container=1)
     slice_mib = node.gpus[0].memory_mib // REPLICAS
-    sent = apply_daemon_defaults(mps_config, pipe_dir, node.gpus[0].memory_mib, REPLICAS)
-    assert sent == [
-        f"set_default_active_thread_percentage {100 // REPLICAS}",
-        f"set_default_device_pinned_mem_limit 0 {slice_mib}M",
-    ]
     print(
         "get_default_active_thread_percentage ->",
         node.control(0, "get_default_active_thread_percentage"),
