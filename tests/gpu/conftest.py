@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 import pytest
 
 from vgpu_agent import node as node_model
-from vgpu_agent.config import Config, MpsConfig
+from vgpu_agent.config import Config, Confinement, MpsConfig
 from vgpu_agent.devices import Inventory, ServedGpu
 from vgpu_agent.gpu import Gpu
 from vgpu_agent.kubelet import register
@@ -254,6 +254,7 @@ def make_node(gpus: list[Gpu], work_dir: Path) -> Iterator[Callable[..., Node]]:
         multi_user: bool = True,
         replicas: int = REPLICAS,
         max_vgpus_per_container: int = MAX_VGPUS_PER_CONTAINER,
+        confinement: Confinement = "enforced",
     ) -> Node:
         mps = MpsConfig(
             manager="direct",
@@ -262,6 +263,7 @@ def make_node(gpus: list[Gpu], work_dir: Path) -> Iterator[Callable[..., Node]]:
             multi_user="on" if multi_user else "off",
             container_pipe_dir=CONTAINER_PIPE_DIR,
             max_vgpus_per_container=max_vgpus_per_container,
+            confinement=confinement,
         )
         config = Config(mps=mps)
         daemons = DirectMpsDaemons(mps)

@@ -10,6 +10,7 @@ as a table beside a daemon without a ceiling."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable
 
 import pytest
@@ -113,3 +114,29 @@ def test_the_ceiling_reads_back_as_it_was_set(make_node: NodeFactory) -> None:
     assert ceiling_gaps(node.config.mps, pipe_dir, ceiling) == []
     # The first probe of a daemon is a full one: it reads the ceiling back.
     assert node.daemons.probe(node.gpus[0].uuid) is None
+
+
+def test_a_ceiling_set_while_a_server_runs_holds_its_new_clients(make_node: NodeFactory) -> None:
+    """A ceiling the agent sets on a daemon whose MPS server already runs (a daemon that came
+    back bare and served a client before the probe put the ceiling back, or a reload) holds
+    that server's new clients too, not only servers started later."""
+    node = make_node(replicas=REPLICAS, max_vgpus_per_container=1, confinement="cooperative")
+    slice_mib = node.gpus[0].memory_mib // REPLICAS
+    granted = dict(node.allocate(0, 1).envs)
+    bare = {key: value for key, value in granted.items() if key not in LIMIT_VARIABLES}
+    holder = node.allocate(0, 1)
+    holder.envs.clear()
+    holder.envs.update(bare)
+    node.start_client(holder, 1000, "holder", ["--hold-s", "120"])
+    node.wait_for_clients(0, 1)
+    assert node.control(0, "get_server_list").split(), "no MPS server runs"
+    enforced = replace(node.config.mps, confinement="enforced")
+    sent = node.daemons.apply_defaults(
+        node.gpus[0], daemon_ceiling(enforced, node.gpus[0].memory_mib, REPLICAS)
+    )
+    print("sent:", sent)
+    late = _run(node, "unset, running server", bare)
+    compliant = _run(node, "compliant, running server", granted)
+    assert late["multi_processor_count"] <= compliant["multi_processor_count"]
+    assert late["tflops"] <= compliant["tflops"] * THROUGHPUT_NOISE
+    assert late["max_alloc_mib"] <= slice_mib
