@@ -9,6 +9,7 @@ settings are never changed: the compute mode stays as found.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -195,8 +196,14 @@ class Node:
             label,
             *arguments,
         ]
+        # A process group of its own: unshare's forked child (and everything under it, as
+        # another uid) outlives a kill of unshare alone, but not a kill of the group.
         process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
         )
         client = Client(label, process)
         self.clients.append(client)
@@ -226,8 +233,10 @@ class Node:
     def close(self) -> None:
         """Stop clients, the plugin server, the stand-in and every daemon."""
         for client in self.clients:
-            if client.process.poll() is None:
-                client.process.send_signal(signal.SIGKILL)
+            # The whole group, also where the test already killed unshare itself.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(client.process.pid, signal.SIGKILL)
+            if client.process.returncode is None:
                 client.process.communicate()
         self.server.stop()
         self.standin.stop()

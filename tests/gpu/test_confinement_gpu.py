@@ -127,7 +127,7 @@ def test_a_ceiling_set_while_a_server_runs_holds_its_new_clients(make_node: Node
     holder = node.allocate(0, 1)
     holder.envs.clear()
     holder.envs.update(bare)
-    node.start_client(holder, 1000, "holder", ["--hold-s", "120"])
+    node.start_client(holder, 1000, "holder", ["--hold-s", "60"])
     node.wait_for_clients(0, 1)
     assert node.control(0, "get_server_list").split(), "no MPS server runs"
     enforced = replace(node.config.mps, confinement="enforced")
