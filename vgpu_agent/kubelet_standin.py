@@ -450,6 +450,10 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+#: How often the stand-in's main thread wakes to run signal handlers that are due.
+SIGNAL_POLL_S = 0.2
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run a kubelet stand-in in the foreground until SIGTERM or SIGINT; SIGHUP restarts it."""
     parser = argparse.ArgumentParser(
@@ -484,7 +488,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"kubelet-standin: cannot start in {args.plugin_dir}: {exc}", file=sys.stderr)
         return 1
     try:
-        while requests.get() != "stop":
+        while True:
+            # A signal that lands on one of gRPC's threads does not interrupt a wait in the
+            # main thread, and Python runs handlers only in the main thread: wake now and
+            # then so a handler that is due runs and its request is seen.
+            try:
+                request = requests.get(timeout=SIGNAL_POLL_S)
+            except queue.Empty:
+                continue
+            if request == "stop":
+                break
             standin.restart()
     finally:
         standin.stop()
