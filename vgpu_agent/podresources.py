@@ -58,7 +58,15 @@ def _list(
     channel: Any, socket_path: str, resource_name: str, timeout_s: float
 ) -> list[ContainerDevices]:
     try:
-        response = _lister_stub(channel).List(pb.ListPodResourcesRequest(), timeout=timeout_s)
+        try:
+            response = _lister_stub(channel).List(pb.ListPodResourcesRequest(), timeout=timeout_s)
+        except grpc.RpcError as first:
+            # After a kubelet restart the kept channel's first call can still go out on the
+            # old server's broken transport (UNAVAILABLE, "Stream removed"); gRPC has
+            # reconnected by the time it fails, so one more try reaches the new kubelet.
+            if not (isinstance(first, grpc.Call) and first.code() == grpc.StatusCode.UNAVAILABLE):
+                raise
+            response = _lister_stub(channel).List(pb.ListPodResourcesRequest(), timeout=timeout_s)
     except grpc.RpcError as exc:
         code = exc.code() if isinstance(exc, grpc.Call) else None
         details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
