@@ -319,12 +319,9 @@ def _check_gpus(report: _Report, config: Config, probes: DoctorProbes, node: _No
     try:
         node.backend = probes.open_backend(config)
     except VgpuError as exc:
-        hint = (
-            "check the [simulated] table"
-            if simulated
-            else 'check that `nvidia-smi` works, or set gpus.backend = "simulated" to try '
-            "the agent without a GPU"
-        )
+        # The backend's own error already says what to install or use instead (a simulated
+        # backend among them); doctor adds only where to look first.
+        hint = "check the [simulated] table" if simulated else "check that `nvidia-smi` works"
         report.fail(check, f"{exc}; {hint}")
         return
     if simulated:
