@@ -31,7 +31,7 @@ from vgpu_agent.config import (
     SimulatedGpu,
     parse,
 )
-from vgpu_agent.daemons import MpsDaemonInfo
+from vgpu_agent.daemons import MpsDaemonInfo, QuickCheck
 from vgpu_agent.devices import Ceiling
 from vgpu_agent.errors import ConfigError, GpuError, MpsError
 from vgpu_agent.gpu import ComputeMode, Gpu, GpuBackend
@@ -468,7 +468,12 @@ class LateMpsDaemons:
     def stop(self, gpu_uuid: str) -> None:
         """Nothing to stop."""
 
-    def probe(self, gpu_uuid: str) -> Optional[str]:
+    def quick_check(self, gpu_uuid: str) -> QuickCheck:
+        """Nothing to see cheaply: the full check decides."""
+        return QuickCheck()
+
+    def full_check(self, gpu_uuid: str) -> Optional[str]:
+        """Answers once ``up`` is set."""
         return None if self.up.is_set() else "MPS daemon not answering"
 
 

@@ -44,6 +44,7 @@ from vgpu_agent.config import (
     SimulatedConfig,
     to_toml,
 )
+from vgpu_agent.daemons import QuickCheck
 from vgpu_agent.devices import Ceiling
 from vgpu_agent.gpu import Gpu
 from vgpu_agent.kubelet_standin import KubeletStandin
@@ -336,29 +337,31 @@ def direct(short_tmp_dir: str) -> Iterator[tuple[DirectMpsDaemons, MpsConfig]]:
 
 def test_prober_reads_the_ceiling_back_only_on_full_checks(
     direct: tuple[DirectMpsDaemons, MpsConfig],
+    short_tmp_dir: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Cheap probes between full checks do not ask the daemon; the full check finds the
-    lost ceiling, re-applies it, and the check after that passes."""
+    """Quick checks do not ask the daemon, so a lost ceiling passes them; the full check
+    finds it, re-applies it, and the full check after that passes."""
+    command_log = Path(short_tmp_dir) / "probe-commands"
+    monkeypatch.setenv("FAKE_MPS_COMMAND_LOG", str(command_log))
     daemons, config = direct
     gpu = node_gpu()
     info = daemons.start(gpu)
-    now = [0.0]
-    prober = LivenessProber(config, full_interval_s=5.0, clock=lambda: now[0])
+    prober = LivenessProber(config)
     ceiling = Ceiling(Decimal("6.25"), 4096)
     assert prober.hold(info.pipe_dir, ceiling) == [
         "set_default_active_thread_percentage 6.25",
         "set_default_device_pinned_mem_limit 0 4096M",
     ]
-    assert prober.probe(info.pipe_dir) is None
+    assert prober.full(info.pipe_dir) is None
     control_command(config, info.pipe_dir, "set_default_active_thread_percentage 50")
-    now[0] = 1.0
-    assert prober.probe(info.pipe_dir) is None, "a cheap probe does not read the ceiling"
-    now[0] = 6.0
-    problem = prober.probe(info.pipe_dir)
+    before = command_log.read_text(encoding="utf-8").splitlines()
+    assert prober.quick(info.pipe_dir) == QuickCheck(), "the quick check does not see it"
+    assert command_log.read_text(encoding="utf-8").splitlines() == before, "nor ask"
+    problem = prober.full(info.pipe_dir)
     assert problem is not None
     assert problem.startswith("MPS daemon ceiling lost (thread percentage 50, not 6.25)")
-    now[0] = 6.5
-    assert prober.probe(info.pipe_dir) is None
+    assert prober.full(info.pipe_dir) is None
     assert ceiling_gaps(config, info.pipe_dir, ceiling) == []
 
 
@@ -378,10 +381,10 @@ def test_full_probe_with_a_ceiling_reads_it_back_instead_of_a_bare_liveness_comm
     monkeypatch.setenv("FAKE_MPS_COMMAND_LOG", str(command_log))
     daemons, config = direct
     info = daemons.start(node_gpu())
-    prober = LivenessProber(config, full_interval_s=5.0, clock=lambda: 0.0)
+    prober = LivenessProber(config)
     prober.hold(info.pipe_dir, Ceiling(Decimal("12.5"), 10194))
     before = len(command_log.read_text(encoding="utf-8").splitlines())
-    assert prober.probe(info.pipe_dir) is None
+    assert prober.full(info.pipe_dir) is None
     asked = command_log.read_text(encoding="utf-8").splitlines()[before:]
     assert asked == [
         "get_default_active_thread_percentage",
@@ -399,22 +402,19 @@ def test_a_running_server_gets_the_ceiling_and_is_checked(
     daemons, config = direct
     info = daemons.start(node_gpu())
     control_command(config, info.pipe_dir, "fake_start_server 4242")
-    now = [0.0]
-    prober = LivenessProber(config, full_interval_s=5.0, clock=lambda: now[0])
+    prober = LivenessProber(config)
     sent = prober.hold(info.pipe_dir, Ceiling(Decimal("12.5"), 17971))
     assert sent[2:] == [
         "set_active_thread_percentage 4242 12.5",
         "set_device_pinned_mem_limit 4242 0 17971M",
     ]
     assert control_command(config, info.pipe_dir, "get_active_thread_percentage 4242") == "12.5"
-    assert prober.probe(info.pipe_dir) is None
+    assert prober.full(info.pipe_dir) is None
     control_command(config, info.pipe_dir, "set_active_thread_percentage 4242 100")
-    now[0] = 6.0
-    problem = prober.probe(info.pipe_dir)
+    problem = prober.full(info.pipe_dir)
     assert problem is not None
     assert "server 4242: thread percentage 100, not 12.5" in problem
-    now[0] = 6.5
-    assert prober.probe(info.pipe_dir) is None
+    assert prober.full(info.pipe_dir) is None
     assert control_command(config, info.pipe_dir, "get_active_thread_percentage 4242") == "12.5"
 
 

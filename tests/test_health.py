@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -15,7 +16,7 @@ from typing import Any, Callable, Optional
 import pytest
 
 from vgpu_agent.config import HealthConfig, SimulatedConfig
-from vgpu_agent.daemons import MpsDaemonInfo, MpsDaemons
+from vgpu_agent.daemons import FULL_PROBE_INTERVAL_S, MpsDaemonInfo, MpsDaemons, QuickCheck
 from vgpu_agent.devices import Ceiling, HealthReason
 from vgpu_agent.gpu import Gpu
 from vgpu_agent.health import HealthChange, HealthMonitor, poll_tick_s
@@ -29,6 +30,8 @@ FAST = HealthConfig(
     poll_interval_s=0.05, mps_check_interval_s=0.05, recovery_quiet_period_s=NEVER_S
 )
 MPS_DOWN = "MPS daemon down (simulated)"
+LIVENESS = "vgpu-mps-liveness"
+FULL_WORKER = "vgpu-mps-full-check"
 REASON_DBE = HealthReason.ecc_fault().text
 REASON_LOST = HealthReason.lost().text
 
@@ -137,6 +140,14 @@ class Node:
             if thread not in self.threads_before and thread.is_alive()
         )
 
+    def watcher_names(self) -> list[str]:
+        """:meth:`new_thread_names` without the full-check workers (started on demand)."""
+        return [name for name in self.new_thread_names() if not name.startswith(FULL_WORKER)]
+
+    def full_workers(self) -> int:
+        """How many full-check worker threads are alive."""
+        return len([name for name in self.new_thread_names() if name.startswith(FULL_WORKER)])
+
 
 NodeFactory = Callable[..., Node]
 
@@ -155,6 +166,7 @@ def make_node() -> Iterator[NodeFactory]:
         clock: Optional[FakeClock] = None,
         served: Optional[list[int]] = None,
         mps: Optional[MpsDaemons] = None,
+        full_check_interval_s: float = FULL_PROBE_INTERVAL_S,
     ) -> Node:
         gpus = gpus_from_config(SimulatedConfig(count=count))
         backend = SimulatedBackend(gpus)
@@ -171,6 +183,7 @@ def make_node() -> Iterator[NodeFactory]:
             [gpus[index].uuid for index in indices],
             emit=changes,
             clock=clock if clock is not None else time.monotonic,
+            full_check_interval_s=full_check_interval_s,
         )
         node = Node(gpus, backend, daemons, changes, monitor, clock)
         nodes.append(node)
@@ -633,10 +646,11 @@ def test_mps_daemon_never_started(make_node: NodeFactory) -> None:
 
 
 class ScriptedDaemons:
-    """MpsDaemons whose probe raises ``error`` while it is set, else answers."""
+    """MpsDaemons whose quick (or full) check raises ``error`` while it is set, else answers."""
 
-    def __init__(self) -> None:
+    def __init__(self, raising: str) -> None:
         self._lock = threading.Lock()
+        self._raising = raising
         self.error: Optional[Exception] = None
         self.probes = 0
 
@@ -651,26 +665,37 @@ class ScriptedDaemons:
     def stop(self, gpu_uuid: str) -> None:
         """Nothing to stop."""
 
-    def probe(self, gpu_uuid: str) -> Optional[str]:
-        """Raise the scripted error, or answer."""
+    def quick_check(self, gpu_uuid: str) -> QuickCheck:
+        """Raise the scripted error (when the quick check is the one that raises), or pass."""
+        self._check("quick")
+        return QuickCheck()
+
+    def full_check(self, gpu_uuid: str) -> Optional[str]:
+        """Raise the scripted error (when the full check is the one that raises), or answer."""
+        self._check("full")
+        return None
+
+    def _check(self, which: str) -> None:
         with self._lock:
+            if which != self._raising:
+                return
             self.probes += 1
             error = self.error
         if error is not None:
             raise error
-        return None
 
     def probe_count(self) -> int:
-        """How many probes ran."""
+        """How many checks of the raising kind ran."""
         with self._lock:
             return self.probes
 
 
+@pytest.mark.parametrize("raising", ["quick", "full"])
 def test_raising_probe_does_not_kill_the_watcher(
-    make_node: NodeFactory, caplog: pytest.LogCaptureFixture
+    make_node: NodeFactory, caplog: pytest.LogCaptureFixture, raising: str
 ) -> None:
-    """A probe that raises marks the GPU, is logged once, and the watcher keeps probing."""
-    daemons = ScriptedDaemons()
+    """A check that raises marks the GPU, is logged once, and the watcher keeps checking."""
+    daemons = ScriptedDaemons(raising)
     daemons.error = RuntimeError("boom")
     node = make_node(count=1, mps=daemons)
     with caplog.at_level(logging.ERROR, logger="vgpu_agent.health"):
@@ -684,7 +709,152 @@ def test_raising_probe_does_not_kill_the_watcher(
         daemons.error = None
         node.changes.wait_for((node.uuid(0), "MPS daemon probe failed: boom", False))
     assert len([r for r in caplog.records if "probing the MPS daemon" in r.getMessage()]) == 1
-    assert any(name.startswith("vgpu-mps-probe-") for name in node.new_thread_names())
+    assert node.watcher_names().count(LIVENESS) == 1
+
+
+class GatedDaemons:
+    """MpsDaemons whose quick checks report a scripted problem per GPU, and whose full checks
+    of a held GPU hang until it is released; counts every check and the full checks of each
+    GPU running at once."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._quick_problems: dict[str, str] = {}
+        self._held: set[str] = set()
+        self.quick = Counter[str]()
+        self.full = Counter[str]()
+        self.running = Counter[str]()
+        self.most_running = Counter[str]()
+
+    def start(self, gpu: Gpu) -> MpsDaemonInfo:
+        """Nothing to start."""
+        return MpsDaemonInfo(gpu.uuid, "/run/none", "/var/log/none", multi_user=False)
+
+    def apply_defaults(self, gpu: Gpu, ceiling: Ceiling) -> list[str]:
+        """No defaults to set."""
+        return []
+
+    def stop(self, gpu_uuid: str) -> None:
+        """Nothing to stop."""
+
+    def quick_check(self, gpu_uuid: str) -> QuickCheck:
+        """The scripted problem of the GPU, if any."""
+        with self._changed:
+            self.quick[gpu_uuid] += 1
+            self._changed.notify_all()
+            return QuickCheck(self._quick_problems.get(gpu_uuid))
+
+    def full_check(self, gpu_uuid: str) -> Optional[str]:
+        """Answers, after the GPU is released when it is held."""
+        with self._changed:
+            self.full[gpu_uuid] += 1
+            self.running[gpu_uuid] += 1
+            self.most_running[gpu_uuid] = max(self.most_running[gpu_uuid], self.running[gpu_uuid])
+            self._changed.notify_all()
+            self._changed.wait_for(lambda: gpu_uuid not in self._held)
+            self.running[gpu_uuid] -= 1
+            self._changed.notify_all()
+        return None
+
+    def hold(self, *gpu_uuids: str) -> None:
+        """Make the full checks of these GPUs hang (a hung daemon) until released."""
+        with self._changed:
+            self._held.update(gpu_uuids)
+
+    def release_all(self) -> None:
+        """Let every held full check answer."""
+        with self._changed:
+            self._held.clear()
+            self._changed.notify_all()
+
+    def set_quick_problem(self, gpu_uuid: str, problem: Optional[str]) -> None:
+        """Make the GPU's quick check report ``problem`` (None: pass)."""
+        with self._changed:
+            if problem is None:
+                self._quick_problems.pop(gpu_uuid, None)
+            else:
+                self._quick_problems[gpu_uuid] = problem
+
+    def wait_until(self, condition: Callable[[], bool], what: str) -> None:
+        """Wait (promptly) until ``condition`` holds; it is evaluated under the lock."""
+        with self._changed:
+            assert self._changed.wait_for(condition, PROMPTLY_S), f"waiting for {what}"
+
+
+def test_a_hung_full_check_does_not_delay_other_gpus(make_node: NodeFactory) -> None:
+    """While GPU 0's full check hangs, every GPU is still quick-checked each interval, GPU 1
+    still gets its full checks, and a dead daemon of either GPU is reported at once; the
+    hung check's late answer does not clear what a quick check found meanwhile."""
+    daemons = GatedDaemons()
+    node = make_node(count=2, mps=daemons, full_check_interval_s=0.0)
+    gpu0, gpu1 = node.uuid(0), node.uuid(1)
+    daemons.hold(gpu0)
+    try:
+        node.start()
+        daemons.wait_until(lambda: daemons.running[gpu0] == 1, "GPU 0's full check to hang")
+        quick0, full1 = daemons.quick[gpu0], daemons.full[gpu1]
+        daemons.wait_until(
+            lambda: daemons.quick[gpu0] >= quick0 + 3 and daemons.full[gpu1] >= full1 + 3,
+            "more quick checks of GPU 0 and full checks of GPU 1",
+        )
+        daemons.set_quick_problem(gpu1, "MPS daemon of GPU 1 gone")
+        daemons.set_quick_problem(gpu0, "MPS daemon of GPU 0 gone")
+        node.changes.wait_for(
+            (gpu1, "MPS daemon of GPU 1 gone", True), (gpu0, "MPS daemon of GPU 0 gone", True)
+        )
+        assert daemons.running[gpu0] == 1, "reported while its full check still hangs"
+        daemons.release_all()
+        daemons.wait_until(lambda: daemons.running[gpu0] == 0, "the hung check to answer")
+    finally:
+        daemons.release_all()
+    node.monitor.stop()  # joins the watcher and waits for full checks: all is reported
+    assert (gpu0, "MPS daemon of GPU 0 gone", False) not in node.changes.summary()
+    assert daemons.full[gpu0] == 1, "no full check while the quick check sees it down"
+
+
+def test_at_most_one_full_check_per_gpu_runs(make_node: NodeFactory) -> None:
+    """A GPU whose full check hangs gets no second one until the first answers, however
+    many intervals pass; then its full checks resume."""
+    daemons = GatedDaemons()
+    node = make_node(count=2, mps=daemons, full_check_interval_s=0.0)
+    gpu0 = node.uuid(0)
+    daemons.hold(gpu0)
+    try:
+        node.start()
+        daemons.wait_until(lambda: daemons.running[gpu0] == 1, "GPU 0's full check to hang")
+        quick0 = daemons.quick[gpu0]
+        daemons.wait_until(lambda: daemons.quick[gpu0] >= quick0 + 5, "five more intervals")
+        assert daemons.full[gpu0] == 1
+        daemons.release_all()
+        daemons.wait_until(lambda: daemons.full[gpu0] >= 3, "full checks to resume")
+    finally:
+        daemons.release_all()
+    node.monitor.stop()
+    assert daemons.most_running[gpu0] == 1
+    assert daemons.most_running[node.uuid(1)] == 1
+
+
+@pytest.mark.parametrize("count", [1, 8])
+def test_one_liveness_thread_for_any_number_of_gpus(make_node: NodeFactory, count: int) -> None:
+    """One thread checks every GPU's daemon; full checks add a worker per GPU at most, even
+    with every GPU's full check hung through many intervals."""
+    daemons = GatedDaemons()
+    node = make_node(count=count, mps=daemons, full_check_interval_s=0.0)
+    uuids = [node.uuid(index) for index in range(count)]
+    daemons.hold(*uuids)
+    try:
+        node.start()
+        daemons.wait_until(
+            lambda: all(daemons.running[uuid] == 1 for uuid in uuids), "every full check to hang"
+        )
+        quick = daemons.quick[uuids[0]]
+        daemons.wait_until(lambda: daemons.quick[uuids[0]] >= quick + 5, "five more intervals")
+        assert [name for name in node.watcher_names() if name.startswith("vgpu-mps")] == [LIVENESS]
+        assert node.full_workers() == count
+    finally:
+        daemons.release_all()
+    node.monitor.stop()
+    assert node.new_thread_names() == []
 
 
 # -- switches and shutdown --------------------------------------------------------------------
@@ -693,8 +863,8 @@ def test_raising_probe_does_not_kill_the_watcher(
 @pytest.mark.parametrize(
     ("config", "with_mps", "expected_threads"),
     [
-        (FAST, True, ["vgpu-health-events", "vgpu-health-poll", "mps-0", "mps-1"]),
-        (config_with(xid_enabled=False), True, ["vgpu-health-poll", "mps-0", "mps-1"]),
+        (FAST, True, ["vgpu-health-events", "vgpu-health-poll", LIVENESS]),
+        (config_with(xid_enabled=False), True, ["vgpu-health-poll", LIVENESS]),
         (config_with(mps_liveness_enabled=False), True, ["vgpu-health-events", "vgpu-health-poll"]),
         (FAST, False, ["vgpu-health-events", "vgpu-health-poll"]),
         (
@@ -711,10 +881,7 @@ def test_watchers_started(
     """Each check that is switched off (or has nothing to watch) starts no thread."""
     node = make_node(config, with_mps=with_mps)
     node.start()
-    names = {f"vgpu-mps-probe-{node.uuid(index)[:12]}": f"mps-{index}" for index in range(2)}
-    assert sorted(names.get(name, name) for name in node.new_thread_names()) == sorted(
-        expected_threads
-    )
+    assert node.watcher_names() == sorted(expected_threads)
 
 
 def test_xid_off_ignores_events(make_node: NodeFactory) -> None:
@@ -735,7 +902,7 @@ def test_mps_liveness_off_ignores_dead_daemons(make_node: NodeFactory) -> None:
     node = make_node(config_with(mps_liveness_enabled=False))
     node.start()
     node.daemons.set_down(node.uuid(0))
-    assert not [name for name in node.new_thread_names() if name.startswith("vgpu-mps-probe")]
+    assert not [name for name in node.new_thread_names() if name.startswith("vgpu-mps")]
     node.backend.inject_xid(node.uuid(1), 79)
     node.changes.wait_for((node.uuid(1), "xid 79", True))
     assert node.changes.summary() == [(node.uuid(1), "xid 79", True)]
@@ -752,7 +919,7 @@ def test_stop_joins_every_thread_quickly(make_node: NodeFactory) -> None:
     """stop() ends the event, poll and MPS threads well within a generous bound."""
     node = make_node(count=4)
     node.start()
-    assert len(node.new_thread_names()) == 6
+    assert len(node.watcher_names()) == 3
     started = time.monotonic()
     node.monitor.stop()
     assert time.monotonic() - started < PROMPTLY_S / 2

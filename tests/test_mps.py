@@ -19,6 +19,7 @@ import pytest
 from tests.harness import wait_until
 from tests.test_mps_units import request_server
 from vgpu_agent.config import MpsConfig
+from vgpu_agent.daemons import check_now
 from vgpu_agent.errors import MpsError
 from vgpu_agent.gpu import Gpu
 from vgpu_agent.mps import (
@@ -208,7 +209,7 @@ def test_start_runs_a_multi_user_daemon_that_answers(
     assert not info.reused
     assert info.pid is not None
     assert b"-M" in Path(f"/proc/{info.pid}/cmdline").read_bytes().split(b"\0")
-    assert direct.probe(GPU.uuid) is None
+    assert check_now(direct, GPU.uuid) is None
     lock_mode = stat.S_IMODE(os.stat(fake_mps.pipe_dir() / "control_lock").st_mode)
     assert lock_mode == 0o600
     assert stat.S_IMODE(os.stat(fake_mps.pipe_dir() / "control").st_mode) == 0o666
@@ -258,7 +259,7 @@ def test_stop_quits_the_daemon(fake_mps: FakeMps, direct: DirectMpsDaemons) -> N
     direct.stop(GPU.uuid)
     assert info.pid is not None
     assert not Path(f"/proc/{info.pid}").exists()
-    reason = direct.probe(GPU.uuid)
+    reason = check_now(direct, GPU.uuid)
     assert reason is not None
     assert "not running" in reason
 
@@ -274,7 +275,7 @@ def test_a_restarted_agent_reuses_the_running_daemon(
     assert info.pid == first.pid
     assert info.multi_user
     restarted.stop(GPU.uuid)
-    assert restarted.probe(GPU.uuid) is None
+    assert check_now(restarted, GPU.uuid) is None
 
 
 def test_probe_reports_a_killed_daemon(fake_mps: FakeMps, direct: DirectMpsDaemons) -> None:
@@ -282,8 +283,8 @@ def test_probe_reports_a_killed_daemon(fake_mps: FakeMps, direct: DirectMpsDaemo
     info = direct.start(GPU)
     assert info.pid is not None
     os.kill(info.pid, signal.SIGKILL)
-    wait_until(lambda: "exited" in (direct.probe(GPU.uuid) or ""), what="the kill to be seen")
-    other = ExternalMpsDaemons(fake_mps.config).probe(GPU.uuid)
+    wait_until(lambda: "exited" in (check_now(direct, GPU.uuid) or ""), what="the kill to be seen")
+    other = check_now(ExternalMpsDaemons(fake_mps.config), GPU.uuid)
     assert other is not None
     assert "Cannot find MPS control daemon process" in other
 
@@ -306,7 +307,7 @@ def test_probe_reports_a_hung_daemon_within_the_timeout(
         started = time.monotonic()
         reason = probe_pipe_dir(config, pipe_dir)
         elapsed_s = time.monotonic() - started
-        assert "stopped" in (ExternalMpsDaemons(config).probe(GPU.uuid) or "")
+        assert "stopped" in (check_now(ExternalMpsDaemons(config), GPU.uuid) or "")
     finally:
         os.kill(info.pid, signal.SIGCONT)
     assert reason is not None
@@ -326,7 +327,7 @@ def test_probe_reports_a_missing_pipe_dir(fake_mps: FakeMps, direct: DirectMpsDa
     for entry in fake_mps.pipe_dir().iterdir():
         entry.unlink()
     fake_mps.pipe_dir().rmdir()
-    reason = direct.probe(GPU.uuid)
+    reason = check_now(direct, GPU.uuid)
     assert reason is not None
     assert "is missing" in reason
     # Nobody can ask it to quit without its socket: kill it rather than wait out stop's timeout.
@@ -388,7 +389,7 @@ def test_external_daemons_are_only_checked(fake_mps: FakeMps, direct: DirectMpsD
     assert info.reused
     assert info.pid == started.pid
     external.stop(GPU.uuid)
-    assert external.probe(GPU.uuid) is None
+    assert check_now(external, GPU.uuid) is None
 
 
 def _fake_systemctl(fake_mps: FakeMps, exit_code: int = 0) -> Path:
@@ -424,9 +425,9 @@ def test_systemd_manager_starts_the_unit_and_never_stops_it(fake_mps: FakeMps) -
     assert info.multi_user
     assert info.pid is not None
     daemons.stop(GPU.uuid)
-    assert daemons.probe(GPU.uuid) is None
+    assert check_now(daemons, GPU.uuid) is None
     quit_daemon(fake_mps.config, GPU.uuid)
-    wait_until(lambda: daemons.probe(GPU.uuid) is not None, what="the daemon to be gone")
+    wait_until(lambda: check_now(daemons, GPU.uuid) is not None, what="the daemon to be gone")
 
 
 def test_systemd_manager_reports_a_failed_unit(fake_mps: FakeMps) -> None:
@@ -475,7 +476,7 @@ def test_systemd_manager_goes_through_the_request_socket_when_there(fake_mps: Fa
             daemons.start(other)
     assert results == [True, False]
     assert info.pid is not None
-    assert daemons.probe(GPU.uuid) is None
+    assert check_now(daemons, GPU.uuid) is None
     quit_daemon(config, GPU.uuid)
     assert [unit.wait(timeout=10) for unit in units] == [0]
 

@@ -1,13 +1,15 @@
-"""MPS liveness: the cheap /proc check on every probe, the control command now and then."""
+"""MPS liveness of real (stand-in) daemons: the quick /proc check and the full control command."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 
 from tests.harness import wait_until
 from tests.test_mps import GPU, FakeMps, direct, fake_mps  # noqa: F401 - fixtures
+from vgpu_agent.daemons import QuickCheck, check_now
 from vgpu_agent.mps import DirectMpsDaemons, LivenessProber, process_state, quick_check
 
 
@@ -39,57 +41,57 @@ def test_quick_check_sees_stopped_daemon_at_once(
     assert quick_check(pipe_dir) is None
 
 
-def test_prober_asks_the_daemon_only_every_interval(
+def test_quick_check_passes_a_hung_daemon_and_the_full_check_catches_it(
     fake_mps: FakeMps,  # noqa: F811 - fixture
     direct: DirectMpsDaemons,  # noqa: F811 - fixture
 ) -> None:
-    """Between full probes a hung (but running) daemon passes; the next full probe catches it."""
+    """A running daemon that does not answer passes the quick check (which never asks it);
+    the full check asks and reports it, and passes once it answers again."""
     info = direct.start(GPU)
     assert info.pid is not None
     pipe_dir = str(fake_mps.pipe_dir())
-    now = [100.0]
-    prober = LivenessProber(fake_mps.config, full_interval_s=5.0, clock=lambda: now[0])
-    assert prober.probe(pipe_dir) is None  # full probe: the daemon answers
+    prober = LivenessProber(fake_mps.config)
+    assert prober.full(pipe_dir) is None
     # Make the control socket path answer nothing: replace it with a socket nobody accepts on.
     control = os.path.join(pipe_dir, "control")
     os.rename(control, control + ".real")
     try:
-        import socket
-
         silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         silent.bind(control)
         try:
-            now[0] += 1.0
-            assert prober.probe(pipe_dir) is None  # cheap check only: still looks alive
-            now[0] += 5.0
-            problem = prober.probe(pipe_dir)  # full probe due: the command fails
-            assert problem is not None
+            assert prober.quick(pipe_dir) == QuickCheck()
+            assert direct.quick_check(GPU.uuid) == QuickCheck()
+            assert prober.full(pipe_dir) is not None
+            assert direct.full_check(GPU.uuid) is not None
         finally:
             silent.close()
             os.unlink(control)
     finally:
         os.rename(control + ".real", control)
-    now[0] += 1.0
-    assert prober.probe(pipe_dir) is None
+    assert prober.full(pipe_dir) is None
+    assert check_now(direct, GPU.uuid) is None
 
 
-def test_prober_reports_killed_daemon_at_once(
+def test_killed_daemon_leaves_the_quick_check_unsure_and_the_full_check_says_so(
     fake_mps: FakeMps,  # noqa: F811 - fixture
     direct: DirectMpsDaemons,  # noqa: F811 - fixture
 ) -> None:
-    """A killed daemon is reported on the next probe even inside the full-probe interval."""
+    """A killed daemon's pid file names a gone process: the quick check asks for a full
+    check now, and that reports the daemon not running (exited, to the manager that
+    started it)."""
     info = direct.start(GPU)
     assert info.pid is not None
     pipe_dir = str(fake_mps.pipe_dir())
-    prober = LivenessProber(fake_mps.config, full_interval_s=3600.0)
-    assert prober.probe(pipe_dir) is None
-    os.kill(info.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while process_state(info.pid) not in (None, "Z") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    problem = prober.probe(pipe_dir)
+    prober = LivenessProber(fake_mps.config)
+    pid: int = info.pid
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: process_state(pid) in (None, "Z"), what="the daemon to die")
+    assert prober.quick(pipe_dir) == QuickCheck(unsure=True)
+    problem = prober.full(pipe_dir)
     assert problem is not None
     assert "is not running" in problem
+    wait_until(lambda: direct.quick_check(GPU.uuid).unsure, what="the exit to be seen")
+    assert "exited with status" in (direct.full_check(GPU.uuid) or "")
 
 
 def test_direct_daemon_replaced_after_death_is_healthy(
@@ -97,15 +99,16 @@ def test_direct_daemon_replaced_after_death_is_healthy(
     direct: DirectMpsDaemons,  # noqa: F811 - fixture
 ) -> None:
     """When the daemon the agent started dies and another one is started on its pipe
-    directory, the probe reports the GPU alive again."""
+    directory, the checks report the GPU alive again."""
     info = direct.start(GPU)
     assert info.pid is not None
     os.kill(info.pid, signal.SIGKILL)
-    wait_until(lambda: "exited" in (direct.probe(GPU.uuid) or ""), what="the kill to be seen")
+    wait_until(lambda: "exited" in (check_now(direct, GPU.uuid) or ""), what="the kill to be seen")
     other = DirectMpsDaemons(fake_mps.config)
     try:
         other.start(GPU)
-        assert direct.probe(GPU.uuid) is None
+        assert check_now(direct, GPU.uuid) is None
+        assert direct.quick_check(GPU.uuid) == QuickCheck(), "the new daemon serves the GPU"
     finally:
         other.stop_all()
 
@@ -115,12 +118,13 @@ def test_stale_pid_file_does_not_fail_a_live_daemon(
     direct: DirectMpsDaemons,  # noqa: F811 - fixture
 ) -> None:
     """A pid file naming a process that is gone, beside a daemon that answers, is not a
-    dead daemon: the prober asks the daemon before saying so."""
+    dead daemon: the quick check is unsure, and the full check asks the daemon."""
     info = direct.start(GPU)
     assert info.pid is not None
     pid_file = fake_mps.pipe_dir() / "nvidia-cuda-mps-control.pid"
     pid_file.write_text(str(2**22 + 4321))
     prober = LivenessProber(fake_mps.config)
     assert "is not running" in (quick_check(str(fake_mps.pipe_dir())) or "")
-    assert prober.probe(str(fake_mps.pipe_dir())) is None
-    assert direct.probe(GPU.uuid) is None
+    assert prober.quick(str(fake_mps.pipe_dir())) == QuickCheck(unsure=True)
+    assert prober.full(str(fake_mps.pipe_dir())) is None
+    assert check_now(direct, GPU.uuid) is None

@@ -6,12 +6,12 @@ from __future__ import annotations
 import threading
 import time
 import uuid as uuid_module
-from typing import Callable
+from typing import Callable, Optional
 
 import pytest
 
 from vgpu_agent.config import SimulatedConfig, SimulatedGpu, parse
-from vgpu_agent.daemons import MpsDaemons
+from vgpu_agent.daemons import MpsDaemons, QuickCheck, check_now
 from vgpu_agent.errors import GpuError, GpuLostError
 from vgpu_agent.gpu import ComputeMode, Gpu, GpuBackend, GpuEvent, GpuEventKind, GpuProcess
 from vgpu_agent.simulated import (
@@ -117,7 +117,7 @@ def test_backends_satisfy_the_protocols() -> None:
     backend: GpuBackend = SimulatedBackend(three_gpus())
     daemons: MpsDaemons = SimulatedMpsDaemons("/run/p", "/var/log/p")
     assert backend.list_gpus()
-    assert daemons.probe(OTHER_UUID) is not None
+    assert check_now(daemons, OTHER_UUID) is not None
 
 
 # -- compute mode, loss, recovery ------------------------------------------------------------
@@ -362,8 +362,8 @@ def test_mps_daemon_start_gives_its_directories() -> None:
         "up-when-not-down",
     ],
 )
-def test_mps_daemon_probe(steps: list[str], expected: object) -> None:
-    """probe() is None while the daemon runs and is not set down, else says why."""
+def test_mps_daemon_checks(steps: list[str], expected: Optional[str]) -> None:
+    """Both checks are None while the daemon runs and is not set down, else say why."""
     gpu = three_gpus()[0]
     daemons = SimulatedMpsDaemons("/run/p", "/var/log/p")
     actions: dict[str, Callable[[], object]] = {
@@ -375,7 +375,8 @@ def test_mps_daemon_probe(steps: list[str], expected: object) -> None:
     }
     for step in steps:
         actions[step]()
-    assert daemons.probe(gpu.uuid) == expected
+    assert daemons.quick_check(gpu.uuid) == QuickCheck(expected)
+    assert daemons.full_check(gpu.uuid) == expected
 
 
 def test_mps_daemon_down_is_per_gpu() -> None:
@@ -385,7 +386,11 @@ def test_mps_daemon_down_is_per_gpu() -> None:
     for gpu in gpus:
         daemons.start(gpu)
     daemons.set_down(gpus[1].uuid)
-    assert [daemons.probe(gpu.uuid) for gpu in gpus] == [None, "MPS daemon down (simulated)", None]
+    assert [check_now(daemons, gpu.uuid) for gpu in gpus] == [
+        None,
+        "MPS daemon down (simulated)",
+        None,
+    ]
 
 
 def test_simulated_mps_clients_come_and_go() -> None:

@@ -29,8 +29,32 @@ class MpsDaemonInfo:
     reused: bool = False
 
 
+#: How often the health monitor gives a daemon that passes its quick check a full check
+#: (a real control command): a hung daemon, which the quick check cannot tell from a
+#: working one, is seen within this plus ``mps.control_timeout_s``.
+FULL_PROBE_INTERVAL_S = 5.0
+
+
+@dataclass(frozen=True)
+class QuickCheck:
+    """What a quick liveness check saw: ``problem`` when the daemon is surely down; neither
+    that nor ``unsure`` when nothing cheap to see is wrong (a hung daemon still passes)."""
+
+    #: Why the daemon is down (e.g. no control socket, its process stopped or gone).
+    problem: Optional[str] = None
+    #: The cheap signs cannot tell (the pid file names a process that is gone, yet a daemon
+    #: started since may answer): the caller runs a full check now, and it decides.
+    unsure: bool = False
+
+
 class MpsDaemons(Protocol):
-    """Runs (or finds) one MPS control daemon per served GPU and checks that each answers."""
+    """Runs (or finds) one MPS control daemon per served GPU and checks that each answers.
+
+    Liveness comes in two parts, so one thread can check every GPU often without a hung
+    daemon holding it up: :meth:`quick_check` (cheap, never blocks; run every
+    ``health.mps_check_interval_s``) and :meth:`full_check` (asks the daemon; may take up to
+    ``mps.control_timeout_s``; run every :data:`FULL_PROBE_INTERVAL_S`, on a worker).
+    """
 
     def start(self, gpu: Gpu) -> MpsDaemonInfo:
         """Make sure the GPU's daemon runs and answers; raises MpsError if it cannot."""
@@ -47,9 +71,26 @@ class MpsDaemons(Protocol):
         """Quit the GPU's daemon if this object started it (no-op otherwise)."""
         ...
 
-    def probe(self, gpu_uuid: str) -> Optional[str]:
-        """None if the GPU's daemon answers a control command; else why it does not."""
+    def quick_check(self, gpu_uuid: str) -> QuickCheck:
+        """Liveness without asking the daemon: no process start and no I/O that can block
+        (stat calls, /proc reads), so a stopped, killed or missing daemon is seen at once."""
         ...
+
+    def full_check(self, gpu_uuid: str) -> Optional[str]:
+        """None if the GPU's daemon answers a control command (and holds the ceiling
+        :meth:`apply_defaults` set, putting it back when it is gone); else why not. Blocks up
+        to ``mps.control_timeout_s`` when the daemon hangs."""
+        ...
+
+
+def check_now(daemons: MpsDaemons, gpu_uuid: str) -> Optional[str]:
+    """One whole liveness check of the GPU's daemon: the quick check, then the full one
+    unless the quick one already found the daemon down. None if it answers; else why not.
+    For one-off checks; the health monitor schedules the two parts itself."""
+    seen = daemons.quick_check(gpu_uuid)
+    if seen.problem is not None:
+        return seen.problem
+    return daemons.full_check(gpu_uuid)
 
 
 #: What every command says of a simulated GPU's MPS daemon: it is a flag inside the

@@ -15,6 +15,7 @@ Each is a typed :class:`~vgpu_agent.devices.HealthReason`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from vgpu_agent.config import HealthConfig
-from vgpu_agent.daemons import MpsDaemons
+from vgpu_agent.daemons import FULL_PROBE_INTERVAL_S, MpsDaemons, QuickCheck
 from vgpu_agent.devices import HealthReason
 from vgpu_agent.errors import GpuError, GpuLostError
 from vgpu_agent.gpu import GpuBackend, GpuEvent, GpuEventKind
@@ -70,10 +71,13 @@ class HealthMonitor:
         clock: Callable[[], float] = time.monotonic,
         mps_down: Optional[dict[str, HealthReason]] = None,
         probe_timeout_s: float = 2.0,
+        full_check_interval_s: float = FULL_PROBE_INTERVAL_S,
     ) -> None:
         """``mps_down`` names GPUs whose daemon was already down (reason) when the agent
         started; their reasons are cleared like any other once the daemon answers.
-        ``probe_timeout_s`` is how long one MPS probe may take (``mps.control_timeout_s``)."""
+        ``probe_timeout_s`` is how long one MPS full check may take
+        (``mps.control_timeout_s``); a daemon that passes its quick checks gets a full check
+        every ``full_check_interval_s``."""
         self._backend = backend
         self._mps = mps
         self._config = config
@@ -90,6 +94,15 @@ class HealthMonitor:
         self._polled: set[str] = set()
         self._mps_down: dict[str, HealthReason] = dict(mps_down or {})
         self._probe_timeout_s = probe_timeout_s
+        self._full_interval_s = full_check_interval_s
+        # MPS liveness state, under _mps_lock: when each GPU's daemon last passed a full
+        # check (absent: one is due), the full checks running, and how many times a quick
+        # check found each daemon down (a full check that started before then is stale).
+        self._mps_lock = threading.Lock()
+        self._full_passed_at: dict[str, float] = {}
+        self._full_running: dict[str, concurrent.futures.Future[None]] = {}
+        self._quick_downs: dict[str, int] = dict.fromkeys(self._gpu_uuids, 0)
+        self._full_workers: Optional[concurrent.futures.ThreadPoolExecutor] = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -116,17 +129,30 @@ class HealthMonitor:
                 self._polled = set(unwatchable)
                 self._spawn("vgpu-health-events", self._event_loop)
         self._spawn("vgpu-health-poll", self._poll_loop)
-        if self._config.mps_liveness_enabled and self._mps is not None:
-            for gpu_uuid in self._gpu_uuids:
-                self._spawn(f"vgpu-mps-probe-{gpu_uuid[:12]}", self._mps_loop, gpu_uuid)
+        if self._config.mps_liveness_enabled and self._mps is not None and self._gpu_uuids:
+            # Workers start as full checks need them and then wait for work without a
+            # timeout: idle, they cost nothing. One per GPU at most, so a hung daemon holds
+            # up its own GPU's full checks only.
+            self._full_workers = concurrent.futures.ThreadPoolExecutor(
+                max_workers=len(self._gpu_uuids), thread_name_prefix="vgpu-mps-full-check"
+            )
+            self._spawn("vgpu-mps-liveness", self._mps_loop)
 
     def stop(self) -> None:
-        """Stop every watcher thread and wait for them."""
+        """Stop every watcher thread and wait for them (and for running full checks)."""
         self._stop.set()
         self._backend.interrupt_wait()
         for thread in self._threads:
             thread.join(timeout=max(EVENT_WAIT_S * 4, self._probe_timeout_s + 1))
         self._threads.clear()
+        workers, self._full_workers = self._full_workers, None
+        if workers is not None:
+            with self._mps_lock:
+                running = list(self._full_running.values())
+            # A full check ends within the control timeout; one that outlives it is left
+            # to finish on its own (its result is dropped) rather than hang the stop.
+            _, late = concurrent.futures.wait(running, timeout=self._probe_timeout_s + 1)
+            workers.shutdown(wait=not late)
 
     def _spawn(self, name: str, target: Callable[..., None], *args: object) -> None:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -266,30 +292,86 @@ class HealthMonitor:
 
     # -- MPS liveness ---------------------------------------------------------------------------
 
-    def _mps_loop(self, gpu_uuid: str) -> None:
-        assert self._mps is not None  # noqa: S101 - only started with MPS
+    def _mps_loop(self) -> None:
+        # One thread for every GPU: quick checks are cheap and never block, and full checks,
+        # which can, run on the workers.
         interval_s = self._config.mps_check_interval_s
         while not self._stop.is_set():
             started = self._clock()
-            previous = self._mps_down.get(gpu_uuid)
-            reason: Optional[HealthReason]
-            try:
-                problem = self._mps.probe(gpu_uuid)
-                reason = None if problem is None else HealthReason.mps_down(problem)
-            except Exception as exc:  # a probe must never kill its watcher
-                reason = HealthReason.mps_down(f"MPS daemon probe failed: {exc}")
-                if reason != previous:
-                    log.exception("probing the MPS daemon of GPU %s failed", gpu_uuid)
-            if reason is not None:
-                if previous != reason:
-                    # The new reason first: clearing the old one first would make the GPU
-                    # look Healthy in between, and ListAndWatch would advertise that.
-                    self._mps_down[gpu_uuid] = reason
-                    self._emit(HealthChange(gpu_uuid, reason, True))
-                    if previous is not None:
-                        self._emit(HealthChange(gpu_uuid, previous, False))
-            elif previous is not None:
-                del self._mps_down[gpu_uuid]
-                self._emit(HealthChange(gpu_uuid, previous, False, detail="MPS daemon answers"))
+            for gpu_uuid in self._gpu_uuids:
+                self._check_mps_quickly(gpu_uuid, started)
             elapsed = self._clock() - started
             self._stop.wait(max(interval_s - elapsed, 0.0))
+
+    def _check_mps_quickly(self, gpu_uuid: str, now: float) -> None:
+        """Quick-check the GPU's daemon: report it down when it surely is, else hand it to a
+        worker for a full check when one is due and none is running."""
+        assert self._mps is not None  # noqa: S101 - only started with MPS
+        error: Optional[Exception] = None
+        try:
+            seen = self._mps.quick_check(gpu_uuid)
+        except Exception as exc:  # a check must never kill its watcher
+            seen, error = QuickCheck(f"MPS daemon probe failed: {exc}"), exc
+        with self._mps_lock:
+            if seen.problem is not None:
+                # Surely down, whatever a full check still running will say; once it seems
+                # alive again a full check must confirm it before the reason is cleared.
+                self._quick_downs[gpu_uuid] += 1
+                self._full_passed_at.pop(gpu_uuid, None)
+                self._report_mps(gpu_uuid, seen.problem, error)
+                return
+            if gpu_uuid in self._full_running:
+                return
+            passed_at = self._full_passed_at.get(gpu_uuid)
+            fresh = passed_at is not None and now - passed_at < self._full_interval_s
+            if fresh and not seen.unsure:
+                return
+            workers = self._full_workers
+            if workers is None or self._stop.is_set():
+                return
+            self._full_running[gpu_uuid] = workers.submit(
+                self._check_mps_fully, gpu_uuid, now, self._quick_downs[gpu_uuid]
+            )
+
+    def _check_mps_fully(self, gpu_uuid: str, started: float, quick_downs: int) -> None:
+        """Full-check the GPU's daemon (on a worker) and report what it says, unless a quick
+        check found the daemon down meanwhile: then this answer is older news."""
+        assert self._mps is not None  # noqa: S101 - only started with MPS
+        error: Optional[Exception] = None
+        problem: Optional[str] = None
+        try:
+            problem = self._mps.full_check(gpu_uuid)
+        except Exception as exc:  # a check must never kill its watcher
+            error = exc
+        with self._mps_lock:
+            del self._full_running[gpu_uuid]
+            if self._stop.is_set() or self._quick_downs[gpu_uuid] != quick_downs:
+                return
+            if problem is None and error is None:
+                self._full_passed_at[gpu_uuid] = started
+            self._report_mps(gpu_uuid, problem, error)
+
+    def _report_mps(
+        self, gpu_uuid: str, problem: Optional[str], error: Optional[Exception]
+    ) -> None:
+        """Emit the change, if any, from the GPU's last MPS finding to this one (``error``:
+        the check raised it). Called under _mps_lock, so findings apply in order."""
+        previous = self._mps_down.get(gpu_uuid)
+        reason: Optional[HealthReason]
+        if error is not None:
+            reason = HealthReason.mps_down(f"MPS daemon probe failed: {error}")
+            if reason != previous:
+                log.error("probing the MPS daemon of GPU %s failed", gpu_uuid, exc_info=error)
+        else:
+            reason = None if problem is None else HealthReason.mps_down(problem)
+        if reason is not None:
+            if previous != reason:
+                # The new reason first: clearing the old one first would make the GPU
+                # look Healthy in between, and ListAndWatch would advertise that.
+                self._mps_down[gpu_uuid] = reason
+                self._emit(HealthChange(gpu_uuid, reason, True))
+                if previous is not None:
+                    self._emit(HealthChange(gpu_uuid, previous, False))
+        elif previous is not None:
+            del self._mps_down[gpu_uuid]
+            self._emit(HealthChange(gpu_uuid, previous, False, detail="MPS daemon answers"))

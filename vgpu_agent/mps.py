@@ -30,7 +30,7 @@ from decimal import Decimal, InvalidOperation
 from typing import IO, Callable, Optional
 
 from vgpu_agent.config import MpsConfig
-from vgpu_agent.daemons import MpsDaemonInfo, MpsDaemons
+from vgpu_agent.daemons import MpsDaemonInfo, MpsDaemons, QuickCheck
 from vgpu_agent.devices import Ceiling, percentage_text
 from vgpu_agent.errors import MpsError
 from vgpu_agent.gpu import Gpu
@@ -342,8 +342,6 @@ def probe_pipe_dir(config: MpsConfig, pipe_dir: str) -> Optional[str]:
 
 
 _PID_GONE = " is not running"
-#: A daemon that passes the cheap check is asked a real control command this often.
-FULL_PROBE_INTERVAL_S = 5.0
 
 
 def process_state(pid: int) -> Optional[str]:
@@ -374,27 +372,18 @@ def quick_check(pipe_dir: str) -> Optional[str]:
 
 
 class LivenessProber:
-    """Checks daemons cheaply on every call and with a real control command every
-    ``full_interval_s``: a probe every half second then costs a few /proc reads, while a
-    killed or stopped daemon is still seen at once and a hung one within the interval."""
+    """The two parts of a daemon liveness check on a pipe directory (see
+    :class:`~vgpu_agent.daemons.MpsDaemons`), and the ceiling each full check keeps."""
 
-    def __init__(
-        self,
-        config: MpsConfig,
-        full_interval_s: float = FULL_PROBE_INTERVAL_S,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, config: MpsConfig) -> None:
         self._config = config
-        self._full_interval_s = full_interval_s
-        self._clock = clock
         self._lock = threading.Lock()
-        self._answered_at: dict[str, float] = {}
         self._ceilings: dict[str, Ceiling] = {}
         self._ceiling_lock = threading.Lock()
 
     def hold(self, pipe_dir: str, ceiling: Ceiling, wait_s: float = 15.0) -> list[str]:
         """Set ``ceiling`` on the daemon of ``pipe_dir`` (waiting until it answers) and keep
-        it there: every full probe reads it back and puts it back when it is gone.
+        it there: every full check reads it back and puts it back when it is gone.
         Returns the commands sent; raises MpsError when it cannot be set."""
         # Setting and checking never interleave: a check between the new ceiling being
         # recorded and being sent would report the old one as a lost ceiling.
@@ -427,37 +416,28 @@ class LivenessProber:
         except MpsError as exc:
             return f"{lost}; putting it back failed: {exc}"
         _log.warning("%s on %s: re-applied %s", lost, pipe_dir, ceiling.describe())
-        # Reported once, so the loss is seen; the next full probe reads it back and heals.
+        # Reported once, so the loss is seen; the next full check reads it back and heals.
         return f"{lost}; re-applied, checking again"
 
-    def probe(self, pipe_dir: str) -> Optional[str]:
-        """None if the daemon of ``pipe_dir`` is alive; else why not."""
+    def quick(self, pipe_dir: str) -> QuickCheck:
+        """:func:`quick_check` of ``pipe_dir``; unsure when the pid file names a process
+        that is gone (the daemon died, or a daemon started since did not rewrite the file:
+        only asking tells, and a dead daemon refuses at once)."""
         problem = quick_check(pipe_dir)
-        now = self._clock()
         if problem is not None and problem.endswith(_PID_GONE):
-            # The pid file names a process that is gone: the daemon died, or a daemon
-            # started since did not rewrite the file. Asking tells which, and costs little
-            # either way (a dead daemon refuses the connection at once).
-            problem = probe_pipe_dir(self._config, pipe_dir)
-        with self._lock:
-            if problem is not None:
-                self._answered_at.pop(pipe_dir, None)
-                return problem
-            answered_at = self._answered_at.get(pipe_dir)
-            if answered_at is not None and now - answered_at < self._full_interval_s:
-                return None
+            return QuickCheck(unsure=True)
+        return QuickCheck(problem)
+
+    def full(self, pipe_dir: str) -> Optional[str]:
+        """None if the daemon of ``pipe_dir`` answers a control command and holds its
+        ceiling (put back when gone, and reported once); else why not."""
         with self._lock:
             holds_ceiling = pipe_dir in self._ceilings
         # Reading the ceiling back is itself a control command the daemon must answer, so
         # it stands in for get_server_list: one process start fewer every interval.
         if holds_ceiling:
-            problem = self._check_ceiling(pipe_dir)
-        else:
-            problem = probe_pipe_dir(self._config, pipe_dir)
-        if problem is None:
-            with self._lock:
-                self._answered_at[pipe_dir] = now
-        return problem
+            return self._check_ceiling(pipe_dir)
+        return probe_pipe_dir(self._config, pipe_dir)
 
 
 def daemon_pid(pipe_dir: str) -> Optional[int]:
@@ -903,23 +883,44 @@ class DirectMpsDaemons:
         for gpu_uuid in gpu_uuids:
             self.stop(gpu_uuid)
 
-    def probe(self, gpu_uuid: str) -> Optional[str]:
-        """None if the GPU's daemon answers; else why not (exited, hung, missing)."""
+    def _exited(self, gpu_uuid: str) -> Optional[tuple[_Started, int]]:
+        """The daemon this object started for the GPU and its exit status, if it exited."""
         with self._lock:
             started = self._started.get(gpu_uuid)
-        problem = self._prober.probe(self._config.pipe_dir(gpu_uuid))
-        if started is not None:
-            code = started.process.poll()
-            if code is not None:
-                if problem is None or problem.startswith(CEILING_PREFIX):
-                    # Ours died and another daemon answers now (an operator or systemd
-                    # brought it back): that one serves the GPU from here on.
-                    with self._lock:
-                        self._started.pop(gpu_uuid, None)
-                    started.log_file.close()
-                    return problem
-                return f"MPS daemon exited with status {code}"
-        return problem
+        if started is None:
+            return None
+        code = started.process.poll()
+        return None if code is None else (started, code)
+
+    def quick_check(self, gpu_uuid: str) -> QuickCheck:
+        """The pipe directory, control socket and pid-file process checks, and whether the
+        daemon this object started has exited (a wait without blocking)."""
+        seen = self._prober.quick(self._config.pipe_dir(gpu_uuid))
+        exited = self._exited(gpu_uuid)
+        if exited is None:
+            return seen
+        if seen.problem is not None:
+            return QuickCheck(f"MPS daemon exited with status {exited[1]}")
+        # Ours exited, yet the signs look alive: another daemon may serve the pipe
+        # directory now; the full check asks it.
+        return QuickCheck(unsure=True)
+
+    def full_check(self, gpu_uuid: str) -> Optional[str]:
+        """A control command (or the ceiling read back); when the daemon this object started
+        has exited and another one answers (an operator or systemd brought it back), that
+        one serves the GPU from here on."""
+        problem = self._prober.full(self._config.pipe_dir(gpu_uuid))
+        exited = self._exited(gpu_uuid)
+        if exited is None:
+            return problem
+        started, code = exited
+        if problem is None or problem.startswith(CEILING_PREFIX):
+            with self._lock:
+                adopted = self._started.pop(gpu_uuid, None) is started
+            if adopted:
+                started.log_file.close()
+            return problem
+        return f"MPS daemon exited with status {code}"
 
 
 class SystemdMpsDaemons:
@@ -1000,9 +1001,13 @@ class SystemdMpsDaemons:
     def stop(self, gpu_uuid: str) -> None:
         """Leave the unit running: an agent stop or upgrade must not kill MPS jobs."""
 
-    def probe(self, gpu_uuid: str) -> Optional[str]:
-        """None if the GPU's daemon answers a control command; else why not."""
-        return self._prober.probe(self._config.pipe_dir(gpu_uuid))
+    def quick_check(self, gpu_uuid: str) -> QuickCheck:
+        """The pipe directory, control socket and pid-file process checks."""
+        return self._prober.quick(self._config.pipe_dir(gpu_uuid))
+
+    def full_check(self, gpu_uuid: str) -> Optional[str]:
+        """A control command (or the ceiling read back, and put back when gone)."""
+        return self._prober.full(self._config.pipe_dir(gpu_uuid))
 
 
 class ExternalMpsDaemons:
@@ -1031,9 +1036,13 @@ class ExternalMpsDaemons:
     def stop(self, gpu_uuid: str) -> None:
         """Never stops a daemon it did not start."""
 
-    def probe(self, gpu_uuid: str) -> Optional[str]:
-        """None if the GPU's daemon answers a control command; else why not."""
-        return self._prober.probe(self._config.pipe_dir(gpu_uuid))
+    def quick_check(self, gpu_uuid: str) -> QuickCheck:
+        """The pipe directory, control socket and pid-file process checks."""
+        return self._prober.quick(self._config.pipe_dir(gpu_uuid))
+
+    def full_check(self, gpu_uuid: str) -> Optional[str]:
+        """A control command (or the ceiling read back, and put back when gone)."""
+        return self._prober.full(self._config.pipe_dir(gpu_uuid))
 
 
 class HostMpsInspector:

@@ -15,7 +15,7 @@ from typing import Optional
 
 from vgpu_agent.commands import SimulateAction, SimulateCommand
 from vgpu_agent.config import Config, MultiUser, SimulatedConfig, simulated_mps
-from vgpu_agent.daemons import MpsDaemonInfo
+from vgpu_agent.daemons import MpsDaemonInfo, QuickCheck
 from vgpu_agent.devices import Ceiling, pipe_dir_for
 from vgpu_agent.errors import GpuError, GpuLostError, VgpuError
 from vgpu_agent.gpu import ComputeMode, Gpu, GpuEvent, GpuEventKind, GpuProcess
@@ -245,8 +245,16 @@ class SimulatedMpsDaemons:
         with self._lock:
             self._running.discard(gpu_uuid)
 
-    def probe(self, gpu_uuid: str) -> Optional[str]:
-        """None while the daemon is up; the reason it was set down otherwise."""
+    def quick_check(self, gpu_uuid: str) -> QuickCheck:
+        """The whole state of a simulated daemon is in memory, so the quick check sees it
+        all: the reason it was set down, or nothing wrong."""
+        return QuickCheck(self._problem(gpu_uuid))
+
+    def full_check(self, gpu_uuid: str) -> Optional[str]:
+        """The same as the quick check: there is no daemon to ask."""
+        return self._problem(gpu_uuid)
+
+    def _problem(self, gpu_uuid: str) -> Optional[str]:
         with self._lock:
             if gpu_uuid in self._down:
                 return self._down[gpu_uuid]

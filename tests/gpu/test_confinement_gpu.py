@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import pytest
 
+from vgpu_agent.daemons import check_now
 from vgpu_agent.mps import ceiling_gaps
 from vgpu_agent.plan import daemon_ceiling
 
@@ -112,8 +113,8 @@ def test_the_ceiling_reads_back_as_it_was_set(make_node: NodeFactory) -> None:
     assert ceiling.thread_percentage is not None
     assert ceiling.memory_mib is not None
     assert ceiling_gaps(node.config.mps, pipe_dir, ceiling) == []
-    # The first probe of a daemon is a full one: it reads the ceiling back.
-    assert node.daemons.probe(node.gpus[0].uuid) is None
+    # A whole check includes the full one: it reads the ceiling back.
+    assert check_now(node.daemons, node.gpus[0].uuid) is None
 
 
 def test_a_ceiling_set_while_a_server_runs_holds_its_new_clients(make_node: NodeFactory) -> None:

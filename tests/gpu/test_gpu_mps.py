@@ -13,11 +13,12 @@ from typing import Any, Callable
 import pytest
 
 from vgpu_agent.config import HealthConfig
+from vgpu_agent.daemons import FULL_PROBE_INTERVAL_S, check_now
 from vgpu_agent.devices import HEALTHY, UNHEALTHY
 from vgpu_agent.errors import GpuLostError
 from vgpu_agent.gpu import ComputeMode, Gpu
 from vgpu_agent.health import HealthChange, HealthMonitor
-from vgpu_agent.mps import FULL_PROBE_INTERVAL_S, daemon_pid, process_state
+from vgpu_agent.mps import daemon_pid, process_state
 from vgpu_agent.plan import daemon_ceiling
 
 from .conftest import CONTAINER_PIPE_DIR, REPLICAS, Node, memory_limit_mib
@@ -138,7 +139,7 @@ def test_pipe_dir_works_for_a_non_root_pod_that_cannot_control_the_daemon(
         check=False,
     )
     assert "privilege" in (attempt.stdout + attempt.stderr).lower()
-    assert node.daemons.probe(node.gpus[0].uuid) is None
+    assert check_now(node.daemons, node.gpus[0].uuid) is None
 
 
 def _overlap_run(node: Node, holder_s: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -217,7 +218,7 @@ def test_killed_daemon_turns_the_vgpus_unhealthy_until_restarted(make_node: Node
         os.kill(pid, signal.SIGKILL)
         node.standin.wait_for_devices(_all_gpu0(node, UNHEALTHY), 5.0)
         print(f"killed daemon -> Unhealthy at the kubelet in {time.monotonic() - killed:.2f} s")
-        reason = node.daemons.probe(node.gpus[0].uuid)
+        reason = check_now(node.daemons, node.gpus[0].uuid)
         assert reason is not None
         node.daemons.start(node.gpus[0])
         # As the unit's ExecStartPost (or the agent) does: the new daemon gets the ceiling.
@@ -235,21 +236,21 @@ def test_killed_daemon_turns_the_vgpus_unhealthy_until_restarted(make_node: Node
 
 
 def test_stopped_daemon_is_reported_at_once(make_node: NodeFactory) -> None:
-    """A SIGSTOPped (hung) daemon is reported by the next probe, well within 1 s, and recovers."""
+    """A SIGSTOPped (hung) daemon is reported by the quick check, well within 1 s, and recovers."""
     node = make_node()
     pipe_dir = node.state.inventory().gpus[0].pipe_dir
     assert pipe_dir is not None
     pid = daemon_pid(pipe_dir)
     assert pid is not None
-    # The health loop probes every half second; this is one of its probes, already warm.
-    assert node.daemons.probe(node.gpus[0].uuid) is None
+    # The check the health loop runs every half second is the quick part of this one.
+    assert check_now(node.daemons, node.gpus[0].uuid) is None
     os.kill(pid, signal.SIGSTOP)
     try:
         deadline = time.monotonic() + 2.0
         while process_state(pid) not in ("T", "t") and time.monotonic() < deadline:
             time.sleep(0.01)  # the signal takes effect asynchronously
         started = time.monotonic()
-        reason = node.daemons.probe(node.gpus[0].uuid)
+        reason = check_now(node.daemons, node.gpus[0].uuid)
         elapsed_s = time.monotonic() - started
     finally:
         os.kill(pid, signal.SIGCONT)
@@ -257,7 +258,7 @@ def test_stopped_daemon_is_reported_at_once(make_node: NodeFactory) -> None:
     assert "stopped" in reason
     print(f"stopped daemon reported by the probe in {elapsed_s * 1000:.1f} ms")
     assert elapsed_s < 1.0
-    assert node.daemons.probe(node.gpus[0].uuid) is None
+    assert check_now(node.daemons, node.gpus[0].uuid) is None
 
 
 def test_client_sees_only_its_gpu(make_node: NodeFactory, gpus: list[Gpu]) -> None:
