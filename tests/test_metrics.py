@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -204,6 +205,42 @@ def test_a_scrape_over_http_reads_the_node_now(short_tmp_dir: str) -> None:
     assert second[("vgpu_registered", ())] == 1
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_the_server_listens_on_ipv6() -> None:
+    """An IPv6 host is served over IPv6, and stop() closes it."""
+    server = MetricsServer(AgentMetrics(_view), "::1", 0)
+    server.start()
+    try:
+        with urllib.request.urlopen(f"http://[::1]:{server.port}/metrics", timeout=5) as response:
+            assert _samples(response.read())[("vgpu_registered", ())] == 1
+    finally:
+        server.stop()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("::1", server.port), timeout=1).close()
+
+
+def test_stop_wakes_the_idle_server_thread_at_once() -> None:
+    """The serving thread waits for a request with no timeout; stop() wakes and ends it
+    (and a second stop is harmless)."""
+    before = set(threading.enumerate())
+    server = MetricsServer(AgentMetrics(_view), "127.0.0.1", 0)
+    server.start()
+    (thread,) = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert thread.name == "vgpu-metrics-http"
+    server.stop()
+    assert not thread.is_alive(), "stop() gave up joining a thread still waiting"
+    server.stop()
 
 
 def test_a_taken_port_is_a_clear_error() -> None:
