@@ -365,6 +365,43 @@ def test_prober_reads_the_ceiling_back_only_on_full_checks(
     assert ceiling_gaps(config, info.pipe_dir, ceiling) == []
 
 
+def test_a_hung_daemon_holds_up_no_other_gpus_ceiling_check(
+    direct: tuple[DirectMpsDaemons, MpsConfig],
+) -> None:
+    """While the full check of a stopped daemon waits for its answer, the full check of
+    another GPU's daemon reads that one's ceiling back and answers."""
+    daemons, config = direct
+    config = replace(config, control_timeout_s=20.0)
+    hung_gpu, other_gpu = gpus_from_config(SimulatedConfig(count=2, memory_mib=MEMORY_MIB))
+    hung, other = daemons.start(hung_gpu), daemons.start(other_gpu)
+    assert hung.pid is not None
+    prober = LivenessProber(config)
+    for info in (hung, other):
+        prober.hold(info.pipe_dir, Ceiling(Decimal("12.5"), 4096))
+    results: dict[str, Optional[str]] = {}
+
+    def check(pipe_dir: str) -> None:
+        results[pipe_dir] = prober.full(pipe_dir)
+
+    os.kill(hung.pid, signal.SIGSTOP)
+    hung_check = threading.Thread(target=check, args=(hung.pipe_dir,), daemon=True)
+    try:
+        hung_check.start()
+        wait_until(
+            lambda: prober._ceiling_lock(hung.pipe_dir).locked(),
+            what="the hung daemon's read-back to begin",
+        )
+        other_check = threading.Thread(target=check, args=(other.pipe_dir,), daemon=True)
+        other_check.start()
+        other_check.join(timeout=15.0)
+        assert results == {other.pipe_dir: None}, "answered while the other still waits"
+        assert hung_check.is_alive()
+    finally:
+        os.kill(hung.pid, signal.SIGCONT)
+    hung_check.join(timeout=30.0)
+    assert results[hung.pipe_dir] is None
+
+
 def node_gpu() -> Gpu:
     """The one simulated GPU of :func:`node_config`."""
     return gpus_from_config(SimulatedConfig(count=1, memory_mib=MEMORY_MIB))[0]

@@ -379,7 +379,8 @@ class LivenessProber:
         self._config = config
         self._lock = threading.Lock()
         self._ceilings: dict[str, Ceiling] = {}
-        self._ceiling_lock = threading.Lock()
+        #: One per pipe directory: a hung daemon's read-back holds up no other GPU's.
+        self._ceiling_locks: dict[str, threading.Lock] = {}
 
     def hold(self, pipe_dir: str, ceiling: Ceiling, wait_s: float = 15.0) -> list[str]:
         """Set ``ceiling`` on the daemon of ``pipe_dir`` (waiting until it answers) and keep
@@ -387,7 +388,7 @@ class LivenessProber:
         Returns the commands sent; raises MpsError when it cannot be set."""
         # Setting and checking never interleave: a check between the new ceiling being
         # recorded and being sent would report the old one as a lost ceiling.
-        with self._ceiling_lock:
+        with self._ceiling_lock(pipe_dir):
             with self._lock:
                 if ceiling.empty:
                     self._ceilings.pop(pipe_dir, None)
@@ -395,8 +396,12 @@ class LivenessProber:
                     self._ceilings[pipe_dir] = ceiling
             return apply_ceiling(self._config, pipe_dir, ceiling, wait_s)
 
+    def _ceiling_lock(self, pipe_dir: str) -> threading.Lock:
+        with self._lock:
+            return self._ceiling_locks.setdefault(pipe_dir, threading.Lock())
+
     def _check_ceiling(self, pipe_dir: str) -> Optional[str]:
-        with self._ceiling_lock:
+        with self._ceiling_lock(pipe_dir):
             return self._check_ceiling_locked(pipe_dir)
 
     def _check_ceiling_locked(self, pipe_dir: str) -> Optional[str]:
