@@ -18,6 +18,7 @@ import runpy
 import subprocess
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ _CONTEXT.set_forkserver_preload(["vgpu_agent.cli", "tests.cli_process"])
 #: paths may lie where nobody cannot read (a pyenv under /root), which a fresh start
 #: as nobody copes with and a forked one, mid-import, does not.
 AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+_ONE_AT_A_TIME = threading.Lock()
 #: Environment variables of the test run the CLI must not see.
 HIDDEN_ENV = ("VGPU_CONFIG", "NOTIFY_SOCKET", "VGPU_DEBUG")
 
@@ -100,30 +102,44 @@ def run_cli(
     """Run ``vgpu-agent ARGS`` as a forked process (as user nobody if asked: then a fresh
     one, see AS_NOBODY); kill it if it has not exited within ``timeout_s``."""
     if as_nobody:
-        return run_cli_exec(*args, timeout_s=timeout_s, prefix=AS_NOBODY)
+        # Without the bytecode cache directory of the test run: it is root's, so nobody's
+        # interpreter would find no cached stdlib there and compile it at every start.
+        nobody_env = {
+            key: value for key, value in cli_env().items() if key != "PYTHONPYCACHEPREFIX"
+        }
+        nobody_env["PYTHONDONTWRITEBYTECODE"] = "1"
+        return run_cli_exec(*args, timeout_s=timeout_s, prefix=AS_NOBODY, env=nobody_env)
     with tempfile.TemporaryDirectory(prefix="vgcli") as scratch:
         out_path = os.path.join(scratch, "stdout")
         err_path = os.path.join(scratch, "stderr")
         for path in (out_path, err_path):
             with open(path, "w", encoding="utf-8"):
-                pass  # the child opens them before it takes another user
+                pass  # empty; the child opens them as its stdout and stderr
         process = _CONTEXT.Process(
             target=_child,
             args=(tuple(args), cli_env() if env is None else env, out_path, err_path),
         )
-        process.start()
-        process.join(timeout_s)
-        if process.exitcode is None:
-            process.kill()
-            process.join()
-            raise subprocess.TimeoutExpired(["vgpu-agent", *args], timeout_s)
+        # One at a time: with several children of the fork server ending at once, the
+        # server now and then loses one's exit status (the parent then reads 255).
+        with _ONE_AT_A_TIME:
+            process.start()
+            process.join(timeout_s)
+            if process.exitcode is None:
+                process.kill()
+                process.join()
+                raise subprocess.TimeoutExpired(["vgpu-agent", *args], timeout_s)
         code = process.exitcode  # like subprocess: -N when signal N ended it
         process.close()
         with open(out_path, encoding="utf-8") as out, open(err_path, encoding="utf-8") as err:
             return Result(tuple(args), code, out.read(), err.read())
 
 
-def run_cli_exec(*args: str, timeout_s: float = 60.0, prefix: Sequence[str] = ()) -> Result:
+def run_cli_exec(
+    *args: str,
+    timeout_s: float = 60.0,
+    prefix: Sequence[str] = (),
+    env: Optional[dict[str, str]] = None,
+) -> Result:
     """Run ``python -m vgpu_agent ARGS`` as a fresh interpreter (what the installed
     ``vgpu-agent`` does), behind ``prefix`` (e.g. AS_NOBODY) if given."""
     completed = subprocess.run(
@@ -131,7 +147,7 @@ def run_cli_exec(*args: str, timeout_s: float = 60.0, prefix: Sequence[str] = ()
         capture_output=True,
         text=True,
         timeout=timeout_s,
-        env=cli_env(),
+        env=cli_env() if env is None else env,
         stdin=subprocess.DEVNULL,
         check=False,
     )
