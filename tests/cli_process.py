@@ -11,10 +11,13 @@ by ``test_forked_cli_answers_like_the_installed_entry_point`` and by every test 
 
 from __future__ import annotations
 
+import atexit
+import functools
 import logging
 import multiprocessing
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,7 +34,8 @@ _CONTEXT.set_forkserver_preload(["vgpu_agent.cli", "tests.cli_process"])
 #: Runs a command as user nobody. A fresh interpreter, not a fork: the interpreter's
 #: paths may lie where nobody cannot read (a pyenv under /root), which a fresh start
 #: as nobody copes with and a forked one, mid-import, does not.
-AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+NOBODY = 65534
+AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
 _ONE_AT_A_TIME = threading.Lock()
 #: Environment variables of the test run the CLI must not see.
 HIDDEN_ENV = ("VGPU_CONFIG", "NOTIFY_SOCKET", "VGPU_DEBUG")
@@ -93,6 +97,15 @@ def _child(args: tuple[str, ...], env: dict[str, str], out_path: str, err_path: 
     os._exit(status)
 
 
+@functools.cache
+def _nobody_pycache() -> str:
+    """A bytecode cache directory that user nobody may write, removed at exit."""
+    path = tempfile.mkdtemp(prefix="vgpu-nobody-pycache-")
+    os.chown(path, NOBODY, NOBODY)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def run_cli(
     *args: str,
     as_nobody: bool = False,
@@ -102,12 +115,11 @@ def run_cli(
     """Run ``vgpu-agent ARGS`` as a forked process (as user nobody if asked: then a fresh
     one, see AS_NOBODY); kill it if it has not exited within ``timeout_s``."""
     if as_nobody:
-        # Without the bytecode cache directory of the test run: it is root's, so nobody's
-        # interpreter would find no cached stdlib there and compile it at every start.
-        nobody_env = {
-            key: value for key, value in cli_env().items() if key != "PYTHONPYCACHEPREFIX"
-        }
-        nobody_env["PYTHONDONTWRITEBYTECODE"] = "1"
+        # A bytecode cache of nobody's own: the test run's is root's, so nobody's
+        # interpreter would compile the package and the stdlib again at every start.
+        nobody_env = cli_env()
+        nobody_env["PYTHONPYCACHEPREFIX"] = _nobody_pycache()
+        nobody_env.pop("PYTHONDONTWRITEBYTECODE", None)
         return run_cli_exec(*args, timeout_s=timeout_s, prefix=AS_NOBODY, env=nobody_env)
     with tempfile.TemporaryDirectory(prefix="vgcli") as scratch:
         out_path = os.path.join(scratch, "stdout")
