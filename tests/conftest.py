@@ -4,9 +4,10 @@ values, a kubelet stand-in serving in a temp plugin directory, and running agent
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import pytest
 
@@ -27,6 +28,26 @@ def make_inventory(
     """GPUs 0..n-1 with ``replicas[i]`` vGPUs each, healthy, with MPS pipe directories
     (:func:`tests.builders.make_inventory` with this file's defaults)."""
     return builders.make_inventory(replicas, numa_nodes=numa_nodes, pipe_root=pipe_root)
+
+
+@pytest.fixture(autouse=True)
+def _no_cover(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Tests marked ``no_cover`` (property searches) run with coverage measurement paused.
+    pytest-cov's own marker pauses its controller's Coverage; in an xdist worker a second
+    one is started too and keeps tracing (sys.gettrace() stays set), so every running
+    Coverage is paused here, and started again in the reverse order."""
+    paused: list[Any] = []
+    # Looked up, not imported: without --cov, coverage may not even be loaded.
+    coverage = sys.modules.get("coverage")
+    if coverage is not None and request.node.get_closest_marker("no_cover") is not None:
+        while (current := coverage.Coverage.current()) is not None:
+            current.stop()
+            paused.append(current)
+    try:
+        yield
+    finally:
+        for current in reversed(paused):
+            current.start()
 
 
 @pytest.fixture

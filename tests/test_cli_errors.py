@@ -22,6 +22,7 @@ from typing import Callable
 import click
 import pytest
 
+from tests.cli_process import Result, run_cli, run_cli_exec
 from tests.harness import make_config
 from vgpu_agent.cli import cli
 from vgpu_agent.compose import build_agent
@@ -31,9 +32,6 @@ from vgpu_agent.systemd import Notifier
 EXIT_CONFIG = 78
 TIMEOUT_S = 60.0
 SOME_UUID = "GPU-11111111-2222-3333-4444-555555555555"
-#: Runs a command as user nobody, where the system has setpriv.
-SETPRIV = shutil.which("setpriv")
-AS_NOBODY = [SETPRIV or "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 #: `demo` takes no config: it runs on its own simulated GPUs and stand-in kubelet.
 TAKES_NO_CONFIG = {"demo"}
 
@@ -81,39 +79,10 @@ GPU_COMMANDS = [
 ]
 
 
-@dataclass(frozen=True)
-class Result:
-    """What one CLI process did."""
-
-    argv: tuple[str, ...]
-    code: int
-    stdout: str
-    stderr: str
-
-    def describe(self) -> str:
-        return f"{' '.join(self.argv)} -> {self.code}\nstdout: {self.stdout}\nstderr: {self.stderr}"
-
-
 def vgpu_agent(*args: str, as_nobody: bool = False, timeout_s: float = TIMEOUT_S) -> Result:
-    """Run `python -m vgpu_agent ARGS` as a process (as user nobody if asked)."""
-    argv = [sys.executable, "-m", "vgpu_agent", *args]
-    if as_nobody:
-        argv = [*AS_NOBODY, *argv]
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ("VGPU_CONFIG", "NOTIFY_SOCKET", "VGPU_DEBUG")
-    }
-    completed = subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    return Result(tuple(args), completed.returncode, completed.stdout, completed.stderr)
+    """Run ``vgpu-agent ARGS`` as a process (as user nobody if asked), forked from a server
+    that has imported the package (:mod:`tests.cli_process`)."""
+    return run_cli(*args, as_nobody=as_nobody, timeout_s=timeout_s)
 
 
 @dataclass(frozen=True)
@@ -143,6 +112,25 @@ def assert_one_line_error(result: Result, *words: str) -> None:
     assert lines[0].startswith("vgpu-agent: "), result.describe()
     for word in words:
         assert word in lines[0], result.describe()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--config", "/nonexistent/config.toml", "status"),
+        ("--config", "/nonexistent/config.toml", "doctor"),
+        ("--version",),
+        ("no-such-command",),
+    ],
+    ids=["config-error", "doctor", "version", "usage-error"],
+)
+def test_forked_cli_answers_like_the_installed_entry_point(args: tuple[str, ...]) -> None:
+    """The forked CLI of these tests gives what a fresh `python -m vgpu_agent` gives: the
+    same exit status, stdout and stderr, for an error, a report, an answer and a usage error."""
+    forked = vgpu_agent(*args)
+    fresh = run_cli_exec(*args)
+    assert forked == fresh, f"{forked.describe()}\n--- fresh:\n{fresh.describe()}"
+    assert "Traceback" not in forked.stderr
 
 
 def test_every_command_is_covered() -> None:
@@ -249,7 +237,7 @@ def test_bad_config(
 ) -> None:
     """A missing, directory, unparseable, invalid or unreadable config: exit 78 and one
     line naming the file and the problem (doctor: its report, with the config failing)."""
-    if bad.as_nobody and SETPRIV is None:
+    if bad.as_nobody and shutil.which("setpriv") is None:
         pytest.skip("setpriv is not installed: cannot run as another user")
     if bad.as_nobody and os.geteuid() != 0:
         pytest.skip("only root can run a command as nobody")
@@ -387,7 +375,9 @@ def running_agent(short_tmp_dir: str) -> Iterator[Path]:
         standin.stop()
 
 
-@pytest.mark.skipif(SETPRIV is None or os.geteuid() != 0, reason="needs root and setpriv")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv"
+)
 def test_no_permission(running_agent: Path, short_tmp_dir: str) -> None:
     """As an unprivileged user: the control socket of a running agent, and MPS
     directories under a root-owned directory, are refused in one line each."""
