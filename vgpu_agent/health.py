@@ -329,9 +329,13 @@ class HealthMonitor:
             workers = self._full_workers
             if workers is None or self._stop.is_set():
                 return
-            self._full_running[gpu_uuid] = workers.submit(
-                self._check_mps_fully, gpu_uuid, now, self._quick_downs[gpu_uuid]
-            )
+            try:
+                future = workers.submit(
+                    self._check_mps_fully, gpu_uuid, now, self._quick_downs[gpu_uuid]
+                )
+            except RuntimeError:  # the pool is shut down: the monitor or Python is stopping
+                return
+            self._full_running[gpu_uuid] = future
 
     def _check_mps_fully(self, gpu_uuid: str, started: float, quick_downs: int) -> None:
         """Full-check the GPU's daemon (on a worker) and report what it says, unless a quick
