@@ -30,24 +30,30 @@ def make_inventory(
     return builders.make_inventory(replicas, numa_nodes=numa_nodes, pipe_root=pipe_root)
 
 
-@pytest.fixture(autouse=True)
-def _no_cover(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Tests marked ``no_cover`` (property searches) run with coverage measurement paused.
-    pytest-cov's own marker pauses its controller's Coverage; in an xdist worker a second
-    one is started too and keeps tracing (sys.gettrace() stays set), so every running
-    Coverage is paused here, and started again in the reverse order."""
-    paused: list[Any] = []
-    # Looked up, not imported: without --cov, coverage may not even be loaded.
-    coverage = sys.modules.get("coverage")
-    if coverage is not None and request.node.get_closest_marker("no_cover") is not None:
-        while (current := coverage.Coverage.current()) is not None:
-            current.stop()
-            paused.append(current)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` first: the xdist workers hand out tests in collection order,
+    and a test of many seconds started last held the whole run up after the others were
+    done (stable sort: the order within each part is kept)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.hookimpl(hookwrapper=True, trylast=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Tests marked ``no_cover`` (property searches) run with the coverage tracer of their
+    thread stopped. pytest-cov's own handling of the marker (the outer wrapper) stops its
+    Coverage, but in an xdist worker a second Coverage sits below it, whose tracer then
+    takes over (sys.gettrace() stayed set and the searches ran at half speed); this inner
+    wrapper stops whichever tracer runs, and starts it again after the test."""
+    tracer: Any = sys.gettrace()
+    stoppable = hasattr(tracer, "start") and hasattr(tracer, "stop")  # coverage's CTracer
+    if item.get_closest_marker("no_cover") is None or not stoppable:
+        yield
+        return
+    tracer.stop()
     try:
         yield
     finally:
-        for current in reversed(paused):
-            current.start()
+        tracer.start()
 
 
 @pytest.fixture

@@ -202,6 +202,7 @@ def _assert_config_or_config_error(text: str) -> Union[Config, ConfigError]:
     return config
 
 
+@pytest.mark.slow
 @PROPERTY_SETTINGS
 @given(_documents)
 def test_arbitrary_documents_give_config_or_config_error(document: dict[str, Toml]) -> None:
@@ -394,6 +395,7 @@ valid_configs = st.builds(
 )
 
 
+@pytest.mark.slow
 @PROPERTY_SETTINGS
 @given(valid_configs)
 def test_to_toml_round_trips_valid_configs(config: Config) -> None:
@@ -458,6 +460,7 @@ def _values_of_another_type(kind: str) -> st.SearchStrategy[Toml]:
 MUTATIONS_PER_CONFIG = 8
 
 
+@pytest.mark.slow
 @settings(PROPERTY_SETTINGS, max_examples=100)
 @given(valid_configs, st.data())
 def test_mutated_valid_configs_blame_the_mutated_key(config: Config, data: st.DataObject) -> None:

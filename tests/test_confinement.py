@@ -257,6 +257,7 @@ def test_ceiling_is_put_back_after_a_daemon_restart(
     assert any("MPS daemon ceiling lost (" in message for message in reported), reported
 
 
+@pytest.mark.slow
 def test_lost_ceiling_marks_the_gpu_unhealthy_until_it_is_back(
     start_node: Callable[..., Node], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -389,6 +389,7 @@ def readme_try_it() -> list[str]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not (REPO / ".venv" / "bin" / "vgpu-agent").exists(), reason="no .venv in this checkout"
 )
@@ -699,6 +700,7 @@ def test_plugin_dir_that_is_a_file_is_warned(
 BENCH_QUICK = ("--calls", "20", "--idle-seconds", "0.1")
 
 
+@pytest.mark.slow
 def test_bench_output_is_only_numbers() -> None:
     """`bench/control_plane.py` prints its measures only: the agent's log (with its
     journald `<N>` prefixes under NOTIFY_SOCKET) goes to a file, not between them."""

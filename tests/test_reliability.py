@@ -99,6 +99,7 @@ RESTARTS = 50
 BACK_TO_BACK_EVERY = 5
 
 
+@pytest.mark.slow
 def test_fifty_kubelet_restarts_no_leaks(
     short_tmp_dir: str, run_agent: Callable[..., AgentRun]
 ) -> None:
@@ -214,6 +215,7 @@ ATTEMPTS = 4
 MIN_S_FOR_ATTEMPTS = 3.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("behaviour", "status_words"),
     [("hang", "timed out after 0.3 s"), ("refuse", "the kubelet refused")],
