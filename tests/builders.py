@@ -6,7 +6,9 @@ characters), so tables can name GPUs by index and ids by (index, replica).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Optional
 
 from vgpu_agent.devices import HealthReason, Inventory, ReasonKind, ServedGpu, make_vgpu_id
@@ -112,3 +114,16 @@ def ids_of(*pairs: tuple[int, int]) -> list[str]:
 def all_ids(inventory: Inventory) -> list[str]:
     """Every vGPU id of an inventory, GPU by GPU."""
     return [vgpu for served in inventory.gpus for vgpu in served.vgpu_ids]
+
+
+#: The stand-in for nvidia-cuda-mps-control (its docstring says what it does).
+FAKE_CONTROL = Path(__file__).parent / "fakes" / "fake_mps_control.py"
+
+
+def write_fake_control(binary: Path) -> Path:
+    """Make ``binary`` an executable that runs the stand-in control program. ``-S`` (no
+    site): the stand-in needs only the standard library, and the tests start it some five
+    hundred times."""
+    binary.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "{FAKE_CONTROL}" "$@"\n')
+    binary.chmod(0o755)
+    return binary

@@ -14,6 +14,7 @@ from typing import Callable
 import pytest
 from click.testing import CliRunner
 
+from tests.builders import write_fake_control
 from vgpu_agent.cli import cli
 
 SIMULATED = """
@@ -163,11 +164,7 @@ def test_run_bad_config_exits_78(tmp_path: Path) -> None:
 
 def fake_control_program(root: Path) -> Path:
     """An executable standing in for nvidia-cuda-mps-control (tests/fakes)."""
-    fake = root / "fakectl"
-    program = Path(__file__).parent / "fakes" / "fake_mps_control.py"
-    fake.write_text(f'#!/bin/sh\nexec {sys.executable} {program} "$@"\n')
-    fake.chmod(0o755)
-    return fake
+    return write_fake_control(root / "fakectl")
 
 
 def test_mps_start_status_stop(short_tmp_dir: str) -> None:

@@ -31,6 +31,7 @@ from typing import Callable, Optional
 import pytest
 from click.testing import CliRunner
 
+from tests.builders import write_fake_control
 from vgpu_agent.agent import Agent
 from vgpu_agent.cli import cli
 from vgpu_agent.compose import build_agent
@@ -62,7 +63,6 @@ from vgpu_agent.plugin import AdvertisedDevice
 from vgpu_agent.simulated import gpus_from_config
 from vgpu_agent.systemd import Notifier
 
-FAKE_CONTROL = Path(__file__).parent / "fakes" / "fake_mps_control.py"
 RESOURCE = "eks.amazonaws.com/vgpu"
 WAIT_S = 15.0
 #: One H100 80 GB split 8 ways: 12.5% of the SMs and 81559 // 8 MiB per vGPU.
@@ -84,8 +84,7 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = WAIT
 def fake_mps_config(root: Path) -> MpsConfig:
     """A direct MPS manager whose control program is the stand-in."""
     binary = root / "nvidia-cuda-mps-control"
-    binary.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_CONTROL}" "$@"\n')
-    binary.chmod(0o755)
+    write_fake_control(binary)
     return MpsConfig(
         manager="direct",
         pipe_root=str(root / "mps"),

@@ -146,6 +146,7 @@ def test_invalid_request_error_is_one_of_ours() -> None:
     assert issubclass(InvalidRequestError, VgpuError)
 
 
+@pytest.mark.no_cover  # a property search: the example tests hold the coverage
 @settings(max_examples=300, deadline=None)
 @given(
     uuid=st.text(
@@ -160,6 +161,7 @@ def test_vgpu_id_round_trip_property(uuid: str, replica: int) -> None:
     assert parse_vgpu_id(make_vgpu_id(uuid, replica)) == (uuid, replica)
 
 
+@pytest.mark.no_cover  # a property search: the example tests hold the coverage
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=80))
 def test_parse_vgpu_id_never_raises_anything_else(text: str) -> None:
@@ -468,6 +470,7 @@ def allocation_cases(
     return inventory, available, must_include, size
 
 
+@pytest.mark.no_cover  # a property search: the example tests hold the coverage
 @settings(max_examples=300, deadline=None)
 @given(allocation_cases())
 def test_preferred_allocation_invariants(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.builders import write_fake_control
 from tests.harness import wait_until
 from tests.test_mps_units import request_server
 from vgpu_agent.config import MpsConfig
@@ -39,7 +40,6 @@ from vgpu_agent.mps import (
     secure_pipe_dir,
 )
 
-FAKE_CONTROL = Path(__file__).parent / "fakes" / "fake_mps_control.py"
 GPU = Gpu(
     index=0,
     uuid="GPU-11111111-2222-3333-4444-555555555555",
@@ -81,8 +81,7 @@ def fake_mps(short_tmp_dir: str) -> Iterator[FakeMps]:
     """An MPS config whose control binary is the fake, with pipe/log roots in a temp dir."""
     root = Path(short_tmp_dir)
     binary = root / "nvidia-cuda-mps-control"
-    binary.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_CONTROL}" "$@"\n')
-    binary.chmod(0o755)
+    write_fake_control(binary)
     config = MpsConfig(
         manager="direct",
         pipe_root=str(root / "pipe"),

@@ -26,8 +26,8 @@ from typing import Any, Callable, Optional, cast
 import grpc
 import pytest
 
+from tests.builders import write_fake_control
 from tests.harness import RESOURCE, WAIT_S, AgentRun, make_config, wait_until
-from tests.test_mps import FAKE_CONTROL
 from vgpu_agent import control, kubelet
 from vgpu_agent._proto import deviceplugin_pb2 as pb
 from vgpu_agent._proto import deviceplugin_pb2_grpc as pb_grpc
@@ -373,8 +373,7 @@ def _fake_mps_config(root: str) -> MpsConfig:
     """MPS settings whose control program is the stand-in (tests/fakes)."""
     binary = Path(root) / "nvidia-cuda-mps-control"
     if not binary.exists():
-        binary.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_CONTROL}" "$@"\n')
-        binary.chmod(0o755)
+        write_fake_control(binary)
     return MpsConfig(
         manager="direct",
         pipe_root=f"{root}/mps",
