@@ -130,6 +130,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=5000)
     parser.add_argument("--idle-seconds", type=float, default=60.0)
+    parser.add_argument("--restarts", type=int, default=10, help="kubelet restarts timed")
+    parser.add_argument(
+        "--daemon-gpus", type=int, default=GPUS, help="GPUs (daemon processes) of the fault part"
+    )
     args = parser.parse_args()
 
     root = tempfile.mkdtemp(prefix="vgb", dir="/tmp")
@@ -174,7 +178,7 @@ def main() -> int:
         )
 
         reregister = []
-        for round_number in range(2, 12):
+        for round_number in range(2, 2 + args.restarts):
             standin.restart()
             # The stand-in deleted the sockets and listens again: from here it is the agent.
             listening_at = time.monotonic()
@@ -237,7 +241,7 @@ def main() -> int:
         standin.stop()
         notify.close()
         shutil.rmtree(root, ignore_errors=True)
-    daemon_faults(GPUS)
+    daemon_faults(args.daemon_gpus)
     return 0
 
 

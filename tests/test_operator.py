@@ -697,7 +697,7 @@ def test_plugin_dir_that_is_a_file_is_warned(
 
 
 #: The benchmark with few calls and a short idle period: only its output is checked.
-BENCH_QUICK = ("--calls", "20", "--idle-seconds", "0.1")
+BENCH_QUICK = ("--calls", "20", "--idle-seconds", "0.1", "--restarts", "2", "--daemon-gpus", "2")
 
 
 @pytest.mark.slow
