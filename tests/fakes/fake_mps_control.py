@@ -31,12 +31,13 @@ It behaves like the real program where the agent can tell (driver 580, see docs/
 
 from __future__ import annotations
 
+# Only modules that load fast: the tests start the client some five hundred times, and
+# `socket` and `typing` were most of its start-up (the daemon imports `socket` itself).
+import _socket
 import fcntl
 import os
-import socket
 import sys
 import time
-from typing import Optional
 
 HELP = """nvidia-cuda-mps-control [options] [command]
 OPTIONS:
@@ -71,23 +72,24 @@ def mebibytes(value: str) -> int:
     return int(value) // (1024 * 1024)
 
 
-def _server_command(words: list[str], state: dict[str, str]) -> Optional[str]:
-    """The per-server commands on a running server's pid; None for other commands."""
+def _server_command(words: list[str], state: dict[str, str]) -> tuple[bool, str]:
+    """The per-server commands on a running server's pid: (True, reply); (False, "") for
+    other commands."""
     if len(words) < 2 or f"server{words[1]}" not in state:
-        return None
+        return False, ""
     pid = words[1]
     if words[0] == "set_active_thread_percentage" and len(words) == 3:
         state[f"threads@{pid}"] = words[2]
-        return words[2]
+        return True, words[2]
     if words[0] == "get_active_thread_percentage" and len(words) == 2:
-        return f"{float(state.get(f'threads@{pid}', '100')):.1f}"
+        return True, f"{float(state.get(f'threads@{pid}', '100')):.1f}"
     if words[0] == "set_device_pinned_mem_limit" and len(words) == 4:
         state[f"memory{words[2]}@{pid}"] = words[3]
-        return ""
+        return True, ""
     if words[0] == "get_device_pinned_mem_limit" and len(words) == 3:
         memory = state.get(f"memory{words[2]}@{pid}")
-        return "" if memory is None else f"{mebibytes(memory) // 1024}G"
-    return None
+        return True, "" if memory is None else f"{mebibytes(memory) // 1024}G"
+    return False, ""
 
 
 def answer(command: str, state: dict[str, str]) -> str:
@@ -105,9 +107,9 @@ def answer(command: str, state: dict[str, str]) -> str:
         if "memory0" in state:
             state[f"memory0@{words[1]}"] = state["memory0"]
         return ""
-    server_command = _server_command(words, state)
-    if server_command is not None:
-        return server_command
+    handled, reply = _server_command(words, state)
+    if handled:
+        return reply
     if words[0] == "set_default_active_thread_percentage" and len(words) == 2:
         state["threads"] = words[1]
         return ""
@@ -127,6 +129,18 @@ def answer(command: str, state: dict[str, str]) -> str:
 
 def serve(multi_user: bool) -> int:
     """Run the control daemon until ``quit``."""
+    import socket  # the daemon's only: the client starts without it
+
+    def bind_socket(path: str, mode: int) -> socket.socket:
+        """A listening unix socket at ``path`` (replacing a stale one) with ``mode``."""
+        if os.path.exists(path):
+            os.unlink(path)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(path)
+        os.chmod(path, mode)
+        server.listen(16)
+        return server
+
     directory = pipe_dir()
     os.makedirs(directory, exist_ok=True)
     lock_path = os.path.join(directory, "control_lock")
@@ -178,17 +192,6 @@ def serve(multi_user: bool) -> int:
             return 0
 
 
-def bind_socket(path: str, mode: int) -> socket.socket:
-    """A listening unix socket at ``path`` (replacing a stale one) with ``mode``."""
-    if os.path.exists(path):
-        os.unlink(path)
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
-    os.chmod(path, mode)
-    server.listen(16)
-    return server
-
-
 def client() -> int:
     """Send each stdin line to the daemon and print its answers."""
     path = os.path.join(pipe_dir(), "control")
@@ -196,15 +199,21 @@ def client() -> int:
         command = line.strip()
         if not command:
             continue
-        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        connection = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             connection.connect(path)
         except OSError:
+            connection.close()
             sys.stdout.write("Cannot find MPS control daemon process\n")
             return 1
-        with connection:
+        try:
             connection.sendall(command.encode() + b"\n")
-            reply = connection.makefile("r").read()
+            chunks = []
+            while chunk := connection.recv(65536):
+                chunks.append(chunk)
+        finally:
+            connection.close()
+        reply = b"".join(chunks).decode()
         if reply.strip():
             sys.stdout.write(reply if reply.endswith("\n") else reply + "\n")
     return 0
