@@ -125,14 +125,28 @@ def show_log(agent_log: TextIO) -> None:
     sys.stderr.write(agent_log.read())
 
 
+def at_least_one(text: str) -> int:
+    """An argparse type: a whole number of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is less than 1")
+    return value
+
+
 def main() -> int:
     """Run the benchmark and print its numbers."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=5000)
+    parser.add_argument("--calls", type=at_least_one, default=5000)
     parser.add_argument("--idle-seconds", type=float, default=60.0)
-    parser.add_argument("--restarts", type=int, default=10, help="kubelet restarts timed")
+    parser.add_argument("--restarts", type=at_least_one, default=10, help="kubelet restarts timed")
     parser.add_argument(
-        "--daemon-gpus", type=int, default=GPUS, help="GPUs (daemon processes) of the fault part"
+        "--daemon-gpus",
+        type=at_least_one,
+        default=GPUS,
+        help="GPUs (daemon processes) of the fault part",
     )
     args = parser.parse_args()
 
