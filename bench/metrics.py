@@ -25,7 +25,7 @@ import time
 import urllib.request
 from typing import Callable, Optional
 
-from control_plane import cpu_seconds, percentile, rss_mib, wait_ready
+from control_plane import CONFIG, cpu_seconds, percentile, rss_mib, wait_ready
 
 from vgpu_agent.attribution import (
     CHECKPOINT_NAME,
@@ -57,27 +57,16 @@ WAIT_S = 30.0
 #: readiness scrape below makes due, are the cost of starting and of that scrape, not idle.
 SETTLE_S = 11.0
 
-AGENT_CONFIG = """
-version = 1
-[agent]
-state_dir = "{root}/state"
-log_level = "warning"
-[plugin]
-plugin_dir = "{root}/dp"
-[gpus]
-backend = "simulated"
-replicas_per_gpu = {replicas}
-[mps]
-pipe_root = "{root}/mps"
-log_root = "{root}/mpslog"
-[simulated]
-count = {gpus}
-[attribution]
+#: The control-plane bench's simulated node, with attribution and metrics added.
+AGENT_CONFIG = (
+    CONFIG
+    + """[attribution]
 pod_resources_socket = "{root}/pr/kubelet.sock"
 [metrics]
 enabled = {metrics}
 listen_address = "127.0.0.1:{port}"
 """
+)
 
 
 def node_pods(inventory: Inventory) -> list[StandinPod]:
