@@ -469,6 +469,28 @@ def test_without_mps_there_are_no_limits() -> None:
     assert limits(G0, 2) == (None, None)
 
 
+def _gather_pod_a(
+    short_tmp_dir: str, backend: SimulatedBackend, proc_root: str, cgroup_root: str
+) -> Attribution:
+    """gather() against a PodResources stand-in (and its checkpoint) serving pod ns/a, whose
+    container main holds vGPU 1 of GPU 0."""
+    socket_path = os.path.join(short_tmp_dir, "kubelet.sock")
+    checkpoint = os.path.join(short_tmp_dir, "kubelet_internal_checkpoint")
+    pods = [StandinPod("ns", "a", UID_A, (StandinContainer("main", RESOURCE, (vgpu_id(0, 1),)),))]
+    with PodResourcesStandin(socket_path, pods, checkpoint_path=checkpoint):
+        return gather(
+            backend=backend,
+            inventory=INVENTORY,
+            policy=POLICY,
+            resource_name=RESOURCE,
+            pod_resources_socket=socket_path,
+            checkpoint_path=checkpoint,
+            list_pods=list_pod_resources,
+            proc_root=proc_root,
+            cgroup_root=cgroup_root,
+        )
+
+
 def test_gather_asks_every_source(short_tmp_dir: str, tmp_path: Path) -> None:
     """gather: PodResources over gRPC, the checkpoint file, NVML clients and /proc cgroups."""
     backend = SimulatedBackend([served.gpu for served in INVENTORY.gpus])
@@ -479,21 +501,7 @@ def test_gather_asks_every_source(short_tmp_dir: str, tmp_path: Path) -> None:
     (proc / "100" / "cgroup").write_text(
         f"0::/kubepods.slice/kubepods-pod{UID_A.replace('-', '_')}.slice/crio-{CID}.scope\n"
     )
-    socket_path = os.path.join(short_tmp_dir, "kubelet.sock")
-    checkpoint = os.path.join(short_tmp_dir, "kubelet_internal_checkpoint")
-    pods = [StandinPod("ns", "a", UID_A, (StandinContainer("main", RESOURCE, (vgpu_id(0, 1),)),))]
-    with PodResourcesStandin(socket_path, pods, checkpoint_path=checkpoint):
-        result = gather(
-            backend=backend,
-            inventory=INVENTORY,
-            policy=POLICY,
-            resource_name=RESOURCE,
-            pod_resources_socket=socket_path,
-            checkpoint_path=checkpoint,
-            list_pods=list_pod_resources,
-            proc_root=str(proc),
-            cgroup_root=str(tmp_path / "no-cgroups"),
-        )
+    result = _gather_pod_a(short_tmp_dir, backend, str(proc), str(tmp_path / "no-cgroups"))
     assert result.problems == ()
     (usage,) = result.containers
     assert (usage.namespace, usage.pod, usage.container, usage.memory_used_mib) == (
@@ -569,21 +577,7 @@ def test_gather_falls_back_to_the_cgroup_tree(short_tmp_dir: str, tmp_path: Path
         f"kubepods.slice/kubepods-pod{UID_A.replace('-', '_')}.slice/cri-containerd-{CID}.scope",
         [300],
     )
-    socket_path = os.path.join(short_tmp_dir, "kubelet.sock")
-    checkpoint = os.path.join(short_tmp_dir, "kubelet_internal_checkpoint")
-    pods = [StandinPod("ns", "a", UID_A, (StandinContainer("main", RESOURCE, (vgpu_id(0, 1),)),))]
-    with PodResourcesStandin(socket_path, pods, checkpoint_path=checkpoint):
-        result = gather(
-            backend=backend,
-            inventory=INVENTORY,
-            policy=POLICY,
-            resource_name=RESOURCE,
-            pod_resources_socket=socket_path,
-            checkpoint_path=checkpoint,
-            list_pods=list_pod_resources,
-            proc_root=str(tmp_path / "empty-proc"),
-            cgroup_root=str(cgroups),
-        )
+    result = _gather_pod_a(short_tmp_dir, backend, str(tmp_path / "empty-proc"), str(cgroups))
     (usage,) = result.containers
     assert (usage.pids, usage.memory_used_mib) == ((300,), 700)
     assert result.strays == ()
