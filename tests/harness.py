@@ -8,11 +8,13 @@ import os
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from vgpu_agent.agent import Agent
 from vgpu_agent.compose import build_agent
@@ -189,3 +191,16 @@ def agent_runs(root: str) -> Iterator[Callable[..., AgentRun]]:
         run.standin.stop()
         run.notifier.close()
         run.notify.close()
+
+
+def scrape_metrics(address: str) -> dict[str, float]:
+    """Scrape ``http://<address>/metrics`` as Prometheus does: each sample's value under
+    ``name{label=value,...}`` (labels sorted)."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{key}={value}" for key, value in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples

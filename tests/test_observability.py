@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import logging
 import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.builders import make_inventory, vgpu_id
+from tests.harness import scrape_metrics
 from vgpu_agent.attribution import CHECKPOINT_NAME
 from vgpu_agent.config import (
     AttributionConfig,
@@ -77,17 +76,6 @@ def node(short_tmp_dir: str) -> Iterator[_Node]:
     built.standin.stop()
 
 
-def _scrape(address: str) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f"{key}={value}" for key, value in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}"] = sample.value
-    return samples
-
-
 def test_metrics_show_the_pods_the_refresher_found(node: _Node) -> None:
     """With metrics on, a scrape over HTTP shows the container and its vGPUs."""
     observability = node.build(
@@ -97,7 +85,7 @@ def test_metrics_show_the_pods_the_refresher_found(node: _Node) -> None:
     try:
         snapshot = observability.fresh(10.0)
         assert [usage.pod for usage in snapshot.attribution.containers] == ["web"]
-        samples = _scrape(observability.metrics_address)
+        samples = scrape_metrics(observability.metrics_address)
         described = observability.describe(node.inventory, 5.0)
     finally:
         observability.stop()
@@ -191,11 +179,11 @@ def test_reload_turns_metrics_off_and_frees_the_port(node: _Node) -> None:
     observability.start(node.backend)
     try:
         address = observability.metrics_address
-        _scrape(address)
+        scrape_metrics(address)
         observability.reconfigure(node.config())
         assert observability.metrics is None
         with pytest.raises(urllib.error.URLError):
-            _scrape(address)
+            scrape_metrics(address)
     finally:
         observability.stop()
 

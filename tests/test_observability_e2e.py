@@ -11,16 +11,21 @@ import signal
 import socket
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import AgentRun, NotifyListener, agent_runs, make_config, wait_until
+from tests.harness import (
+    AgentRun,
+    NotifyListener,
+    agent_runs,
+    make_config,
+    scrape_metrics,
+    wait_until,
+)
 from vgpu_agent.attribution import CHECKPOINT_NAME, gather
 from vgpu_agent.commands import SimulateAction, SimulateCommand, parse_command, to_request
 from vgpu_agent.config import AttributionConfig, LabelsConfig, MetricsConfig
@@ -33,17 +38,6 @@ RESOURCE = "eks.amazonaws.com/vgpu"
 WAIT_S = 20.0
 POD_UID = "0f0e0d0c-0b0a-0908-0706-050403020100"
 CONTAINER_ID = "e" * 64
-
-
-def _samples(address: str) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    found: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f"{key}={value}" for key, value in sorted(sample.labels.items()))
-            found[f"{sample.name}{{{labels}}}"] = sample.value
-    return found
 
 
 def _pods(ids: list[str]) -> list[StandinPod]:
@@ -121,7 +115,7 @@ def test_an_agent_attributes_memory_and_counts_events(
         assert described["attribution"]["problems"] == []
         uuid0, uuid1 = gpu0["uuid"], described["gpus"][1]["uuid"]
         labels = f"container=app,gpu_uuid={uuid0},namespace=ns,pod=web"
-        samples = _samples(described["metrics_address"])
+        samples = scrape_metrics(described["metrics_address"])
         assert samples[f"vgpu_container_memory_used_bytes{{{labels}}}"] == 1500 * 1024 * 1024
         assert samples[f"vgpu_container_vgpus{{{labels}}}"] == 2
         assert samples[f"vgpu_unattributed_clients{{gpu_uuid={uuid0}}}"] == 1
@@ -194,7 +188,7 @@ def test_a_real_agent_process_serves_metrics_and_status(short_tmp_dir: str) -> N
         address = f"127.0.0.1:{port}"
         key = f"vgpu_container_vgpus{{container=app,gpu_uuid={devices[4].device_id.split('::')[0]}"
         wait_until(
-            lambda: any(name.startswith(key) for name in _samples(address)), WAIT_S, "the pod"
+            lambda: any(name.startswith(key) for name in scrape_metrics(address)), WAIT_S, "the pod"
         )
         text = _cli(config_path, "status")
         assert "ns/web app: 2 vGPUs, limit 50% of SMs and" in text
@@ -207,7 +201,7 @@ def test_a_real_agent_process_serves_metrics_and_status(short_tmp_dir: str) -> N
         kubelet.restart()
         kubelet.wait_for_registration(2, WAIT_S)
         wait_until(
-            lambda: _samples(address).get("vgpu_kubelet_restarts_total{}") == 1,
+            lambda: scrape_metrics(address).get("vgpu_kubelet_restarts_total{}") == 1,
             WAIT_S,
             "the kubelet restart in the metrics",
         )
