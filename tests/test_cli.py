@@ -6,7 +6,6 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -15,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests.builders import write_fake_control
+from tests.cli_process import run_cli_exec
 from vgpu_agent.cli import cli
 
 SIMULATED = """
@@ -178,14 +178,8 @@ def test_mps_start_status_stop(short_tmp_dir: str) -> None:
     )
     try:
         # In its own process, as a person runs it: the daemons outlive the command.
-        started = subprocess.run(
-            [sys.executable, "-m", "vgpu_agent", "--config", str(config), "mps", "start"],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=60,
-        )
-        assert started.returncode == 0, started.stderr
+        started = run_cli_exec("--config", str(config), "mps", "start")
+        assert started.code == 0, started.stderr
         assert started.stdout.count("MPS daemon answers") == 2
         code, out, _ = invoke("--config", str(config), "mps", "status")
         assert (code, out.count(": answers")) == (0, 2)
@@ -223,14 +217,8 @@ def test_mps_daemon_defaults(short_tmp_dir: str) -> None:
         'daemon_thread_limit = "proportional"\ndaemon_memory_limit = 1024\n'
     )
     try:
-        started = subprocess.run(
-            [sys.executable, "-m", "vgpu_agent", "--config", str(config), "mps", "start"],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=60,
-        )
-        assert started.returncode == 0, started.stderr
+        started = run_cli_exec("--config", str(config), "mps", "start")
+        assert started.code == 0, started.stderr
         assert "set_default_active_thread_percentage 25" in started.stdout
         assert "set_default_device_pinned_mem_limit 0 1024M" in started.stdout
         gpu_uuid = started.stdout.split()[2].rstrip(":")
@@ -269,14 +257,8 @@ def test_apply_defaults_confines_a_daemon_restarted_without_its_ceiling(
 
     mps_config = load(str(config)).mps
     try:
-        started = subprocess.run(
-            [sys.executable, "-m", "vgpu_agent", "--config", str(config), "mps", "start"],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=60,
-        )
-        assert started.returncode == 0, started.stderr
+        started = run_cli_exec("--config", str(config), "mps", "start")
+        assert started.code == 0, started.stderr
         assert "set_default_active_thread_percentage 12.5" in started.stdout
         gpu_uuid = started.stdout.split()[2].rstrip(":")
         pipe_dir = Path(f"{root}/p/{gpu_uuid}")

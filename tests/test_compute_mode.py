@@ -4,13 +4,12 @@ stateful simulated backend, and through the CLI as real processes."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.builders import make_gpu
+from tests.cli_process import Result, run_cli_exec
 from vgpu_agent.compute_mode import apply_compute_mode, restore_compute_modes
 from vgpu_agent.errors import GpuError, VgpuError
 from vgpu_agent.gpu import ComputeMode, Gpu
@@ -128,14 +127,8 @@ count = 2
 """
 
 
-def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vgpu_agent", "--config", str(config), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+def _cli(config: Path, *args: str) -> Result:
+    return run_cli_exec("--config", str(config), *args)
 
 
 def test_cli_apply_records_and_restore_sets_back(tmp_path: Path) -> None:
@@ -145,15 +138,15 @@ def test_cli_apply_records_and_restore_sets_back(tmp_path: Path) -> None:
     config.write_text(CONFIG)
     record = tmp_path / "changed.json"
     applied = _cli(config, "gpus", "apply-compute-mode", "--record", str(record))
-    assert applied.returncode == 0, applied.stderr
+    assert applied.code == 0, applied.stderr
     assert applied.stdout.count("default -> exclusive_process") == 2
     assert sorted(json.loads(record.read_text()).values()) == ["default", "default"]
     restored = _cli(config, "gpus", "restore-compute-mode", str(record))
-    assert restored.returncode == 0, restored.stderr
+    assert restored.code == 0, restored.stderr
     assert restored.stdout.count("compute mode set back to default") == 2
     assert not record.exists()
     again = _cli(config, "gpus", "restore-compute-mode", str(record))
-    assert (again.returncode, again.stdout.strip()) == (
+    assert (again.code, again.stdout.strip()) == (
         0,
         "no compute mode to restore (this node's modes were not changed)",
     )
@@ -166,6 +159,6 @@ def test_cli_restore_of_a_damaged_record_is_one_line(tmp_path: Path) -> None:
     record = tmp_path / "changed.json"
     record.write_text("{")
     result = _cli(config, "gpus", "restore-compute-mode", str(record))
-    assert result.returncode == 1
+    assert result.code == 1
     assert result.stderr.startswith("vgpu-agent: error: reading the compute-mode record")
     assert len(result.stderr.strip().splitlines()) == 1

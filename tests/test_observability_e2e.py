@@ -18,6 +18,7 @@ from typing import Callable
 
 import pytest
 
+from tests.cli_process import run_cli_exec
 from tests.harness import (
     AgentRun,
     NotifyListener,
@@ -138,14 +139,8 @@ def _free_port() -> int:
 
 
 def _cli(config_path: Path, *arguments: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "vgpu_agent", "--config", str(config_path), *arguments],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
+    done = run_cli_exec("--config", str(config_path), *arguments)
+    assert done.code == 0, done.stderr
     return done.stdout
 
 

@@ -17,6 +17,7 @@ from typing import Callable
 
 import pytest
 
+from tests.cli_process import cli_env
 from tests.test_cli_errors import NO_NVML, TIMEOUT_S, assert_one_line_error, vgpu_agent
 from vgpu_agent import control
 from vgpu_agent.commands import HealthResetCommand, StatusCommand
@@ -41,11 +42,7 @@ class AgentProcess:
     """`vgpu-agent run` as a process; its stderr collected line by line."""
 
     def __init__(self, *args: str) -> None:
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if key not in ("VGPU_CONFIG", "NOTIFY_SOCKET", "VGPU_DEBUG")
-        }
+        env = cli_env()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "vgpu_agent", *args],
             stdin=subprocess.DEVNULL,
