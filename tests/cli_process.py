@@ -110,7 +110,6 @@ def run_cli(
     *args: str,
     as_nobody: bool = False,
     timeout_s: float = 60.0,
-    env: Optional[dict[str, str]] = None,
 ) -> Result:
     """Run ``vgpu-agent ARGS`` as a forked process (as user nobody if asked: then a fresh
     one, see AS_NOBODY); kill it if it has not exited within ``timeout_s``."""
@@ -129,7 +128,7 @@ def run_cli(
                 pass  # empty; the child opens them as its stdout and stderr
         process = _CONTEXT.Process(
             target=_child,
-            args=(tuple(args), cli_env() if env is None else env, out_path, err_path),
+            args=(tuple(args), cli_env(), out_path, err_path),
         )
         # One at a time: with several children of the fork server ending at once, the
         # server now and then loses one's exit status (the parent then reads 255).
