@@ -25,7 +25,7 @@ import time
 import urllib.request
 from typing import Callable, Optional
 
-from control_plane import CONFIG, cpu_seconds, percentile, rss_mib, wait_ready
+from control_plane import CONFIG, at_least_one, cpu_seconds, percentile, rss_mib, wait_ready
 
 from vgpu_agent.attribution import (
     CHECKPOINT_NAME,
@@ -297,7 +297,7 @@ def idle_agent(idle_seconds: float, metrics: bool = True, scrape_every_s: float 
 def main() -> int:
     """Run the benchmark and print its numbers."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scrapes", type=int, default=200)
+    parser.add_argument("--scrapes", type=at_least_one, default=200)
     parser.add_argument("--idle-seconds", type=float, default=60.0)
     parser.add_argument("--skip-scrape", action="store_true", help="only the idle CPU part")
     parser.add_argument("--skip-idle", action="store_true", help="only the in-process part")
