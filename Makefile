@@ -37,7 +37,7 @@ test: $(VENV)/.done
 		-n $(TEST_WORKERS) --dist loadgroup --cov --cov-report=
 	scripts/coverage-floors $(PY)
 
-## proto: regenerate vgpu_agent/_proto from protos/ with the pinned generator
+## proto: regenerate vgpu_agent/frontends/_proto from protos/ with the pinned generator
 proto:
 	scripts/gen-proto
 

@@ -24,10 +24,10 @@ import threading
 import time
 from typing import Callable, TextIO
 
-from vgpu_agent import control
-from vgpu_agent.commands import HealthResetCommand, SimulateAction, SimulateCommand
-from vgpu_agent.kubelet_standin import KubeletStandin
-from vgpu_agent.plugin import AdvertisedDevice
+from vgpu_agent.frontends.deviceplugin.server import AdvertisedDevice
+from vgpu_agent.host import control
+from vgpu_agent.model.commands import HealthResetCommand, SimulateAction, SimulateCommand
+from vgpu_agent.standins.kubelet import KubeletStandin
 
 RESOURCE = "eks.amazonaws.com/vgpu"
 GPUS = 8

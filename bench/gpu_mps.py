@@ -214,11 +214,11 @@ def agent_plan(count: int, memory_mib: int) -> Plan:
     """The agent's default configuration for ``count`` vGPUs of this GPU, computed by its
     own code: multi-user mode unless the config says off, the daemon defaults it sets, and
     the limit variables Allocate grants one vGPU."""
-    from vgpu_agent.config import Config
-    from vgpu_agent.devices import ServedGpu, grant
-    from vgpu_agent.gpu import Gpu
-    from vgpu_agent.mps import daemon_default_commands
-    from vgpu_agent.plan import grant_policy
+    from vgpu_agent.config.plan import grant_policy
+    from vgpu_agent.config.schema import Config
+    from vgpu_agent.model.devices import ServedGpu, grant
+    from vgpu_agent.model.gpu import Gpu
+    from vgpu_agent.mps.daemons import daemon_default_commands
 
     config = Config()
     gpu = Gpu(0, "GPU-bench", "bench", memory_mib, (9, 0))
@@ -258,7 +258,7 @@ def open_machine(fake: bool) -> tuple[Machine, Callable[[], None]]:
         return machine, lambda: None
     import pynvml  # only here, on the GPU machine: the agent's own NVML module lacks clocks
 
-    from vgpu_agent.nvml import NvmlBackend
+    from vgpu_agent.gpus.nvml import NvmlBackend
 
     backend = NvmlBackend()
     gpu = backend.list_gpus()[0]

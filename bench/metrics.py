@@ -27,7 +27,10 @@ from typing import Callable, Optional
 
 from control_plane import CONFIG, at_least_one, cpu_seconds, percentile, rss_mib, wait_ready
 
-from vgpu_agent.attribution import (
+from vgpu_agent.config.schema import SimulatedConfig
+from vgpu_agent.model.devices import Inventory, MpsGrantPolicy, ServedGpu
+from vgpu_agent.model.gpu import GpuProcess
+from vgpu_agent.observability.attribution import (
     CHECKPOINT_NAME,
     Attribution,
     CachedCheckpoint,
@@ -38,14 +41,11 @@ from vgpu_agent.attribution import (
     gather,
     limits_from,
 )
-from vgpu_agent.config import SimulatedConfig
-from vgpu_agent.devices import Inventory, MpsGrantPolicy, ServedGpu
-from vgpu_agent.gpu import GpuProcess
-from vgpu_agent.kubelet_standin import KubeletStandin
-from vgpu_agent.metrics import AgentMetrics, MetricsServer, NodeView
-from vgpu_agent.podresources import PodResourcesClient
-from vgpu_agent.podresources_standin import PodResourcesStandin, StandinContainer, StandinPod
-from vgpu_agent.simulated import SimulatedBackend, gpus_from_config
+from vgpu_agent.observability.metrics import AgentMetrics, MetricsServer, NodeView
+from vgpu_agent.observability.podresources import PodResourcesClient
+from vgpu_agent.standins.kubelet import KubeletStandin
+from vgpu_agent.standins.podresources import PodResourcesStandin, StandinContainer, StandinPod
+from vgpu_agent.standins.simulated import SimulatedBackend, gpus_from_config
 
 RESOURCE = "eks.amazonaws.com/vgpu"
 GPUS = 8

@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Optional
 
-from vgpu_agent.devices import HealthReason, Inventory, ReasonKind, ServedGpu, make_vgpu_id
-from vgpu_agent.gpu import Gpu
+from vgpu_agent.model.devices import HealthReason, Inventory, ReasonKind, ServedGpu, make_vgpu_id
+from vgpu_agent.model.gpu import Gpu
 
 DEFAULT_MODEL = "NVIDIA A10G"
 DEFAULT_MEMORY_MIB = 24_576

@@ -13,8 +13,8 @@ import pytest
 
 from tests import builders
 from tests.harness import AgentRun, agent_runs
-from vgpu_agent.devices import Inventory
-from vgpu_agent.kubelet_standin import KubeletStandin
+from vgpu_agent.model.devices import Inventory
+from vgpu_agent.standins.kubelet import KubeletStandin
 
 #: The resource name the tests register.
 RESOURCE = "eks.amazonaws.com/vgpu"

@@ -16,9 +16,8 @@ from typing import Any, Callable, Optional
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from vgpu_agent.agent import Agent
-from vgpu_agent.compose import build_agent
-from vgpu_agent.config import (
+from vgpu_agent.agent.loop import Agent
+from vgpu_agent.config.schema import (
     AgentConfig,
     Config,
     GpusConfig,
@@ -27,9 +26,10 @@ from vgpu_agent.config import (
     PluginConfig,
     SimulatedConfig,
 )
-from vgpu_agent.kubelet_standin import KubeletStandin
-from vgpu_agent.plugin import AdvertisedDevice
-from vgpu_agent.systemd import Notifier
+from vgpu_agent.frontends.deviceplugin.server import AdvertisedDevice
+from vgpu_agent.host.systemd import Notifier
+from vgpu_agent.runtime.compose import build_agent
+from vgpu_agent.standins.kubelet import KubeletStandin
 
 RESOURCE = "eks.amazonaws.com/vgpu"
 #: Generous bound for waits on a loaded 2-core CI machine; bench/ has the real numbers.
@@ -158,7 +158,7 @@ class AgentRun:
 def agent_runs(root: str) -> Iterator[Callable[..., AgentRun]]:
     """Start agents (each with its stand-in, started unless ``kubelet`` is False); every
     agent is stopped, and every stand-in and listener closed, when the generator ends.
-    Keywords other than the harness's own go to :func:`vgpu_agent.compose.build_agent`."""
+    Keywords other than the harness's own go to :func:`vgpu_agent.runtime.compose.build_agent`."""
     runs: list[AgentRun] = []
 
     def start(

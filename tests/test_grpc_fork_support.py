@@ -9,7 +9,10 @@ import os
 import subprocess
 import sys
 
-PROBE = "import os, vgpu_agent.plugin; print(os.environ['GRPC_ENABLE_FORK_SUPPORT'])"
+PROBE = (
+    "import os, vgpu_agent.frontends.deviceplugin.server; "
+    "print(os.environ['GRPC_ENABLE_FORK_SUPPORT'])"
+)
 
 
 def _probe(env: dict[str, str]) -> str:

@@ -1,4 +1,4 @@
-"""A stateful stand-in for the pynvml module, handed to :class:`vgpu_agent.nvml.NvmlBackend`.
+"""A stateful stand-in for the pynvml module, handed to :class:`vgpu_agent.gpus.nvml.NvmlBackend`.
 
 It has the names the backend uses, spelled and numbered as in nvidia-ml-py (functions,
 ``NVML_ERROR_*`` codes, ``nvmlEventType*`` masks and an ``NVMLError`` exception carrying
@@ -15,7 +15,7 @@ It has the names the backend uses, spelled and numbered as in nvidia-ml-py (func
 Failures on demand: :meth:`FakePynvml.fail` makes a named function raise a code (every
 call, or the next ``times`` calls); per-device fields give NUMA, MIG and event support;
 ``missing`` hides functions that older nvidia-ml-py releases lack. The fake's names and
-numbers are checked against the real pynvml in tests/test_nvml.py.
+numbers are checked against the real pynvml in tests/gpus/test_nvml.py.
 """
 
 from __future__ import annotations

@@ -26,15 +26,15 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from vgpu_agent import node as node_model
-from vgpu_agent.config import Config, Confinement, MpsConfig
-from vgpu_agent.devices import Inventory, ServedGpu
-from vgpu_agent.gpu import Gpu
-from vgpu_agent.kubelet import register
-from vgpu_agent.kubelet_standin import KubeletStandin
-from vgpu_agent.mps import DirectMpsDaemons, control_command
-from vgpu_agent.plan import daemon_ceiling, grant_policy
-from vgpu_agent.plugin import PluginServer, PluginServicer
+from vgpu_agent.config.plan import daemon_ceiling, grant_policy
+from vgpu_agent.config.schema import Config, Confinement, MpsConfig
+from vgpu_agent.frontends.deviceplugin.kubelet import register
+from vgpu_agent.frontends.deviceplugin.server import PluginServer, PluginServicer
+from vgpu_agent.model import node as node_model
+from vgpu_agent.model.devices import Inventory, ServedGpu
+from vgpu_agent.model.gpu import Gpu
+from vgpu_agent.mps.daemons import DirectMpsDaemons, control_command
+from vgpu_agent.standins.kubelet import KubeletStandin
 
 HERE = Path(__file__).parent
 RESOURCE = "eks.amazonaws.com/vgpu"
@@ -77,8 +77,8 @@ def gpus() -> list[Gpu]:
     reason = _why_no_gpu()
     if reason is not None:
         pytest.skip(reason)
-    from vgpu_agent.errors import GpuError
-    from vgpu_agent.nvml import NvmlBackend
+    from vgpu_agent.gpus.nvml import NvmlBackend
+    from vgpu_agent.model.errors import GpuError
 
     try:
         backend = NvmlBackend()

@@ -103,8 +103,8 @@ setpriv --reuid 1000 --regid 1000 --clear-groups env -i "${BASEENV[@]}" "$PY" -c
 step "S1 NVML backend smoke"
 PYTHONPATH=. "$PY" - <<'EOF'
 import time, pynvml
-from vgpu_agent.nvml import NvmlBackend
-from vgpu_agent.errors import GpuError
+from vgpu_agent.gpus.nvml import NvmlBackend
+from vgpu_agent.model.errors import GpuError
 b = NvmlBackend()
 print("driver", b.driver_version())
 gpus = b.list_gpus()
@@ -120,7 +120,7 @@ for g in gpus:
 for bad in ("GPU-00000000-0000-0000-0000-000000000000", "nonsense"):
     try: b.check(bad); print("check", bad, "passed?!")
     except GpuError as e: print("check", bad, "->", type(e).__name__, e)
-try: b.set_compute_mode("GPU-00000000-0000-0000-0000-000000000000", __import__("vgpu_agent.gpu").gpu.ComputeMode.DEFAULT)
+try: b.set_compute_mode("GPU-00000000-0000-0000-0000-000000000000", __import__("vgpu_agent.model.gpu").gpu.ComputeMode.DEFAULT)
 except GpuError as e: print("set on bad uuid ->", type(e).__name__, e)
 print("unwatched", b.watch_events([g.uuid for g in gpus]))
 t = time.monotonic(); print("events", b.wait_events(0.3), "after %.2fs" % (time.monotonic() - t))

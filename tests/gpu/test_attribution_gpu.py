@@ -19,11 +19,11 @@ from typing import Callable
 
 import pytest
 
-from vgpu_agent.attribution import Attribution, gather
-from vgpu_agent.errors import GpuError
-from vgpu_agent.plan import grant_policy
-from vgpu_agent.podresources import list_pod_resources
-from vgpu_agent.podresources_standin import PodResourcesStandin, StandinContainer, StandinPod
+from vgpu_agent.config.plan import grant_policy
+from vgpu_agent.model.errors import GpuError
+from vgpu_agent.observability.attribution import Attribution, gather
+from vgpu_agent.observability.podresources import list_pod_resources
+from vgpu_agent.standins.podresources import PodResourcesStandin, StandinContainer, StandinPod
 
 from .conftest import RESOURCE, Node
 
@@ -101,7 +101,7 @@ def test_clients_in_pod_cgroups_are_attributed_with_their_memory(
     make_node: NodeFactory, pod_cgroups: dict[str, tuple[str, Path]], work_dir: Path
 ) -> None:
     """Each client's pid is found in its pod's cgroup and its GPU memory goes to its container."""
-    from vgpu_agent.nvml import NvmlBackend
+    from vgpu_agent.gpus.nvml import NvmlBackend
 
     node = make_node()
     ids = node.vgpu_ids(0)

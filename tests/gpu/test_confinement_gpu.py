@@ -15,9 +15,9 @@ from typing import Any, Callable
 
 import pytest
 
-from vgpu_agent.daemons import check_now
-from vgpu_agent.mps import ceiling_gaps
-from vgpu_agent.plan import daemon_ceiling
+from vgpu_agent.config.plan import daemon_ceiling
+from vgpu_agent.model.daemons import check_now
+from vgpu_agent.mps.daemons import ceiling_gaps
 
 from .conftest import Node
 

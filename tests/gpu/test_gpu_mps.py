@@ -12,14 +12,14 @@ from typing import Any, Callable
 
 import pytest
 
-from vgpu_agent.config import HealthConfig
-from vgpu_agent.daemons import FULL_PROBE_INTERVAL_S, check_now
-from vgpu_agent.devices import HEALTHY, UNHEALTHY
-from vgpu_agent.errors import GpuLostError
-from vgpu_agent.gpu import ComputeMode, Gpu
-from vgpu_agent.health import HealthChange, HealthMonitor
-from vgpu_agent.mps import daemon_pid, process_state
-from vgpu_agent.plan import daemon_ceiling
+from vgpu_agent.agent.health import HealthChange, HealthMonitor
+from vgpu_agent.config.plan import daemon_ceiling
+from vgpu_agent.config.schema import HealthConfig
+from vgpu_agent.model.daemons import FULL_PROBE_INTERVAL_S, check_now
+from vgpu_agent.model.devices import HEALTHY, UNHEALTHY
+from vgpu_agent.model.errors import GpuLostError
+from vgpu_agent.model.gpu import ComputeMode, Gpu
+from vgpu_agent.mps.daemons import daemon_pid, process_state
 
 from .conftest import CONTAINER_PIPE_DIR, REPLICAS, Node, memory_limit_mib
 
@@ -35,7 +35,7 @@ def _under_mps(report: dict[str, Any], limit_mib: int) -> bool:
 
 def test_nvml_backend_reads_the_gpus(gpus: list[Gpu]) -> None:
     """NvmlBackend lists the GPUs, reads compute mode, checks them, and waits for events."""
-    from vgpu_agent.nvml import NvmlBackend
+    from vgpu_agent.gpus.nvml import NvmlBackend
 
     backend = NvmlBackend()
     try:
@@ -182,7 +182,7 @@ def test_users_queue_without_multi_user_mode(make_node: NodeFactory) -> None:
 
 
 def _watch_health(node: Node) -> HealthMonitor:
-    from vgpu_agent.nvml import NvmlBackend
+    from vgpu_agent.gpus.nvml import NvmlBackend
 
     def emit(change: HealthChange) -> None:
         node.state.update(

@@ -227,7 +227,7 @@ start_kubelet_standin() {
     check "the kubelet stand-in starts" \
         in_ct systemd-run --unit=kubelet-standin --property=Type=exec \
         /usr/bin/python3.11 -I -S -c \
-        'import runpy, sys; sys.path.insert(0, "/usr/lib/vgpu-agent"); sys.argv[0] = "kubelet-standin"; runpy.run_module("vgpu_agent.kubelet_standin", run_name="__main__")' \
+        'import runpy, sys; sys.path.insert(0, "/usr/lib/vgpu-agent"); sys.argv[0] = "kubelet-standin"; runpy.run_module("vgpu_agent.standins.kubelet", run_name="__main__")' \
         --plugin-dir /var/lib/kubelet/device-plugins
 }
 

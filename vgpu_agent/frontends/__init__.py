@@ -1,0 +1,11 @@
+"""Kubelet frontends: the ways the agent offers its GPUs to the kubelet, one
+subpackage per API, each over the same node model, MPS management and health.
+
+What lives here: the device plugin API (``deviceplugin``) and the generated protobuf and
+gRPC code of every kubelet API the agent speaks (``_proto``, made by scripts/gen-proto,
+never edited by hand). A second frontend (Dynamic Resource Allocation) is a sibling
+subpackage; frontends do not import each other.
+
+May import: ``vgpu_agent.model``, ``vgpu_agent.config``, ``vgpu_agent.host``, grpc and
+protobuf. Only the frontends, the PodResources client and the stand-ins import grpc.
+"""

@@ -1,0 +1,12 @@
+"""What the agent shows about itself beyond the kubelet.
+
+What lives here: who uses each vGPU (``attribution``, joining the kubelet's PodResources
+answer with NVML's MPS processes and cgroups), the kubelet's PodResources client
+(``podresources``), Prometheus metrics (``metrics``, the only prometheus_client import),
+node-feature-discovery labels (``labels``) and the service that refreshes and publishes
+them (``service``).
+
+May import: ``vgpu_agent.model``, ``vgpu_agent.config``, ``vgpu_agent.host``, and the
+frontends' generated code and gRPC helpers (PodResources is a kubelet gRPC API). Never the
+agent's loop.
+"""
