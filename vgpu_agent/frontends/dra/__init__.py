@@ -1,0 +1,12 @@
+"""The Kubernetes Dynamic Resource Allocation (DRA) frontend: the agent as a DRA kubelet plugin.
+
+What lives here: the values both halves share (``types``: claims, allocation results, the
+node's ResourceSlice, the API server boundary as a Protocol), the kubelet-facing gRPC side
+(plugin registration and ``NodePrepareResources`` / ``NodeUnprepareResources``, claims
+turned into CDI specs) and the API-server side (publishing the node's ResourceSlices,
+reading ResourceClaims). It sits beside :mod:`vgpu_agent.frontends.deviceplugin` over the
+same node model, MPS management and health; a GPU is served by one frontend, never both.
+
+May import: what :mod:`vgpu_agent.frontends` may import, and the Kubernetes API client
+library (only the API-server module).
+"""
