@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.builders import gpu_uuid, make_gpu
+from vgpu_agent.config.parse import parse
 from vgpu_agent.config.plan import (
     ApplyCeiling,
     KeepRunningConfig,
@@ -24,7 +25,7 @@ from vgpu_agent.config.plan import (
     plan_gpus,
     plan_reload,
 )
-from vgpu_agent.config.schema import Config, parse
+from vgpu_agent.config.schema import Config
 from vgpu_agent.model.gpu import Gpu
 
 RUNNING = parse("[gpus]\nreplicas_per_gpu = 4\n")

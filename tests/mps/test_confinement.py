@@ -33,6 +33,7 @@ from click.testing import CliRunner
 
 from tests.builders import write_fake_control
 from vgpu_agent.agent.loop import Agent
+from vgpu_agent.config.render import to_toml
 from vgpu_agent.config.schema import (
     AgentConfig,
     Config,
@@ -41,7 +42,6 @@ from vgpu_agent.config.schema import (
     MpsConfig,
     PluginConfig,
     SimulatedConfig,
-    to_toml,
 )
 from vgpu_agent.frontends.deviceplugin.server import AdvertisedDevice
 from vgpu_agent.host.systemd import Notifier

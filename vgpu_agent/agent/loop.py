@@ -38,8 +38,9 @@ from vgpu_agent.config.plan import (
     grant_policy,
     plan_gpus,
     plan_reload,
+    slice_warnings,
 )
-from vgpu_agent.config.schema import Config, HealthConfig, PluginConfig, slice_warnings
+from vgpu_agent.config.schema import Config, HealthConfig, PluginConfig
 from vgpu_agent.host.log import log_event, set_level
 from vgpu_agent.host.sandbox import PluginDirGuard
 from vgpu_agent.host.systemd import Notifier

@@ -1,5 +1,6 @@
 """Decisions made from the config alone (pure): which GPUs to serve with how many vGPUs,
-what Allocate grants for MPS, and what a reload changes.
+what Allocate grants for MPS, what a reload changes (``RESTART_ONLY_KEYS``: the keys it
+cannot), the memory-slice advice that depends on the GPU, and whether MPS is simulated.
 
 No I/O: everything takes values and returns values, so it is tested with tables, and
 `vgpu-agent doctor` and `gpus` use the same rules as the agent without starting it.
@@ -18,6 +19,7 @@ from vgpu_agent.model.devices import (
     MpsGrantPolicy,
     enforced_ceiling,
     memory_limit_mib,
+    proportional_memory_mib,
     thread_percentage,
 )
 from vgpu_agent.model.gpu import Gpu
@@ -335,3 +337,52 @@ def plan_reload(
     if new.health != running.health:
         actions.append(RestartHealthChecks())
     return actions
+
+
+# -- advice and facts from the config ------------------------------------------------------------
+
+#: A proportional memory slice below this leaves an MPS client almost nothing once its own
+#: CUDA context is counted against the limit (measured: a 1 GiB limit left 0.39 GiB free).
+MIN_USEFUL_SLICE_MIB = 640
+
+
+def slice_warnings(config: Config, model: str, memory_mib: int) -> list[str]:
+    """Warnings about the MPS memory slices a GPU of ``model`` with ``memory_mib`` would get."""
+    mps = config.mps
+    if not mps.enabled:
+        return []
+    replicas = config.replicas_for_model(model)
+    if mps.memory_limit == "none":
+        return []
+    if mps.memory_limit == "proportional":
+        slice_mib = proportional_memory_mib(memory_mib, mps.memory_headroom_mib, 1, replicas)
+        if slice_mib >= MIN_USEFUL_SLICE_MIB:
+            return []
+        return [
+            f"{model} ({memory_mib} MiB, {mps.memory_headroom_mib} MiB headroom) split into "
+            f"{replicas} vGPUs gives each {slice_mib} MiB of memory; below "
+            f"{MIN_USEFUL_SLICE_MIB} MiB a client has almost nothing left after its CUDA "
+            "context: lower gpus.replicas_per_gpu or add a gpus.replicas_by_model entry "
+            "for this model, or lower mps.memory_headroom_mib"
+        ]
+    warnings: list[str] = []
+    if mps.memory_limit < MIN_USEFUL_SLICE_MIB:
+        warnings.append(
+            f"mps.memory_limit = {mps.memory_limit} MiB per vGPU leaves a client almost "
+            f"nothing after its CUDA context (below {MIN_USEFUL_SLICE_MIB} MiB)"
+        )
+    if mps.memory_limit > memory_mib:
+        warnings.append(
+            f"mps.memory_limit = {mps.memory_limit} MiB per vGPU is more than the "
+            f"{memory_mib} MiB of {model}: the limit confines nothing"
+        )
+    return warnings
+
+
+def simulated_mps(config: Config) -> bool:
+    """Whether the MPS daemons are simulated: with simulated GPUs, unless the config names a
+    control program (a stand-in, as the fault and system tests use), which the configured
+    manager then runs or watches."""
+    return (
+        config.gpus.backend == "simulated" and config.mps.control_binary == MpsConfig.control_binary
+    )

@@ -25,7 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from vgpu_agent.config.schema import Config, split_listen_address
+from vgpu_agent.config.schema import Config
+from vgpu_agent.config.values import split_listen_address
 from vgpu_agent.model.devices import HEALTHY, UNHEALTHY, Inventory, MpsGrantPolicy
 from vgpu_agent.model.errors import VgpuError
 from vgpu_agent.model.gpu import GpuBackend

@@ -18,9 +18,10 @@ import click
 
 from vgpu_agent import __version__
 from vgpu_agent.agent.loop import EXIT_CONFIG
-from vgpu_agent.config import schema as config_module
-from vgpu_agent.config.plan import plan_gpus
-from vgpu_agent.config.schema import Config, simulated_mps
+from vgpu_agent.config import parse as config_module
+from vgpu_agent.config.plan import plan_gpus, simulated_mps, slice_warnings
+from vgpu_agent.config.render import to_toml
+from vgpu_agent.config.schema import CONFIG_ENV_VAR, DEFAULT_CONFIG_PATH, Config
 from vgpu_agent.host import control, instance
 from vgpu_agent.model.commands import (
     ControlCommand,
@@ -115,8 +116,7 @@ def with_overrides(
     "--config",
     "config_path",
     metavar="PATH",
-    help=f"Config file (default: ${config_module.CONFIG_ENV_VAR} or "
-    f"{config_module.DEFAULT_CONFIG_PATH}).",
+    help=f"Config file (default: ${CONFIG_ENV_VAR} or {DEFAULT_CONFIG_PATH}).",
 )
 @click.version_option(__version__, prog_name="vgpu-agent")
 @click.pass_context
@@ -200,7 +200,7 @@ def config_check(ctx: click.Context, path: Optional[str]) -> None:
 def config_show(ctx: click.Context) -> None:
     """Print the effective config, defaults included."""
     loaded = _load(ctx)
-    click.echo(config_module.to_toml(loaded), nl=False)
+    click.echo(to_toml(loaded), nl=False)
 
 
 # -- gpus --------------------------------------------------------------------------------------
@@ -233,7 +233,7 @@ def gpus_group(ctx: click.Context, simulate: Optional[int]) -> None:
         for problem in plan.refused:
             click.echo(f"not served: {problem}")
         for gpu in gpus:
-            for warning in config_module.slice_warnings(loaded, gpu.model, gpu.memory_mib):
+            for warning in slice_warnings(loaded, gpu.model, gpu.memory_mib):
                 click.echo(f"warning: GPU {gpu.index}: {warning}")
     finally:
         backend.close()

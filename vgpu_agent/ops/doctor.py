@@ -18,8 +18,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
-from vgpu_agent.config import schema as config_module
-from vgpu_agent.config.plan import confinement_line, gpu_ceiling, plan_gpus
+from vgpu_agent.config import parse as config_module
+from vgpu_agent.config.plan import confinement_line, gpu_ceiling, plan_gpus, slice_warnings
 from vgpu_agent.config.schema import ComputeModeSetting, Config, MultiUser
 from vgpu_agent.host import control
 from vgpu_agent.host.sockets import socket_state
@@ -366,7 +366,7 @@ def _check_gpus(report: _Report, config: Config, probes: DoctorProbes, node: _No
             "the lines above",
         )
     for gpu in node.served:
-        for warning in config_module.slice_warnings(config, gpu.model, gpu.memory_mib):
+        for warning in slice_warnings(config, gpu.model, gpu.memory_mib):
             report.warn("gpus", f"GPU {gpu.index}: {warning}")
 
 
