@@ -7,6 +7,12 @@ import pytest
 from tests.builders import gpu_uuid, make_gpu
 from vgpu_agent.config.parse import parse
 from vgpu_agent.config.plan import (
+    confinement_line,
+    gpu_ceiling,
+    grant_policy,
+    plan_gpus,
+)
+from vgpu_agent.config.reload import (
     ApplyCeiling,
     KeepRunningConfig,
     ReloadAction,
@@ -19,10 +25,6 @@ from vgpu_agent.config.plan import (
     UseLogLevel,
     WarnNotServed,
     WithdrawGpu,
-    confinement_line,
-    gpu_ceiling,
-    grant_policy,
-    plan_gpus,
     plan_reload,
 )
 from vgpu_agent.config.schema import Config

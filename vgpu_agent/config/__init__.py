@@ -6,7 +6,8 @@ defaults, the limits values are held to), reading text and files into it with ev
 naming its key path (``parse``, with the typed value readers it validates with in
 ``values``), rendering a config back as TOML (``render``), and the pure decisions made from
 a config (``plan``: which GPUs to serve with how many vGPUs, what Allocate grants, the MPS
-ceilings, what a reload changes and which keys only a restart does, memory-slice advice).
+ceilings, memory-slice advice) and the reload table with the plan of a reload (``reload``:
+which keys only a restart applies, what a new config changes, as typed actions).
 
 May import: ``vgpu_agent.model``, ``vgpu_agent.host`` (log levels, the unix socket path
 limit) and tomllib/tomli. Nothing above it.
