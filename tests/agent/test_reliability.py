@@ -40,7 +40,9 @@ from vgpu_agent.host import control
 from vgpu_agent.model.commands import parse_command
 from vgpu_agent.model.errors import ConfigError, GpuError, RegistrationError
 from vgpu_agent.model.gpu import GpuBackend
-from vgpu_agent.mps.daemons import DirectMpsDaemons, control_command, process_state
+from vgpu_agent.mps.control import control_command
+from vgpu_agent.mps.daemons import DirectMpsDaemons
+from vgpu_agent.mps.liveness import process_state
 from vgpu_agent.runtime.compose import open_backend_for
 from vgpu_agent.standins.kubelet import KubeletStandin
 from vgpu_agent.standins.simulated import SimulatedBackend, gpus_from_config

@@ -48,16 +48,11 @@ from vgpu_agent.host.systemd import Notifier
 from vgpu_agent.model.daemons import QuickCheck
 from vgpu_agent.model.devices import Ceiling
 from vgpu_agent.model.gpu import Gpu
-from vgpu_agent.mps.daemons import (
-    DirectMpsDaemons,
-    LivenessProber,
-    ceiling_gaps,
-    control_command,
-    daemon_pid,
-    parse_memory_answer,
-    restrict_pipe_dir,
-    wait_until_answers,
-)
+from vgpu_agent.mps.ceilings import ceiling_gaps, parse_memory_answer
+from vgpu_agent.mps.control import control_command, wait_until_answers
+from vgpu_agent.mps.daemons import DirectMpsDaemons
+from vgpu_agent.mps.directories import daemon_pid, restrict_pipe_dir
+from vgpu_agent.mps.liveness import LivenessProber
 from vgpu_agent.ops.cli import cli
 from vgpu_agent.runtime.compose import build_agent
 from vgpu_agent.standins.kubelet import KubeletStandin
