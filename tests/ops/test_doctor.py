@@ -24,7 +24,7 @@ from vgpu_agent.host.sockets import socket_state
 from vgpu_agent.model.commands import ControlCommand, StatusCommand
 from vgpu_agent.model.errors import GpuError, MpsError
 from vgpu_agent.model.gpu import ComputeMode, GpuBackend
-from vgpu_agent.ops.doctor import (
+from vgpu_agent.ops.doctor.containerd import (
     CheckLine,
     DoctorProbes,
     Status,
