@@ -676,7 +676,7 @@ def mps_unit_request(ctx: click.Context) -> None:
 @click.pass_context
 def doctor(ctx: click.Context) -> None:
     """Check this node the way an operator would before trusting it."""
-    from vgpu_agent.ops.doctor.containerd import run_doctor
+    from vgpu_agent.ops.doctor.runner import run_doctor
 
     options: _Options = ctx.find_root().obj
     sys.exit(run_doctor(options.config_path, os.environ, click.echo))
