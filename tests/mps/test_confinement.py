@@ -58,7 +58,7 @@ from vgpu_agent.mps.daemons import (
     restrict_pipe_dir,
     wait_until_answers,
 )
-from vgpu_agent.ops.cli.agent import cli
+from vgpu_agent.ops.cli.root import cli
 from vgpu_agent.runtime.compose import build_agent
 from vgpu_agent.standins.kubelet import KubeletStandin
 from vgpu_agent.standins.simulated import gpus_from_config
