@@ -53,7 +53,7 @@ from vgpu_agent.mps.control import control_command, wait_until_answers
 from vgpu_agent.mps.daemons import DirectMpsDaemons
 from vgpu_agent.mps.directories import daemon_pid, restrict_pipe_dir
 from vgpu_agent.mps.liveness import LivenessProber
-from vgpu_agent.ops.cli import cli
+from vgpu_agent.ops.cli.root import cli
 from vgpu_agent.runtime.compose import build_agent
 from vgpu_agent.standins.kubelet import KubeletStandin
 from vgpu_agent.standins.simulated import gpus_from_config
