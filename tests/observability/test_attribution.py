@@ -153,8 +153,9 @@ def test_the_checkpoint_lists_allocations_in_both_device_id_shapes() -> None:
         ("{not json", "not JSON"),
         ("[]", "no 'Data' object"),
         ('{"Data":{"PodDeviceEntries":{}}}', "is not a list"),
+        ('{"Data":' + "[" * 200_000 + "]" * 200_000 + "}", "nested too deeply"),
     ],
-    ids=["not-json", "no-data", "entries-not-a-list"],
+    ids=["not-json", "no-data", "entries-not-a-list", "nested-200000-deep"],
 )
 def test_a_bad_checkpoint_is_a_clear_error(text: str, message: str) -> None:
     """A checkpoint that is not the kubelet's gives one error naming the file and the fault."""

@@ -42,6 +42,12 @@ def parse_checkpoint(text: str, source: str = CHECKPOINT_NAME) -> list[Checkpoin
         document = json.loads(text)
     except ValueError as exc:
         raise AttributionError(f"reading the kubelet checkpoint {source}: not JSON: {exc}") from exc
+    except RecursionError:
+        # json nests by recursion; a document this deep is no checkpoint the kubelet wrote.
+        raise AttributionError(
+            f"reading the kubelet checkpoint {source}: arrays or objects nested too deeply; "
+            "not the kubelet's device checkpoint (check what writes that file)"
+        ) from None
     data = document.get("Data") if isinstance(document, dict) else None
     if not isinstance(data, dict):
         raise AttributionError(
