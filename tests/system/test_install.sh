@@ -738,6 +738,29 @@ deb_phase() {
     in_ct systemctl start vgpu-agent.service
     check "with the config fixed it starts again" wait_for 30 registered
 
+    log "deb: no NVIDIA driver (issue 23)"
+    # The NVML backend where no driver is loaded (a Packer build on a non-GPU builder, a
+    # node whose driver failed): started and READY at once, STATUS says what it waits for,
+    # a reload is answered at once, no start timeout and no restart.
+    in_ct cp /etc/vgpu/system-test.toml /etc/vgpu/system-test.toml.good
+    in_ct sed -i 's/^backend = "simulated"$/backend = "nvml"/' /etc/vgpu/system-test.toml
+    check "systemctl restart returns without a driver (within 60 s, not a start timeout)" \
+        in_ct timeout 60 systemctl restart vgpu-agent.service
+    waiting_for_driver() { prop vgpu-agent.service StatusText | grep -q '^waiting for the GPU driver'; }
+    check "the agent is active while it waits" in_ct systemctl is-active -q vgpu-agent.service
+    check "STATUS says it waits for the GPU driver ($(prop vgpu-agent.service StatusText | cut -c1-90))" \
+        wait_for 10 waiting_for_driver
+    check "systemctl reload is answered at once while it waits (within 20 s)" \
+        in_ct timeout 20 systemctl reload vgpu-agent.service
+    local status_rc
+    in_ct env VGPU_CONFIG=/etc/vgpu/system-test.toml vgpu-agent status --json >/dev/null 2>&1
+    status_rc=$?
+    check "vgpu-agent status --json exits 3 while the agent waits for the driver ($status_rc)" [ "$status_rc" = 3 ]
+    check "no restart while waiting (NRestarts $(prop vgpu-agent.service NRestarts))" is_prop vgpu-agent.service NRestarts 0
+    in_ct mv /etc/vgpu/system-test.toml.good /etc/vgpu/system-test.toml
+    in_ct systemctl restart vgpu-agent.service
+    check "back on the simulated GPUs it registers again" wait_for 30 registered
+
     log "deb: upgrade"
     local agent_pid new_agent_pid
     agent_pid=$(prop vgpu-agent.service MainPID)
