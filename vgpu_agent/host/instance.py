@@ -144,6 +144,28 @@ def recorded_socket(config_path: str, record_dir: str = RECORD_DIR) -> Optional[
     return socket_path if isinstance(socket_path, str) else None
 
 
+def live_records(record_dir: str = RECORD_DIR) -> list[tuple[str, str, int]]:
+    """``(config path, control socket, pid)`` of every running agent that left a record,
+    so a CLI that finds no agent where its config says can name the ones that run."""
+    try:
+        names = sorted(os.listdir(record_dir))
+    except OSError:
+        return []
+    found: list[tuple[str, str, int]] = []
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        record = _recorded(os.path.join(record_dir, name), alive_only=True)
+        config, socket_path, pid = (
+            record.get("config"),
+            record.get("control_socket"),
+            record.get("pid"),
+        )
+        if isinstance(config, str) and isinstance(socket_path, str) and isinstance(pid, int):
+            found.append((config, socket_path, pid))
+    return found
+
+
 def _recorded(path: str, *, alive_only: bool) -> dict[str, object]:
     try:
         with open(path, encoding="utf-8") as handle:

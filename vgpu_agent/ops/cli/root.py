@@ -49,6 +49,15 @@ class _Group(click.Group):
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             sys.exit(0)
+        except click.NoSuchOption as exc:
+            if exc.option_name == "--config" and exc.ctx is not None and exc.ctx.parent:
+                # `vgpu-agent status --config X`: the option is the root's, not the command's.
+                exc.message = (
+                    "--config goes before the command: "
+                    f"vgpu-agent --config PATH {exc.ctx.command_path.split(' ', 1)[-1]} ..."
+                )
+                exc.possibilities = None
+            raise
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except Exception as exc:
