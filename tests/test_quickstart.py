@@ -5,19 +5,17 @@ written, as root, in tests/system/test_install.sh's container)."""
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 from tests.builders import make_served
 from tests.ops.test_cli_errors import vgpu_agent
+from tests.system.doc_blocks import checked_blocks, shows
 from vgpu_agent.config.parse import parse
 from vgpu_agent.config.plan import grant_policy
 from vgpu_agent.model.devices import grant
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "docs" / "quickstart.md"
-sys.path.insert(0, str(REPO / "tests" / "system"))
-from doc_blocks import checked_blocks, shows  # noqa: E402 - the system test's own helper
 
 #: The A10G of the quickstart's g5.xlarge: its memory as NVML reports it.
 A10G_MEMORY_MIB = 23028
