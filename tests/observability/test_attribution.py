@@ -171,6 +171,15 @@ def test_an_empty_checkpoint_has_no_allocations(tmp_path: Path) -> None:
     assert read_checkpoint(str(path)) == []
 
 
+def test_a_plugin_dir_that_is_a_file_is_named_not_blamed_on_root(tmp_path: Path) -> None:
+    """A plugin directory that is a file says so; it does not tell root to run as root."""
+    (tmp_path / "dp").write_text("")
+    with pytest.raises(AttributionError) as caught:
+        read_checkpoint(str(tmp_path / "dp" / "kubelet_internal_checkpoint"))
+    assert f"{tmp_path / 'dp'} is not a directory" in str(caught.value)
+    assert "as root" not in str(caught.value)
+
+
 def test_a_missing_checkpoint_says_what_is_lost(tmp_path: Path) -> None:
     """Without the checkpoint the error says processes cannot be matched to containers."""
     with pytest.raises(AttributionError, match="cannot be matched to containers"):
