@@ -612,8 +612,11 @@ deb_phase() {
 
     log "deb: vgpu-agent doctor"
     local doctor_out doctor_rc
+    # doctor wraps its lines at 100 columns: each finding is joined back into one line.
+    unwrap() { sed -e ':a' -e 'N' -e '$!ba' -e 's/\n       / /g'; }
     doctor_out=$(in_ct env VGPU_CONFIG=/etc/vgpu/system-test.toml vgpu-agent doctor 2>&1)
     doctor_rc=$?
+    doctor_out=$(unwrap <<<"$doctor_out")
     local doctor_lines
     mapfile -t doctor_lines <<<"$doctor_out"
     printf '      doctor: %s\n' "${doctor_lines[@]}"
@@ -628,6 +631,7 @@ deb_phase() {
     # With the shipped config (the NVML backend) on a machine without a driver it must fail.
     doctor_out=$(in_ct vgpu-agent doctor 2>&1)
     doctor_rc=$?
+    doctor_out=$(unwrap <<<"$doctor_out")
     grep -v '\[ ok \]' <<<"$doctor_out" | sed 's/^/      doctor: /'
     check "doctor with the shipped config and no driver: a failing check and a non-zero exit ($doctor_rc)" \
         sh -c "echo \"\$1\" | grep -qi '\[fail\]' && [ $doctor_rc -ne 0 ]" _ "$doctor_out"
