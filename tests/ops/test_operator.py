@@ -858,3 +858,19 @@ def test_config_check_without_a_file_says_there_is_none() -> None:
     assert result.stdout == (
         "no file at /etc/vgpu/config.toml: the agent runs with the built-in defaults (ok)\n"
     )
+
+
+@pytest.mark.skipif(not NO_NVML, reason="this machine has an NVIDIA driver")
+def test_doctor_says_the_agent_runs_on_simulated_gpus(
+    kubelet: Path, agents: Callable[..., AgentProcess]
+) -> None:
+    """An agent started with `run --simulate` beside a config for the real GPUs: doctor's
+    agent line says it runs on simulated GPUs, not a plain ok beside a failed driver."""
+    config = write_config(kubelet).read_text().replace('backend = "simulated"', 'backend = "nvml"')
+    (kubelet / "config.toml").write_text(config)
+    agents("--config", str(kubelet / "config.toml"), "run", "--simulate", "1")
+    wait_until(answers(kubelet / "state" / "control.sock"), "the agent's control socket")
+    doctor = vgpu_agent("--config", str(kubelet / "config.toml"), "doctor")
+    assert "[FAIL] driver:" in doctor.stdout, doctor.describe()
+    (line,) = [line for line in doctor.stdout.splitlines() if "] agent:" in line]
+    assert line.startswith("[warn] agent: running on simulated GPUs (run --simulate)"), line
