@@ -379,12 +379,12 @@ def test_readme_has_a_complete_pod_manifest() -> None:
 
 
 def readme_try_it() -> list[str]:
-    """The commands of README's "Try it" paragraph, in order."""
+    """The commands of README's "Try it" block, in order (comments dropped)."""
     text = README.read_text()
-    paragraph = text.split("Try it without a GPU or a kubelet", 1)[1].split("\n\n", 1)[0]
-    return [
-        command for command in re.findall(r"`([^`]+)`", paragraph) if command.startswith(".venv/")
-    ]
+    after = text.split("Try it without a GPU or a kubelet", 1)[1]
+    block = re.search(r"```sh\n(.*?)```", after, flags=re.DOTALL)
+    assert block is not None, "no command block after README's Try it"
+    return [line.split("#", 1)[0].strip() for line in block.group(1).splitlines() if line]
 
 
 @pytest.mark.slow
@@ -393,20 +393,24 @@ def readme_try_it() -> list[str]:
 )
 def test_readme_try_it_works_as_written(short_tmp_dir: str) -> None:
     """README's "Try it" commands run as written from the clone after `scripts/dev demo`
-    (only /tmp/dp and the state directory, through $VGPU_CONFIG, are moved to a temp dir)."""
+    (only /tmp/vgpu-laptop is moved to a temp dir, in a copy of examples/laptop.toml): the
+    agent serves, status, gpus, mps status and doctor succeed, the injected XID leaves it
+    degraded (exit 4)."""
     commands = readme_try_it()
     assert [command.split()[0] for command in commands] == [".venv/bin/vgpu-agent"] + [
         ".venv/bin/python"
-    ] + [".venv/bin/vgpu-agent"] * 3, commands
-    demo, standin, run, inject, status = commands
+    ] + [".venv/bin/vgpu-agent"] * 7, commands
     root = Path(short_tmp_dir)
-    config = root / "config.toml"
-    config.write_text(f'[agent]\nstate_dir = "{root}/state"\n')
-    env = {key: value for key, value in os.environ.items() if key != "NOTIFY_SOCKET"}
-    env["VGPU_CONFIG"] = str(config)
+    config = _laptop_config(root)
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("NOTIFY_SOCKET", "VGPU_CONFIG")
+    }
 
     def argv(command: str) -> list[str]:
-        return command.replace("/tmp/dp", f"{root}/dp").split()
+        moved = command.replace("/tmp/vgpu-laptop", str(root))
+        return moved.replace("examples/laptop.toml", str(config)).rstrip(" &").split()
 
     def call(command: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -419,6 +423,7 @@ def test_readme_try_it_works_as_written(short_tmp_dir: str) -> None:
             check=False,
         )
 
+    demo, standin, run, *foreground = commands
     shown = call(demo)
     assert shown.returncode == 0, shown.stderr
     background = [
@@ -426,11 +431,13 @@ def test_readme_try_it_works_as_written(short_tmp_dir: str) -> None:
         for command in (standin, run)
     ]
     try:
-        wait_until(answers(root / "state" / "control.sock"), "the agent's control socket")
-        injected = call(inject)
-        assert injected.returncode == 0, injected.stderr
-        shown = call(status)
-        assert shown.returncode == 0, shown.stderr
+        wait_until(lambda: call(foreground[0]).returncode == 0, "the agent serving and registered")
+        *steps, last = foreground
+        for command in steps:
+            result = call(command)
+            assert result.returncode == 0, (command, result.stdout, result.stderr)
+        shown = call(last)
+        assert shown.returncode == 4, shown.stderr
         assert "xid 79" in shown.stdout, shown.stdout
     finally:
         for process in reversed(background):
