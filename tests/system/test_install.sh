@@ -252,6 +252,10 @@ leftovers() {
     in_ct rmdir /etc/vgpu 2>/dev/null
     in_ct systemctl daemon-reload
     in_ct systemctl reset-failed >/dev/null 2>&1
+    # systemd drops units it no longer knows once nothing refers to them, not at once on
+    # a busy machine: wait for it (a unit still listed after that is a real leftover).
+    no_vgpu_units() { ! in_ct systemctl list-units --all --no-legend "vgpu*" | grep -q .; }
+    wait_for 10 no_vgpu_units
     # man-db's cache of formatted pages (from systemd-analyze verify's man check) is
     # man-db's to expire, not the package's.
     in_ct sh -c 'find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /mnt -o -path /var/cache/man \) -prune -o \( -iname "*vgpu*" -o -name "nvidia-mps" \) -print 2>/dev/null
