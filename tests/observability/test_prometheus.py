@@ -35,7 +35,7 @@ import pytest
 
 from tests.cli_process import run_cli
 from tests.harness import AgentRun, agent_runs, wait_until
-from vgpu_agent.config.schema import load
+from vgpu_agent.config.parse import load
 from vgpu_agent.observability.attribution import CHECKPOINT_NAME, gather
 from vgpu_agent.standins.podresources import PodResourcesStandin, StandinContainer, StandinPod
 
