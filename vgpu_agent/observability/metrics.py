@@ -43,7 +43,7 @@ from prometheus_client.registry import Collector
 
 from vgpu_agent.model.devices import HealthReason, Inventory, ReasonKind
 from vgpu_agent.model.errors import AgentError
-from vgpu_agent.mps.daemons import CEILING_PREFIX
+from vgpu_agent.mps.ceilings import CEILING_PREFIX
 from vgpu_agent.observability.attribution import Attribution
 
 log = logging.getLogger(__name__)
