@@ -36,7 +36,8 @@ import pytest
 from tests.cli_process import run_cli
 from tests.harness import AgentRun, agent_runs, wait_until
 from vgpu_agent.config.parse import load
-from vgpu_agent.observability.attribution import CHECKPOINT_NAME, gather
+from vgpu_agent.observability.attribution import gather
+from vgpu_agent.observability.checkpoint import CHECKPOINT_NAME
 from vgpu_agent.standins.podresources import PodResourcesStandin, StandinContainer, StandinPod
 
 REPO = Path(__file__).resolve().parents[2]
