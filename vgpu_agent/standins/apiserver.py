@@ -17,6 +17,9 @@ default only warns), so a test fails on any field a real server would drop. Obje
 validated like the API server does for the rules the agent could break (names, exactly one
 node selection, at most 128 devices, one value per attribute, immutable driver and node).
 
+``serves_resource_v1=False`` plays a cluster older than 1.34: every ``resource.k8s.io`` path
+is a 404 without details, as for any path a server does not serve.
+
 Identities: requests carry a bearer token mapped to a user name by ``tokens``; without a
 token they are ``anonymous_user`` (``None`` makes that a 401). A user named
 ``system:node:<name>`` gets what the Node authorizer and the NodeRestriction admission
@@ -263,7 +266,9 @@ class ApiServerStandIn:
         *,
         tokens: Optional[Mapping[str, str]] = None,
         anonymous_user: Optional[str] = "system:admin",
+        serves_resource_v1: bool = True,
     ) -> None:
+        self._serves_resource_v1 = serves_resource_v1
         self._tokens = dict(tokens or {})
         self._anonymous_user = anonymous_user
         self._lock = threading.Lock()
@@ -332,6 +337,11 @@ class ApiServerStandIn:
             }
         return uid
 
+    def node_uid(self, name: str) -> str:
+        """The uid of a Node added with :meth:`add_node`."""
+        with self._lock:
+            return str(self._nodes[name]["metadata"]["uid"])
+
     def add_claim(
         self,
         namespace: str,
@@ -343,7 +353,8 @@ class ApiServerStandIn:
         """Add a ResourceClaim; returns its uid.
 
         ``results`` given (even empty) makes it allocated with those device results. ``node``
-        is where its pod runs: the Node authorizer lets that node, and only it, read it.
+        is where the pod that references it runs: the Node authorizer lets that node, and
+        only it, read it.
         """
         uid = str(uuid_module.uuid4())
         claim: dict[str, Any] = {
@@ -377,10 +388,11 @@ class ApiServerStandIn:
         return uid
 
     def remove_claim(self, namespace: str, name: str) -> None:
-        """Delete a ResourceClaim (as its pod's deletion does)."""
+        """Delete a ResourceClaim. A pod on a node that still references it keeps that node's
+        access: the node's get is then a 404, as in the Node authorizer's graph, which holds
+        the names a node's pods reference whether or not the objects exist."""
         with self._lock:
             self._claims.pop((namespace, name), None)
-            self._claim_nodes.pop((namespace, name), None)
 
     def slices(self) -> dict[str, dict[str, Any]]:
         """Every stored ResourceSlice by name (copies)."""
@@ -437,6 +449,8 @@ class ApiServerStandIn:
     ) -> tuple[int, dict[str, Any]]:
         node_name = user[len(_NODE_USER_PREFIX) :] if user.startswith(_NODE_USER_PREFIX) else None
         path = path.rstrip("/")
+        if not self._serves_resource_v1 and path.startswith(f"/apis/{RESOURCE_GROUP}/"):
+            raise _path_not_found()
         if path == _SLICES_PATH:
             if method == "GET":
                 return 200, self._list_slices(user, node_name, query)

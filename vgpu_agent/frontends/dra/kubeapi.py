@@ -18,11 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Optional, Union
 
 import httpx
+import yaml
 from lightkube import ApiError, Client, ConfigError, KubeConfig
 from lightkube.config.models import Cluster, User
 from lightkube.models.meta_v1 import ObjectMeta, OwnerReference
@@ -104,9 +105,9 @@ class KubeResourceApi:
             raise DraApiError(f"{where}: {error} (give the node's kubelet kubeconfig)") from error
         except (OSError, UnicodeDecodeError) as error:
             raise DraApiError(f"{where}: {error}") from error
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            # yaml.YAMLError is a ValueError; a missing or mistyped section is a KeyError or
-            # TypeError inside lightkube's parser.
+        except (yaml.YAMLError, KeyError, TypeError, AttributeError, ValueError) as error:
+            # A missing or mistyped section is a KeyError, TypeError or AttributeError inside
+            # lightkube's parser.
             raise DraApiError(
                 f"{where}: not a kubeconfig ({type(error).__name__}: {error})"
             ) from error
@@ -170,70 +171,68 @@ class KubeResourceApi:
 
         The devices go into as few slices as the API allows (128 devices each), all of the
         one pool with the same generation and ``resourceSliceCount``; slices of the node and
-        driver beyond those are deleted. Each slice is owned by the Node object, so the
-        garbage collector removes them with the node. A write that loses a race is tried
-        again from a fresh read.
+        driver beyond those are deleted, unchanged ones are not written. Each slice is owned
+        by the Node object, so the garbage collector removes them with the node. A write
+        that loses a race (409) starts again from a fresh list.
         """
         chunks = _chunks(node_slice.devices, MAX_DEVICES_PER_SLICE)
         owner = self._node_owner(node_slice.node_name)
-        wanted: set[str] = set()
-        for index, devices in enumerate(chunks):
-            name = slice_name(node_slice.node_name, node_slice.driver, index)
-            wanted.add(name)
-            spec = _slice_spec(node_slice, devices, slice_count=len(chunks))
-            self._put_slice(name, spec, owner)
-        for stale in self._slice_names(node_slice.driver, node_slice.node_name):
-            if stale not in wanted:
-                self._delete_slice(stale)
-
-    def delete_slices(self, driver: str, node_name: str) -> None:
-        """Delete every ResourceSlice of ``driver`` on ``node_name`` (found by field selector)."""
-        for name in self._slice_names(driver, node_name):
-            self._delete_slice(name)
-
-    def _put_slice(self, name: str, spec: ResourceSliceSpec, owner: OwnerReference) -> None:
-        action = f"publishing ResourceSlice {name}"
+        wanted = {
+            slice_name(node_slice.node_name, node_slice.driver, index): _slice_spec(
+                node_slice, devices, slice_count=len(chunks)
+            )
+            for index, devices in enumerate(chunks)
+        }
         for attempt in range(1, CONFLICT_ATTEMPTS + 1):
             try:
-                with self._translated(action, retry_conflict=attempt < CONFLICT_ATTEMPTS):
-                    existing = self._get_slice(name)
-                    # The resourceVersion read makes the update conditional: a writer in
-                    # between turns it into a 409, and we read again.
-                    version = (
-                        existing.metadata.resourceVersion
-                        if existing and existing.metadata
-                        else None
-                    )
-                    wanted = ResourceSlice(
-                        metadata=ObjectMeta(
-                            name=name, ownerReferences=[owner], resourceVersion=version
-                        ),
-                        spec=spec,
-                    )
-                    if existing is None:
-                        self._client.create(wanted)
-                    elif not _same_slice(existing, wanted):
-                        self._client.replace(wanted)
-                    return
+                self._reconcile(node_slice, wanted, owner, last=attempt == CONFLICT_ATTEMPTS)
+                return
             except _ConflictError:
                 continue
 
-    def _get_slice(self, name: str) -> Optional[ResourceSlice]:
-        try:
-            return self._client.get(ResourceSlice, name)
-        except ApiError as error:
-            if error.status.code == 404 and _names_object(error, name):
-                return None
-            raise
+    def delete_slices(self, driver: str, node_name: str) -> None:
+        """Delete every ResourceSlice of ``driver`` on ``node_name`` (found by field selector)."""
+        for name in self._node_slices(driver, node_name):
+            self._delete_slice(name)
 
-    def _slice_names(self, driver: str, node_name: str) -> list[str]:
+    def _reconcile(
+        self,
+        node_slice: NodeSlice,
+        wanted: Mapping[str, ResourceSliceSpec],
+        owner: OwnerReference,
+        *,
+        last: bool,
+    ) -> None:
+        # One list by field selector, never a get by name: the Node authorizer answers a
+        # node's get of a slice it has no edge to (one not created yet) with 403, not 404.
+        existing = self._node_slices(node_slice.driver, node_slice.node_name)
+        for name, spec in wanted.items():
+            current = existing.get(name)
+            # The resourceVersion read makes the update conditional: a writer in between
+            # turns it into a 409, and we list again.
+            version = current.metadata.resourceVersion if current and current.metadata else None
+            desired = ResourceSlice(
+                metadata=ObjectMeta(name=name, ownerReferences=[owner], resourceVersion=version),
+                spec=spec,
+            )
+            with self._translated(f"publishing ResourceSlice {name}", retry_conflict=not last):
+                if current is None:
+                    self._client.create(desired)
+                elif not _same_slice(current, desired):
+                    self._client.replace(desired)
+        for name in existing:
+            if name not in wanted:
+                self._delete_slice(name)
+
+    def _node_slices(self, driver: str, node_name: str) -> dict[str, ResourceSlice]:
+        """The node's slices of ``driver`` by name."""
         action = f"listing the ResourceSlices of driver {driver} on node {node_name}"
         with self._translated(action):
             # The Node authorizer lets a node list only with its own spec.nodeName selector.
             slices = self._client.list(
                 ResourceSlice, fields={"spec.nodeName": node_name, "spec.driver": driver}
             )
-            return [s.metadata.name for s in slices if s.metadata and s.metadata.name]
+            return {s.metadata.name: s for s in slices if s.metadata and s.metadata.name}
 
     def _delete_slice(self, name: str) -> None:
         with self._translated(f"deleting ResourceSlice {name}"):
@@ -287,6 +286,13 @@ class KubeResourceApi:
             raise DraApiError(
                 f"{action}: the API server at {self._server} answered with an error that is "
                 f"not a Kubernetes Status (a proxy in between?): {error}"
+            ) from error
+        except httpx.HTTPStatusError as error:
+            # lightkube reads an error body as a Status only when it is JSON.
+            raise DraApiError(
+                f"{action}: the API server at {self._server} answered "
+                f"{error.response.status_code} {error.response.reason_phrase} with a body that "
+                "is not a Kubernetes Status (a proxy in between?)"
             ) from error
         except ConfigError as error:
             raise DraApiError(
