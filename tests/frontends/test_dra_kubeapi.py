@@ -160,6 +160,33 @@ def test_republishing_the_same_slice_writes_nothing(
     assert server.slices()[SLICE]["metadata"]["resourceVersion"] == version
 
 
+def test_a_node_registered_again_gets_its_slices_reowned(
+    server: ApiServerStandIn, api: KubeResourceApi
+) -> None:
+    """A Node deleted and registered again (a new uid) owns the slices at the next publish,
+    so the garbage collector does not take them for orphans."""
+    api.publish_slice(node_slice((share(0, 0),)))
+    new_uid = server.add_node(NODE)
+    api.publish_slice(node_slice((share(0, 0),)))
+    assert server.slices()[SLICE]["metadata"]["ownerReferences"][0]["uid"] == new_uid
+
+
+def test_an_unregistered_node_is_named(server: ApiServerStandIn) -> None:
+    """Publishing for a node the kubelet has not registered says so (seen by an identity
+    that may read any Node: a node's own identity gets a 403 for any other name)."""
+    admin = KubeResourceApi.for_server(server.url)
+    try:
+        with pytest.raises(DraApiError) as caught:
+            admin.publish_slice(node_slice((share(0, 0),), node="not-registered"))
+    finally:
+        admin.close()
+    assert str(caught.value) == (
+        "reading Node not-registered (the owner of its ResourceSlices): no such Node: the "
+        "kubelet has not registered this node (yet), or the node name given to the agent is "
+        "not the kubelet's"
+    )
+
+
 def test_an_empty_pool_is_published_without_devices(
     server: ApiServerStandIn, api: KubeResourceApi
 ) -> None:

@@ -84,7 +84,6 @@ class KubeResourceApi:
         self._client = client
         self._server = server
         self._credentials = credentials
-        self._node_uids: dict[str, str] = {}
 
     @classmethod
     def from_kubeconfig(
@@ -243,14 +242,23 @@ class KubeResourceApi:
                     raise
 
     def _node_owner(self, node_name: str) -> OwnerReference:
-        uid = self._node_uids.get(node_name)
-        if uid is None:
-            with self._translated(f"reading Node {node_name} (the owner of its ResourceSlices)"):
+        """An owner reference to the Node, read at every publish: a node deleted and
+        registered again has a new uid, and slices owned by the old one would be collected."""
+        action = f"reading Node {node_name} (the owner of its ResourceSlices)"
+        try:
+            with self._translated(action):
                 node = self._client.get(Node, node_name)
-            uid = node.metadata.uid if node.metadata else None
-            if not uid:
-                raise DraApiError(f"reading Node {node_name}: the API server sent it without a uid")
-            self._node_uids[node_name] = uid
+        except DraApiError as error:
+            cause = error.__cause__
+            if isinstance(cause, ApiError) and cause.status.code == 404:
+                raise DraApiError(
+                    f"{action}: no such Node: the kubelet has not registered this node (yet), "
+                    "or the node name given to the agent is not the kubelet's"
+                ) from cause
+            raise
+        uid = node.metadata.uid if node.metadata else None
+        if not uid:
+            raise DraApiError(f"{action}: the API server sent it without a uid")
         return OwnerReference(
             apiVersion="v1", kind="Node", name=node_name, uid=uid, controller=True
         )
