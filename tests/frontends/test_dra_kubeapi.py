@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import pytest
 
+from vgpu_agent.frontends.dra import kubeapi
 from vgpu_agent.frontends.dra.kubeapi import (
     CONFLICT_ATTEMPTS,
     MAX_DEVICES_PER_SLICE,
@@ -505,7 +506,7 @@ def write_kubeconfig(
 def test_from_kubeconfig_uses_the_node_token(server: ApiServerStandIn, tmp_path: Path) -> None:
     """A kubeconfig file with the node's token acts as the node."""
     path = write_kubeconfig(tmp_path / "kubeconfig", server.url, {"token": NODE_TOKEN})
-    api = KubeResourceApi.from_kubeconfig(path)
+    api = kubeapi.from_kubeconfig(path)
     try:
         api.publish_slice(node_slice((share(0, 0),)))
     finally:

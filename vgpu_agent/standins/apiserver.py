@@ -653,7 +653,13 @@ class ApiServerStandIn:
 
     def _get_node(self, user: str, node_name: Optional[str], name: str) -> dict[str, Any]:
         if node_name is not None and name != node_name:
-            raise _forbidden(user, "get", "nodes", name, "node can only access its own Node object")
+            raise _forbidden(
+                user,
+                "get",
+                "nodes",
+                name,
+                f"node '{node_name}' cannot read '{name}', only its own Node object",
+            )
         node = self._nodes.get(name)
         if node is None:
             raise _not_found("nodes", name, group="")

@@ -343,6 +343,16 @@ class KubeResourceApi:
         return ""
 
 
+def from_kubeconfig(
+    path: Union[str, os.PathLike[str]] = DEFAULT_KUBECONFIG,
+    *,
+    context: Optional[str] = None,
+    timeout_s: float = 10.0,
+) -> KubeResourceApi:
+    """:meth:`KubeResourceApi.from_kubeconfig`, for callers that import this module by name."""
+    return KubeResourceApi.from_kubeconfig(path, context=context, timeout_s=timeout_s)
+
+
 class _ConflictError(Exception):
     """A write lost a race (409): read again and retry."""
 
