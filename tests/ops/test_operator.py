@@ -759,6 +759,18 @@ def test_status_without_an_agent_is_a_document_and_exit_5(tmp_path: Path) -> Non
     assert_one_line_error(plain, "the agent is not running")
 
 
+def test_status_with_a_bad_config_is_a_document_and_exit_78(tmp_path: Path) -> None:
+    """A config that cannot be read: `status --json` prints the config-error document
+    and exits 78, the one error line on stderr."""
+    config = write_config(tmp_path, "replicas_per_gpu = 999\n")
+    result = vgpu_agent("--config", str(config), "status", "--json")
+    assert result.code == 78, result.describe()
+    answer = json.loads(result.stdout)
+    assert (answer["state"], answer["ok"], answer["exit_code"]) == ("config-error", False, 78)
+    assert "gpus.replicas_per_gpu" in answer["error"]
+    assert result.stderr.startswith("vgpu-agent: config error:"), result.describe()
+
+
 def test_status_names_an_agent_running_with_another_config(
     kubelet: Path, agents: Callable[..., AgentProcess], tmp_path: Path
 ) -> None:

@@ -14,7 +14,8 @@ degraded              4     serving, but some vGPUs are unhealthy or the kubelet
 not-running           5     no agent answers where the config says (nor recorded it ran)
 ====================  ====  ============================================================
 
-Other errors (no permission, a bad config) exit 1 and 78 as every command does.
+A config that cannot be read is ``config-error`` (exit 78, the document with its
+``error``); other errors (no permission) exit 1 as every command does.
 """
 
 from __future__ import annotations
@@ -81,7 +82,15 @@ def _ask(ctx: click.Context, command: ControlCommand) -> dict[str, Any]:
 
 
 #: The exit code of `vgpu-agent status` for each state of the node (the module docstring).
-STATUS_EXIT_CODES = {"serving": 0, "waiting-for-driver": 3, "degraded": 4, "not-running": 5}
+STATUS_EXIT_CODES = {
+    "serving": 0,
+    "waiting-for-driver": 3,
+    "degraded": 4,
+    "not-running": 5,
+    "config-error": 78,
+}
+#: At most this many other running agents are named when none runs where the config says.
+MAX_NAMED_AGENTS = 3
 
 
 def node_state(answer: dict[str, Any]) -> str:
@@ -105,10 +114,13 @@ def _running_elsewhere(ctx: click.Context) -> str:
     options: RootOptions = ctx.find_root().obj
     mine = os.path.realpath(resolve_path(options.config_path, os.environ))
     others = [record for record in instance.live_records() if record[0] != mine]
-    return "".join(
+    named = "".join(
         f"; an agent runs with config {config} (pid {pid}): vgpu-agent --config {config} status"
-        for config, _socket, pid in others
+        for config, _socket, pid in others[:MAX_NAMED_AGENTS]
     )
+    if len(others) > MAX_NAMED_AGENTS:
+        named += f"; and {len(others) - MAX_NAMED_AGENTS} more (/run/vgpu-agent/by-config)"
+    return named
 
 
 @click.command()
@@ -116,9 +128,14 @@ def _running_elsewhere(ctx: click.Context) -> str:
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Show the running agent: each GPU, its vGPUs and their health. Exit code: 0 serving,
-    3 waiting for the GPU driver, 4 degraded, 5 not running."""
+    3 waiting for the GPU driver, 4 degraded, 5 not running, 78 bad config."""
     try:
         answer = _ask(ctx, StatusCommand())
+    except ConfigError as exc:
+        if as_json:
+            fields = {"status": "config error", "error": str(exc), "gpus": []}
+            click.echo(json.dumps(_document("config-error", fields), indent=2))
+        raise
     except AgentError as control_error:
         # No control socket (another state_dir, no permission): the plugin socket still
         # tells the device list, as the kubelet sees it, without the reasons.
