@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, Union
 
 from vgpu_agent.agent.health import Emit, HealthChange
+from vgpu_agent.agent.isolation import daemon_gate, isolation_status
 from vgpu_agent.agent.registration import Registrar
 from vgpu_agent.config.plan import (
     ApplyCeiling,
@@ -441,6 +442,8 @@ class Agent:
         for gpu, _ in plan.served:
             self._apply_compute_mode(gpu)
         self._mps = self._parts.make_mps(self.config)
+        if self._mps is not None:
+            self.node.set_daemon_gate(daemon_gate(self._mps))
         served = [self._start_mps(gpu, replicas) for gpu, replicas in plan.served]
         self.node.serve(Inventory(tuple(served)))
         for entry in served:
@@ -810,6 +813,7 @@ class Agent:
                     ).describe(),
                     "vgpu_ids": served.vgpu_ids,
                     "attribution": users.get(served.gpu.uuid),
+                    **isolation_status(self.config, self._backend, served.gpu.uuid),
                 }
                 for served in inventory.gpus
             ],

@@ -388,13 +388,19 @@ class LivenessProber:
         Returns the commands sent; raises MpsError when it cannot be set."""
         # Setting and checking never interleave: a check between the new ceiling being
         # recorded and being sent would report the old one as a lost ceiling.
+        from vgpu_agent.mps import holding
+
         with self._ceiling_lock(pipe_dir):
             with self._lock:
                 if ceiling.empty:
                     self._ceilings.pop(pipe_dir, None)
                 else:
                     self._ceilings[pipe_dir] = ceiling
-            return apply_ceiling(self._config, pipe_dir, ceiling, wait_s)
+            sent = apply_ceiling(self._config, pipe_dir, ceiling, wait_s)
+            # The server after the ceiling: a server takes the daemon's defaults as it starts.
+            wait_until_answers(self._config, pipe_dir, wait_s)
+            started = holding.hold_gpu(self._config, pipe_dir)
+            return sent if started is None else [*sent, started]
 
     def _ceiling_lock(self, pipe_dir: str) -> threading.Lock:
         with self._lock:
@@ -436,13 +442,25 @@ class LivenessProber:
     def full(self, pipe_dir: str) -> Optional[str]:
         """None if the daemon of ``pipe_dir`` answers a control command and holds its
         ceiling (put back when gone, and reported once); else why not."""
+        from vgpu_agent.mps import holding
+
         with self._lock:
             holds_ceiling = pipe_dir in self._ceilings
         # Reading the ceiling back is itself a control command the daemon must answer, so
         # it stands in for get_server_list: one process start fewer every interval.
         if holds_ceiling:
-            return self._check_ceiling(pipe_dir)
-        return probe_pipe_dir(self._config, pipe_dir)
+            problem = self._check_ceiling(pipe_dir)
+        else:
+            problem = probe_pipe_dir(self._config, pipe_dir)
+        if problem is not None:
+            return problem
+        # A server gone (killed, or ended by a fault) leaves the GPU to whoever comes first.
+        with self._ceiling_lock(pipe_dir):
+            try:
+                holding.hold_gpu(self._config, pipe_dir)
+            except MpsError as exc:
+                return str(exc)
+        return None
 
 
 def daemon_pid(pipe_dir: str) -> Optional[int]:
@@ -475,7 +493,10 @@ def exec_daemon(config: MpsConfig, gpu_uuid: str) -> None:
     # Check the program before creating anything: a bad one must leave nothing behind.
     program = checked_program(config.control_binary)
     multi_user = resolve_multi_user(config)
-    prepare_directories(config, gpu_uuid)
+    pipe_dir, _ = prepare_directories(config, gpu_uuid)
+    from vgpu_agent.mps import holding
+
+    holding.prepare_lock(pipe_dir)
     command = [program, *daemon_command(config, multi_user)[1:]]
     environment = dict(os.environ)
     environment.update(daemon_environment(config, gpu_uuid))
@@ -793,6 +814,9 @@ class DirectMpsDaemons:
             return info
         multi_user = self._resolved_multi_user()
         command = [checked_program(config.control_binary), *daemon_command(config, multi_user)[1:]]
+        from vgpu_agent.mps import holding
+
+        holding.prepare_lock(pipe_dir)
         environment = dict(os.environ)
         environment.update(daemon_environment(config, gpu.uuid))
         log_path = os.path.join(log_dir, "control.log")

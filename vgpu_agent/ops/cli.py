@@ -400,6 +400,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
         )
         for line in status_lines(gpu):
             click.echo(line)
+        for line in gpu.get("unsafe", []):
+            click.echo(f"  UNSAFE: {line}")
 
 
 def _print_devices(devices: tuple[AdvertisedDevice, ...], as_json: bool) -> None:
@@ -587,6 +589,21 @@ def mps_apply_defaults(ctx: click.Context, gpu_uuid: str) -> None:
         click.echo(f"GPU {gpu_uuid}: pipe directory {loaded.mps.pipe_dir(gpu_uuid)} locked down")
     if gpu is not None:
         _apply_defaults(loaded, gpu)
+    _hold_gpu(loaded, gpu_uuid)
+
+
+def _hold_gpu(loaded: Config, gpu_uuid: str) -> None:
+    """Start the daemon's server before any client (after its ceiling); a failure is
+    reported, not fatal: the daemon keeps serving and the agent marks the GPU down."""
+    from vgpu_agent.mps import holding
+
+    try:
+        started = holding.hold_gpu(loaded.mps, loaded.mps.pipe_dir(gpu_uuid))
+    except VgpuError as exc:
+        click.echo(f"GPU {gpu_uuid}: {exc}", err=True)
+        return
+    if started is not None:
+        click.echo(f"GPU {gpu_uuid}: {started} (the MPS server holds the GPU before any client)")
 
 
 @mps_group.command("start")
@@ -605,6 +622,7 @@ def mps_start(ctx: click.Context, gpus: tuple[str, ...]) -> None:
         mode = "multi-user" if info.multi_user else "single-user"
         click.echo(f"GPU {gpu.index} {gpu.uuid}: MPS daemon answers on {info.pipe_dir} ({mode})")
         _apply_defaults(loaded, gpu)
+        _hold_gpu(loaded, gpu.uuid)
 
 
 @mps_group.command("stop")

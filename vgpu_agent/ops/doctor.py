@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
 from vgpu_agent.config import schema as config_module
+from vgpu_agent.config.isolation import compute_mode_risk
 from vgpu_agent.config.plan import confinement_line, gpu_ceiling, plan_gpus
 from vgpu_agent.config.schema import ComputeModeSetting, Config, MultiUser
 from vgpu_agent.host import control
@@ -428,6 +429,9 @@ def _check_compute_modes(report: _Report, config: Config, node: _Node) -> None:
             report.fail(check, f"GPU {gpu.index}: {exc}")
             continue
         status, message = judge_compute_mode(config.gpus.compute_mode, config.mps.enabled, mode)
+        risk = compute_mode_risk(config, mode)
+        if risk is not None:
+            status, message = Status.FAIL, f"{mode.value}: {risk}"
         report.add(status, check, f"GPU {gpu.index} {gpu.uuid}: {message}")
 
 
