@@ -124,6 +124,26 @@ modes
 ctl get_server_list
 kill -9 "$ATTACKER" 2>/dev/null; ATTACKER=
 
+step "F. the daemon without CAP_SYS_PTRACE (what vgpu-mps@ could drop): do clients still run under MPS?"
+stop_daemon; rm -rf "$PIPE"; mkdir -p "$PIPE" "$LOGD"; chmod 755 "$PIPE"
+CUDA_VISIBLE_DEVICES=$UUID CUDA_MPS_PIPE_DIRECTORY=$PIPE CUDA_MPS_LOG_DIRECTORY=$LOGD \
+  setpriv --bounding-set -sys_ptrace --inh-caps -sys_ptrace "$CTL" -f -M >>"$ROOT/daemon.out" 2>&1 &
+DAEMON_PID=$!
+for _ in $(seq 100); do ctl get_server_list >/dev/null 2>&1 && break; sleep 0.05; done
+grep -E '^Cap(Prm|Eff|Bnd)' "/proc/$DAEMON_PID/status"
+ctl set_default_device_pinned_mem_limit 0 4096M
+ctl start_server -uid 0
+sleep 1; remember_servers
+for pid in "${SERVERS[@]}"; do grep -E '^CapEff' "/proc/$pid/status" 2>/dev/null; done
+setpriv --reuid 1000 --regid 1000 --clear-groups env -i PATH=/usr/bin:/bin HOME=/tmp ${LD_LIBRARY_PATH:+LD_LIBRARY_PATH=$LD_LIBRARY_PATH} \
+  CUDA_MPS_PIPE_DIRECTORY=$PIPE CUDA_VISIBLE_DEVICES=$UUID "$PYBIN" "$ROOT/client.py"
+echo "[uid-1000 client rc=$?]"
+CUDA_MPS_PIPE_DIRECTORY=$PIPE CUDA_VISIBLE_DEVICES=$UUID "$PYBIN" "$ROOT/client.py"
+echo "[root client rc=$?]"
+ctl get_server_list
+tail -n 5 "$ROOT/daemon.out"
+stop_daemon
+
 step "E. what the daemon and its server open (strace), for vgpu-mps@'s sandbox"
 stop_daemon
 if command -v strace >/dev/null; then

@@ -15,16 +15,22 @@ docs/security.md, not here. Run with scripts/test-gpu."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable, Union
 
 import pytest
 
+from vgpu_agent.agent.faults import ApplicationFault, FaultEvent, FaultLog
+from vgpu_agent.agent.health import HealthChange, HealthMonitor
+from vgpu_agent.config.schema import HealthConfig
 from vgpu_agent.mps.daemons import LOCK_FILE, daemon_pid, process_state
 
 from .conftest import IMAGE_ENV, POD_NAMESPACES, Node
@@ -143,3 +149,81 @@ def test_a_pod_holding_a_dead_daemons_lock_does_not_keep_it_down(
         for server in servers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(server, signal.SIGKILL)
+
+
+def _report(client: Any) -> dict[str, Any]:
+    """A client's JSON report, whether or not it ended in an error."""
+    stdout, stderr = client.process.communicate(timeout=120)
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    assert lines, f"client {client.label} gave no report: {stderr[-500:]}"
+    report: dict[str, Any] = json.loads(lines[-1])
+    return report
+
+
+def _labels_of(node: Node) -> list[str]:
+    """The --label of every MPS client of GPU 0 (stands in for attribution's pods)."""
+    labels = []
+    for pid in node.client_pids(0):
+        with contextlib.suppress(OSError):
+            words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"--label" in words:
+                labels.append(words[words.index(b"--label") + 1].decode())
+    return labels
+
+
+def test_a_fault_under_mps_is_recorded_naming_every_pod_it_hit(make_node: NodeFactory) -> None:
+    """Two long-running clients and one that makes an illegal memory access on the agent's
+    daemon: the health watcher hands the XID on as an MPS fault of the GPU, the fault log
+    names all three clients' pods; what each victim saw and what the daemon logged is
+    printed (the blast radius as measured)."""
+    from vgpu_agent.gpus.nvml import NvmlBackend
+
+    node = make_node(replicas=REPLICAS, max_vgpus_per_container=1)
+    gpu_uuid = node.gpus[0].uuid
+    faults: list[ApplicationFault] = []
+    arrived = threading.Event()
+
+    def emit(change: Union[HealthChange, ApplicationFault]) -> None:
+        if isinstance(change, ApplicationFault):
+            faults.append(change)
+            arrived.set()
+
+    monitor = HealthMonitor(
+        NvmlBackend(), node.daemons, HealthConfig(mps_check_interval_s=0.5), [gpu_uuid], emit=emit
+    )
+    monitor.start()
+    try:
+        victims = [
+            node.start_client(
+                node.allocate(0, 1, first=index), 1000, f"victim-{index}", ["--hold-s", "40"]
+            )
+            for index in (0, 1)
+        ]
+        node.wait_for_clients(0, 2)
+        faulter = node.start_client(
+            node.allocate(0, 1, first=2), 1000, "faulter", ["--hold-s", "4", "--illegal-access"]
+        )
+        node.wait_for_clients(0, 3)
+        seen = _labels_of(node)
+        print("clients before the fault:", seen)
+        recorded: list[FaultEvent] = []
+        fault_log = FaultLog(lambda uuid: seen, lambda *counted: None)
+        assert arrived.wait(60), "no XID reached the health watcher"
+        for fault in faults:
+            recorded.append(fault_log.record(fault))
+        print("faults:", [(f.gpu_uuid, f.xid, f.detail) for f in faults])
+        print("recorded:", [event.describe() for event in recorded])
+        outcomes = {c.label: _report(c).get("error", "ran to the end") for c in [faulter, *victims]}
+        for label, outcome in outcomes.items():
+            print(f"{label}: {outcome}")
+        assert recorded[0].gpu_uuid == gpu_uuid
+        assert recorded[0].xid in (13, 31, 43)
+        assert set(recorded[0].pods) == {"victim-0", "victim-1", "faulter"}
+        assert "illegal memory access" in outcomes["faulter"]
+        log_path = Path(node.config.mps.log_root) / gpu_uuid / "control.log"
+        print("daemon log tail:", log_path.read_text(errors="replace")[-3000:])
+        after = node.start_client(node.allocate(0, 1, first=3), 1000, "after", ["--hold-s", "1"])
+        print("a new client afterwards:", after.result().get("kernels"), "kernel batches")
+        print("servers afterwards:", node.control(0, "get_server_list"))
+    finally:
+        monitor.stop()

@@ -458,9 +458,9 @@ lock_attack_checks() {
     check "and the daemon is back anyway (ExecStart replaced the lock file)" wait_for 20 restarted_again
     check "on a new lock file, root-only: $(in_ct stat -c %a "/run/nvidia-mps/$GPU0/control_lock")" \
         in_ct sh -c "[ \"\$(stat -c %a /run/nvidia-mps/$GPU0/control_lock)\" = 600 ]"
-    check "the unit did not fail on the way ($(prop "$(mps_unit $GPU0)" NRestarts) restarts)" \
-        bash -c '[ "$1" = active ]' _ "$(prop "$(mps_unit $GPU0)" ActiveState)"
-    in_ct pkill -f lock-attack || true
+    mps_unit_active() { is_prop "$(mps_unit $GPU0)" ActiveState active; }
+    check "the unit is active again, not failed ($(prop "$(mps_unit $GPU0)" NRestarts) restarts)" \
+        wait_for 20 mps_unit_active
 }
 
 # The kubelet's plugin directory deleted and made again under the running agent: it

@@ -18,6 +18,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, Union
 
+from vgpu_agent.agent.faults import ApplicationFault, FaultLog
 from vgpu_agent.agent.health import Emit, HealthChange
 from vgpu_agent.agent.isolation import daemon_gate, isolation_status
 from vgpu_agent.agent.registration import Registrar
@@ -125,6 +126,14 @@ class Observer(Protocol):
         """Apply a reloaded config (and what it changed in the served GPUs)."""
         ...
 
+    def record_fault(self, gpu_uuid: str, xid: int, pods: tuple[str, ...]) -> None:
+        """Count an application fault under MPS on the GPU, for each pod it may have hit."""
+        ...
+
+    def pods_on(self, gpu_uuid: str) -> list[str]:
+        """The pods (``namespace/pod``) with MPS clients on the GPU, as last seen."""
+        ...
+
     def record_xid(self, gpu_uuid: str, xid: int) -> None:
         """A critical XID event was reported for the GPU."""
         ...
@@ -229,7 +238,7 @@ class ControlRequest:
     reply: Future[dict[str, Any]] = field(default_factory=Future)
 
 
-Event = Union[Stop, Reload, Wake, HealthChange, ControlRequest]
+Event = Union[Stop, Reload, Wake, HealthChange, ApplicationFault, ControlRequest]
 
 
 # -- the agent -------------------------------------------------------------------------------------
@@ -283,6 +292,7 @@ class Agent:
         self._earlier_registrations = 0
         self._earlier_kubelet_restarts = 0
         self._observer = parts.observer
+        self._faults = FaultLog(self._pods_on, self._count_fault)
         self._last_status = ""
         self._next_watchdog_at = 0.0
         self.ready = threading.Event()
@@ -331,8 +341,8 @@ class Agent:
                 f"({self._last_status}); try again",
             }
 
-    def emit_health(self, change: HealthChange) -> None:
-        """Queue a health change from a watcher."""
+    def emit_health(self, change: Union[HealthChange, ApplicationFault]) -> None:
+        """Queue a health change (or an application fault) from a watcher."""
         self._events.put(change)
 
     # -- the loop -----------------------------------------------------------------------------
@@ -595,6 +605,8 @@ class Agent:
             self._reload()
         elif isinstance(event, HealthChange):
             self._apply_health(event)
+        elif isinstance(event, ApplicationFault):
+            self._faults.record(event)
         elif isinstance(event, ControlRequest):
             try:
                 answer = self._control_command(event.command)
@@ -604,6 +616,13 @@ class Agent:
                 log.exception("control command %r failed", event.command)
                 answer = {"ok": False, "error": f"internal error: {exc}"}
             event.reply.set_result(answer)
+
+    def _pods_on(self, gpu_uuid: str) -> list[str]:
+        return self._observer.pods_on(gpu_uuid) if self._observer is not None else []
+
+    def _count_fault(self, gpu_uuid: str, xid: int, pods: tuple[str, ...]) -> None:
+        if self._observer is not None:
+            self._observer.record_fault(gpu_uuid, xid, pods)
 
     def _apply_health(self, change: HealthChange) -> None:
         observer = self._observer
@@ -797,6 +816,7 @@ class Agent:
                 "device_list_strategy": self.config.plugin.device_list_strategy,
             },
             "kubelet_restarts": self.kubelet_restarts,
+            "mps_faults": self._faults.recent(),
             **observed,
             "gpus": [
                 {

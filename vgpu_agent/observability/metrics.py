@@ -217,6 +217,13 @@ class AgentMetrics:
             ["gpu_uuid", "xid"],
             registry=registry,
         )
+        self._mps_faults = Counter(
+            "vgpu_mps_faults",
+            "Application faults under MPS (an XID of health.ignored_xids on a served GPU), by "
+            "GPU, XID and each pod that had MPS clients on the GPU then ('' when none).",
+            ["gpu_uuid", "xid", "pod"],
+            registry=registry,
+        )
         self._health_changes = Counter(
             "vgpu_health_changes",
             "Times a GPU's vGPUs changed health, by the health they changed to.",
@@ -240,6 +247,11 @@ class AgentMetrics:
     def xid_event(self, gpu_uuid: str, xid: int) -> None:
         """Count one XID event."""
         self._xid_events.labels(gpu_uuid, str(xid)).inc()
+
+    def mps_fault(self, gpu_uuid: str, xid: int, pods: tuple[str, ...]) -> None:
+        """Count one application fault under MPS, for each pod it may have hit."""
+        for pod in pods or ("",):
+            self._mps_faults.labels(gpu_uuid, str(xid), pod).inc()
 
     def health_changed(self, gpu_uuid: str, healthy: bool) -> None:
         """Count a GPU's vGPUs turning Healthy or Unhealthy."""
