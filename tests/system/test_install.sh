@@ -353,13 +353,12 @@ mps_sandbox_checks() {
     inside=$(mps_probe_lines)
     info "probe in the MPS unit's sandbox: $(tr '\n' '|' <<<"$inside")"
     for name in systemd-run systemctl-start write-etc write-usr write-run-unit dbus-socket \
-        systemd-private systemd-private-via-pid1 containerd-socket crio-socket docker-socket \
-        read-shadow write-run-other; do
+        systemd-private containerd-socket crio-socket docker-socket read-shadow write-run-other; do
         check "in the MPS unit's sandbox: $name is refused" probe_line "$name" denied "$inside"
     done
     check "in the MPS unit's sandbox: its own directory under /run/nvidia-mps stays writable" \
         probe_line write-mps-pipe-root allowed "$inside"
-    info "in the MPS unit's sandbox: $(grep -E 'read-pid1-environ|signal-root-process' <<<"$inside" | tr '\n' '|') (open: the daemon keeps CAP_SYS_PTRACE and CAP_KILL; see docs/systemd.md)"
+    info "in the MPS unit's sandbox: $(grep -E 'read-pid1-environ|systemd-private-via-pid1|signal-root-process' <<<"$inside" | tr '\n' '|') (open: the daemon keeps CAP_SYS_PTRACE and CAP_KILL; see docs/systemd.md)"
     check "nothing was started or written from inside the MPS unit's sandbox" nothing_left_by_probe
     in_ct rm -f "$dropin"
     clean_probe_traces
