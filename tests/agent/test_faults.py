@@ -1,7 +1,8 @@
 """Application faults under MPS (issue 20 item 2): an XID of health.ignored_xids on a
 served GPU is recorded as an MPS fault of that GPU, naming the pods that had MPS clients on
 it; journald fields, a metrics counter per GPU and pod, recent faults in status; the GPU
-stays Healthy."""
+stays Healthy. And status says when a container runs more MPS clients than it holds vGPUs
+(item 1: seen, not yet enforced)."""
 
 from __future__ import annotations
 
@@ -66,14 +67,16 @@ def test_a_fault_under_mps_is_an_event_of_its_gpu_naming_its_pods(
     start: Callable[..., AgentRun], short_tmp_dir: str, tmp_path: Path
 ) -> None:
     """A pod's MPS client on GPU 0, then XID 31 there: status lists the fault with the pod,
-    the counter counts it for that pod, and the GPU stays Healthy."""
+    the counter counts it for that pod, and the GPU stays Healthy; once the container runs
+    more clients than vGPUs, status calls it unsafe."""
     root = short_tmp_dir
     proc = tmp_path / "proc"
-    (proc / "4242").mkdir(parents=True)
-    (proc / "4242" / "cgroup").write_text(
-        f"0::/kubepods.slice/kubepods-pod{POD_UID.replace('-', '_')}.slice/"
-        f"cri-containerd-{CONTAINER_ID}.scope\n"
-    )
+    for pid in ("4242", "4343", "4444"):
+        (proc / pid).mkdir(parents=True)
+        (proc / pid / "cgroup").write_text(
+            f"0::/kubepods.slice/kubepods-pod{POD_UID.replace('-', '_')}.slice/"
+            f"cri-containerd-{CONTAINER_ID}.scope\n"
+        )
     socket_path = f"{root}/pr/kubelet.sock"
     config = make_config(
         root,
@@ -109,6 +112,18 @@ def test_a_fault_under_mps_is_an_event_of_its_gpu_naming_its_pods(
         (fault,) = described["mps_faults"]
         assert (fault["gpu_uuid"], fault["xid"], fault["pods"]) == (uuid0, 31, ["ns/web"])
         assert described["gpus"][0]["healthy"]
+        assert "unsafe" not in described["gpus"][0], "one client on 2 vGPUs is within its share"
+        for pid in (4343, 4444):
+            run.agent.submit(SimulateCommand(SimulateAction.MPS_CLIENT, "0", pid=pid, memory_mib=9))
+
+        def warned() -> list[str]:
+            return list(run.agent.describe()["gpus"][0].get("unsafe", []))
+
+        wait_until(lambda: bool(warned()), WAIT_S, "the container's third client")
+        assert warned() == [
+            "container ns/web/app runs 3 MPS client processes on 2 vGPU(s): MPS holds each "
+            "process, not the container, to the ceiling, so it can use up to 3 shares"
+        ]
         samples = scrape_metrics(described["metrics_address"])
         assert samples[f"vgpu_mps_faults_total{{gpu_uuid={uuid0},pod=ns/web,xid=31}}"] == 1
     finally:

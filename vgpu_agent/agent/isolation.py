@@ -17,6 +17,7 @@ MPS (:func:`vgpu_agent.config.isolation.compute_mode_risk`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any, Optional
 
 from vgpu_agent.config.isolation import compute_mode_risk
@@ -56,18 +57,46 @@ def daemon_gate(daemons: MpsDaemons) -> DaemonGate:
 
 
 def isolation_status(
-    config: Config, backend: Optional[GpuBackend], gpu_uuid: str
+    config: Config,
+    backend: Optional[GpuBackend],
+    gpu_uuid: str,
+    warnings: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The GPU's compute mode for `vgpu-agent status`, and ``unsafe`` saying why it lets
-    pods around MPS (absent when it does not)."""
-    if backend is None:
-        return {}
-    try:
-        mode = backend.get_compute_mode(gpu_uuid)
-    except GpuError as exc:
-        return {"compute_mode": f"unknown ({exc})"}
-    shown: dict[str, Any] = {"compute_mode": mode.value}
-    risk = compute_mode_risk(config, mode)
-    if risk is not None:
-        shown["unsafe"] = [f"compute mode {mode.value}: {risk}"]
+    """The GPU's compute mode for `vgpu-agent status`, and ``unsafe``: why it lets pods
+    around MPS, then ``warnings`` (absent when there is nothing to say)."""
+    shown: dict[str, Any] = {}
+    unsafe: list[str] = []
+    if backend is not None:
+        try:
+            mode = backend.get_compute_mode(gpu_uuid)
+        except GpuError as exc:
+            shown["compute_mode"] = f"unknown ({exc})"
+        else:
+            shown["compute_mode"] = mode.value
+            risk = compute_mode_risk(config, mode)
+            if risk is not None:
+                unsafe.append(f"compute mode {mode.value}: {risk}")
+    unsafe.extend(warnings)
+    if unsafe:
+        shown["unsafe"] = unsafe
     return shown
+
+
+def excess_client_warnings(gpu_users: Optional[dict[str, Any]]) -> list[str]:
+    """Why a GPU's containers get more than their share: each container running more MPS
+    client processes than it holds vGPUs (MPS limits each process, not the pod: a 1-vGPU
+    container with 4 processes got 3.99 shares on an H100). From `status`'s attribution of
+    the GPU (None: not known)."""
+    warnings = []
+    for container in (gpu_users or {}).get("containers", []):
+        clients, vgpus = len(container.get("pids", [])), len(container.get("vgpu_ids", []))
+        if vgpus and clients > vgpus:
+            name = "/".join(
+                part for part in (container.get("namespace"), container.get("pod")) if part
+            ) or str(container.get("pod_uid", "?"))
+            warnings.append(
+                f"container {name}/{container.get('container', '?')} runs {clients} MPS client "
+                f"processes on {vgpus} vGPU(s): MPS holds each process, not the container, to "
+                f"the ceiling, so it can use up to {clients} shares"
+            )
+    return warnings

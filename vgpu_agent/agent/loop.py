@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Protocol, Union
 
 from vgpu_agent.agent.faults import ApplicationFault, FaultLog
 from vgpu_agent.agent.health import Emit, HealthChange
-from vgpu_agent.agent.isolation import daemon_gate, isolation_status
+from vgpu_agent.agent.isolation import daemon_gate, excess_client_warnings, isolation_status
 from vgpu_agent.agent.registration import Registrar
 from vgpu_agent.config.plan import (
     ApplyCeiling,
@@ -833,7 +833,12 @@ class Agent:
                     ).describe(),
                     "vgpu_ids": served.vgpu_ids,
                     "attribution": users.get(served.gpu.uuid),
-                    **isolation_status(self.config, self._backend, served.gpu.uuid),
+                    **isolation_status(
+                        self.config,
+                        self._backend,
+                        served.gpu.uuid,
+                        excess_client_warnings(users.get(served.gpu.uuid)),
+                    ),
                 }
                 for served in inventory.gpus
             ],
