@@ -4,7 +4,7 @@ It behaves like the real program where the agent can tell (driver 580, see docs/
 
 - ``-h``: prints usage; with ``FAKE_MPS_HELP=legacy`` the usage lacks the multi-user
   option, with ``FAKE_MPS_HELP=long`` only the long spelling is listed.
-- ``-f [-M]``: the daemon in the foreground. It takes an flock on ``control_lock`` in
+- ``-f [-M]``: the daemon in the foreground. It takes a POSIX lock on ``control_lock`` in
   ``$CUDA_MPS_PIPE_DIRECTORY`` (another daemon holding it: "An instance of this daemon is
   already running", exit 1), writes ``nvidia-cuda-mps-control.pid`` and serves the unix
   socket ``control``: one command per line, each answered and the connection closed.
@@ -173,7 +173,9 @@ def serve(multi_user: bool) -> int:
     created = not os.path.lexists(lock_path)
     lock = open(lock_path, "a")  # noqa: SIM115 - held for life
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # A POSIX lock, as the real daemon's: it refuses to start while any process holds
+        # one on the file, a read lock included (measured on an H100, driver 580).
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         sys.stdout.write("An instance of this daemon is already running\n")
         return 1
