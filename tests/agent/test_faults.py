@@ -113,8 +113,10 @@ def test_a_fault_under_mps_is_an_event_of_its_gpu_naming_its_pods(
         assert (fault["gpu_uuid"], fault["xid"], fault["pods"]) == (uuid0, 31, ["ns/web"])
         assert described["gpus"][0]["healthy"]
         assert "unsafe" not in described["gpus"][0], "one client on 2 vGPUs is within its share"
-        for pid in (4343, 4444):
-            run.agent.submit(SimulateCommand(SimulateAction.MPS_CLIENT, "0", pid=pid, memory_mib=9))
+        for extra_pid in (4343, 4444):
+            run.agent.submit(
+                SimulateCommand(SimulateAction.MPS_CLIENT, "0", pid=extra_pid, memory_mib=9)
+            )
 
         def warned() -> list[str]:
             return list(run.agent.describe()["gpus"][0].get("unsafe", []))

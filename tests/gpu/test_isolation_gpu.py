@@ -31,6 +31,7 @@ import pytest
 from vgpu_agent.agent.faults import ApplicationFault, FaultEvent, FaultLog
 from vgpu_agent.agent.health import HealthChange, HealthMonitor
 from vgpu_agent.config.schema import HealthConfig
+from vgpu_agent.model.errors import MpsError
 from vgpu_agent.mps.daemons import LOCK_FILE, daemon_pid, process_state
 
 from .conftest import IMAGE_ENV, POD_NAMESPACES, Node
@@ -160,10 +161,29 @@ def _report(client: Any) -> dict[str, Any]:
     return report
 
 
+def _wait_for_clients(node: Node, count: int, timeout_s: float = 60.0) -> None:
+    """Wait until GPU 0's daemon serves ``count`` clients; a control command the daemon
+    drops while clients connect ("Cannot send command") is asked again."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(MpsError):
+            if len(node.client_pids(0)) >= count:
+                return
+        time.sleep(0.2)
+    pytest.fail(f"fewer than {count} MPS clients after {timeout_s:g} s")
+
+
 def _labels_of(node: Node) -> list[str]:
     """The --label of every MPS client of GPU 0 (stands in for attribution's pods)."""
     labels = []
-    for pid in node.client_pids(0):
+    pids: list[str] = []
+    for _ in range(20):
+        try:
+            pids = node.client_pids(0)
+            break
+        except MpsError:
+            time.sleep(0.1)
+    for pid in pids:
         with contextlib.suppress(OSError):
             words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             if b"--label" in words:
@@ -199,11 +219,11 @@ def test_a_fault_under_mps_is_recorded_naming_every_pod_it_hit(make_node: NodeFa
             )
             for index in (0, 1)
         ]
-        node.wait_for_clients(0, 2)
+        _wait_for_clients(node, 2)
         faulter = node.start_client(
             node.allocate(0, 1, first=2), 1000, "faulter", ["--hold-s", "4", "--illegal-access"]
         )
-        node.wait_for_clients(0, 3)
+        _wait_for_clients(node, 3)
         seen = _labels_of(node)
         print("clients before the fault:", seen)
         recorded: list[FaultEvent] = []
