@@ -11,10 +11,11 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import pytest
 
+from vgpu_agent.agent.faults import ApplicationFault
 from vgpu_agent.agent.health import HealthChange, HealthMonitor, poll_tick_s
 from vgpu_agent.config.schema import HealthConfig, SimulatedConfig
 from vgpu_agent.model.daemons import FULL_PROBE_INTERVAL_S, MpsDaemonInfo, MpsDaemons, QuickCheck
@@ -44,10 +45,15 @@ class Recorder:
     def __init__(self) -> None:
         self._ready = threading.Condition()
         self._changes: list[HealthChange] = []
+        #: The application faults under MPS emitted, in order.
+        self.faults: list[ApplicationFault] = []
 
-    def __call__(self, change: HealthChange) -> None:
+    def __call__(self, change: Union[HealthChange, ApplicationFault]) -> None:
         with self._ready:
-            self._changes.append(change)
+            if isinstance(change, ApplicationFault):
+                self.faults.append(change)
+            else:
+                self._changes.append(change)
             self._ready.notify_all()
 
     @property
@@ -282,7 +288,8 @@ def test_xid_change_carries_the_xid_and_detail(make_node: NodeFactory) -> None:
 def test_ignored_xid_changes_nothing(
     make_node: NodeFactory, ignored_xids: tuple[int, ...], xid: int
 ) -> None:
-    """An application-fault XID is ignored: the next critical event is the only change."""
+    """An application-fault XID changes no health (the next critical event is the only
+    change); under MPS it is handed on as a fault of each GPU it names (agent.faults)."""
     node = make_node(config_with(ignored_xids=ignored_xids))
     node.start()
     node.backend.inject_xid(node.uuid(0), xid)
@@ -291,6 +298,18 @@ def test_ignored_xid_changes_nothing(
     node.backend.inject_double_bit_ecc(node.uuid(1))
     node.changes.wait_for((node.uuid(1), REASON_DBE, True))
     assert node.changes.summary() == [(node.uuid(1), REASON_DBE, True)]
+    faults = [(fault.gpu_uuid, fault.xid) for fault in node.changes.faults]
+    assert faults == [(node.uuid(0), xid), (node.uuid(0), xid), (node.uuid(1), xid)]
+
+
+def test_an_application_fault_without_mps_is_only_logged(make_node: NodeFactory) -> None:
+    """Without MPS a fault ends only its own process: no fault of the GPU is recorded."""
+    node = make_node(with_mps=False)
+    node.start()
+    node.backend.inject_xid(node.uuid(0), 31)
+    node.backend.inject_double_bit_ecc(node.uuid(1))
+    node.changes.wait_for((node.uuid(1), REASON_DBE, True))
+    assert node.changes.faults == []
 
 
 def test_xid_outside_a_custom_ignore_list_is_critical(make_node: NodeFactory) -> None:
@@ -573,9 +592,9 @@ def test_emit_may_call_reset(make_node: NodeFactory) -> None:
     node = make_node(with_mps=False)
     resets: list[list[str]] = []
 
-    def reset_on_fault(change: HealthChange) -> None:
+    def reset_on_fault(change: Union[HealthChange, ApplicationFault]) -> None:
         node.changes(change)
-        if change.present and change.reason.is_fault:
+        if isinstance(change, HealthChange) and change.present and change.reason.is_fault:
             resets.append([reason.text for reason in node.monitor.reset(change.gpu_uuid)])
 
     node.monitor = HealthMonitor(node.backend, None, FAST, [node.uuid(0)], emit=reset_on_fault)

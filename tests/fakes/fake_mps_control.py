@@ -4,7 +4,7 @@ It behaves like the real program where the agent can tell (driver 580, see docs/
 
 - ``-h``: prints usage; with ``FAKE_MPS_HELP=legacy`` the usage lacks the multi-user
   option, with ``FAKE_MPS_HELP=long`` only the long spelling is listed.
-- ``-f [-M]``: the daemon in the foreground. It takes an flock on ``control_lock`` in
+- ``-f [-M]``: the daemon in the foreground. It takes a POSIX lock on ``control_lock`` in
   ``$CUDA_MPS_PIPE_DIRECTORY`` (another daemon holding it: "An instance of this daemon is
   already running", exit 1), writes ``nvidia-cuda-mps-control.pid`` and serves the unix
   socket ``control``: one command per line, each answered and the connection closed.
@@ -13,7 +13,8 @@ It behaves like the real program where the agent can tell (driver 580, see docs/
 - ``-d``: the same, detached into its own session.
 - The daemon's pipe directory entries are made with the modes the real one gives them
   (driver 580, docs/mps.md): ``control`` socket 0666, ``control_privileged`` socket 0755,
-  ``control_lock`` and the pid file 0666, the ``log`` FIFO 0777.
+  ``control_lock`` and the pid file 0666, the ``log`` FIFO 0777; a ``control_lock`` that is
+  there already keeps its mode (measured on an H100, driver 580).
 - ``FAKE_MPS_COMMAND_LOG=<path>``: the daemon appends every command it receives there, one
   a line, so tests see which defaults were set and when.
 - The daemon keeps its defaults (``set_default_active_thread_percentage``,
@@ -25,6 +26,10 @@ It behaves like the real program where the agent can tell (driver 580, see docs/
   appears in ``get_server_list`` with the daemon's defaults of that moment, and the
   per-server commands (``set_active_thread_percentage <pid> <n>``,
   ``set_device_pinned_mem_limit <pid> <dev> <value>`` and their ``get_`` forms) act on it.
+- ``start_server -uid <uid>`` starts a server (a made-up pid from 5000000 up) unless one
+  runs; ``fake_end_servers`` (stand-in only) ends every server, as a kill or a fault would.
+  ``FAKE_MPS_NO_SERVER=1`` makes ``start_server`` start nothing (something else holds the
+  GPU).
 - no option: the client. It sends each line of stdin to the daemon and prints the
   answers; no daemon: "Cannot find MPS control daemon process", exit 1.
 """
@@ -92,6 +97,18 @@ def _server_command(words: list[str], state: dict[str, str]) -> tuple[bool, str]
     return False, ""
 
 
+#: Where the pids of servers started by ``start_server`` begin (above any real pid_max).
+FAKE_SERVER_PID = 5_000_000
+
+
+def _spawn_server(pid: str, state: dict[str, str]) -> None:
+    """A server ``pid`` with the daemon's defaults of this moment."""
+    state[f"server{pid}"] = ""
+    state[f"threads@{pid}"] = state.get("threads", "100")
+    if "memory0" in state:
+        state[f"memory0@{pid}"] = state["memory0"]
+
+
 def answer(command: str, state: dict[str, str]) -> str:
     """The daemon's reply to one control command."""
     words = command.split()
@@ -102,10 +119,19 @@ def answer(command: str, state: dict[str, str]) -> str:
     if words[0] == "fake_start_server" and len(words) == 2:
         # Stand-in only: a client's connection spawning a server, which takes the daemon's
         # defaults of that moment and keeps them (driver 580, bench/RESULTS.md).
-        state[f"server{words[1]}"] = ""
-        state[f"threads@{words[1]}"] = state.get("threads", "100")
-        if "memory0" in state:
-            state[f"memory0@{words[1]}"] = state["memory0"]
+        _spawn_server(words[1], state)
+        return ""
+    if words[0] == "start_server" and words[1:2] == ["-uid"] and len(words) == 3:
+        # The real command: a server now, before any client (a pid no process has).
+        if os.environ.get("FAKE_MPS_NO_SERVER") != "1" and not any(
+            key.startswith("server") for key in state
+        ):
+            _spawn_server(str(FAKE_SERVER_PID + len(state)), state)
+        return ""
+    if words[0] == "fake_end_servers":
+        # Stand-in only: every server gone (killed, or ended by a fault).
+        for key in [key for key in state if key.startswith("server")]:
+            del state[key]
         return ""
     handled, reply = _server_command(words, state)
     if handled:
@@ -144,13 +170,18 @@ def serve(multi_user: bool) -> int:
     directory = pipe_dir()
     os.makedirs(directory, exist_ok=True)
     lock_path = os.path.join(directory, "control_lock")
+    created = not os.path.lexists(lock_path)
     lock = open(lock_path, "a")  # noqa: SIM115 - held for life
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # A POSIX lock, as the real daemon's: it refuses to start while any process holds
+        # one on the file, a read lock included (measured on an H100, driver 580).
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         sys.stdout.write("An instance of this daemon is already running\n")
         return 1
-    os.chmod(lock_path, 0o666)  # noqa: S103 - the real daemon's mode
+    if created:
+        # The real daemon's mode for a lock file it creates; one it finds keeps its mode.
+        os.chmod(lock_path, 0o666)  # noqa: S103
     pid_path = os.path.join(directory, "nvidia-cuda-mps-control.pid")
     with open(pid_path, "w") as pid_file:
         pid_file.write(str(os.getpid()))

@@ -43,6 +43,17 @@ def matmul_tflops(torch: Any, seconds: float, start_at: float) -> float:
     return 2.0 * PROBE_SIZE**3 * products / elapsed / 1e12
 
 
+def illegal_read(torch: Any) -> None:
+    """An elementwise kernel that reads device address 4 GiB, which nothing maps: an
+    illegal memory access (an MMU fault), not a device-side assert."""
+    wild = torch.cuda.jiterator._create_jit_fn(
+        "template <typename T> T wild_read(T x) "
+        "{ return x + *reinterpret_cast<volatile T*>(0x100000000ULL); }"
+    )
+    wild(torch.ones(1 << 20, device="cuda"))
+    torch.cuda.synchronize()
+
+
 def max_allocation_mib(torch: Any) -> int:
     """The most device memory this client can hold at once: 1 GiB blocks, then 64 MiB ones."""
     blocks = []
@@ -79,6 +90,11 @@ def main() -> int:
     )
     parser.add_argument(
         "--max-alloc", action="store_true", help="find the most memory it can allocate"
+    )
+    parser.add_argument(
+        "--illegal-access",
+        action="store_true",
+        help="after --hold-s, read through a wild device pointer (an MMU fault, XID 31)",
     )
     args = parser.parse_args()
     report: dict[str, object] = {
@@ -119,6 +135,9 @@ def main() -> int:
             kernels += 20
         report["held_until"] = time.time()
         report["kernels"] = kernels
+        if args.illegal_access:
+            report["faulted_at"] = time.time()
+            illegal_read(torch)
         del kept
         allocations = []
         for size_mib in args.alloc_mib:

@@ -8,10 +8,11 @@ import signal
 import stat
 import subprocess
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import pytest
 
+from vgpu_agent.agent.faults import ApplicationFault
 from vgpu_agent.agent.health import HealthChange, HealthMonitor
 from vgpu_agent.config.plan import daemon_ceiling
 from vgpu_agent.config.schema import HealthConfig
@@ -185,7 +186,9 @@ def test_users_queue_without_multi_user_mode(make_node: NodeFactory) -> None:
 def _watch_health(node: Node) -> HealthMonitor:
     from vgpu_agent.gpus.nvml import NvmlBackend
 
-    def emit(change: HealthChange) -> None:
+    def emit(change: Union[HealthChange, ApplicationFault]) -> None:
+        if isinstance(change, ApplicationFault):
+            return  # faults are tests/gpu/test_isolation_gpu.py's
         node.state.update(
             lambda inventory: inventory.with_reason(change.gpu_uuid, change.reason, change.present)
         )

@@ -63,6 +63,27 @@ def test_allocate_refuses_an_unhealthy_vgpu() -> None:
         node.allocate([vgpu_id(0, 0)])
 
 
+def test_allocate_asks_the_daemon_gate_of_the_gpu_under_mps() -> None:
+    """Under MPS, Allocate asks the gate about the request's GPU and refuses with its reason;
+    without MPS (no grant policy) it has no pipe directory to hand out and does not ask."""
+    node = Node(make_inventory((2, 2)))
+    asked: list[str] = []
+
+    def gate(uuid: str) -> str:
+        asked.append(uuid)
+        return "no control socket"
+
+    node.set_daemon_gate(gate)
+    assert node.allocate([vgpu_id(1, 0)]).gpu_uuid == gpu_uuid(1)
+    assert asked == []
+    node.set_grant_policy(MpsGrantPolicy(thread_limit="proportional", memory_limit="none"))
+    with pytest.raises(InvalidRequestError, match=r"MPS daemon is not up \(no control socket\)"):
+        node.allocate([vgpu_id(1, 0)])
+    assert asked == [gpu_uuid(1)]
+    node.set_daemon_gate(lambda uuid: None)
+    assert node.allocate([vgpu_id(1, 0)]).gpu_uuid == gpu_uuid(1)
+
+
 @pytest.mark.parametrize("ref", ["1", gpu_uuid(1)], ids=["index", "uuid"])
 def test_find_gpu_by_index_or_uuid(ref: str) -> None:
     """A served GPU is found by its index or its UUID."""

@@ -302,7 +302,7 @@ def test_reload_applies_the_new_ceiling(
         ),
         "the reloaded ceiling",
     )
-    assert [command for command in node.commands() if command.startswith("set_")][-2:] == [
+    assert [c for c in node.commands() if c.startswith("set_default_")][-2:] == [
         "set_default_active_thread_percentage 25",
         f"set_default_device_pinned_mem_limit 0 {MEMORY_MIB * 2 // 8}M",
     ]
@@ -355,6 +355,7 @@ def test_prober_reads_the_ceiling_back_only_on_full_checks(
     assert prober.hold(info.pipe_dir, ceiling) == [
         "set_default_active_thread_percentage 6.25",
         "set_default_device_pinned_mem_limit 0 4096M",
+        "start_server -uid 0",
     ]
     assert prober.full(info.pipe_dir) is None
     control_command(config, info.pipe_dir, "set_default_active_thread_percentage 50")
@@ -416,7 +417,8 @@ def test_full_probe_with_a_ceiling_reads_it_back_instead_of_a_bare_liveness_comm
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A full probe of a daemon that holds a ceiling reads back its defaults and the list of
-    its servers (which prove it answers too), with no separate liveness command."""
+    its servers (which prove it answers too), with no separate liveness command, then
+    whether a server still holds the GPU."""
     command_log = Path(short_tmp_dir) / "probe-commands"
     monkeypatch.setenv("FAKE_MPS_COMMAND_LOG", str(command_log))
     daemons, config = direct
@@ -426,9 +428,13 @@ def test_full_probe_with_a_ceiling_reads_it_back_instead_of_a_bare_liveness_comm
     before = len(command_log.read_text(encoding="utf-8").splitlines())
     assert prober.full(info.pipe_dir) is None
     asked = command_log.read_text(encoding="utf-8").splitlines()[before:]
+    (server,) = control_command(config, info.pipe_dir, "get_server_list").split()
     assert asked == [
         "get_default_active_thread_percentage",
         "get_default_device_pinned_mem_limit 0",
+        "get_server_list",
+        f"get_active_thread_percentage {server}",
+        f"get_device_pinned_mem_limit {server} 0",
         "get_server_list",
     ]
 

@@ -579,11 +579,26 @@ def test_gpu_left_in_default_fails_when_exclusive_wanted(node: Node) -> None:
 
 
 def test_unchanged_default_warns_that_clients_could_bypass_mps(node: Node) -> None:
-    """compute_mode = "unchanged" on a DEFAULT GPU warns that clients could bypass MPS."""
+    """compute_mode = "unchanged" on a DEFAULT GPU of cooperative tenants warns that
+    clients could bypass MPS."""
     probes = probes_for(node, open_backend=backend_with_modes(ComputeMode.DEFAULT))
-    result = doctor(node.config(gpus='compute_mode = "unchanged"'), probes)
+    config = node.config(gpus='compute_mode = "unchanged"', mps='confinement = "cooperative"')
+    result = doctor(config, probes)
     assert result.statuses("compute mode") == [WARN, WARN]
     assert "bypass MPS" in result.text("compute mode")
+
+
+@pytest.mark.parametrize("setting", ["unchanged", "default"])
+def test_default_mode_under_enforced_confinement_is_unsafe(node: Node, setting: str) -> None:
+    """Under enforced confinement a GPU in DEFAULT fails as unsafe, saying why, even where
+    the config asked for DEFAULT: a pod could run outside MPS beside the server."""
+    probes = probes_for(node, open_backend=backend_with_modes(ComputeMode.DEFAULT))
+    result = doctor(node.config(gpus=f'compute_mode = "{setting}"'), probes)
+    assert result.statuses("compute mode") == [FAIL, FAIL]
+    text = result.text("compute mode")
+    assert "unsafe under enforced confinement" in text
+    assert "does not go through MPS" in text
+    assert 'gpus.compute_mode = "exclusive_process"' in text
 
 
 # -- 5. MPS daemons and multi-user mode ----------------------------------------------------------

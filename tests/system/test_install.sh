@@ -181,8 +181,8 @@ set_up_node() {
     # The kubelet's plugin directory, made before the package with a mode of the kubelet's
     # choosing: the package's tmpfiles entry must leave it so (issue 23).
     in_ct install -d -m 0711 /var/lib/kubelet/device-plugins
-    in_ct cp /mnt/fakes/fake_mps_control.py /mnt/fakes/sandbox-probe /usr/local/lib/vgpu-systest/
-    in_ct sh -c "printf '%s\n' '#!/bin/sh' 'exec /usr/bin/python3 /usr/local/lib/vgpu-systest/fake_mps_control.py \"\$@\"' > $FAKE_MPS && chmod 0755 $FAKE_MPS /usr/local/lib/vgpu-systest/sandbox-probe"
+    in_ct cp /mnt/fakes/fake_mps_control.py /mnt/fakes/sandbox-probe /mnt/fakes/lock-attack /usr/local/lib/vgpu-systest/
+    in_ct sh -c "printf '%s\n' '#!/bin/sh' 'exec /usr/bin/python3 /usr/local/lib/vgpu-systest/fake_mps_control.py \"\$@\"' > $FAKE_MPS && chmod 0755 $FAKE_MPS /usr/local/lib/vgpu-systest/sandbox-probe /usr/local/lib/vgpu-systest/lock-attack"
     in_ct sh -c "cat > /run/systemd/system/vgpu-agent.service.d/system-test.conf" <<'EOF2'
 [Service]
 Environment=VGPU_CONFIG=/etc/vgpu/system-test.toml
@@ -283,7 +283,29 @@ probe_lines() {
     in_ct journalctl --no-pager -o cat _SYSTEMD_INVOCATION_ID="$(prop vgpu-agent.service InvocationID)" |
         grep '^sandbox-probe:'
 }
-probe_done() { [ "$(probe_lines | wc -l)" -ge 12 ]; }
+PROBES=19
+probe_done() { [ "$(probe_lines | wc -l)" -ge $PROBES ]; }
+# The lines of the probe run as an ExecStartPre= of GPU0's MPS unit.
+mps_probe_lines() {
+    in_ct journalctl --no-pager -o cat _SYSTEMD_INVOCATION_ID="$(prop "$(mps_unit $GPU0)" InvocationID)" |
+        grep '^sandbox-probe:'
+}
+mps_probe_done() { [ "$(mps_probe_lines | wc -l)" -ge $PROBES ]; }
+
+# Stand-ins for what the sandboxes must not reach, which the test's container lacks: the
+# container runtimes' sockets (listening, root's) and a root process to signal.
+start_probe_targets() {
+    in_ct mkdir -p /run/containerd /run/crio
+    in_ct sh -c "/usr/bin/python3 -I -c 'import socket, time
+for path in (\"/run/containerd/containerd.sock\", \"/run/crio/crio.sock\", \"/run/docker.sock\"):
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    globals()[path] = listener
+time.sleep(3600)' >/dev/null 2>&1 &"
+    in_ct sh -c 'sleep 3600 >/dev/null 2>&1 & echo $! > /run/systest-root-sleeper.pid'
+    wait_for 10 in_ct test -S /run/docker.sock
+}
 
 # From inside the agent's exact sandbox (an ExecStartPre= of the real unit), starting
 # units, systemd-run, writing /etc and /usr, D-Bus and systemd's private socket must all
@@ -292,14 +314,14 @@ sandbox_checks() {
     log "$phase: what the agent's sandbox refuses"
     in_ct sh -c "printf '[Unit]\nDescription=system test: runs only if the probe may start units\n[Service]\nType=oneshot\nExecStart=/bin/touch /run/systest-probe-target-ran\n' > /run/systemd/system/systest-probe-target.service"
     in_ct systemctl daemon-reload
+    start_probe_targets
     local outside inside name
     outside=$(in_ct /usr/local/lib/vgpu-systest/sandbox-probe)
     info "probe outside any sandbox: $(tr '\n' '|' <<<"$outside")"
-    check "outside the sandbox the probe succeeds at all 12 (so its 'denied' means something)" \
-        bash -c '! grep -q denied <<<"$1" && [ "$(grep -c allowed <<<"$1")" -eq 12 ] && [ -e "$2" ]' _ \
-        "$outside" "/proc/$container_pid/root/run/systest-probe-target-ran"
-    in_ct rm -rf /etc/vgpu-sandbox-probe /usr/vgpu-sandbox-probe /run/systest-probe-target-ran \
-        /run/nvidia-mps/sandbox-probe /run/systemd/system/vgpu-sandbox-probe.service
+    check "outside the sandbox the probe succeeds at all $PROBES (so its 'denied' means something)" \
+        bash -c '! grep -q denied <<<"$1" && [ "$(grep -c allowed <<<"$1")" -eq "$3" ] && [ -e "$2" ]' _ \
+        "$outside" "/proc/$container_pid/root/run/systest-probe-target-ran" "$PROBES"
+    clean_probe_traces
     in_ct sh -c "printf '[Service]\nExecStartPre=/usr/local/lib/vgpu-systest/sandbox-probe\n' > /run/systemd/system/vgpu-agent.service.d/sandbox-probe.conf"
     in_ct systemctl daemon-reload
     in_ct systemctl restart vgpu-agent.service
@@ -308,14 +330,15 @@ sandbox_checks() {
     inside=$(probe_lines)
     info "probe in the agent's sandbox: $(tr '\n' '|' <<<"$inside")"
     for name in systemd-run systemctl-start write-etc write-usr write-mps-pipe-root write-run-unit \
-        dbus-socket systemd-private systemd-private-via-pid1; do
+        dbus-socket systemd-private systemd-private-via-pid1 containerd-socket crio-socket \
+        docker-socket read-shadow read-pid1-environ write-run-other; do
         check "in the agent's sandbox: $name is refused" probe_line "$name" denied "$inside"
     done
+    info "in the agent's sandbox, signalling a root process: $(grep signal-root-process <<<"$inside") (open: root without capabilities still signals root's processes; see docs/systemd.md)"
     for name in notify-socket journal-socket mps-units-socket; do
         check "in the agent's sandbox: $name still works" probe_line "$name" allowed "$inside"
     done
-    check "nothing was started or written from inside the sandbox" \
-        in_ct sh -c '[ ! -e /run/systest-probe-target-ran ] && [ ! -e /etc/vgpu-sandbox-probe ] && [ ! -e /usr/vgpu-sandbox-probe ] && [ ! -e /run/nvidia-mps/sandbox-probe ] && [ ! -e /run/systemd/system/vgpu-sandbox-probe.service ]'
+    check "nothing was started or written from inside the sandbox" nothing_left_by_probe
     in_ct rm -f /run/systemd/system/vgpu-agent.service.d/sandbox-probe.conf
     in_ct systemctl daemon-reload
     check "the agent (restarted with the probe) registers again" wait_for 30 registered
@@ -341,6 +364,47 @@ admin_file_kept() {
     check "$1 kept the administrator's /etc/vgpu/nodegroup.toml" in_ct test -f /etc/vgpu/nodegroup.toml
     check "$1 removed the package's /etc/vgpu/config.toml" in_ct test ! -e /etc/vgpu/config.toml
     in_ct rm -f /etc/vgpu/nodegroup.toml
+}
+
+nothing_left_by_probe() {
+    in_ct sh -c '[ ! -e /run/systest-probe-target-ran ] && [ ! -e /etc/vgpu-sandbox-probe ] && [ ! -e /usr/vgpu-sandbox-probe ] && [ ! -e /run/systemd/system/vgpu-sandbox-probe.service ] && [ ! -e /run/vgpu-sandbox-probe-file ]'
+}
+clean_probe_traces() {
+    in_ct rm -rf /etc/vgpu-sandbox-probe /usr/vgpu-sandbox-probe /run/systest-probe-target-ran \
+        /run/nvidia-mps/sandbox-probe /run/systemd/system/vgpu-sandbox-probe.service \
+        /run/vgpu-sandbox-probe-file
+}
+
+# The same probe from inside GPU0's MPS unit (an ExecStartPre= of the instance, so with its
+# exact sandbox): the process every pod talks to reaches neither systemd nor the container
+# runtimes nor secrets, and writes nothing under /run but its own directory (issue 20).
+mps_sandbox_checks() {
+    log "$phase: what the MPS unit's sandbox refuses"
+    local dropin="/run/systemd/system/$(mps_unit $GPU0).d/sandbox-probe.conf" inside name
+    in_ct sh -c "printf '[Service]\nExecStartPre=/usr/local/lib/vgpu-systest/sandbox-probe\n' > $dropin"
+    in_ct systemctl daemon-reload
+    in_ct systemctl restart "$(mps_unit $GPU0)"
+    wait_for 10 mps_probe_done
+    inside=$(mps_probe_lines)
+    info "probe in the MPS unit's sandbox: $(tr '\n' '|' <<<"$inside")"
+    for name in systemd-run systemctl-start write-etc write-usr write-run-unit dbus-socket \
+        systemd-private containerd-socket crio-socket docker-socket read-shadow write-run-other; do
+        check "in the MPS unit's sandbox: $name is refused" probe_line "$name" denied "$inside"
+    done
+    check "in the MPS unit's sandbox: its own directory under /run/nvidia-mps stays writable" \
+        probe_line write-mps-pipe-root allowed "$inside"
+    info "in the MPS unit's sandbox: $(grep -E 'read-pid1-environ|systemd-private-via-pid1|signal-root-process' <<<"$inside" | tr '\n' '|') (open: the daemon keeps CAP_SYS_PTRACE and CAP_KILL; see docs/systemd.md)"
+    check "nothing was started or written from inside the MPS unit's sandbox" nothing_left_by_probe
+    in_ct rm -f "$dropin"
+    clean_probe_traces
+    in_ct systemctl daemon-reload
+    in_ct systemctl restart "$(mps_unit $GPU0)"
+    check "the MPS unit (restarted without the probe) answers with its ceiling and a server" \
+        wait_for 20 mps_ceiling_and_server $GPU0
+}
+mps_ceiling_and_server() {
+    mps_ceiling_held "$1" &&
+        in_ct sh -c "echo get_server_list | CUDA_MPS_PIPE_DIRECTORY=/run/nvidia-mps/$1 $FAKE_MPS | grep -qE '^[0-9]'"
 }
 
 # The agent's MPS units are started through the request socket; the helper refuses
@@ -411,6 +475,49 @@ print(s.makefile("rb").readline().decode().strip())' "start $GPU0")
     check "systemd restarts a killed MPS daemon (PID $old_pid -> new) and it answers" wait_for 20 restarted_mps
     last_health() { in_ct journalctl -u kubelet-standin --no-pager -o cat | grep ' healthy=' | tail -n 1 | grep -q " healthy=$1 "; }
     check "the kubelet sees all 20 vGPUs healthy again" wait_for 30 last_health 20
+    lock_attack_checks
+}
+
+# start_lock_attack SECONDS: the attack of tests/system/lock-attack as uid 1000, in a mount
+# namespace of its own where GPU0's pipe directory is bind-mounted read-only, as in a pod.
+start_lock_attack() {
+    in_ct rm -f /tmp/lock-attack.report
+    in_ct sh -c "unshare -m sh -c 'mkdir -p /mnt/pod-mps && mount --bind /run/nvidia-mps/$GPU0 /mnt/pod-mps && mount -o remount,bind,ro /mnt/pod-mps && exec setpriv --reuid 1000 --regid 1000 --clear-groups /usr/local/lib/vgpu-systest/lock-attack /mnt/pod-mps/control_lock /tmp/lock-attack.report $1' >/dev/null 2>&1 &"
+}
+attack_said() { in_ct grep -qx "$1" /tmp/lock-attack.report; }
+
+# A pod that locks its GPU's control_lock must not keep the daemon from coming back (issue
+# 20): killed twice with the attack running, the unit's daemon answers again each time.
+lock_attack_checks() {
+    log "$phase: a pod (uid 1000, read-only mount) attacks control_lock while the daemon restarts"
+    local old_pid
+    in_ct chmod 1777 /tmp
+    start_lock_attack 8
+    sleep 1
+    old_pid=$(prop "$(mps_unit $GPU0)" MainPID)
+    in_ct kill -KILL "$old_pid"
+    restarted_again() {
+        local now
+        now=$(prop "$(mps_unit $GPU0)" MainPID)
+        [ "$now" != 0 ] && [ "$now" != "$old_pid" ] && mps_answers $GPU0
+    }
+    check "the killed daemon is back while the pod tries to open control_lock" wait_for 20 restarted_again
+    check "the pod never opened control_lock: it is root-only from before each daemon start" \
+        wait_for 15 attack_said never-opened
+    # An older daemon (or agent) left the file readable: the pod opens it, and once the
+    # daemon dies it holds the lock the next daemon would need.
+    in_ct chmod 0666 "/run/nvidia-mps/$GPU0/control_lock"
+    start_lock_attack 30
+    check "with the lock file made readable, the pod opens it" wait_for 10 attack_said opened
+    old_pid=$(prop "$(mps_unit $GPU0)" MainPID)
+    in_ct kill -KILL "$old_pid"
+    check "the pod holds the dead daemon's lock" wait_for 10 attack_said holding
+    check "and the daemon is back anyway (ExecStart replaced the lock file)" wait_for 20 restarted_again
+    check "on a new lock file, root-only: $(in_ct stat -c %a "/run/nvidia-mps/$GPU0/control_lock")" \
+        in_ct sh -c "[ \"\$(stat -c %a /run/nvidia-mps/$GPU0/control_lock)\" = 600 ]"
+    mps_unit_active() { is_prop "$(mps_unit $GPU0)" ActiveState active; }
+    check "the unit is active again, not failed ($(prop "$(mps_unit $GPU0)" NRestarts) restarts)" \
+        wait_for 20 mps_unit_active
 }
 
 # The kubelet's plugin directory deleted and made again under the running agent: it
@@ -603,6 +710,7 @@ deb_phase() {
 
     sandbox_checks
     mps_units_checks
+    mps_sandbox_checks
     plugin_dir_checks
 
     log "deb: MPS template without a driver"
@@ -1011,8 +1119,8 @@ if [ -n "$RPM_OLD" ]; then
     cp "$RPM_OLD" "$work/pkgs/old.rpm"
     cp "$RPM_NEW" "$work/pkgs/new.rpm"
 fi
-cp "$repo/tests/fakes/fake_mps_control.py" "$here/sandbox-probe" "$repo/scripts/apt-install" \
-    "$work/fakes/"
+cp "$repo/tests/fakes/fake_mps_control.py" "$here/sandbox-probe" "$here/lock-attack" \
+    "$repo/scripts/apt-install" "$work/fakes/"
 
 deb_phase
 quickstart_phase

@@ -12,6 +12,7 @@ import logging
 from typing import Callable, Optional
 
 from vgpu_agent.agent.health import Emit
+from vgpu_agent.agent.isolation import daemon_gate
 from vgpu_agent.agent.parts import AgentParts, HealthChecks, HealthChecksFactory, HealthScope
 from vgpu_agent.config.plan import daemon_ceiling, plan_gpus, slice_warnings
 from vgpu_agent.config.schema import Config
@@ -103,6 +104,8 @@ class GpuBringUp:
         for gpu, _ in plan.served:
             self.apply_compute_mode(config, gpu)
         self.mps = self._make_mps(config)
+        if self.mps is not None:
+            self.node.set_daemon_gate(daemon_gate(self.mps))
         served = [self.start_mps(config, gpu, replicas) for gpu, replicas in plan.served]
         self.node.serve(Inventory(tuple(served)))
         for entry in served:

@@ -9,9 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from vgpu_agent.agent.isolation import excess_client_warnings, isolation_status
 from vgpu_agent.config.plan import confinement_line, gpu_ceiling
 from vgpu_agent.config.schema import Config
 from vgpu_agent.model.devices import Inventory
+from vgpu_agent.model.gpu import GpuBackend
 
 #: How the STATUS line of an agent that serves nothing yet (no GPU driver) begins.
 WAITING_FOR_DRIVER = "waiting for the GPU driver"
@@ -63,6 +65,8 @@ def describe_node(
     status: str,
     registrations: Registrations,
     observed: dict[str, Any],
+    faults: Optional[list[dict[str, Any]]] = None,
+    backend: Optional[GpuBackend] = None,
 ) -> dict[str, Any]:
     """What `vgpu-agent status` shows: the agent, each GPU, its health and who uses it.
     ``observed`` is what the observer found (who uses each GPU under ``"gpus"``, by UUID,
@@ -83,6 +87,7 @@ def describe_node(
             "device_list_strategy": config.plugin.device_list_strategy,
         },
         "kubelet_restarts": registrations.kubelet_restarts,
+        "mps_faults": faults or [],
         **observed,
         "gpus": [
             {
@@ -97,6 +102,12 @@ def describe_node(
                 "ceiling": gpu_ceiling(config, served.gpu.memory_mib, served.replicas).describe(),
                 "vgpu_ids": served.vgpu_ids,
                 "attribution": users.get(served.gpu.uuid),
+                **isolation_status(
+                    config,
+                    backend,
+                    served.gpu.uuid,
+                    excess_client_warnings(users.get(served.gpu.uuid)),
+                ),
             }
             for served in inventory.gpus
         ],

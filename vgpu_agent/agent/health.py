@@ -20,8 +20,9 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
+from vgpu_agent.agent.faults import ApplicationFault
 from vgpu_agent.config.schema import HealthConfig
 from vgpu_agent.model.daemons import FULL_PROBE_INTERVAL_S, MpsDaemons, QuickCheck
 from vgpu_agent.model.devices import HealthReason
@@ -44,7 +45,8 @@ class HealthChange:
     detail: str = ""
 
 
-Emit = Callable[[HealthChange], None]
+#: Where findings go: health changes, and application faults under MPS (agent.faults).
+Emit = Callable[[Union[HealthChange, ApplicationFault]], None]
 
 
 def poll_tick_s(config: HealthConfig) -> float:
@@ -204,11 +206,16 @@ class HealthMonitor:
             xid = event.xid if event.xid is not None else -1
             if xid in self._config.ignored_xids:
                 log.info(
-                    "GPU %s reported XID %d, an application fault: ignored",
+                    "GPU %s reported XID %d, an application fault: the GPU stays healthy",
                     ", ".join(targets),
                     xid,
                     extra={"fields": {"GPU_UUID": ",".join(targets), "XID": str(xid)}},
                 )
+                if self._mps is not None:
+                    # Under MPS it may have ended every client of the GPU: recorded as a
+                    # fault of each GPU it names (agent.faults).
+                    for gpu_uuid in targets:
+                        self._emit(ApplicationFault(gpu_uuid, xid, event.detail))
                 return
             reason = HealthReason.xid_fault(xid)
         elif event.kind is GpuEventKind.DOUBLE_BIT_ECC:

@@ -12,6 +12,13 @@ from typing import Callable, Optional
 from vgpu_agent.agent.parts import Watch, WatchFactory
 from vgpu_agent.agent.registration import Registrar
 from vgpu_agent.config.schema import PluginConfig
+from vgpu_agent.host.systemd import Watchdog
+
+#: How often the loop looks at the kubelet socket and our own socket when it cannot watch
+#: the plugin directory (inotify); with the watch it wakes on changes, and at least every
+#: IDLE_TICK_S.
+SOCKET_CHECK_INTERVAL_S = 0.1
+IDLE_TICK_S = 1.0
 
 
 class KubeletLink:
@@ -91,3 +98,16 @@ class KubeletLink:
     def stop(self) -> None:
         """Stop serving the plugin socket."""
         self._registrar.stop()
+
+
+def loop_timeout(link: KubeletLink, watchdog: Watchdog, now: float) -> float:
+    """How long the loop may sleep: until the next due registration attempt or watchdog
+    ping, at most IDLE_TICK_S while watching the plugin directory, else the polling
+    interval."""
+    if not link.watching:
+        return SOCKET_CHECK_INTERVAL_S
+    timeout = IDLE_TICK_S
+    for due_in in (link.seconds_until_due(now), watchdog.seconds_until_due(now)):
+        if due_in is not None:
+            timeout = min(timeout, due_in)
+    return max(timeout, 0.01)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from vgpu_agent.agent.bringup import GpuBringUp, open_gpus
 from vgpu_agent.agent.describe import (
@@ -24,10 +24,12 @@ from vgpu_agent.agent.describe import (
 )
 from vgpu_agent.agent.dispatch import ControlDispatch, apply_health_change, start_control
 from vgpu_agent.agent.events import ControlRequest, Event, Events, Reload, Stop, Wake
+from vgpu_agent.agent.faults import ApplicationFault, fault_log_for
 from vgpu_agent.agent.health import HealthChange
-from vgpu_agent.agent.kubelet import KubeletLink
+from vgpu_agent.agent.kubelet import KubeletLink, loop_timeout
 from vgpu_agent.agent.parts import AgentParts, Service
 from vgpu_agent.agent.reload import execute_reload, plan_reload_from
+from vgpu_agent.agent.waiting import DriverWait, reload_while_waiting
 from vgpu_agent.config.plan import grant_policy
 from vgpu_agent.config.schema import Config
 from vgpu_agent.host.log import log_event
@@ -45,12 +47,6 @@ EXIT_CONFIG = 78
 #: EX_TEMPFAIL: only a restart can fix it (the sandbox lost the plugin directory); systemd
 #: restarts the agent (Restart=always).
 EXIT_RESTART = 75
-
-#: How often the loop looks at the kubelet socket and our own socket when it cannot watch
-#: the plugin directory (inotify); with the watch it wakes on changes, and at least every
-#: IDLE_TICK_S.
-SOCKET_CHECK_INTERVAL_S = 0.1
-IDLE_TICK_S = 1.0
 
 
 # -- the agent -------------------------------------------------------------------------------------
@@ -81,8 +77,6 @@ class Agent:
         self.ready = threading.Event()
         self.stopped = threading.Event()
         self._control: Optional[Service] = None
-        #: Why the GPU backend is not open yet (and when it is retried); None once it is.
-        self._waiting_for_driver: Optional[str] = None
         self._commands = ControlDispatch(
             self.node,
             describe=self.describe,
@@ -90,6 +84,18 @@ class Agent:
             reset_health=self._reset_health,
             faults=parts.faults,
         )
+        self._driver = DriverWait(
+            parts.notifier,
+            parts.clock,
+            self._watchdog,
+            self._events,
+            status_line=self._status_line,
+            set_status=self._set_status,
+            announce=self._announce,
+            answer=self._commands.answer_while_waiting,
+            reload=self._reload_while_waiting,
+        )
+        self._faults = fault_log_for(parts.observer)
 
     @property
     def registered(self) -> bool:
@@ -122,8 +128,8 @@ class Agent:
         self._events.put(request)
         return request.answer(timeout_s, busy_with=self._last_status)
 
-    def emit_health(self, change: HealthChange) -> None:
-        """Queue a health change from a watcher."""
+    def emit_health(self, change: Union[HealthChange, ApplicationFault]) -> None:
+        """Queue a health change (or an application fault) from a watcher."""
         self._events.put(change)
 
     def describe(self, attribution_wait_s: float = STATUS_ATTRIBUTION_WAIT_S) -> dict[str, Any]:
@@ -139,6 +145,8 @@ class Agent:
             status=self._status_line(),
             registrations=counts,
             observed=observed,
+            faults=self._faults.recent(),
+            backend=self._gpus.backend if self._gpus is not None else None,
         )
 
     # -- the loop -----------------------------------------------------------------------------
@@ -161,15 +169,15 @@ class Agent:
             self.config,
             self._parts,
             emit=self.emit_health,
-            on_failure=self._wait_for_driver,
-            pause=self._pause_for_driver,
+            on_failure=self._driver.failed,
+            pause=self._driver.pause,
         )
         if self._gpus is None:
             self._notifier.stopping()
             if self._control is not None:
                 self._control.stop()
             return EXIT_OK
-        self._waiting_for_driver = None
+        self._driver.why = None
         # A reload while waiting may have changed what Allocate grants.
         self.node.set_grant_policy(grant_policy(self.config))
         self.node.set_device_list_strategy(self.config.plugin.device_list_strategy)
@@ -192,7 +200,7 @@ class Agent:
                     log_event(log, logging.ERROR, must_restart, VGPU_EVENT="sandbox-restart")
                     exit_code = EXIT_RESTART
                     break
-                event = self._events.get(self._loop_timeout())
+                event = self._events.get(loop_timeout(self._kubelet, self._watchdog, self._clock()))
                 if event is None:
                     continue
                 if isinstance(event, Stop):
@@ -203,73 +211,10 @@ class Agent:
             self._shutdown()
         return exit_code
 
-    def _wait_for_driver(self, why: str) -> None:
-        first = self._waiting_for_driver is None
-        self._waiting_for_driver = why
-        if first:
-            # Started, though nothing is served yet: READY=1 now, so that systemctl start
-            # (and dpkg -i, and a Packer build on a non-GPU builder) returns instead of
-            # timing out and restarting the agent in a loop; STATUS says what it waits for,
-            # and `status` exits 3 (waiting) until the driver is there.
-            self._notifier.ready(self._status_line())
-            self._last_status = self._status_line()
-        else:
-            self._set_status(self._status_line())
-
-    def _pause_for_driver(self, delay_s: float) -> bool:
-        """Wait ``delay_s`` before the GPU backend is tried again, answering the control
-        socket and reloads meanwhile (a reload also ends the wait: the backend is tried
-        again at once); False when told to stop."""
-        deadline = self._clock() + delay_s
-        while self._clock() < deadline:
-            self._watchdog.ping()
-            event = self._events.get(min(1.0, delay_s))
-            if isinstance(event, Stop):
-                return False
-            if isinstance(event, ControlRequest):
-                event.reply.set_result(self._commands.answer_while_waiting(event.command))
-            elif isinstance(event, Reload):
-                self._reload_while_waiting()
-                return True
-        return True
-
-    def _reload_while_waiting(self) -> None:
-        """A reload before any GPU is served: read the file again now (the GPUs are brought
-        up with it once the driver is there) and answer systemd at once."""
-        self._notifier.reloading()
-        load = self._parts.config_loader
-        if load is not None:
-            try:
-                config = load()
-            except ConfigError as exc:
-                log.error("reload: keeping the running config, the new one is invalid: %s", exc)
-            else:
-                if config.agent.state_dir != self.config.agent.state_dir:
-                    log.error(
-                        "reload: keeping the running config, restart needed: "
-                        "agent.state_dir cannot change (systemctl restart vgpu-agent)"
-                    )
-                else:
-                    log.info("reload: config read again; it applies once the GPUs are up")
-                    self.config = config
-        self._notifier.ready(self._status_line())
-
     def _tick(self) -> None:
         self._watchdog.ping()
         if self._kubelet.check(self.config.plugin.plugin_dir):
             self._set_status(self._status_line())
-
-    def _loop_timeout(self) -> float:
-        """How long the loop may sleep: until the next due registration attempt or
-        watchdog ping, at most IDLE_TICK_S while watching, else the polling interval."""
-        if not self._kubelet.watching:
-            return SOCKET_CHECK_INTERVAL_S
-        timeout = IDLE_TICK_S
-        now = self._clock()
-        for due_in in (self._kubelet.seconds_until_due(now), self._watchdog.seconds_until_due(now)):
-            if due_in is not None:
-                timeout = min(timeout, due_in)
-        return max(timeout, 0.01)
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -280,6 +225,8 @@ class Agent:
             self._reload()
         elif isinstance(event, HealthChange):
             self._apply_health(event)
+        elif isinstance(event, ApplicationFault):
+            self._faults.record(event)
         elif isinstance(event, ControlRequest):
             event.reply.set_result(self._commands.answer(event.command))
 
@@ -320,8 +267,17 @@ class Agent:
             self.config.plugin.resource_name,
             registered=self.registered,
             waiting_for=self._kubelet.waiting_for,
-            waiting_for_driver=self._waiting_for_driver,
+            waiting_for_driver=self._driver.why,
         )
+
+    def _reload_while_waiting(self) -> None:
+        self._notifier.reloading()
+        self.config = reload_while_waiting(self.config, self._parts.config_loader)
+        self._notifier.ready(self._status_line())
+
+    def _announce(self, line: str) -> None:
+        self._notifier.ready(line)
+        self._last_status = line
 
     def _set_status(self, line: str) -> None:
         if line != self._last_status:

@@ -70,6 +70,14 @@ class Observer(Protocol):
         """Apply a reloaded config (and what it changed in the served GPUs)."""
         ...
 
+    def record_fault(self, gpu_uuid: str, xid: int, pods: tuple[str, ...]) -> None:
+        """Count an application fault under MPS on the GPU, for each pod it may have hit."""
+        ...
+
+    def pods_on(self, gpu_uuid: str) -> list[str]:
+        """The pods (``namespace/pod``) with MPS clients on the GPU, as last seen."""
+        ...
+
     def record_xid(self, gpu_uuid: str, xid: int) -> None:
         """A critical XID event was reported for the GPU."""
         ...

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 from vgpu_agent.model.devices import (
     ContainerGrant,
     HealthReason,
+    InvalidRequestError,
     Inventory,
     MpsGrantPolicy,
     ServedGpu,
@@ -27,6 +28,10 @@ from vgpu_agent.model.devices import (
     validate_allocation,
 )
 from vgpu_agent.model.errors import VgpuError
+
+#: Whether a GPU's MPS daemon is up right now: None when it is, else why not. Cheap and
+#: never blocking (stat calls and /proc reads), as it runs inside Allocate.
+DaemonGate = Callable[[str], Optional[str]]
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,7 @@ class Node:
         self._device_list_strategy = device_list_strategy
         self._version = 0
         self._closed = False
+        self._daemon_gate: Optional[DaemonGate] = None
 
     # -- reading --------------------------------------------------------------------------
 
@@ -118,7 +124,19 @@ class Node:
         with self._condition:
             inventory, policy = self._inventory, self._grant_policy
             strategy = self._device_list_strategy
+            gate = self._daemon_gate
         served = validate_allocation(inventory, vgpu_ids)
+        if gate is not None and policy is not None:
+            # Asked now, not from the last health check: a container given the pipe
+            # directory of a daemon that is down runs outside MPS without an error.
+            down = gate(served.gpu.uuid)
+            if down is not None:
+                raise InvalidRequestError(
+                    f"GPU {served.gpu.uuid}'s MPS daemon is not up ({down}), and a container "
+                    "given its pipe directory now would run outside MPS, unconfined; delete "
+                    "the pod to reschedule it (the GPU's vGPUs are Unhealthy until the "
+                    "daemon answers)"
+                )
         granted = grant(served, len(vgpu_ids), policy, strategy)
         return Allocation(served.gpu.uuid, tuple(vgpu_ids), granted)
 
@@ -170,6 +188,12 @@ class Node:
         """Use ``policy`` for the following Allocate calls (config reload)."""
         with self._condition:
             self._grant_policy = policy
+
+    def set_daemon_gate(self, gate: Optional[DaemonGate]) -> None:
+        """Ask ``gate`` before every MPS Allocate whether the GPU's daemon is up (None when
+        it is, else why not); an Allocate on a GPU whose daemon is down is refused."""
+        with self._condition:
+            self._daemon_gate = gate
 
     def set_device_list_strategy(self, strategy: str) -> None:
         """Name GPUs as ``strategy`` says in the following Allocate calls (config reload)."""

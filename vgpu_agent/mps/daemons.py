@@ -50,6 +50,7 @@ from vgpu_agent.mps.directories import (
     prepare_directories,
     restrict_pipe_dir,
 )
+from vgpu_agent.mps.holding import prepare_lock
 from vgpu_agent.mps.liveness import LivenessProber, running_multi_user
 from vgpu_agent.mps.units import REQUEST_SOCKET, request_socket_available, request_start
 
@@ -67,7 +68,8 @@ def exec_daemon(config: MpsConfig, gpu_uuid: str) -> None:
     # Check the program before creating anything: a bad one must leave nothing behind.
     program = checked_program(config.control_binary)
     multi_user = resolve_multi_user(config)
-    prepare_directories(config, gpu_uuid)
+    pipe_dir, _ = prepare_directories(config, gpu_uuid)
+    prepare_lock(pipe_dir)
     command = [program, *daemon_command(config, multi_user)[1:]]
     environment = dict(os.environ)
     environment.update(daemon_environment(config, gpu_uuid))
@@ -169,6 +171,7 @@ class DirectMpsDaemons:
             return info
         multi_user = self._resolved_multi_user()
         command = [checked_program(config.control_binary), *daemon_command(config, multi_user)[1:]]
+        prepare_lock(pipe_dir)
         environment = dict(os.environ)
         environment.update(daemon_environment(config, gpu.uuid))
         log_path = os.path.join(log_dir, "control.log")

@@ -24,7 +24,7 @@ _log = logging.getLogger(__name__)
 CONTROL_SOCKET = "control"
 #: The daemon writes its pid here (driver 580).
 PID_FILE = "nvidia-cuda-mps-control.pid"
-#: The daemon's flock; anyone who can open it can hold it and block a daemon restart.
+#: The daemon's lock file (a POSIX lock): anyone who can open it can lock it and block a restart.
 LOCK_FILE = "control_lock"
 #: A FIFO the daemon creates world-writable; a read-only bind mount does not stop FIFO
 #: writes, so only the lockdown's mode keeps pods from writing into the daemon's log.
@@ -122,7 +122,7 @@ LOCKDOWN_MODES: dict[str, tuple[int, int]] = {
 def restrict_pipe_dir(pipe_dir: str) -> None:
     """Take away from other users what clients do not need in a multi-user daemon's pipe dir.
 
-    The daemon creates its lock file 0666: anyone who can open it can take the flock and
+    The daemon creates its lock file 0666: anyone who can open it can lock it and
     keep a restarted daemon from starting. Its ``log`` FIFO is 0777, and a read-only bind
     mount does not stop writes to a FIFO. Clients never open either (checked on the GPU,
     docs/mps.md), so they become root-only. Only in multi-user mode: there the servers run

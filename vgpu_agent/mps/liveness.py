@@ -20,7 +20,7 @@ from vgpu_agent.model.daemons import QuickCheck
 from vgpu_agent.model.devices import Ceiling
 from vgpu_agent.model.errors import MpsError
 from vgpu_agent.mps.ceilings import CEILING_PREFIX, apply_ceiling, ceiling_gaps, send_ceiling
-from vgpu_agent.mps.control import probe_pipe_dir
+from vgpu_agent.mps.control import probe_pipe_dir, wait_until_answers
 from vgpu_agent.mps.directories import CONTROL_SOCKET, daemon_pid
 
 _log = logging.getLogger(__name__)
@@ -82,13 +82,19 @@ class LivenessProber:
         Returns the commands sent; raises MpsError when it cannot be set."""
         # Setting and checking never interleave: a check between the new ceiling being
         # recorded and being sent would report the old one as a lost ceiling.
+        from vgpu_agent.mps import holding  # holding reads process states from here
+
         with self._ceiling_lock(pipe_dir):
             with self._lock:
                 if ceiling.empty:
                     self._ceilings.pop(pipe_dir, None)
                 else:
                     self._ceilings[pipe_dir] = ceiling
-            return apply_ceiling(self._config, pipe_dir, ceiling, wait_s)
+            sent = apply_ceiling(self._config, pipe_dir, ceiling, wait_s)
+            # The server after the ceiling: a server takes the daemon's defaults as it starts.
+            wait_until_answers(self._config, pipe_dir, wait_s)
+            started = holding.hold_gpu(self._config, pipe_dir)
+            return sent if started is None else [*sent, started]
 
     def _ceiling_lock(self, pipe_dir: str) -> threading.Lock:
         with self._lock:
@@ -134,6 +140,18 @@ class LivenessProber:
             holds_ceiling = pipe_dir in self._ceilings
         # Reading the ceiling back is itself a control command the daemon must answer, so
         # it stands in for get_server_list: one process start fewer every interval.
+        from vgpu_agent.mps import holding  # holding reads process states from here
+
         if holds_ceiling:
-            return self._check_ceiling(pipe_dir)
-        return probe_pipe_dir(self._config, pipe_dir)
+            problem = self._check_ceiling(pipe_dir)
+        else:
+            problem = probe_pipe_dir(self._config, pipe_dir)
+        if problem is not None:
+            return problem
+        # A server gone (killed, or ended by a fault) leaves the GPU to whoever comes first.
+        with self._ceiling_lock(pipe_dir):
+            try:
+                holding.hold_gpu(self._config, pipe_dir)
+            except MpsError as exc:
+                return str(exc)
+        return None

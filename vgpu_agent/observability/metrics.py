@@ -33,6 +33,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
+    Counter,
     Histogram,
     generate_latest,
     make_wsgi_app,
@@ -278,6 +279,13 @@ class AgentMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         registry = self.registry
         self._events = _EventCounts()
+        self._mps_faults = Counter(
+            "vgpu_mps_faults",
+            "Application faults under MPS (an XID of health.ignored_xids on a served GPU), by "
+            "GPU, XID and each pod that had MPS clients on the GPU then ('' when none).",
+            ["gpu_uuid", "xid", "pod"],
+            registry=registry,
+        )
         self._allocate = Histogram(
             "vgpu_allocate_duration_seconds",
             "Time to answer the kubelet's Allocate calls.",
@@ -295,6 +303,11 @@ class AgentMetrics:
     def xid_event(self, gpu_uuid: str, xid: int) -> None:
         """Count one XID event."""
         self._events.count_xid(gpu_uuid, xid)
+
+    def mps_fault(self, gpu_uuid: str, xid: int, pods: tuple[str, ...]) -> None:
+        """Count one application fault under MPS, for each pod it may have hit."""
+        for pod in pods or ("",):
+            self._mps_faults.labels(gpu_uuid, str(xid), pod).inc()
 
     def health_changed(self, gpu_uuid: str, healthy: bool) -> None:
         """Count a GPU's vGPUs turning Healthy or Unhealthy."""

@@ -207,6 +207,20 @@ class Observability:
         if self.metrics is not None:
             self.metrics.xid_event(gpu_uuid, xid)
 
+    def record_fault(self, gpu_uuid: str, xid: int, pods: tuple[str, ...]) -> None:
+        """Count an application fault under MPS, once per pod it may have hit (metrics on)."""
+        if self.metrics is not None:
+            self.metrics.mps_fault(gpu_uuid, xid, pods)
+
+    def pods_on(self, gpu_uuid: str) -> list[str]:
+        """The pods (``namespace/pod``, else the pod UID) with MPS clients on the GPU in the
+        latest attribution."""
+        return [
+            f"{usage.namespace}/{usage.pod}" if usage.pod else usage.pod_uid
+            for usage in self.snapshot().attribution.pods
+            if usage.gpu_uuid == gpu_uuid and usage.pids
+        ]
+
     def record_health(self, gpu_uuid: str, healthy: bool) -> None:
         """Count a GPU's vGPUs turning Healthy or Unhealthy (metrics on)."""
         if self.metrics is not None:

@@ -164,6 +164,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
     if isinstance(confined, dict):
         click.echo(f"confinement: {confined.get('summary', confined.get('mode'))}")
         click.echo(f"device list: {confined.get('device_list_strategy')}")
+    for fault in answer.get("mps_faults", [])[-5:]:
+        pods = ", ".join(fault["pods"]) or "no pod with MPS clients known"
+        click.echo(f"MPS fault {fault['at']}: GPU {fault['gpu_uuid']} XID {fault['xid']}: {pods}")
     for gpu in answer["gpus"]:
         health = HEALTHY if gpu["healthy"] else f"{UNHEALTHY}: " + "; ".join(gpu["reasons"])
         ceiling = f", ceiling {gpu['ceiling']}" if "ceiling" in gpu else ""
@@ -173,6 +176,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
         )
         for line in status_lines(gpu):
             click.echo(line)
+        for line in gpu.get("unsafe", []):
+            click.echo(f"  UNSAFE: {line}")
     sys.exit(STATUS_EXIT_CODES[state])
 
 

@@ -17,6 +17,7 @@ from vgpu_agent.model.gpu import Gpu
 from vgpu_agent.mps.ceilings import apply_daemon_defaults
 from vgpu_agent.mps.control import probe_pipe_dir, quit_daemon
 from vgpu_agent.mps.daemons import DirectMpsDaemons, exec_daemon, secure_pipe_dir
+from vgpu_agent.mps.holding import hold_gpu
 from vgpu_agent.ops.cli.context import EXIT_ERROR, load_config, pick_gpus
 
 
@@ -99,6 +100,19 @@ def mps_apply_defaults(ctx: click.Context, gpu_uuid: str) -> None:
         click.echo(f"GPU {gpu_uuid}: pipe directory {loaded.mps.pipe_dir(gpu_uuid)} locked down")
     if gpu is not None:
         _apply_defaults(loaded, gpu)
+    _hold_gpu(loaded, gpu_uuid)
+
+
+def _hold_gpu(loaded: Config, gpu_uuid: str) -> None:
+    """Start the daemon's server before any client (after its ceiling); a failure is
+    reported, not fatal: the daemon keeps serving and the agent marks the GPU down."""
+    try:
+        started = hold_gpu(loaded.mps, loaded.mps.pipe_dir(gpu_uuid))
+    except VgpuError as exc:
+        click.echo(f"GPU {gpu_uuid}: {exc}", err=True)
+        return
+    if started is not None:
+        click.echo(f"GPU {gpu_uuid}: {started} (the MPS server holds the GPU before any client)")
 
 
 @mps_group.command("start")
@@ -117,6 +131,7 @@ def mps_start(ctx: click.Context, gpus: tuple[str, ...]) -> None:
         mode = "multi-user" if info.multi_user else "single-user"
         click.echo(f"GPU {gpu.index} {gpu.uuid}: MPS daemon answers on {info.pipe_dir} ({mode})")
         _apply_defaults(loaded, gpu)
+        _hold_gpu(loaded, gpu.uuid)
 
 
 @mps_group.command("stop")

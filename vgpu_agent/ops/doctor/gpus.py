@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from vgpu_agent.config.isolation import compute_mode_risk
 from vgpu_agent.config.plan import plan_gpus, slice_warnings
 from vgpu_agent.config.schema import ComputeModeSetting, Config
 from vgpu_agent.model.errors import VgpuError
@@ -154,4 +155,7 @@ def check_compute_modes(report: Report, config: Config, node: GpuFindings) -> No
             report.fail(check, f"GPU {gpu.index}: {exc}")
             continue
         status, message = judge_compute_mode(config.gpus.compute_mode, config.mps.enabled, mode)
+        risk = compute_mode_risk(config, mode)
+        if risk is not None:
+            status, message = Status.FAIL, f"{mode.value}: {risk}"
         report.add(status, check, f"GPU {gpu.index} {gpu.uuid}: {message}")
