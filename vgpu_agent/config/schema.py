@@ -31,6 +31,7 @@ from typing import (
     get_args,
 )
 
+from vgpu_agent.config.dra import DraConfig, dra_toml_pairs, parse_dra
 from vgpu_agent.host.log import LogLevel
 from vgpu_agent.host.sockets import MAX_UNIX_SOCKET_PATH_BYTES
 from vgpu_agent.model.devices import LimitPolicy, pipe_dir_for, proportional_memory_mib
@@ -242,6 +243,7 @@ class Config:
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     labels: LabelsConfig = field(default_factory=LabelsConfig)
+    dra: DraConfig = field(default_factory=DraConfig)
     #: Where this config came from (a path, or "<defaults>"); not a key in the file.
     source: str = "<defaults>"
 
@@ -1054,6 +1056,7 @@ def parse(text: str, source: str = "<string>") -> Config:
         ),
         metrics=_parse_metrics(root.table("metrics", "[metrics]", _keys(MetricsConfig))),
         labels=_parse_labels(root.table("labels", "[labels]", _keys(LabelsConfig))),
+        dra=parse_dra(document.get("dra"), source),
         source=source,
     )
 
@@ -1191,6 +1194,7 @@ def to_toml(config: Config) -> str:
         "labels",
         [("enabled", config.labels.enabled), ("features_dir", config.labels.features_dir)],
     )
+    table("dra", dra_toml_pairs(config.dra))
     simulated = config.simulated
     if simulated.gpus:
         # parse() refuses the single-model keys next to an explicit list.
