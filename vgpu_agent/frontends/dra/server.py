@@ -75,15 +75,20 @@ class RpcContext(Protocol):
         ...
 
 
+class Unparseable:
+    """Stands in for a request whose bytes are not a valid message (gRPC treats a
+    deserializer's None as its own failure and answers INTERNAL)."""
+
+
 def _tolerant(message_type: Any) -> Callable[[bytes], Any]:
-    """A deserializer that hands a request that does not parse to the servicer as None,
-    which refuses it as INVALID_ARGUMENT (gRPC's own answer would be INTERNAL)."""
+    """A deserializer that hands a request that does not parse to the servicer as
+    :class:`Unparseable`, which it refuses as INVALID_ARGUMENT."""
 
     def parse(data: bytes) -> Any:
         try:
             return message_type.FromString(data)
         except Exception:  # DecodeError: its class differs per protobuf runtime
-            return None
+            return Unparseable()
 
     return parse
 
@@ -109,7 +114,7 @@ class RegistrationServicer:
         self, request: Any, context: RpcContext
     ) -> reg_pb.RegistrationStatusResponse:
         """The kubelet's verdict on our registration."""
-        if request is None:
+        if isinstance(request, Unparseable):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not a RegistrationStatus message")
         self._on_status(bool(request.plugin_registered), str(request.error))
         return reg_pb.RegistrationStatusResponse()
@@ -151,7 +156,7 @@ class DraPluginServicer:
         self._clock = clock
 
     def _claims(self, request: Any, context: RpcContext, method: str) -> list[ClaimRef]:
-        if request is None:
+        if isinstance(request, Unparseable):
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"the {method} request is not a valid message"
             )
