@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import pytest
 
+from vgpu_agent.config.dra import DraConfig
 from vgpu_agent.config.schema import (
     CONFIG_ENV_VAR,
     DEFAULT_CONFIG_PATH,
@@ -979,6 +980,7 @@ _TABLES: list[tuple[str, type[DataclassInstance]]] = [
     ("mps", MpsConfig),
     ("health", HealthConfig),
     ("simulated", SimulatedConfig),
+    ("dra", DraConfig),
 ]
 _SETTING_LINE = re.compile(r"^#(?=[\[a-z])")
 
