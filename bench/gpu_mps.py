@@ -218,7 +218,7 @@ def agent_plan(count: int, memory_mib: int) -> Plan:
     from vgpu_agent.config.schema import Config
     from vgpu_agent.model.devices import ServedGpu, grant
     from vgpu_agent.model.gpu import Gpu
-    from vgpu_agent.mps.daemons import daemon_default_commands
+    from vgpu_agent.mps.ceilings import daemon_default_commands
 
     config = Config()
     gpu = Gpu(0, "GPU-bench", "bench", memory_mib, (9, 0))

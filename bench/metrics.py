@@ -31,16 +31,14 @@ from vgpu_agent.config.schema import SimulatedConfig
 from vgpu_agent.model.devices import Inventory, MpsGrantPolicy, ServedGpu
 from vgpu_agent.model.gpu import GpuProcess
 from vgpu_agent.observability.attribution import (
-    CHECKPOINT_NAME,
     Attribution,
-    CachedCheckpoint,
-    CheckpointEntry,
     ContainerDevices,
-    PodCgroup,
     attribute,
     gather,
     limits_from,
 )
+from vgpu_agent.observability.cgroups import PodCgroup
+from vgpu_agent.observability.checkpoint import CHECKPOINT_NAME, CachedCheckpoint, CheckpointEntry
 from vgpu_agent.observability.metrics import AgentMetrics, MetricsServer, NodeView
 from vgpu_agent.observability.podresources import PodResourcesClient
 from vgpu_agent.standins.kubelet import KubeletStandin

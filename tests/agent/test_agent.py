@@ -19,6 +19,7 @@ import pytest
 
 from tests.harness import RESOURCE, WAIT_S, AgentRun, NotifyListener, make_config
 from vgpu_agent.agent.loop import EXIT_CONFIG, EXIT_OK
+from vgpu_agent.config.parse import parse
 from vgpu_agent.config.schema import (
     Config,
     DeviceListStrategy,
@@ -26,7 +27,6 @@ from vgpu_agent.config.schema import (
     HealthConfig,
     SimulatedConfig,
     SimulatedGpu,
-    parse,
 )
 from vgpu_agent.host import control
 from vgpu_agent.host.systemd import Notifier

@@ -29,7 +29,8 @@ import pytest
 from tests.builders import write_fake_control
 from tests.harness import RESOURCE, WAIT_S, AgentRun, make_config, wait_until
 from vgpu_agent.agent.loop import EXIT_OK
-from vgpu_agent.config.schema import Config, HealthConfig, MpsConfig, parse
+from vgpu_agent.config.parse import parse
+from vgpu_agent.config.schema import Config, HealthConfig, MpsConfig
 from vgpu_agent.frontends._proto import deviceplugin_pb2 as pb
 from vgpu_agent.frontends._proto import deviceplugin_pb2_grpc as pb_grpc
 from vgpu_agent.frontends.deviceplugin import kubelet
@@ -39,7 +40,9 @@ from vgpu_agent.host import control
 from vgpu_agent.model.commands import parse_command
 from vgpu_agent.model.errors import ConfigError, GpuError, RegistrationError
 from vgpu_agent.model.gpu import GpuBackend
-from vgpu_agent.mps.daemons import DirectMpsDaemons, control_command, process_state
+from vgpu_agent.mps.control import control_command
+from vgpu_agent.mps.daemons import DirectMpsDaemons
+from vgpu_agent.mps.liveness import process_state
 from vgpu_agent.runtime.compose import open_backend_for
 from vgpu_agent.standins.kubelet import KubeletStandin
 from vgpu_agent.standins.simulated import SimulatedBackend, gpus_from_config
@@ -411,7 +414,7 @@ def _kill_daemons(mps: MpsConfig, extra: tuple[int, ...] = ()) -> None:
 DIRECT_MPS_AGENT = """
 import os, signal, sys
 from vgpu_agent.runtime.compose import build_agent
-from vgpu_agent.config.schema import load
+from vgpu_agent.config.parse import load
 from vgpu_agent.host.log import setup_logging
 from vgpu_agent.mps.daemons import DirectMpsDaemons
 from vgpu_agent.host.systemd import Notifier

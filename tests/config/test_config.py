@@ -11,10 +11,12 @@ from typing import TYPE_CHECKING, Callable, Optional
 import pytest
 
 from vgpu_agent.config.dra import DraConfig
+from vgpu_agent.config.parse import load, load_effective, load_or_default, parse, resolve_path
+from vgpu_agent.config.plan import MIN_USEFUL_SLICE_MIB, slice_warnings
+from vgpu_agent.config.render import to_toml
 from vgpu_agent.config.schema import (
     CONFIG_ENV_VAR,
     DEFAULT_CONFIG_PATH,
-    MIN_USEFUL_SLICE_MIB,
     AgentConfig,
     Config,
     GpusConfig,
@@ -23,13 +25,6 @@ from vgpu_agent.config.schema import (
     PluginConfig,
     SimulatedConfig,
     SimulatedGpu,
-    load,
-    load_effective,
-    load_or_default,
-    parse,
-    resolve_path,
-    slice_warnings,
-    to_toml,
 )
 from vgpu_agent.model.errors import ConfigError
 

@@ -7,8 +7,10 @@ import pytest
 
 from tests.builders import make_gpu
 from vgpu_agent.config.dra import DraConfig, resolve_node_name
-from vgpu_agent.config.plan import KeepRunningConfig, plan_reload
-from vgpu_agent.config.schema import Config, parse, to_toml
+from vgpu_agent.config.parse import parse
+from vgpu_agent.config.reload import KeepRunningConfig, plan_reload
+from vgpu_agent.config.render import to_toml
+from vgpu_agent.config.schema import Config
 from vgpu_agent.model.errors import ConfigError
 
 

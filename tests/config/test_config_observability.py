@@ -5,15 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from vgpu_agent.config.schema import (
-    AttributionConfig,
-    Config,
-    LabelsConfig,
-    MetricsConfig,
-    parse,
-    split_listen_address,
-    to_toml,
-)
+from vgpu_agent.config.parse import parse
+from vgpu_agent.config.render import to_toml
+from vgpu_agent.config.schema import AttributionConfig, Config, LabelsConfig, MetricsConfig
+from vgpu_agent.config.values import split_listen_address
 from vgpu_agent.model.errors import ConfigError
 
 SOURCE = "/etc/vgpu/config.toml"

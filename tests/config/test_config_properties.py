@@ -18,6 +18,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from vgpu_agent.config.parse import parse
+from vgpu_agent.config.render import to_toml
 from vgpu_agent.config.schema import (
     SHARED_SYSTEM_DIRECTORIES,
     AgentConfig,
@@ -28,8 +30,6 @@ from vgpu_agent.config.schema import (
     PluginConfig,
     SimulatedConfig,
     SimulatedGpu,
-    parse,
-    to_toml,
 )
 from vgpu_agent.host.sockets import MAX_UNIX_SOCKET_PATH_BYTES
 from vgpu_agent.model.devices import LimitPolicy

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from tests.builders import gpu_uuid, make_gpu
+from vgpu_agent.config.parse import parse
 from vgpu_agent.config.plan import (
+    confinement_line,
+    gpu_ceiling,
+    grant_policy,
+    plan_gpus,
+)
+from vgpu_agent.config.reload import (
     ApplyCeiling,
     KeepRunningConfig,
     ReloadAction,
@@ -18,13 +25,9 @@ from vgpu_agent.config.plan import (
     UseLogLevel,
     WarnNotServed,
     WithdrawGpu,
-    confinement_line,
-    gpu_ceiling,
-    grant_policy,
-    plan_gpus,
     plan_reload,
 )
-from vgpu_agent.config.schema import Config, parse
+from vgpu_agent.config.schema import Config
 from vgpu_agent.model.gpu import Gpu
 
 RUNNING = parse("[gpus]\nreplicas_per_gpu = 4\n")

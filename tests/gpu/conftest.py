@@ -33,7 +33,8 @@ from vgpu_agent.frontends.deviceplugin.server import PluginServer, PluginService
 from vgpu_agent.model import node as node_model
 from vgpu_agent.model.devices import Inventory, ServedGpu
 from vgpu_agent.model.gpu import Gpu
-from vgpu_agent.mps.daemons import DirectMpsDaemons, control_command
+from vgpu_agent.mps.control import control_command
+from vgpu_agent.mps.daemons import DirectMpsDaemons
 from vgpu_agent.standins.kubelet import KubeletStandin
 
 HERE = Path(__file__).parent

@@ -17,7 +17,7 @@ import pytest
 
 from vgpu_agent.config.plan import daemon_ceiling
 from vgpu_agent.model.daemons import check_now
-from vgpu_agent.mps.daemons import ceiling_gaps
+from vgpu_agent.mps.ceilings import ceiling_gaps
 
 from .conftest import Node
 

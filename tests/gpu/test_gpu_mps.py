@@ -19,7 +19,8 @@ from vgpu_agent.model.daemons import FULL_PROBE_INTERVAL_S, check_now
 from vgpu_agent.model.devices import HEALTHY, UNHEALTHY
 from vgpu_agent.model.errors import GpuLostError
 from vgpu_agent.model.gpu import ComputeMode, Gpu
-from vgpu_agent.mps.daemons import daemon_pid, process_state
+from vgpu_agent.mps.directories import daemon_pid
+from vgpu_agent.mps.liveness import process_state
 
 from .conftest import CONTAINER_PIPE_DIR, REPLICAS, Node, memory_limit_mib
 

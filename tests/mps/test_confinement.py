@@ -33,6 +33,7 @@ from click.testing import CliRunner
 
 from tests.builders import write_fake_control
 from vgpu_agent.agent.loop import Agent
+from vgpu_agent.config.render import to_toml
 from vgpu_agent.config.schema import (
     AgentConfig,
     Config,
@@ -41,23 +42,17 @@ from vgpu_agent.config.schema import (
     MpsConfig,
     PluginConfig,
     SimulatedConfig,
-    to_toml,
 )
 from vgpu_agent.frontends.deviceplugin.server import AdvertisedDevice
 from vgpu_agent.host.systemd import Notifier
 from vgpu_agent.model.daemons import QuickCheck
 from vgpu_agent.model.devices import Ceiling
 from vgpu_agent.model.gpu import Gpu
-from vgpu_agent.mps.daemons import (
-    DirectMpsDaemons,
-    LivenessProber,
-    ceiling_gaps,
-    control_command,
-    daemon_pid,
-    parse_memory_answer,
-    restrict_pipe_dir,
-    wait_until_answers,
-)
+from vgpu_agent.mps.ceilings import ceiling_gaps, parse_memory_answer
+from vgpu_agent.mps.control import control_command, wait_until_answers
+from vgpu_agent.mps.daemons import DirectMpsDaemons
+from vgpu_agent.mps.directories import daemon_pid, restrict_pipe_dir
+from vgpu_agent.mps.liveness import LivenessProber
 from vgpu_agent.ops.cli import cli
 from vgpu_agent.runtime.compose import build_agent
 from vgpu_agent.standins.kubelet import KubeletStandin

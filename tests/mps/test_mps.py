@@ -23,22 +23,24 @@ from vgpu_agent.config.schema import MpsConfig
 from vgpu_agent.model.daemons import check_now
 from vgpu_agent.model.errors import MpsError
 from vgpu_agent.model.gpu import Gpu
-from vgpu_agent.mps.daemons import (
+from vgpu_agent.mps.control import (
     MULTI_USER_UNSUPPORTED,
-    DirectMpsDaemons,
-    ExternalMpsDaemons,
-    SystemdMpsDaemons,
-    build_mps_daemons,
     control_command,
     daemon_command,
     daemon_environment,
     help_supports_multi_user,
-    prepare_directories,
     probe_pipe_dir,
     quit_daemon,
     resolve_multi_user,
+)
+from vgpu_agent.mps.daemons import (
+    DirectMpsDaemons,
+    ExternalMpsDaemons,
+    SystemdMpsDaemons,
+    build_mps_daemons,
     secure_pipe_dir,
 )
+from vgpu_agent.mps.directories import prepare_directories
 
 GPU = Gpu(
     index=0,

@@ -10,7 +10,8 @@ import time
 from tests.harness import wait_until
 from tests.mps.test_mps import GPU, FakeMps, direct, fake_mps  # noqa: F401 - fixtures
 from vgpu_agent.model.daemons import QuickCheck, check_now
-from vgpu_agent.mps.daemons import DirectMpsDaemons, LivenessProber, process_state, quick_check
+from vgpu_agent.mps.daemons import DirectMpsDaemons
+from vgpu_agent.mps.liveness import LivenessProber, process_state, quick_check
 
 
 def test_process_state_of_self_and_gone() -> None:

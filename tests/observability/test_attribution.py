@@ -15,17 +15,13 @@ from vgpu_agent.model.errors import AttributionError
 from vgpu_agent.model.gpu import GpuProcess
 from vgpu_agent.observability.attribution import (
     Attribution,
-    CheckpointEntry,
     ContainerDevices,
-    PodCgroup,
     attribute,
     gather,
     limits_from,
-    parse_cgroup,
-    parse_checkpoint,
-    read_checkpoint,
-    read_process_cgroup,
 )
+from vgpu_agent.observability.cgroups import PodCgroup, parse_cgroup, read_process_cgroup
+from vgpu_agent.observability.checkpoint import CheckpointEntry, parse_checkpoint, read_checkpoint
 from vgpu_agent.observability.podresources import list_pod_resources
 from vgpu_agent.standins.podresources import (
     PodResourcesStandin,
@@ -556,7 +552,7 @@ def test_the_cgroup_tree_names_pods_of_pids_proc_hides(tmp_path: Path) -> None:
     )
     _cgroup(tmp_path, f"kubepods/besteffort/pod{uid_b}/{'d' * 64}", [200])
     _cgroup(tmp_path, f"kubepods/besteffort/pod{uid_b}/{'d' * 64}/nested", [201])
-    from vgpu_agent.observability.attribution import pod_cgroups_by_pid
+    from vgpu_agent.observability.cgroups import pod_cgroups_by_pid
 
     found = pod_cgroups_by_pid(str(tmp_path))
     assert found == {
@@ -585,7 +581,7 @@ def test_gather_falls_back_to_the_cgroup_tree(short_tmp_dir: str, tmp_path: Path
 
 def test_the_cached_checkpoint_rereads_only_a_changed_file(tmp_path: Path) -> None:
     """CachedCheckpoint parses again when the file changes, and reports a missing one."""
-    from vgpu_agent.observability.attribution import CachedCheckpoint
+    from vgpu_agent.observability.checkpoint import CachedCheckpoint
 
     path = tmp_path / "kubelet_internal_checkpoint"
     pods = [StandinPod("ns", "a", UID_A, (StandinContainer("main", RESOURCE, (vgpu_id(0, 0),)),))]

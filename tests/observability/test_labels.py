@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.builders import make_inventory
-from vgpu_agent.config.schema import parse
+from vgpu_agent.config.parse import parse
 from vgpu_agent.model.devices import Inventory
 from vgpu_agent.model.errors import AgentError
 from vgpu_agent.observability.labels import (

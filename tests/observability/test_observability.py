@@ -22,7 +22,7 @@ from vgpu_agent.config.schema import (
     PluginConfig,
 )
 from vgpu_agent.model.devices import MpsGrantPolicy
-from vgpu_agent.observability.attribution import CHECKPOINT_NAME
+from vgpu_agent.observability.checkpoint import CHECKPOINT_NAME
 from vgpu_agent.observability.labels import LABEL_PREFIX, read_feature_file
 from vgpu_agent.observability.podresources import list_pod_resources
 from vgpu_agent.observability.service import AgentCounts, Observability

@@ -30,7 +30,8 @@ from tests.harness import (
 from vgpu_agent.config.schema import AttributionConfig, LabelsConfig, MetricsConfig
 from vgpu_agent.model.commands import SimulateAction, SimulateCommand, parse_command, to_request
 from vgpu_agent.model.errors import VgpuError
-from vgpu_agent.observability.attribution import CHECKPOINT_NAME, gather
+from vgpu_agent.observability.attribution import gather
+from vgpu_agent.observability.checkpoint import CHECKPOINT_NAME
 from vgpu_agent.observability.labels import LABEL_PREFIX, read_feature_file
 from vgpu_agent.standins.kubelet import KubeletStandin
 from vgpu_agent.standins.podresources import PodResourcesStandin, StandinContainer, StandinPod

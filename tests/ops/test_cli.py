@@ -222,8 +222,8 @@ def test_mps_daemon_defaults(short_tmp_dir: str) -> None:
         assert "set_default_active_thread_percentage 25" in started.stdout
         assert "set_default_device_pinned_mem_limit 0 1024M" in started.stdout
         gpu_uuid = started.stdout.split()[2].rstrip(":")
-        from vgpu_agent.config.schema import load
-        from vgpu_agent.mps.daemons import control_command
+        from vgpu_agent.config.parse import load
+        from vgpu_agent.mps.control import control_command
 
         pipe_dir = f"{root}/p/{gpu_uuid}"
         mps_config = load(str(config)).mps
@@ -252,8 +252,9 @@ def test_apply_defaults_confines_a_daemon_restarted_without_its_ceiling(
         f'[mps]\nmanager = "direct"\ncontrol_binary = "{fake}"\npipe_root = "{root}/p"\n'
         f'log_root = "{root}/l"\n'
     )
-    from vgpu_agent.config.schema import load
-    from vgpu_agent.mps.daemons import control_command, daemon_pid, wait_until_answers
+    from vgpu_agent.config.parse import load
+    from vgpu_agent.mps.control import control_command, wait_until_answers
+    from vgpu_agent.mps.directories import daemon_pid
 
     mps_config = load(str(config)).mps
     try:
@@ -317,8 +318,8 @@ def test_apply_defaults_in_cooperative_mode_only_locks_down(short_tmp_dir: str) 
         f'[mps]\nmanager = "external"\ncontrol_binary = "{fake}"\npipe_root = "{root}/p"\n'
         f'log_root = "{root}/l"\nconfinement = "cooperative"\n'
     )
-    from vgpu_agent.config.schema import load
-    from vgpu_agent.mps.daemons import control_command, wait_until_answers
+    from vgpu_agent.config.parse import load
+    from vgpu_agent.mps.control import control_command, wait_until_answers
 
     mps_config = load(str(config)).mps
     started = subprocess.run(

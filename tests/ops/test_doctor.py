@@ -12,13 +12,8 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from vgpu_agent.config.schema import (
-    ComputeModeSetting,
-    Config,
-    MultiUser,
-    SimulatedConfig,
-    simulated_mps,
-)
+from vgpu_agent.config.plan import simulated_mps
+from vgpu_agent.config.schema import ComputeModeSetting, Config, MultiUser, SimulatedConfig
 from vgpu_agent.host.control import ControlServer
 from vgpu_agent.host.sockets import socket_state
 from vgpu_agent.model.commands import ControlCommand, StatusCommand

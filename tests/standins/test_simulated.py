@@ -10,7 +10,8 @@ from typing import Callable, Optional
 
 import pytest
 
-from vgpu_agent.config.schema import SimulatedConfig, SimulatedGpu, parse
+from vgpu_agent.config.parse import parse
+from vgpu_agent.config.schema import SimulatedConfig, SimulatedGpu
 from vgpu_agent.model.daemons import MpsDaemons, QuickCheck, check_now
 from vgpu_agent.model.errors import GpuError, GpuLostError
 from vgpu_agent.model.gpu import ComputeMode, Gpu, GpuBackend, GpuEvent, GpuEventKind, GpuProcess

@@ -21,6 +21,14 @@ from typing import Any, Callable, Optional, Protocol, Union
 from vgpu_agent.agent.health import Emit, HealthChange
 from vgpu_agent.agent.registration import Registrar
 from vgpu_agent.config.plan import (
+    confinement_line,
+    daemon_ceiling,
+    gpu_ceiling,
+    grant_policy,
+    plan_gpus,
+    slice_warnings,
+)
+from vgpu_agent.config.reload import (
     ApplyCeiling,
     KeepRunningConfig,
     Reregister,
@@ -32,14 +40,9 @@ from vgpu_agent.config.plan import (
     UseLogLevel,
     WarnNotServed,
     WithdrawGpu,
-    confinement_line,
-    daemon_ceiling,
-    gpu_ceiling,
-    grant_policy,
-    plan_gpus,
     plan_reload,
 )
-from vgpu_agent.config.schema import Config, HealthConfig, PluginConfig, slice_warnings
+from vgpu_agent.config.schema import Config, HealthConfig, PluginConfig
 from vgpu_agent.host.log import log_event, set_level
 from vgpu_agent.host.sandbox import PluginDirGuard
 from vgpu_agent.host.systemd import Notifier

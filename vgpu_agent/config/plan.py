@@ -1,5 +1,6 @@
 """Decisions made from the config alone (pure): which GPUs to serve with how many vGPUs,
-what Allocate grants for MPS, and what a reload changes.
+what Allocate grants for MPS, each daemon's ceiling, the memory-slice advice that depends
+on the GPU, and whether MPS is simulated. What a reload changes is in :mod:`.reload`.
 
 No I/O: everything takes values and returns values, so it is tested with tables, and
 `vgpu-agent doctor` and `gpus` use the same rules as the agent without starting it.
@@ -7,18 +8,17 @@ No I/O: everything takes values and returns values, so it is tested with tables,
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
-from vgpu_agent.config.dra import DRA_RESTART_ONLY_KEYS
 from vgpu_agent.config.schema import Config, MpsConfig
-from vgpu_agent.host.log import LogLevel
 from vgpu_agent.model.devices import (
     Ceiling,
     MpsGrantPolicy,
     enforced_ceiling,
     memory_limit_mib,
+    proportional_memory_mib,
     thread_percentage,
 )
 from vgpu_agent.model.gpu import Gpu
@@ -158,183 +158,50 @@ def confinement_line(config: Config) -> str:
     )
 
 
-# -- reload --------------------------------------------------------------------------------------
+# -- advice and facts from the config ------------------------------------------------------------
+
+#: A proportional memory slice below this leaves an MPS client almost nothing once its own
+#: CUDA context is counted against the limit (measured: a 1 GiB limit left 0.39 GiB free).
+MIN_USEFUL_SLICE_MIB = 640
 
 
-@dataclass(frozen=True)
-class KeepRunningConfig:
-    """Refuse the new config and keep serving as before (the only action when present)."""
-
-    why: str
-
-
-@dataclass(frozen=True)
-class UseLogLevel:
-    """Log at a new level."""
-
-    level: LogLevel
-
-
-@dataclass(frozen=True)
-class UseGrantPolicy:
-    """Allocate hands out a new MPS policy from now on."""
-
-    policy: Optional[MpsGrantPolicy]
-
-
-@dataclass(frozen=True)
-class WarnNotServed:
-    """A GPU the new config names, or would split, cannot be served: say why."""
-
-    problem: str
-
-
-@dataclass(frozen=True)
-class ServeGpu:
-    """Start serving a GPU the running config did not: compute mode, MPS daemon, vGPUs."""
-
-    gpu: Gpu
-    replicas: int
-
-
-@dataclass(frozen=True)
-class ResizeGpu:
-    """Advertise a served GPU as a different number of vGPUs."""
-
-    gpu_uuid: str
-    replicas: int
-
-
-@dataclass(frozen=True)
-class WithdrawGpu:
-    """Stop advertising a served GPU (its MPS daemon keeps running for the jobs on it)."""
-
-    gpu_uuid: str
-
-
-@dataclass(frozen=True)
-class Reregister:
-    """The plugin settings changed: serve on the new socket and register again."""
-
-
-@dataclass(frozen=True)
-class RestartHealthChecks:
-    """The health settings changed: restart the watchers with them."""
-
-
-@dataclass(frozen=True)
-class UseDeviceListStrategy:
-    """Allocate names GPUs to the container toolkit another way from now on."""
-
-    strategy: str
-
-
-@dataclass(frozen=True)
-class ApplyCeiling:
-    """Set a kept GPU's daemon ceiling anew: confinement or the vGPU count changed."""
-
-    gpu: Gpu
-    replicas: int
-
-
-ReloadAction = Union[
-    KeepRunningConfig,
-    UseLogLevel,
-    UseGrantPolicy,
-    WarnNotServed,
-    ServeGpu,
-    ResizeGpu,
-    WithdrawGpu,
-    Reregister,
-    RestartHealthChecks,
-    UseDeviceListStrategy,
-    ApplyCeiling,
-]
-
-
-#: Settings a running agent cannot take on: its control socket's directory, the GPU
-#: backend, and how the MPS daemons are run (they were started with the old ones).
-RESTART_ONLY_KEYS = (
-    ("agent", "state_dir"),
-    ("gpus", "backend"),
-    ("gpus", "compute_mode"),
-    ("mps", "enabled"),
-    ("mps", "manager"),
-    ("mps", "pipe_root"),
-    ("mps", "log_root"),
-    ("mps", "control_binary"),
-    ("mps", "multi_user"),
-    # Not the daemon defaults (mps.confinement, max_vgpus_per_container, daemon_*_limit):
-    # a reload sets the new ceiling on the running daemons (ApplyCeiling).
-    # The frontend and everything DRA mode names (sockets, CDI directory) are chosen at start.
-    *DRA_RESTART_ONLY_KEYS,
-)
-
-
-def restart_only_changes(running: Config, new: Config) -> list[str]:
-    """The keys (``table.key``) that differ between the configs but only apply at start."""
-    changed = [
-        f"{table}.{key}"
-        for table, key in RESTART_ONLY_KEYS
-        if getattr(getattr(running, table), key) != getattr(getattr(new, table), key)
-    ]
-    if running.gpus.backend == "simulated" and new.simulated != running.simulated:
-        changed.append("[simulated]")
-    return changed
-
-
-def plan_reload(
-    running: Config, new: Config, gpus: Sequence[Gpu], served: Mapping[str, int]
-) -> list[ReloadAction]:
-    """What changes when the agent that runs ``running`` and serves ``served`` (GPU UUID ->
-    vGPUs) reloads ``new`` on a node with ``gpus``, in the order to do it.
-
-    A new config that serves no GPU is refused: at start it would be an error, and on
-    reload it would silently withdraw every vGPU from the kubelet.
-    """
-    fixed = restart_only_changes(running, new)
-    if fixed:
+def slice_warnings(config: Config, model: str, memory_mib: int) -> list[str]:
+    """Warnings about the MPS memory slices a GPU of ``model`` with ``memory_mib`` would get."""
+    mps = config.mps
+    if not mps.enabled:
+        return []
+    replicas = config.replicas_for_model(model)
+    if mps.memory_limit == "none":
+        return []
+    if mps.memory_limit == "proportional":
+        slice_mib = proportional_memory_mib(memory_mib, mps.memory_headroom_mib, 1, replicas)
+        if slice_mib >= MIN_USEFUL_SLICE_MIB:
+            return []
         return [
-            KeepRunningConfig(
-                f"restart needed: {', '.join(fixed)} cannot change while the agent runs; "
-                "restart it to apply the new config (systemctl restart vgpu-agent)"
-            )
+            f"{model} ({memory_mib} MiB, {mps.memory_headroom_mib} MiB headroom) split into "
+            f"{replicas} vGPUs gives each {slice_mib} MiB of memory; below "
+            f"{MIN_USEFUL_SLICE_MIB} MiB a client has almost nothing left after its CUDA "
+            "context: lower gpus.replicas_per_gpu or add a gpus.replicas_by_model entry "
+            "for this model, or lower mps.memory_headroom_mib"
         ]
-    plan = plan_gpus(new, gpus)
-    if not plan.served:
-        return [
-            KeepRunningConfig(
-                "the new one serves no GPU: " + ("; ".join(plan.refused) or "no GPU selected")
-            )
-        ]
-    actions: list[ReloadAction] = []
-    if new.agent.log_level != running.agent.log_level:
-        actions.append(UseLogLevel(new.agent.log_level))
-    if grant_policy(new) != grant_policy(running):
-        actions.append(UseGrantPolicy(grant_policy(new)))
-    actions.extend(WarnNotServed(problem) for problem in plan.refused)
-    wanted = {gpu.uuid: replicas for gpu, replicas in plan.served}
-    actions.extend(
-        ServeGpu(gpu, replicas) for gpu, replicas in plan.served if gpu.uuid not in served
+    warnings: list[str] = []
+    if mps.memory_limit < MIN_USEFUL_SLICE_MIB:
+        warnings.append(
+            f"mps.memory_limit = {mps.memory_limit} MiB per vGPU leaves a client almost "
+            f"nothing after its CUDA context (below {MIN_USEFUL_SLICE_MIB} MiB)"
+        )
+    if mps.memory_limit > memory_mib:
+        warnings.append(
+            f"mps.memory_limit = {mps.memory_limit} MiB per vGPU is more than the "
+            f"{memory_mib} MiB of {model}: the limit confines nothing"
+        )
+    return warnings
+
+
+def simulated_mps(config: Config) -> bool:
+    """Whether the MPS daemons are simulated: with simulated GPUs, unless the config names a
+    control program (a stand-in, as the fault and system tests use), which the configured
+    manager then runs or watches."""
+    return (
+        config.gpus.backend == "simulated" and config.mps.control_binary == MpsConfig.control_binary
     )
-    for gpu_uuid, replicas in served.items():
-        if gpu_uuid not in wanted:
-            actions.append(WithdrawGpu(gpu_uuid))
-        elif wanted[gpu_uuid] != replicas:
-            actions.append(ResizeGpu(gpu_uuid, wanted[gpu_uuid]))
-    if new.plugin.device_list_strategy != running.plugin.device_list_strategy:
-        actions.append(UseDeviceListStrategy(new.plugin.device_list_strategy))
-    by_uuid = {gpu.uuid: gpu for gpu in gpus}
-    for gpu_uuid, replicas in served.items():
-        gpu = by_uuid.get(gpu_uuid)
-        if gpu is None or gpu_uuid not in wanted:
-            continue
-        before = gpu_ceiling(running, gpu.memory_mib, replicas)
-        after = gpu_ceiling(new, gpu.memory_mib, wanted[gpu_uuid])
-        if after != before and not after.empty:
-            actions.append(ApplyCeiling(gpu, wanted[gpu_uuid]))
-    if new.plugin != running.plugin:
-        actions.append(Reregister())
-    if new.health != running.health:
-        actions.append(RestartHealthChecks())
-    return actions

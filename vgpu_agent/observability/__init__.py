@@ -1,7 +1,9 @@
 """What the agent shows about itself beyond the kubelet.
 
 What lives here: who uses each vGPU (``attribution``, joining the kubelet's PodResources
-answer with NVML's MPS processes and cgroups), the kubelet's PodResources client
+answer with the kubelet's device checkpoint and NVML's MPS processes), the sources it reads
+that no pod can write: the device checkpoint (``checkpoint``) and which pod and container a
+process is in, from its cgroup (``cgroups``); the kubelet's PodResources client
 (``podresources``), Prometheus metrics (``metrics``, the only prometheus_client import),
 node-feature-discovery labels (``labels``) and the service that refreshes and publishes
 them (``service``).

@@ -18,16 +18,14 @@ names, so their processes cannot be told apart: their memory is reported for the
 (:class:`PodGpuUsage`) and each of those containers says so (``memory_shared_with``) with no
 figure of its own.
 
-Everything here but :func:`read_process_cgroup`, :func:`pod_cgroups_by_pid`,
-:func:`read_checkpoint` and :func:`gather` (which asks the sources, the PodResources API
-through the function it is handed, then calls the pure :func:`attribute`) is pure.
+Everything here but :func:`gather` is pure. It asks the sources (the PodResources API through
+the function it is handed, the checkpoint through :mod:`vgpu_agent.observability.checkpoint`,
+the processes' cgroups through :mod:`vgpu_agent.observability.cgroups`), then calls the pure
+:func:`attribute`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -42,6 +40,8 @@ from vgpu_agent.model.devices import (
 )
 from vgpu_agent.model.errors import AttributionError, GpuError
 from vgpu_agent.model.gpu import GpuBackend, GpuProcess
+from vgpu_agent.observability.cgroups import PodCgroup, pod_cgroups_by_pid, read_process_cgroup
+from vgpu_agent.observability.checkpoint import CheckpointEntry, read_checkpoint
 
 
 @dataclass(frozen=True)
@@ -54,242 +54,6 @@ class ContainerDevices:
     container: str
     resource_name: str
     device_ids: tuple[str, ...]
-
-
-#: The kubelet's device checkpoint, in the device plugin directory.
-CHECKPOINT_NAME = "kubelet_internal_checkpoint"
-#: Checkpoints are small; a bigger file is not the kubelet's.
-MAX_CHECKPOINT_BYTES = 16 * 1024 * 1024
-
-# systemd cgroup driver: kubepods[-<qos>]-pod<UID with '_' for '-'>.slice, possibly with a
-# prefix from a nested kubelet (kubelet-kubepods-...).
-_SYSTEMD_POD_RE = re.compile(
-    r"(?:[a-z0-9]+-)*kubepods(?:-(?P<qos>burstable|besteffort))?-pod(?P<uid>[0-9a-fA-F_]{36})\.slice"
-)
-# cgroupfs driver: .../kubepods/[<qos>/]pod<UID>
-_CGROUPFS_POD_RE = re.compile(r"pod(?P<uid>[0-9a-fA-F-]{36})")
-_CGROUPFS_QOS = frozenset({"burstable", "besteffort"})
-# systemd scopes of container runtimes: cri-containerd-<id>.scope, crio-<id>.scope,
-# docker-<id>.scope (cri-dockerd).
-_SCOPE_RE = re.compile(r"(?:cri-containerd|crio|docker)-(?P<id>[0-9a-fA-F]{12,})\.scope")
-_CONTAINER_ID_RE = re.compile(r"[0-9a-fA-F]{12,}")
-
-
-@dataclass(frozen=True)
-class PodCgroup:
-    """Where a process sits: its pod's UID, its container's runtime id, its QoS class."""
-
-    pod_uid: str
-    #: None for a process in the pod's cgroup but in no container's (CRI-O's conmon).
-    container_id: Optional[str]
-    qos: str
-
-
-def _pod_from_path(path: str) -> Optional[PodCgroup]:
-    segments = [segment for segment in path.split("/") if segment]
-    for position, segment in enumerate(segments):
-        systemd = _SYSTEMD_POD_RE.fullmatch(segment)
-        if systemd is not None:
-            uid = systemd.group("uid").replace("_", "-").lower()
-            qos = systemd.group("qos") or "guaranteed"
-            return PodCgroup(uid, _container_id(segments[position + 1 :]), qos)
-        cgroupfs = _CGROUPFS_POD_RE.fullmatch(segment)
-        if cgroupfs is not None and "kubepods" in segments[:position]:
-            parent = segments[position - 1]
-            qos = parent if parent in _CGROUPFS_QOS else "guaranteed"
-            uid = cgroupfs.group("uid").lower()
-            return PodCgroup(uid, _container_id(segments[position + 1 :]), qos)
-    return None
-
-
-def _container_id(rest: Sequence[str]) -> Optional[str]:
-    if not rest:
-        return None
-    first = rest[0]
-    scope = _SCOPE_RE.fullmatch(first)
-    if scope is not None:
-        return scope.group("id").lower()
-    if _CONTAINER_ID_RE.fullmatch(first):
-        return first.lower()
-    return None
-
-
-def parse_cgroup(text: str) -> Optional[PodCgroup]:
-    """The pod of a process from its ``/proc/<pid>/cgroup`` text; None when in no pod.
-
-    cgroup v2 gives one line ``0::<path>``; on cgroup v1 every hierarchy's line names the
-    same pod, and the first that does is used.
-    """
-    for line in text.splitlines():
-        hierarchy, _, rest = line.partition(":")
-        _controllers, separator, path = rest.partition(":")
-        if not hierarchy or not separator:
-            continue
-        found = _pod_from_path(path.strip())
-        if found is not None:
-            return found
-    return None
-
-
-#: How deep below the cgroup root container cgroups are looked for (kubepods nests 4-6 deep).
-MAX_CGROUP_DEPTH = 10
-
-
-def pod_cgroups_by_pid(cgroup_root: str = "/sys/fs/cgroup") -> dict[int, PodCgroup]:
-    """Every pid in a container cgroup of a pod, from the cgroup v2 tree's ``cgroup.procs``.
-
-    The answer for processes ``/proc`` hides: under systemd's ``ProtectProc=invisible`` the
-    agent (root without capabilities) cannot see other users' ``/proc/<pid>``, while the
-    cgroup tree stays readable. Pids are in the reader's PID namespace, as NVML's are.
-    """
-    found: dict[int, PodCgroup] = {}
-    root_depth = cgroup_root.rstrip("/").count("/")
-    for directory, subdirectories, _files in os.walk(cgroup_root):
-        relative = directory[len(cgroup_root) :]
-        depth = directory.rstrip("/").count("/") - root_depth
-        pod = _pod_from_path(relative) if "pod" in relative else None
-        if pod is not None and pod.container_id is not None:
-            # A container's cgroup: its processes (and any sub-cgroup's) are its own.
-            subdirectories.clear()
-            for pid in _cgroup_pids(directory):
-                found[pid] = pod
-            continue
-        if depth >= MAX_CGROUP_DEPTH:
-            subdirectories.clear()
-    return found
-
-
-def _cgroup_pids(directory: str) -> list[int]:
-    pids: list[int] = []
-    for current, _subdirectories, files in os.walk(directory):
-        if "cgroup.procs" not in files:
-            continue
-        try:
-            with open(os.path.join(current, "cgroup.procs"), encoding="ascii") as procs:
-                pids.extend(int(line) for line in procs if line.strip().isdigit())
-        except (OSError, ValueError):
-            continue
-    return pids
-
-
-def read_process_cgroup(pid: int, proc_root: str = "/proc") -> Optional[PodCgroup]:
-    """The pod of process ``pid``; None when it is in no pod or has exited."""
-    try:
-        with open(os.path.join(proc_root, str(pid), "cgroup"), encoding="utf-8") as cgroup:
-            return parse_cgroup(cgroup.read())
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-@dataclass(frozen=True)
-class CheckpointEntry:
-    """One allocation the kubelet recorded: a pod UID's container and its device ids."""
-
-    pod_uid: str
-    container: str
-    resource_name: str
-    device_ids: tuple[str, ...]
-
-
-def parse_checkpoint(text: str, source: str = CHECKPOINT_NAME) -> list[CheckpointEntry]:
-    """The allocations in the kubelet's device checkpoint JSON.
-
-    ``DeviceIDs`` is a map from NUMA node to ids (kubelet 1.20 and newer) or a plain list
-    (older kubelets); both are read.
-    """
-    try:
-        document = json.loads(text)
-    except ValueError as exc:
-        raise AttributionError(f"reading the kubelet checkpoint {source}: not JSON: {exc}") from exc
-    data = document.get("Data") if isinstance(document, dict) else None
-    if not isinstance(data, dict):
-        raise AttributionError(
-            f"reading the kubelet checkpoint {source}: no 'Data' object; is it the kubelet's "
-            "device manager checkpoint?"
-        )
-    raw_entries = data.get("PodDeviceEntries")
-    if raw_entries is None:  # a kubelet without allocations writes null
-        raw_entries = []
-    if not isinstance(raw_entries, list):
-        raise AttributionError(
-            f"reading the kubelet checkpoint {source}: 'PodDeviceEntries' is not a list"
-        )
-    entries: list[CheckpointEntry] = []
-    for raw in raw_entries:
-        if not isinstance(raw, dict):
-            continue
-        pod_uid, container = raw.get("PodUID"), raw.get("ContainerName")
-        resource = raw.get("ResourceName")
-        if not isinstance(pod_uid, str) or not isinstance(container, str):
-            continue
-        entries.append(
-            CheckpointEntry(
-                pod_uid=pod_uid.lower(),
-                container=container,
-                resource_name=resource if isinstance(resource, str) else "",
-                device_ids=_checkpoint_ids(raw.get("DeviceIDs")),
-            )
-        )
-    return entries
-
-
-def _checkpoint_ids(raw: object) -> tuple[str, ...]:
-    if isinstance(raw, dict):
-        lists: Iterable[object] = raw.values()
-    elif isinstance(raw, list):
-        lists = [raw]
-    else:
-        return ()
-    ids: list[str] = []
-    for group in lists:
-        if isinstance(group, list):
-            ids.extend(item for item in group if isinstance(item, str) and item not in ids)
-    return tuple(ids)
-
-
-def read_checkpoint(path: str) -> list[CheckpointEntry]:
-    """Read the kubelet's device checkpoint at ``path`` (never written here)."""
-    try:
-        with open(path, "rb") as checkpoint:
-            data = checkpoint.read(MAX_CHECKPOINT_BYTES + 1)
-    except FileNotFoundError:
-        raise AttributionError(
-            f"kubelet checkpoint {path} not found; processes cannot be matched to containers "
-            "(is plugin.plugin_dir the kubelet's device plugin directory?)"
-        ) from None
-    except OSError as exc:
-        raise AttributionError(
-            f"reading the kubelet checkpoint {path}: {exc.strerror or exc}; run the agent as root"
-        ) from exc
-    if len(data) > MAX_CHECKPOINT_BYTES:
-        raise AttributionError(
-            f"reading the kubelet checkpoint {path}: larger than {MAX_CHECKPOINT_BYTES} bytes; "
-            "not the kubelet's checkpoint"
-        )
-    return parse_checkpoint(data.decode("utf-8", "replace"), path)
-
-
-class CachedCheckpoint:
-    """:func:`read_checkpoint` that parses the file again only when it changed (inode,
-    size or modification time), for a refresher that reads it every few seconds."""
-
-    def __init__(self) -> None:
-        self._key: Optional[tuple[str, int, int, int]] = None
-        self._entries: list[CheckpointEntry] = []
-
-    def __call__(self, path: str) -> list[CheckpointEntry]:
-        """The allocations in the checkpoint at ``path``; AttributionError as
-        :func:`read_checkpoint`."""
-        try:
-            info = os.stat(path)
-        except OSError:
-            self._key = None
-            return read_checkpoint(path)  # raises the error that names the problem
-        key = (path, info.st_ino, info.st_size, info.st_mtime_ns)
-        if key != self._key:
-            self._entries = read_checkpoint(path)
-            self._key = key
-        return list(self._entries)
 
 
 # -- the join ---------------------------------------------------------------------------------

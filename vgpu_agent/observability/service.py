@@ -25,17 +25,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from vgpu_agent.config.schema import Config, split_listen_address
+from vgpu_agent.config.schema import Config
+from vgpu_agent.config.values import split_listen_address
 from vgpu_agent.model.devices import HEALTHY, UNHEALTHY, Inventory, MpsGrantPolicy
 from vgpu_agent.model.errors import VgpuError
 from vgpu_agent.model.gpu import GpuBackend
-from vgpu_agent.observability.attribution import (
-    CHECKPOINT_NAME,
-    Attribution,
-    CachedCheckpoint,
-    ListPods,
-    gather,
-)
+from vgpu_agent.observability.attribution import Attribution, ListPods, gather
+from vgpu_agent.observability.checkpoint import CHECKPOINT_NAME, CachedCheckpoint
 from vgpu_agent.observability.labels import (
     NodeLabels,
     node_labels,

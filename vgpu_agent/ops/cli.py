@@ -18,9 +18,10 @@ import click
 
 from vgpu_agent import __version__
 from vgpu_agent.agent.loop import EXIT_CONFIG
-from vgpu_agent.config import schema as config_module
-from vgpu_agent.config.plan import plan_gpus
-from vgpu_agent.config.schema import Config, simulated_mps
+from vgpu_agent.config import parse as config_module
+from vgpu_agent.config.plan import plan_gpus, simulated_mps, slice_warnings
+from vgpu_agent.config.render import to_toml
+from vgpu_agent.config.schema import CONFIG_ENV_VAR, DEFAULT_CONFIG_PATH, Config
 from vgpu_agent.host import control, instance
 from vgpu_agent.model.commands import (
     ControlCommand,
@@ -33,7 +34,9 @@ from vgpu_agent.model.daemons import SIMULATED_DAEMON_NOTE
 from vgpu_agent.model.devices import HEALTHY, UNHEALTHY
 from vgpu_agent.model.errors import AgentError, ConfigError, VgpuError
 from vgpu_agent.model.gpu import ComputeMode, Gpu, set_compute_mode
-from vgpu_agent.mps import daemons as mps
+from vgpu_agent.mps.ceilings import apply_daemon_defaults
+from vgpu_agent.mps.control import probe_pipe_dir, quit_daemon
+from vgpu_agent.mps.daemons import DirectMpsDaemons, exec_daemon, secure_pipe_dir
 from vgpu_agent.observability.service import status_header_lines, status_lines
 
 if TYPE_CHECKING:
@@ -115,8 +118,7 @@ def with_overrides(
     "--config",
     "config_path",
     metavar="PATH",
-    help=f"Config file (default: ${config_module.CONFIG_ENV_VAR} or "
-    f"{config_module.DEFAULT_CONFIG_PATH}).",
+    help=f"Config file (default: ${CONFIG_ENV_VAR} or {DEFAULT_CONFIG_PATH}).",
 )
 @click.version_option(__version__, prog_name="vgpu-agent")
 @click.pass_context
@@ -200,7 +202,7 @@ def config_check(ctx: click.Context, path: Optional[str]) -> None:
 def config_show(ctx: click.Context) -> None:
     """Print the effective config, defaults included."""
     loaded = _load(ctx)
-    click.echo(config_module.to_toml(loaded), nl=False)
+    click.echo(to_toml(loaded), nl=False)
 
 
 # -- gpus --------------------------------------------------------------------------------------
@@ -233,7 +235,7 @@ def gpus_group(ctx: click.Context, simulate: Optional[int]) -> None:
         for problem in plan.refused:
             click.echo(f"not served: {problem}")
         for gpu in gpus:
-            for warning in config_module.slice_warnings(loaded, gpu.model, gpu.memory_mib):
+            for warning in slice_warnings(loaded, gpu.model, gpu.memory_mib):
                 click.echo(f"warning: GPU {gpu.index}: {warning}")
     finally:
         backend.close()
@@ -527,7 +529,7 @@ def _served_gpus(loaded: Config, refs: tuple[str, ...]) -> list[Gpu]:
 def _apply_defaults(loaded: Config, gpu: Gpu) -> None:
     replicas = loaded.replicas_for_model(gpu.model)
     pipe_dir = loaded.mps.pipe_dir(gpu.uuid)
-    for command in mps.apply_daemon_defaults(loaded.mps, pipe_dir, gpu.memory_mib, replicas):
+    for command in apply_daemon_defaults(loaded.mps, pipe_dir, gpu.memory_mib, replicas):
         click.echo(f"GPU {gpu.index} {gpu.uuid}: {command}")
 
 
@@ -549,7 +551,7 @@ def mps_exec_daemon(ctx: click.Context, gpu_uuid: str) -> None:
     _refuse_simulated(loaded, f"run the MPS daemon of {gpu_uuid}")
     # Check the GPU before creating its directories: a typo must leave nothing behind.
     _served_gpus(loaded, (gpu_uuid,))
-    mps.exec_daemon(loaded.mps, gpu_uuid)
+    exec_daemon(loaded.mps, gpu_uuid)
 
 
 @mps_group.command("quit")
@@ -559,7 +561,7 @@ def mps_quit(ctx: click.Context, gpu_uuid: str) -> None:
     """Ask GPU_UUID's MPS control daemon to quit (vgpu-mps@.service's ExecStop)."""
     loaded = _load(ctx)
     _refuse_simulated(loaded, f"ask the MPS daemon of {gpu_uuid} to quit")
-    mps.quit_daemon(loaded.mps, gpu_uuid)
+    quit_daemon(loaded.mps, gpu_uuid)
 
 
 @mps_group.command("apply-defaults")
@@ -583,7 +585,7 @@ def mps_apply_defaults(ctx: click.Context, gpu_uuid: str) -> None:
         gpu = served.get(gpu_uuid)
         if gpu is None:
             raise VgpuError(f"GPU {gpu_uuid} is not served by this config (see `vgpu-agent gpus`)")
-    if mps.secure_pipe_dir(loaded.mps, gpu_uuid):
+    if secure_pipe_dir(loaded.mps, gpu_uuid):
         click.echo(f"GPU {gpu_uuid}: pipe directory {loaded.mps.pipe_dir(gpu_uuid)} locked down")
     if gpu is not None:
         _apply_defaults(loaded, gpu)
@@ -599,7 +601,7 @@ def mps_start(ctx: click.Context, gpus: tuple[str, ...]) -> None:
         for gpu in _served_gpus(loaded, gpus):
             click.echo(f"GPU {gpu.index} {gpu.uuid}: nothing to start: {SIMULATED_DAEMON_NOTE}")
         return
-    daemons = mps.DirectMpsDaemons(loaded.mps)
+    daemons = DirectMpsDaemons(loaded.mps)
     for gpu in _served_gpus(loaded, gpus):
         info = daemons.start(gpu)
         mode = "multi-user" if info.multi_user else "single-user"
@@ -617,11 +619,11 @@ def mps_stop(ctx: click.Context, gpus: tuple[str, ...]) -> None:
         if simulated_mps(loaded):
             click.echo(f"GPU {gpu.index} {gpu.uuid}: nothing to stop: {SIMULATED_DAEMON_NOTE}")
             continue
-        problem = mps.probe_pipe_dir(loaded.mps, loaded.mps.pipe_dir(gpu.uuid))
+        problem = probe_pipe_dir(loaded.mps, loaded.mps.pipe_dir(gpu.uuid))
         if problem is not None:
             click.echo(f"GPU {gpu.index} {gpu.uuid}: nothing to stop ({problem})")
             continue
-        mps.quit_daemon(loaded.mps, gpu.uuid)
+        quit_daemon(loaded.mps, gpu.uuid)
         click.echo(f"GPU {gpu.index} {gpu.uuid}: MPS daemon asked to quit")
 
 
@@ -637,7 +639,7 @@ def mps_status(ctx: click.Context, gpus: tuple[str, ...]) -> None:
             click.echo(f"GPU {gpu.index} {gpu.uuid}: {SIMULATED_DAEMON_NOTE}")
             continue
         pipe_dir = loaded.mps.pipe_dir(gpu.uuid)
-        problem = mps.probe_pipe_dir(loaded.mps, pipe_dir)
+        problem = probe_pipe_dir(loaded.mps, pipe_dir)
         failed = failed or problem is not None
         # Each problem names the pipe directory already.
         click.echo(f"GPU {gpu.index} {gpu.uuid}: {problem or f'answers on {pipe_dir}'}")

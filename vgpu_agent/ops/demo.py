@@ -33,7 +33,8 @@ from vgpu_agent.host.log import setup_logging
 from vgpu_agent.host.systemd import Notifier
 from vgpu_agent.model.commands import SimulateAction, SimulateCommand
 from vgpu_agent.model.devices import HEALTHY, UNHEALTHY
-from vgpu_agent.observability.attribution import CHECKPOINT_NAME, gather
+from vgpu_agent.observability.attribution import gather
+from vgpu_agent.observability.checkpoint import CHECKPOINT_NAME
 from vgpu_agent.observability.service import status_lines
 from vgpu_agent.runtime.compose import build_agent
 from vgpu_agent.standins.kubelet import KubeletStandin

@@ -18,8 +18,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
-from vgpu_agent.config import schema as config_module
-from vgpu_agent.config.plan import confinement_line, gpu_ceiling, plan_gpus
+from vgpu_agent.config import parse as config_module
+from vgpu_agent.config.plan import confinement_line, gpu_ceiling, plan_gpus, slice_warnings
 from vgpu_agent.config.schema import ComputeModeSetting, Config, MultiUser
 from vgpu_agent.host import control
 from vgpu_agent.host.sockets import socket_state
@@ -29,7 +29,8 @@ from vgpu_agent.model.devices import Ceiling
 from vgpu_agent.model.errors import ConfigError, VgpuError
 from vgpu_agent.model.gpu import ComputeMode, Gpu, GpuBackend
 from vgpu_agent.mps import confinement
-from vgpu_agent.mps import daemons as mps
+from vgpu_agent.mps.control import MULTI_USER_OFF, MULTI_USER_UNSUPPORTED, checked_program
+from vgpu_agent.mps.daemons import SYSTEMD_UNIT_TEMPLATE
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -140,7 +141,7 @@ def _inspector(config: Config) -> MpsInspector:
 
 def _untrusted_program(control_binary: str) -> Optional[str]:
     try:
-        mps.checked_program(control_binary)
+        checked_program(control_binary)
     except VgpuError as exc:
         return str(exc)
     return None
@@ -219,8 +220,7 @@ def judge_multi_user(setting: MultiUser, supported: bool) -> tuple[Status, str]:
     if setting == "off":
         return (
             Status.WARN,
-            f'{mps.MULTI_USER_OFF}; set mps.multi_user = "auto" unless every GPU pod runs '
-            "as one user",
+            f'{MULTI_USER_OFF}; set mps.multi_user = "auto" unless every GPU pod runs as one user',
         )
     if supported:
         return (
@@ -237,8 +237,7 @@ def judge_multi_user(setting: MultiUser, supported: bool) -> tuple[Status, str]:
         )
     return (
         Status.WARN,
-        f"{mps.MULTI_USER_UNSUPPORTED}; run every GPU pod as one user, or upgrade the NVIDIA "
-        "driver",
+        f"{MULTI_USER_UNSUPPORTED}; run every GPU pod as one user, or upgrade the NVIDIA driver",
     )
 
 
@@ -366,7 +365,7 @@ def _check_gpus(report: _Report, config: Config, probes: DoctorProbes, node: _No
             "the lines above",
         )
     for gpu in node.served:
-        for warning in config_module.slice_warnings(config, gpu.model, gpu.memory_mib):
+        for warning in slice_warnings(config, gpu.model, gpu.memory_mib):
             report.warn("gpus", f"GPU {gpu.index}: {warning}")
 
 
@@ -434,7 +433,7 @@ def _check_compute_modes(report: _Report, config: Config, node: _Node) -> None:
 def _daemon_hint(config: Config, gpu_uuid: str) -> str:
     manager = config.mps.manager
     if manager == "systemd":
-        unit = mps.SYSTEMD_UNIT_TEMPLATE.format(gpu_uuid=gpu_uuid)
+        unit = SYSTEMD_UNIT_TEMPLATE.format(gpu_uuid=gpu_uuid)
         return f"see `systemctl status {unit}` and `journalctl -u {unit}`"
     if manager == "direct":
         return 'the agent starts it (mps.manager = "direct"): start the agent and read its log'
@@ -444,7 +443,7 @@ def _daemon_hint(config: Config, gpu_uuid: str) -> str:
 def _restart_hint(config: Config, gpu_uuid: str) -> str:
     when = "once no job uses the GPU (restarting it ends the jobs on it)"
     if config.mps.manager == "systemd":
-        unit = mps.SYSTEMD_UNIT_TEMPLATE.format(gpu_uuid=gpu_uuid)
+        unit = SYSTEMD_UNIT_TEMPLATE.format(gpu_uuid=gpu_uuid)
         return f"`systemctl restart {unit}` {when}"
     if config.mps.manager == "direct":
         return f"quit it and restart the agent, which starts it in multi-user mode, {when}"

@@ -32,7 +32,8 @@ from vgpu_agent.agent.loop import (
 )
 from vgpu_agent.agent.registration import Register, Registrar
 from vgpu_agent.config.dra import resolve_node_name
-from vgpu_agent.config.schema import Config, PluginConfig, simulated_mps
+from vgpu_agent.config.plan import simulated_mps
+from vgpu_agent.config.schema import Config, PluginConfig
 from vgpu_agent.frontends.deviceplugin import kubelet
 from vgpu_agent.frontends.deviceplugin.server import PluginServer, PluginServicer
 from vgpu_agent.frontends.dra.plugin import DraPlugin

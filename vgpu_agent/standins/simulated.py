@@ -13,7 +13,8 @@ import uuid as uuid_module
 from collections import deque
 from typing import Optional
 
-from vgpu_agent.config.schema import Config, MultiUser, SimulatedConfig, simulated_mps
+from vgpu_agent.config.plan import simulated_mps
+from vgpu_agent.config.schema import Config, MultiUser, SimulatedConfig
 from vgpu_agent.model.commands import SimulateAction, SimulateCommand
 from vgpu_agent.model.daemons import MpsDaemonInfo, QuickCheck
 from vgpu_agent.model.devices import Ceiling, pipe_dir_for
