@@ -49,8 +49,9 @@ class DraConfig:
     driver_name: str = "vgpu.eks.amazonaws.com"
     #: The Kubernetes node this agent runs on; "" takes $NODE_NAME, else the host name.
     node_name: str = ""
-    #: Credentials for the API server (ResourceSlices, ResourceClaims).
-    kubeconfig: str = "/etc/vgpu/kubeconfig"
+    #: Credentials for the API server (ResourceSlices, ResourceClaims): the kubelet's own,
+    #: so the Node authorizer limits the agent to what its node may do.
+    kubeconfig: str = "/var/lib/kubelet/kubeconfig"
     #: The kubelet's plugin registration directory.
     registry_dir: str = DEFAULT_REGISTRY_DIR
     #: The parent of the plugin's own directory (``<plugins_dir>/<driver_name>/dra.sock``).
