@@ -25,6 +25,7 @@ from vgpu_agent.config.plan import (
     daemon_ceiling,
     gpu_ceiling,
     grant_policy,
+    offered_as,
     plan_gpus,
     slice_warnings,
 )
@@ -821,7 +822,7 @@ class Agent:
     def _status_line(self) -> str:
         return status_line(
             self.node.inventory(),
-            self.config.plugin.resource_name,
+            offered_as(self.config),
             registered=self.registered,
             waiting_for=self._registrar.waiting_for,
             waiting_for_driver=self._waiting_for_driver,

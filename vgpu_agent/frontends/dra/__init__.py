@@ -6,8 +6,9 @@ node's slice built from the node model (``slices``), claims turned into CDI spec
 prepare and unprepare claim by claim with their record in the state directory (``claims``),
 the thread that keeps the slice published (``publisher``), the registration and DRAPlugin
 gRPC servers (``server``) and all of it assembled for the agent's loop (``plugin``); and the
-API-server side (``kubeapi``: publishing the node's ResourceSlices, reading ResourceClaims). It sits beside :mod:`vgpu_agent.frontends.deviceplugin` over the
-same node model, MPS management and health; a GPU is served by one frontend, never both.
+API-server side (``kubeapi``: publishing the node's ResourceSlices, reading ResourceClaims).
+It sits beside :mod:`vgpu_agent.frontends.deviceplugin` over the same node model, MPS
+management and health; a GPU is served by one frontend, never both.
 
 May import: what :mod:`vgpu_agent.frontends` may import, and the Kubernetes API client
 library (only the API-server module).
