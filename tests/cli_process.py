@@ -29,7 +29,7 @@ from typing import Optional
 
 #: The context whose children are forked from a server that has imported the CLI.
 _CONTEXT = multiprocessing.get_context("forkserver")
-_CONTEXT.set_forkserver_preload(["vgpu_agent.ops.cli", "tests.cli_process"])
+_CONTEXT.set_forkserver_preload(["vgpu_agent.ops.cli.root", "tests.cli_process"])
 
 #: Runs a command as user nobody. A fresh interpreter, not a fork: the interpreter's
 #: paths may lie where nobody cannot read (a pyenv under /root), which a fresh start

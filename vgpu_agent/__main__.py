@@ -1,5 +1,5 @@
 """`python -m vgpu_agent` runs the command line."""
 
-from vgpu_agent.ops.cli import main
+from vgpu_agent.ops.cli.root import main
 
 main()

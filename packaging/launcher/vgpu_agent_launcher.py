@@ -35,6 +35,6 @@ sys.meta_path.append(DistroSystemdFinder)
 # Usage lines and messages name the command, not this file.
 sys.argv[0] = "vgpu-agent"
 
-from vgpu_agent.ops.cli import main  # noqa: E402
+from vgpu_agent.ops.cli.root import main  # noqa: E402
 
 sys.exit(main())

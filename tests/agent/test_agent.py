@@ -501,7 +501,7 @@ def test_cli_status_falls_back_to_plugin_socket(
     plugin socket, as the kubelet sees it; with it, it shows the reasons too."""
     from click.testing import CliRunner
 
-    from vgpu_agent.ops.cli import cli
+    from vgpu_agent.ops.cli.root import cli
 
     harness = run_agent()
     harness.devices(lambda devs: len(devs) == 8)

@@ -19,6 +19,7 @@ from vgpu_agent.host.systemd import (
     JOURNAL_SOCKET_PATH,
     Journal,
     Notifier,
+    Watchdog,
     encode_journal_entry,
     journal_field_name,
     under_systemd,
@@ -277,6 +278,35 @@ def test_watchdog_interval_from_environ(
     """The ping interval is half of WATCHDOG_USEC, only when it is meant for this process."""
     environ = {"NOTIFY_SOCKET": "/run/systemd/notify", **watchdog_environ}
     assert Notifier.from_environ(environ).watchdog_interval_s == interval_s
+
+
+def test_watchdog_pings_once_an_interval_has_passed(
+    notify_receiver: tuple[str, socket.socket],
+) -> None:
+    """The watchdog is pinged at once, then not again until half of WatchdogSec passed."""
+    path, receiver = notify_receiver
+    notifier = Notifier(path, watchdog_usec=4_000_000, use_libsystemd=False)
+    now = [10.0]
+    watchdog = Watchdog(notifier, clock=lambda: now[0])
+    watchdog.ping()
+    assert receiver.recv(4096) == b"WATCHDOG=1"
+    now[0] = 11.5
+    watchdog.ping()
+    assert watchdog.seconds_until_due(now[0]) == pytest.approx(0.5)
+    now[0] = 12.0
+    watchdog.ping()
+    assert receiver.recv(4096) == b"WATCHDOG=1"
+    receiver.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        receiver.recv(4096)  # 11.5 sent nothing
+    notifier.close()
+
+
+def test_watchdog_does_nothing_without_watchdog_sec() -> None:
+    """A unit without WatchdogSec gets no pings and no deadline."""
+    watchdog = Watchdog(Notifier(None), clock=lambda: 0.0)
+    watchdog.ping()
+    assert watchdog.seconds_until_due(0.0) is None
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.builders import gpu_uuid, make_inventory, vgpu_id
-from vgpu_agent.agent.loop import status_line
+from vgpu_agent.agent.describe import status_line
 from vgpu_agent.model.commands import (
     ControlCommand,
     HealthResetCommand,

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from tests.builders import write_fake_control
 from tests.cli_process import run_cli_exec
-from vgpu_agent.ops.cli import cli
+from vgpu_agent.ops.cli.root import cli
 
 SIMULATED = """
 version = 1

@@ -25,7 +25,7 @@ import pytest
 from tests.cli_process import Result, run_cli, run_cli_exec
 from tests.harness import make_config
 from vgpu_agent.host.systemd import Notifier
-from vgpu_agent.ops.cli import cli
+from vgpu_agent.ops.cli.root import cli
 from vgpu_agent.runtime.compose import build_agent
 from vgpu_agent.standins.kubelet import KubeletStandin
 

@@ -19,16 +19,12 @@ from vgpu_agent.host.sockets import socket_state
 from vgpu_agent.model.commands import ControlCommand, StatusCommand
 from vgpu_agent.model.errors import GpuError, MpsError
 from vgpu_agent.model.gpu import ComputeMode, GpuBackend
-from vgpu_agent.ops.doctor import (
-    CheckLine,
-    DoctorProbes,
-    Status,
-    inspect_containerd,
-    judge_compute_mode,
-    judge_multi_user,
-    run_doctor,
-    system_probes,
-)
+from vgpu_agent.ops.doctor.containerd import inspect_containerd
+from vgpu_agent.ops.doctor.gpus import judge_compute_mode
+from vgpu_agent.ops.doctor.mps import judge_multi_user
+from vgpu_agent.ops.doctor.probes import DoctorProbes, system_probes
+from vgpu_agent.ops.doctor.report import CheckLine, Status
+from vgpu_agent.ops.doctor.runner import run_doctor
 from vgpu_agent.standins.simulated import SimulatedBackend, gpus_from_config, simulated_uuid
 
 NVIDIA_DEFAULT_V2 = """

@@ -15,7 +15,8 @@ import pytest
 
 from tests.harness import WAIT_S, make_config, wait_until
 from vgpu_agent.agent.health import HealthChange
-from vgpu_agent.agent.loop import Agent, HealthScope, Watch
+from vgpu_agent.agent.loop import Agent
+from vgpu_agent.agent.parts import HealthScope, Watch
 from vgpu_agent.config.schema import Config
 from vgpu_agent.host.systemd import Notifier
 from vgpu_agent.model.commands import (

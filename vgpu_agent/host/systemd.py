@@ -31,7 +31,7 @@ import struct
 import threading
 import time
 from types import ModuleType
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 _log = logging.getLogger(__name__)
 
@@ -214,6 +214,32 @@ class Notifier:
     def _report_failure(self, text: str) -> None:
         _log.log(logging.DEBUG if self._failing else logging.WARNING, text)
         self._failing = True
+
+
+class Watchdog:
+    """Keeps the service watchdog fed: a ping once an interval (half the unit's
+    WatchdogSec) has passed since the last; nothing when the unit has no watchdog."""
+
+    def __init__(self, notifier: Notifier, clock: Callable[[], float]) -> None:
+        self._notifier = notifier
+        self._clock = clock
+        self._next_ping_at = 0.0
+
+    def ping(self) -> None:
+        """Ping the watchdog when a ping is due; cheap to call as often as one likes."""
+        interval = self._notifier.watchdog_interval_s
+        if interval is None:
+            return
+        now = self._clock()
+        if now >= self._next_ping_at:
+            self._notifier.watchdog()
+            self._next_ping_at = now + interval
+
+    def seconds_until_due(self, now: float) -> Optional[float]:
+        """How long until the next ping is due (None: the unit has no watchdog)."""
+        if self._notifier.watchdog_interval_s is None:
+            return None
+        return self._next_ping_at - now
 
 
 def _datagram_socket() -> socket.socket:

@@ -15,10 +15,10 @@ import time
 from typing import Any, Callable, Optional
 
 from vgpu_agent.agent.health import HealthMonitor
-from vgpu_agent.agent.loop import (
+from vgpu_agent.agent.loop import Agent
+from vgpu_agent.agent.parts import (
     BACKEND_RETRY_INITIAL_S,
     BACKEND_RETRY_MAX_S,
-    Agent,
     AgentParts,
     ControlFactory,
     HealthChecks,

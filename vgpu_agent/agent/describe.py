@@ -1,0 +1,98 @@
+"""Describing the node: the one-line state systemd shows, and what `vgpu-agent status` prints.
+
+Pure: both are made from values the loop hands in (the config, the node's inventory, the
+registration counts, what the observer found).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from vgpu_agent.config.plan import confinement_line, gpu_ceiling
+from vgpu_agent.config.schema import Config
+from vgpu_agent.model.devices import Inventory
+
+#: How long `vgpu-agent status` waits for a fresh attribution before showing the last one.
+STATUS_ATTRIBUTION_WAIT_S = 1.0
+
+
+def status_line(
+    inventory: Inventory,
+    resource_name: str,
+    *,
+    registered: bool,
+    waiting_for: str,
+    waiting_for_driver: Optional[str] = None,
+) -> str:
+    """The one-line state systemd shows (STATUS=) and `vgpu-agent status` prints first;
+    ``waiting_for_driver`` says why the GPU backend is not open yet (nothing served)."""
+    if waiting_for_driver is not None:
+        return f"waiting for the GPU driver: {waiting_for_driver}"
+    line = f"serving {inventory.vgpu_count} vGPUs on {len(inventory.gpus)} GPUs as {resource_name}"
+    unhealthy = [served for served in inventory.gpus if not served.healthy]
+    if unhealthy:
+        causes = "; ".join(
+            f"GPU {served.gpu.index}: {', '.join(served.reason_texts)}" for served in unhealthy
+        )
+        line += f"; {inventory.unhealthy_vgpu_count} unhealthy ({causes})"
+    if registered:
+        line += "; registered with kubelet"
+    elif waiting_for:
+        line += f"; waiting for {waiting_for}"
+    return line
+
+
+@dataclass(frozen=True)
+class Registrations:
+    """The agent's standing with the kubelet, as `status` shows it."""
+
+    registered: bool
+    #: Registrations since the agent started.
+    count: int
+    kubelet_restarts: int
+
+
+def describe_node(
+    config: Config,
+    inventory: Inventory,
+    *,
+    status: str,
+    registrations: Registrations,
+    observed: dict[str, Any],
+) -> dict[str, Any]:
+    """What `vgpu-agent status` shows: the agent, each GPU, its health and who uses it.
+    ``observed`` is what the observer found (who uses each GPU under ``"gpus"``, by UUID,
+    and fields of its own)."""
+    observed = dict(observed)
+    users: dict[str, Any] = observed.pop("gpus", {})
+    return {
+        "status": status,
+        "resource_name": config.plugin.resource_name,
+        "registered": registrations.registered,
+        "registrations": registrations.count,
+        "confinement": {
+            "mode": config.mps.confinement if config.mps.enabled else "none",
+            "summary": confinement_line(config),
+            "max_vgpus_per_container": config.mps.max_vgpus_per_container,
+            "device_list_strategy": config.plugin.device_list_strategy,
+        },
+        "kubelet_restarts": registrations.kubelet_restarts,
+        **observed,
+        "gpus": [
+            {
+                "index": served.gpu.index,
+                "uuid": served.gpu.uuid,
+                "model": served.gpu.model,
+                "memory_mib": served.gpu.memory_mib,
+                "replicas": served.replicas,
+                "healthy": served.healthy,
+                "reasons": served.reason_texts,
+                "pipe_dir": served.pipe_dir,
+                "ceiling": gpu_ceiling(config, served.gpu.memory_mib, served.replicas).describe(),
+                "vgpu_ids": served.vgpu_ids,
+                "attribution": users.get(served.gpu.uuid),
+            }
+            for served in inventory.gpus
+        ],
+    }
