@@ -365,3 +365,30 @@ def test_the_plugin_sees_the_registry_directory_and_survives_a_failing_driver_ve
     finally:
         plugin.node.close()
         endpoint.stop()
+
+
+def test_after_a_registration_a_late_wipe_is_repaired_quickly(short_tmp_dir: str) -> None:
+    """A starting kubelet's wipe may land after it registered us: for a while after each
+    registration the slice is republished often, so it comes back without a resync wait."""
+    node = Node(make_inventory((2,)))
+    api = InMemoryResourceApi()
+    publisher = SlicePublisher(
+        node,
+        api,
+        _build,
+        driver=DRIVER,
+        node_name=NODE,
+        generations=GenerationStore(short_tmp_dir),
+        resync_interval_s=3600.0,
+        fast_resync_s=0.05,
+        fast_resync_for_s=30.0,
+    )
+    publisher.start()
+    first = api.wait_for_slice(DRIVER, NODE, timeout_s=WAIT_S)
+    publisher.republish()
+    wait_until(lambda: publisher.publishes >= 2, WAIT_S, "the republish")
+    api.wipe_node(NODE)  # the kubelet's late startup wipe
+    again = api.wait_for_slice(DRIVER, NODE, timeout_s=5.0)
+    assert again.generation == first.generation  # the same content, no new generation
+    node.close()
+    publisher.stop()
