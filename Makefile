@@ -24,14 +24,14 @@ test: $(VENV)/.done
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy --python-version 3.9 vgpu_agent tests bench
-	$(VENV)/bin/vermin --no-tips --violations -t=3.9- --eval-annotations --backport dataclasses vgpu_agent bench tests
+	$(VENV)/bin/vermin -q --no-tips --violations -t=3.9- --eval-annotations --backport dataclasses vgpu_agent bench tests
 	$(VENV)/bin/lint-imports --no-cache --no-logo
 	scripts/gen-proto --check
-	# --timeout: a test that hangs fails after 5 minutes instead of holding CI to its limit.
-	# -n: the tests mostly wait on processes and sockets, so TEST_WORKERS run at once;
-	# loadgroup keeps the tests that share one expensive fixture (xdist_group) in one worker.
-	# Bytecode is cached under $(VENV) (not beside the sources): the tests start the CLI as a
-	# process some 200 times, and compiling the package each time was a fifth of its CPU.
+# --timeout: a test that hangs fails after 5 minutes instead of holding CI to its limit.
+# -n: the tests mostly wait on processes and sockets, so TEST_WORKERS run at once;
+# loadgroup keeps the tests that share one expensive fixture (xdist_group) in one worker.
+# Bytecode is cached under $(VENV) (not beside the sources): the tests start the CLI as a
+# process some 200 times, and compiling the package each time was a fifth of its CPU.
 	PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX="$(CURDIR)/$(VENV)/pycache" \
 	$(PY) -m pytest -m "not gpu and not system" -q --timeout=300 \
 		-n $(TEST_WORKERS) --dist loadgroup --cov --cov-report=

@@ -3,6 +3,8 @@ values, a kubelet stand-in serving in a temp plugin directory, and running agent
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import sys
 import tempfile
@@ -13,6 +15,7 @@ import pytest
 
 from tests import builders
 from tests.harness import AgentRun, agent_runs
+from vgpu_agent.host import instance
 from vgpu_agent.model.devices import Inventory
 from vgpu_agent.standins.kubelet import KubeletStandin
 
@@ -35,6 +38,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     and a test of many seconds started last held the whole run up after the others were
     done (stable sort: the order within each part is kept)."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Leave the host as found: the agents the tests started (some killed on purpose)
+    recorded their control sockets under /run/vgpu-agent/by-config; once every worker is
+    done, the records of agents that are gone go, with the directories left empty."""
+    if hasattr(session.config, "workerinput"):
+        return  # an xdist worker: the controller cleans up after all of them
+    instance.prune_records()
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(instance.RECORD_DIR))
 
 
 @pytest.hookimpl(hookwrapper=True, trylast=True)

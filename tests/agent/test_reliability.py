@@ -700,6 +700,48 @@ def test_driver_missing_at_boot_waits(run_agent: Callable[..., AgentRun]) -> Non
     run.notify.wait_for(lambda m: "READY=1" in m)
 
 
+def test_ready_and_prompt_reload_while_waiting_for_driver(
+    short_tmp_dir: str, run_agent: Callable[..., AgentRun]
+) -> None:
+    """Without the driver the agent tells systemd READY=1 with the waiting STATUS (so
+    systemctl start returns instead of timing out into a restart loop), answers a reload
+    with RELOADING=1 and READY=1 without waiting for the driver, and serves the reloaded
+    config once the driver is there."""
+    driver_loaded = threading.Event()
+
+    def booting(config: Config) -> GpuBackend:
+        if not driver_loaded.is_set():
+            raise GpuError("initialising NVML: Driver Not Loaded")
+        return open_backend_for(config)
+
+    first = make_config(short_tmp_dir)
+    reloaded = replace(first, gpus=replace(first.gpus, replicas_per_gpu=3))
+    loads: list[Config] = []
+
+    def load() -> Config:
+        loads.append(reloaded)
+        return reloaded
+
+    run = run_agent(
+        first,
+        open_backend=booting,
+        config_loader=load,
+        backend_retry_initial_s=60.0,
+        backend_retry_max_s=60.0,
+    )
+    ready = run.notify.wait_for(lambda m: "READY=1" in m)
+    assert "STATUS=waiting for the GPU driver: initialising NVML: Driver Not Loaded" in ready
+    run.agent.request_reload()
+    run.notify.wait_for(lambda m: "RELOADING=1" in m)
+    run.notify.wait_for_count(lambda m: "READY=1" in m, 2)
+    assert loads == [reloaded]
+    assert run.thread.is_alive()
+    driver_loaded.set()
+    run.agent.request_reload()  # ends the 60 s pause: the next try opens the backend
+    run.standin.wait_for_registration(1, WAIT_S)
+    run.devices(lambda devs: len(devs) == 2 * 3)
+
+
 def test_stop_while_waiting_for_driver(run_agent: Callable[..., AgentRun]) -> None:
     """A stop request while NVML keeps failing ends the agent with exit 0 at once."""
 

@@ -21,6 +21,10 @@ from hypothesis import strategies as st
 from vgpu_agent.config.parse import parse
 from vgpu_agent.config.render import to_toml
 from vgpu_agent.config.schema import (
+    MAX_SECONDS,
+    MIN_INTERVAL_S,
+    MIN_TIMEOUT_S,
+    PSEUDO_FILESYSTEM_ROOTS,
     SHARED_SYSTEM_DIRECTORIES,
     AgentConfig,
     Config,
@@ -239,11 +243,31 @@ _plain_names = st.builds(
     ),
 )
 _absolute_paths = _path_text.map(lambda text: "/" + text)
-#: MPS directory roots: any absolute path but the shared system ones (/, /tmp, ...).
+
+
+def _normal(path: str) -> str:
+    return "/" + posixpath.normpath(path).lstrip("/")
+
+
+def _is_under(path: str, roots: tuple[str, ...]) -> bool:
+    return any(_normal(path) == root or _normal(path).startswith(root + "/") for root in roots)
+
+
+#: MPS directory roots: any absolute path but the shared system ones (/, /tmp, ...) and
+#: those under kernel file systems (/dev, /proc, /sys).
 _own_directories: st.SearchStrategy[str] = _absolute_paths.filter(
-    lambda path: "/" + posixpath.normpath(path).lstrip("/") not in SHARED_SYSTEM_DIRECTORIES
+    lambda path: (
+        _normal(path) not in SHARED_SYSTEM_DIRECTORIES
+        and not _is_under(path, PSEUDO_FILESYSTEM_ROOTS)
+    )
 )
-_seconds = st.floats(min_value=0, exclude_min=True, allow_nan=False, allow_infinity=False)
+#: Where containers see the pipe directory: the same, and not the service account's secrets.
+_container_directories: st.SearchStrategy[str] = _own_directories.filter(
+    lambda path: not _is_under(path, ("/run/secrets", "/var/run/secrets"))
+)
+_seconds = st.floats(min_value=0, max_value=MAX_SECONDS, exclude_min=True)
+_intervals = st.floats(min_value=MIN_INTERVAL_S, max_value=MAX_SECONDS)
+_timeouts = st.floats(min_value=MIN_TIMEOUT_S, max_value=MAX_SECONDS)
 _uuids = st.from_regex(r"GPU-[A-Za-z0-9-]{1,55}", fullmatch=True)
 _resource_names: st.SearchStrategy[str] = st.from_regex(
     r"[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?){0,3}"
@@ -269,7 +293,7 @@ def _plugins(draw: st.DrawFn) -> PluginConfig:
         plugin_dir=plugin_dir,
         socket_name=socket_name,
         kubelet_socket_name=kubelet_socket_name,
-        register_timeout_s=draw(_seconds),
+        register_timeout_s=draw(_timeouts),
         device_list_strategy=draw(st.sampled_from(["envvar", "volume-mounts", "cdi"])),
     )
 
@@ -373,12 +397,12 @@ valid_configs = st.builds(
             log_root=_own_directories,
             control_binary=_programs,
             multi_user=st.sampled_from(["auto", "on", "off"]),
-            container_pipe_dir=_absolute_paths,
+            container_pipe_dir=_container_directories,
             thread_limit=_limits,
             memory_limit=_memory_limits,
             memory_headroom_mib=st.integers(0, 2**63 - 1),
             share_host_shm=st.booleans(),
-            control_timeout_s=_seconds,
+            control_timeout_s=_timeouts,
         )
     ),
     health=st.builds(
@@ -386,9 +410,9 @@ valid_configs = st.builds(
         xid_enabled=st.booleans(),
         ignored_xids=st.lists(st.integers(0, 65535), unique=True, max_size=8).map(tuple),
         mps_liveness_enabled=st.booleans(),
-        mps_check_interval_s=_seconds,
+        mps_check_interval_s=_intervals,
         recovery_quiet_period_s=st.one_of(st.just(0.0), _seconds),
-        poll_interval_s=_seconds,
+        poll_interval_s=_intervals,
     ),
     simulated=_simulated,
     source=st.text(max_size=30),

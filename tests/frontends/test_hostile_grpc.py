@@ -166,7 +166,8 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
         ((["x"] * 100_000,), INVALID, f"at most {MAX_IDS_PER_REQUEST}"),
         ((["x"] * 6_000, ["y"] * 6_000), INVALID, f"at most {MAX_IDS_PER_REQUEST}"),
         (([GPU0[0]], [GPU1[0], GPU1[1]]), "OK", ""),
-        (([GPU0[0]], [GPU0[0]]), "OK", ""),  # the kubelet's business, not a conflict here
+        # One vGPU for two containers would grant it twice (issue 23).
+        (([GPU0[0]], [GPU0[0]]), INVALID, "is asked for by containers 1 and 2"),
     ],
     ids=[
         "no-containers",
@@ -520,9 +521,12 @@ PROPERTY_SETTINGS = settings(
 
 def _allocate_ok_expected(containers: list[list[str]]) -> bool:
     """What a correct server does (the oracle): grant iff every container names distinct,
-    known vGPU ids of one GPU."""
+    known vGPU ids of one GPU, and no id is named by two containers."""
     known = set(ALL_IDS)
     if not containers:
+        return False
+    every_id = [vgpu_id for ids in containers for vgpu_id in set(ids)]
+    if len(every_id) != len(set(every_id)):
         return False
     for ids in containers:
         if not ids or len(set(ids)) != len(ids) or not set(ids) <= known:

@@ -378,6 +378,15 @@ def test_allocate_answers_every_container(served: Served, inventory: Inventory) 
         ([["GPU-00000000-aaaa-bbbb-cccc-dddddddddddd::" + "1" * 30]], "device ids are at most 63"),
         ([[f"g::{n}" for n in range(100_000)]], "holds 100000 device ids; at most 10000"),
         ([[f"g::{n}" for n in range(6_000)]] * 2, "holds 12000 device ids; at most 10000"),
+        (
+            [
+                ["GPU-00000000-aaaa-bbbb-cccc-dddddddddddd::1"],
+                ["GPU-00000000-aaaa-bbbb-cccc-dddddddddddd::2"],
+                ["GPU-00000000-aaaa-bbbb-cccc-dddddddddddd::1"],
+            ],
+            "vGPU GPU-00000000-aaaa-bbbb-cccc-dddddddddddd::1 is asked for by containers 1 "
+            "and 3 of one Allocate request",
+        ),
     ],
     ids=[
         "unknown-gpu",
@@ -391,6 +400,7 @@ def test_allocate_answers_every_container(served: Served, inventory: Inventory) 
         "overlong-id",
         "100k-ids",
         "too-many-ids-in-total",
+        "same-vgpu-in-two-containers",
     ],
 )
 def test_allocate_refuses_bad_requests(

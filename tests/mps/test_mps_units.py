@@ -165,6 +165,37 @@ def test_handler_passes_on_why_the_unit_did_not_start() -> None:
     assert reply.getvalue() == f"error starting vgpu-mps@{GPU_A}.service: Job failed\n".encode()
 
 
+@pytest.mark.parametrize(
+    ("sent", "answer"),
+    [
+        (b"", "error no complete request line within 0.2 s"),
+        (f"start {GPU_A}".encode(), "error no complete request line within 0.2 s"),
+        (f"start {GPU_A}\n".encode(), "ok"),
+    ],
+    ids=["silent", "no-newline", "whole-line"],
+)
+def test_handler_answers_a_connection_that_stays_open(sent: bytes, answer: str) -> None:
+    """A client that connects and sends nothing, or a line without its newline, and keeps
+    the connection open gets an error answer instead of holding the helper."""
+    client, helper = socket.socketpair()
+    started: list[str] = []
+    with client, helper, helper.makefile("rb") as request, helper.makefile("wb") as reply:
+        client.sendall(sent)
+        worker = threading.Thread(
+            target=handle_request,
+            args=(request, reply, lambda: {GPU_A}, started.append),
+            kwargs={"read_timeout_s": 0.2},
+        )
+        worker.start()
+        client.settimeout(60)
+        try:
+            received = client.makefile("rb").readline().decode()
+        finally:
+            worker.join(60)
+    assert received.startswith(answer), received
+    assert started == ([GPU_A] if answer == "ok" else [])
+
+
 def test_client_and_handler_over_a_real_socket(short_tmp_dir: str) -> None:
     """request_start returns on 'ok' and raises the handler's error line otherwise."""
     path = os.path.join(short_tmp_dir, "units.sock")

@@ -153,8 +153,9 @@ def test_the_checkpoint_lists_allocations_in_both_device_id_shapes() -> None:
         ("{not json", "not JSON"),
         ("[]", "no 'Data' object"),
         ('{"Data":{"PodDeviceEntries":{}}}', "is not a list"),
+        ('{"Data":' + "[" * 200_000 + "]" * 200_000 + "}", "nested too deeply"),
     ],
-    ids=["not-json", "no-data", "entries-not-a-list"],
+    ids=["not-json", "no-data", "entries-not-a-list", "nested-200000-deep"],
 )
 def test_a_bad_checkpoint_is_a_clear_error(text: str, message: str) -> None:
     """A checkpoint that is not the kubelet's gives one error naming the file and the fault."""
@@ -168,6 +169,15 @@ def test_an_empty_checkpoint_has_no_allocations(tmp_path: Path) -> None:
     path = tmp_path / "kubelet_internal_checkpoint"
     path.write_text('{"Data":{"PodDeviceEntries":null,"RegisteredDevices":{}},"Checksum":0}')
     assert read_checkpoint(str(path)) == []
+
+
+def test_a_plugin_dir_that_is_a_file_is_named_not_blamed_on_root(tmp_path: Path) -> None:
+    """A plugin directory that is a file says so; it does not tell root to run as root."""
+    (tmp_path / "dp").write_text("")
+    with pytest.raises(AttributionError) as caught:
+        read_checkpoint(str(tmp_path / "dp" / "kubelet_internal_checkpoint"))
+    assert f"{tmp_path / 'dp'} is not a directory" in str(caught.value)
+    assert "as root" not in str(caught.value)
 
 
 def test_a_missing_checkpoint_says_what_is_lost(tmp_path: Path) -> None:

@@ -333,11 +333,12 @@ def test_run_without_gpu_waits_for_the_driver(tmp_path: Path) -> None:
 
 def test_no_agent_running(tmp_path: Path) -> None:
     """Commands for the running agent, with none running (no socket, or a socket left by
-    a killed agent): one line saying the agent is not running, exit 1."""
+    a killed agent): one line saying the agent is not running, exit 1 (`status`: 5, its
+    code for not-running)."""
     config = _write_config(tmp_path, "simulated")
     jobs = {name: Job(("--config", str(config), *COMMANDS[name])) for name in AGENT_COMMANDS}
     for name, result in run_all(jobs).items():
-        assert result.code == 1, name
+        assert result.code == (5 if name == "status" else 1), name
         assert_one_line_error(result, "the agent is not running", "control.sock")
     (tmp_path / "state").mkdir()
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

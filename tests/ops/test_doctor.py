@@ -203,6 +203,7 @@ def probes_for(node: Node, mps: Optional[FakeMps] = None, **changes: Any) -> Doc
         toolkit_config=node.toolkit_config,
         cdi_spec_dirs=(node.cdi_dir,),
         mps_ceiling_gaps=lambda _config, _uuid, _ceiling: [],
+        is_root=lambda: True,
     )
     return dataclasses.replace(probes, **changes)
 
@@ -327,6 +328,27 @@ def test_lines_render_with_fixed_width_tags() -> None:
 
 
 # -- 1. config -----------------------------------------------------------------------------------
+
+
+def test_a_root_only_file_is_a_permission_failure_not_a_bug(node: Node) -> None:
+    """A check that meets a file only root may read fails saying so and what to run, not
+    as a bug of the agent."""
+
+    def denied(_name: str) -> Optional[str]:
+        raise PermissionError(13, "Permission denied", "/var/lib/kubelet/device-plugins")
+
+    result = doctor(None, probes_for(node, which=denied))
+    (line,) = result.lines("mps binaries")
+    assert line.startswith(FAIL), line
+    assert "cannot read /var/lib/kubelet/device-plugins: permission denied" in line
+    assert "sudo vgpu-agent doctor" in line
+    assert "bug" not in "\n".join(result.output)
+
+
+def test_not_root_is_said_first(node: Node) -> None:
+    """Run as another user, doctor says first that root-only checks may fail."""
+    result = doctor(None, probes_for(node, is_root=lambda: False))
+    assert result.output[0].startswith(f"{WARN} user: not run as root"), result.output[0]
 
 
 def test_invalid_config_fails_and_the_other_checks_run_on_defaults(node: Node) -> None:

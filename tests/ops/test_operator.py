@@ -3,6 +3,7 @@ caught with one line naming the problem and what to do. The CLI runs as real pro
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -378,12 +379,12 @@ def test_readme_has_a_complete_pod_manifest() -> None:
 
 
 def readme_try_it() -> list[str]:
-    """The commands of README's "Try it" paragraph, in order."""
+    """The commands of README's "Try it" block, in order (comments dropped)."""
     text = README.read_text()
-    paragraph = text.split("Try it without a GPU or a kubelet", 1)[1].split("\n\n", 1)[0]
-    return [
-        command for command in re.findall(r"`([^`]+)`", paragraph) if command.startswith(".venv/")
-    ]
+    after = text.split("Try it without a GPU or a kubelet", 1)[1]
+    block = re.search(r"```sh\n(.*?)```", after, flags=re.DOTALL)
+    assert block is not None, "no command block after README's Try it"
+    return [line.split("#", 1)[0].strip() for line in block.group(1).splitlines() if line]
 
 
 @pytest.mark.slow
@@ -392,20 +393,24 @@ def readme_try_it() -> list[str]:
 )
 def test_readme_try_it_works_as_written(short_tmp_dir: str) -> None:
     """README's "Try it" commands run as written from the clone after `scripts/dev demo`
-    (only /tmp/dp and the state directory, through $VGPU_CONFIG, are moved to a temp dir)."""
+    (only /tmp/vgpu-laptop is moved to a temp dir, in a copy of examples/laptop.toml): the
+    agent serves, status, gpus, mps status and doctor succeed, the injected XID leaves it
+    degraded (exit 4)."""
     commands = readme_try_it()
     assert [command.split()[0] for command in commands] == [".venv/bin/vgpu-agent"] + [
         ".venv/bin/python"
-    ] + [".venv/bin/vgpu-agent"] * 3, commands
-    demo, standin, run, inject, status = commands
+    ] + [".venv/bin/vgpu-agent"] * 7, commands
     root = Path(short_tmp_dir)
-    config = root / "config.toml"
-    config.write_text(f'[agent]\nstate_dir = "{root}/state"\n')
-    env = {key: value for key, value in os.environ.items() if key != "NOTIFY_SOCKET"}
-    env["VGPU_CONFIG"] = str(config)
+    config = _laptop_config(root)
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("NOTIFY_SOCKET", "VGPU_CONFIG")
+    }
 
     def argv(command: str) -> list[str]:
-        return command.replace("/tmp/dp", f"{root}/dp").split()
+        moved = command.replace("/tmp/vgpu-laptop", str(root))
+        return moved.replace("examples/laptop.toml", str(config)).rstrip(" &").split()
 
     def call(command: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -418,6 +423,7 @@ def test_readme_try_it_works_as_written(short_tmp_dir: str) -> None:
             check=False,
         )
 
+    demo, standin, run, *foreground = commands
     shown = call(demo)
     assert shown.returncode == 0, shown.stderr
     background = [
@@ -425,11 +431,13 @@ def test_readme_try_it_works_as_written(short_tmp_dir: str) -> None:
         for command in (standin, run)
     ]
     try:
-        wait_until(answers(root / "state" / "control.sock"), "the agent's control socket")
-        injected = call(inject)
-        assert injected.returncode == 0, injected.stderr
-        shown = call(status)
-        assert shown.returncode == 0, shown.stderr
+        wait_until(lambda: call(foreground[0]).returncode == 0, "the agent serving and registered")
+        *steps, last = foreground
+        for command in steps:
+            result = call(command)
+            assert result.returncode == 0, (command, result.stdout, result.stderr)
+        shown = call(last)
+        assert shown.returncode == 4, shown.stderr
         assert "xid 79" in shown.stdout, shown.stdout
     finally:
         for process in reversed(background):
@@ -569,8 +577,12 @@ def test_status_while_waiting_for_the_driver(
     agent = agents("--config", str(root / "config.toml"), "run")
     agent.wait_for_line("opening the GPU backend failed")
     shown = vgpu_agent("--config", str(root / "config.toml"), "status")
-    assert shown.code == 0, shown.describe()
+    assert shown.code == 3, shown.describe()  # waiting-for-driver (issue 23)
     assert shown.stdout.startswith("waiting for the GPU driver: initialising NVML"), shown.stdout
+    document = vgpu_agent("--config", str(root / "config.toml"), "status", "--json")
+    assert document.code == 3, document.describe()
+    assert json.loads(document.stdout)["state"] == "waiting-for-driver"
+    assert json.loads(document.stdout)["ok"] is False
     assert "install the NVIDIA driver" in shown.stdout
     reset = vgpu_agent("--config", str(root / "config.toml"), "health", "reset", "0")
     assert_one_line_error(reset, "no GPU is served yet: waiting for the GPU driver")
@@ -717,3 +729,167 @@ def test_bench_output_is_only_numbers() -> None:
         assert not line.startswith("<"), line
         assert "WARNING" not in line, line
         assert ":" in line, line
+
+
+# -- issue 23: an operator's first hour ----------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent.parent
+LAPTOP = REPO / "examples" / "laptop.toml"
+
+
+def test_config_option_after_the_command_says_where_it_goes() -> None:
+    """`status --config X` says that --config goes before the command, and how."""
+    result = vgpu_agent("status", "--config", "/etc/vgpu/x.toml")
+    assert result.code == 2, result.describe()
+    assert "--config goes before the command: vgpu-agent --config PATH status" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_status_without_an_agent_is_a_document_and_exit_5(tmp_path: Path) -> None:
+    """With no agent, `status --json` still prints one document (state not-running, ok
+    false) and exits 5; plain `status` says so in one line with the same code."""
+    config = write_config(tmp_path)
+    document = vgpu_agent("--config", str(config), "status", "--json")
+    assert document.code == 5, document.describe()
+    answer = json.loads(document.stdout)
+    assert (answer["state"], answer["ok"], answer["exit_code"]) == ("not-running", False, 5)
+    assert "the agent is not running" in answer["error"]
+    plain = vgpu_agent("--config", str(config), "status")
+    assert plain.code == 5
+    assert_one_line_error(plain, "the agent is not running")
+
+
+def test_status_with_a_bad_config_is_a_document_and_exit_78(tmp_path: Path) -> None:
+    """A config that cannot be read: `status --json` prints the config-error document
+    and exits 78, the one error line on stderr."""
+    config = write_config(tmp_path, "replicas_per_gpu = 999\n")
+    result = vgpu_agent("--config", str(config), "status", "--json")
+    assert result.code == 78, result.describe()
+    answer = json.loads(result.stdout)
+    assert (answer["state"], answer["ok"], answer["exit_code"]) == ("config-error", False, 78)
+    assert "gpus.replicas_per_gpu" in answer["error"]
+    assert result.stderr.startswith("vgpu-agent: config error:"), result.describe()
+
+
+def test_status_names_an_agent_running_with_another_config(
+    kubelet: Path, agents: Callable[..., AgentProcess], tmp_path: Path
+) -> None:
+    """Plain `status` finds no agent where its config says, but names the one that runs
+    with another config (a private state_dir) and the command that reaches it."""
+    running = write_config(kubelet, "[simulated]\ncount = 1\n")
+    agents("--config", str(running), "run")
+    wait_until(answers(kubelet / "state" / "control.sock"), "the agent's control socket")
+    other = write_config(tmp_path)
+    result = vgpu_agent("--config", str(other), "status")
+    assert result.code == 5, result.describe()
+    assert f"an agent runs with config {running}" in result.stderr, result.describe()
+    assert f"vgpu-agent --config {running} status" in result.stderr
+
+
+def test_status_states_and_exit_codes(kubelet: Path, agents: Callable[..., AgentProcess]) -> None:
+    """A registered agent with every vGPU healthy is `serving` (exit 0) and says its GPUs
+    are simulated; after an XID it is `degraded` (exit 4)."""
+    config = write_config(kubelet, "[simulated]\ncount = 1\n")
+    agents("--config", str(config), "run")
+
+    def state() -> str:
+        shown = vgpu_agent("--config", str(config), "status", "--json")
+        return str(json.loads(shown.stdout)["state"]) if shown.stdout else ""
+
+    wait_until(lambda: state() == "serving", "the agent serving and registered")
+    serving = vgpu_agent("--config", str(config), "status", "--json")
+    assert serving.code == 0, serving.describe()
+    answer = json.loads(serving.stdout)
+    assert (answer["ok"], answer["exit_code"], answer["backend"]) == (True, 0, "simulated")
+    plain = vgpu_agent("--config", str(config), "status")
+    assert plain.code == 0
+    assert "backend: simulated GPUs" in plain.stdout
+    assert vgpu_agent("--config", str(config), "simulate", "xid", "0", "79").code == 0
+    degraded = vgpu_agent("--config", str(config), "status", "--json")
+    assert degraded.code == 4, degraded.describe()
+    assert json.loads(degraded.stdout)["state"] == "degraded"
+    assert vgpu_agent("--config", str(config), "status").code == 4
+
+
+def _laptop_config(root: Path) -> Path:
+    """examples/laptop.toml as shipped, its /tmp/vgpu-laptop moved under ``root`` (tests
+    run side by side)."""
+    path = root / "laptop.toml"
+    path.write_text(LAPTOP.read_text().replace("/tmp/vgpu-laptop", str(root)))
+    return path
+
+
+def test_the_laptop_example_agrees_with_itself(
+    short_tmp_dir: str, agents: Callable[..., AgentProcess]
+) -> None:
+    """With examples/laptop.toml, run, status, gpus, mps status and doctor all describe the
+    same two simulated GPUs, and none of them fails."""
+    root = Path(short_tmp_dir)
+    standin = KubeletStandin(str(root / "dp"))
+    standin.start()
+    try:
+        config = _laptop_config(root)
+        agents("--config", str(config), "run")
+        wait_until(answers(root / "state" / "control.sock"), "the agent's control socket")
+        status = vgpu_agent("--config", str(config), "status", "--json")
+        uuids = [gpu["uuid"] for gpu in json.loads(status.stdout)["gpus"]]
+        assert len(uuids) == 2, status.describe()
+        gpus = vgpu_agent("--config", str(config), "gpus")
+        mps = vgpu_agent("--config", str(config), "mps", "status")
+        doctor = vgpu_agent("--config", str(config), "doctor")
+        for result in (gpus, mps, doctor):
+            assert result.code == 0, result.describe()
+            assert "[FAIL]" not in result.stdout, result.describe()
+            for uuid in uuids:
+                assert uuid in result.stdout, result.describe()
+        assert "simulated" in mps.stdout
+        assert "[ ok ] driver: the simulated backend is in use" in doctor.stdout
+        assert "[ ok ] agent: running: serving 8 vGPUs on 2 GPUs" in doctor.stdout
+    finally:
+        standin.stop()
+
+
+def test_doctor_lines_fit_a_terminal(tmp_path: Path) -> None:
+    """doctor wraps its findings at 100 columns (a path longer than that stays whole)."""
+    result = vgpu_agent("--config", str(_laptop_config(tmp_path)), "doctor")
+    assert "[warn] device list:" in result.stdout, result.describe()
+    for line in result.stdout.splitlines():
+        assert len(line) <= 100 or " " not in line.strip(), line
+
+
+def test_doctor_as_another_user_says_so_and_blames_no_bug(tmp_path: Path) -> None:
+    """doctor run by a user other than root says first that root-only checks may fail,
+    and no check ends as an internal error."""
+    config = _laptop_config(tmp_path)
+    config.chmod(0o644)
+    tmp_path.chmod(0o755)
+    result = vgpu_agent("--config", str(config), "doctor", as_nobody=True)
+    assert result.stdout.startswith("[warn] user: not run as root"), result.describe()
+    assert "bug" not in result.stdout + result.stderr, result.describe()
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(os.path.exists("/etc/vgpu/config.toml"), reason="this host has a config")
+def test_config_check_without_a_file_says_there_is_none() -> None:
+    """`config check` with no file at the default path says so, not "<defaults>: ok"."""
+    result = vgpu_agent("config", "check")
+    assert result.code == 0, result.describe()
+    assert result.stdout == (
+        "no file at /etc/vgpu/config.toml: the agent runs with the built-in defaults (ok)\n"
+    )
+
+
+@pytest.mark.skipif(not NO_NVML, reason="this machine has an NVIDIA driver")
+def test_doctor_says_the_agent_runs_on_simulated_gpus(
+    kubelet: Path, agents: Callable[..., AgentProcess]
+) -> None:
+    """An agent started with `run --simulate` beside a config for the real GPUs: doctor's
+    agent line says it runs on simulated GPUs, not a plain ok beside a failed driver."""
+    config = write_config(kubelet).read_text().replace('backend = "simulated"', 'backend = "nvml"')
+    (kubelet / "config.toml").write_text(config)
+    agents("--config", str(kubelet / "config.toml"), "run", "--simulate", "1")
+    wait_until(answers(kubelet / "state" / "control.sock"), "the agent's control socket")
+    doctor = vgpu_agent("--config", str(kubelet / "config.toml"), "doctor")
+    assert "[FAIL] driver:" in doctor.stdout, doctor.describe()
+    (line,) = [line for line in doctor.stdout.splitlines() if "] agent:" in line]
+    assert line.startswith("[warn] agent: running on simulated GPUs (run --simulate)"), line

@@ -13,6 +13,9 @@ from vgpu_agent.config.plan import confinement_line, gpu_ceiling
 from vgpu_agent.config.schema import Config
 from vgpu_agent.model.devices import Inventory
 
+#: How the STATUS line of an agent that serves nothing yet (no GPU driver) begins.
+WAITING_FOR_DRIVER = "waiting for the GPU driver"
+
 #: How long `vgpu-agent status` waits for a fresh attribution before showing the last one.
 STATUS_ATTRIBUTION_WAIT_S = 1.0
 
@@ -28,7 +31,7 @@ def status_line(
     """The one-line state systemd shows (STATUS=) and `vgpu-agent status` prints first;
     ``waiting_for_driver`` says why the GPU backend is not open yet (nothing served)."""
     if waiting_for_driver is not None:
-        return f"waiting for the GPU driver: {waiting_for_driver}"
+        return f"{WAITING_FOR_DRIVER}: {waiting_for_driver}"
     line = f"serving {inventory.vgpu_count} vGPUs on {len(inventory.gpus)} GPUs as {resource_name}"
     unhealthy = [served for served in inventory.gpus if not served.healthy]
     if unhealthy:
@@ -68,6 +71,8 @@ def describe_node(
     users: dict[str, Any] = observed.pop("gpus", {})
     return {
         "status": status,
+        # "simulated" on a real node is a mistake worth seeing at once (gpus.backend).
+        "backend": config.gpus.backend,
         "resource_name": config.plugin.resource_name,
         "registered": registrations.registered,
         "registrations": registrations.count,

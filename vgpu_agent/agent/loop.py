@@ -170,6 +170,9 @@ class Agent:
                 self._control.stop()
             return EXIT_OK
         self._waiting_for_driver = None
+        # A reload while waiting may have changed what Allocate grants.
+        self.node.set_grant_policy(grant_policy(self.config))
+        self.node.set_device_list_strategy(self.config.plugin.device_list_strategy)
         try:
             self._gpus.serve(self.config)
             if self._parts.observer is not None:
@@ -201,12 +204,22 @@ class Agent:
         return exit_code
 
     def _wait_for_driver(self, why: str) -> None:
+        first = self._waiting_for_driver is None
         self._waiting_for_driver = why
-        self._set_status(self._status_line())
+        if first:
+            # Started, though nothing is served yet: READY=1 now, so that systemctl start
+            # (and dpkg -i, and a Packer build on a non-GPU builder) returns instead of
+            # timing out and restarting the agent in a loop; STATUS says what it waits for,
+            # and `status` exits 3 (waiting) until the driver is there.
+            self._notifier.ready(self._status_line())
+            self._last_status = self._status_line()
+        else:
+            self._set_status(self._status_line())
 
     def _pause_for_driver(self, delay_s: float) -> bool:
         """Wait ``delay_s`` before the GPU backend is tried again, answering the control
-        socket meanwhile; False when told to stop."""
+        socket and reloads meanwhile (a reload also ends the wait: the backend is tried
+        again at once); False when told to stop."""
         deadline = self._clock() + delay_s
         while self._clock() < deadline:
             self._watchdog.ping()
@@ -215,7 +228,31 @@ class Agent:
                 return False
             if isinstance(event, ControlRequest):
                 event.reply.set_result(self._commands.answer_while_waiting(event.command))
+            elif isinstance(event, Reload):
+                self._reload_while_waiting()
+                return True
         return True
+
+    def _reload_while_waiting(self) -> None:
+        """A reload before any GPU is served: read the file again now (the GPUs are brought
+        up with it once the driver is there) and answer systemd at once."""
+        self._notifier.reloading()
+        load = self._parts.config_loader
+        if load is not None:
+            try:
+                config = load()
+            except ConfigError as exc:
+                log.error("reload: keeping the running config, the new one is invalid: %s", exc)
+            else:
+                if config.agent.state_dir != self.config.agent.state_dir:
+                    log.error(
+                        "reload: keeping the running config, restart needed: "
+                        "agent.state_dir cannot change (systemctl restart vgpu-agent)"
+                    )
+                else:
+                    log.info("reload: config read again; it applies once the GPUs are up")
+                    self.config = config
+        self._notifier.ready(self._status_line())
 
     def _tick(self) -> None:
         self._watchdog.ping()

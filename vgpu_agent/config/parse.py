@@ -24,6 +24,8 @@ from vgpu_agent.config.schema import (
     DEFAULT_CONFIG_PATH,
     MAX_REPLICAS_PER_GPU,
     MAX_SIMULATED_GPUS,
+    MIN_INTERVAL_S,
+    MIN_TIMEOUT_S,
     SCHEMA_VERSION,
     AgentConfig,
     AttributionConfig,
@@ -52,6 +54,7 @@ from vgpu_agent.config.values import (
     _bool,
     _choice,
     _compute_capability,
+    _container_directory,
     _gpu_uuid,
     _int,
     _int_range,
@@ -88,6 +91,14 @@ else:
 # --------------------------------------------------------------------------------------
 
 _MEMORY_ALLOWED = "the GPU's memory in MiB (an integer >= 1)"
+#: A periodic check: at least MIN_INTERVAL_S apart, or it is a busy loop.
+_INTERVAL = _seconds(
+    allow_zero=False, minimum=MIN_INTERVAL_S, why_minimum="; shorter is a busy loop"
+)
+#: How long to wait for an answer: at least MIN_TIMEOUT_S, or no answer is ever in time.
+_TIMEOUT = _seconds(
+    allow_zero=False, minimum=MIN_TIMEOUT_S, why_minimum="; shorter never leaves time to answer"
+)
 
 
 def _simulated_gpu(value: _Value) -> SimulatedGpu:
@@ -148,9 +159,7 @@ def _parse_plugin(table: _Table) -> PluginConfig:
         kubelet_socket_name=table.get(
             "kubelet_socket_name", defaults.kubelet_socket_name, _socket_file_name
         ),
-        register_timeout_s=table.get(
-            "register_timeout_s", defaults.register_timeout_s, _seconds(allow_zero=False)
-        ),
+        register_timeout_s=table.get("register_timeout_s", defaults.register_timeout_s, _TIMEOUT),
         device_list_strategy=table.get(
             "device_list_strategy",
             defaults.device_list_strategy,
@@ -245,7 +254,7 @@ def _parse_mps_keys(table: _Table) -> MpsConfig:
         control_binary=table.get("control_binary", defaults.control_binary, _program),
         multi_user=table.get("multi_user", defaults.multi_user, _multi_user),
         container_pipe_dir=table.get(
-            "container_pipe_dir", defaults.container_pipe_dir, _absolute_path
+            "container_pipe_dir", defaults.container_pipe_dir, _container_directory
         ),
         thread_limit=table.get(
             "thread_limit", defaults.thread_limit, _limit(unit="percentage", high=100)
@@ -259,9 +268,7 @@ def _parse_mps_keys(table: _Table) -> MpsConfig:
             _int_range(0, None, "a number of MiB (an integer >= 0)"),
         ),
         share_host_shm=table.get("share_host_shm", defaults.share_host_shm, _bool),
-        control_timeout_s=table.get(
-            "control_timeout_s", defaults.control_timeout_s, _seconds(allow_zero=False)
-        ),
+        control_timeout_s=table.get("control_timeout_s", defaults.control_timeout_s, _TIMEOUT),
         daemon_thread_limit=table.get(
             "daemon_thread_limit",
             defaults.daemon_thread_limit,
@@ -294,16 +301,14 @@ def _parse_health(table: _Table) -> HealthConfig:
             "mps_liveness_enabled", defaults.mps_liveness_enabled, _bool
         ),
         mps_check_interval_s=table.get(
-            "mps_check_interval_s", defaults.mps_check_interval_s, _seconds(allow_zero=False)
+            "mps_check_interval_s", defaults.mps_check_interval_s, _INTERVAL
         ),
         recovery_quiet_period_s=table.get(
             "recovery_quiet_period_s",
             defaults.recovery_quiet_period_s,
             _seconds(allow_zero=True, note=" (0 means never: only 'vgpu-agent health reset')"),
         ),
-        poll_interval_s=table.get(
-            "poll_interval_s", defaults.poll_interval_s, _seconds(allow_zero=False)
-        ),
+        poll_interval_s=table.get("poll_interval_s", defaults.poll_interval_s, _INTERVAL),
     )
 
 
@@ -313,9 +318,7 @@ def _parse_attribution(table: _Table) -> AttributionConfig:
         pod_resources_socket=table.get(
             "pod_resources_socket", defaults.pod_resources_socket, _absolute_path
         ),
-        refresh_interval_s=table.get(
-            "refresh_interval_s", defaults.refresh_interval_s, _seconds(allow_zero=False)
-        ),
+        refresh_interval_s=table.get("refresh_interval_s", defaults.refresh_interval_s, _INTERVAL),
     )
 
 

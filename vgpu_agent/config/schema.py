@@ -31,6 +31,15 @@ MAX_INTEGER = 2**63 - 1
 #: vGPU ids are "<uuid>::<replica>" and at most 63 characters; replicas need up to 2 digits.
 MAX_GPU_UUID_LENGTH = 63 - len("::") - len(str(MAX_REPLICAS_PER_GPU - 1))
 
+#: The shortest interval of a periodic check: a shorter one (down to 1e-300) makes the
+#: check a busy loop that spends a core on nothing.
+MIN_INTERVAL_S = 0.05
+#: The shortest timeout: below it a daemon or the kubelet never answers in time.
+MIN_TIMEOUT_S = 0.01
+#: The longest duration any key accepts (a week): beyond it waits overflow
+#: (``threading.Event.wait`` refuses 1e300) and nothing would ever happen.
+MAX_SECONDS = 7 * 24 * 3600
+
 #: Directories the system or every user shares: the agent makes and chmods its MPS
 #: directories in mps.pipe_root and mps.log_root, so neither may be one of these.
 SHARED_SYSTEM_DIRECTORIES = frozenset(
@@ -42,6 +51,10 @@ SHARED_SYSTEM_DIRECTORIES = frozenset(
         "/var/tmp",
     }
 )  # fmt: skip
+
+#: Where no directory of the agent may be: kernel file systems, and /dev with /dev/shm,
+#: which every user may write and which ``mps.share_host_shm`` mounts into pods.
+PSEUDO_FILESYSTEM_ROOTS = ("/dev", "/proc", "/sys")
 
 ComputeModeSetting = Literal["exclusive_process", "default", "unchanged"]
 BackendName = Literal["nvml", "simulated"]

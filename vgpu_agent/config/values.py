@@ -33,6 +33,8 @@ from vgpu_agent.config.schema import (
     MAX_GPU_UUID_LENGTH,
     MAX_INTEGER,
     MAX_REPLICAS_PER_GPU,
+    MAX_SECONDS,
+    PSEUDO_FILESYSTEM_ROOTS,
     SHARED_SYSTEM_DIRECTORIES,
     BackendName,
     ComputeModeSetting,
@@ -241,8 +243,12 @@ def _int_range(low: int, high: Optional[int], expected: str) -> Callable[[_Value
     return convert
 
 
-def _seconds(*, allow_zero: bool, note: str = "") -> Callable[[_Value], float]:
-    expected = ("a number of seconds >= 0" if allow_zero else "a number of seconds > 0") + note
+def _seconds(
+    *, allow_zero: bool, minimum: float = 0.0, why_minimum: str = "", note: str = ""
+) -> Callable[[_Value], float]:
+    """Seconds from ``minimum`` (exclusive of 0 unless ``allow_zero``) to MAX_SECONDS."""
+    low = f"from {minimum:g}" if minimum > 0 else "from 0" if allow_zero else "above 0"
+    expected = f"a number of seconds {low} to {MAX_SECONDS} (a week){why_minimum}{note}"
 
     def convert(value: _Value) -> float:
         raw = value.raw
@@ -255,6 +261,10 @@ def _seconds(*, allow_zero: bool, note: str = "") -> Callable[[_Value], float]:
             value.fail(expected, "not a finite number")
         if seconds < 0 or (seconds == 0 and not allow_zero):
             value.fail(expected, "out of range")
+        if 0 < seconds < minimum:
+            value.fail(expected, "too short")
+        if seconds > MAX_SECONDS:
+            value.fail(expected, "too long")
         return seconds
 
     return convert
@@ -296,12 +306,59 @@ def _absolute_path(value: _Value) -> str:
     return path
 
 
+def _normal_path(path: str) -> str:
+    """``path`` with ``.``, ``..`` and repeated slashes resolved (no file system access)."""
+    return "/" + posixpath.normpath(path).lstrip("/")
+
+
+def _under(path: str, roots: Sequence[str]) -> Optional[str]:
+    """The first of ``roots`` that ``path`` (normalised) is or lies under, else None."""
+    return next((root for root in roots if path == root or path.startswith(root + "/")), None)
+
+
 def _own_directory(value: _Value) -> str:
-    expected = "an absolute path of a directory of its own (not /tmp, /run, /var, ...)"
+    expected = (
+        "an absolute path of a directory of its own (not /tmp, /run, /var, ..., nor under "
+        + ", ".join(PSEUDO_FILESYSTEM_ROOTS)
+        + ")"
+    )
     path = _absolute_path(value)
-    normal = "/" + posixpath.normpath(path).lstrip("/")
+    normal = _normal_path(path)
     if normal in SHARED_SYSTEM_DIRECTORIES:
         value.fail(expected, "a directory the system or every user shares")
+    pseudo = _under(normal, PSEUDO_FILESYSTEM_ROOTS)
+    if pseudo is not None:
+        value.fail(
+            expected,
+            f"under {pseudo}, a kernel file system"
+            + (
+                " where every user may write and which share_host_shm mounts into pods"
+                if pseudo == "/dev"
+                else ""
+            ),
+        )
+    return path
+
+
+#: Directories a container's own image or the kubelet put there, which a mount of the MPS
+#: pipe directory would hide inside the pod (its service account token, its /etc, ...).
+_CONTAINER_OWN_DIRECTORIES = ("/run/secrets", "/var/run/secrets")
+
+
+def _container_directory(value: _Value) -> str:
+    expected = (
+        "an absolute path of a directory of its own inside the container, such as "
+        '"/run/nvidia-mps" (not /, /etc, /run, /tmp, /usr, ..., nor under /dev, /proc, '
+        "/sys or the service account's /var/run/secrets), since the pipe directory is "
+        "mounted over it"
+    )
+    path = _absolute_path(value)
+    normal = _normal_path(path)
+    if normal in SHARED_SYSTEM_DIRECTORIES:
+        value.fail(expected, "it would hide that directory of the pod's own image")
+    hidden = _under(normal, (*PSEUDO_FILESYSTEM_ROOTS, *_CONTAINER_OWN_DIRECTORIES))
+    if hidden is not None:
+        value.fail(expected, f"under {hidden}, which the container runtime or kubelet provides")
     return path
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 
 from vgpu_agent.host.sockets import socket_answers
 from vgpu_agent.model.commands import ControlCommand, parse_command, to_request
-from vgpu_agent.model.errors import AgentError, VgpuError
+from vgpu_agent.model.errors import AgentError, AgentNotRunningError, VgpuError
 
 log = logging.getLogger(__name__)
 
@@ -157,13 +157,13 @@ def request(socket_path: str, command: ControlCommand) -> dict[str, Any]:
         client.sendall(json.dumps(to_request(command)).encode() + b"\n")
         answer = json.loads(_read_line(client, MAX_REPLY_BYTES, "reply"))
     except FileNotFoundError as exc:
-        raise AgentError(
+        raise AgentNotRunningError(
             f"the agent is not running (no control socket at {socket_path}); "
             "start it with `systemctl start vgpu-agent` or `vgpu-agent run`"
         ) from exc
     except ConnectionRefusedError as exc:
         # The socket file of an agent that was killed: nobody listens on it.
-        raise AgentError(
+        raise AgentNotRunningError(
             f"the agent is not running (nothing listens on {socket_path}, left by an agent "
             "that was killed); start it with `systemctl start vgpu-agent` or `vgpu-agent run`"
         ) from exc

@@ -91,14 +91,22 @@ def write_record(config_path: str, control_socket: str, record_dir: str = RECORD
         "control_socket": os.path.abspath(control_socket),
         "pid": os.getpid(),
     }
-    try:
-        os.makedirs(record_dir, mode=0o755, exist_ok=True)
-        temporary = f"{path}.{os.getpid()}.tmp"
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(record, handle)
-        os.replace(temporary, path)
-    except OSError as exc:
-        log.debug("recording the control socket in %s: %s", path, exc)
+    prune_records(record_dir)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    # Another process may remove the directory (empty) between makedirs and open: retry.
+    for attempt in range(3):
+        try:
+            os.makedirs(record_dir, mode=0o755, exist_ok=True)
+            with open(temporary, "w", encoding="utf-8") as handle:
+                json.dump(record, handle)
+            os.replace(temporary, path)
+            return
+        except FileNotFoundError as exc:
+            if attempt == 2:
+                log.debug("recording the control socket in %s: %s", path, exc)
+        except OSError as exc:
+            log.debug("recording the control socket in %s: %s", path, exc)
+            return
 
 
 def remove_record(config_path: str, record_dir: str = RECORD_DIR) -> None:
@@ -107,6 +115,25 @@ def remove_record(config_path: str, record_dir: str = RECORD_DIR) -> None:
     if _recorded(path, alive_only=False).get("pid") == os.getpid():
         with contextlib.suppress(OSError):
             os.unlink(path)
+    prune_records(record_dir)
+
+
+def prune_records(record_dir: str = RECORD_DIR) -> None:
+    """Remove the records of agents that are gone (killed before they could remove their
+    own), then the directory itself when nothing is left in it, so a host where no agent
+    runs keeps nothing of them."""
+    try:
+        names = os.listdir(record_dir)
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(record_dir, name)
+        # A record is written whole (os.replace), so an unreadable one is no record.
+        if name.endswith(".json") and not _recorded(path, alive_only=True):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    with contextlib.suppress(OSError):
+        os.rmdir(record_dir)
 
 
 def recorded_socket(config_path: str, record_dir: str = RECORD_DIR) -> Optional[str]:
@@ -115,6 +142,28 @@ def recorded_socket(config_path: str, record_dir: str = RECORD_DIR) -> Optional[
         "control_socket"
     )
     return socket_path if isinstance(socket_path, str) else None
+
+
+def live_records(record_dir: str = RECORD_DIR) -> list[tuple[str, str, int]]:
+    """``(config path, control socket, pid)`` of every running agent that left a record,
+    so a CLI that finds no agent where its config says can name the ones that run."""
+    try:
+        names = sorted(os.listdir(record_dir))
+    except OSError:
+        return []
+    found: list[tuple[str, str, int]] = []
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        record = _recorded(os.path.join(record_dir, name), alive_only=True)
+        config, socket_path, pid = (
+            record.get("config"),
+            record.get("control_socket"),
+            record.get("pid"),
+        )
+        if isinstance(config, str) and isinstance(socket_path, str) and isinstance(pid, int):
+            found.append((config, socket_path, pid))
+    return found
 
 
 def _recorded(path: str, *, alive_only: bool) -> dict[str, object]:

@@ -60,7 +60,8 @@ class PluginDirGuard:
             log.error(
                 "the kubelet's plugin directory %s is on a read-only mount for the agent, "
                 "which cannot serve its socket there: add it to ReadWritePaths= of "
-                "vgpu-agent.service (systemctl edit vgpu-agent.service; see docs/systemd.md)",
+                "vgpu-agent.service (systemctl edit vgpu-agent.service; see "
+                "/usr/share/doc/vgpu-agent/systemd.md)",
                 plugin_dir,
             )
         return None

@@ -12,6 +12,7 @@ the OS) are translated into these where they enter the program::
     ├── RegistrationError   the kubelet refused or did not answer our registration
     ├── AttributionError    the kubelet's PodResources API or checkpoint could not be read
     └── AgentError          anything else the daemon itself detects (socket in use, ...)
+        └── AgentNotRunningError   no agent listens on the control socket
 """
 
 from __future__ import annotations
@@ -47,3 +48,7 @@ class AttributionError(VgpuError):
 
 class AgentError(VgpuError):
     """The agent cannot do its job for a reason of its own (socket in use, ...)."""
+
+
+class AgentNotRunningError(AgentError):
+    """No agent listens on the control socket (none runs with that state directory)."""

@@ -155,7 +155,7 @@ def judge_device_list(
                 "warn",
                 f"plugin.device_list_strategy = envvar is forgeable: {forgeable}; set "
                 f'plugin.device_list_strategy = "volume-mounts" with {VOLUME_MOUNTS_KEY} = '
-                f'true and {close_envvar} (or "cdi"), see docs/security.md',
+                f'true and {close_envvar} (or "cdi"), see /usr/share/doc/vgpu-agent/security.md',
             )
         ]
     verdicts: list[tuple[Verdict, str]] = []

@@ -22,9 +22,11 @@ from __future__ import annotations
 import errno
 import os
 import re
+import select
 import socket
 import stat
 import subprocess
+import time
 from typing import BinaryIO, Callable, Optional
 
 from vgpu_agent.model.errors import MpsError, VgpuError
@@ -37,6 +39,10 @@ GPU_UUID_PATTERN = re.compile(r"GPU-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]
 #: Longer requests are refused unread: a verb, a space and a UUID fit with room to spare.
 MAX_REQUEST_BYTES = 128
 VERBS = ("start",)
+#: How long the helper waits for the request line. The agent sends it as soon as it is
+#: connected; a connection that stays silent this long is not the agent, and must not hold
+#: a helper (and one of the socket's MaxConnections) for the unit's whole RuntimeMaxSec.
+REQUEST_READ_TIMEOUT_S = 5.0
 
 
 def parse_request(line: bytes) -> tuple[str, str]:
@@ -54,6 +60,31 @@ def parse_request(line: bytes) -> tuple[str, str]:
     if GPU_UUID_PATTERN.fullmatch(gpu_uuid) is None:
         raise MpsError(f"{gpu_uuid[:60]!r} is not a GPU UUID (GPU-xxxxxxxx-xxxx-...)")
     return verb, gpu_uuid
+
+
+def read_request(request: BinaryIO, timeout_s: float = REQUEST_READ_TIMEOUT_S) -> bytes:
+    """The request line (at most MAX_REQUEST_BYTES + 1 bytes, so an overlong one shows);
+    MpsError when no whole line arrives within ``timeout_s``. A stream without a file
+    descriptor (a test's buffer) is read as it is."""
+    try:
+        fd = request.fileno()
+    except (OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return request.readline(MAX_REQUEST_BYTES + 1)
+    deadline = time.monotonic() + timeout_s
+    data = b""
+    while b"\n" not in data and len(data) <= MAX_REQUEST_BYTES:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise MpsError(
+                f"no complete request line within {timeout_s:g} s "
+                "(a request is one line: 'start <gpu-uuid>' and a newline)"
+            )
+        chunk = os.read(fd, MAX_REQUEST_BYTES + 1 - len(data))
+        if not chunk:
+            break  # the client closed its side: what came is the request
+        data += chunk
+    line, newline, _rest = data.partition(b"\n")
+    return line + newline
 
 
 def start_unit(gpu_uuid: str, systemctl: str = "systemctl", timeout_s: float = 60.0) -> None:
@@ -86,12 +117,13 @@ def handle_request(
     reply: BinaryIO,
     served_uuids: Callable[[], set[str]],
     start: Callable[[str], None] = start_unit,
+    read_timeout_s: float = REQUEST_READ_TIMEOUT_S,
 ) -> Optional[str]:
     """Answer one request from ``request`` on ``reply`` (the accepted connection); None
     when the unit was started, else why not. ``served_uuids`` lists the GPUs the config
     serves; it is asked only for a well-formed request."""
-    line = request.readline(MAX_REQUEST_BYTES + 1)
     try:
+        line = read_request(request, read_timeout_s)
         if len(line) > MAX_REQUEST_BYTES:
             raise MpsError(f"request longer than {MAX_REQUEST_BYTES} bytes")
         _verb, gpu_uuid = parse_request(line)

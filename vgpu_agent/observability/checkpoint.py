@@ -42,6 +42,12 @@ def parse_checkpoint(text: str, source: str = CHECKPOINT_NAME) -> list[Checkpoin
         document = json.loads(text)
     except ValueError as exc:
         raise AttributionError(f"reading the kubelet checkpoint {source}: not JSON: {exc}") from exc
+    except RecursionError:
+        # json nests by recursion; a document this deep is no checkpoint the kubelet wrote.
+        raise AttributionError(
+            f"reading the kubelet checkpoint {source}: arrays or objects nested too deeply; "
+            "not the kubelet's device checkpoint (check what writes that file)"
+        ) from None
     data = document.get("Data") if isinstance(document, dict) else None
     if not isinstance(data, dict):
         raise AttributionError(
@@ -98,9 +104,19 @@ def read_checkpoint(path: str) -> list[CheckpointEntry]:
             f"kubelet checkpoint {path} not found; processes cannot be matched to containers "
             "(is plugin.plugin_dir the kubelet's device plugin directory?)"
         ) from None
-    except OSError as exc:
+    except NotADirectoryError:
+        raise AttributionError(
+            f"reading the kubelet checkpoint {path}: {os.path.dirname(path)} is not a "
+            "directory; set plugin.plugin_dir to the kubelet's device plugin directory"
+        ) from None
+    except PermissionError as exc:
         raise AttributionError(
             f"reading the kubelet checkpoint {path}: {exc.strerror or exc}; run the agent as root"
+        ) from exc
+    except OSError as exc:
+        raise AttributionError(
+            f"reading the kubelet checkpoint {path}: {exc.strerror or exc}; is it the "
+            "kubelet's checkpoint file?"
         ) from exc
     if len(data) > MAX_CHECKPOINT_BYTES:
         raise AttributionError(

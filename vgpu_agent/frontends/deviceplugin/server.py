@@ -351,6 +351,9 @@ class PluginServicer(pb_grpc.DevicePluginServicer):
         _check_request_size(
             sum(len(c.devices_ids) for c in request.container_requests), "the Allocate request"
         )
+        _check_each_vgpu_in_one_container(
+            [container.devices_ids for container in request.container_requests]
+        )
         response = pb.AllocateResponse()
         allocations = []
         for container in request.container_requests:
@@ -391,6 +394,22 @@ def _check_request_size(total_ids: int, what: str) -> None:
         raise InvalidRequestError(
             f"{what} holds {total_ids} device ids; at most {MAX_IDS_PER_REQUEST} are accepted"
         )
+
+
+def _check_each_vgpu_in_one_container(containers: Sequence[Sequence[str]]) -> None:
+    """A vGPU is one share of a GPU for one container: two containers of one request that
+    name the same id would both be granted it (the kubelet never asks so; a forged or
+    broken request does)."""
+    first_container: dict[str, int] = {}
+    for number, device_ids in enumerate(containers, start=1):
+        for device_id in device_ids:
+            earlier = first_container.setdefault(device_id, number)
+            if earlier != number:
+                raise InvalidRequestError(
+                    f"vGPU {device_id} is asked for by containers {earlier} and {number} of "
+                    "one Allocate request; each vGPU goes to one container (the kubelet never "
+                    "asks so: check what sent this request)"
+                )
 
 
 def _answer(context: RpcContext, rpc_name: str, work: Callable[[], _T]) -> _T:

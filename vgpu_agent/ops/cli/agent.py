@@ -1,15 +1,33 @@
 """The commands that talk to the running agent over its control socket: `vgpu-agent status`,
 `health` and `simulate`.
+
+`status` is a contract for scripts and monitoring: ``--json`` always prints one JSON
+document on stdout, and the exit code names the node's state (README, "status --json"):
+
+====================  ====  ============================================================
+state                 exit  meaning
+====================  ====  ============================================================
+serving               0     every served vGPU healthy and registered with the kubelet
+waiting-for-driver    3     the agent runs but serves nothing: the GPU driver is missing
+degraded              4     serving, but some vGPUs are unhealthy or the kubelet has not
+                            registered the plugin (yet)
+not-running           5     no agent answers where the config says (nor recorded it ran)
+====================  ====  ============================================================
+
+A config that cannot be read is ``config-error`` (exit 78, the document with its
+``error``); other errors (no permission) exit 1 as every command does.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Any, Optional
+import sys
+from typing import TYPE_CHECKING, Any, NoReturn, Optional
 
 import click
 
+from vgpu_agent.agent.describe import WAITING_FOR_DRIVER
 from vgpu_agent.config.parse import resolve_path
 from vgpu_agent.host import control, instance
 from vgpu_agent.model.commands import (
@@ -20,7 +38,7 @@ from vgpu_agent.model.commands import (
     StatusCommand,
 )
 from vgpu_agent.model.devices import HEALTHY, UNHEALTHY
-from vgpu_agent.model.errors import AgentError, ConfigError, VgpuError
+from vgpu_agent.model.errors import AgentError, AgentNotRunningError, ConfigError, VgpuError
 from vgpu_agent.observability.service import status_header_lines, status_lines
 from vgpu_agent.ops.cli.context import RootOptions, load_config
 
@@ -63,13 +81,61 @@ def _ask(ctx: click.Context, command: ControlCommand) -> dict[str, Any]:
     return answer
 
 
+#: The exit code of `vgpu-agent status` for each state of the node (the module docstring).
+STATUS_EXIT_CODES = {
+    "serving": 0,
+    "waiting-for-driver": 3,
+    "degraded": 4,
+    "not-running": 5,
+    "config-error": 78,
+}
+#: At most this many other running agents are named when none runs where the config says.
+MAX_NAMED_AGENTS = 3
+
+
+def node_state(answer: dict[str, Any]) -> str:
+    """The node's state from the agent's status answer (STATUS_EXIT_CODES's keys)."""
+    if str(answer.get("status", "")).startswith(WAITING_FOR_DRIVER):
+        return "waiting-for-driver"
+    gpus = answer.get("gpus") or []
+    if answer.get("registered") and gpus and all(gpu.get("healthy") for gpu in gpus):
+        return "serving"
+    return "degraded"
+
+
+def _document(state: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """The --json document: the state, whether all is well and the exit code first."""
+    rest = {key: value for key, value in fields.items() if key != "ok"}
+    return {"state": state, "ok": state == "serving", "exit_code": STATUS_EXIT_CODES[state], **rest}
+
+
+def _running_elsewhere(ctx: click.Context) -> str:
+    """Where agents run that this config does not lead to, as a hint (or "")."""
+    options: RootOptions = ctx.find_root().obj
+    mine = os.path.realpath(resolve_path(options.config_path, os.environ))
+    others = [record for record in instance.live_records() if record[0] != mine]
+    named = "".join(
+        f"; an agent runs with config {config} (pid {pid}): vgpu-agent --config {config} status"
+        for config, _socket, pid in others[:MAX_NAMED_AGENTS]
+    )
+    if len(others) > MAX_NAMED_AGENTS:
+        named += f"; and {len(others) - MAX_NAMED_AGENTS} more (/run/vgpu-agent/by-config)"
+    return named
+
+
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the agent's answer as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (always).")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
-    """Show the running agent: each GPU, its vGPUs and their health."""
+    """Show the running agent: each GPU, its vGPUs and their health. Exit code: 0 serving,
+    3 waiting for the GPU driver, 4 degraded, 5 not running, 78 bad config."""
     try:
         answer = _ask(ctx, StatusCommand())
+    except ConfigError as exc:
+        if as_json:
+            fields = {"status": "config error", "error": str(exc), "gpus": []}
+            click.echo(json.dumps(_document("config-error", fields), indent=2))
+        raise
     except AgentError as control_error:
         # No control socket (another state_dir, no permission): the plugin socket still
         # tells the device list, as the kubelet sees it, without the reasons.
@@ -79,13 +145,19 @@ def status(ctx: click.Context, as_json: bool) -> None:
         try:
             devices = query_devices(plugin_socket)
         except AgentError:
-            raise control_error from None
-        _print_devices(devices, as_json)
-        return
+            if not isinstance(control_error, AgentNotRunningError):
+                raise control_error from None
+            _not_running(f"{control_error}{_running_elsewhere(ctx)}", as_json)
+        state = "degraded" if any(d.health != HEALTHY for d in devices) else "serving"
+        _print_devices(devices, as_json, state)
+        sys.exit(STATUS_EXIT_CODES[state])
+    state = node_state(answer)
     if as_json:
-        click.echo(json.dumps(answer, indent=2))
-        return
+        click.echo(json.dumps(_document(state, answer), indent=2))
+        sys.exit(STATUS_EXIT_CODES[state])
     click.echo(answer["status"])
+    if answer.get("backend") == "simulated":
+        click.echo("backend: simulated GPUs (gpus.backend), not the node's real ones")
     for line in status_header_lines(answer):
         click.echo(line)
     confined = answer.get("confinement")
@@ -101,12 +173,26 @@ def status(ctx: click.Context, as_json: bool) -> None:
         )
         for line in status_lines(gpu):
             click.echo(line)
+    sys.exit(STATUS_EXIT_CODES[state])
 
 
-def _print_devices(devices: tuple[AdvertisedDevice, ...], as_json: bool) -> None:
+def _not_running(message: str, as_json: bool) -> NoReturn:
+    """No agent: one line on stderr, the not-running document on stdout with --json."""
+    if as_json:
+        fields = {"status": "not running", "error": message, "gpus": []}
+        click.echo(json.dumps(_document("not-running", fields), indent=2))
+    click.echo(f"vgpu-agent: error: {message}", err=True)
+    sys.exit(STATUS_EXIT_CODES["not-running"])
+
+
+def _print_devices(devices: tuple[AdvertisedDevice, ...], as_json: bool, state: str) -> None:
     if as_json:
         listed = [{"id": d.device_id, "health": d.health} for d in devices]
-        click.echo(json.dumps({"devices": listed}, indent=2))
+        fields = {
+            "status": "the control socket is not reachable; the device list from the plugin socket",
+            "devices": listed,
+        }
+        click.echo(json.dumps(_document(state, fields), indent=2))
         return
     unhealthy = sum(device.health != HEALTHY for device in devices)
     click.echo(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
 from typing import Any, Optional
 
 import click
@@ -49,6 +50,15 @@ class _Group(click.Group):
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             sys.exit(0)
+        except click.NoSuchOption as exc:
+            if exc.option_name == "--config" and exc.ctx is not None and exc.ctx.parent:
+                # `vgpu-agent status --config X`: the option is the root's, not the command's.
+                exc.message = (
+                    "--config goes before the command: "
+                    f"vgpu-agent --config PATH {exc.ctx.command_path.split(' ', 1)[-1]} ..."
+                )
+                exc.possibilities = None
+            raise
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except Exception as exc:
@@ -87,7 +97,24 @@ def doctor(ctx: click.Context) -> None:
     from vgpu_agent.ops.doctor.runner import run_doctor
 
     options: RootOptions = ctx.find_root().obj
-    sys.exit(run_doctor(options.config_path, os.environ, click.echo))
+    sys.exit(run_doctor(options.config_path, os.environ, _echo_wrapped))
+
+
+#: doctor's lines are wrapped to this width; continuation lines are indented past the tag.
+DOCTOR_WIDTH = 100
+
+
+def _echo_wrapped(line: str) -> None:
+    """One doctor line, wrapped at DOCTOR_WIDTH (paths and words are never split)."""
+    click.echo(
+        textwrap.fill(
+            line,
+            width=DOCTOR_WIDTH,
+            subsequent_indent=" " * len("[ ok ] "),
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+    )
 
 
 @cli.command()

@@ -35,7 +35,16 @@ def check_agent(report: Report, config: Config, probes: DoctorProbes) -> None:
             reasons = gpu.get("reasons", [])
             causes = "; ".join(str(reason) for reason in reasons) if reasons else "no reason"
             unhealthy.append(f"GPU {gpu.get('index', '?')}: {causes}")
-    if line.startswith("waiting for the GPU driver"):
+    if answer.get("backend") == "simulated" and config.gpus.backend != "simulated":
+        # `run --simulate N` beside a config for the real GPUs: the checks above looked at
+        # the driver, the agent serves GPUs that are not there.
+        report.warn(
+            check,
+            f"running on simulated GPUs (run --simulate), not this node's: {line}; the "
+            "checks above are of the real driver; give doctor the agent's config "
+            "(vgpu-agent --config PATH doctor, e.g. examples/laptop.toml)",
+        )
+    elif line.startswith("waiting for the GPU driver"):
         report.warn(check, f"running, but {line}; see the driver check above")
     elif unhealthy:
         report.warn(

@@ -25,7 +25,8 @@ def check_confinement(
         report.warn(
             check,
             f"{line}; a pod that unsets its variables gets the whole GPU: set "
-            'mps.confinement = "enforced" unless every tenant is trusted (docs/security.md)',
+            'mps.confinement = "enforced" unless every tenant is trusted '
+            "(/usr/share/doc/vgpu-agent/security.md)",
         )
         if not config.mps.enabled:
             return

@@ -7,6 +7,7 @@ lazily (it pulls in gRPC).
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -67,6 +68,8 @@ class DoctorProbes:
     #: What of a ceiling the daemon of (config, GPU UUID) no longer holds (MpsError: no
     #: answer).
     mps_ceiling_gaps: Callable[[Config, str, Ceiling], list[str]] = _mps_ceiling_gaps
+    #: Whether doctor runs as root (what it may read depends on it).
+    is_root: Callable[[], bool] = lambda: os.geteuid() == 0
 
 
 # -- the probes of the real node ---------------------------------------------------------------

@@ -34,6 +34,13 @@ def _guarded(report: Report, check: str, run: Callable[[], None]) -> None:
         run()
     except VgpuError as exc:
         report.fail(check, str(exc))
+    except PermissionError as exc:
+        # Not a bug: a file or directory only root may read (the kubelet's, containerd's).
+        what = f" {exc.filename}" if exc.filename else ""
+        report.fail(
+            check,
+            f"cannot read{what}: permission denied; run doctor as root (sudo vgpu-agent doctor)",
+        )
     except Exception as exc:  # doctor must report every check, whatever one of them hits
         report.fail(
             check,
@@ -52,13 +59,19 @@ def run_doctor(
     """Check the node, print one line per finding through ``echo``; 1 if any failed, else 0."""
     report = Report(echo)
     config = Config()
+    node_probes = probes if probes is not None else system_probes()
+    if not node_probes.is_root():
+        report.warn(
+            "user",
+            "not run as root: the checks of what only root may read (the kubelet's "
+            "directory, MPS pipes, the agent's socket) may fail; run sudo vgpu-agent doctor",
+        )
 
     def load_config() -> None:
         nonlocal config
         config = check_config(report, config_path_option, environ)
 
     _guarded(report, "config", load_config)
-    node_probes = probes if probes is not None else system_probes()
     node = GpuFindings()
     try:
         _guarded(report, "driver", lambda: check_gpus(report, config, node_probes, node))

@@ -1,0 +1,1 @@
+"""The system test (make test-system) and its helpers."""
