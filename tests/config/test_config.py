@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import pytest
 
+from vgpu_agent.config.dra import DraConfig
 from vgpu_agent.config.parse import load, load_effective, load_or_default, parse, resolve_path
 from vgpu_agent.config.plan import MIN_USEFUL_SLICE_MIB, slice_warnings
 from vgpu_agent.config.render import to_toml
@@ -974,6 +975,7 @@ _TABLES: list[tuple[str, type[DataclassInstance]]] = [
     ("mps", MpsConfig),
     ("health", HealthConfig),
     ("simulated", SimulatedConfig),
+    ("dra", DraConfig),
 ]
 _SETTING_LINE = re.compile(r"^#(?=[\[a-z])")
 

@@ -18,6 +18,7 @@ import stat
 import sys
 from typing import Mapping, Optional
 
+from vgpu_agent.config.dra import parse_dra
 from vgpu_agent.config.schema import (
     CONFIG_ENV_VAR,
     DEFAULT_CONFIG_PATH,
@@ -406,6 +407,7 @@ def parse(text: str, source: str = "<string>") -> Config:
         ),
         metrics=_parse_metrics(root.table("metrics", "[metrics]", _keys(MetricsConfig))),
         labels=_parse_labels(root.table("labels", "[labels]", _keys(LabelsConfig))),
+        dra=parse_dra(document.get("dra"), source),
         source=source,
     )
 

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from vgpu_agent.config.dra import DRA_RESTART_ONLY_KEYS
 from vgpu_agent.config.plan import gpu_ceiling, grant_policy, plan_gpus
 from vgpu_agent.config.schema import Config
 from vgpu_agent.host.log import LogLevel
@@ -123,6 +124,8 @@ RESTART_ONLY_KEYS = (
     ("mps", "multi_user"),
     # Not the daemon defaults (mps.confinement, max_vgpus_per_container, daemon_*_limit):
     # a reload sets the new ceiling on the running daemons (ApplyCeiling).
+    # The frontend and everything DRA mode names (sockets, CDI directory) are chosen at start.
+    *DRA_RESTART_ONLY_KEYS,
 )
 
 

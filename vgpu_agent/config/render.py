@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from vgpu_agent.config.dra import dra_toml_pairs
 from vgpu_agent.config.schema import Config
 
 _ESCAPES = {
@@ -137,6 +138,7 @@ def to_toml(config: Config) -> str:
         "labels",
         [("enabled", config.labels.enabled), ("features_dir", config.labels.features_dir)],
     )
+    table("dra", dra_toml_pairs(config.dra))
     simulated = config.simulated
     if simulated.gpus:
         # parse() refuses the single-model keys next to an explicit list.

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
+from vgpu_agent.config.dra import DraConfig
 from vgpu_agent.host.log import LogLevel
 from vgpu_agent.model.devices import LimitPolicy, pipe_dir_for
 from vgpu_agent.model.gpu import MPS_CLIENT_LIMIT_VOLTA
@@ -233,6 +234,7 @@ class Config:
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     labels: LabelsConfig = field(default_factory=LabelsConfig)
+    dra: DraConfig = field(default_factory=DraConfig)
     #: Where this config came from (a path, or "<defaults>"); not a key in the file.
     source: str = "<defaults>"
 

@@ -9,7 +9,9 @@ MPS daemon is simulated. Tests pass fakes for any of the parts.
 
 from __future__ import annotations
 
+import importlib
 import os
+import socket
 import time
 from typing import Any, Callable, Optional
 
@@ -29,10 +31,13 @@ from vgpu_agent.agent.parts import (
     WatchFactory,
 )
 from vgpu_agent.agent.registration import Register, Registrar
+from vgpu_agent.config.dra import resolve_node_name
 from vgpu_agent.config.plan import simulated_mps
 from vgpu_agent.config.schema import Config, PluginConfig
 from vgpu_agent.frontends.deviceplugin import kubelet
 from vgpu_agent.frontends.deviceplugin.server import PluginServer, PluginServicer
+from vgpu_agent.frontends.dra.plugin import DraPlugin
+from vgpu_agent.frontends.dra.types import ResourceApi
 from vgpu_agent.host.control import ControlServer
 from vgpu_agent.host.sandbox import PluginDirGuard
 from vgpu_agent.host.sockets import socket_identity
@@ -40,12 +45,17 @@ from vgpu_agent.host.systemd import Notifier
 from vgpu_agent.host.watch import DirectoryWatch
 from vgpu_agent.model.commands import ControlCommand, FaultInjector
 from vgpu_agent.model.daemons import MpsDaemons, MpsInspector
+from vgpu_agent.model.errors import ConfigError
 from vgpu_agent.model.gpu import ComputeMode, GpuBackend
 from vgpu_agent.model.node import Node
 from vgpu_agent.observability.attribution import gather
 from vgpu_agent.observability.podresources import PodResourcesClient
 from vgpu_agent.observability.service import AgentCounts, Gather, Observability
-from vgpu_agent.standins.simulated import SimulatedMpsInspector, Simulation
+from vgpu_agent.standins.simulated import (
+    SIMULATED_DRIVER_VERSION,
+    SimulatedMpsInspector,
+    Simulation,
+)
 
 
 def open_nvml(config: Config) -> GpuBackend:
@@ -134,6 +144,69 @@ def plugin_registrar(
         )
 
     return make
+
+
+def kube_resource_api(config: Config) -> ResourceApi:
+    """The API server client for DRA mode, with the credentials ``dra.kubeconfig`` names."""
+    try:
+        # Imported by name: the client module comes with the API-server half of DRA mode.
+        kubeapi = importlib.import_module("vgpu_agent.frontends.dra.kubeapi")
+    except ImportError as exc:
+        raise ConfigError(
+            f"dra.enabled = true needs the Kubernetes API client, which this build lacks ({exc}); "
+            "install a vgpu-agent with DRA support or set dra.enabled = false"
+        ) from exc
+    api: ResourceApi = kubeapi.from_kubeconfig(config.dra.kubeconfig)
+    return api
+
+
+def dra_registrar(
+    plugin: DraPlugin, clock: Callable[[], float], register: Optional[Register] = None
+) -> RegistrarFactory:
+    """Registrars that serve ``plugin``'s sockets and wait for the kubelet's plugin watcher
+    to accept them (``register`` replaces that wait, for tests)."""
+
+    def make(plugin_config: PluginConfig, on_wait: Callable[[], None]) -> Registrar:
+        return Registrar(
+            kubelet_identity=plugin.registry_identity,
+            serve=plugin.serve,
+            register=register if register is not None else plugin.register,
+            clock=clock,
+            on_wait=on_wait,
+            description=plugin.description,
+            kubelet_socket=plugin.dra.registration_socket_path,
+        )
+
+    return make
+
+
+def build_dra_plugin(
+    config: Config,
+    node: Node,
+    api: ResourceApi,
+    backend: Callable[[], Optional[GpuBackend]],
+    observe_latency: Optional[Callable[[str, float], None]] = None,
+) -> DraPlugin:
+    """The DRA kubelet plugin for ``config`` over ``node``; ``backend()`` is the GPU backend
+    once the agent opened it (for the driver version attribute)."""
+
+    def driver_version() -> str:
+        opened = backend()
+        version_of = getattr(opened, "driver_version", None)
+        if callable(version_of):
+            return str(version_of())
+        return SIMULATED_DRIVER_VERSION if config.gpus.backend == "simulated" else ""
+
+    return DraPlugin(
+        node,
+        api,
+        config.dra,
+        node_name=resolve_node_name(config.dra, os.environ, socket.gethostname()),
+        state_dir=config.agent.state_dir,
+        register_timeout_s=config.plugin.register_timeout_s,
+        driver_version=driver_version,
+        observe_latency=observe_latency,
+    )
 
 
 def health_monitor(clock: Callable[[], float]) -> HealthChecksFactory:
@@ -227,6 +300,8 @@ def build_agent(
     backend_retry_initial_s: float = BACKEND_RETRY_INITIAL_S,
     backend_retry_max_s: float = BACKEND_RETRY_MAX_S,
     plugin_dir_guard: Optional[PluginDirGuard] = None,
+    make_resource_api: Optional[Callable[[Config], ResourceApi]] = None,
+    dra_plugin: Optional[list[DraPlugin]] = None,
 ) -> Agent:
     """The agent for ``config`` with every collaborator built; each keyword replaces one
     (tests hand in fakes). ``notifier`` speaks to systemd; ``config_loader`` re-reads the
@@ -259,12 +334,32 @@ def build_agent(
         )
         observe_latency = latency_observer(observed)
         observer = observed
+    opened: list[GpuBackend] = []
+    backend_opener = open_backend or chosen_backend
+
+    def open_and_remember(config: Config) -> GpuBackend:
+        backend = backend_opener(config)
+        opened.append(backend)
+        return backend
+
+    make_registrar: RegistrarFactory
+    if config.dra.enabled:
+        # One frontend per node, never both: the device plugin is not served in DRA mode.
+        api = (make_resource_api or kube_resource_api)(config)
+        dra = build_dra_plugin(
+            config, node, api, lambda: opened[-1] if opened else None, observe_latency
+        )
+        if dra_plugin is not None:
+            dra_plugin.append(dra)
+        make_registrar = dra_registrar(dra, clock, register)
+    else:
+        make_registrar = plugin_registrar(node, clock, register, observe_latency)
     parts = AgentParts(
         node=node,
         notifier=notifier,
-        open_backend=open_backend or chosen_backend,
+        open_backend=open_and_remember,
         make_mps=make_mps or chosen_mps,
-        make_registrar=plugin_registrar(node, clock, register, observe_latency),
+        make_registrar=make_registrar,
         make_health_checks=make_health_checks or health_monitor(clock),
         make_control=make_control or control_server,
         watch_directory=watch or watch_directory,

@@ -3,7 +3,8 @@ tests: real servers and in-memory hardware behind the same interfaces as the rea
 
 What lives here: the simulated GPU backend and MPS daemons (``simulated``), a kubelet
 stand-in that serves Registration and dials the plugin back like the kubelet's device
-manager (``kubelet``) and a PodResources stand-in (``podresources``).
+manager (``kubelet``), a PodResources stand-in (``podresources``) and a Kubernetes API server
+stand-in serving ResourceSlices and ResourceClaims for the DRA frontend (``apiserver``).
 
 May import: ``vgpu_agent.frontends``, ``vgpu_agent.mps``, ``vgpu_agent.gpus``,
 ``vgpu_agent.observability`` and what they import. Only the composition root and the

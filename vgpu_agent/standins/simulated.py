@@ -25,6 +25,10 @@ from vgpu_agent.model.gpu import ComputeMode, Gpu, GpuEvent, GpuEventKind, GpuPr
 _UUID_NAMESPACE = uuid_module.UUID("6a0f3f4e-2b5c-4d8e-9a61-7c2d0b1e5f93")
 
 
+#: The driver version a simulated node reports where one is shown (the DRA slice).
+SIMULATED_DRIVER_VERSION = "580.95.05"
+
+
 def simulated_uuid(index: int) -> str:
     """The UUID of simulated GPU ``index`` (stable across runs)."""
     return f"GPU-{uuid_module.uuid5(_UUID_NAMESPACE, f'gpu-{index}')}"

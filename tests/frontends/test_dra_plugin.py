@@ -1,0 +1,258 @@
+"""The DRA plugin over real unix sockets: registration with the DRA kubelet stand-in,
+NodePrepareResources/NodeUnprepareResources of both API versions, the slice publisher
+(generations, health, kubelet restart, clean stop), against an in-memory API server."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.builders import gpu_uuid, make_inventory, vgpu_id
+from tests.harness import wait_until
+from vgpu_agent.config.dra import DraConfig
+from vgpu_agent.frontends._proto import dra_v1beta1_pb2
+from vgpu_agent.frontends._proto import pluginregistration_pb2 as reg_pb
+from vgpu_agent.frontends.dra.plugin import DraPlugin
+from vgpu_agent.frontends.dra.publisher import GenerationStore, SlicePublisher
+from vgpu_agent.frontends.dra.slices import DeviceNames
+from vgpu_agent.frontends.dra.types import AllocatedDevice, ClaimRef, NodeSlice
+from vgpu_agent.model.devices import HealthReason, Inventory, MpsGrantPolicy
+from vgpu_agent.model.errors import RegistrationError
+from vgpu_agent.model.node import Node
+from vgpu_agent.standins.dra_kubelet import DraKubeletStandin
+from vgpu_agent.standins.resourceapi import InMemoryResourceApi
+
+DRIVER = "vgpu.example.com"
+NODE = "node-a"
+UID = "0c4f6d8e-1111-2222-3333-444455556666"
+WAIT_S = 10.0
+
+
+def share_name(inventory: Inventory, index: int, replica: int) -> str:
+    """The slice device name of a share."""
+    names = DeviceNames.of(inventory).vgpu_by_name
+    return next(name for name, vgpu in names.items() if vgpu == vgpu_id(index, replica))
+
+
+@dataclass
+class Served:
+    """A DRA plugin serving its sockets, a kubelet stand-in and an in-memory API server."""
+
+    plugin: DraPlugin
+    node: Node
+    api: InMemoryResourceApi
+    kubelet: DraKubeletStandin
+    dra: DraConfig
+    endpoint: Any
+
+
+@pytest.fixture
+def served(short_tmp_dir: str) -> Iterator[Served]:
+    """The plugin served and registered with the stand-in kubelet."""
+    dra = DraConfig(
+        enabled=True,
+        driver_name=DRIVER,
+        registry_dir=f"{short_tmp_dir}/reg",
+        plugins_dir=f"{short_tmp_dir}/plugins",
+        cdi_dir=f"{short_tmp_dir}/cdi",
+    )
+    node = Node(make_inventory((4, 4)), grant_policy=MpsGrantPolicy(pipe_dir_read_only=True))
+    api = InMemoryResourceApi()
+    plugin = DraPlugin(
+        node,
+        api,
+        dra,
+        node_name=NODE,
+        state_dir=f"{short_tmp_dir}/state",
+        driver_version=lambda: "580.95.05",
+        publish_retry_initial_s=0.05,
+    )
+    kubelet = DraKubeletStandin(dra.registry_dir, wipe_slices=lambda: api.wipe_node(NODE))
+    kubelet.start()
+    endpoint = plugin.serve()
+    plugin.register(lambda: False)
+    kubelet.wait_for_registration(1, WAIT_S)
+    yield Served(plugin, node, api, kubelet, dra, endpoint)
+    kubelet.stop()
+    node.close()
+    endpoint.stop()
+
+
+def test_the_kubelet_registers_the_plugin_from_its_registration_socket(served: Served) -> None:
+    """GetInfo names a DRAPlugin for the driver on the endpoint, v1 first; the kubelet
+    accepts it and the agent sees the acceptance."""
+    registration = served.kubelet.wait_for_registration(1, WAIT_S)
+    assert registration.driver == DRIVER
+    assert registration.endpoint == served.dra.plugin_socket_path
+    assert registration.service == "v1.DRAPlugin"
+    assert registration.socket_path == f"{served.dra.registry_dir}/{DRIVER}-reg.sock"
+    assert served.plugin.status.snapshot() == (1, 0)
+    with grpc.insecure_channel(f"unix://{registration.socket_path}") as channel:
+        info = channel.unary_unary(
+            "/pluginregistration.Registration/GetInfo",
+            request_serializer=reg_pb.InfoRequest.SerializeToString,
+            response_deserializer=reg_pb.PluginInfo.FromString,
+        )(reg_pb.InfoRequest(), timeout=5)
+    assert (info.type, list(info.supported_versions)) == (
+        "DRAPlugin",
+        ["v1.DRAPlugin", "v1beta1.DRAPlugin"],
+    )
+
+
+def test_a_claim_is_prepared_and_unprepared_through_the_kubelet(served: Served) -> None:
+    """NodePrepareResources answers the claim's devices and CDI id; its spec file exists
+    until NodeUnprepareResources."""
+    inventory = served.node.inventory()
+    device = share_name(inventory, 1, 3)
+    served.api.add_claim("ns", "c", UID, [AllocatedDevice("gpu", DRIVER, NODE, device)])
+    claim = ClaimRef("ns", "c", UID)
+    answers = served.kubelet.prepare(DRIVER, [claim])
+    assert answers[UID].error == ""
+    assert answers[UID].devices == (
+        {
+            "request_names": ["gpu"],
+            "pool_name": NODE,
+            "device_name": device,
+            "cdi_device_ids": [f"{DRIVER}/vgpu={UID}"],
+        },
+    )
+    spec_path = f"{served.dra.cdi_dir}/{DRIVER}-claim-{UID}.json"
+    assert os.path.exists(spec_path)
+    assert served.kubelet.unprepare(DRIVER, [claim]) == {UID: ""}
+    assert not os.path.exists(spec_path)
+
+
+def test_the_v1beta1_service_answers_like_v1(served: Served) -> None:
+    """A kubelet speaking v1beta1 gets the same per-claim answers."""
+    served.api.add_claim(
+        "ns",
+        "c",
+        UID,
+        [AllocatedDevice("gpu", DRIVER, NODE, share_name(served.node.inventory(), 0, 0))],
+    )
+    pb: Any = dra_v1beta1_pb2
+    with grpc.insecure_channel(f"unix://{served.dra.plugin_socket_path}") as channel:
+        prepare = channel.unary_unary(
+            "/k8s.io.kubelet.pkg.apis.dra.v1beta1.DRAPlugin/NodePrepareResources",
+            request_serializer=pb.NodePrepareResourcesRequest.SerializeToString,
+            response_deserializer=pb.NodePrepareResourcesResponse.FromString,
+        )
+        response = prepare(
+            pb.NodePrepareResourcesRequest(
+                claims=[
+                    pb.Claim(namespace="ns", name="c", uid=UID),
+                    pb.Claim(namespace="ns", name="gone", uid="x-1"),
+                ]
+            ),
+            timeout=5,
+        )
+    assert response.claims[UID].error == ""
+    assert list(response.claims[UID].devices[0].cdi_device_ids) == [f"{DRIVER}/vgpu={UID}"]
+    assert "has no such claim" in response.claims["x-1"].error
+
+
+def test_a_request_that_does_not_parse_is_invalid_argument(served: Served) -> None:
+    """Bytes that are no request message are refused as INVALID_ARGUMENT, not INTERNAL."""
+    with grpc.insecure_channel(f"unix://{served.dra.plugin_socket_path}") as channel:
+        call = channel.unary_unary("/k8s.io.kubelet.pkg.apis.dra.v1.DRAPlugin/NodePrepareResources")
+        with pytest.raises(grpc.RpcError) as failure:
+            call(b"\xff\xff\xff", timeout=5)
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_slice_is_published_and_follows_health(served: Served) -> None:
+    """The node's slice holds every share; a GPU turning Unhealthy drops its shares at a
+    higher pool generation, and healing brings them back."""
+    first = served.api.wait_for_slice(DRIVER, NODE, lambda s: len(s.devices) == 8, WAIT_S)
+    assert first.pool == NODE
+    reason = HealthReason.xid_fault(79)
+    served.node.set_health(gpu_uuid(1), reason, True)
+    sick = served.api.wait_for_slice(DRIVER, NODE, lambda s: len(s.devices) == 4, WAIT_S)
+    assert sick.generation > first.generation
+    assert {d.attributes["uuid"] for d in sick.devices} == {gpu_uuid(0)}
+    served.node.set_health(gpu_uuid(1), reason, False)
+    healed = served.api.wait_for_slice(DRIVER, NODE, lambda s: len(s.devices) == 8, WAIT_S)
+    assert healed.generation > sick.generation
+
+
+def test_the_slice_is_republished_after_a_kubelet_restart(served: Served) -> None:
+    """A restarting kubelet wipes the node's slices and registers the plugin again; the
+    plugin publishes the slice again."""
+    served.api.wait_for_slice(DRIVER, NODE, timeout_s=WAIT_S)
+    served.kubelet.restart()
+    served.kubelet.wait_for_registration(1, WAIT_S)
+    again = served.api.wait_for_slice(DRIVER, NODE, timeout_s=WAIT_S)
+    assert len(again.devices) == 8
+    assert served.plugin.status.snapshot()[0] == 2
+
+
+def test_a_clean_stop_deletes_the_slices_and_the_sockets(served: Served) -> None:
+    """Closing the node (the agent stopping) and stopping the endpoint deletes the slice
+    and removes both sockets."""
+    served.api.wait_for_slice(DRIVER, NODE, timeout_s=WAIT_S)
+    served.node.close()
+    served.endpoint.stop()
+    assert served.api.slice_of(DRIVER, NODE) is None
+    assert (DRIVER, NODE) in served.api.deletions
+    assert not os.path.exists(served.dra.registration_socket_path)
+    assert not os.path.exists(served.dra.plugin_socket_path)
+
+
+def test_registration_fails_when_the_kubelet_refuses(short_tmp_dir: str) -> None:
+    """A refusal from the kubelet ends the wait with the kubelet's reason."""
+    dra = DraConfig(
+        driver_name=DRIVER, registry_dir=f"{short_tmp_dir}/r", plugins_dir=f"{short_tmp_dir}/p"
+    )
+    plugin = DraPlugin(
+        Node(make_inventory((1,))),
+        InMemoryResourceApi(),
+        dra,
+        node_name=NODE,
+        state_dir=short_tmp_dir,
+    )
+    plugin.status.record(False, "no handler registered for plugin type: X")
+    with pytest.raises(RegistrationError, match="the kubelet refused: no handler"):
+        plugin.status.wait_after((0, 0), 1.0, lambda: False, "registering")
+    with pytest.raises(RegistrationError, match="did not call within"):
+        plugin.status.wait_after(plugin.status.snapshot(), 0.05, lambda: False, "registering")
+
+
+# -- the publisher alone --------------------------------------------------------------------
+
+
+def _build(inventory: Inventory, generation: int) -> NodeSlice:
+    from vgpu_agent.frontends.dra.slices import node_slice
+
+    return node_slice(inventory, driver=DRIVER, node_name=NODE, generation=generation, policy=None)
+
+
+def test_a_failed_publish_is_retried_and_generations_continue_after_a_restart(
+    short_tmp_dir: str,
+) -> None:
+    """The publisher retries until the API server takes the slice; a new publisher (an
+    agent restart) continues from the recorded generation."""
+    node = Node(make_inventory((2,)))
+    api = InMemoryResourceApi()
+    api.fail_publish = "the server is unavailable"
+    store = GenerationStore(short_tmp_dir)
+    publisher = SlicePublisher(
+        node, api, _build, driver=DRIVER, node_name=NODE, generations=store, retry_initial_s=0.02
+    )
+    publisher.start()
+    wait_until(lambda: publisher.publishes == 0 and api.published == [], 1.0)
+    api.fail_publish = None
+    first = api.wait_for_slice(DRIVER, NODE, timeout_s=WAIT_S)
+    publisher.stop()
+    assert api.deletions == []  # not a clean stop: the node is open
+    again = SlicePublisher(node, api, _build, driver=DRIVER, node_name=NODE, generations=store)
+    again.start()
+    wait_until(lambda: again.publishes >= 1, WAIT_S, "the second publisher's first publish")
+    assert api.published[-1].generation == first.generation + 1
+    node.close()
+    again.stop()
+    assert api.deletions == [(DRIVER, NODE)]
