@@ -137,18 +137,20 @@ class DraPlugin:
         if not isinstance(found, ApiFeatures):  # pragma: no cover - a broken fake
             raise TypeError(f"probe_features answered {found!r}, not ApiFeatures")
         self._features = found
+        layout = (
+            "each GPU one shared device (consumable capacity)"
+            if found.consumable_capacity
+            else "a device per share (no consumable capacity)"
+        )
+        health = (
+            "a sick GPU tainted in the slice"
+            if found.device_taints
+            else "a sick GPU left out of the slice (no device taints)"
+        )
         log_event(
             log,
             logging.INFO,
-            "the API server "
-            + ("offers" if found.consumable_capacity else "does not offer")
-            + " consumable capacity (each GPU "
-            + ("one shared device" if found.consumable_capacity else "a device per share")
-            + ") and "
-            + ("keeps" if found.device_taints else "drops")
-            + " device taints (a sick GPU "
-            + ("tainted in" if found.device_taints else "left out of")
-            + " the slice)",
+            f"the API server's ResourceSlices: {layout}; {health}",
             VGPU_EVENT="dra-features",
         )
         return found
