@@ -6,8 +6,9 @@ node's ResourceSlice, the API server boundary as a Protocol), the kubelet-facing
 turned into CDI specs) and the API-server side (publishing the node's ResourceSlices,
 reading ResourceClaims), and what the newer DRA features change, as pure values: each GPU
 as one device of consumable capacity and a claim's consumed amount as its MPS limits
-(``capacity``), health as device taints (``taints``). It sits beside :mod:`vgpu_agent.frontends.deviceplugin` over the
-same node model, MPS management and health; a GPU is served by one frontend, never both.
+(``capacity``), health as device taints (``taints``). It sits beside
+:mod:`vgpu_agent.frontends.deviceplugin` over the same node model, MPS management and
+health; a GPU is served by one frontend, never both.
 
 May import: what :mod:`vgpu_agent.frontends` may import, and the Kubernetes API client
 library (only the API-server module).
