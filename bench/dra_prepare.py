@@ -2,15 +2,17 @@
 
 Two agents are built by the composition root on 8 simulated GPUs x 48 vGPUs and run in
 this process: one serving the device plugin to the kubelet stand-in, one in DRA mode
-(dra.enabled) registered with the DRA kubelet stand-in, its API server in memory. Every
-call crosses a real unix socket through gRPC. Each NodePrepareResources prepares a new
-claim of one share (reading it from the API server, writing its CDI spec and the prepared
-claims record, both fsync'ed), each NodeUnprepareResources removes one.
+(dra.enabled) registered with the DRA kubelet stand-in, its API server in memory or, with
+``--api http``, the stand-in API server over HTTP through the Kubernetes client as the
+node's identity. Every kubelet call crosses a real unix socket through gRPC. Each
+NodePrepareResources prepares a new claim of one share (reading it from the API server,
+writing its CDI spec and the prepared claims record, both fsync'ed), each
+NodeUnprepareResources removes one.
 
 Prints p50/p99 of each call over ``--calls`` calls, plus the time from an injected XID to
 the ResourceSlice without the sick GPU's shares. Numbers, no pass/fail.
 
-Usage: python bench/dra_prepare.py [--calls 2000]
+Usage: python bench/dra_prepare.py [--calls 2000] [--api memory|http]
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import replace
 from typing import Callable
 
@@ -34,11 +37,13 @@ from vgpu_agent.config.schema import (
     PluginConfig,
     SimulatedConfig,
 )
-from vgpu_agent.frontends.dra.types import AllocatedDevice
+from vgpu_agent.frontends.dra.kubeapi import KubeResourceApi
+from vgpu_agent.frontends.dra.types import AllocatedDevice, ClaimRef, ResourceApi
 from vgpu_agent.host.log import setup_logging
 from vgpu_agent.host.systemd import Notifier
 from vgpu_agent.model.commands import SimulateAction, SimulateCommand
 from vgpu_agent.runtime.compose import build_agent
+from vgpu_agent.standins.apiserver import ApiServerStandIn
 from vgpu_agent.standins.dra_kubelet import DraKubeletStandin
 from vgpu_agent.standins.kubelet import KubeletStandin
 from vgpu_agent.standins.resourceapi import InMemoryResourceApi
@@ -48,6 +53,7 @@ GPUS = 8
 REPLICAS = 48
 NODE = "bench-node"
 WAIT_S = 30.0
+TOKEN = "bench-node-token"  # noqa: S105 - a token of the in-process stand-in only
 
 
 def percentile(samples: list[float], fraction: float) -> float:
@@ -89,10 +95,72 @@ def line(name: str, samples: list[float]) -> str:
     )
 
 
+class MemoryCluster:
+    """The API server in memory."""
+
+    def __init__(self) -> None:
+        self.api = InMemoryResourceApi()
+        self.client: ResourceApi = self.api
+
+    def add_claim(self, name: str, driver: str, device: str) -> ClaimRef:
+        """An allocated claim of ``device``."""
+        uid = str(uuid.uuid4())
+        return self.api.add_claim(
+            "bench", name, uid, [AllocatedDevice("vgpu", driver, NODE, device)]
+        )
+
+    def devices(self, driver: str, count: int) -> list[str]:
+        """The node's device names once there are ``count``."""
+        published = self.api.wait_for_slice(driver, NODE, lambda s: len(s.devices) == count, WAIT_S)
+        return [device.name for device in published.devices]
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class HttpCluster:
+    """The stand-in API server over HTTP, the Kubernetes client as system:node:<node>."""
+
+    def __init__(self) -> None:
+        self.server = ApiServerStandIn(tokens={TOKEN: f"system:node:{NODE}"}, anonymous_user=None)
+        self.server.start()
+        self.server.add_node(NODE)
+        self.kube = KubeResourceApi.for_server(self.server.url, token=TOKEN)
+        self.client: ResourceApi = self.kube
+
+    def add_claim(self, name: str, driver: str, device: str) -> ClaimRef:
+        """An allocated claim of ``device``, referenced by a pod on the node."""
+        result = AllocatedDevice("vgpu", driver, NODE, device)
+        uid = self.server.add_claim("bench", name, node=NODE, results=[result])
+        return ClaimRef("bench", name, uid)
+
+    def devices(self, driver: str, count: int) -> list[str]:
+        """The node's device names once there are ``count``."""
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            names = [
+                device["name"]
+                for body in self.server.slices().values()
+                if body["spec"]["driver"] == driver
+                for device in body["spec"].get("devices") or []
+            ]
+            if len(names) == count:
+                return names
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(names)} devices in the slices, wanted {count}")
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        """Close the client and stop the server."""
+        self.kube.close()
+        self.server.stop()
+
+
 def main() -> int:
     """Run the benchmark and print its numbers."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--api", choices=("memory", "http"), default="memory")
     args = parser.parse_args()
     # The agents' warnings (no PodResources socket, the injected XID) would sit between the
     # numbers.
@@ -126,31 +194,24 @@ def main() -> int:
             ),
         )
         driver = config.dra.driver_name
-        api = InMemoryResourceApi()
-        dra_kubelet = DraKubeletStandin(
-            config.dra.registry_dir, wipe_slices=lambda: api.wipe_node(NODE)
-        )
+        cluster = HttpCluster() if args.api == "http" else MemoryCluster()
+        dra_kubelet = DraKubeletStandin(config.dra.registry_dir)
         dra_kubelet.start()
         started = time.monotonic()
-        dra_agent = build_agent(config, notifier=Notifier(None), make_resource_api=lambda _c: api)
+        dra_agent = build_agent(
+            config, notifier=Notifier(None), make_resource_api=lambda _c: cluster.client
+        )
         dra_thread = start(dra_agent)
         dra_kubelet.wait_for_registration(1, WAIT_S)
         registered_ms = (time.monotonic() - started) * 1000
-        published = api.wait_for_slice(driver, NODE, lambda s: len(s.devices) == total, WAIT_S)
+        names = cluster.devices(driver, total)
         published_ms = (time.monotonic() - started) * 1000
         prepare: list[float] = []
         unprepare: list[float] = []
         for number in range(args.calls):
-            device = published.devices[number % len(published.devices)]
-            uid = f"bench000-0000-4000-8000-{number:012d}"
-            claim = api.add_claim(
-                "bench",
-                f"claim-{number}",
-                uid,
-                [AllocatedDevice("vgpu", driver, NODE, device.name)],
-            )
+            claim = cluster.add_claim(f"claim-{number}", driver, names[number % len(names)])
             started_call = time.perf_counter()
-            answer = dra_kubelet.prepare(driver, [claim])[uid]
+            answer = dra_kubelet.prepare(driver, [claim])[claim.uid]
             prepare.append((time.perf_counter() - started_call) * 1000)
             if answer.error:
                 raise RuntimeError(f"NodePrepareResources failed: {answer.error}")
@@ -159,11 +220,12 @@ def main() -> int:
             unprepare.append((time.perf_counter() - started_call) * 1000)
         xid_started = time.monotonic()
         dra_agent.submit(SimulateCommand(SimulateAction.XID, "0", 79))
-        api.wait_for_slice(driver, NODE, lambda s: len(s.devices) == total - REPLICAS, WAIT_S)
+        cluster.devices(driver, total - REPLICAS)
         xid_ms = (time.monotonic() - xid_started) * 1000
         dra_agent.request_stop("bench")
         dra_thread.join(WAIT_S)
         dra_kubelet.stop()
+        cluster.close()
 
         print(f"GPUs x vGPUs:                          {GPUS} x {REPLICAS} = {total} shares")
         print(line("Allocate (1 vGPU, device plugin):", allocate))
@@ -172,7 +234,8 @@ def main() -> int:
         print(f"agent start -> DRA registration:        {registered_ms:.0f} ms")
         print(f"agent start -> ResourceSlice published: {published_ms:.0f} ms")
         print(f"injected XID -> ResourceSlice update:   {xid_ms:.1f} ms")
-        print("(in-process agents over unix sockets; API server in memory)")
+        where = "the stand-in API server over HTTP" if args.api == "http" else "in memory"
+        print(f"(in-process agents over unix sockets; API server {where})")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

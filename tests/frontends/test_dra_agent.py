@@ -1,6 +1,7 @@
 """The whole agent in DRA mode (dra.enabled): built by the composition root on simulated
 GPUs, with the DRA kubelet stand-in on a real registry directory and an in-memory API
-server. No device plugin is served."""
+server, and once with the real Kubernetes client against the stand-in API server over HTTP.
+No device plugin is served."""
 
 from __future__ import annotations
 
@@ -8,15 +9,17 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 
 from tests.harness import WAIT_S, AgentRun, make_config, wait_until
 from vgpu_agent.config.dra import DraConfig
 from vgpu_agent.config.schema import Config
+from vgpu_agent.frontends.dra.kubeapi import KubeResourceApi
 from vgpu_agent.frontends.dra.types import AllocatedDevice, ClaimRef, SemVer
 from vgpu_agent.model.commands import SimulateAction, SimulateCommand
+from vgpu_agent.standins.apiserver import ApiServerStandIn
 from vgpu_agent.standins.dra_kubelet import DraKubeletStandin
 from vgpu_agent.standins.resourceapi import InMemoryResourceApi
 from vgpu_agent.standins.simulated import simulated_uuid
@@ -137,3 +140,80 @@ def test_a_clean_stop_deletes_the_slice(dra_run: DraRun) -> None:
     assert dra_run.api.slice_of(DRIVER, NODE) is None
     assert (DRIVER, NODE) in dra_run.api.deletions
     assert not os.path.exists(dra_run.config.dra.registration_socket_path)
+
+
+# -- with the real API client and the stand-in API server over HTTP ------------------------------
+
+NODE_TOKEN = "e2e-node-token"  # noqa: S105 - a token of the in-process stand-in only
+
+
+def _pool(server: ApiServerStandIn) -> tuple[int, list[dict[str, Any]]]:
+    """The node's pool generation and devices as the API server stores them."""
+    specs = [
+        body["spec"]
+        for body in server.slices().values()
+        if body["spec"]["driver"] == DRIVER and body["spec"]["nodeName"] == NODE
+    ]
+    if not specs:
+        return -1, []
+    return specs[0]["pool"]["generation"], [d for spec in specs for d in spec.get("devices") or []]
+
+
+def test_the_agent_with_the_kubernetes_client_against_the_stand_in_api_server(
+    short_tmp_dir: str, run_agent: Callable[..., AgentRun]
+) -> None:
+    """frontend = dra, the real client as system:node:<node> against the strict stand-in API
+    server, the stand-in kubelet: slice published, claim prepared into its CDI spec, an XID
+    visible in the slice, the slice deleted at stop."""
+    server = ApiServerStandIn(tokens={NODE_TOKEN: f"system:node:{NODE}"}, anonymous_user=None)
+    server.start()
+    try:
+        server.add_node(NODE)
+        client = KubeResourceApi.for_server(server.url, token=NODE_TOKEN)
+        config = make_config(
+            short_tmp_dir,
+            dra=DraConfig(
+                enabled=True,
+                driver_name=DRIVER,
+                node_name=NODE,
+                registry_dir=f"{short_tmp_dir}/reg",
+                plugins_dir=f"{short_tmp_dir}/plugins",
+                cdi_dir=f"{short_tmp_dir}/cdi",
+            ),
+        )
+        kubelet = DraKubeletStandin(config.dra.registry_dir)
+        kubelet.start()
+        run = run_agent(config, kubelet=False, make_resource_api=lambda _config: client)
+        kubelet.wait_for_registration(1, WAIT_S)
+        wait_until(lambda: len(_pool(server)[1]) == 8, WAIT_S, "8 devices in the node's slice")
+        generation, devices = _pool(server)
+        on_gpu1 = next(d for d in devices if d["attributes"]["index"] == {"int": 1})
+        assert on_gpu1["attributes"]["uuid"] == {"string": simulated_uuid(1)}
+        assert on_gpu1["capacity"]["memory"] == {"value": "20389Mi"}
+        uid = server.add_claim(
+            "ns",
+            "c",
+            node=NODE,
+            results=[AllocatedDevice("gpu", DRIVER, NODE, on_gpu1["name"])],
+        )
+        answer = kubelet.prepare(DRIVER, [ClaimRef("ns", "c", uid)])[uid]
+        assert answer.error == ""
+        assert answer.devices[0]["cdi_device_ids"] == [f"{DRIVER}/vgpu={uid}"]
+        with open(f"{config.dra.cdi_dir}/{DRIVER}-claim-{uid}.json", encoding="utf-8") as spec:
+            edits = json.load(spec)["devices"][0]["containerEdits"]
+        assert f"NVIDIA_VISIBLE_DEVICES={simulated_uuid(1)}" in edits["env"]
+        assert "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT=0=20389M" in edits["env"]
+        # A claim no pod of this node references: the Node authorizer says 403, per claim.
+        foreign = kubelet.prepare(DRIVER, [ClaimRef("ns", "gone", "6a6a6a6a-0000-4000-8000-1")])
+        assert "403 Forbidden" in foreign["6a6a6a6a-0000-4000-8000-1"].error
+        run.agent.submit(SimulateCommand(SimulateAction.XID, "1", 79))
+        wait_until(lambda: len(_pool(server)[1]) == 4, WAIT_S, "GPU 1's shares leaving the slice")
+        sick_generation, sick = _pool(server)
+        assert sick_generation > generation
+        assert all(d["attributes"]["index"] == {"int": 0} for d in sick)
+        assert run.stop() == 0
+        assert _pool(server) == (-1, [])
+        kubelet.stop()
+        client.close()
+    finally:
+        server.stop()

@@ -361,3 +361,42 @@ def test_a_broken_record_is_ignored(tmp_path: Path) -> None:
     state.mkdir()
     (state / "dra-prepared-claims.json").write_text("{not json")
     assert PreparedClaims(str(state)).uids == []
+
+
+def test_a_cdi_directory_that_cannot_be_written_is_that_claims_error(env: Env) -> None:
+    """A CDI directory that is a file fails the claim with the path and what to check."""
+    env.cdi_dir.parent.mkdir(parents=True, exist_ok=True)
+    env.cdi_dir.write_text("a file")
+    env.api.add_claim("ns", "claim", UID, ours((0, 0)))
+    answer = env.preparer().prepare([ClaimRef("ns", "claim", UID)])[UID]
+    assert f"writing the CDI spec {env.cdi_dir}/" in answer.error
+    assert "check that dra.cdi_dir exists" in answer.error
+    assert env.preparer().prepared_uids == []
+
+
+def test_a_state_directory_that_cannot_be_written_is_that_claims_error(env: Env) -> None:
+    """The record cannot be written: the claim fails naming the record and agent.state_dir."""
+    env.state_dir.parent.mkdir(parents=True, exist_ok=True)
+    env.state_dir.write_text("a file")
+    env.api.add_claim("ns", "claim", UID, ours((0, 0)))
+    answer = env.preparer().prepare([ClaimRef("ns", "claim", UID)])[UID]
+    assert "recording prepared DRA claims" in answer.error
+    assert "check agent.state_dir" in answer.error
+    assert os.listdir(env.cdi_dir) == []  # no spec left that no record knows
+    preparer = env.preparer()
+    again = preparer.prepare([ClaimRef("ns", "claim", UID)])[UID]
+    assert "recording prepared DRA claims" in again.error  # not answered from memory
+    assert preparer.prepared_uids == []
+
+
+def test_a_spec_path_taken_by_a_directory_fails_prepare_and_unprepare(env: Env) -> None:
+    """A directory where the claim's spec goes: prepare fails leaving no temporary file,
+    unprepare fails naming the path."""
+    blocked = env.cdi_dir / f"{DRIVER}-claim-{UID}.json"
+    blocked.mkdir(parents=True)
+    env.api.add_claim("ns", "claim", UID, ours((0, 0)))
+    answer = env.preparer().prepare([ClaimRef("ns", "claim", UID)])[UID]
+    assert f"writing the CDI spec {blocked}" in answer.error
+    assert sorted(os.listdir(env.cdi_dir)) == [blocked.name]
+    errors = env.preparer().unprepare([ClaimRef("ns", "claim", UID)])
+    assert f"removing the CDI spec {blocked}" in errors[UID]

@@ -5,6 +5,7 @@ NodePrepareResources/NodeUnprepareResources of both API versions, the slice publ
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,10 +20,11 @@ from vgpu_agent.frontends._proto import dra_v1beta1_pb2
 from vgpu_agent.frontends._proto import pluginregistration_pb2 as reg_pb
 from vgpu_agent.frontends.dra.plugin import DraPlugin
 from vgpu_agent.frontends.dra.publisher import GenerationStore, SlicePublisher
+from vgpu_agent.frontends.dra.server import DraServer
 from vgpu_agent.frontends.dra.slices import DeviceNames
 from vgpu_agent.frontends.dra.types import AllocatedDevice, ClaimRef, NodeSlice
 from vgpu_agent.model.devices import HealthReason, Inventory, MpsGrantPolicy
-from vgpu_agent.model.errors import RegistrationError
+from vgpu_agent.model.errors import AgentError, RegistrationError
 from vgpu_agent.model.node import Node
 from vgpu_agent.standins.dra_kubelet import DraKubeletStandin
 from vgpu_agent.standins.resourceapi import InMemoryResourceApi
@@ -256,3 +258,69 @@ def test_a_failed_publish_is_retried_and_generations_continue_after_a_restart(
     node.close()
     again.stop()
     assert api.deletions == [(DRIVER, NODE)]
+
+
+# -- the sockets ----------------------------------------------------------------------------
+
+
+def _server(directory: str) -> DraServer:
+    return DraServer(f"{directory}/reg/d-reg.sock", f"{directory}/plugins/d/dra.sock", [])
+
+
+def test_serving_refuses_a_file_in_the_way(short_tmp_dir: str) -> None:
+    """A regular file where a socket goes is not removed: the error says to remove it."""
+    os.makedirs(f"{short_tmp_dir}/plugins/d")
+    with open(f"{short_tmp_dir}/plugins/d/dra.sock", "w") as stray:
+        stray.write("not a socket")
+    with pytest.raises(AgentError, match="a file that is not a socket is in the way"):
+        _server(short_tmp_dir).start()
+
+
+def test_serving_refuses_a_socket_another_process_serves(short_tmp_dir: str) -> None:
+    """A second server on live sockets is refused; the first keeps its sockets."""
+    first = _server(short_tmp_dir)
+    first.start()
+    try:
+        with pytest.raises(AgentError, match="another process serves there"):
+            _server(short_tmp_dir).start()
+        assert first.socket_exists()
+    finally:
+        first.stop()
+    assert not os.path.exists(first.plugin_socket)
+
+
+def test_a_stale_socket_is_replaced(short_tmp_dir: str) -> None:
+    """A socket nobody listens on (a crashed agent's) is removed and served anew."""
+    os.makedirs(f"{short_tmp_dir}/plugins/d")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(f"{short_tmp_dir}/plugins/d/dra.sock")
+    stale.close()
+    server = _server(short_tmp_dir)
+    server.start()
+    try:
+        assert server.socket_exists()
+    finally:
+        server.stop()
+
+
+def test_a_socket_path_too_long_is_refused(short_tmp_dir: str) -> None:
+    """A path over the unix socket limit is refused with the limit named."""
+    server = DraServer(f"{short_tmp_dir}/{'r' * 120}/x-reg.sock", f"{short_tmp_dir}/p.sock", [])
+    with pytest.raises(AgentError, match="at most 107 bytes"):
+        server.start()
+
+
+def test_bad_registration_and_oversized_requests_are_invalid_argument(served: Served) -> None:
+    """A RegistrationStatus that does not parse, and a request of too many claims, are
+    INVALID_ARGUMENT."""
+    registration = served.dra.registration_socket_path
+    with grpc.insecure_channel(f"unix://{registration}") as channel:
+        notify = channel.unary_unary("/pluginregistration.Registration/NotifyRegistrationStatus")
+        with pytest.raises(grpc.RpcError) as bad_status:
+            notify(b"\xff\xff", timeout=5)
+    assert bad_status.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    too_many = [ClaimRef("ns", f"c{n}", f"u-{n}") for n in range(1001)]
+    with pytest.raises(grpc.RpcError) as oversized:
+        served.kubelet.unprepare(DRIVER, too_many)
+    assert oversized.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 1000" in str(oversized.value.details())

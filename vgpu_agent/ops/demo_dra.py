@@ -1,9 +1,10 @@
 """The DRA part of `vgpu-agent demo`: the same simulated GPUs served as a DRA kubelet plugin.
 
 A second agent (``dra.enabled``) runs in its own directory against the DRA kubelet stand-in
-and an API server stand-in: it registers through the plugin registry directory, publishes
-the node's ResourceSlice, prepares a claim into a CDI spec, withdraws a sick GPU's shares
-from the slice, unprepares the claim and deletes the slice when it stops.
+and the stand-in API server (over HTTP, the agent with the node's identity): it registers
+through the plugin registry directory, publishes the node's ResourceSlice, prepares a claim
+into a CDI spec, withdraws a sick GPU's shares from the slice, unprepares the claim and
+deletes the slice when it stops.
 """
 
 from __future__ import annotations
@@ -12,31 +13,25 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import replace
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional
 
 from vgpu_agent.config.dra import DraConfig
 from vgpu_agent.config.schema import Config
-from vgpu_agent.frontends.dra.types import (
-    AllocatedDevice,
-    AttributeValue,
-    ClaimRef,
-    NodeSlice,
-    ResourceApi,
-    SemVer,
-)
+from vgpu_agent.frontends.dra.kubeapi import KubeResourceApi
+from vgpu_agent.frontends.dra.types import AllocatedDevice, ClaimRef
 from vgpu_agent.host.systemd import Notifier
 from vgpu_agent.model.commands import SimulateAction, SimulateCommand
 from vgpu_agent.runtime.compose import build_agent
+from vgpu_agent.standins.apiserver import ApiServerStandIn
 from vgpu_agent.standins.dra_kubelet import DraKubeletStandin
-from vgpu_agent.standins.resourceapi import InMemoryResourceApi
 
 Echo = Callable[[str], None]
 WAIT_S = 10.0
 DEMO_NODE = "demo-node"
 DEMO_CLAIM = ("ml", "trainer-0-vgpu")
+#: The bearer token that makes the agent system:node:<DEMO_NODE> at the stand-in.
+DEMO_TOKEN = "demo-node-token"  # noqa: S105 - a token of the in-process stand-in only
 
 
 def dra_config(base: Config, root: str) -> Config:
@@ -56,36 +51,68 @@ def dra_config(base: Config, root: str) -> Config:
     )
 
 
-@contextmanager
-def api_server() -> Iterator[
-    tuple[ResourceApi, Callable[[str, str, list[AllocatedDevice]], str], Callable[[], None]]
-]:
-    """The API server the demo's agent talks to: (the client, add an allocated claim and
-    return its uid, wipe the node's slices)."""
-    api = InMemoryResourceApi()
-    counter = [0]
+@dataclass(frozen=True)
+class PublishedPool:
+    """The node's pool as the API server holds it: its generation and devices (JSON)."""
 
-    def add_claim(namespace: str, name: str, results: list[AllocatedDevice]) -> str:
-        counter[0] += 1
-        uid = f"0000c1a1-0000-4000-8000-{counter[0]:012d}"
-        api.add_claim(namespace, name, uid, results)
-        return uid
-
-    yield api, add_claim, lambda: api.wipe_node(DEMO_NODE)
+    generation: int
+    devices: tuple[dict[str, Any], ...]
 
 
-def _wait_for_slice(api: ResourceApi, driver: str, check: Callable[[NodeSlice], bool]) -> NodeSlice:
-    assert isinstance(api, InMemoryResourceApi)  # noqa: S101 - the demo's own API server
-    return api.wait_for_slice(driver, DEMO_NODE, check, WAIT_S)
+class DemoApiServer:
+    """The stand-in API server over HTTP, the agent's client to it with the node's identity
+    (``system:node:<node>``, held by the Node authorizer's rules), and what the demo reads."""
+
+    def __init__(self) -> None:
+        self.server = ApiServerStandIn(
+            tokens={DEMO_TOKEN: f"system:node:{DEMO_NODE}"}, anonymous_user=None
+        )
+
+    def __enter__(self) -> DemoApiServer:
+        self.server.start()
+        self.server.add_node(DEMO_NODE)
+        self.client = KubeResourceApi.for_server(self.server.url, token=DEMO_TOKEN)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.client.close()
+        self.server.stop()
+
+    def pool(self, driver: str) -> Optional[PublishedPool]:
+        """The node's pool of ``driver``, None when it has no slice."""
+        slices = [
+            body["spec"]
+            for body in self.server.slices().values()
+            if body["spec"].get("driver") == driver and body["spec"].get("nodeName") == DEMO_NODE
+        ]
+        if not slices:
+            return None
+        devices = tuple(device for spec in slices for device in spec.get("devices") or [])
+        return PublishedPool(slices[0]["pool"]["generation"], devices)
+
+    def wait_for_pool(self, driver: str, devices: int) -> PublishedPool:
+        """Wait until the node's pool holds ``devices`` devices."""
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            pool = self.pool(driver)
+            if pool is not None and len(pool.devices) == devices:
+                return pool
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"the node's ResourceSlices never held {devices} devices: {pool}"
+                )
+            time.sleep(0.02)
 
 
 def run_dra_demo(base: Config, root: str, echo: Echo) -> None:
     """Run the DRA part in ``root``, printing what happens; raises when a step fails."""
     config = dra_config(base, root)
     driver = config.dra.driver_name
-    with api_server() as (api, add_claim, wipe):
-        kubelet = DraKubeletStandin(config.dra.registry_dir, wipe_slices=wipe)
-        agent = build_agent(config, notifier=Notifier(None), make_resource_api=lambda _config: api)
+    with DemoApiServer() as api:
+        kubelet = DraKubeletStandin(config.dra.registry_dir)
+        agent = build_agent(
+            config, notifier=Notifier(None), make_resource_api=lambda _config: api.client
+        )
         thread = threading.Thread(target=agent.run, name="vgpu-agent-dra", daemon=True)
         try:
             echo(f"== DRA mode (dra.enabled = true): a second node, driver {driver}")
@@ -98,13 +125,20 @@ def run_dra_demo(base: Config, root: str, echo: Echo) -> None:
                 f"it in {time.monotonic() - started:.2f} s: {registration.service} on "
                 f"{registration.endpoint}"
             )
-            published = _wait_for_slice(api, driver, lambda s: len(s.devices) == 8)
-            _show_slice(published, echo)
+            echo(
+                f"   API server stand-in on {api.server.url}, the agent as system:node:{DEMO_NODE}"
+            )
+            published = api.wait_for_pool(driver, 8)
+            _show_pool(published, echo)
             first = published.devices[0]
-            results = [AllocatedDevice("vgpu", driver, published.pool, first.name)]
+            index = first["attributes"]["index"]["int"]
+            results = [AllocatedDevice("vgpu", driver, DEMO_NODE, first["name"])]
             namespace, name = DEMO_CLAIM
-            uid = add_claim(namespace, name, results)
-            echo(f"== the scheduler allocated {first.name} to ResourceClaim {namespace}/{name}")
+            uid = api.server.add_claim(namespace, name, node=DEMO_NODE, results=results)
+            echo(
+                f"== the scheduler allocated {first['name']} to ResourceClaim {namespace}/{name} "
+                f"of a pod on {DEMO_NODE}"
+            )
             answer = kubelet.prepare(driver, [ClaimRef(namespace, name, uid)])[uid]
             if answer.error:
                 raise RuntimeError(f"NodePrepareResources failed: {answer.error}")
@@ -115,14 +149,14 @@ def run_dra_demo(base: Config, root: str, echo: Echo) -> None:
                 )
             spec_path = os.path.join(config.dra.cdi_dir, f"{driver}-claim-{uid}.json")
             _show_spec(spec_path, echo)
-            echo(f"== simulating XID 79 on GPU {first.attributes['index']}")
-            agent.submit(SimulateCommand(SimulateAction.XID, str(first.attributes["index"]), 79))
-            sick = _wait_for_slice(api, driver, lambda s: len(s.devices) == 4)
+            echo(f"== simulating XID 79 on GPU {index}")
+            agent.submit(SimulateCommand(SimulateAction.XID, str(index), 79))
+            sick = api.wait_for_pool(driver, 4)
             echo(
                 f"   ResourceSlice: pool generation {sick.generation}, {len(sick.devices)} devices "
                 "(the sick GPU's shares withdrawn)"
             )
-            healed = _wait_for_slice(api, driver, lambda s: len(s.devices) == 8)
+            healed = api.wait_for_pool(driver, 8)
             echo(f"   healed: pool generation {healed.generation}, {len(healed.devices)} devices")
             errors = kubelet.unprepare(driver, [ClaimRef(namespace, name, uid)])
             gone = not os.path.exists(spec_path)
@@ -131,21 +165,22 @@ def run_dra_demo(base: Config, root: str, echo: Echo) -> None:
             agent.request_stop("demo finished")
             thread.join(timeout=WAIT_S)
             kubelet.stop()
-        left = isinstance(api, InMemoryResourceApi) and api.slice_of(driver, DEMO_NODE)
+        left = api.pool(driver) is not None
         state = "is still there" if left else "deleted"
         echo(f"== the agent stopped: the node's ResourceSlice {state}")
 
 
-def _show_slice(published: NodeSlice, echo: Echo) -> None:
+def _show_pool(published: PublishedPool, echo: Echo) -> None:
     echo(
-        f"== ResourceSlice of node {published.node_name}: pool {published.pool}, generation "
+        f"== ResourceSlice of node {DEMO_NODE}: pool {DEMO_NODE}, generation "
         f"{published.generation}, {len(published.devices)} devices"
     )
     for device in published.devices[:2]:
         attributes = ", ".join(
-            f"{key}={_shown(value)}" for key, value in sorted(device.attributes.items())
+            f"{key}={next(iter(value.values()))}"
+            for key, value in sorted(device.get("attributes", {}).items())
         )
-        echo(f"   {device.name}: {attributes}")
+        echo(f"   {device['name']}: {attributes}")
     echo(f"   ... and {len(published.devices) - 2} more")
 
 
@@ -162,7 +197,3 @@ def _show_spec(path: str, echo: Echo) -> None:
                 f"   mount {mount['hostPath']} -> {mount['containerPath']} "
                 f"({','.join(mount['options'])})"
             )
-
-
-def _shown(value: AttributeValue) -> str:
-    return value.text if isinstance(value, SemVer) else str(value)

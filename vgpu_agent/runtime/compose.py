@@ -9,7 +9,6 @@ MPS daemon is simulated. Tests pass fakes for any of the parts.
 
 from __future__ import annotations
 
-import importlib
 import os
 import socket
 import time
@@ -45,7 +44,6 @@ from vgpu_agent.host.systemd import Notifier
 from vgpu_agent.host.watch import DirectoryWatch
 from vgpu_agent.model.commands import ControlCommand, FaultInjector
 from vgpu_agent.model.daemons import MpsDaemons, MpsInspector
-from vgpu_agent.model.errors import ConfigError
 from vgpu_agent.model.gpu import ComputeMode, GpuBackend
 from vgpu_agent.model.node import Node
 from vgpu_agent.observability.attribution import gather
@@ -147,17 +145,12 @@ def plugin_registrar(
 
 
 def kube_resource_api(config: Config) -> ResourceApi:
-    """The API server client for DRA mode, with the credentials ``dra.kubeconfig`` names."""
-    try:
-        # Imported by name: the client module comes with the API-server half of DRA mode.
-        kubeapi = importlib.import_module("vgpu_agent.frontends.dra.kubeapi")
-    except ImportError as exc:
-        raise ConfigError(
-            f"dra.enabled = true needs the Kubernetes API client, which this build lacks ({exc}); "
-            "install a vgpu-agent with DRA support or set dra.enabled = false"
-        ) from exc
-    api: ResourceApi = kubeapi.from_kubeconfig(config.dra.kubeconfig)
-    return api
+    """The API server client for DRA mode, with the credentials ``dra.kubeconfig`` names;
+    DraApiError (a VgpuError) when they cannot be read."""
+    # Imported here: the Kubernetes client library is only needed in DRA mode.
+    from vgpu_agent.frontends.dra.kubeapi import from_kubeconfig
+
+    return from_kubeconfig(config.dra.kubeconfig)
 
 
 def dra_registrar(

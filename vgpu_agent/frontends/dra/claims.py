@@ -112,9 +112,18 @@ class PreparedClaims:
         return sorted(self._claims)
 
     def put(self, uid: str, entry: dict[str, Any]) -> None:
-        """Record a prepared claim (written to disk before it returns)."""
+        """Record a prepared claim (written to disk before it returns; not recorded at all
+        when it cannot be written)."""
+        previous = self._claims.get(uid)
         self._claims[uid] = entry
-        self._save()
+        try:
+            self._save()
+        except VgpuError:
+            if previous is None:
+                del self._claims[uid]
+            else:
+                self._claims[uid] = previous
+            raise
 
     def remove(self, uid: str) -> None:
         """Forget a claim (written to disk before it returns)."""
@@ -310,17 +319,23 @@ class ClaimPreparer:
             if recorded is not None:  # prepared meanwhile by a concurrent call
                 return recorded
             path = self._specs.write(ref.uid, spec)
-            self._record.put(
-                ref.uid,
-                {
-                    "namespace": ref.namespace,
-                    "name": ref.name,
-                    "gpu_uuid": allocation.gpu_uuid,
-                    "vgpu_ids": list(allocation.vgpu_ids),
-                    "devices": _devices_to_record(devices),
-                    "spec": spec,
-                },
-            )
+            try:
+                self._record.put(
+                    ref.uid,
+                    {
+                        "namespace": ref.namespace,
+                        "name": ref.name,
+                        "gpu_uuid": allocation.gpu_uuid,
+                        "vgpu_ids": list(allocation.vgpu_ids),
+                        "devices": _devices_to_record(devices),
+                        "spec": spec,
+                    },
+                )
+            except VgpuError:
+                # Unrecorded, the spec would outlive the claim: an unprepare after a restart
+                # would not know it. The kubelet asks again.
+                self._specs.remove(ref.uid)
+                raise
         log.info(
             "prepared ResourceClaim %s: %s on GPU %s, CDI spec %s",
             _claim_text(ref),
