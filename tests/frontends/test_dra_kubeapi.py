@@ -514,6 +514,23 @@ def test_from_kubeconfig_uses_the_node_token(server: ApiServerStandIn, tmp_path:
     assert list(server.slices()) == [SLICE]
 
 
+def test_refused_credentials_are_read_again_from_the_kubeconfig(
+    server: ApiServerStandIn, tmp_path: Path
+) -> None:
+    """A 401 makes the client read the kubeconfig again once (the kubelet rotated its
+    credentials since the agent started) and the request goes through."""
+    path = write_kubeconfig(tmp_path / "kubeconfig", server.url, {"token": "rotated-away"})
+    api = KubeResourceApi.from_kubeconfig(path)
+    write_kubeconfig(path, server.url, {"token": NODE_TOKEN})
+    server.add_claim("team-a", "mine", node=NODE, results=[])
+    try:
+        assert api.get_claim("team-a", "mine").allocated
+        api.publish_slice(node_slice((share(0, 0),)))
+    finally:
+        api.close()
+    assert list(server.slices()) == [SLICE]
+
+
 def exec_user(token_script: str) -> dict[str, Any]:
     """A kubeconfig user whose token comes from a credential plugin, as on EKS nodes
     (aws-iam-authenticator / aws eks get-token), played by a Python one-liner."""

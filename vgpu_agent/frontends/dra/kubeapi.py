@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, TypeVar, Union
 
 import httpx
 import yaml
@@ -69,6 +69,7 @@ CONFLICT_ATTEMPTS = 5
 _MAX_NAME_LENGTH = 253
 
 _DOCS = "see docs/dra.md"
+_Result = TypeVar("_Result")
 
 
 def slice_name(node_name: str, driver: str, index: int = 0) -> str:
@@ -87,13 +88,24 @@ class KubeResourceApi:
     """The API server through one lightkube client (thread-safe: httpx pools connections).
 
     Build it with :meth:`from_kubeconfig` (the node's kubelet kubeconfig) or :meth:`for_server`
-    (a plain HTTP URL without credentials: the stand-in API server in tests and the demo).
+    (a URL and a bearer token or none: the stand-in API server in tests and the demo).
+    ``reconnect``, when given, builds a new client from the credentials' source: a request
+    refused with 401 is tried once more through it (the kubelet rotates its client
+    certificate, and the kubeconfig names the current one).
     """
 
-    def __init__(self, client: Client, *, server: str, credentials: str) -> None:
+    def __init__(
+        self,
+        client: Client,
+        *,
+        server: str,
+        credentials: str,
+        reconnect: Optional[Callable[[], Client]] = None,
+    ) -> None:
         self._client = client
         self._server = server
         self._credentials = credentials
+        self._reconnect = reconnect
 
     @classmethod
     def from_kubeconfig(
@@ -108,34 +120,17 @@ class KubeResourceApi:
         Raises :class:`DraApiError` when the file cannot be read or names no usable cluster.
         """
         where = f"reading the kubeconfig {os.fspath(path)}"
-        try:
-            config = KubeConfig.from_file(path).get(context_name=context)
-        except ConfigError as error:
-            raise DraApiError(f"{where}: {error} (give the node's kubelet kubeconfig)") from error
-        except (OSError, UnicodeDecodeError) as error:
-            raise DraApiError(f"{where}: {error}") from error
-        except (yaml.YAMLError, KeyError, TypeError, AttributeError, ValueError) as error:
-            # A missing or mistyped section is a KeyError, TypeError or AttributeError inside
-            # lightkube's parser.
-            raise DraApiError(
-                f"{where}: not a kubeconfig ({type(error).__name__}: {error})"
-            ) from error
-        if config is None:
-            raise DraApiError(f"{where}: it has no current-context (name one with context=...)")
-        if config.user is None:
-            raise DraApiError(f"{where}: its context names no user (the node's credentials)")
-        try:
-            client = Client(
-                config,
-                timeout=httpx.Timeout(timeout_s),
-                field_manager=FIELD_MANAGER,
-                trust_env=False,
-            )
-        except (ConfigError, OSError, ValueError) as error:
-            # Certificates are loaded here: a missing CA or client key file ends up as OSError
-            # (ssl.SSLError included).
-            raise DraApiError(f"{where}: {error}") from error
-        return cls(client, server=config.cluster.server, credentials=os.fspath(path))
+
+        def connect() -> tuple[Client, str]:
+            return _client_from_kubeconfig(path, context, timeout_s, where)
+
+        client, server = connect()
+        return cls(
+            client,
+            server=server,
+            credentials=os.fspath(path),
+            reconnect=lambda: connect()[0],
+        )
 
     @classmethod
     def for_server(
@@ -169,9 +164,12 @@ class KubeResourceApi:
     def get_claim(self, namespace: str, name: str) -> ClaimAllocation:
         """Read one ResourceClaim; its allocation results of every driver."""
         action = f"reading ResourceClaim {namespace}/{name}"
-        with self._translated(action, claim=(namespace, name)):
-            claim = self._client.get(ResourceClaim, name, namespace=namespace)
-        return _claim_allocation(claim, namespace, name)
+
+        def read() -> ResourceClaim:
+            with self._translated(action, claim=(namespace, name)):
+                return self._client.get(ResourceClaim, name, namespace=namespace)
+
+        return _claim_allocation(self._reconnecting(read), namespace, name)
 
     # -- ResourceSlices -----------------------------------------------------------------------
 
@@ -184,6 +182,31 @@ class KubeResourceApi:
         by the Node object, so the garbage collector removes them with the node. A write
         that loses a race (409) starts again from a fresh list.
         """
+        self._reconnecting(lambda: self._publish(node_slice))
+
+    def delete_slices(self, driver: str, node_name: str) -> None:
+        """Delete every ResourceSlice of ``driver`` on ``node_name`` (found by field selector)."""
+
+        def delete() -> None:
+            for name in self._node_slices(driver, node_name):
+                self._delete_slice(name)
+
+        self._reconnecting(delete)
+
+    def _reconnecting(self, operation: Callable[[], _Result]) -> _Result:
+        """Run ``operation``; once more with a new client when credentials were refused."""
+        try:
+            return operation()
+        except DraApiError as error:
+            cause = error.__cause__
+            refused = isinstance(cause, ApiError) and cause.response.status_code == 401
+            if not refused or self._reconnect is None:
+                raise
+        self._client.close()
+        self._client = self._reconnect()
+        return operation()
+
+    def _publish(self, node_slice: NodeSlice) -> None:
         tainted = any(device.taints for device in node_slice.devices)
         chunks = _chunks(
             node_slice.devices,
@@ -237,11 +260,16 @@ class KubeResourceApi:
                 ],
             ),
         )
-        with self._translated(
-            f"asking whether the API server keeps new ResourceSlice fields "
-            f"(a dry-run create of {name})"
-        ):
-            answer = self._client.create(probe, dry_run=True)
+        action = (
+            f"asking which ResourceSlice fields the API server keeps (a dry-run create of {name})"
+        )
+
+        def create() -> ResourceSlice:
+            with self._translated(action):
+                created: ResourceSlice = self._client.create(probe, dry_run=True)
+                return created
+
+        answer = self._reconnecting(create)
         devices = answer.spec.devices or []
         device = devices[0] if devices else None
         if device is None:
@@ -251,11 +279,6 @@ class KubeResourceApi:
             consumable_capacity=bool(device.allowMultipleAllocations) and bool(policy),
             device_taints=bool(device.taints),
         )
-
-    def delete_slices(self, driver: str, node_name: str) -> None:
-        """Delete every ResourceSlice of ``driver`` on ``node_name`` (found by field selector)."""
-        for name in self._node_slices(driver, node_name):
-            self._delete_slice(name)
 
     def _reconcile(
         self,
@@ -404,6 +427,38 @@ class KubeResourceApi:
         if code in (400, 422):
             return "the API server refused the object as written: a bug in the agent, report it"
         return ""
+
+
+def _client_from_kubeconfig(
+    path: Union[str, os.PathLike[str]], context: Optional[str], timeout_s: float, where: str
+) -> tuple[Client, str]:
+    """A client with the kubeconfig's credentials, and the server it names."""
+    try:
+        config = KubeConfig.from_file(path).get(context_name=context)
+    except ConfigError as error:
+        raise DraApiError(f"{where}: {error} (give the node's kubelet kubeconfig)") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise DraApiError(f"{where}: {error}") from error
+    except (yaml.YAMLError, KeyError, TypeError, AttributeError, ValueError) as error:
+        # A missing or mistyped section is a KeyError, TypeError or AttributeError inside
+        # lightkube's parser.
+        raise DraApiError(f"{where}: not a kubeconfig ({type(error).__name__}: {error})") from error
+    if config is None:
+        raise DraApiError(f"{where}: it has no current-context (name one with context=...)")
+    if config.user is None:
+        raise DraApiError(f"{where}: its context names no user (the node's credentials)")
+    try:
+        client = Client(
+            config,
+            timeout=httpx.Timeout(timeout_s),
+            field_manager=FIELD_MANAGER,
+            trust_env=False,
+        )
+    except (ConfigError, OSError, ValueError) as error:
+        # Certificates are loaded here: a missing CA or client key file ends up as OSError
+        # (ssl.SSLError included).
+        raise DraApiError(f"{where}: {error}") from error
+    return client, config.cluster.server
 
 
 def from_kubeconfig(
