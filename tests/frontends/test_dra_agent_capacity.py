@@ -108,7 +108,9 @@ def start(
 @pytest.fixture
 def capacity_run(short_tmp_dir: str, run_agent: Callable[..., AgentRun]) -> Iterator[CapacityRun]:
     """The agent against a stand-in API server with 1.36's defaults, its slice published."""
-    with ApiServerStandIn(tokens={NODE_TOKEN: f"system:node:{NODE}"}) as server:
+    with ApiServerStandIn(
+        tokens={NODE_TOKEN: f"system:node:{NODE}"}, consumable_capacity=True, device_taints=True
+    ) as server:
         started = start(short_tmp_dir, run_agent, server)
         wait_until(lambda: len(started.devices()) == 2, WAIT_S, "the node's two GPU devices")
         yield started

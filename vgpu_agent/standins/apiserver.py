@@ -20,8 +20,9 @@ node selection, at most 128 devices, one value per attribute, immutable driver a
 ``serves_resource_v1=False`` plays a cluster older than 1.34: every ``resource.k8s.io`` path
 is a 404 without details, as for any path a server does not serve.
 
-Feature gates of Kubernetes 1.36 (``consumable_capacity``, ``device_taints``; both on by
-default there, as upstream): with one off, its fields (``allowMultipleAllocations`` and
+Feature gates (``consumable_capacity``, ``device_taints``): off by default, as in Kubernetes
+1.34 and 1.35 (on by default from 1.36; tests of those features turn them on). With one
+off, its fields (``allowMultipleAllocations`` and
 capacity ``requestPolicy``; device ``taints``) are dropped from a slice on create and update
 without a word, as the real server drops disabled fields. With them on, they are validated
 (request policies against the capacity, taint keys, values and effects, at most 64 devices
@@ -326,8 +327,8 @@ class ApiServerStandIn:
         tokens: Optional[Mapping[str, str]] = None,
         anonymous_user: Optional[str] = "system:admin",
         serves_resource_v1: bool = True,
-        consumable_capacity: bool = True,
-        device_taints: bool = True,
+        consumable_capacity: bool = False,
+        device_taints: bool = False,
         clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     ) -> None:
         self._serves_resource_v1 = serves_resource_v1
