@@ -2,7 +2,8 @@
 consumable capacity and device taints (Kubernetes 1.36 defaults).
 
 A third agent (``dra.enabled``, a ceiling of two shares) runs against the DRA kubelet
-stand-in and an in-memory API server that keeps both features. It publishes each GPU once
+stand-in and the stand-in API server over HTTP with both feature gates on, as the node's
+identity (``system:node:<node>``). It finds out what the server keeps, publishes each GPU once
 as a device claims share; two claims on one GPU are prepared, one in the claim form (a
 ResourceClaim asking for an amount of memory and compute) and one in the extended-resource
 form (what the scheduler makes for a pod asking for ``eks.amazonaws.com/vgpu: 1``), each
@@ -16,30 +17,26 @@ import os
 import threading
 import time
 from dataclasses import replace
-from typing import Callable
+from typing import Any, Callable
 
 from vgpu_agent.config.dra import DraConfig
 from vgpu_agent.config.schema import Config
 from vgpu_agent.frontends.dra.capacity import COMPUTE_SHARES, MEMORY
-from vgpu_agent.frontends.dra.types import (
-    AllocatedDevice,
-    ApiFeatures,
-    ClaimRef,
-    NodeSlice,
-    SliceDevice,
-)
+from vgpu_agent.frontends.dra.kubeapi import KubeResourceApi
+from vgpu_agent.frontends.dra.types import AllocatedDevice, ClaimRef
 from vgpu_agent.host.systemd import Notifier
 from vgpu_agent.model.commands import HealthResetCommand, SimulateAction, SimulateCommand
 from vgpu_agent.runtime.compose import build_agent
+from vgpu_agent.standins.apiserver import ApiServerStandIn
 from vgpu_agent.standins.dra_kubelet import DraKubeletStandin
-from vgpu_agent.standins.resourceapi import InMemoryResourceApi
 
 Echo = Callable[[str], None]
 WAIT_S = 10.0
 DEMO_NODE = "demo-node-capacity"
-#: What the scheduler wrote into the two claims (shareIDs are its UUIDs).
-CLAIM_FORM = ("ml", "trainer-0-vgpu", "0000c1a2-0000-4000-8000-000000000001")
-EXTENDED_FORM = ("ml", "infer-0-extended-resources", "0000c1a2-0000-4000-8000-000000000002")
+DEMO_TOKEN = "demo-node-capacity-token"  # noqa: S105 - the demo's own stand-in token
+#: The two claims, and the shareIDs the scheduler gave their shares of the GPU.
+CLAIM_FORM = ("ml", "trainer-0-vgpu")
+EXTENDED_FORM = ("ml", "infer-0-extended-resources")
 SHARE_IDS = ("5b0c1a8e-0000-4000-8000-0000000000a1", "5b0c1a8e-0000-4000-8000-0000000000a2")
 
 
@@ -61,105 +58,136 @@ def capacity_config(base: Config, root: str) -> Config:
     )
 
 
+def _devices(server: ApiServerStandIn) -> list[dict[str, Any]]:
+    """The devices of the node's slices as the API server stores them (JSON)."""
+    return [
+        device
+        for stored in server.slices().values()
+        if stored["spec"].get("nodeName") == DEMO_NODE
+        for device in stored["spec"].get("devices") or []
+    ]
+
+
+def _wait(
+    server: ApiServerStandIn, what: str, check: Callable[[list[dict[str, Any]]], bool]
+) -> float:
+    """Wait until the stored devices pass ``check``; the seconds it took."""
+    started = time.monotonic()
+    while not check(_devices(server)):
+        if time.monotonic() - started > WAIT_S:
+            raise TimeoutError(f"the node's ResourceSlices never showed {what}: {_devices(server)}")
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
 def run_capacity_demo(base: Config, root: str, echo: Echo) -> None:
     """Run the consumable-capacity part in ``root``, printing what happens; raises when a
     step fails."""
     config = capacity_config(base, root)
     driver = config.dra.driver_name
-    api = InMemoryResourceApi(ApiFeatures(consumable_capacity=True, device_taints=True))
-    kubelet = DraKubeletStandin(
-        config.dra.registry_dir, wipe_slices=lambda: api.wipe_node(DEMO_NODE)
+    server = ApiServerStandIn(
+        tokens={DEMO_TOKEN: f"system:node:{DEMO_NODE}"},
+        anonymous_user=None,
+        consumable_capacity=True,
+        device_taints=True,
     )
-    agent = build_agent(config, notifier=Notifier(None), make_resource_api=lambda _config: api)
+    server.start()
+    server.add_node(DEMO_NODE)
+    client = KubeResourceApi.for_server(server.url, token=DEMO_TOKEN)
+    kubelet = DraKubeletStandin(config.dra.registry_dir)
+    agent = build_agent(config, notifier=Notifier(None), make_resource_api=lambda _config: client)
     thread = threading.Thread(target=agent.run, name="vgpu-agent-capacity", daemon=True)
     try:
         echo(
-            "== DRA with consumable capacity: a third node whose API server keeps "
-            "allowMultipleAllocations and device taints (Kubernetes 1.36 defaults)"
+            "== DRA with consumable capacity: a third node; its API server (the stand-in over "
+            "HTTP) keeps allowMultipleAllocations and device taints, as 1.36 does by default"
         )
         kubelet.start()
         thread.start()
         kubelet.wait_for_registration(1, WAIT_S)
-        published = api.wait_for_slice(driver, DEMO_NODE, lambda s: len(s.devices) == 2, WAIT_S)
-        _show_slice(published, echo)
-        gpu = published.devices[1]
-        claim_form = {MEMORY: _capacity_max(gpu, MEMORY), COMPUTE_SHARES: "2"}
+        _wait(server, "two GPU devices", lambda devices: len(devices) == 2)
+        dry_runs = sum(1 for query in server.queries if query.get("dryRun") == "All")
+        echo(f"   found out by {dry_runs} dry-run create (nothing stored): one device per GPU")
+        devices = _devices(server)
+        _show_devices(devices, echo)
+        gpu = devices[1]
+        memory_policy = gpu["capacity"][MEMORY]["requestPolicy"]
+        compute_policy = gpu["capacity"][COMPUTE_SHARES]["requestPolicy"]
+        claim_form = {
+            MEMORY: memory_policy["validRange"]["max"],
+            COMPUTE_SHARES: compute_policy["validRange"]["max"],
+        }
         extended_form = {
-            MEMORY: gpu.capacity_policies[MEMORY].default,
-            COMPUTE_SHARES: gpu.capacity_policies[COMPUTE_SHARES].default,
+            MEMORY: memory_policy["default"],
+            COMPUTE_SHARES: compute_policy["default"],
         }
         echo(
             "== the claim form (packaging/dra/example-capacity-pod.yaml): a ResourceClaim asks "
             "for an amount; the scheduler rounds it up to whole shares and records"
         )
-        echo(f"   consumedCapacity {_amounts(claim_form)} of {gpu.name}")
+        echo(f"   consumedCapacity {_amounts(claim_form)} of {gpu['name']}")
         echo(
             "== the extended-resource form (packaging/dra/example-extended-pod.yaml with "
             "deviceclass-extended.yaml): a pod asks for eks.amazonaws.com/vgpu: 1, unchanged;"
         )
         echo(f"   the scheduler's claim for it consumed the defaults, {_amounts(extended_form)}")
         refs = []
-        for (namespace, name, uid), consumed, share_id in (
+        for (namespace, name), consumed, share_id in (
             (CLAIM_FORM, claim_form, SHARE_IDS[0]),
             (EXTENDED_FORM, extended_form, SHARE_IDS[1]),
         ):
-            result = AllocatedDevice("vgpu", driver, published.pool, gpu.name, consumed, share_id)
-            api.add_claim(namespace, name, uid, [result])
+            result = AllocatedDevice("vgpu", driver, DEMO_NODE, gpu["name"], consumed, share_id)
+            # The stand-in checks each result against the slice, as the API server would.
+            uid = server.add_claim(namespace, name, node=DEMO_NODE, results=[result])
             refs.append(ClaimRef(namespace, name, uid))
         answers = kubelet.prepare(driver, refs)
-        echo(f"== NodePrepareResources for both, on the same GPU {gpu.attributes['uuid']}:")
+        uuid = gpu["attributes"]["uuid"]["string"]
+        echo(f"== NodePrepareResources for both, on the same GPU {uuid}:")
         for ref in refs:
             if answers[ref.uid].error:
                 raise RuntimeError(f"NodePrepareResources failed: {answers[ref.uid].error}")
             limits = _limits(os.path.join(config.dra.cdi_dir, f"{driver}-claim-{ref.uid}.json"))
             echo(f"   {ref.namespace}/{ref.name}: {limits}")
-        index = str(gpu.attributes["index"])
+        index = str(gpu["attributes"]["index"]["int"])
         echo(f"== simulating XID 79 on GPU {index}: its device stays in the slice, tainted")
-        started = time.monotonic()
         agent.submit(SimulateCommand(SimulateAction.XID, index, 79))
-        tainted = api.wait_for_slice(driver, DEMO_NODE, lambda s: bool(s.devices[1].taints), WAIT_S)
-        for taint in tainted.devices[1].taints:
+        took_s = _wait(server, "the taint", lambda devices: bool(devices[1].get("taints")))
+        for taint in _devices(server)[1]["taints"]:
             echo(
-                f"   taint {taint.key}={taint.value}:{taint.effect} after "
-                f"{time.monotonic() - started:.2f} s (new claims stay off it; running pods stay)"
+                f"   taint {taint['key']}={taint['value']}:{taint['effect']} (added "
+                f"{taint['timeAdded']}) stored {took_s:.2f} s after the XID"
             )
-        started = time.monotonic()
         agent.submit(HealthResetCommand(index))
-        api.wait_for_slice(driver, DEMO_NODE, lambda s: not s.devices[1].taints, WAIT_S)
-        elapsed_s = time.monotonic() - started
-        echo(f"== vgpu-agent health reset {index}: taint removed after {elapsed_s:.2f} s")
+        took_s = _wait(server, "no taint", lambda devices: not devices[1].get("taints"))
+        echo(f"== vgpu-agent health reset {index}: taint removed {took_s:.2f} s later")
         kubelet.unprepare(driver, refs)
     finally:
         agent.request_stop("demo finished")
         thread.join(timeout=WAIT_S)
         kubelet.stop()
-    state = "is still there" if api.slice_of(driver, DEMO_NODE) else "deleted"
-    echo(f"== the agent stopped: the node's ResourceSlice {state}")
-
-
-def _capacity_max(device: SliceDevice, name: str) -> str:
-    policy = device.capacity_policies[name]
-    return policy.max or device.capacity[name]
+        left = _devices(server)
+        client.close()
+        server.stop()
+    echo(
+        f"== the agent stopped: the node's ResourceSlice {'is still there' if left else 'deleted'}"
+    )
 
 
 def _amounts(consumed: dict[str, str]) -> str:
     return ", ".join(f"{name} {amount}" for name, amount in sorted(consumed.items()))
 
 
-def _show_slice(published: NodeSlice, echo: Echo) -> None:
-    echo(
-        f"== ResourceSlice of node {published.node_name}: pool generation "
-        f"{published.generation}, {len(published.devices)} devices, one per GPU"
-    )
-    for device in published.devices:
+def _show_devices(devices: list[dict[str, Any]], echo: Echo) -> None:
+    for device in devices:
         capacities = []
-        for name, value in sorted(device.capacity.items()):
-            policy = device.capacity_policies[name]
+        for name, capacity in sorted(device["capacity"].items()):
+            policy = capacity["requestPolicy"]
+            valid = policy["validRange"]
             capacities.append(
-                f"{name} {value} (a claim: default {policy.default}, step {policy.step}, "
-                f"at most {policy.max})"
+                f"{name} {capacity['value']} (a claim: default {policy['default']}, step "
+                f"{valid['step']}, at most {valid['max']})"
             )
-        echo(f"   {device.name}: {'; '.join(capacities)}")
+        echo(f"   {device['name']}: {'; '.join(capacities)}")
 
 
 def _limits(spec_path: str) -> str:
