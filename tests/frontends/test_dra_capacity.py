@@ -379,3 +379,29 @@ def test_a_claim_spanning_two_gpus_is_refused(
     api.add_claim("ns", "wide", SMALL_UID, [result({MEMORY: "6Gi"}), other])
     answer = preparer.prepare([ClaimRef("ns", "wide", SMALL_UID)])[SMALL_UID]
     assert "span 2 physical GPUs" in answer.error
+
+
+def test_a_claim_without_consumed_capacity_is_held_to_one_share(
+    capacity_env: tuple[ClaimPreparer, InMemoryResourceApi, Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A scheduler without the feature records no amounts: the claim gets the policy's
+    default, one share, and the log says why."""
+    preparer, api, cdi_dir = capacity_env
+    api.add_claim("ns", "whole", SMALL_UID, [result({}, share_id="")])
+    assert preparer.prepare([ClaimRef("ns", "whole", SMALL_UID)])[SMALL_UID].error == ""
+    assert "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT=0=6144M" in spec_env(cdi_dir, SMALL_UID)
+    assert "carries no consumedCapacity" in caplog.text
+
+
+def test_a_claim_mixing_a_gpu_device_and_a_share_is_refused(
+    capacity_env: tuple[ClaimPreparer, InMemoryResourceApi, Path],
+) -> None:
+    """Results on a shared GPU device and on a share device cannot come from one slice."""
+    preparer, api, _ = capacity_env
+    share = DeviceNames.of(make_inventory((4, 4))).vgpu_by_name
+    share_device = next(iter(share))
+    mixed = [result({MEMORY: "6Gi"}), AllocatedDevice("gpu", DRIVER, NODE, share_device)]
+    api.add_claim("ns", "mixed", SMALL_UID, mixed)
+    answer = preparer.prepare([ClaimRef("ns", "mixed", SMALL_UID)])[SMALL_UID]
+    assert f"device {share_device} is not a device of this node's GPUs" in answer.error
