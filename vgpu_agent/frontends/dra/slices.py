@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Optional
 
-from vgpu_agent.frontends.dra.capacity import capacity_device
+from vgpu_agent.frontends.dra.capacity import capacity_device, mib_quantity
 from vgpu_agent.frontends.dra.taints import gpu_taints
 from vgpu_agent.frontends.dra.types import (
     ApiFeatures,
@@ -140,7 +140,9 @@ def share_attributes(
     )
     if memory is not None:
         attributes["shareMemoryMiB"] = memory
-        capacity["memory"] = f"{memory}Mi"
+        # In the API server's canonical form (6144Mi is stored as 6Gi), so the slice read
+        # back compares equal and an unchanged republish writes nothing.
+        capacity["memory"] = mib_quantity(memory)
     return attributes, capacity
 
 
