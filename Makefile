@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TEST_WORKERS ?= 4
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: all demo test lint typecheck unit proto proto-check test-gpu bench deb rpm test-system clean
+.PHONY: all demo test lint typecheck unit proto proto-check test-gpu bench deb rpm test-system test-prometheus clean
 
 all: test
 
@@ -55,9 +55,16 @@ deb:
 rpm:
 	scripts/build-rpm
 
-## test-system: install the deb into a Debian 12 container booted with systemd-nspawn
-test-system: deb
+## test-system: install the deb into a Debian 12 container booted with systemd-nspawn,
+## then test-prometheus
+test-system: deb $(VENV)/.done
 	scripts/test-system
+	scripts/test-prometheus $(PY)
+
+## test-prometheus: a real Prometheus (Debian's package, installed when missing) scraping a
+## simulated agent: promtool check metrics, the PromQL of docs/observability.md, the alert rules
+test-prometheus: $(VENV)/.done
+	scripts/test-prometheus $(PY)
 
 clean:
 	rm -rf $(VENV) .venv-protogen build dist .mypy_cache .ruff_cache .pytest_cache .coverage .coverage.*

@@ -217,3 +217,33 @@ def test_the_agent_with_the_kubernetes_client_against_the_stand_in_api_server(
         client.close()
     finally:
         server.stop()
+
+
+def test_an_agent_without_the_kubelets_registry_waits_and_says_which_setting(
+    short_tmp_dir: str, run_agent: Callable[..., AgentRun], caplog: pytest.LogCaptureFixture
+) -> None:
+    """No registry directory yet: the status line names the DRA driver and waits for the
+    kubelet; the log's advice names dra.registry_dir, not the device plugin's directory."""
+    config = make_config(
+        short_tmp_dir,
+        dra=DraConfig(
+            enabled=True,
+            driver_name=DRIVER,
+            node_name=NODE,
+            registry_dir=f"{short_tmp_dir}/no-kubelet-yet",
+            plugins_dir=f"{short_tmp_dir}/plugins",
+            cdi_dir=f"{short_tmp_dir}/cdi",
+        ),
+    )
+    api = InMemoryResourceApi()
+    run = run_agent(config, kubelet=False, make_resource_api=lambda _config: api)
+    line = run.status_seen("waiting for kubelet")
+    assert f"as DRA driver {DRIVER}" in line
+    assert not os.path.exists(config.dra.registration_socket_path)
+    wait_until(
+        lambda: any("set dra.registry_dir" in record.getMessage() for record in caplog.records),
+        WAIT_S,
+        "the advice to set dra.registry_dir",
+    )
+    registration = [r for r in caplog.records if r.name == "vgpu_agent.agent.registration"]
+    assert not any("plugin.plugin_dir" in record.getMessage() for record in registration)

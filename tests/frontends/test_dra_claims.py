@@ -21,7 +21,7 @@ from vgpu_agent.frontends.dra.slices import (
     node_slice,
     semantic_version,
 )
-from vgpu_agent.frontends.dra.types import AllocatedDevice, ClaimRef, SemVer
+from vgpu_agent.frontends.dra.types import AllocatedDevice, ClaimAllocation, ClaimRef, SemVer
 from vgpu_agent.model.devices import InvalidRequestError, MpsGrantPolicy, check_request_size
 from vgpu_agent.model.node import Node
 from vgpu_agent.standins.resourceapi import InMemoryResourceApi
@@ -400,3 +400,44 @@ def test_a_spec_path_taken_by_a_directory_fails_prepare_and_unprepare(env: Env) 
     assert sorted(os.listdir(env.cdi_dir)) == [blocked.name]
     errors = env.preparer().unprepare([ClaimRef("ns", "claim", UID)])
     assert f"removing the CDI spec {blocked}" in errors[UID]
+
+
+class _CrashingApi(InMemoryResourceApi):
+    """An API client with a bug: it raises something that is not a DraApiError."""
+
+    def get_claim(self, namespace: str, name: str) -> ClaimAllocation:
+        if name == "crash":
+            raise KeyError("status")
+        return super().get_claim(namespace, name)
+
+
+class _CrashingSpecs(CdiSpecs):
+    """A spec store with a bug on removal."""
+
+    def remove(self, claim_uid: str) -> None:
+        if claim_uid == OTHER_UID:
+            raise TypeError("unexpected")
+        super().remove(claim_uid)
+
+
+def test_a_bug_in_one_claim_fails_only_that_claim(tmp_path: Path) -> None:
+    """An unexpected exception while preparing or unpreparing one claim becomes that
+    claim's error; the other claim of the call is served."""
+    api = _CrashingApi()
+    node = Node(make_inventory((4, 4)), grant_policy=POLICY)
+    preparer = ClaimPreparer(
+        node,
+        api,
+        _CrashingSpecs(str(tmp_path / "cdi"), DRIVER),
+        PreparedClaims(str(tmp_path / "state")),
+        driver=DRIVER,
+        pool=NODE,
+        cdi_kind=KIND,
+    )
+    api.add_claim("ns", "good", UID, ours((0, 0)))
+    answers = preparer.prepare([ClaimRef("ns", "crash", OTHER_UID), ClaimRef("ns", "good", UID)])
+    assert "vgpu-agent failed: KeyError" in answers[OTHER_UID].error
+    assert answers[UID].error == ""
+    errors = preparer.unprepare([ClaimRef("ns", "crash", OTHER_UID), ClaimRef("ns", "good", UID)])
+    assert "vgpu-agent failed: TypeError: unexpected" in errors[OTHER_UID]
+    assert errors[UID] == ""

@@ -324,3 +324,71 @@ def test_bad_registration_and_oversized_requests_are_invalid_argument(served: Se
         served.kubelet.unprepare(DRIVER, too_many)
     assert oversized.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "at most 1000" in str(oversized.value.details())
+
+
+def test_the_plugin_sees_the_registry_directory_and_survives_a_failing_driver_version(
+    short_tmp_dir: str,
+) -> None:
+    """No registry directory (no kubelet) is no identity; a driver version that cannot be
+    read leaves the attribute out; the kubelet's refusal ends the registration wait."""
+
+    def broken_version() -> str:
+        raise RuntimeError("NVML is gone")
+
+    dra = DraConfig(
+        driver_name=DRIVER, registry_dir=f"{short_tmp_dir}/r", plugins_dir=f"{short_tmp_dir}/p"
+    )
+    plugin = DraPlugin(
+        Node(make_inventory((2,))),
+        InMemoryResourceApi(),
+        dra,
+        node_name=NODE,
+        state_dir=short_tmp_dir,
+        driver_version=broken_version,
+    )
+    assert plugin.registry_identity() is None
+    os.makedirs(dra.registry_dir)
+    assert plugin.registry_identity() is not None
+    built = plugin.build_slice(plugin.node.inventory(), 1)
+    assert all("driverVersion" not in device.attributes for device in built.devices)
+    endpoint = plugin.serve()
+    try:
+        with grpc.insecure_channel(f"unix://{dra.registration_socket_path}") as channel:
+            channel.unary_unary(
+                "/pluginregistration.Registration/NotifyRegistrationStatus",
+                request_serializer=reg_pb.RegistrationStatus.SerializeToString,
+                response_deserializer=reg_pb.RegistrationStatusResponse.FromString,
+            )(reg_pb.RegistrationStatus(plugin_registered=False, error="no handler"), timeout=5)
+        assert plugin.status.snapshot() == (0, 1)
+        with pytest.raises(RegistrationError, match="the kubelet refused: no handler"):
+            plugin.register(lambda: False)
+    finally:
+        plugin.node.close()
+        endpoint.stop()
+
+
+def test_after_a_registration_a_late_wipe_is_repaired_quickly(short_tmp_dir: str) -> None:
+    """A starting kubelet's wipe may land after it registered us: for a while after each
+    registration the slice is republished often, so it comes back without a resync wait."""
+    node = Node(make_inventory((2,)))
+    api = InMemoryResourceApi()
+    publisher = SlicePublisher(
+        node,
+        api,
+        _build,
+        driver=DRIVER,
+        node_name=NODE,
+        generations=GenerationStore(short_tmp_dir),
+        resync_interval_s=3600.0,
+        fast_resync_s=0.05,
+        fast_resync_for_s=30.0,
+    )
+    publisher.start()
+    first = api.wait_for_slice(DRIVER, NODE, timeout_s=WAIT_S)
+    publisher.republish()
+    wait_until(lambda: publisher.publishes >= 2, WAIT_S, "the republish")
+    api.wipe_node(NODE)  # the kubelet's late startup wipe
+    again = api.wait_for_slice(DRIVER, NODE, timeout_s=5.0)
+    assert again.generation == first.generation  # the same content, no new generation
+    node.close()
+    publisher.stop()

@@ -23,6 +23,7 @@ from vgpu_agent.observability.attribution import (
 )
 from vgpu_agent.observability.metrics import (
     MIB,
+    PRESET_XIDS,
     AgentMetrics,
     MetricsServer,
     NodeView,
@@ -103,6 +104,17 @@ def test_gpu_gauges_give_vgpus_by_state_and_why() -> None:
     assert samples[info] == 1
 
 
+def test_a_lost_ceiling_is_its_own_reason_and_the_daemon_is_still_up() -> None:
+    """A daemon that answers without its ceiling is reason mps_ceiling, not mps_daemon, and
+    vgpu_mps_daemon_up stays 1."""
+    inventory = make_inventory((4,), unhealthy={0: ("MPS daemon ceiling lost (threads 100)",)})
+    samples = _samples(AgentMetrics(lambda: _view(inventory=inventory)).render())
+    assert samples[("vgpu_gpu_unhealthy", (("gpu_uuid", G0), ("reason", "mps_ceiling")))] == 1
+    assert ("vgpu_gpu_unhealthy", (("gpu_uuid", G0), ("reason", "mps_daemon"))) not in samples
+    assert samples[("vgpu_mps_daemon_up", (("gpu_uuid", G0),))] == 1
+    assert samples[("vgpu_vgpus", (("gpu_uuid", G0), ("state", "unhealthy")))] == 4
+
+
 def test_container_gauges_give_vgpus_limits_and_memory() -> None:
     """Per container: vGPUs held, thread and memory limits, memory used, in base units."""
     samples = _samples(AgentMetrics(_view).render())
@@ -169,6 +181,59 @@ def test_counters_and_histograms_count_events() -> None:
     assert samples[("vgpu_preferred_allocation_duration_seconds_count", ())] == 1
 
 
+def _event_samples(samples: Samples) -> Samples:
+    return {
+        key: value
+        for key, value in samples.items()
+        if key[0] in ("vgpu_xid_events_total", "vgpu_health_changes_total")
+    }
+
+
+def test_event_counters_of_served_gpus_start_at_zero() -> None:
+    """Before any event, each served GPU has its health-change series and one series per
+    preset XID at 0 (not those the config ignores), so increase() sees the first event."""
+    view = _view(ignored_xids=(13, 79))
+    metrics = AgentMetrics(lambda: view)
+    before = _event_samples(_samples(metrics.render()))
+    preset = [xid for xid in PRESET_XIDS if xid != 79]
+    expected = {
+        ("vgpu_xid_events_total", (("gpu_uuid", gpu), ("xid", str(xid)))): 0.0
+        for gpu in (G0, G1)
+        for xid in preset
+    }
+    expected.update(
+        {
+            ("vgpu_health_changes_total", (("gpu_uuid", gpu), ("health", health))): 0.0
+            for gpu in (G0, G1)
+            for health in ("healthy", "unhealthy")
+        }
+    )
+    assert before == expected
+    metrics.xid_event(G1, 48)
+    metrics.xid_event(G1, 62)  # not preset: its series appears with its first event
+    metrics.health_changed(G1, healthy=False)
+    after = _event_samples(_samples(metrics.render()))
+    assert after[("vgpu_xid_events_total", (("gpu_uuid", G1), ("xid", "48")))] == 1
+    assert after[("vgpu_xid_events_total", (("gpu_uuid", G1), ("xid", "62")))] == 1
+    assert after[("vgpu_health_changes_total", (("gpu_uuid", G1), ("health", "unhealthy")))] == 1
+    changed = {key for key in after if after[key] != before.get(key)}
+    assert len(changed) == 3
+
+
+def test_a_gpu_no_longer_served_keeps_its_counts() -> None:
+    """A counter does not vanish when its GPU leaves the served set (a reload): its counted
+    series stay, its zero series go."""
+    views = [_view()]
+    metrics = AgentMetrics(lambda: views[-1])
+    metrics.xid_event(G1, 79)
+    views.append(_view(inventory=make_inventory((4,))))
+    samples = _event_samples(_samples(metrics.render()))
+    assert samples[("vgpu_xid_events_total", (("gpu_uuid", G1), ("xid", "79")))] == 1
+    assert {labels for _name, labels in samples if ("gpu_uuid", G1) in labels} == {
+        (("gpu_uuid", G1), ("xid", "79"))
+    }
+
+
 @pytest.mark.parametrize(
     ("reason", "kind"),
     [
@@ -177,8 +242,10 @@ def test_counters_and_histograms_count_events() -> None:
         (HealthReason.lost(), "gpu_lost"),
         (HealthReason.mps_down("MPS daemon down (simulated)"), "mps_daemon"),
         (HealthReason.mps_down("could not start: refused"), "mps_daemon"),
+        (HealthReason.mps_down("MPS daemon ceiling lost (thread percentage 100)"), "mps_ceiling"),
+        (HealthReason.mps_down("MPS daemon ceiling not set: refused"), "mps_ceiling"),
     ],
-    ids=["xid", "dbe", "lost", "mps-down", "mps-start"],
+    ids=["xid", "dbe", "lost", "mps-down", "mps-start", "ceiling-lost", "ceiling-not-set"],
 )
 def test_reasons_map_to_a_bounded_kind(reason: HealthReason, kind: str) -> None:
     """Typed unhealthy reasons become one of a fixed set of label values."""

@@ -716,6 +716,44 @@ def test_own_plugin_socket(
     assert words in result.text("plugin socket")
 
 
+def dra_config(node: Node) -> str:
+    """The node's config in DRA mode, every DRA path inside the node."""
+    path = node.config()
+    with open(path, "a", encoding="utf-8") as config:
+        config.write(
+            "[dra]\nenabled = true\n"
+            f'registry_dir = "{node.path("reg")}"\n'
+            f'plugins_dir = "{node.path("dra")}"\n'
+            f'cdi_dir = "{node.path("run-cdi")}"\n'
+            f'kubeconfig = "{node.path("kubeconfig")}"\n'
+        )
+    return path
+
+
+def test_dra_mode_checks_its_own_sockets_cdi_dir_and_credentials(
+    node: Node, sockets: Callable[..., socket.socket]
+) -> None:
+    """In DRA mode the device plugin's sockets are not checked; the registry directory,
+    both DRA sockets, the CDI directory and the kubeconfig are."""
+    config = dra_config(node)
+    missing = doctor(config, probes_for(node))
+    assert missing.statuses("kubelet") == []
+    assert missing.statuses("dra") == [WARN, OK, FAIL]
+    assert "the kubelet has not run on this node yet" in missing.text("dra")
+    assert "cannot be read: the agent cannot reach the API server" in missing.text("dra")
+    driver = "vgpu.eks.amazonaws.com"
+    sockets(node.path("reg", f"{driver}-reg.sock"))
+    sockets(node.path("dra", driver, "dra.sock"))
+    node.write(node.path("kubeconfig"), "apiVersion: v1\n")
+    serving = doctor(config, probes_for(node))
+    assert serving.statuses("dra") == [OK, OK, OK, OK]
+    os.unlink(node.path("dra", driver, "dra.sock"))
+    node.write(node.path("dra", driver, "dra.sock"), "a file")
+    in_the_way = doctor(config, probes_for(node))
+    assert in_the_way.statuses("dra") == [OK, FAIL, OK, OK]
+    assert "is not a socket; remove it" in in_the_way.text("dra")
+
+
 # -- 7. other device plugins ---------------------------------------------------------------------
 
 

@@ -481,6 +481,8 @@ deb_phase() {
         in_ct systemctl restart vgpu-agent.service
     fi
     check "vgpu-agent.service is enabled on install" is_prop vgpu-agent.service UnitFileState enabled
+    check "the deb ships the Prometheus alert rules" \
+        in_ct grep -q '^  - name: vgpu-agent$' /usr/share/vgpu-agent/prometheus/vgpu-agent-rules.yml
     # shellcheck disable=SC2016 # expanded by the container's shell
     check "systemd-analyze verify is clean for every unit" \
         in_ct sh -c 'out=$(cd /lib/systemd/system && systemd-analyze verify vgpu-agent.service vgpu-compute-mode.service vgpu-mps@.service vgpu-mps-units.socket vgpu-mps-units@.service 2>&1); echo "$out"; [ -z "$out" ]'
@@ -780,6 +782,8 @@ rpm_phase() {
     local rpm=(rpm --nodeps)
     check "rpm installs the previous build ($(basename "$RPM_OLD"))" in_ct "${rpm[@]}" -i /mnt/pkgs/old.rpm
     check "the preset enabled vgpu-agent.service" is_prop vgpu-agent.service UnitFileState enabled
+    check "the rpm ships the Prometheus alert rules" \
+        in_ct grep -q '^  - name: vgpu-agent$' /usr/share/vgpu-agent/prometheus/vgpu-agent-rules.yml
     # On a running system the rpm starts the agent, as the deb does.
     if [ "$MPS_MANAGER" = external ]; then
         start_mps_units

@@ -28,7 +28,7 @@ from vgpu_agent.agent.health import HealthChange
 from vgpu_agent.agent.kubelet import KubeletLink
 from vgpu_agent.agent.parts import AgentParts, Service
 from vgpu_agent.agent.reload import execute_reload, plan_reload_from
-from vgpu_agent.config.plan import grant_policy
+from vgpu_agent.config.plan import grant_policy, offered_as
 from vgpu_agent.config.schema import Config
 from vgpu_agent.host.log import log_event
 from vgpu_agent.host.systemd import Watchdog
@@ -280,7 +280,7 @@ class Agent:
     def _status_line(self) -> str:
         return status_line(
             self.node.inventory(),
-            self.config.plugin.resource_name,
+            offered_as(self.config),
             registered=self.registered,
             waiting_for=self._kubelet.waiting_for,
             waiting_for_driver=self._waiting_for_driver,

@@ -77,10 +77,13 @@ class Registrar:
         kubelet_socket: str = "kubelet.sock",
         backoff_initial_s: float = REGISTER_BACKOFF_INITIAL_S,
         backoff_max_s: float = REGISTER_BACKOFF_MAX_S,
+        directory_hint: str = "",
     ) -> None:
         """``kubelet_identity`` reads the kubelet socket (None: no socket); ``on_wait`` is
         called while a registration is in flight (the watchdog keeps being pinged);
-        ``description`` names what registers and ``kubelet_socket`` where, for the log."""
+        ``description`` names what registers and ``kubelet_socket`` where, for the log;
+        ``directory_hint`` says which setting names the kubelet's directory (the device
+        plugin's by default)."""
         self._kubelet_identity = kubelet_identity
         self._serve = serve
         self._register = register
@@ -90,6 +93,7 @@ class Registrar:
         self._kubelet_socket = kubelet_socket
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
+        self._directory_hint = directory_hint
         self._state = RegistrationState.STARTING
         self._endpoint: Optional[Endpoint] = None
         #: The kubelet socket we are registered with, and the one last attempted.
@@ -180,8 +184,10 @@ class Registrar:
     def _why_no_kubelet(self) -> str:
         """Why there is no kubelet socket, and what to do when it is not just early."""
         directory = os.path.dirname(self._kubelet_socket) or "."
-        where = "set plugin.plugin_dir (or --plugin-dir) to the kubelet's device plugin "
-        where += f"directory, usually {PluginConfig.plugin_dir}"
+        where = self._directory_hint or (
+            "set plugin.plugin_dir (or --plugin-dir) to the kubelet's device plugin "
+            f"directory, usually {PluginConfig.plugin_dir}"
+        )
         if os.path.lexists(directory) and not os.path.isdir(directory):
             return f"the plugin directory {directory} is not a directory; {where}"
         if not os.path.isdir(directory):

@@ -198,6 +198,14 @@ def slice_warnings(config: Config, model: str, memory_mib: int) -> list[str]:
     return warnings
 
 
+def offered_as(config: Config) -> str:
+    """What the node's vGPUs are offered as, for the status line: the device plugin's
+    extended resource, or the DRA driver (``dra.enabled``)."""
+    if config.dra.enabled:
+        return f"DRA driver {config.dra.driver_name}"
+    return config.plugin.resource_name
+
+
 def simulated_mps(config: Config) -> bool:
     """Whether the MPS daemons are simulated: with simulated GPUs, unless the config names a
     control program (a stand-in, as the fault and system tests use), which the configured

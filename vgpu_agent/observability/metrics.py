@@ -2,16 +2,22 @@
 
 :class:`AgentMetrics` owns a private registry with two kinds of metric:
 
-- counters and histograms the agent updates as things happen (XID events, health changes,
-  Allocate and GetPreferredAllocation latency);
+- histograms the agent updates as things happen (Allocate and GetPreferredAllocation
+  latency);
 - metrics read from a :class:`NodeView` of the node on each scrape, by a custom collector
-  (vGPUs by state, MPS daemons, MPS clients, per container vGPUs, limits and memory, and
-  the registrations and kubelet restarts the agent counts).
+  (vGPUs by state, MPS daemons, MPS clients, per container vGPUs, limits and memory, the
+  registrations and kubelet restarts the agent counts, and the XID events and health
+  changes counted as they are reported).
 
 Label sets are bounded: GPUs, the containers that hold vGPUs on this node, XID numbers and a
-fixed set of unhealthy reason kinds. :class:`MetricsServer` serves ``/metrics`` over HTTP;
-:func:`write_textfile` writes the same text for node-exporter's textfile collector, through a
-temporary file renamed into place, so a reader never sees half a file.
+fixed set of unhealthy reason kinds. An event counter whose labels are known before its
+first event (per served GPU: each health it can turn to, and the :data:`PRESET_XIDS`) is
+exported at 0 from the start: Prometheus' ``increase()`` and ``rate()`` count a rise between
+two samples, so a series that first appeared already at 1 would hide its first event.
+
+:class:`MetricsServer` serves ``/metrics`` over HTTP; :func:`write_textfile` writes the
+same text for node-exporter's textfile collector, through a temporary file renamed into
+place, so a reader never sees half a file.
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
-    Counter,
     Histogram,
     generate_latest,
     make_wsgi_app,
@@ -38,6 +43,7 @@ from prometheus_client.registry import Collector
 
 from vgpu_agent.model.devices import HealthReason, Inventory, ReasonKind
 from vgpu_agent.model.errors import AgentError
+from vgpu_agent.mps.ceilings import CEILING_PREFIX
 from vgpu_agent.observability.attribution import Attribution
 
 log = logging.getLogger(__name__)
@@ -47,7 +53,16 @@ MIB = 1024 * 1024
 #: own timeout is seconds.
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 #: The reason kinds ``vgpu_gpu_unhealthy`` reports (a bounded set; the text is in status).
-REASON_KINDS = ("xid", "double_bit_ecc", "gpu_lost", "mps_daemon")
+REASON_KINDS = ("xid", "double_bit_ecc", "gpu_lost", "mps_daemon", "mps_ceiling")
+#: XIDs whose ``vgpu_xid_events_total`` series exist at 0 on every served GPU (unless
+#: ``health.ignored_xids`` lists them) before their first event: the GPU and driver faults
+#: NVIDIA's XID catalogue lists as the common ones on data-centre GPUs (48 double-bit ECC,
+#: 63/64 row remapping, 74 NVLink, 79 fallen off the bus, 94/95 contained and uncontained
+#: ECC, 119/120 GSP). The set of XIDs is open: any other gets its series at its first
+#: event, which docs/observability.md's query counts too.
+PRESET_XIDS = (48, 63, 64, 74, 79, 94, 95, 119, 120)
+#: The values of ``vgpu_health_changes_total``'s ``health`` label.
+HEALTH_STATES = ("healthy", "unhealthy")
 
 
 def reason_kind(reason: HealthReason) -> str:
@@ -56,7 +71,9 @@ def reason_kind(reason: HealthReason) -> str:
         return "xid" if reason.xid is not None else "double_bit_ecc"
     if reason.kind is ReasonKind.LOST:
         return "gpu_lost"
-    return "mps_daemon"
+    # The daemon answers but does not hold the ceiling: told apart from a daemon that is
+    # down, so that vgpu_mps_daemon_up stays true to its name and an alert can say which.
+    return "mps_ceiling" if reason.text.startswith(CEILING_PREFIX) else "mps_daemon"
 
 
 @dataclass(frozen=True)
@@ -70,19 +87,68 @@ class NodeView:
     #: Successful registrations with the kubelet, and kubelet restarts seen, since start.
     registrations: int = 0
     kubelet_restarts: int = 0
+    #: XIDs the config ignores: not among the preset zero series of vgpu_xid_events_total.
+    ignored_xids: tuple[int, ...] = ()
+
+
+class _EventCounts:
+    """The XID events and health changes counted so far, by their labels (thread safe: the
+    agent's loop counts, the HTTP server's threads and the refresher read)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._xids: dict[tuple[str, int], int] = {}
+        self._health: dict[tuple[str, str], int] = {}
+
+    def count_xid(self, gpu_uuid: str, xid: int) -> None:
+        with self._lock:
+            self._xids[(gpu_uuid, xid)] = self._xids.get((gpu_uuid, xid), 0) + 1
+
+    def count_health(self, gpu_uuid: str, health: str) -> None:
+        with self._lock:
+            self._health[(gpu_uuid, health)] = self._health.get((gpu_uuid, health), 0) + 1
+
+    def snapshot(self) -> tuple[dict[tuple[str, int], int], dict[tuple[str, str], int]]:
+        with self._lock:
+            return dict(self._xids), dict(self._health)
 
 
 class _NodeCollector(Collector):
-    """Builds the node's gauges from a fresh :class:`NodeView` on every scrape."""
+    """Builds the node's gauges and event counters from a fresh :class:`NodeView` on every
+    scrape."""
 
-    def __init__(self, view: Callable[[], NodeView]) -> None:
+    def __init__(self, view: Callable[[], NodeView], events: _EventCounts) -> None:
         self._view = view
+        self._events = events
 
     def collect(self) -> Iterator[Metric]:
-        """The gauges of the node as it is now."""
+        """The gauges of the node as it is now, and the events counted so far."""
         view = self._view()
         yield from _gpu_metrics(view)
+        yield from _event_metrics(view, self._events)
         yield from _container_metrics(view.attribution)
+
+
+def _event_metrics(view: NodeView, events: _EventCounts) -> Iterator[Metric]:
+    xids, health = events.snapshot()
+    served = [served.gpu.uuid for served in view.inventory.gpus]
+    # A GPU no longer served keeps the series it has: a counter does not vanish.
+    preset = [xid for xid in PRESET_XIDS if xid not in view.ignored_xids]
+    xid_events = CounterMetricFamily(
+        "vgpu_xid_events",
+        "Critical XID events, by GPU and XID (those in health.ignored_xids are only logged).",
+        labels=["gpu_uuid", "xid"],
+    )
+    for gpu_uuid, xid in sorted(set(xids) | {(uuid, xid) for uuid in served for xid in preset}):
+        xid_events.add_metric([gpu_uuid, str(xid)], float(xids.get((gpu_uuid, xid), 0)))
+    changes = CounterMetricFamily(
+        "vgpu_health_changes",
+        "Times a GPU's vGPUs changed health, by the health they changed to.",
+        labels=["gpu_uuid", "health"],
+    )
+    for key in sorted(set(health) | {(uuid, state) for uuid in served for state in HEALTH_STATES}):
+        changes.add_metric(list(key), float(health.get(key, 0)))
+    yield from (xid_events, changes)
 
 
 def _gpu_metrics(view: NodeView) -> Iterator[Metric]:
@@ -211,18 +277,7 @@ class AgentMetrics:
     def __init__(self, view: Callable[[], NodeView]) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         registry = self.registry
-        self._xid_events = Counter(
-            "vgpu_xid_events",
-            "Critical XID events, by GPU and XID (those in health.ignored_xids are only logged).",
-            ["gpu_uuid", "xid"],
-            registry=registry,
-        )
-        self._health_changes = Counter(
-            "vgpu_health_changes",
-            "Times a GPU's vGPUs changed health, by the health they changed to.",
-            ["gpu_uuid", "health"],
-            registry=registry,
-        )
+        self._events = _EventCounts()
         self._allocate = Histogram(
             "vgpu_allocate_duration_seconds",
             "Time to answer the kubelet's Allocate calls.",
@@ -235,15 +290,15 @@ class AgentMetrics:
             buckets=LATENCY_BUCKETS_S,
             registry=registry,
         )
-        registry.register(_NodeCollector(view))
+        registry.register(_NodeCollector(view, self._events))
 
     def xid_event(self, gpu_uuid: str, xid: int) -> None:
         """Count one XID event."""
-        self._xid_events.labels(gpu_uuid, str(xid)).inc()
+        self._events.count_xid(gpu_uuid, xid)
 
     def health_changed(self, gpu_uuid: str, healthy: bool) -> None:
         """Count a GPU's vGPUs turning Healthy or Unhealthy."""
-        self._health_changes.labels(gpu_uuid, "healthy" if healthy else "unhealthy").inc()
+        self._events.count_health(gpu_uuid, HEALTH_STATES[0] if healthy else HEALTH_STATES[1])
 
     def observe_allocate(self, seconds: float) -> None:
         """Record how long one Allocate call took."""

@@ -174,6 +174,7 @@ class Observability:
                 registered=counts.registered,
                 registrations=counts.registrations,
                 kubelet_restarts=counts.kubelet_restarts,
+                ignored_xids=self._config.health.ignored_xids,
             )
 
         metrics = AgentMetrics(view)

@@ -168,6 +168,10 @@ def dra_registrar(
             on_wait=on_wait,
             description=plugin.description,
             kubelet_socket=plugin.dra.registration_socket_path,
+            directory_hint=(
+                "set dra.registry_dir to the kubelet's plugin registration directory, usually "
+                "/var/lib/kubelet/plugins_registry"
+            ),
         )
 
     return make

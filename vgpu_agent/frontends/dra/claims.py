@@ -229,6 +229,12 @@ class ClaimPreparer:
                 message = f"unpreparing ResourceClaim {_claim_text(ref)}: {exc}"
                 log.warning("%s", message)
                 results[ref.uid] = message
+            except Exception as exc:  # one broken claim must not fail the others
+                log.exception("unpreparing ResourceClaim %s failed inside vgpu-agent", ref)
+                results[ref.uid] = (
+                    f"unpreparing ResourceClaim {_claim_text(ref)}: vgpu-agent failed: "
+                    f"{type(exc).__name__}: {exc}"
+                )
         return results
 
     # -- one claim ---------------------------------------------------------------------------

@@ -6,7 +6,9 @@ and publishes the slice through a :class:`~vgpu_agent.frontends.dra.types.Resour
 - at start, and whenever the slice's content changes (health, reload), with the pool
   generation one higher, so the scheduler drops what it knew of the older one;
 - again, unchanged, when asked (:meth:`SlicePublisher.republish`: the kubelet registered us,
-  after its own restart it wiped the node's slices) and every ``resync_interval_s``;
+  after its own restart it wiped the node's slices), then every ``FAST_RESYNC_S`` for
+  ``FAST_RESYNC_FOR_S`` (a starting kubelet's wipe retries in the background and may land
+  after our registration), and every ``resync_interval_s`` after that;
 - a failed publish is retried with a doubling backoff;
 - when the node is closed (the agent stops cleanly), it deletes the node's slices.
 
@@ -32,6 +34,10 @@ log = logging.getLogger(__name__)
 
 GENERATION_FILE_NAME = "dra-slice-generation.json"
 RETRY_INITIAL_S = 0.5
+#: After a registration, the slice is published this often for a while (the client writes
+#: nothing when the slice is there and unchanged).
+FAST_RESYNC_S = 2.0
+FAST_RESYNC_FOR_S = 60.0
 RETRY_MAX_S = 30.0
 
 #: (inventory, generation) -> the slice to publish
@@ -83,6 +89,8 @@ class SlicePublisher:
         clock: Callable[[], float] = time.monotonic,
         retry_initial_s: float = RETRY_INITIAL_S,
         retry_max_s: float = RETRY_MAX_S,
+        fast_resync_s: float = FAST_RESYNC_S,
+        fast_resync_for_s: float = FAST_RESYNC_FOR_S,
     ) -> None:
         self._node = node
         self._api = api
@@ -91,6 +99,9 @@ class SlicePublisher:
         self._node_name = node_name
         self._generations = generations
         self._resync_interval_s = resync_interval_s
+        self._fast_resync_s = fast_resync_s
+        self._fast_resync_for_s = fast_resync_for_s
+        self._fast_until = 0.0
         self._clock = clock
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
@@ -124,9 +135,10 @@ class SlicePublisher:
             return self._thread is not None
 
     def republish(self) -> None:
-        """Publish the slice again now, even if it did not change."""
+        """Publish the slice again now, even if it did not change, and often for a while."""
         with self._lock:
             self._republish_wanted = True
+            self._fast_until = self._clock() + self._fast_resync_for_s
         self._node.wake()
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -163,7 +175,7 @@ class SlicePublisher:
             if now >= due_at:
                 if self._publish(inventory):
                     retry_s = self._retry_initial_s
-                    due_at = now + self._resync_interval_s
+                    due_at = now + self._resync_s(now)
                 else:
                     due_at = now + retry_s
                     retry_s = min(retry_s * 2, self._retry_max_s)
@@ -172,6 +184,13 @@ class SlicePublisher:
             if new_version != version:
                 version = new_version
                 due_at = 0.0
+
+    def _resync_s(self, now: float) -> float:
+        with self._lock:
+            fast = now < self._fast_until
+        return (
+            min(self._fast_resync_s, self._resync_interval_s) if fast else self._resync_interval_s
+        )
 
     def _publish(self, inventory: Inventory) -> bool:
         with self._lock:
@@ -195,7 +214,9 @@ class SlicePublisher:
         with self._lock:
             self._published = node_slice
             self.publishes += 1
-        log.info(
+        # A change is news; an unchanged resync is not.
+        log.log(
+            logging.INFO if changed else logging.DEBUG,
             "published ResourceSlice of %s on %s: %d devices, pool generation %d",
             self._driver,
             self._node_name,

@@ -17,6 +17,7 @@ from vgpu_agent.ops.doctor.agent import check_agent
 from vgpu_agent.ops.doctor.config import check_config
 from vgpu_agent.ops.doctor.confinement import check_confinement, check_device_list
 from vgpu_agent.ops.doctor.containerd import check_container_runtime
+from vgpu_agent.ops.doctor.dra import check_dra
 from vgpu_agent.ops.doctor.gpus import GpuFindings, check_compute_modes, check_gpus
 from vgpu_agent.ops.doctor.kubelet import check_other_plugins, check_sockets
 from vgpu_agent.ops.doctor.mps import check_mps_binaries, check_mps_daemons, check_multi_user
@@ -75,7 +76,10 @@ def run_doctor(
         if node.backend is not None:
             backend = node.backend
             _guarded(report, "driver", backend.close)
-    _guarded(report, "kubelet", lambda: check_sockets(report, config, node_probes))
+    if config.dra.enabled:
+        _guarded(report, "dra", lambda: check_dra(report, config, node_probes))
+    else:
+        _guarded(report, "kubelet", lambda: check_sockets(report, config, node_probes))
     _guarded(report, "other plugins", lambda: check_other_plugins(report, config, node_probes))
     _guarded(report, "container runtime", lambda: check_container_runtime(report, node_probes))
     _guarded(report, "agent", lambda: check_agent(report, config, node_probes))
