@@ -291,7 +291,6 @@ class ClaimPreparer:
                 f"{self._pool}; the claim belongs to another node"
             )
         names = DeviceNames.of(self._node.inventory())
-        amount_text = ""
         if any(device.device in names.gpu_by_name for device in ours):
             allocation, amount_text = self._allocate_capacity(ours, names)
         else:
