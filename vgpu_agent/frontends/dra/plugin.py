@@ -26,6 +26,7 @@ from vgpu_agent.config.dra import DraConfig
 from vgpu_agent.frontends._proto import dra_v1_pb2, dra_v1beta1_pb2
 from vgpu_agent.frontends.dra.cdi import CdiSpecs
 from vgpu_agent.frontends.dra.claims import ClaimPreparer, PreparedClaims
+from vgpu_agent.frontends.dra.health import ResourceHealthServicer
 from vgpu_agent.frontends.dra.publisher import GenerationStore, SlicePublisher
 from vgpu_agent.frontends.dra.server import (
     DraPluginServicer,
@@ -113,6 +114,13 @@ class DraPlugin:
             DraPluginServicer(self.preparer, dra_v1_pb2, observe_latency=observe_latency).handler(),
             DraPluginServicer(
                 self.preparer, dra_v1beta1_pb2, observe_latency=observe_latency
+            ).handler(),
+            ResourceHealthServicer(
+                node,
+                pool=node_name,
+                consumable_capacity=lambda: bool(
+                    self._features is not None and self._features.consumable_capacity
+                ),
             ).handler(),
         ]
         self._seen = self.status.snapshot()
