@@ -5,7 +5,10 @@ NodePrepareResources/NodeUnprepareResources of both API versions, the slice publ
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +17,7 @@ import grpc
 import pytest
 
 from tests.builders import gpu_uuid, make_inventory, vgpu_id
+from tests.frontends.test_kubelet import _Output
 from tests.harness import wait_until
 from vgpu_agent.config.dra import DraConfig
 from vgpu_agent.frontends._proto import dra_v1beta1_pb2
@@ -392,3 +396,43 @@ def test_after_a_registration_a_late_wipe_is_repaired_quickly(short_tmp_dir: str
     assert again.generation == first.generation  # the same content, no new generation
     node.close()
     publisher.stop()
+
+
+def test_the_dra_kubelet_standin_runs_as_a_program(short_tmp_dir: str) -> None:
+    """`python3 -m vgpu_agent.standins.dra_kubelet` registers a plugin whose socket appears,
+    registers it again after SIGHUP (a kubelet restart) and exits 0 on SIGTERM."""
+    dra = DraConfig(
+        driver_name=DRIVER, registry_dir=f"{short_tmp_dir}/r", plugins_dir=f"{short_tmp_dir}/p"
+    )
+    node = Node(make_inventory((2,)))
+    plugin = DraPlugin(node, InMemoryResourceApi(), dra, node_name=NODE, state_dir=short_tmp_dir)
+    with subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vgpu_agent.standins.dra_kubelet",
+            "--registry-dir",
+            dra.registry_dir,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    ) as process:
+        output = _Output(process)
+        endpoint = None
+        try:
+            output.read_until("watching")
+            endpoint = plugin.serve()
+            output.read_until(f"registered {DRIVER} service=v1.DRAPlugin")
+            process.send_signal(signal.SIGHUP)
+            output.read_until("restarted")
+            output.read_until(f"registered {DRIVER} service=v1.DRAPlugin")
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=WAIT_S) == 0
+            output.read_until("stopped")
+        finally:
+            if process.poll() is None:
+                process.kill()
+            node.close()
+            if endpoint is not None:
+                endpoint.stop()
+    assert plugin.status.snapshot() == (2, 0)

@@ -14,13 +14,21 @@ It behaves like the kubelet where a DRA kubelet plugin can tell:
   claim missing from it counting as failed;
 - :meth:`DraKubeletStandin.restart` is a kubelet restart: registrations forgotten, slices
   wiped, existing sockets registered again (the kubelet does not delete them).
+
+Run it alone with ``python3 -m vgpu_agent.standins.dra_kubelet --registry-dir DIR``: it
+prints one line per registration, refusal and socket gone, restarts on SIGHUP and stops on
+SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
+import queue
+import signal
 import stat
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -41,6 +49,9 @@ RETRY_S = 1.0
 #: The kubelet's deadline for NodePrepareResources / NodeUnprepareResources.
 CALL_TIMEOUT_S = 45.0
 _CHANNEL_OPTIONS = (("grpc.enable_http_proxy", 0), ("grpc.enable_retries", 0))
+DEFAULT_REGISTRY_DIR = "/var/lib/kubelet/plugins_registry"
+#: How often the program's main thread wakes to run a signal handler that is due.
+SIGNAL_POLL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -96,8 +107,11 @@ class DraKubeletStandin:
         *,
         wipe_slices: Optional[Callable[[], None]] = None,
         poll_interval_s: float = 0.05,
+        on_event: Optional[Callable[[str], None]] = None,
     ) -> None:
+        """``on_event`` is told one line per registration, refusal and removed socket."""
         self.registry_dir = registry_dir
+        self._on_event = on_event
         self._wipe_slices = wipe_slices
         self._poll_interval_s = poll_interval_s
         self._condition = threading.Condition()
@@ -275,6 +289,7 @@ class DraKubeletStandin:
             with self._condition:
                 self._state.deregistrations.append(path)
                 self._condition.notify_all()
+            self._emit(f"socket gone {path}")
 
     def _register(self, path: str, seen: _Seen) -> None:
         with grpc.insecure_channel(f"unix://{path}", options=_CHANNEL_OPTIONS) as channel:
@@ -311,6 +326,7 @@ class DraKubeletStandin:
                 DraRegistration(info.name, info.endpoint, service, path, time.monotonic())
             )
             self._condition.notify_all()
+        self._emit(f"registered {info.name} service={service} endpoint={info.endpoint}")
 
     @staticmethod
     def _check(info: Any) -> str:
@@ -339,3 +355,55 @@ class DraKubeletStandin:
         with self._condition:
             self._state.refusals.append(problem)
             self._condition.notify_all()
+        self._emit(f"refused: {problem}")
+
+    def _emit(self, line: str) -> None:
+        if self._on_event is not None:
+            self._on_event(line)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the DRA kubelet stand-in in the foreground until SIGTERM or SIGINT; SIGHUP
+    restarts it."""
+    parser = argparse.ArgumentParser(
+        prog="python3 -m vgpu_agent.standins.dra_kubelet",
+        description="A kubelet stand-in for DRA plugins: registers the plugins whose sockets "
+        "appear in the registry directory and prints what happens.",
+    )
+    parser.add_argument("--registry-dir", default=DEFAULT_REGISTRY_DIR, help="%(default)s")
+    args = parser.parse_args(argv)
+
+    def emit(line: str) -> None:
+        print(f"dra-kubelet-standin: {line}", flush=True)
+
+    # SimpleQueue.put is reentrant: the signal handlers may use it whatever the main thread
+    # holds at that moment.
+    requests: queue.SimpleQueue[str] = queue.SimpleQueue()
+    signal.signal(signal.SIGTERM, lambda signum, frame: requests.put("stop"))
+    signal.signal(signal.SIGINT, lambda signum, frame: requests.put("stop"))
+    signal.signal(signal.SIGHUP, lambda signum, frame: requests.put("restart"))
+    standin = DraKubeletStandin(args.registry_dir, on_event=emit)
+    try:
+        standin.start()
+    except OSError as exc:
+        print(f"dra-kubelet-standin: cannot start in {args.registry_dir}: {exc}", file=sys.stderr)
+        return 1
+    emit(f"watching {args.registry_dir}")
+    try:
+        while True:
+            try:
+                request = requests.get(timeout=SIGNAL_POLL_S)
+            except queue.Empty:
+                continue
+            if request == "stop":
+                break
+            standin.restart()
+            emit("restarted")
+    finally:
+        standin.stop()
+    emit("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
