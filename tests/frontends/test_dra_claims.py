@@ -120,7 +120,7 @@ def test_slice_has_a_device_per_share_with_the_gpu_attributes() -> None:
         "shareMemoryMiB": 6144,
         "share": 0,
     }
-    assert first.capacity == {"memory": "6144Mi"}
+    assert first.capacity == {"memory": "6Gi"}  # 6144Mi, as the API server writes it
 
 
 def test_slice_leaves_out_the_shares_of_an_unhealthy_gpu() -> None:

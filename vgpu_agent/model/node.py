@@ -107,6 +107,13 @@ class Node:
         with self._condition:
             return self._grant_policy
 
+    def allocation_context(self) -> tuple[Inventory, Optional[MpsGrantPolicy], str]:
+        """The inventory, grant policy and device list strategy, read together: what a
+        frontend that grants by amount rather than by vGPU ids (DRA consumable capacity)
+        grants from."""
+        with self._condition:
+            return self._inventory, self._grant_policy, self._device_list_strategy
+
     def find_gpu(self, ref: str) -> ServedGpu:
         """The served GPU named by UUID or index; VgpuError listing the served ones."""
         inventory = self.inventory()

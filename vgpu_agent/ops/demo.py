@@ -36,6 +36,7 @@ from vgpu_agent.model.devices import HEALTHY, UNHEALTHY
 from vgpu_agent.observability.attribution import gather
 from vgpu_agent.observability.checkpoint import CHECKPOINT_NAME
 from vgpu_agent.observability.service import status_lines
+from vgpu_agent.ops.demo_capacity import run_capacity_demo
 from vgpu_agent.ops.demo_dra import run_dra_demo
 from vgpu_agent.runtime.compose import build_agent
 from vgpu_agent.standins.kubelet import KubeletStandin
@@ -142,6 +143,7 @@ def run_demo(echo: Echo) -> int:
         standin.wait_for_registration(2, WAIT_S)
         echo(f"   registered again ({len(standin.registrations)} registrations in all)")
         run_dra_demo(config, os.path.join(root, "dra"), echo)
+        run_capacity_demo(config, os.path.join(root, "dra-capacity"), echo)
         echo("== done")
         return 0
     except BaseException:

@@ -20,6 +20,21 @@ node selection, at most 128 devices, one value per attribute, immutable driver a
 ``serves_resource_v1=False`` plays a cluster older than 1.34: every ``resource.k8s.io`` path
 is a 404 without details, as for any path a server does not serve.
 
+Feature gates (``consumable_capacity``, ``device_taints``): off by default, as in Kubernetes
+1.34 and 1.35 (on by default from 1.36; tests of those features turn them on). With one
+off, its fields (``allowMultipleAllocations`` and
+capacity ``requestPolicy``; device ``taints``) are dropped from a slice on create and update
+without a word, as the real server drops disabled fields. With them on, they are validated
+(request policies against the capacity, taint keys, values and effects, at most 64 devices
+in a slice with taints) and a taint without ``timeAdded`` is stamped. ``dryRun=All`` on a
+create answers what would be stored and stores nothing.
+
+Allocation results added with :meth:`ApiServerStandIn.add_claim` are checked against the
+stored slices as the scheduler's writes are held: a result on a device that allows multiple
+allocations needs a ``shareID`` and a ``consumedCapacity`` within each capacity's request
+policy, and the claims on that device together may not consume more than it has; a device
+that does not may be allocated to one claim only.
+
 Identities: requests carry a bearer token mapped to a user name by ``tokens``; without a
 token they are ``anonymous_user`` (``None`` makes that a 401). A user named
 ``system:node:<name>`` gets what the Node authorizer and the NodeRestriction admission
@@ -38,16 +53,28 @@ import threading
 import uuid as uuid_module
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from fractions import Fraction
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 from urllib.parse import parse_qs, urlsplit
 
+from vgpu_agent.frontends.dra.capacity import parse_quantity
 from vgpu_agent.frontends.dra.types import AllocatedDevice
 
 RESOURCE_GROUP = "resource.k8s.io"
 RESOURCE_VERSION = "v1"
 MAX_DEVICES_PER_SLICE = 128
+#: ResourceSliceMaxDevicesWithAdvancedFeatures: the limit when any device has taints.
+MAX_TAINTED_DEVICES_PER_SLICE = 64
+#: DeviceTaintsMaxLength, ResourceSliceMaxAttributesAndCapacitiesPerDevice.
+MAX_TAINTS_PER_DEVICE = 16
+MAX_ATTRIBUTES_AND_CAPACITIES = 32
+TAINT_EFFECTS = ("None", "NoSchedule", "NoExecute")
+_LABEL_NAME = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)")
+_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _NODE_USER_PREFIX = "system:node:"
 _SLICES_PATH = f"/apis/{RESOURCE_GROUP}/{RESOURCE_VERSION}/resourceslices"
 _CLAIM_PATH = re.compile(
@@ -112,7 +139,26 @@ DEVICE_ATTRIBUTE_FIELDS: Mapping[str, _Schema] = {
     "string": str,
     "version": str,
 }
-DEVICE_CAPACITY_FIELDS: Mapping[str, _Schema] = {"value": str, "requestPolicy": _ANY}
+CAPACITY_REQUEST_POLICY_RANGE_FIELDS: Mapping[str, _Schema] = {
+    "min": str,
+    "max": str,
+    "step": str,
+}
+CAPACITY_REQUEST_POLICY_FIELDS: Mapping[str, _Schema] = {
+    "default": str,
+    "validValues": _ListOf(str),
+    "validRange": CAPACITY_REQUEST_POLICY_RANGE_FIELDS,
+}
+DEVICE_CAPACITY_FIELDS: Mapping[str, _Schema] = {
+    "value": str,
+    "requestPolicy": CAPACITY_REQUEST_POLICY_FIELDS,
+}
+DEVICE_TAINT_FIELDS: Mapping[str, _Schema] = {
+    "key": str,
+    "value": str,
+    "effect": str,
+    "timeAdded": str,
+}
 DEVICE_FIELDS: Mapping[str, _Schema] = {
     "name": str,
     "attributes": _MapOf(DEVICE_ATTRIBUTE_FIELDS),
@@ -121,7 +167,7 @@ DEVICE_FIELDS: Mapping[str, _Schema] = {
     "nodeName": str,
     "nodeSelector": _ANY,
     "allNodes": bool,
-    "taints": _ANY,
+    "taints": _ListOf(DEVICE_TAINT_FIELDS),
     "bindsToNode": bool,
     "bindingConditions": _ListOf(str),
     "bindingFailureConditions": _ListOf(str),
@@ -141,6 +187,20 @@ RESOURCE_SLICE_SPEC_FIELDS: Mapping[str, _Schema] = {
     "perDeviceNodeSelection": bool,
     "devices": _ListOf(DEVICE_FIELDS),
     "sharedCounters": _ANY,
+}
+#: A ResourceClaim's status.allocation.devices.results[] entry, as the stand-in writes it for
+#: :meth:`ApiServerStandIn.add_claim`.
+DEVICE_REQUEST_ALLOCATION_RESULT_FIELDS: Mapping[str, _Schema] = {
+    "request": str,
+    "driver": str,
+    "pool": str,
+    "device": str,
+    "adminAccess": bool,
+    "tolerations": _ANY,
+    "bindingConditions": _ListOf(str),
+    "bindingFailureConditions": _ListOf(str),
+    "shareID": str,
+    "consumedCapacity": _MapOf(str),
 }
 RESOURCE_SLICE_FIELDS: Mapping[str, _Schema] = {
     "apiVersion": str,
@@ -267,8 +327,14 @@ class ApiServerStandIn:
         tokens: Optional[Mapping[str, str]] = None,
         anonymous_user: Optional[str] = "system:admin",
         serves_resource_v1: bool = True,
+        consumable_capacity: bool = False,
+        device_taints: bool = False,
+        clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     ) -> None:
         self._serves_resource_v1 = serves_resource_v1
+        self.consumable_capacity = consumable_capacity
+        self.device_taints = device_taints
+        self._clock = clock
         self._tokens = dict(tokens or {})
         self._anonymous_user = anonymous_user
         self._lock = threading.Lock()
@@ -279,6 +345,8 @@ class ApiServerStandIn:
         self._nodes: dict[str, dict[str, Any]] = {}
         self._conflicts_to_inject = 0
         self.requests: list[tuple[str, str]] = []
+        #: Every request's query parameters, in the order of :attr:`requests`.
+        self.queries: list[dict[str, str]] = []
         self._server: Optional[ThreadingHTTPServer] = None
         self._thread: Optional[threading.Thread] = None
 
@@ -367,20 +435,26 @@ class ApiServerStandIn:
             "status": {},
         }
         if results is not None:
-            claim["status"]["allocation"] = {
-                "devices": {
-                    "results": [
-                        {
-                            "request": result.request,
-                            "driver": result.driver,
-                            "pool": result.pool,
-                            "device": result.device,
-                        }
-                        for result in results
-                    ]
-                }
-            }
+            written = [_result_object(result) for result in results]
+            errors = [
+                error
+                for index, result in enumerate(written)
+                for error in strict_decoding_errors(
+                    result,
+                    DEVICE_REQUEST_ALLOCATION_RESULT_FIELDS,
+                    f"status.allocation.devices.results[{index}]",
+                )
+            ]
+            if errors:
+                raise ValueError(f'ResourceClaim "{name}": {"; ".join(errors)}')
+            claim["status"]["allocation"] = {"devices": {"results": written}}
         with self._lock:
+            if results is not None:
+                causes = self._allocation_errors((namespace, name), claim)
+                if causes:
+                    raise ValueError(
+                        f'ResourceClaim "{namespace}/{name}" is invalid: {"; ".join(causes)}'
+                    )
             claim["metadata"]["resourceVersion"] = self._next_version()
             self._claims[namespace, name] = claim
             if node is not None:
@@ -423,6 +497,7 @@ class ApiServerStandIn:
         query = {key: values[-1] for key, values in parse_qs(url.query).items()}
         with self._lock:
             self.requests.append((method, url.path))
+            self.queries.append(dict(query))
             try:
                 user = self._authenticate(headers)
                 return self._route(user, method, url.path, query, body)
@@ -455,7 +530,16 @@ class ApiServerStandIn:
             if method == "GET":
                 return 200, self._list_slices(user, node_name, query)
             if method == "POST":
-                return 201, self._create_slice(user, node_name, _decode(body))
+                dry_run = query.get("dryRun", "")
+                if dry_run not in ("", "All"):
+                    raise _ApiStatusError(
+                        400,
+                        "BadRequest",
+                        f'Invalid dryRun value: "{dry_run}": supported values: "All"',
+                    )
+                return 201, self._create_slice(
+                    user, node_name, _decode(body), dry_run=dry_run == "All"
+                )
             if method == "DELETE":
                 return 200, self._delete_slice_collection(user, node_name, query)
             raise _method_not_allowed(method)
@@ -537,9 +621,10 @@ class ApiServerStandIn:
         ]
 
     def _create_slice(
-        self, user: str, node_name: Optional[str], body: dict[str, Any]
+        self, user: str, node_name: Optional[str], body: dict[str, Any], *, dry_run: bool = False
     ) -> dict[str, Any]:
         _strictly_decoded(body)
+        self._drop_disabled_fields(body)
         name = str(body.get("metadata", {}).get("name", ""))
         if node_name is not None and body.get("spec", {}).get("nodeName") != node_name:
             # NodeRestriction: the authorizer allowed the create without seeing the object.
@@ -560,7 +645,9 @@ class ApiServerStandIn:
             )
         stored = copy.deepcopy(dict(body))
         self._stamp(stored, generation=1)
-        self._slices[name] = stored
+        self._stamp_taints(stored)
+        if not dry_run:
+            self._slices[name] = stored
         return stored
 
     def _update_slice(
@@ -568,6 +655,7 @@ class ApiServerStandIn:
     ) -> dict[str, Any]:
         self._own_slice(user, node_name, "update", name)
         _strictly_decoded(body)
+        self._drop_disabled_fields(body)
         current = self._slices.get(name)
         if current is None:
             # ResourceSlices do not allow create on update.
@@ -602,6 +690,7 @@ class ApiServerStandIn:
         if causes:
             raise _invalid("ResourceSlice", name, causes)
         stored = copy.deepcopy(dict(body))
+        self._stamp_taints(stored)
         generation = current["metadata"]["generation"]
         self._stamp(
             stored,
@@ -664,6 +753,81 @@ class ApiServerStandIn:
         if node is None:
             raise _not_found("nodes", name, group="")
         return node
+
+    # feature gates
+
+    def _drop_disabled_fields(self, body: dict[str, Any]) -> None:
+        """What the API server does with fields of a disabled feature gate: drop them."""
+        spec = body.get("spec")
+        devices = spec.get("devices") if isinstance(spec, dict) else None
+        for device in devices or []:
+            if not isinstance(device, dict):
+                continue
+            if not self.consumable_capacity:
+                device.pop("allowMultipleAllocations", None)
+                for capacity in (device.get("capacity") or {}).values():
+                    if isinstance(capacity, dict):
+                        capacity.pop("requestPolicy", None)
+            if not self.device_taints:
+                device.pop("taints", None)
+
+    def _stamp_taints(self, stored: dict[str, Any]) -> None:
+        """timeAdded on every taint that has none (set automatically on create or update)."""
+        now = self._clock().astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        for device in stored.get("spec", {}).get("devices") or []:
+            for taint in device.get("taints") or []:
+                taint.setdefault("timeAdded", now)
+
+    # allocation results
+
+    def _allocated_device(self, driver: str, pool: str, device: str) -> Optional[dict[str, Any]]:
+        """The device of the pool's newest generation, as stored."""
+        found: Optional[dict[str, Any]] = None
+        newest = -1
+        for stored in self._slices.values():
+            spec = stored["spec"]
+            if spec.get("driver") != driver or spec.get("pool", {}).get("name") != pool:
+                continue
+            generation = spec["pool"].get("generation", 0)
+            for candidate in spec.get("devices") or []:
+                if candidate.get("name") == device and generation > newest:
+                    found, newest = candidate, generation
+        return found
+
+    def _allocation_errors(self, key: tuple[str, str], claim: Mapping[str, Any]) -> list[str]:
+        """What the API server and the scheduler's rules say of a claim's results, checked
+        against the stored slices and the other claims' allocations."""
+        causes: list[str] = []
+        results = claim["status"]["allocation"]["devices"]["results"]
+        for index, result in enumerate(results):
+            where = f"status.allocation.devices.results[{index}]"
+            device = self._allocated_device(result["driver"], result["pool"], result["device"])
+            if device is None:
+                if "consumedCapacity" in result or "shareID" in result:
+                    causes.append(
+                        f"{where}: no device {result['device']} in pool {result['pool']} of "
+                        f"driver {result['driver']} to consume capacity of"
+                    )
+                continue
+            others = [
+                other
+                for other_key, other_claim in self._claims.items()
+                if other_key != key
+                for other in _results_of(other_claim)
+                if (other["driver"], other["pool"], other["device"])
+                == (result["driver"], result["pool"], result["device"])
+            ] + [other for other in results[:index] if other["device"] == result["device"]]
+            if not device.get("allowMultipleAllocations"):
+                if "consumedCapacity" in result or "shareID" in result:
+                    causes.append(
+                        f"{where}: device {result['device']} does not allow multiple "
+                        "allocations: no shareID or consumedCapacity"
+                    )
+                if others:
+                    causes.append(f"{where}: device {result['device']} is already allocated")
+                continue
+            causes.extend(_consumption_errors(where, result, device, others))
+        return causes
 
     # bookkeeping
 
@@ -742,10 +906,12 @@ def _validate_slice(body: Mapping[str, Any], name: str) -> None:
             f"`perDeviceNodeSelection` is required, got {selections or 'none'}"
         )
     devices = spec.get("devices") or []
-    if len(devices) > MAX_DEVICES_PER_SLICE:
+    tainted = any(device.get("taints") for device in devices)
+    most = MAX_TAINTED_DEVICES_PER_SLICE if tainted else MAX_DEVICES_PER_SLICE
+    if len(devices) > most:
         causes.append(
-            f"spec.devices: Too many: {len(devices)}: must have at most "
-            f"{MAX_DEVICES_PER_SLICE} items"
+            f"spec.devices: Too many: {len(devices)}: must have at most {most} items"
+            + (" (a device has taints)" if tainted else "")
         )
     seen: set[str] = set()
     for index, device in enumerate(devices):
@@ -759,8 +925,178 @@ def _validate_slice(body: Mapping[str, Any], name: str) -> None:
                     f"spec.devices[{index}].attributes[{attribute}]: Invalid value: exactly one "
                     "value must be specified"
                 )
+        causes.extend(_device_feature_errors(f"spec.devices[{index}]", device))
     if causes:
         raise _invalid("ResourceSlice", name, causes)
+
+
+def _quantity(text: Any, where: str, causes: list[str]) -> Optional[Fraction]:
+    try:
+        return parse_quantity(str(text))
+    except ValueError:
+        causes.append(f"{where}: Invalid value: {json.dumps(text)}: not a quantity")
+        return None
+
+
+def _device_feature_errors(where: str, device: Mapping[str, Any]) -> list[str]:
+    """Validation of a device's taints, capacities and request policies."""
+    causes: list[str] = []
+    attributes = device.get("attributes") or {}
+    capacities = device.get("capacity") or {}
+    if len(attributes) + len(capacities) > MAX_ATTRIBUTES_AND_CAPACITIES:
+        causes.append(
+            f"{where}: Too many: attributes and capacities must be at most "
+            f"{MAX_ATTRIBUTES_AND_CAPACITIES} together"
+        )
+    taints = device.get("taints") or []
+    if len(taints) > MAX_TAINTS_PER_DEVICE:
+        causes.append(f"{where}.taints: Too many: must have at most {MAX_TAINTS_PER_DEVICE}")
+    for number, taint in enumerate(taints):
+        at = f"{where}.taints[{number}]"
+        key = str(taint.get("key", ""))
+        prefix, _, name = key.rpartition("/")
+        if (
+            not name
+            or len(name) > 63
+            or not _LABEL_NAME.fullmatch(name)
+            or (prefix and not _DNS_SUBDOMAIN.fullmatch(prefix))
+        ):
+            causes.append(f"{at}.key: Invalid value: {json.dumps(key)}: must be a label name")
+        label_value = str(taint.get("value", ""))
+        if len(label_value) > 63 or not _LABEL_VALUE.fullmatch(label_value):
+            causes.append(
+                f"{at}.value: Invalid value: {json.dumps(label_value)}: must be a label value"
+            )
+        if taint.get("effect") not in TAINT_EFFECTS:
+            causes.append(
+                f"{at}.effect: Unsupported value: {json.dumps(taint.get('effect'))}: "
+                f"supported values: {', '.join(TAINT_EFFECTS)}"
+            )
+    for name, capacity in capacities.items():
+        at = f"{where}.capacity[{name}]"
+        value = _quantity(capacity.get("value"), f"{at}.value", causes)
+        policy = capacity.get("requestPolicy")
+        if policy is None:
+            continue
+        if not device.get("allowMultipleAllocations"):
+            causes.append(
+                f"{at}.requestPolicy: Forbidden: only for a device with "
+                "allowMultipleAllocations: true"
+            )
+        causes.extend(_policy_errors(f"{at}.requestPolicy", policy, value))
+    return causes
+
+
+def _policy_errors(at: str, policy: Mapping[str, Any], value: Optional[Fraction]) -> list[str]:
+    """A CapacityRequestPolicy checked against its capacity ``value``."""
+    causes: list[str] = []
+    if "validRange" in policy and "validValues" in policy:
+        causes.append(f"{at}: Invalid value: validRange and validValues are exclusive")
+    default = _quantity(policy["default"], f"{at}.default", causes) if "default" in policy else None
+    valid_range = policy.get("validRange")
+    if valid_range is None:
+        return causes
+    if default is None:
+        causes.append(f"{at}.default: Required value: needed with validRange")
+    if "min" not in valid_range:
+        causes.append(f"{at}.validRange.min: Required value")
+        return causes
+    low = _quantity(valid_range["min"], f"{at}.validRange.min", causes)
+    high = (
+        _quantity(valid_range["max"], f"{at}.validRange.max", causes)
+        if "max" in valid_range
+        else None
+    )
+    step = (
+        _quantity(valid_range["step"], f"{at}.validRange.step", causes)
+        if "step" in valid_range
+        else None
+    )
+    if low is None:
+        return causes
+    if value is not None and low > value:
+        causes.append(f"{at}.validRange.min: Invalid value: more than the capacity")
+    if high is not None and (high < low or (value is not None and high > value)):
+        causes.append(f"{at}.validRange.max: Invalid value: below min or above the capacity")
+    if default is not None and (default < low or (high is not None and default > high)):
+        causes.append(f"{at}.default: Invalid value: outside validRange")
+    if step is not None:
+        if step <= 0:
+            causes.append(f"{at}.validRange.step: Invalid value: must be positive")
+            return causes
+        if value is not None and low + step > value:
+            causes.append(f"{at}.validRange.step: Invalid value: min + step exceeds the capacity")
+        for label, amount in (("max", high), ("default", default)):
+            if amount is not None and amount % step != 0:
+                causes.append(f"{at}.{label}: Invalid value: not a multiple of validRange.step")
+    return causes
+
+
+def _results_of(claim: Mapping[str, Any]) -> list[dict[str, Any]]:
+    allocation = claim.get("status", {}).get("allocation") or {}
+    results: list[dict[str, Any]] = allocation.get("devices", {}).get("results") or []
+    return results
+
+
+def _consumed(result: Mapping[str, Any], driver: str, name: str) -> Optional[Fraction]:
+    consumed = result.get("consumedCapacity") or {}
+    texts = [consumed[key] for key in (name, f"{driver}/{name}") if key in consumed]
+    return sum((parse_quantity(text) for text in texts), Fraction(0)) if texts else None
+
+
+def _consumption_errors(
+    where: str,
+    result: Mapping[str, Any],
+    device: Mapping[str, Any],
+    others: Sequence[Mapping[str, Any]],
+) -> list[str]:
+    """A result on a device that allows multiple allocations: its shareID, and its
+    consumedCapacity within each request policy and, with the others', the capacity."""
+    causes: list[str] = []
+    if not _UUID.fullmatch(str(result.get("shareID", ""))):
+        causes.append(f"{where}.shareID: Invalid value: must be a UUID for a shared device")
+    driver = str(result["driver"])
+    for name, capacity in (device.get("capacity") or {}).items():
+        at = f"{where}.consumedCapacity[{name}]"
+        try:
+            amount = _consumed(result, driver, name)
+        except ValueError as error:
+            causes.append(f"{at}: Invalid value: {error}")
+            continue
+        if amount is None:
+            causes.append(f"{at}: Required value: every capacity of the device is recorded")
+            continue
+        value = parse_quantity(str(capacity["value"]))
+        valid_range = (capacity.get("requestPolicy") or {}).get("validRange") or {}
+        low = parse_quantity(str(valid_range["min"])) if "min" in valid_range else None
+        high = parse_quantity(str(valid_range["max"])) if "max" in valid_range else None
+        step = parse_quantity(str(valid_range["step"])) if "step" in valid_range else None
+        if (low is not None and amount < low) or (high is not None and amount > high):
+            causes.append(f"{at}: Invalid value: outside the request policy's validRange")
+        elif low is not None and step is not None and (amount - low) % step != 0:
+            causes.append(f"{at}: Invalid value: not min + n * step of the request policy")
+        used = sum((_consumed(other, driver, name) or Fraction(0) for other in others), Fraction(0))
+        if used + amount > value:
+            causes.append(
+                f"{at}: Invalid value: the device's claims would consume more than its "
+                f"capacity {capacity['value']}"
+            )
+    return causes
+
+
+def _result_object(result: AllocatedDevice) -> dict[str, Any]:
+    """An allocation result as the scheduler writes it."""
+    written: dict[str, Any] = {
+        "request": result.request,
+        "driver": result.driver,
+        "pool": result.pool,
+        "device": result.device,
+    }
+    if result.share_id:
+        written["shareID"] = result.share_id
+    if result.consumed_capacity:
+        written["consumedCapacity"] = dict(result.consumed_capacity)
+    return written
 
 
 def _field_requirements(selector: str) -> list[tuple[str, str, str]]:

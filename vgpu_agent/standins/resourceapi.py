@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 from vgpu_agent.frontends.dra.types import (
     AllocatedDevice,
+    ApiFeatures,
     ClaimAllocation,
     ClaimNotFoundError,
     ClaimRef,
@@ -25,7 +26,11 @@ from vgpu_agent.frontends.dra.types import (
 class InMemoryResourceApi:
     """ResourceClaims and ResourceSlices in memory (thread-safe)."""
 
-    def __init__(self) -> None:
+    def __init__(self, features: Optional[ApiFeatures] = None) -> None:
+        """``features``: what :meth:`probe_features` answers (by default an API server of
+        Kubernetes 1.34/1.35 defaults: no consumable capacity, no device taints)."""
+        self.features = features or ApiFeatures()
+        self.probes = 0
         self._condition = threading.Condition()
         self._claims: dict[tuple[str, str], ClaimAllocation] = {}
         self._slices: dict[tuple[str, str], NodeSlice] = {}
@@ -106,6 +111,14 @@ class InMemoryResourceApi:
         if claim is None:
             raise ClaimNotFoundError(f"resourceclaims {namespace}/{name} not found")
         return claim
+
+    def probe_features(self, driver: str, node_name: str) -> ApiFeatures:
+        """What this API server keeps (:attr:`features`); fails like a publish would."""
+        with self._condition:
+            self.probes += 1
+            if self.fail_publish is not None:
+                raise DraApiError(self.fail_publish)
+            return self.features
 
     def publish_slice(self, node_slice: NodeSlice) -> None:
         """Store the node's slice (replacing the driver's previous one on that node)."""

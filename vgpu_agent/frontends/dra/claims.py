@@ -4,8 +4,10 @@ do, claim by claim, in plain values (the gRPC servicer only converts).
 Preparing a claim: read the ResourceClaim from the API server, keep the results of our
 driver, map their devices to vGPU ids, ask the node model what those vGPUs grant (the same
 checks and the same ceiling as the device plugin's Allocate, with the same messages), write
-the claim's CDI spec, and record the claim in the state directory. Each claim gets its own
-answer; one bad claim never fails another.
+the claim's CDI spec, and record the claim in the state directory. A claim allocated a
+whole GPU's device with consumable capacity is granted what its results consumed instead
+(:mod:`.capacity`: compute shares and pinned memory, within the same ceiling). Each claim
+gets its own answer; one bad claim never fails another.
 
 Both calls are idempotent, and stay so across an agent restart: a recorded claim is answered
 from the record (its spec file written again if it went missing) without asking the API
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from vgpu_agent.frontends.dra.capacity import capacity_grant, consumed, share_sizes
 from vgpu_agent.frontends.dra.cdi import (
     CdiSpecs,
     cdi_device_id,
@@ -30,10 +33,16 @@ from vgpu_agent.frontends.dra.cdi import (
     write_atomically,
 )
 from vgpu_agent.frontends.dra.slices import DeviceNames
-from vgpu_agent.frontends.dra.types import ClaimNotFoundError, ClaimRef, DraApiError, ResourceApi
+from vgpu_agent.frontends.dra.types import (
+    AllocatedDevice,
+    ClaimNotFoundError,
+    ClaimRef,
+    DraApiError,
+    ResourceApi,
+)
 from vgpu_agent.model.devices import InvalidRequestError
 from vgpu_agent.model.errors import VgpuError
-from vgpu_agent.model.node import Node
+from vgpu_agent.model.node import Allocation, Node
 
 log = logging.getLogger(__name__)
 
@@ -282,16 +291,20 @@ class ClaimPreparer:
                 f"{self._pool}; the claim belongs to another node"
             )
         names = DeviceNames.of(self._node.inventory())
-        vgpu_ids = []
-        for device in ours:
-            vgpu_id = names.vgpu_by_name.get(device.device)
-            if vgpu_id is None:
-                raise InvalidRequestError(
-                    f"device {device.device} is not served by this node (the GPU may have been "
-                    "removed or reconfigured; delete the pod to reschedule it)"
-                )
-            vgpu_ids.append(vgpu_id)
-        allocation = self._node.allocate(vgpu_ids)
+        if any(device.device in names.gpu_by_name for device in ours):
+            allocation, amount_text = self._allocate_capacity(ours, names)
+        else:
+            vgpu_ids = []
+            for device in ours:
+                vgpu_id = names.vgpu_by_name.get(device.device)
+                if vgpu_id is None:
+                    raise InvalidRequestError(
+                        f"device {device.device} is not served by this node (the GPU may have "
+                        "been removed or reconfigured; delete the pod to reschedule it)"
+                    )
+                vgpu_ids.append(vgpu_id)
+            allocation = self._node.allocate(vgpu_ids)
+            amount_text = f"{len(vgpu_ids)} vGPU(s)"
         cdi_ids = (
             cdi_device_id(self._cdi_kind, ref.uid),
             *(device.name for device in allocation.grant.cdi_devices),
@@ -329,14 +342,49 @@ class ClaimPreparer:
                 self._specs.remove(ref.uid)
                 raise
         log.info(
-            "prepared ResourceClaim %s: %d vGPU(s) on GPU %s, CDI spec %s",
+            "prepared ResourceClaim %s: %s on GPU %s, CDI spec %s",
             _claim_text(ref),
-            len(vgpu_ids),
+            amount_text,
             allocation.gpu_uuid,
             path,
             extra={"fields": {"VGPU_EVENT": "dra-prepare", "GPU_UUID": allocation.gpu_uuid}},
         )
         return devices
+
+    def _allocate_capacity(
+        self, ours: Sequence[AllocatedDevice], names: DeviceNames
+    ) -> tuple[Allocation, str]:
+        """What a claim allocated consumable capacity of one GPU gets for what it consumed."""
+        gpu_uuids: dict[str, None] = {}
+        for device in ours:
+            gpu_uuid = names.gpu_by_name.get(device.device)
+            if gpu_uuid is None:
+                raise InvalidRequestError(
+                    f"device {device.device} is not a device of this node's GPUs (the node's "
+                    "slice changed between consumable capacity and shares, or the GPU was "
+                    "removed; delete the pod to reschedule it)"
+                )
+            gpu_uuids[gpu_uuid] = None
+        if len(gpu_uuids) > 1:
+            raise InvalidRequestError(
+                f"the claim's devices span {len(gpu_uuids)} physical GPUs "
+                f"({', '.join(gpu_uuids)}); a claim's share must be on one GPU under MPS"
+            )
+        gpu_uuid = next(iter(gpu_uuids))
+        inventory, policy, strategy = self._node.allocation_context()
+        served = inventory.get(gpu_uuid)
+        if served is None:  # pragma: no cover - names came from the same node a moment ago
+            raise InvalidRequestError(f"GPU {gpu_uuid} is not served by this node any more")
+        amount = consumed(list(ours), self._driver, share_sizes(served, policy))
+        if amount.defaulted:
+            log.warning(
+                "the allocation of GPU %s carries no consumedCapacity (is DRAConsumableCapacity "
+                "off in the scheduler?); holding the claim to one share",
+                gpu_uuid,
+            )
+        granted = capacity_grant(served, amount, policy, strategy)
+        text = f"{amount.compute_shares} compute share(s) and {amount.memory_mib} MiB"
+        return Allocation(gpu_uuid, (), granted), text
 
     def _answer_recorded(self, uid: str) -> Optional[tuple[PreparedDevice, ...]]:
         """The recorded answer for a prepared claim, its spec file rewritten if gone."""

@@ -20,7 +20,8 @@ import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Callable, Optional, TypeVar, Union
+from datetime import datetime
+from typing import Any, Callable, Optional, TypeVar, Union
 
 import httpx
 import yaml
@@ -32,12 +33,18 @@ from lightkube.models.resource_v1 import (
     ResourcePool,
     ResourceSliceSpec,
 )
+from lightkube.models.resource_v1 import (
+    DeviceTaint as KubeDeviceTaint,
+)
 from lightkube.resources.core_v1 import Node
 from lightkube.resources.resource_v1 import ResourceClaim, ResourceSlice
 
 from vgpu_agent.frontends.dra.types import (
+    TAINT_NO_SCHEDULE,
     AllocatedDevice,
+    ApiFeatures,
     AttributeValue,
+    CapacityPolicy,
     ClaimAllocation,
     ClaimNotFoundError,
     ClaimRef,
@@ -53,6 +60,9 @@ DEFAULT_KUBECONFIG = "/var/lib/kubelet/kubeconfig"
 FIELD_MANAGER = "vgpu-agent"
 #: The API server refuses a ResourceSlice of more devices (ResourceSliceMaxDevices).
 MAX_DEVICES_PER_SLICE = 128
+#: ... and of more than this many when any of them has taints
+#: (ResourceSliceMaxDevicesWithAdvancedFeatures).
+MAX_TAINTED_DEVICES_PER_SLICE = 64
 #: How often a write that lost a race (409 Conflict) is tried again from a fresh read.
 CONFLICT_ATTEMPTS = 5
 #: A ResourceSlice name is a DNS subdomain: at most 253 characters.
@@ -197,7 +207,11 @@ class KubeResourceApi:
         return operation()
 
     def _publish(self, node_slice: NodeSlice) -> None:
-        chunks = _chunks(node_slice.devices, MAX_DEVICES_PER_SLICE)
+        tainted = any(device.taints for device in node_slice.devices)
+        chunks = _chunks(
+            node_slice.devices,
+            MAX_TAINTED_DEVICES_PER_SLICE if tainted else MAX_DEVICES_PER_SLICE,
+        )
         owner = self._node_owner(node_slice.node_name)
         wanted = {
             slice_name(node_slice.node_name, node_slice.driver, index): _slice_spec(
@@ -211,6 +225,60 @@ class KubeResourceApi:
                 return
             except _ConflictError:
                 continue
+
+    def probe_features(self, driver: str, node_name: str) -> ApiFeatures:
+        """Which slice features the API server keeps: a dry-run create (nothing is stored)
+        of a one-device slice that allows multiple allocations, has a capacity request
+        policy and a taint; a feature whose feature gate is off comes back without its
+        fields (the API server drops disabled fields silently)."""
+        name = slice_name(node_name, f"{driver}-probe")
+        probe = ResourceSlice(
+            metadata=ObjectMeta(name=name),
+            spec=ResourceSliceSpec(
+                driver=driver,
+                nodeName=node_name,
+                pool=ResourcePool(name=node_name, generation=0, resourceSliceCount=1),
+                devices=[
+                    Device(
+                        name="probe",
+                        allowMultipleAllocations=True,
+                        capacity={
+                            "memory": {
+                                "value": "2Mi",
+                                "requestPolicy": {
+                                    "default": "1Mi",
+                                    "validRange": {"min": "1Mi", "max": "2Mi", "step": "1Mi"},
+                                },
+                            }
+                        },
+                        taints=[
+                            KubeDeviceTaint(
+                                key=f"{driver}/probe", value="probe", effect=TAINT_NO_SCHEDULE
+                            )
+                        ],
+                    )
+                ],
+            ),
+        )
+        action = (
+            f"asking which ResourceSlice fields the API server keeps (a dry-run create of {name})"
+        )
+
+        def create() -> ResourceSlice:
+            with self._translated(action):
+                created: ResourceSlice = self._client.create(probe, dry_run=True)
+                return created
+
+        answer = self._reconnecting(create)
+        devices = answer.spec.devices or []
+        device = devices[0] if devices else None
+        if device is None:
+            return ApiFeatures()
+        policy = (device.capacity or {}).get("memory", {}).get("requestPolicy")
+        return ApiFeatures(
+            consumable_capacity=bool(device.allowMultipleAllocations) and bool(policy),
+            device_taints=bool(device.taints),
+        )
 
     def _reconcile(
         self,
@@ -230,7 +298,7 @@ class KubeResourceApi:
             version = current.metadata.resourceVersion if current and current.metadata else None
             desired = ResourceSlice(
                 metadata=ObjectMeta(name=name, ownerReferences=[owner], resourceVersion=version),
-                spec=spec,
+                spec=_keep_taint_times(spec, current.spec if current else None),
             )
             with self._translated(f"publishing ResourceSlice {name}", retry_conflict=not last):
                 if current is None:
@@ -444,8 +512,66 @@ def _device(device: SliceDevice) -> Device:
     return Device(
         name=device.name,
         attributes={name: _attribute(value) for name, value in device.attributes.items()} or None,
-        capacity={name: {"value": quantity} for name, quantity in device.capacity.items()} or None,
+        capacity={
+            name: _capacity(quantity, device.capacity_policies.get(name))
+            for name, quantity in device.capacity.items()
+        }
+        or None,
+        # Left out unless set, as the API server sends it back (omitempty).
+        allowMultipleAllocations=True if device.allow_multiple_allocations else None,
+        taints=[
+            KubeDeviceTaint(
+                key=taint.key,
+                value=taint.value or None,
+                effect=taint.effect,
+                timeAdded=_time(taint.time_added),
+            )
+            for taint in device.taints
+        ]
+        or None,
     )
+
+
+def _capacity(quantity: str, policy: Optional[CapacityPolicy]) -> dict[str, Any]:
+    """A DeviceCapacity: its value and, for a shared device, its request policy."""
+    if policy is None:
+        return {"value": quantity}
+    valid_range = {"min": policy.min, "max": policy.max, "step": policy.step}
+    return {
+        "value": quantity,
+        "requestPolicy": {
+            "default": policy.default,
+            "validRange": {key: value for key, value in valid_range.items() if value is not None},
+        },
+    }
+
+
+def _time(text: Optional[str]) -> Optional[datetime]:
+    if not text:
+        return None
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _keep_taint_times(
+    spec: ResourceSliceSpec, existing: Optional[ResourceSliceSpec]
+) -> ResourceSliceSpec:
+    """``spec`` with each taint's timeAdded taken from the same taint (key, value, effect) of
+    the same device in the slice as stored: the API server stamps a taint when it first
+    appears, and a NoExecute toleration counts its seconds from that stamp, so republishing
+    must not move it (nor rewrite an unchanged slice)."""
+    if existing is None or not existing.devices or not spec.devices:
+        return spec
+    stamps = {
+        (device.name, taint.key, taint.value, taint.effect): taint.timeAdded
+        for device in existing.devices
+        for taint in device.taints or []
+        if taint.timeAdded is not None
+    }
+    for device in spec.devices:
+        for taint in device.taints or []:
+            if taint.timeAdded is None:
+                taint.timeAdded = stamps.get((device.name, taint.key, taint.value, taint.effect))
+    return spec
 
 
 def _attribute(value: AttributeValue) -> dict[str, Union[bool, int, str]]:
@@ -484,6 +610,11 @@ def _claim_allocation(claim: ResourceClaim, namespace: str, name: str) -> ClaimA
                 driver=result.driver,
                 pool=result.pool,
                 device=result.device,
+                consumed_capacity={
+                    str(name): str(quantity)
+                    for name, quantity in (result.consumedCapacity or {}).items()
+                },
+                share_id=result.shareID or "",
             )
             for result in results or []
         ),

@@ -8,6 +8,12 @@ drives DRA registration exactly as it drives the device plugin's: serve when the
 registry directory is there, count the registration once the kubelet's plugin watcher has
 accepted us (it dials our socket; we never dial it), serve again when our socket is gone.
 Every accepted registration republishes the slice (a restarted kubelet wiped it).
+
+Before the first slice is built, the API server is asked which slice features it keeps
+(:meth:`~vgpu_agent.frontends.dra.types.FeatureProbe.probe_features`, a dry-run create):
+consumable capacity makes each GPU one shared device, device taints keep a sick GPU in the
+slice with taints naming the cause. Found out, never configured: a disabled feature gate
+drops those fields silently, and a slice that relied on them would mislead the scheduler.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from vgpu_agent.config.dra import DraConfig
 from vgpu_agent.frontends._proto import dra_v1_pb2, dra_v1beta1_pb2
 from vgpu_agent.frontends.dra.cdi import CdiSpecs
 from vgpu_agent.frontends.dra.claims import ClaimPreparer, PreparedClaims
+from vgpu_agent.frontends.dra.health import ResourceHealthServicer
 from vgpu_agent.frontends.dra.publisher import GenerationStore, SlicePublisher
 from vgpu_agent.frontends.dra.server import (
     DraPluginServicer,
@@ -28,7 +35,7 @@ from vgpu_agent.frontends.dra.server import (
     RegistrationStatus,
 )
 from vgpu_agent.frontends.dra.slices import node_slice
-from vgpu_agent.frontends.dra.types import NodeSlice, ResourceApi
+from vgpu_agent.frontends.dra.types import ApiFeatures, NodeSlice, ResourceApi
 from vgpu_agent.host.log import log_event
 from vgpu_agent.host.sockets import SocketIdentity
 from vgpu_agent.model.devices import Inventory
@@ -74,6 +81,8 @@ class DraPlugin:
     ) -> None:
         self.node = node
         self.dra = dra
+        self._api = api
+        self._features: Optional[ApiFeatures] = None
         self.node_name = node_name
         self._register_timeout_s = register_timeout_s
         self._driver_version = driver_version
@@ -106,6 +115,13 @@ class DraPlugin:
             DraPluginServicer(
                 self.preparer, dra_v1beta1_pb2, observe_latency=observe_latency
             ).handler(),
+            ResourceHealthServicer(
+                node,
+                pool=node_name,
+                consumable_capacity=lambda: bool(
+                    self._features is not None and self._features.consumable_capacity
+                ),
+            ).handler(),
         ]
         self._seen = self.status.snapshot()
 
@@ -114,8 +130,43 @@ class DraPlugin:
         """What registers, for the log."""
         return f"DRA driver {self.dra.driver_name} on {self.dra.registration_socket_path}"
 
+    @property
+    def features(self) -> Optional[ApiFeatures]:
+        """What the API server was found to keep (None until it was asked)."""
+        return self._features
+
+    def api_features(self) -> ApiFeatures:
+        """What the API server keeps, asked once (DraApiError until it answers; an API
+        without :class:`~vgpu_agent.frontends.dra.types.FeatureProbe` keeps nothing more)."""
+        if self._features is not None:
+            return self._features
+        probe = getattr(self._api, "probe_features", None)
+        found = probe(self.dra.driver_name, self.node_name) if callable(probe) else ApiFeatures()
+        if not isinstance(found, ApiFeatures):  # pragma: no cover - a broken fake
+            raise TypeError(f"probe_features answered {found!r}, not ApiFeatures")
+        self._features = found
+        layout = (
+            "each GPU one shared device (consumable capacity)"
+            if found.consumable_capacity
+            else "a device per share (no consumable capacity)"
+        )
+        health = (
+            "a sick GPU tainted in the slice"
+            if found.device_taints
+            else "a sick GPU left out of the slice (no device taints)"
+        )
+        log_event(
+            log,
+            logging.INFO,
+            f"the API server's ResourceSlices: {layout}; {health}",
+            VGPU_EVENT="dra-features",
+        )
+        return found
+
     def build_slice(self, inventory: Inventory, generation: int) -> NodeSlice:
-        """The node's slice for ``inventory`` at ``generation``."""
+        """The node's slice for ``inventory`` at ``generation``, with the features the API
+        server keeps."""
+        features = self.api_features()
         if not self._known_driver_version:
             try:
                 self._known_driver_version = self._driver_version()
@@ -128,6 +179,7 @@ class DraPlugin:
             generation=generation,
             policy=self.node.grant_policy,
             driver_version=self._known_driver_version,
+            features=features,
         )
 
     # -- what the registration state machine is handed ---------------------------------------

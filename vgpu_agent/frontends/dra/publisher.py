@@ -193,13 +193,14 @@ class SlicePublisher:
         )
 
     def _publish(self, inventory: Inventory) -> bool:
-        candidate = self._build(inventory, self._generation)
         with self._lock:
             previous = self._published
-        changed = previous is None or _content(previous) != _content(candidate)
-        generation = self._generation + 1 if changed else self._generation
-        node_slice = self._build(inventory, generation) if changed else candidate
         try:
+            # Building may ask the API server what it supports (DraApiError: retried).
+            candidate = self._build(inventory, self._generation)
+            changed = previous is None or _content(previous) != _content(candidate)
+            generation = self._generation + 1 if changed else self._generation
+            node_slice = self._build(inventory, generation) if changed else candidate
             self._api.publish_slice(node_slice)
         except DraApiError as exc:
             log.warning("publishing the node's ResourceSlice failed: %s; retrying", exc)

@@ -7,6 +7,12 @@ are left out, so the scheduler allocates only what the node can prepare (the dev
 plugin's "allocatable = healthy"). :class:`DeviceNames` maps the names back to vGPU ids
 when a claim is prepared.
 
+Where the API server offers consumable capacity (:class:`ApiFeatures`, found out by the
+publisher), each served GPU is instead one device that claims share, consuming its memory
+and compute (:mod:`.capacity`), named ``gpu-<uuid>``; where it keeps device taints, an
+Unhealthy GPU's devices stay in the slice with taints that name the cause (:mod:`.taints`)
+instead of leaving it.
+
 Attribute names are DRA's unqualified names (C identifiers of at most 32 characters): the
 API client qualifies them with the driver name.
 """
@@ -15,10 +21,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
-from vgpu_agent.frontends.dra.types import AttributeValue, NodeSlice, SemVer, SliceDevice
+from vgpu_agent.frontends.dra.capacity import capacity_device, mib_quantity
+from vgpu_agent.frontends.dra.taints import gpu_taints
+from vgpu_agent.frontends.dra.types import (
+    ApiFeatures,
+    AttributeValue,
+    NodeSlice,
+    SemVer,
+    SliceDevice,
+)
 from vgpu_agent.model.devices import (
     Inventory,
     MpsGrantPolicy,
@@ -58,16 +72,28 @@ def device_name(served: ServedGpu, replica: int, *, by_index: bool = False) -> s
     return name
 
 
+def gpu_device_name(served: ServedGpu, *, by_index: bool = False) -> str:
+    """The DNS label of ``served`` as one consumable-capacity device: ``gpu-<uuid>``
+    lower-cased, or ``gpu<index>`` when the UUID does not make a label (``by_index``)."""
+    label = _uuid_label(served.gpu.uuid)
+    name = label if label.startswith("gpu-") else f"gpu-{label}"
+    if by_index or not is_dns_label(name):
+        name = f"gpu{served.gpu.index}"
+    return name
+
+
 @dataclass(frozen=True)
 class DeviceNames:
-    """Device name <-> vGPU id for every share of an inventory (healthy or not)."""
+    """Device name <-> vGPU id for every share of an inventory (healthy or not), and
+    device name -> GPU UUID for every GPU as a consumable-capacity device."""
 
     vgpu_by_name: Mapping[str, str]
+    gpu_by_name: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def of(cls, inventory: Inventory) -> DeviceNames:
-        """The names of ``inventory``'s shares; by GPU index for all of them if UUID-derived
-        names would collide."""
+        """The names of ``inventory``'s shares and GPUs; by GPU index for all of them if
+        UUID-derived names would collide."""
         for by_index in (False, True):
             names: dict[str, str] = {}
             for served in inventory.gpus:
@@ -76,7 +102,14 @@ class DeviceNames:
                     names[name] = make_vgpu_id(served.gpu.uuid, replica)
             if len(names) == inventory.vgpu_count:
                 break
-        return cls(names)
+        for by_index in (False, True):
+            gpus = {
+                gpu_device_name(served, by_index=by_index): served.gpu.uuid
+                for served in inventory.gpus
+            }
+            if len(gpus) == len(inventory.gpus):
+                break
+        return cls(names, gpus)
 
 
 def semantic_version(text: str) -> Optional[SemVer]:
@@ -107,7 +140,9 @@ def share_attributes(
     )
     if memory is not None:
         attributes["shareMemoryMiB"] = memory
-        capacity["memory"] = f"{memory}Mi"
+        # In the API server's canonical form (6144Mi is stored as 6Gi), so the slice read
+        # back compares equal and an unchanged republish writes nothing.
+        capacity["memory"] = mib_quantity(memory)
     return attributes, capacity
 
 
@@ -119,14 +154,21 @@ def node_slice(
     generation: int,
     policy: Optional[MpsGrantPolicy],
     driver_version: str = "",
+    features: Optional[ApiFeatures] = None,
 ) -> NodeSlice:
-    """The node's slice: one pool named after the node, a device per share of each healthy
-    GPU, with the GPU's attributes."""
-    name_by_vgpu = {vgpu: name for name, vgpu in DeviceNames.of(inventory).vgpu_by_name.items()}
+    """The node's slice: one pool named after the node, with the GPU's attributes, and per
+    GPU a device per share or (``features.consumable_capacity``) one shared device. An
+    Unhealthy GPU's devices carry taints naming the cause (``features.device_taints``), or
+    are left out where the API server would drop the taints."""
+    features = features or ApiFeatures()
+    names = DeviceNames.of(inventory)
+    name_by_vgpu = {vgpu: name for name, vgpu in names.vgpu_by_name.items()}
+    name_by_gpu = {gpu_uuid: name for name, gpu_uuid in names.gpu_by_name.items()}
     driver_semver = semantic_version(driver_version) if driver_version else None
     devices = []
     for served in inventory.gpus:
-        if not served.healthy:
+        taints = gpu_taints(driver, served) if features.device_taints else ()
+        if not served.healthy and not taints:
             continue
         gpu = served.gpu
         major, minor = gpu.compute_capability
@@ -143,12 +185,18 @@ def node_slice(
         if gpu.numa_node is not None:
             common["numaNode"] = gpu.numa_node
         share, capacity = share_attributes(served, policy)
+        if features.consumable_capacity:
+            devices.append(
+                capacity_device(name_by_gpu[gpu.uuid], served, policy, {**common, **share}, taints)
+            )
+            continue
         for replica in range(served.replicas):
             devices.append(
                 SliceDevice(
                     name=name_by_vgpu[make_vgpu_id(gpu.uuid, replica)],
                     attributes={**common, **share, "share": replica},
                     capacity=dict(capacity),
+                    taints=taints,
                 )
             )
     return NodeSlice(
