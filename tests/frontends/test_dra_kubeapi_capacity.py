@@ -25,15 +25,15 @@ from vgpu_agent.frontends.dra.types import (
     SliceDevice,
 )
 from vgpu_agent.model.devices import MpsGrantPolicy
-from vgpu_agent.standins.apiserver.server import (
+from vgpu_agent.standins.apiserver.schema import (
     CAPACITY_REQUEST_POLICY_FIELDS,
     CAPACITY_REQUEST_POLICY_RANGE_FIELDS,
     DEVICE_CAPACITY_FIELDS,
     DEVICE_FIELDS,
     DEVICE_REQUEST_ALLOCATION_RESULT_FIELDS,
     DEVICE_TAINT_FIELDS,
-    ApiServerStandIn,
 )
+from vgpu_agent.standins.apiserver.server import ApiServerStandIn
 
 DRIVER = "vgpu.eks.amazonaws.com"
 NODE = "node-a"

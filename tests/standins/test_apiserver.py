@@ -13,18 +13,18 @@ from typing import Any, Optional
 
 import pytest
 
-from vgpu_agent.standins.apiserver.server import (
+from vgpu_agent.standins.apiserver.schema import (
     DEVICE_ATTRIBUTE_FIELDS,
     DEVICE_CAPACITY_FIELDS,
     DEVICE_FIELDS,
-    MAX_DEVICES_PER_SLICE,
     OBJECT_META_FIELDS,
     OWNER_REFERENCE_FIELDS,
     RESOURCE_POOL_FIELDS,
     RESOURCE_SLICE_FIELDS,
     RESOURCE_SLICE_SPEC_FIELDS,
-    ApiServerStandIn,
 )
+from vgpu_agent.standins.apiserver.server import ApiServerStandIn
+from vgpu_agent.standins.apiserver.validation import MAX_DEVICES_PER_SLICE
 
 SLICES = "/apis/resource.k8s.io/v1/resourceslices"
 DRIVER = "vgpu.eks.amazonaws.com"
