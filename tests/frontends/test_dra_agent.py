@@ -19,7 +19,7 @@ from vgpu_agent.config.schema import Config
 from vgpu_agent.frontends.dra.kubeapi import KubeResourceApi
 from vgpu_agent.frontends.dra.types import AllocatedDevice, ClaimRef, SemVer
 from vgpu_agent.model.commands import SimulateAction, SimulateCommand
-from vgpu_agent.standins.apiserver import ApiServerStandIn
+from vgpu_agent.standins.apiserver.server import ApiServerStandIn
 from vgpu_agent.standins.dra_kubelet import DraKubeletStandin
 from vgpu_agent.standins.resourceapi import InMemoryResourceApi
 from vgpu_agent.standins.simulated import simulated_uuid

@@ -20,7 +20,7 @@ from vgpu_agent.frontends.dra.capacity import COMPUTE_SHARES, MEMORY
 from vgpu_agent.frontends.dra.kubeapi import KubeResourceApi
 from vgpu_agent.frontends.dra.types import AllocatedDevice, ClaimRef, ResourceApi
 from vgpu_agent.model.commands import HealthResetCommand, SimulateAction, SimulateCommand
-from vgpu_agent.standins.apiserver import ApiServerStandIn
+from vgpu_agent.standins.apiserver.server import ApiServerStandIn
 from vgpu_agent.standins.dra_kubelet import DraKubeletStandin
 from vgpu_agent.standins.simulated import simulated_uuid
 

@@ -32,7 +32,7 @@ from vgpu_agent.frontends.dra.types import (
     SemVer,
     SliceDevice,
 )
-from vgpu_agent.standins.apiserver import ApiServerStandIn
+from vgpu_agent.standins.apiserver.server import ApiServerStandIn
 
 DRIVER = "vgpu.eks.amazonaws.com"
 NODE = "ip-10-0-1-2.us-west-2.compute.internal"

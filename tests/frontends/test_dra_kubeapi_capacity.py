@@ -25,8 +25,15 @@ from vgpu_agent.frontends.dra.types import (
     SliceDevice,
 )
 from vgpu_agent.model.devices import MpsGrantPolicy
-from vgpu_agent.standins import apiserver
-from vgpu_agent.standins.apiserver import ApiServerStandIn
+from vgpu_agent.standins.apiserver.schema import (
+    CAPACITY_REQUEST_POLICY_FIELDS,
+    CAPACITY_REQUEST_POLICY_RANGE_FIELDS,
+    DEVICE_CAPACITY_FIELDS,
+    DEVICE_FIELDS,
+    DEVICE_REQUEST_ALLOCATION_RESULT_FIELDS,
+    DEVICE_TAINT_FIELDS,
+)
+from vgpu_agent.standins.apiserver.server import ApiServerStandIn
 
 DRIVER = "vgpu.eks.amazonaws.com"
 NODE = "node-a"
@@ -370,13 +377,13 @@ def test_the_new_schema_names_only_fields_of_the_client_models() -> None:
     from lightkube.models import resource_v1
 
     pairs = [
-        (apiserver.CAPACITY_REQUEST_POLICY_FIELDS, resource_v1.CapacityRequestPolicy),
-        (apiserver.CAPACITY_REQUEST_POLICY_RANGE_FIELDS, resource_v1.CapacityRequestPolicyRange),
-        (apiserver.DEVICE_TAINT_FIELDS, resource_v1.DeviceTaint),
-        (apiserver.DEVICE_CAPACITY_FIELDS, resource_v1.DeviceCapacity),
-        (apiserver.DEVICE_FIELDS, resource_v1.Device),
+        (CAPACITY_REQUEST_POLICY_FIELDS, resource_v1.CapacityRequestPolicy),
+        (CAPACITY_REQUEST_POLICY_RANGE_FIELDS, resource_v1.CapacityRequestPolicyRange),
+        (DEVICE_TAINT_FIELDS, resource_v1.DeviceTaint),
+        (DEVICE_CAPACITY_FIELDS, resource_v1.DeviceCapacity),
+        (DEVICE_FIELDS, resource_v1.Device),
         (
-            apiserver.DEVICE_REQUEST_ALLOCATION_RESULT_FIELDS,
+            DEVICE_REQUEST_ALLOCATION_RESULT_FIELDS,
             resource_v1.DeviceRequestAllocationResult,
         ),
     ]

@@ -13,8 +13,18 @@ from typing import Any, Optional
 
 import pytest
 
-from vgpu_agent.standins import apiserver
-from vgpu_agent.standins.apiserver import ApiServerStandIn
+from vgpu_agent.standins.apiserver.schema import (
+    DEVICE_ATTRIBUTE_FIELDS,
+    DEVICE_CAPACITY_FIELDS,
+    DEVICE_FIELDS,
+    OBJECT_META_FIELDS,
+    OWNER_REFERENCE_FIELDS,
+    RESOURCE_POOL_FIELDS,
+    RESOURCE_SLICE_FIELDS,
+    RESOURCE_SLICE_SPEC_FIELDS,
+)
+from vgpu_agent.standins.apiserver.server import ApiServerStandIn
+from vgpu_agent.standins.apiserver.validation import MAX_DEVICES_PER_SLICE
 
 SLICES = "/apis/resource.k8s.io/v1/resourceslices"
 DRIVER = "vgpu.eks.amazonaws.com"
@@ -138,14 +148,14 @@ def test_the_schema_names_only_fields_of_the_client_models() -> None:
     from lightkube.models import meta_v1, resource_v1
 
     pairs = [
-        (apiserver.RESOURCE_SLICE_FIELDS, resource_v1.ResourceSlice),
-        (apiserver.RESOURCE_SLICE_SPEC_FIELDS, resource_v1.ResourceSliceSpec),
-        (apiserver.RESOURCE_POOL_FIELDS, resource_v1.ResourcePool),
-        (apiserver.DEVICE_FIELDS, resource_v1.Device),
-        (apiserver.DEVICE_ATTRIBUTE_FIELDS, resource_v1.DeviceAttribute),
-        (apiserver.DEVICE_CAPACITY_FIELDS, resource_v1.DeviceCapacity),
-        (apiserver.OBJECT_META_FIELDS, meta_v1.ObjectMeta),
-        (apiserver.OWNER_REFERENCE_FIELDS, meta_v1.OwnerReference),
+        (RESOURCE_SLICE_FIELDS, resource_v1.ResourceSlice),
+        (RESOURCE_SLICE_SPEC_FIELDS, resource_v1.ResourceSliceSpec),
+        (RESOURCE_POOL_FIELDS, resource_v1.ResourcePool),
+        (DEVICE_FIELDS, resource_v1.Device),
+        (DEVICE_ATTRIBUTE_FIELDS, resource_v1.DeviceAttribute),
+        (DEVICE_CAPACITY_FIELDS, resource_v1.DeviceCapacity),
+        (OBJECT_META_FIELDS, meta_v1.ObjectMeta),
+        (OWNER_REFERENCE_FIELDS, meta_v1.OwnerReference),
     ]
     for schema, model in pairs:
         model_fields = {field.name for field in dataclasses.fields(model)}
@@ -222,7 +232,7 @@ def test_driver_and_node_are_immutable(admin: Http) -> None:
         ),
         (
             lambda body: body["spec"].update(
-                devices=[{"name": f"d{i}"} for i in range(apiserver.MAX_DEVICES_PER_SLICE + 1)]
+                devices=[{"name": f"d{i}"} for i in range(MAX_DEVICES_PER_SLICE + 1)]
             ),
             "spec.devices: Too many: 129",
         ),

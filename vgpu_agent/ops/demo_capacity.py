@@ -27,7 +27,7 @@ from vgpu_agent.frontends.dra.types import AllocatedDevice, ClaimRef
 from vgpu_agent.host.systemd import Notifier
 from vgpu_agent.model.commands import HealthResetCommand, SimulateAction, SimulateCommand
 from vgpu_agent.runtime.compose import build_agent
-from vgpu_agent.standins.apiserver import ApiServerStandIn
+from vgpu_agent.standins.apiserver.server import ApiServerStandIn
 from vgpu_agent.standins.dra_kubelet import DraKubeletStandin
 
 Echo = Callable[[str], None]

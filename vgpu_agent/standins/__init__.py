@@ -4,7 +4,8 @@ tests: real servers and in-memory hardware behind the same interfaces as the rea
 What lives here: the simulated GPU backend and MPS daemons (``simulated``), a kubelet
 stand-in that serves Registration and dials the plugin back like the kubelet's device
 manager (``kubelet``), a PodResources stand-in (``podresources``), a Kubernetes API server
-stand-in serving ResourceSlices and ResourceClaims for the DRA frontend (``apiserver``), the
+stand-in serving ResourceSlices and ResourceClaims for the DRA frontend (the ``apiserver``
+subpackage: ``server``, ``http``, ``schema``, ``validation``, ``authorization``, ``errors``), the
 same API in memory (``resourceapi``) and the kubelet's DRA side: its plugin watcher and its
 NodePrepareResources / NodeUnprepareResources calls (``dra_kubelet``).
 

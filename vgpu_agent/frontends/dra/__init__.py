@@ -6,7 +6,8 @@ node's slice built from the node model (``slices``), claims turned into CDI spec
 prepare and unprepare claim by claim with their record in the state directory (``claims``),
 the thread that keeps the slice published (``publisher``), the registration and DRAPlugin
 gRPC servers (``server``) and all of it assembled for the agent's loop (``plugin``); and the
-API-server side (``kubeapi``: publishing the node's ResourceSlices, reading ResourceClaims);
+API-server side (``kubeapi``: publishing the node's ResourceSlices, reading ResourceClaims;
+``encoding``: our values as the client library's models and back, without I/O);
 and what the newer DRA features change, as pure values: each GPU as one device of
 consumable capacity and a claim's consumed amount as its MPS limits (``capacity``), health
 as device taints (``taints``) and as the resource health stream the kubelet reads into pod
@@ -14,5 +15,5 @@ status (``health``). It sits beside :mod:`vgpu_agent.frontends.deviceplugin` ove
 the same node model, MPS management and health; a GPU is served by one frontend, never both.
 
 May import: what :mod:`vgpu_agent.frontends` may import, and the Kubernetes API client
-library (only the API-server module).
+library (only the API-server module; its models also ``encoding``).
 """

@@ -2,8 +2,9 @@
 
 :class:`KubeResourceApi` implements :class:`~vgpu_agent.frontends.dra.types.ResourceApi` over
 ``resource.k8s.io/v1`` (Kubernetes 1.34 and later) with lightkube. This is the only module
-of the agent that imports lightkube or httpx; every error they raise is translated here,
-once, into :class:`DraApiError` naming the action, the object and what to do.
+of the agent that imports lightkube's client or httpx (:mod:`.encoding` writes our values as
+lightkube's models and reads them back, nothing more); every error they raise is translated
+here, once, into :class:`DraApiError` naming the action, the object and what to do.
 
 Credentials: the agent acts as the node itself, with the kubelet's kubeconfig. The Node
 authorizer and the NodeRestriction admission plugin let a node create, read, update and
@@ -20,8 +21,7 @@ import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime
-from typing import Any, Callable, Optional, TypeVar, Union
+from typing import Callable, Optional, TypeVar, Union
 
 import httpx
 import yaml
@@ -39,18 +39,19 @@ from lightkube.models.resource_v1 import (
 from lightkube.resources.core_v1 import Node
 from lightkube.resources.resource_v1 import ResourceClaim, ResourceSlice
 
+from vgpu_agent.frontends.dra.encoding import (
+    claim_allocation,
+    keep_taint_times,
+    same_slice,
+    slice_spec,
+)
 from vgpu_agent.frontends.dra.types import (
     TAINT_NO_SCHEDULE,
-    AllocatedDevice,
     ApiFeatures,
-    AttributeValue,
-    CapacityPolicy,
     ClaimAllocation,
     ClaimNotFoundError,
-    ClaimRef,
     DraApiError,
     NodeSlice,
-    SemVer,
     SliceDevice,
 )
 
@@ -169,7 +170,7 @@ class KubeResourceApi:
             with self._translated(action, claim=(namespace, name)):
                 return self._client.get(ResourceClaim, name, namespace=namespace)
 
-        return _claim_allocation(self._reconnecting(read), namespace, name)
+        return claim_allocation(self._reconnecting(read), namespace, name)
 
     # -- ResourceSlices -----------------------------------------------------------------------
 
@@ -214,7 +215,7 @@ class KubeResourceApi:
         )
         owner = self._node_owner(node_slice.node_name)
         wanted = {
-            slice_name(node_slice.node_name, node_slice.driver, index): _slice_spec(
+            slice_name(node_slice.node_name, node_slice.driver, index): slice_spec(
                 node_slice, devices, slice_count=len(chunks)
             )
             for index, devices in enumerate(chunks)
@@ -298,12 +299,12 @@ class KubeResourceApi:
             version = current.metadata.resourceVersion if current and current.metadata else None
             desired = ResourceSlice(
                 metadata=ObjectMeta(name=name, ownerReferences=[owner], resourceVersion=version),
-                spec=_keep_taint_times(spec, current.spec if current else None),
+                spec=keep_taint_times(spec, current.spec if current else None),
             )
             with self._translated(f"publishing ResourceSlice {name}", retry_conflict=not last):
                 if current is None:
                     self._client.create(desired)
-                elif not _same_slice(current, desired):
+                elif not same_slice(current, desired):
                     self._client.replace(desired)
         for name in existing:
             if name not in wanted:
@@ -488,134 +489,3 @@ def _chunks(devices: Sequence[SliceDevice], size: int) -> list[tuple[SliceDevice
     # An empty pool is still published (one slice without devices): it tells the scheduler
     # the node has none now, and keeps the pool generation moving.
     return [tuple(devices[i : i + size]) for i in range(0, len(devices), size)] or [()]
-
-
-def _slice_spec(
-    node_slice: NodeSlice, devices: Sequence[SliceDevice], *, slice_count: int
-) -> ResourceSliceSpec:
-    return ResourceSliceSpec(
-        driver=node_slice.driver,
-        nodeName=node_slice.node_name,
-        pool=ResourcePool(
-            name=node_slice.pool,
-            generation=node_slice.generation,
-            resourceSliceCount=slice_count,
-        ),
-        # Left out when empty, as the API server sends it back (omitempty).
-        devices=[_device(device) for device in devices] or None,
-    )
-
-
-def _device(device: SliceDevice) -> Device:
-    # The models type attributes and capacity as plain dicts (string keys, any values):
-    # lightkube serializes what is inside as it is, so the values are written in JSON form.
-    return Device(
-        name=device.name,
-        attributes={name: _attribute(value) for name, value in device.attributes.items()} or None,
-        capacity={
-            name: _capacity(quantity, device.capacity_policies.get(name))
-            for name, quantity in device.capacity.items()
-        }
-        or None,
-        # Left out unless set, as the API server sends it back (omitempty).
-        allowMultipleAllocations=True if device.allow_multiple_allocations else None,
-        taints=[
-            KubeDeviceTaint(
-                key=taint.key,
-                value=taint.value or None,
-                effect=taint.effect,
-                timeAdded=_time(taint.time_added),
-            )
-            for taint in device.taints
-        ]
-        or None,
-    )
-
-
-def _capacity(quantity: str, policy: Optional[CapacityPolicy]) -> dict[str, Any]:
-    """A DeviceCapacity: its value and, for a shared device, its request policy."""
-    if policy is None:
-        return {"value": quantity}
-    valid_range = {"min": policy.min, "max": policy.max, "step": policy.step}
-    return {
-        "value": quantity,
-        "requestPolicy": {
-            "default": policy.default,
-            "validRange": {key: value for key, value in valid_range.items() if value is not None},
-        },
-    }
-
-
-def _time(text: Optional[str]) -> Optional[datetime]:
-    if not text:
-        return None
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
-def _keep_taint_times(
-    spec: ResourceSliceSpec, existing: Optional[ResourceSliceSpec]
-) -> ResourceSliceSpec:
-    """``spec`` with each taint's timeAdded taken from the same taint (key, value, effect) of
-    the same device in the slice as stored: the API server stamps a taint when it first
-    appears, and a NoExecute toleration counts its seconds from that stamp, so republishing
-    must not move it (nor rewrite an unchanged slice)."""
-    if existing is None or not existing.devices or not spec.devices:
-        return spec
-    stamps = {
-        (device.name, taint.key, taint.value, taint.effect): taint.timeAdded
-        for device in existing.devices
-        for taint in device.taints or []
-        if taint.timeAdded is not None
-    }
-    for device in spec.devices:
-        for taint in device.taints or []:
-            if taint.timeAdded is None:
-                taint.timeAdded = stamps.get((device.name, taint.key, taint.value, taint.effect))
-    return spec
-
-
-def _attribute(value: AttributeValue) -> dict[str, Union[bool, int, str]]:
-    """A DeviceAttribute: exactly one of bool, int, string and version."""
-    # bool first: a bool is also an int.
-    if isinstance(value, bool):
-        return {"bool": value}
-    if isinstance(value, int):
-        return {"int": value}
-    if isinstance(value, SemVer):
-        return {"version": value.text}
-    return {"string": value}
-
-
-def _same_slice(existing: ResourceSlice, wanted: ResourceSlice) -> bool:
-    """Whether ``existing`` already holds ``wanted``'s spec and owner (no write needed)."""
-    # The models are dataclasses: == compares every field, nested models included.
-    existing_owners = existing.metadata.ownerReferences if existing.metadata else None
-    wanted_owners = wanted.metadata.ownerReferences if wanted.metadata else None
-    return bool(existing.spec == wanted.spec and existing_owners == wanted_owners)
-
-
-def _claim_allocation(claim: ResourceClaim, namespace: str, name: str) -> ClaimAllocation:
-    uid = (claim.metadata.uid if claim.metadata else None) or ""
-    ref = ClaimRef(namespace=namespace, name=name, uid=uid)
-    allocation = claim.status.allocation if claim.status else None
-    if allocation is None:
-        return ClaimAllocation(ref=ref, allocated=False)
-    results = allocation.devices.results if allocation.devices else None
-    return ClaimAllocation(
-        ref=ref,
-        allocated=True,
-        devices=tuple(
-            AllocatedDevice(
-                request=result.request,
-                driver=result.driver,
-                pool=result.pool,
-                device=result.device,
-                consumed_capacity={
-                    str(name): str(quantity)
-                    for name, quantity in (result.consumedCapacity or {}).items()
-                },
-                share_id=result.shareID or "",
-            )
-            for result in results or []
-        ),
-    )
