@@ -18,7 +18,7 @@ import collections
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable
 
 from vgpu_agent.host.log import log_event
 
@@ -105,17 +105,3 @@ class FaultLog:
     def recent(self) -> list[dict[str, Any]]:
         """The latest faults, oldest first, as status shows them."""
         return [event.describe() for event in self._recent]
-
-
-class _Observer(Protocol):
-    def record_fault(self, gpu_uuid: str, xid: int, pods: tuple[str, ...]) -> None: ...
-
-    def pods_on(self, gpu_uuid: str) -> list[str]: ...
-
-
-def fault_log_for(observer: Optional[_Observer]) -> FaultLog:
-    """The agent's fault log: pods from the observer's latest attribution and its counter
-    (none of either without an observer)."""
-    if observer is None:
-        return FaultLog(lambda gpu_uuid: [], lambda gpu_uuid, xid, pods: None)
-    return FaultLog(observer.pods_on, observer.record_fault)

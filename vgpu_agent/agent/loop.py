@@ -24,10 +24,10 @@ from vgpu_agent.agent.describe import (
 )
 from vgpu_agent.agent.dispatch import ControlDispatch, apply_health_change, start_control
 from vgpu_agent.agent.events import ControlRequest, Event, Events, Reload, Stop, Wake
-from vgpu_agent.agent.faults import ApplicationFault, fault_log_for
+from vgpu_agent.agent.faults import ApplicationFault
 from vgpu_agent.agent.health import HealthChange
 from vgpu_agent.agent.kubelet import KubeletLink, loop_timeout
-from vgpu_agent.agent.parts import AgentParts, Service
+from vgpu_agent.agent.parts import AgentParts, Service, fault_log_for
 from vgpu_agent.agent.reload import execute_reload, plan_reload_from
 from vgpu_agent.agent.waiting import DriverWait, reload_while_waiting
 from vgpu_agent.config.plan import grant_policy, offered_as

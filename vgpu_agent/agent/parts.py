@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol
 
+from vgpu_agent.agent.faults import FaultLog
 from vgpu_agent.agent.health import Emit
 from vgpu_agent.agent.registration import Registrar
 from vgpu_agent.config.schema import Config, HealthConfig, PluginConfig
@@ -152,3 +153,11 @@ class AgentParts:
     backend_retry_max_s: float = BACKEND_RETRY_MAX_S
     #: Says when the sandbox lost the plugin directory (exit 75 for a fresh one).
     plugin_dir_guard: PluginDirGuard = field(default_factory=PluginDirGuard)
+
+
+def fault_log_for(observer: Optional[Observer]) -> FaultLog:
+    """The agent's fault log: pods from the observer's latest attribution and its counter
+    (none of either without an observer)."""
+    if observer is None:
+        return FaultLog(lambda gpu_uuid: [], lambda gpu_uuid, xid, pods: None)
+    return FaultLog(observer.pods_on, observer.record_fault)
