@@ -7,12 +7,12 @@ import pytest
 
 from tests.builders import make_served
 from vgpu_agent.frontends.dra.taints import (
-    CEILING_REASON_PREFIX,
     MAX_TAINTS_PER_DEVICE,
     gpu_taints,
     is_label_value,
 )
 from vgpu_agent.frontends.dra.types import DeviceTaint
+from vgpu_agent.model.devices import HealthReason
 from vgpu_agent.mps.ceilings import CEILING_PREFIX
 
 DRIVER = "vgpu.example.com"
@@ -91,7 +91,8 @@ def test_taints_per_device_are_bounded() -> None:
 
 def test_the_ceiling_prefix_is_the_one_mps_writes() -> None:
     """The frontend tells a lost ceiling from a dead daemon by the text mps/ceilings.py writes."""
-    assert CEILING_REASON_PREFIX == CEILING_PREFIX
+    assert HealthReason.mps_down(f"{CEILING_PREFIX} lost (x)").about_ceiling
+    assert not HealthReason.mps_down("MPS daemon not answering").about_ceiling
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from vgpu_agent.config.plan import daemon_ceiling, plan_gpus, slice_warnings
 from vgpu_agent.config.schema import Config
 from vgpu_agent.host.log import log_event
 from vgpu_agent.model.daemons import MpsDaemons
-from vgpu_agent.model.devices import HealthReason, Inventory, ReasonKind, ServedGpu
+from vgpu_agent.model.devices import CEILING_TEXT, HealthReason, Inventory, ReasonKind, ServedGpu
 from vgpu_agent.model.errors import ConfigError, GpuError, MpsError
 from vgpu_agent.model.gpu import ComputeMode, Gpu, GpuBackend, set_compute_mode
 from vgpu_agent.model.node import Node
@@ -170,7 +170,7 @@ class GpuBringUp:
             if config.mps.confinement == "enforced":
                 # Without its ceiling a pod could take the whole GPU: not served until the
                 # probe has set it and read it back.
-                return (HealthReason.mps_down(f"MPS daemon ceiling not set: {exc}"),)
+                return (HealthReason.mps_down(f"{CEILING_TEXT} not set: {exc}"),)
             return ()
         for command in sent:
             log.info("GPU %s MPS daemon: %s", gpu.uuid, command)

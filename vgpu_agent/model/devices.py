@@ -82,6 +82,9 @@ class ReasonKind(enum.Enum):
 
 #: Every MPS reason's text starts so (what `vgpu-agent status` and the journal show).
 _MPS_TEXT = "MPS daemon"
+#: How every MPS reason about a daemon's ceiling begins: the daemon answers, but does not
+#: hold the ceiling (set by vgpu_agent.mps.ceilings and the bring-up).
+CEILING_TEXT = f"{_MPS_TEXT} ceiling"
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,12 @@ class HealthReason:
 
     def __str__(self) -> str:
         return self.text
+
+    @property
+    def about_ceiling(self) -> bool:
+        """Whether it is an MPS reason about the daemon's ceiling (lost or not set), not
+        about a daemon that is down."""
+        return self.kind is ReasonKind.MPS and self.text.startswith(CEILING_TEXT)
 
     @property
     def is_fault(self) -> bool:

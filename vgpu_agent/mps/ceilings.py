@@ -17,12 +17,12 @@ from typing import Optional
 
 from vgpu_agent.config.plan import daemon_ceiling
 from vgpu_agent.config.schema import MpsConfig
-from vgpu_agent.model.devices import Ceiling, percentage_text
+from vgpu_agent.model.devices import CEILING_TEXT, Ceiling, percentage_text
 from vgpu_agent.model.errors import MpsError
 from vgpu_agent.mps.control import control_command, server_pids, wait_for_answer
 
 #: How every liveness reason about a daemon's ceiling begins (the daemon itself answers).
-CEILING_PREFIX = "MPS daemon ceiling"
+CEILING_PREFIX = CEILING_TEXT
 
 
 def ceiling_commands(ceiling: Ceiling) -> list[str]:

@@ -44,7 +44,6 @@ from prometheus_client.registry import Collector
 
 from vgpu_agent.model.devices import HealthReason, Inventory, ReasonKind
 from vgpu_agent.model.errors import AgentError
-from vgpu_agent.mps.ceilings import CEILING_PREFIX
 from vgpu_agent.observability.attribution import Attribution
 
 log = logging.getLogger(__name__)
@@ -74,7 +73,7 @@ def reason_kind(reason: HealthReason) -> str:
         return "gpu_lost"
     # The daemon answers but does not hold the ceiling: told apart from a daemon that is
     # down, so that vgpu_mps_daemon_up stays true to its name and an alert can say which.
-    return "mps_ceiling" if reason.text.startswith(CEILING_PREFIX) else "mps_daemon"
+    return "mps_ceiling" if reason.about_ceiling else "mps_daemon"
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,6 @@ ECC_KEY = "ecc"
 LOST_KEY = "gpu-lost"
 MPS_DAEMON_KEY = "mps-daemon"
 MPS_CEILING_KEY = "mps-ceiling"
-#: Every MPS reason about the ceiling starts so (vgpu_agent.mps.ceilings.CEILING_PREFIX;
-#: the frontends may not import mps, a test holds the two equal).
-CEILING_REASON_PREFIX = "MPS daemon ceiling"
 #: DeviceTaintsMaxLength: the most taints one device may carry.
 MAX_TAINTS_PER_DEVICE = 16
 #: A label value: at most 63 characters, alphanumeric at both ends.
@@ -64,7 +61,7 @@ def reason_taint(driver: str, reason: HealthReason) -> DeviceTaint:
     if reason.kind is ReasonKind.LOST:
         return DeviceTaint(f"{driver}/{LOST_KEY}", "true", TAINT_NO_EXECUTE)
     if reason.kind is ReasonKind.MPS:
-        if reason.text.startswith(CEILING_REASON_PREFIX):
+        if reason.about_ceiling:
             return DeviceTaint(f"{driver}/{MPS_CEILING_KEY}", "lost", TAINT_NO_SCHEDULE)
         return DeviceTaint(f"{driver}/{MPS_DAEMON_KEY}", "down", TAINT_NO_SCHEDULE)
     if reason.xid is not None:
