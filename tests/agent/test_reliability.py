@@ -34,8 +34,8 @@ from vgpu_agent.config.schema import Config, HealthConfig, MpsConfig
 from vgpu_agent.frontends._proto import deviceplugin_pb2 as pb
 from vgpu_agent.frontends._proto import deviceplugin_pb2_grpc as pb_grpc
 from vgpu_agent.frontends.deviceplugin import kubelet
-from vgpu_agent.frontends.deviceplugin.kubelet import unix_target
 from vgpu_agent.frontends.deviceplugin.server import AdvertisedDevice
+from vgpu_agent.frontends.serving import unix_target
 from vgpu_agent.host import control
 from vgpu_agent.model.commands import parse_command
 from vgpu_agent.model.errors import ConfigError, GpuError, RegistrationError

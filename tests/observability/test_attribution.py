@@ -253,7 +253,7 @@ def test_the_standin_answers_get_and_allocatable(short_tmp_dir: str) -> None:
 
     from vgpu_agent.frontends._proto import podresources_pb2 as pb
     from vgpu_agent.frontends._proto import podresources_pb2_grpc as pb_grpc
-    from vgpu_agent.frontends.deviceplugin.kubelet import unix_target
+    from vgpu_agent.frontends.serving import unix_target
 
     socket_path = os.path.join(short_tmp_dir, "kubelet.sock")
     pods = [StandinPod("ns", "p", UID, (StandinContainer("c", RESOURCE, (vgpu_id(0, 2),)),))]

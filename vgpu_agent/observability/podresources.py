@@ -17,7 +17,7 @@ import grpc
 
 from vgpu_agent.frontends._proto import podresources_pb2 as pb
 from vgpu_agent.frontends._proto import podresources_pb2_grpc as pb_grpc
-from vgpu_agent.frontends.deviceplugin.kubelet import CHANNEL_OPTIONS, unix_target
+from vgpu_agent.frontends.serving import CHANNEL_OPTIONS, unix_target
 from vgpu_agent.model.errors import AttributionError
 from vgpu_agent.observability.attribution import ContainerDevices
 

@@ -40,6 +40,7 @@ import grpc
 from vgpu_agent.frontends._proto import dra_v1_pb2, dra_v1beta1_pb2
 from vgpu_agent.frontends._proto import pluginregistration_pb2 as reg_pb
 from vgpu_agent.frontends.dra.types import ClaimRef
+from vgpu_agent.frontends.serving import CHANNEL_OPTIONS, unix_target
 
 #: The services the stand-in can call, newest first.
 KNOWN_SERVICES: dict[str, Any] = {"v1.DRAPlugin": dra_v1_pb2, "v1beta1.DRAPlugin": dra_v1beta1_pb2}
@@ -48,7 +49,6 @@ GET_INFO_TIMEOUT_S = 1.0
 RETRY_S = 1.0
 #: The kubelet's deadline for NodePrepareResources / NodeUnprepareResources.
 CALL_TIMEOUT_S = 45.0
-_CHANNEL_OPTIONS = (("grpc.enable_http_proxy", 0), ("grpc.enable_retries", 0))
 DEFAULT_REGISTRY_DIR = "/var/lib/kubelet/plugins_registry"
 #: How often the program's main thread wakes to run a signal handler that is due.
 SIGNAL_POLL_S = 0.2
@@ -205,7 +205,7 @@ class DraKubeletStandin:
             claims=[pb.Claim(namespace=c.namespace, uid=c.uid, name=c.name) for c in claims]
         )
         with grpc.insecure_channel(
-            f"unix://{registration.endpoint}", options=_CHANNEL_OPTIONS
+            unix_target(registration.endpoint), options=CHANNEL_OPTIONS
         ) as channel:
             call = channel.unary_unary(
                 f"/{service}/{method}",
@@ -292,7 +292,7 @@ class DraKubeletStandin:
             self._emit(f"socket gone {path}")
 
     def _register(self, path: str, seen: _Seen) -> None:
-        with grpc.insecure_channel(f"unix://{path}", options=_CHANNEL_OPTIONS) as channel:
+        with grpc.insecure_channel(unix_target(path), options=CHANNEL_OPTIONS) as channel:
             get_info = channel.unary_unary(
                 "/pluginregistration.Registration/GetInfo",
                 request_serializer=reg_pb.InfoRequest.SerializeToString,

@@ -31,17 +31,16 @@ from vgpu_agent.frontends._proto import deviceplugin_pb2 as pb
 from vgpu_agent.frontends._proto import deviceplugin_pb2_grpc as pb_grpc
 from vgpu_agent.frontends.deviceplugin.kubelet import (
     API_VERSION,
-    CHANNEL_OPTIONS,
     DEFAULT_PLUGIN_DIR,
     KUBELET_CHECKPOINT_NAME,
     KUBELET_SOCKET_NAME,
-    unix_target,
 )
 from vgpu_agent.frontends.deviceplugin.server import (
     AdvertisedDevice,
     advertised_devices,
     device_plugin_stub,
 )
+from vgpu_agent.frontends.serving import CHANNEL_OPTIONS, unix_target
 from vgpu_agent.model.devices import HEALTHY
 
 #: How long Register waits for the plugin's socket to answer, like the kubelet's dial timeout.

@@ -20,7 +20,7 @@ import grpc
 
 from vgpu_agent.frontends._proto import podresources_pb2 as pb
 from vgpu_agent.frontends._proto import podresources_pb2_grpc as pb_grpc
-from vgpu_agent.frontends.deviceplugin.kubelet import unix_target
+from vgpu_agent.frontends.serving import unix_target
 
 _add_lister_servicer = cast(
     Callable[[Any, Any], None], pb_grpc.add_PodResourcesListerServicer_to_server

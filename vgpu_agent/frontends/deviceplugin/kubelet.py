@@ -15,6 +15,7 @@ import grpc
 
 from vgpu_agent.frontends._proto import deviceplugin_pb2 as pb
 from vgpu_agent.frontends._proto import deviceplugin_pb2_grpc as pb_grpc
+from vgpu_agent.frontends.serving import CHANNEL_OPTIONS, unix_target
 from vgpu_agent.host.sockets import socket_identity
 from vgpu_agent.model.errors import RegistrationError
 
@@ -26,23 +27,11 @@ KUBELET_SOCKET_NAME = "kubelet.sock"
 #: The kubelet's own file in the plugin directory; it survives kubelet restarts.
 KUBELET_CHECKPOINT_NAME = "kubelet_internal_checkpoint"
 
-CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
-    # A local unix socket: never route through an HTTP proxy from the environment.
-    ("grpc.enable_http_proxy", 0),
-    # A refused registration must fail now, not be retried behind our back.
-    ("grpc.enable_retries", 0),
-)
-
 #: While a Register call is in flight, ``abandon`` is asked this often whether to give up.
 ABANDON_CHECK_S = 0.1
 
 # The generated gRPC module has no type stubs.
 _registration_stub = cast(Callable[[Any], Any], pb_grpc.RegistrationStub)
-
-
-def unix_target(path: str) -> str:
-    """The gRPC target for the unix socket at ``path``."""
-    return f"unix://{os.path.abspath(path)}"
 
 
 def plugin_options() -> pb.DevicePluginOptions:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -23,7 +22,15 @@ import grpc
 from vgpu_agent.frontends._proto import deviceplugin_pb2 as pb
 from vgpu_agent.frontends._proto import deviceplugin_pb2_grpc as pb_grpc
 from vgpu_agent.frontends.deviceplugin.kubelet import plugin_options
-from vgpu_agent.host.sockets import MAX_UNIX_SOCKET_PATH_BYTES, socket_answers, socket_identity
+from vgpu_agent.frontends.serving import (
+    SERVER_OPTIONS,
+    UnparseableRequest,
+    listen_on_unix_socket,
+    remove_stale_socket,
+    tolerant,
+    unix_target,
+)
+from vgpu_agent.host.sockets import MAX_UNIX_SOCKET_PATH_BYTES, socket_identity
 from vgpu_agent.model.devices import MAX_DEVICE_ID_LENGTH, InvalidRequestError, Inventory
 from vgpu_agent.model.errors import AgentError
 from vgpu_agent.model.node import Node
@@ -43,42 +50,11 @@ SERVER_WORKERS = 16
 MAX_LIST_AND_WATCH_STREAMS = 12
 #: A request larger than this is refused by gRPC itself (RESOURCE_EXHAUSTED); 10,000 ids of
 #: 63 characters take about 0.7 MiB.
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-
-SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    # The kubelet is on the same host: no keepalive pings are needed to notice a dead peer
-    # (the kernel closes the socket), and every ping would wake the process, whose idle CPU
-    # should stay near zero.
-    ("grpc.keepalive_time_ms", 2 * 60 * 60 * 1000),
-)
-
 #: The longest status message we send: it ends up in `kubectl describe pod`.
 MAX_DETAILS_CHARS = 500
 
 # The generated gRPC module has no type stubs; these are what we call from it.
 _device_plugin_stub = cast(Callable[[Any], Any], pb_grpc.DevicePluginStub)
-
-
-class UnparseableRequest:
-    """Stands in for a request whose bytes are not a valid message (an id that is not
-    UTF-8, broken framing), so the RPC can refuse it as INVALID_ARGUMENT; gRPC's own
-    handling would answer INTERNAL and log a traceback for every such request."""
-
-    def __init__(self, message_name: str, error: str) -> None:
-        self.message_name = message_name
-        self.error = error
-
-
-def _tolerant(message_type: Any) -> Callable[[bytes], Any]:
-    def parse(data: bytes) -> Any:
-        try:
-            return message_type.FromString(data)
-        except Exception as exc:  # DecodeError: its class differs per protobuf runtime
-            return UnparseableRequest(message_type.DESCRIPTOR.full_name, str(exc))
-
-    return parse
 
 
 def _parsed(request: Any) -> Any:
@@ -98,27 +74,27 @@ def add_servicer(servicer: PluginServicer, server: Any) -> None:
     handlers = {
         "GetDevicePluginOptions": unary(
             servicer.GetDevicePluginOptions,
-            request_deserializer=_tolerant(pb.Empty),
+            request_deserializer=tolerant(pb.Empty),
             response_serializer=pb.DevicePluginOptions.SerializeToString,
         ),
         "ListAndWatch": grpc.unary_stream_rpc_method_handler(
             servicer.ListAndWatch,
-            request_deserializer=_tolerant(pb.Empty),
+            request_deserializer=tolerant(pb.Empty),
             response_serializer=pb.ListAndWatchResponse.SerializeToString,
         ),
         "GetPreferredAllocation": unary(
             servicer.GetPreferredAllocation,
-            request_deserializer=_tolerant(pb.PreferredAllocationRequest),
+            request_deserializer=tolerant(pb.PreferredAllocationRequest),
             response_serializer=pb.PreferredAllocationResponse.SerializeToString,
         ),
         "Allocate": unary(
             servicer.Allocate,
-            request_deserializer=_tolerant(pb.AllocateRequest),
+            request_deserializer=tolerant(pb.AllocateRequest),
             response_serializer=pb.AllocateResponse.SerializeToString,
         ),
         "PreStartContainer": unary(
             servicer.PreStartContainer,
-            request_deserializer=_tolerant(pb.PreStartContainerRequest),
+            request_deserializer=tolerant(pb.PreStartContainerRequest),
             response_serializer=pb.PreStartContainerResponse.SerializeToString,
         ),
     }
@@ -462,7 +438,7 @@ def query_devices(socket_path: str, timeout_s: float = 2.0) -> tuple[AdvertisedD
             f"asking the agent for its devices: no socket at {socket_path} "
             "(is vgpu-agent running, with this plugin directory and socket name?)"
         )
-    with grpc.insecure_channel(f"unix://{os.path.abspath(socket_path)}") as channel:
+    with grpc.insecure_channel(unix_target(socket_path)) as channel:
         stream = device_plugin_stub(channel).ListAndWatch(pb.Empty(), timeout=timeout_s)
         try:
             first = next(stream)
@@ -520,15 +496,9 @@ class PluginServer:
             options=SERVER_OPTIONS,
         )
         add_servicer(self._servicer, server)
-        try:
-            port = server.add_insecure_port(f"unix://{path}")
-        except RuntimeError as exc:  # newer grpcio raises, older ones return 0
-            raise AgentError(f"cannot listen on unix socket {path}: {exc}") from exc
-        if port == 0:
-            raise AgentError(
-                f"cannot listen on unix socket {path} "
-                "(does the directory exist and is it writable by this user?)"
-            )
+        listen_on_unix_socket(
+            server, path, "does the directory exist and is it writable by this user?"
+        )
         server.start()
         self._server = server
         self._identity = socket_identity(path)
@@ -542,22 +512,13 @@ class PluginServer:
             return
         except OSError as exc:
             raise AgentError(f"cannot inspect {path}: {exc.strerror}") from exc
-        if not stat.S_ISSOCK(info.st_mode):
-            raise AgentError(
-                f"cannot serve on {path}: a file that is not a socket is in the way; remove it"
-            )
-        if socket_answers(path):
-            raise AgentError(
-                f"cannot serve on {path}: another process is serving on that socket "
-                "(is another vgpu-agent running? stop it first)"
-            )
-        log.info("removing stale socket %s", path)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise AgentError(f"cannot remove stale socket {path}: {exc.strerror}") from exc
+        remove_stale_socket(
+            path,
+            info,
+            f"cannot serve on {path}",
+            "another process is serving on that socket (is another vgpu-agent running? "
+            "stop it first)",
+        )
 
     def socket_exists(self) -> bool:
         """Whether our socket file is still there (the kubelet deletes it when it restarts)."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import stat
 import threading
 import time
 from concurrent import futures
@@ -28,10 +27,16 @@ from vgpu_agent.frontends._proto import dra_v1_pb2, dra_v1beta1_pb2
 from vgpu_agent.frontends._proto import pluginregistration_pb2 as reg_pb
 from vgpu_agent.frontends.dra.claims import ClaimPreparer, PrepareResult
 from vgpu_agent.frontends.dra.types import ClaimRef
+from vgpu_agent.frontends.serving import (
+    SERVER_OPTIONS,
+    UnparseableRequest,
+    listen_on_unix_socket,
+    remove_stale_socket,
+    tolerant,
+)
 from vgpu_agent.host.sockets import (
     MAX_UNIX_SOCKET_PATH_BYTES,
     SocketIdentity,
-    socket_answers,
     socket_identity,
 )
 from vgpu_agent.model.errors import AgentError, RegistrationError
@@ -50,13 +55,7 @@ SERVICE_MODULES: dict[str, ModuleType] = {
 REGISTRATION_SERVICE = "pluginregistration.Registration"
 #: The most claims one request may name; a pod has a handful.
 MAX_CLAIMS_PER_REQUEST = 1000
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 SERVER_WORKERS = 8
-SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 2 * 60 * 60 * 1000),
-)
 #: While waiting for the kubelet's verdict, ``abandon`` is asked this often.
 ABANDON_CHECK_S = 0.1
 
@@ -73,24 +72,6 @@ class RpcContext(Protocol):
     def abort(self, code: Any, details: str) -> NoReturn:
         """End the RPC with a status code and message."""
         ...
-
-
-class Unparseable:
-    """Stands in for a request whose bytes are not a valid message (gRPC treats a
-    deserializer's None as its own failure and answers INTERNAL)."""
-
-
-def _tolerant(message_type: Any) -> Callable[[bytes], Any]:
-    """A deserializer that hands a request that does not parse to the servicer as
-    :class:`Unparseable`, which it refuses as INVALID_ARGUMENT."""
-
-    def parse(data: bytes) -> Any:
-        try:
-            return message_type.FromString(data)
-        except Exception:  # DecodeError: its class differs per protobuf runtime
-            return Unparseable()
-
-    return parse
 
 
 class RegistrationServicer:
@@ -114,7 +95,7 @@ class RegistrationServicer:
         self, request: Any, context: RpcContext
     ) -> reg_pb.RegistrationStatusResponse:
         """The kubelet's verdict on our registration."""
-        if isinstance(request, Unparseable):
+        if isinstance(request, UnparseableRequest):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not a RegistrationStatus message")
         self._on_status(bool(request.plugin_registered), str(request.error))
         return reg_pb.RegistrationStatusResponse()
@@ -127,12 +108,12 @@ class RegistrationServicer:
             {
                 "GetInfo": unary(
                     self.GetInfo,
-                    request_deserializer=_tolerant(reg_pb.InfoRequest),
+                    request_deserializer=tolerant(reg_pb.InfoRequest),
                     response_serializer=reg_pb.PluginInfo.SerializeToString,
                 ),
                 "NotifyRegistrationStatus": unary(
                     self.NotifyRegistrationStatus,
-                    request_deserializer=_tolerant(reg_pb.RegistrationStatus),
+                    request_deserializer=tolerant(reg_pb.RegistrationStatus),
                     response_serializer=reg_pb.RegistrationStatusResponse.SerializeToString,
                 ),
             },
@@ -156,7 +137,7 @@ class DraPluginServicer:
         self._clock = clock
 
     def _claims(self, request: Any, context: RpcContext, method: str) -> list[ClaimRef]:
-        if isinstance(request, Unparseable):
+        if isinstance(request, UnparseableRequest):
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"the {method} request is not a valid message"
             )
@@ -215,12 +196,12 @@ class DraPluginServicer:
             {
                 "NodePrepareResources": unary(
                     self.NodePrepareResources,
-                    request_deserializer=_tolerant(pb.NodePrepareResourcesRequest),
+                    request_deserializer=tolerant(pb.NodePrepareResourcesRequest),
                     response_serializer=pb.NodePrepareResourcesResponse.SerializeToString,
                 ),
                 "NodeUnprepareResources": unary(
                     self.NodeUnprepareResources,
-                    request_deserializer=_tolerant(pb.NodeUnprepareResourcesRequest),
+                    request_deserializer=tolerant(pb.NodeUnprepareResourcesRequest),
                     response_serializer=pb.NodeUnprepareResourcesResponse.SerializeToString,
                 ),
             },
@@ -292,23 +273,13 @@ def _prepare_socket_path(path: str, what: str) -> None:
         return
     except OSError as exc:
         raise AgentError(f"cannot serve the {what} on {path}: {exc.strerror or exc}") from exc
-    if not stat.S_ISSOCK(info.st_mode):
-        raise AgentError(
-            f"cannot serve the {what} on {path}: a file that is not a socket is in the way; "
-            "remove it"
-        )
-    if socket_answers(path):
-        raise AgentError(
-            f"cannot serve the {what} on {path}: another process serves there (is another "
-            "vgpu-agent running with the same dra.driver_name? stop it first)"
-        )
-    log.info("removing stale socket %s", path)
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise AgentError(f"cannot remove stale socket {path}: {exc.strerror or exc}") from exc
+    remove_stale_socket(
+        path,
+        info,
+        f"cannot serve the {what} on {path}",
+        "another process serves there (is another vgpu-agent running with the same "
+        "dra.driver_name? stop it first)",
+    )
 
 
 class DraServer:
@@ -354,12 +325,7 @@ class DraServer:
             options=SERVER_OPTIONS,
         )
         server.add_generic_rpc_handlers(tuple(self._handlers))
-        try:
-            port = server.add_insecure_port(f"unix://{path}")
-        except RuntimeError as exc:  # newer grpcio raises, older ones return 0
-            raise AgentError(f"cannot listen on unix socket {path}: {exc}") from exc
-        if port == 0:
-            raise AgentError(f"cannot listen on unix socket {path} (is its directory writable?)")
+        listen_on_unix_socket(server, path, "is its directory writable?")
         server.start()
         self._servers.append(server)
         self._identities[path] = socket_identity(path)
