@@ -29,8 +29,10 @@ from vgpu_agent.model.devices import (
 )
 from vgpu_agent.model.errors import VgpuError
 
-#: Whether a GPU's MPS daemon is up right now: None when it is, else why not. Cheap and
-#: never blocking (stat calls and /proc reads), as it runs inside Allocate.
+#: Whether a GPU's MPS daemon is up right now: None when it is, else why not. It runs
+#: inside Allocate (outside the node's lock): stat calls and /proc reads, and a control
+#: command (bounded by mps.control_timeout_s) only when the daemon's pid file names a
+#: process that is gone.
 DaemonGate = Callable[[str], Optional[str]]
 
 
