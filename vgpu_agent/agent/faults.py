@@ -299,6 +299,13 @@ class FaultLog:
 
         self._worker.submit(name_and_emit)
 
+    def use_daemon_logs(self, daemon_logs: Optional[DaemonLogs], unread: str) -> None:
+        """Read culprits from ``daemon_logs`` from now on (None: ``unread`` says why not)."""
+        if self._daemon_logs is not None and self._daemon_logs is not daemon_logs:
+            self._daemon_logs.close()
+        self._daemon_logs = daemon_logs
+        self._no_daemon_logs = unread
+
     def follow(self, gpu_uuids: Sequence[str]) -> None:
         """Read these GPUs' daemon output from where it ends now (the served GPUs)."""
         if self._daemon_logs is None:

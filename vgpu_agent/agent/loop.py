@@ -28,7 +28,7 @@ from vgpu_agent.agent.faults import ApplicationFault, NamedFault
 from vgpu_agent.agent.health import HealthChange
 from vgpu_agent.agent.kubelet import KubeletLink, loop_timeout
 from vgpu_agent.agent.offenders import OffenderPolicy
-from vgpu_agent.agent.parts import AgentParts, Service, fault_log_for
+from vgpu_agent.agent.parts import AgentParts, Service, daemon_logs_for, fault_log_for
 from vgpu_agent.agent.reload import execute_reload, plan_reload_from
 from vgpu_agent.agent.waiting import DriverWait, reload_while_waiting
 from vgpu_agent.config.plan import grant_policy, offered_as
@@ -188,9 +188,12 @@ class Agent:
                 self._control.stop()
             return EXIT_OK
         self._driver.why = None
-        # A reload while waiting may have changed what Allocate grants.
+        # A reload while waiting may have changed what Allocate grants, the MPS manager
+        # whose output names each fault's culprit, and [faults].
         self.node.set_grant_policy(grant_policy(self.config))
         self.node.set_device_list_strategy(self.config.plugin.device_list_strategy)
+        self._faults.use_daemon_logs(*daemon_logs_for(self.config, self._parts))
+        self._faults.configure(self.config.faults)
         try:
             self._gpus.serve(self.config)
             self._faults.follow([served.gpu.uuid for served in self.node.inventory().gpus])

@@ -154,16 +154,22 @@ class AgentParts:
 
 def fault_log_for(config: Config, parts: AgentParts) -> FaultLog:
     """The agent's fault log: pods from the observer's latest attribution and its counters
-    (none of either without an observer), culprits from the daemons' output, and the
-    offender policy of ``[faults]`` on the agent's clock."""
+    (none of either without an observer), and the offender policy of ``[faults]`` on the
+    agent's clock. The daemons' output comes once the GPUs are up (:func:`daemon_logs_for`)."""
     observer: FaultObserver = parts.observer if parts.observer is not None else NoObserver()
+    return FaultLog(
+        observer,
+        OffenderPolicy(config.faults, clock=parts.clock),
+        None,
+        no_daemon_logs="no GPU is served yet",
+    )
+
+
+def daemon_logs_for(config: Config, parts: AgentParts) -> tuple[Optional[DaemonLogs], str]:
+    """The MPS daemons' output the fault log reads for culprits, and why there is none
+    when there is none."""
     if config.mps.manager == "external":
         unread = "mps.manager = \"external\": the daemons' output is not the agent's to read"
     else:
         unread = "the MPS daemons are simulated: they write no output"
-    return FaultLog(
-        observer,
-        OffenderPolicy(config.faults, clock=parts.clock),
-        parts.make_daemon_logs(config),
-        no_daemon_logs=unread,
-    )
+    return parts.make_daemon_logs(config), unread
