@@ -15,11 +15,14 @@ from typing import Callable
 
 import pytest
 
+from tests.agent.test_fault_culprits import RecordingObserver
 from tests.harness import AgentRun, agent_runs, make_config, scrape_metrics, wait_until
 from tests.observability.test_observability_e2e import CONTAINER_ID, POD_UID, RESOURCE, _pods
-from vgpu_agent.agent.faults import ApplicationFault, FaultLog
-from vgpu_agent.config.schema import AttributionConfig, MetricsConfig
+from vgpu_agent.agent.faults import ApplicationFault, FaultEvent, FaultLog
+from vgpu_agent.agent.offenders import OffenderPolicy
+from vgpu_agent.config.schema import AttributionConfig, FaultsConfig, MetricsConfig
 from vgpu_agent.model.commands import SimulateAction, SimulateCommand
+from vgpu_agent.model.pods import PodRef
 from vgpu_agent.observability.attribution import gather
 from vgpu_agent.observability.checkpoint import CHECKPOINT_NAME
 from vgpu_agent.standins.podresources import PodResourcesStandin
@@ -38,30 +41,59 @@ def test_fault_log_names_the_pods_counts_and_keeps_the_latest(
 ) -> None:
     """One journal entry with the GPU, the XID and the pods; the counter told once; the
     recent list keeps the newest faults."""
-    counted: list[tuple[str, int, tuple[str, ...]]] = []
+    observer = RecordingObserver(
+        {
+            "GPU-1": {
+                11: PodRef("uid-b", "ns/b"),
+                12: PodRef("uid-a", "ns/a"),
+                13: PodRef("uid-a", "ns/a"),
+            }
+        }
+    )
     faults = FaultLog(
-        lambda uuid: ["ns/b", "ns/a", "ns/a"] if uuid == "GPU-1" else [],
-        lambda *args: counted.append(args),
+        observer,
+        OffenderPolicy(FaultsConfig()),
+        None,
+        no_daemon_logs="not read here",
         wall_clock=lambda: 0.0,
     )
+
+    def record(fault: ApplicationFault) -> FaultEvent:
+        seen = faults.seen(fault)
+        return faults.record(seen, faults.name(seen))
+
     with caplog.at_level(logging.WARNING):
-        event = faults.record(ApplicationFault("GPU-1", 31, "MMU fault"))
+        event = record(ApplicationFault("GPU-1", 31, "MMU fault"))
     assert event.pods == ("ns/a", "ns/b")
-    assert counted == [("GPU-1", 31, ("ns/a", "ns/b"))]
-    (record,) = caplog.records
-    fields = record.__dict__["fields"]
+    assert observer.faults == [("GPU-1", 31, ("ns/a", "ns/b"))]
+    assert observer.culprits == [("GPU-1", "")]
+    (entry,) = caplog.records
+    fields = entry.__dict__["fields"]
     assert fields == {
         "GPU_UUID": "GPU-1",
         "XID": "31",
         "VGPU_EVENT": "mps-fault",
         "VGPU_PODS": "ns/a,ns/b",
+        "VGPU_CULPRIT_POD": "unknown",
+        "VGPU_CULPRIT_POD_UID": None,
+        "VGPU_CULPRIT_PID": None,
     }
-    assert "ns/a, ns/b" in record.getMessage()
+    assert "culprit unknown (not read here)" in entry.getMessage()
+    assert "ns/a, ns/b" in entry.getMessage()
     for _ in range(30):
-        faults.record(ApplicationFault("GPU-2", 43))
+        record(ApplicationFault("GPU-2", 43))
     recent = faults.recent()
     assert len(recent) == 20
-    assert recent[-1] == {"gpu_uuid": "GPU-2", "xid": 43, "at": "1970-01-01T00:00:00Z", "pods": []}
+    assert recent[-1] == {
+        "gpu_uuid": "GPU-2",
+        "xid": 43,
+        "at": "1970-01-01T00:00:00Z",
+        "pods": [],
+        "culprit": "unknown",
+        "culprit_pod_uid": "",
+        "culprit_pid": None,
+        "culprit_note": "not read here",
+    }
 
 
 def test_a_fault_under_mps_is_an_event_of_its_gpu_naming_its_pods(
@@ -112,6 +144,10 @@ def test_a_fault_under_mps_is_an_event_of_its_gpu_naming_its_pods(
         uuid0 = described["gpus"][0]["uuid"]
         (fault,) = described["mps_faults"]
         assert (fault["gpu_uuid"], fault["xid"], fault["pods"]) == (uuid0, 31, ["ns/web"])
+        assert (fault["culprit"], fault["culprit_note"]) == (
+            "unknown",
+            "the MPS daemons are simulated: they write no output",
+        )
         assert described["gpus"][0]["healthy"]
         assert "unsafe" not in described["gpus"][0], "one client on 2 vGPUs is within its share"
         for extra_pid in (4343, 4444):
@@ -129,5 +165,6 @@ def test_a_fault_under_mps_is_an_event_of_its_gpu_naming_its_pods(
         ]
         samples = scrape_metrics(described["metrics_address"])
         assert samples[f"vgpu_mps_faults_total{{gpu_uuid={uuid0},pod=ns/web,xid=31}}"] == 1
+        assert samples[f"vgpu_mps_fault_culprits_total{{gpu_uuid={uuid0},pod=}}"] == 1
     finally:
         pods.stop()

@@ -19,6 +19,7 @@ from vgpu_agent.config.schema import (
     DEFAULT_CONFIG_PATH,
     AgentConfig,
     Config,
+    FaultsConfig,
     GpusConfig,
     HealthConfig,
     MpsConfig,
@@ -1045,6 +1046,7 @@ _TABLES: list[tuple[str, type[DataclassInstance]]] = [
     ("health", HealthConfig),
     ("simulated", SimulatedConfig),
     ("dra", DraConfig),
+    ("faults", FaultsConfig),
 ]
 _SETTING_LINE = re.compile(r"^#(?=[\[a-z])")
 

@@ -7,6 +7,9 @@
   left it readable, and locks it once the daemon dies, does not keep the agent's next
   daemon from starting: the agent replaces the file by a root-only one first, and the
   daemon keeps that mode (so there is no window for a pod to open it at all).
+- A client's illegal memory access (item 2) is recorded as a fault of its GPU naming every
+  pod it hit and, from the daemon's output, the faulting client's pod as its culprit; that
+  pod faulting again is held as a repeat offender.
 
 The lent GPU's compute mode is never changed, so what EXCLUSIVE_PROCESS adds (a client
 outside MPS can get no context beside the server) is shown by the CPU tests and stated in
@@ -24,14 +27,17 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 import pytest
 
-from vgpu_agent.agent.faults import ApplicationFault, FaultEvent, FaultLog
+from vgpu_agent.agent.faults import ApplicationFault, FaultEvent, FaultLog, SeenFault
 from vgpu_agent.agent.health import HealthChange, HealthMonitor
-from vgpu_agent.config.schema import HealthConfig
+from vgpu_agent.agent.offenders import OffenderPolicy
+from vgpu_agent.config.schema import FaultsConfig, HealthConfig
 from vgpu_agent.model.errors import MpsError
+from vgpu_agent.model.pods import PodRef, PodsPresent
+from vgpu_agent.mps.daemon_log import daemon_logs_for
 from vgpu_agent.mps.directories import LOCK_FILE, daemon_pid
 from vgpu_agent.mps.liveness import process_state
 
@@ -174,39 +180,99 @@ def _wait_for_clients(node: Node, count: int, timeout_s: float = 60.0) -> None:
     pytest.fail(f"fewer than {count} MPS clients after {timeout_s:g} s")
 
 
-def _labels_of(node: Node) -> list[str]:
-    """The --label of every MPS client of GPU 0 (stands in for attribution's pods)."""
-    labels = []
-    pids: list[str] = []
-    for _ in range(20):
-        try:
-            pids = node.client_pids(0)
-            break
-        except MpsError:
+class _LabelledPods:
+    """The fault log's observer on the GPU machine, which has no kubelet: each MPS client's
+    pod is its client's ``--label`` (pod UID ``uid-<label>``), read from /proc the way the
+    attribution snapshot would hold it before the fault."""
+
+    def __init__(self, gpu_uuid: str) -> None:
+        self.gpu_uuid = gpu_uuid
+        self.clients: dict[int, PodRef] = {}
+
+    def snapshot(self, node: Node) -> None:
+        """Take the 'latest attribution': the daemon's clients and their labels now."""
+        self.clients = {}
+        for _ in range(20):
+            with contextlib.suppress(MpsError):
+                pids = node.client_pids(0)
+                break
             time.sleep(0.1)
-    for pid in pids:
+        else:
+            pids = []
+        for pid in pids:
+            pod = self.pod_of_process(int(pid))
+            if pod is not None:
+                self.clients[int(pid)] = pod
+
+    def clients_on(self, gpu_uuid: str) -> dict[int, PodRef]:
+        return dict(self.clients) if gpu_uuid == self.gpu_uuid else {}
+
+    def pod_of_process(self, pid: int) -> Optional[PodRef]:
         with contextlib.suppress(OSError):
             words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             if b"--label" in words:
-                labels.append(words[words.index(b"--label") + 1].decode())
-    return labels
+                label = words[words.index(b"--label") + 1].decode()
+                return PodRef(f"uid-{label}", label)
+        return None
+
+    def pods_present(self) -> Optional[PodsPresent]:
+        return None
+
+    def record_fault(self, gpu_uuid: str, xid: int, pods: tuple[str, ...]) -> None:
+        """Not counted here."""
+
+    def record_culprit(self, gpu_uuid: str, pod: str) -> None:
+        """Not counted here."""
+
+    def record_offender(self, pod_uid: str, pod: str, held: bool) -> None:
+        """Not counted here."""
+
+    def release_offender(self, pod_uid: str) -> None:
+        """Not counted here."""
+
+
+def _daemon_output(node: Node) -> str:
+    """What the GPU's daemon wrote (its control.log) and its server's own log, if any."""
+    log_dir = Path(node.config.mps.log_root) / node.gpus[0].uuid
+    shown = []
+    for name in ("control.log", "server.log"):
+        path = log_dir / name
+        if path.exists():
+            shown.append(f"--- {name}\n" + path.read_text(errors="replace")[-4000:])
+    return "\n".join(shown) or "(no daemon output)"
+
+
+def _record_new(fault_log: FaultLog, seen: list[SeenFault], done: int) -> list[FaultEvent]:
+    """Name and record the faults seen since the first ``done``, as the agent does."""
+    events = [fault_log.record(fault, fault_log.name(fault)) for fault in seen[done:]]
+    for event in events:
+        print("recorded:", event.describe())
+    return events
 
 
 def test_a_fault_under_mps_is_recorded_naming_every_pod_it_hit(make_node: NodeFactory) -> None:
     """Two long-running clients and one that makes an illegal memory access on the agent's
-    daemon: the health watcher hands the XID on as an MPS fault of the GPU, the fault log
-    names all three clients' pods; what each victim saw and what the daemon logged is
-    printed (the blast radius as measured)."""
+    daemon: the health watcher hands the XID on as an MPS fault of the GPU; the fault log
+    names the faulting client's pod as the culprit, from the daemon's output, and all three
+    pods as hit. A second faulting client of the same pod (a container restarted) makes
+    the pod a repeat offender (faults.repeat_limit = 2): held. What each client saw and what
+    the daemon logged is printed (the blast radius as measured)."""
     from vgpu_agent.gpus.nvml import NvmlBackend
 
     node = make_node(replicas=REPLICAS, max_vgpus_per_container=1)
     gpu_uuid = node.gpus[0].uuid
-    faults: list[ApplicationFault] = []
+    pods = _LabelledPods(gpu_uuid)
+    daemon_logs = daemon_logs_for(node.config.mps)
+    assert daemon_logs is not None, "the direct manager's output is read"
+    daemon_logs.follow([gpu_uuid])
+    fault_log = FaultLog(pods, OffenderPolicy(FaultsConfig(repeat_limit=2)), daemon_logs)
+    seen: list[SeenFault] = []
     arrived = threading.Event()
 
     def emit(change: Union[HealthChange, ApplicationFault]) -> None:
         if isinstance(change, ApplicationFault):
-            faults.append(change)
+            # As the agent's loop: the clients on the GPU are taken as the fault arrives.
+            seen.append(fault_log.seen(change))
             arrived.set()
 
     monitor = HealthMonitor(
@@ -225,26 +291,48 @@ def test_a_fault_under_mps_is_recorded_naming_every_pod_it_hit(make_node: NodeFa
             node.allocate(0, 1, first=2), 1000, "faulter", ["--hold-s", "4", "--illegal-access"]
         )
         _wait_for_clients(node, 3)
-        seen = _labels_of(node)
-        print("clients before the fault:", seen)
-        recorded: list[FaultEvent] = []
-        fault_log = FaultLog(lambda uuid: seen, lambda *counted: None)
+        pods.snapshot(node)
+        print("clients before the fault:", pods.clients)
         assert arrived.wait(60), "no XID reached the health watcher"
-        for fault in faults:
-            recorded.append(fault_log.record(fault))
-        print("faults:", [(f.gpu_uuid, f.xid, f.detail) for f in faults])
-        print("recorded:", [event.describe() for event in recorded])
         outcomes = {c.label: _report(c).get("error", "ran to the end") for c in [faulter, *victims]}
         for label, outcome in outcomes.items():
             print(f"{label}: {outcome}")
-        assert recorded[0].gpu_uuid == gpu_uuid
-        assert recorded[0].xid in (13, 31, 43)
-        assert set(recorded[0].pods) == {"victim-0", "victim-1", "faulter"}
+        time.sleep(1.0)  # any further XID of the same fault
+        print("faults:", [(f.fault.gpu_uuid, f.fault.xid, f.fault.detail) for f in seen])
+        print("daemon output:", _daemon_output(node))
+        events = _record_new(fault_log, seen, 0)
+        assert events[0].gpu_uuid == gpu_uuid
+        assert events[0].xid in (13, 31, 43)
+        assert set(events[0].pods) == {"victim-0", "victim-1", "faulter"}
         assert "illegal memory access" in outcomes["faulter"]
-        log_path = Path(node.config.mps.log_root) / gpu_uuid / "control.log"
-        print("daemon log tail:", log_path.read_text(errors="replace")[-3000:])
-        after = node.start_client(node.allocate(0, 1, first=3), 1000, "after", ["--hold-s", "1"])
+        named = [event.culprit for event in events if event.culprit.pod is not None]
+        assert [culprit.pod for culprit in named] == [PodRef("uid-faulter", "faulter")], (
+            f"the daemon's output names the faulting client once: {[e.culprit for e in events]}"
+        )
+        assert fault_log.offenders.held() == {}
+
+        # The same pod faults again (its container restarted): a repeat offender.
+        done = len(seen)
+        arrived.clear()
+        again = node.start_client(
+            node.allocate(0, 1, first=3), 1000, "faulter", ["--hold-s", "3", "--illegal-access"]
+        )
+        _wait_for_clients(node, 1)
+        pods.snapshot(node)
+        assert arrived.wait(60), "no XID for the second fault"
+        print("the faulter again:", _report(again).get("error", "ran to the end"))
+        time.sleep(1.0)
+        events = _record_new(fault_log, seen, done)
+        named = [event.culprit for event in events if event.culprit.pod is not None]
+        assert [culprit.pod for culprit in named] == [PodRef("uid-faulter", "faulter")], (
+            f"{[e.culprit for e in events]}; daemon output: {_daemon_output(node)}"
+        )
+        held = fault_log.offenders.held()
+        print("held:", held)
+        assert list(held) == ["uid-faulter"]
+        after = node.start_client(node.allocate(0, 1, first=4), 1000, "after", ["--hold-s", "1"])
         print("a new client afterwards:", after.result().get("kernels"), "kernel batches")
         print("servers afterwards:", node.control(0, "get_server_list"))
     finally:
         monitor.stop()
+        fault_log.close()

@@ -788,7 +788,8 @@ def test_status_names_an_agent_running_with_another_config(
 
 def test_status_states_and_exit_codes(kubelet: Path, agents: Callable[..., AgentProcess]) -> None:
     """A registered agent with every vGPU healthy is `serving` (exit 0) and says its GPUs
-    are simulated; after an XID it is `degraded` (exit 4)."""
+    are simulated; an application fault (XID 31) is listed, the GPU still serving; after a
+    critical XID it is `degraded` (exit 4)."""
     config = write_config(kubelet, "[simulated]\ncount = 1\n")
     agents("--config", str(config), "run")
 
@@ -804,6 +805,17 @@ def test_status_states_and_exit_codes(kubelet: Path, agents: Callable[..., Agent
     plain = vgpu_agent("--config", str(config), "status")
     assert plain.code == 0
     assert "backend: simulated GPUs" in plain.stdout
+    assert vgpu_agent("--config", str(config), "simulate", "xid", "0", "31").code == 0
+    wait_until(
+        lambda: "MPS fault" in vgpu_agent("--config", str(config), "status").stdout,
+        "the MPS fault in status",
+    )
+    (fault_line,) = [
+        line
+        for line in vgpu_agent("--config", str(config), "status").stdout.splitlines()
+        if line.startswith("MPS fault")
+    ]
+    assert fault_line.endswith(" XID 31: culprit unknown; hit no pod with MPS clients known")
     assert vgpu_agent("--config", str(config), "simulate", "xid", "0", "79").code == 0
     degraded = vgpu_agent("--config", str(config), "status", "--json")
     assert degraded.code == 4, degraded.describe()

@@ -18,7 +18,10 @@ What lives here:
 - ``kubelet``: the registrar of the current plugin settings across reloads, and the watch
   on the plugin directory;
 - ``registration``: when to register with the kubelet (the state machine);
-- ``health``: the health watchers.
+- ``health``: the health watchers;
+- ``faults``: application faults under MPS as events of their GPU, with their culprit;
+- ``offenders``: the pods named as the culprit of too many faults, and which are held;
+- ``isolation``: no Allocate while a daemon is down, and what status calls unsafe.
 
 May import: ``vgpu_agent.model``, ``vgpu_agent.config`` and ``vgpu_agent.host``. It knows
 no adapter: no frontend, GPU backend, MPS manager or stand-in (they are passed in as

@@ -6,6 +6,7 @@ registration counts, what the observer found).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -66,6 +67,7 @@ def describe_node(
     registrations: Registrations,
     observed: dict[str, Any],
     faults: Optional[list[dict[str, Any]]] = None,
+    offenders: Optional[list[dict[str, Any]]] = None,
     backend: Optional[GpuBackend] = None,
 ) -> dict[str, Any]:
     """What `vgpu-agent status` shows: the agent, each GPU, its health and who uses it.
@@ -88,6 +90,7 @@ def describe_node(
         },
         "kubelet_restarts": registrations.kubelet_restarts,
         "mps_faults": faults or [],
+        "mps_offenders": offenders or [],
         **observed,
         "gpus": [
             {
@@ -112,3 +115,28 @@ def describe_node(
             for served in inventory.gpus
         ],
     }
+
+
+#: How many of the recent MPS faults the text form of `vgpu-agent status` prints.
+STATUS_FAULT_LINES = 5
+
+
+def fault_lines(answer: Mapping[str, Any]) -> list[str]:
+    """The lines `vgpu-agent status` prints for the latest MPS faults (culprit and pods
+    hit) and the repeat offenders, from its answer."""
+    lines = []
+    for fault in answer.get("mps_faults", [])[-STATUS_FAULT_LINES:]:
+        pods = ", ".join(fault["pods"]) or "no pod with MPS clients known"
+        culprit = fault.get("culprit", "unknown")
+        if fault.get("culprit_pid") is not None:
+            culprit += f" (pid {fault['culprit_pid']})"
+        lines.append(
+            f"MPS fault {fault['at']}: GPU {fault['gpu_uuid']} XID {fault['xid']}: "
+            f"culprit {culprit}; hit {pods}"
+        )
+    for offender in answer.get("mps_offenders", []):
+        state = "HELD" if offender["held"] else "repeat offender, reported"
+        lines.append(
+            f"MPS {state}: pod {offender['pod']} ({offender['pod_uid']}): {offender['reason']}"
+        )
+    return lines

@@ -12,7 +12,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from vgpu_agent.agent.faults import ApplicationFault
+from vgpu_agent.agent.faults import ApplicationFault, NamedFault
 from vgpu_agent.agent.health import HealthChange
 from vgpu_agent.model.commands import ControlCommand
 
@@ -55,7 +55,7 @@ class ControlRequest:
             }
 
 
-Event = Union[Stop, Reload, Wake, HealthChange, ApplicationFault, ControlRequest]
+Event = Union[Stop, Reload, Wake, HealthChange, ApplicationFault, NamedFault, ControlRequest]
 
 
 class Events:

@@ -24,10 +24,11 @@ from vgpu_agent.agent.describe import (
 )
 from vgpu_agent.agent.dispatch import ControlDispatch, apply_health_change, start_control
 from vgpu_agent.agent.events import ControlRequest, Event, Events, Reload, Stop, Wake
-from vgpu_agent.agent.faults import ApplicationFault
+from vgpu_agent.agent.faults import ApplicationFault, NamedFault
 from vgpu_agent.agent.health import HealthChange
 from vgpu_agent.agent.kubelet import KubeletLink, loop_timeout
-from vgpu_agent.agent.parts import AgentParts, Service, fault_log_for
+from vgpu_agent.agent.offenders import OffenderPolicy
+from vgpu_agent.agent.parts import AgentParts, Service, daemon_logs_for, fault_log_for
 from vgpu_agent.agent.reload import execute_reload, plan_reload_from
 from vgpu_agent.agent.waiting import DriverWait, reload_while_waiting
 from vgpu_agent.config.plan import grant_policy, offered_as
@@ -95,7 +96,14 @@ class Agent:
             answer=self._commands.answer_while_waiting,
             reload=self._reload_while_waiting,
         )
-        self._faults = fault_log_for(parts.observer)
+        #: MPS faults with their culprits, and the repeat offenders held.
+        self._faults = fault_log_for(config, parts)
+
+    @property
+    def offenders(self) -> OffenderPolicy:
+        """The repeat offenders of MPS faults; its ``held()`` (pod UID -> why) names the
+        pods the per-pod client enforcement allows no MPS clients."""
+        return self._faults.offenders
 
     @property
     def registered(self) -> bool:
@@ -128,8 +136,9 @@ class Agent:
         self._events.put(request)
         return request.answer(timeout_s, busy_with=self._last_status)
 
-    def emit_health(self, change: Union[HealthChange, ApplicationFault]) -> None:
-        """Queue a health change (or an application fault) from a watcher."""
+    def emit_health(self, change: Union[HealthChange, ApplicationFault, NamedFault]) -> None:
+        """Queue a health change (or an application fault, or its culprit named) from a
+        watcher."""
         self._events.put(change)
 
     def describe(self, attribution_wait_s: float = STATUS_ATTRIBUTION_WAIT_S) -> dict[str, Any]:
@@ -146,6 +155,7 @@ class Agent:
             registrations=counts,
             observed=observed,
             faults=self._faults.recent(),
+            offenders=self._faults.offenders.describe(),
             backend=self._gpus.backend if self._gpus is not None else None,
         )
 
@@ -178,11 +188,15 @@ class Agent:
                 self._control.stop()
             return EXIT_OK
         self._driver.why = None
-        # A reload while waiting may have changed what Allocate grants.
+        # A reload while waiting may have changed what Allocate grants, the MPS manager
+        # whose output names each fault's culprit, and [faults].
         self.node.set_grant_policy(grant_policy(self.config))
         self.node.set_device_list_strategy(self.config.plugin.device_list_strategy)
+        self._faults.use_daemon_logs(*daemon_logs_for(self.config, self._parts))
+        self._faults.configure(self.config.faults)
         try:
             self._gpus.serve(self.config)
+            self._faults.follow([served.gpu.uuid for served in self.node.inventory().gpus])
             if self._parts.observer is not None:
                 self._parts.observer.start(self._gpus.backend)
         except VgpuError as exc:
@@ -213,6 +227,7 @@ class Agent:
 
     def _tick(self) -> None:
         self._watchdog.ping()
+        self._faults.tick()
         if self._kubelet.check(self.config.plugin.plugin_dir):
             self._set_status(self._status_line())
 
@@ -226,7 +241,9 @@ class Agent:
         elif isinstance(event, HealthChange):
             self._apply_health(event)
         elif isinstance(event, ApplicationFault):
-            self._faults.record(event)
+            self._faults.arrive(event, self.emit_health)
+        elif isinstance(event, NamedFault):
+            self._faults.record(event.seen, event.culprit)
         elif isinstance(event, ControlRequest):
             event.reply.set_result(self._commands.answer(event.command))
 
@@ -251,12 +268,14 @@ class Agent:
             plan = plan_reload_from(self.config, load, self._gpus.backend, self.node.inventory())
             if plan is not None:
                 self.config = plan.config
-                execute_reload(
+                after = execute_reload(
                     plan,
                     self._gpus,
                     reregister=self._kubelet.reregister,
                     observer=self._parts.observer,
+                    faults=self._faults.configure,
                 )
+                self._faults.follow([served.gpu.uuid for served in after.gpus])
         self._notifier.ready(self._status_line())
 
     # -- status and shutdown ----------------------------------------------------------------------
@@ -291,6 +310,7 @@ class Agent:
             self._parts.observer.stop()
         if self._gpus is not None:
             self._gpus.stop_health_checks()
+        self._faults.close()
         if self._control is not None:
             self._control.stop()
         self.node.close()

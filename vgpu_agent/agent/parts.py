@@ -11,14 +11,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol
 
-from vgpu_agent.agent.faults import FaultLog
+from vgpu_agent.agent.faults import FaultLog, FaultObserver, NoObserver
 from vgpu_agent.agent.health import Emit
+from vgpu_agent.agent.offenders import OffenderPolicy
 from vgpu_agent.agent.registration import Registrar
 from vgpu_agent.config.schema import Config, HealthConfig, PluginConfig
 from vgpu_agent.host.sandbox import PluginDirGuard
 from vgpu_agent.host.systemd import Notifier
 from vgpu_agent.model.commands import ControlCommand, FaultInjector
-from vgpu_agent.model.daemons import MpsDaemons
+from vgpu_agent.model.daemons import DaemonLogs, MpsDaemons
 from vgpu_agent.model.devices import HealthReason, Inventory
 from vgpu_agent.model.gpu import GpuBackend
 from vgpu_agent.model.node import Node
@@ -55,9 +56,10 @@ class Service(Protocol):
         ...
 
 
-class Observer(Protocol):
+class Observer(FaultObserver, Protocol):
     """What the agent tells about itself beyond the kubelet: attribution, metrics, labels
-    (:class:`vgpu_agent.observability.service.Observability`)."""
+    (:class:`vgpu_agent.observability.service.Observability`), and what the fault log reads
+    and counts."""
 
     def start(self, backend: GpuBackend) -> None:
         """Start observing the served GPUs through ``backend``."""
@@ -69,14 +71,6 @@ class Observer(Protocol):
 
     def reconfigure(self, config: Config) -> None:
         """Apply a reloaded config (and what it changed in the served GPUs)."""
-        ...
-
-    def record_fault(self, gpu_uuid: str, xid: int, pods: tuple[str, ...]) -> None:
-        """Count an application fault under MPS on the GPU, for each pod it may have hit."""
-        ...
-
-    def pods_on(self, gpu_uuid: str) -> list[str]:
-        """The pods (``namespace/pod``) with MPS clients on the GPU, as last seen."""
         ...
 
     def record_xid(self, gpu_uuid: str, xid: int) -> None:
@@ -146,6 +140,9 @@ class AgentParts:
     faults: Optional[FaultInjector] = None
     #: Attribution, metrics and node labels; None to run without them.
     observer: Optional[Observer] = None
+    #: The MPS daemons' output, read for the culprit of each fault (None: not read, e.g.
+    #: mps.manager = "external" or simulated daemons).
+    make_daemon_logs: Callable[[Config], Optional[DaemonLogs]] = field(default=lambda config: None)
     #: Re-reads the config on reload; None when it was not loaded from a file.
     config_loader: Optional[Callable[[], Config]] = None
     clock: Callable[[], float] = time.monotonic
@@ -155,9 +152,24 @@ class AgentParts:
     plugin_dir_guard: PluginDirGuard = field(default_factory=PluginDirGuard)
 
 
-def fault_log_for(observer: Optional[Observer]) -> FaultLog:
-    """The agent's fault log: pods from the observer's latest attribution and its counter
-    (none of either without an observer)."""
-    if observer is None:
-        return FaultLog(lambda gpu_uuid: [], lambda gpu_uuid, xid, pods: None)
-    return FaultLog(observer.pods_on, observer.record_fault)
+def fault_log_for(config: Config, parts: AgentParts) -> FaultLog:
+    """The agent's fault log: pods from the observer's latest attribution and its counters
+    (none of either without an observer), and the offender policy of ``[faults]`` on the
+    agent's clock. The daemons' output comes once the GPUs are up (:func:`daemon_logs_for`)."""
+    observer: FaultObserver = parts.observer if parts.observer is not None else NoObserver()
+    return FaultLog(
+        observer,
+        OffenderPolicy(config.faults, clock=parts.clock),
+        None,
+        no_daemon_logs="no GPU is served yet",
+    )
+
+
+def daemon_logs_for(config: Config, parts: AgentParts) -> tuple[Optional[DaemonLogs], str]:
+    """The MPS daemons' output the fault log reads for culprits, and why there is none
+    when there is none."""
+    if config.mps.manager == "external":
+        unread = "mps.manager = \"external\": the daemons' output is not the agent's to read"
+    else:
+        unread = "the MPS daemons are simulated: they write no output"
+    return parts.make_daemon_logs(config), unread

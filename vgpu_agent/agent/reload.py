@@ -24,13 +24,14 @@ from vgpu_agent.config.reload import (
     RestartHealthChecks,
     ServeGpu,
     UseDeviceListStrategy,
+    UseFaultsConfig,
     UseGrantPolicy,
     UseLogLevel,
     WarnNotServed,
     WithdrawGpu,
     plan_reload,
 )
-from vgpu_agent.config.schema import Config, PluginConfig
+from vgpu_agent.config.schema import Config, FaultsConfig, PluginConfig
 from vgpu_agent.host.log import log_event, set_level
 from vgpu_agent.model.devices import Inventory, ServedGpu
 from vgpu_agent.model.errors import ConfigError, GpuError
@@ -79,9 +80,11 @@ def execute_reload(
     *,
     reregister: Callable[[PluginConfig], None],
     observer: Optional[Observer],
+    faults: Optional[Callable[[FaultsConfig], None]] = None,
 ) -> Inventory:
     """Carry out ``plan`` on the node ``gpus`` brings up; ``reregister`` replaces the
-    registrar with one for the new plugin settings. Returns what the node serves after."""
+    registrar with one for the new plugin settings, ``faults`` takes new ``[faults]``
+    settings. Returns what the node serves after."""
     new = plan.config
     node = gpus.node
     added: list[ServedGpu] = []
@@ -109,6 +112,8 @@ def execute_reload(
             restart_health = True
         elif isinstance(action, UseDeviceListStrategy):
             node.set_device_list_strategy(action.strategy)
+        elif isinstance(action, UseFaultsConfig) and faults is not None:
+            faults(action.faults)
         elif isinstance(action, ApplyCeiling) and gpus.mps is not None:
             # A daemon that does not answer gets it from the probe once it does.
             gpus.apply_ceiling(new, action.gpu, action.replicas)

@@ -30,6 +30,7 @@ from vgpu_agent.config.schema import (
     AgentConfig,
     AttributionConfig,
     Config,
+    FaultsConfig,
     GpusConfig,
     HealthConfig,
     LabelsConfig,
@@ -46,6 +47,7 @@ from vgpu_agent.config.values import (
     _DEVICE_LIST_STRATEGIES,
     _LOG_LEVELS,
     _MPS_MANAGERS,
+    _OFFENDER_ACTIONS,
     _REPLICAS_ALLOWED,
     _UUID_ALLOWED,
     _absolute_path,
@@ -312,6 +314,26 @@ def _parse_health(table: _Table) -> HealthConfig:
     )
 
 
+def _parse_faults(table: _Table) -> FaultsConfig:
+    defaults = FaultsConfig()
+    return FaultsConfig(
+        repeat_limit=table.get(
+            "repeat_limit",
+            defaults.repeat_limit,
+            _int_range(1, None, "an integer >= 1 (faults named on one pod within window_s)"),
+        ),
+        window_s=table.get("window_s", defaults.window_s, _seconds(allow_zero=False)),
+        offender_action=table.get(
+            "offender_action", defaults.offender_action, _choice(_OFFENDER_ACTIONS)
+        ),
+        hold_s=table.get(
+            "hold_s",
+            defaults.hold_s,
+            _seconds(allow_zero=True, note=" (0 means until the pod is gone)"),
+        ),
+    )
+
+
 def _parse_attribution(table: _Table) -> AttributionConfig:
     defaults = AttributionConfig()
     return AttributionConfig(
@@ -411,6 +433,7 @@ def parse(text: str, source: str = "<string>") -> Config:
         metrics=_parse_metrics(root.table("metrics", "[metrics]", _keys(MetricsConfig))),
         labels=_parse_labels(root.table("labels", "[labels]", _keys(LabelsConfig))),
         dra=parse_dra(document.get("dra"), source),
+        faults=_parse_faults(root.table("faults", "[faults]", _keys(FaultsConfig))),
         source=source,
     )
 

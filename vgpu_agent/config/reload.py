@@ -13,7 +13,7 @@ from typing import Optional, Union
 
 from vgpu_agent.config.dra import DRA_RESTART_ONLY_KEYS
 from vgpu_agent.config.plan import gpu_ceiling, grant_policy, plan_gpus
-from vgpu_agent.config.schema import Config
+from vgpu_agent.config.schema import Config, FaultsConfig
 from vgpu_agent.host.log import LogLevel
 from vgpu_agent.model.devices import MpsGrantPolicy
 from vgpu_agent.model.gpu import Gpu
@@ -88,6 +88,13 @@ class UseDeviceListStrategy:
 
 
 @dataclass(frozen=True)
+class UseFaultsConfig:
+    """Count MPS faults and hold offenders by new ``[faults]`` settings from now on."""
+
+    faults: FaultsConfig
+
+
+@dataclass(frozen=True)
 class ApplyCeiling:
     """Set a kept GPU's daemon ceiling anew: confinement or the vGPU count changed."""
 
@@ -106,6 +113,7 @@ ReloadAction = Union[
     Reregister,
     RestartHealthChecks,
     UseDeviceListStrategy,
+    UseFaultsConfig,
     ApplyCeiling,
 ]
 
@@ -182,6 +190,8 @@ def plan_reload(
             actions.append(ResizeGpu(gpu_uuid, wanted[gpu_uuid]))
     if new.plugin.device_list_strategy != running.plugin.device_list_strategy:
         actions.append(UseDeviceListStrategy(new.plugin.device_list_strategy))
+    if new.faults != running.faults:
+        actions.append(UseFaultsConfig(new.faults))
     by_uuid = {gpu.uuid: gpu for gpu in gpus}
     for gpu_uuid, replicas in served.items():
         gpu = by_uuid.get(gpu_uuid)

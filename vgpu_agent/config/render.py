@@ -119,6 +119,16 @@ def to_toml(config: Config) -> str:
             ("poll_interval_s", health.poll_interval_s),
         ],
     )
+    faults = config.faults
+    table(
+        "faults",
+        [
+            ("repeat_limit", faults.repeat_limit),
+            ("window_s", faults.window_s),
+            ("offender_action", faults.offender_action),
+            ("hold_s", faults.hold_s),
+        ],
+    )
     table(
         "attribution",
         [

@@ -65,6 +65,8 @@ MultiUser = Literal["auto", "on", "off"]
 Confinement = Literal["enforced", "cooperative"]
 #: How Allocate names a container's GPU to the NVIDIA container toolkit.
 DeviceListStrategy = Literal["envvar", "volume-mounts", "cdi"]
+#: What becomes of a pod named as the culprit of too many MPS faults (docs/security.md).
+OffenderAction = Literal["hold", "report"]
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,22 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class FaultsConfig:
+    """Pods whose MPS clients keep faulting (each fault ends every client of its GPU).
+    ``[faults]``"""
+
+    #: Faults naming one pod as their culprit within ``window_s`` that make it an offender.
+    repeat_limit: int = 3
+    #: Seconds over which a pod's faults are counted.
+    window_s: float = 600.0
+    #: "hold": an offender is held (allowed no MPS clients; those it has are ended);
+    #: "report": it is only logged and shown.
+    offender_action: OffenderAction = "hold"
+    #: Seconds an offender stays held after its last fault; 0 = until the pod is gone.
+    hold_s: float = 3600.0
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     """The agent process itself. ``[agent]``"""
 
@@ -248,6 +266,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     labels: LabelsConfig = field(default_factory=LabelsConfig)
     dra: DraConfig = field(default_factory=DraConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     #: Where this config came from (a path, or "<defaults>"); not a key in the file.
     source: str = "<defaults>"
 

@@ -42,6 +42,7 @@ from vgpu_agent.config.schema import (
     DeviceListStrategy,
     MpsManager,
     MultiUser,
+    OffenderAction,
 )
 from vgpu_agent.host.log import LogLevel
 from vgpu_agent.model.devices import LimitPolicy
@@ -86,6 +87,7 @@ _DEVICE_LIST_STRATEGIES: dict[str, DeviceListStrategy] = {
     name: name for name in get_args(DeviceListStrategy)
 }
 _LOG_LEVELS: dict[str, LogLevel] = {name: name for name in get_args(LogLevel)}
+_OFFENDER_ACTIONS: dict[str, OffenderAction] = {name: name for name in get_args(OffenderAction)}
 _POLICIES: dict[str, Literal["proportional", "none"]] = {
     "proportional": "proportional",
     "none": "none",

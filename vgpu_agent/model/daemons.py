@@ -8,6 +8,7 @@ daemons in memory. The composition root (:mod:`vgpu_agent.runtime.compose`) pick
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
@@ -99,6 +100,39 @@ SIMULATED_DAEMON_NOTE = (
     "simulated inside `vgpu-agent run` (no daemon process, no pipe directory; "
     "`vgpu-agent status` shows its health)"
 )
+
+
+@dataclass(frozen=True)
+class FaultCulprit:
+    """What a GPU's MPS daemon output says of one fault: the pid of the client the MPS
+    server names as having "encountered a fatal GPU error" (None when no such line came),
+    where it was read, and why it is unknown."""
+
+    pid: Optional[int]
+    #: Where the line was looked for (a file, a unit's journal).
+    source: str
+    #: Why ``pid`` is None (empty when it is known).
+    why_unknown: str = ""
+
+
+class DaemonLogs(Protocol):
+    """The output of each served GPU's MPS control daemon (its own lines and its servers'),
+    read for the client that faulted (:mod:`vgpu_agent.mps.daemon_log`)."""
+
+    def follow(self, gpu_uuids: Sequence[str]) -> None:
+        """Start reading these GPUs' output from where it ends now (those already followed
+        keep their place)."""
+        ...
+
+    def culprit(self, gpu_uuid: str, fault_at_epoch_s: float, wait_s: float) -> FaultCulprit:
+        """The client the GPU's MPS server names for a fault seen at ``fault_at_epoch_s``
+        (wall clock), waiting up to ``wait_s`` for its line; each line names the culprit of
+        one fault only. Never raises."""
+        ...
+
+    def close(self) -> None:
+        """Stop reading (files closed); a culprit still waited for is unknown."""
+        ...
 
 
 class MpsInspector(Protocol):

@@ -1,13 +1,15 @@
 """Prometheus metrics: the only module that imports prometheus_client.
 
-:class:`AgentMetrics` owns a private registry with two kinds of metric:
+:class:`AgentMetrics` owns a private registry with three kinds of metric:
 
 - histograms the agent updates as things happen (Allocate and GetPreferredAllocation
   latency);
 - metrics read from a :class:`NodeView` of the node on each scrape, by a custom collector
   (vGPUs by state, MPS daemons, MPS clients, per container vGPUs, limits and memory, the
   registrations and kubelet restarts the agent counts, and the XID events and health
-  changes counted as they are reported).
+  changes counted as they are reported);
+- counters and a gauge the fault log updates: application faults under MPS by the pods they
+  hit and by their culprit, repeat offenders, and the pods held.
 
 Label sets are bounded: GPUs, the containers that hold vGPUs on this node, XID numbers and a
 fixed set of unhealthy reason kinds. An event counter whose labels are known before its
@@ -25,7 +27,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from socketserver import ThreadingMixIn
 from typing import Any, Callable, Optional
@@ -34,6 +36,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     make_wsgi_app,
@@ -285,6 +288,26 @@ class AgentMetrics:
             ["gpu_uuid", "xid", "pod"],
             registry=registry,
         )
+        self._culprits = Counter(
+            "vgpu_mps_fault_culprits",
+            "Application faults under MPS by GPU and the pod their culprit ran in, as the MPS "
+            "server's log names it ('' when unknown).",
+            ["gpu_uuid", "pod"],
+            registry=registry,
+        )
+        self._offenders = Counter(
+            "vgpu_mps_offenders",
+            "Pods that became repeat offenders (named the culprit of faults.repeat_limit "
+            "faults within faults.window_s), by pod and faults.offender_action.",
+            ["pod", "action"],
+            registry=registry,
+        )
+        self._held = Gauge(
+            "vgpu_mps_offender_held",
+            "1 for each pod held as a repeat offender of MPS faults (allowed no MPS clients).",
+            ["pod_uid", "pod"],
+            registry=registry,
+        )
         self._allocate = Histogram(
             "vgpu_allocate_duration_seconds",
             "Time to answer the kubelet's Allocate calls.",
@@ -307,6 +330,20 @@ class AgentMetrics:
         """Count one application fault under MPS, for each pod it may have hit."""
         for pod in pods or ("",):
             self._mps_faults.labels(gpu_uuid, str(xid), pod).inc()
+
+    def mps_culprit(self, gpu_uuid: str, pod: str) -> None:
+        """Count the culprit of one application fault under MPS (``""``: unknown)."""
+        self._culprits.labels(gpu_uuid, pod).inc()
+
+    def offender(self, pod: str, action: str) -> None:
+        """Count a pod that became a repeat offender (``action``: hold or report)."""
+        self._offenders.labels(pod, action).inc()
+
+    def set_held(self, held: Mapping[str, str]) -> None:
+        """Show exactly these pods (UID -> name) as held."""
+        self._held.clear()
+        for pod_uid, pod in sorted(held.items()):
+            self._held.labels(pod_uid, pod).set(1)
 
     def health_changed(self, gpu_uuid: str, healthy: bool) -> None:
         """Count a GPU's vGPUs turning Healthy or Unhealthy."""

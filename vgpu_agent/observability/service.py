@@ -30,7 +30,9 @@ from vgpu_agent.config.values import split_listen_address
 from vgpu_agent.model.devices import HEALTHY, UNHEALTHY, Inventory, MpsGrantPolicy
 from vgpu_agent.model.errors import VgpuError
 from vgpu_agent.model.gpu import GpuBackend
+from vgpu_agent.model.pods import PodRef, PodsPresent
 from vgpu_agent.observability.attribution import Attribution, ListPods, gather
+from vgpu_agent.observability.cgroups import pod_cgroups_by_pid, read_process_cgroup
 from vgpu_agent.observability.checkpoint import CHECKPOINT_NAME, CachedCheckpoint
 from vgpu_agent.observability.labels import (
     NodeLabels,
@@ -85,6 +87,8 @@ class Observability:
         close_sources: Optional[Callable[[], None]] = None,
         gather_attribution: Gather = gather,
         clock: Callable[[], float] = time.monotonic,
+        proc_root: str = "/proc",
+        cgroup_root: str = "/sys/fs/cgroup",
     ) -> None:
         self._config = config
         self._backend: Optional[GpuBackend] = None
@@ -94,6 +98,10 @@ class Observability:
         self._gather = gather_attribution
         self._list_pods = list_pods
         self._close_sources = close_sources
+        self._proc_root = proc_root
+        self._cgroup_root = cgroup_root
+        #: The pods held as repeat offenders (UID -> shown name), for the held gauge.
+        self._held: dict[str, str] = {}
         self._checkpoint = CachedCheckpoint()
         #: Whether a scrape read the attribution since the last refresh: the refresher
         #: gathers only what someone reads (or the textfile needs).
@@ -178,6 +186,7 @@ class Observability:
             )
 
         metrics = AgentMetrics(view)
+        metrics.set_held(self._held)
         self.metrics = metrics
         address = self._config.metrics.listen_address
         if not address:
@@ -212,14 +221,68 @@ class Observability:
         if self.metrics is not None:
             self.metrics.mps_fault(gpu_uuid, xid, pods)
 
-    def pods_on(self, gpu_uuid: str) -> list[str]:
-        """The pods (``namespace/pod``, else the pod UID) with MPS clients on the GPU in the
-        latest attribution."""
-        return [
-            f"{usage.namespace}/{usage.pod}" if usage.pod else usage.pod_uid
+    def record_culprit(self, gpu_uuid: str, pod: str) -> None:
+        """Count a fault's culprit (``""``: unknown; metrics on)."""
+        if self.metrics is not None:
+            self.metrics.mps_culprit(gpu_uuid, pod)
+
+    def record_offender(self, pod_uid: str, pod: str, held: bool) -> None:
+        """Count a pod that became an offender, and show it held while it is."""
+        if held:
+            self._held[pod_uid] = pod
+        if self.metrics is not None:
+            self.metrics.offender(pod, "hold" if held else "report")
+            self.metrics.set_held(self._held)
+
+    def release_offender(self, pod_uid: str) -> None:
+        """A pod is no longer an offender: no longer shown held."""
+        if self._held.pop(pod_uid, None) is not None and self.metrics is not None:
+            self.metrics.set_held(self._held)
+
+    def clients_on(self, gpu_uuid: str) -> dict[int, PodRef]:
+        """The MPS client pids on the GPU in the latest attribution, each with its pod
+        (``namespace/pod`` empty when the PodResources API did not answer)."""
+        return {
+            pid: PodRef(usage.pod_uid, f"{usage.namespace}/{usage.pod}" if usage.pod else "")
             for usage in self.snapshot().attribution.pods
-            if usage.gpu_uuid == gpu_uuid and usage.pids
-        ]
+            if usage.gpu_uuid == gpu_uuid
+            for pid in usage.pids
+        }
+
+    def pod_of_process(self, pid: int) -> Optional[PodRef]:
+        """The pod of a running process from its cgroup (``/proc``, else the cgroup tree for
+        a process ``/proc`` hides), named as the latest attribution names it."""
+        cgroup = read_process_cgroup(pid, self._proc_root)
+        if cgroup is None:
+            cgroup = pod_cgroups_by_pid(self._cgroup_root).get(pid)
+        if cgroup is None:
+            return None
+        name = next(
+            (
+                f"{usage.namespace}/{usage.pod}"
+                for usage in self.snapshot().attribution.containers
+                if usage.pod_uid == cgroup.pod_uid and usage.pod
+            ),
+            "",
+        )
+        return PodRef(cgroup.pod_uid, name)
+
+    def pods_present(self) -> Optional[PodsPresent]:
+        """The UIDs of the pods holding vGPUs in the latest attribution, and its age; None
+        before the first one, or when it could not tell (a pod UID unknown: the kubelet
+        checkpoint unread; or no holder at all while a source failed)."""
+        with self._lock:
+            snapshot = self._snapshot
+            refreshed = self._finished > 0
+        attribution = snapshot.attribution
+        if not refreshed or any(not usage.pod_uid for usage in attribution.containers):
+            return None
+        if not attribution.containers and attribution.problems:
+            return None
+        return PodsPresent(
+            max(0.0, self._clock() - snapshot.taken_at),
+            frozenset(usage.pod_uid for usage in attribution.containers),
+        )
 
     def record_health(self, gpu_uuid: str, healthy: bool) -> None:
         """Count a GPU's vGPUs turning Healthy or Unhealthy (metrics on)."""

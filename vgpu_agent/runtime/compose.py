@@ -43,7 +43,7 @@ from vgpu_agent.host.sockets import socket_identity
 from vgpu_agent.host.systemd import Notifier
 from vgpu_agent.host.watch import DirectoryWatch
 from vgpu_agent.model.commands import ControlCommand, FaultInjector
-from vgpu_agent.model.daemons import MpsDaemons, MpsInspector
+from vgpu_agent.model.daemons import DaemonLogs, MpsDaemons, MpsInspector
 from vgpu_agent.model.gpu import ComputeMode, GpuBackend
 from vgpu_agent.model.node import Node
 from vgpu_agent.observability.attribution import gather
@@ -70,6 +70,14 @@ def real_mps(config: Config) -> Optional[MpsDaemons]:
     from vgpu_agent.mps.daemons import build_mps_daemons
 
     return build_mps_daemons(config.mps)
+
+
+def real_daemon_logs(config: Config) -> Optional[DaemonLogs]:
+    """The output of the MPS daemons ``mps.manager`` runs, read for each fault's culprit
+    (None when MPS is off or the daemons are someone else's)."""
+    from vgpu_agent.mps.daemon_log import daemon_logs_for
+
+    return daemon_logs_for(config.mps)
 
 
 def open_backend_for(config: Config) -> GpuBackend:
@@ -287,6 +295,7 @@ def build_agent(
     clock: Callable[[], float] = time.monotonic,
     open_backend: Optional[Callable[[Config], GpuBackend]] = None,
     make_mps: Optional[Callable[[Config], Optional[MpsDaemons]]] = None,
+    make_daemon_logs: Optional[Callable[[Config], Optional[DaemonLogs]]] = None,
     faults: Optional[FaultInjector] = None,
     register: Optional[Register] = None,
     make_health_checks: Optional[HealthChecksFactory] = None,
@@ -316,12 +325,17 @@ def build_agent(
                 return simulated_daemons
             return real_mps(config)  # a stand-in control program the config names
 
+        def default_daemon_logs(config: Config) -> Optional[DaemonLogs]:
+            # Simulated daemons write nothing; a stand-in control program does.
+            return None if simulated_daemons is not None else real_daemon_logs(config)
+
         chosen_backend: Callable[[Config], GpuBackend] = default_backend
         chosen_mps: Callable[[Config], Optional[MpsDaemons]] = default_mps
+        chosen_logs: Callable[[Config], Optional[DaemonLogs]] = default_daemon_logs
         if faults is None and open_backend is None and make_mps is None:
             faults = simulation
     else:
-        chosen_backend, chosen_mps = open_nvml, real_mps
+        chosen_backend, chosen_mps, chosen_logs = open_nvml, real_mps, real_daemon_logs
     node = Node()  # the agent sets its grant policy from the config
     built: list[Agent] = []
     observe_latency: Optional[Callable[[str, float], None]] = None
@@ -362,6 +376,7 @@ def build_agent(
         watch_directory=watch or watch_directory,
         faults=faults,
         observer=observer,
+        make_daemon_logs=make_daemon_logs or chosen_logs,
         config_loader=config_loader,
         clock=clock,
         backend_retry_initial_s=backend_retry_initial_s,

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Optional
 
 import click
 
-from vgpu_agent.agent.describe import WAITING_FOR_DRIVER
+from vgpu_agent.agent.describe import WAITING_FOR_DRIVER, fault_lines
 from vgpu_agent.config.parse import resolve_path
 from vgpu_agent.host import control, instance
 from vgpu_agent.model.commands import (
@@ -164,9 +164,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
     if isinstance(confined, dict):
         click.echo(f"confinement: {confined.get('summary', confined.get('mode'))}")
         click.echo(f"device list: {confined.get('device_list_strategy')}")
-    for fault in answer.get("mps_faults", [])[-5:]:
-        pods = ", ".join(fault["pods"]) or "no pod with MPS clients known"
-        click.echo(f"MPS fault {fault['at']}: GPU {fault['gpu_uuid']} XID {fault['xid']}: {pods}")
+    for line in fault_lines(answer):
+        click.echo(line)
     for gpu in answer["gpus"]:
         health = HEALTHY if gpu["healthy"] else f"{UNHEALTHY}: " + "; ".join(gpu["reasons"])
         ceiling = f", ceiling {gpu['ceiling']}" if "ceiling" in gpu else ""
