@@ -21,6 +21,7 @@ from vgpu_agent.config.schema import (
     Config,
     GpusConfig,
     HealthConfig,
+    IsolationConfig,
     MpsConfig,
     PluginConfig,
     SimulatedConfig,
@@ -88,6 +89,11 @@ mps_check_interval_s = 0.25
 recovery_quiet_period_s = 0
 poll_interval_s = 10
 
+[isolation]
+clients_per_vgpu = 2
+excess_clients = "report"
+check_interval_s = 0.5
+
 [simulated]
 
 [[simulated.gpus]]
@@ -146,6 +152,7 @@ FULL_CONFIG = Config(
         recovery_quiet_period_s=0.0,
         poll_interval_s=10.0,
     ),
+    isolation=IsolationConfig(clients_per_vgpu=2, excess_clients="report", check_interval_s=0.5),
     simulated=SimulatedConfig(
         gpus=(
             SimulatedGpu(

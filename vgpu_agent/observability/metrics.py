@@ -285,6 +285,13 @@ class AgentMetrics:
             ["gpu_uuid", "xid", "pod"],
             registry=registry,
         )
+        self._clients_ended = Counter(
+            "vgpu_mps_clients_ended",
+            "MPS client processes the agent ended, by GPU, pod and reason: excess (beyond "
+            "isolation.clients_per_vgpu per vGPU the pod holds) or held (a pod held at none).",
+            ["gpu_uuid", "pod", "reason"],
+            registry=registry,
+        )
         self._allocate = Histogram(
             "vgpu_allocate_duration_seconds",
             "Time to answer the kubelet's Allocate calls.",
@@ -307,6 +314,10 @@ class AgentMetrics:
         """Count one application fault under MPS, for each pod it may have hit."""
         for pod in pods or ("",):
             self._mps_faults.labels(gpu_uuid, str(xid), pod).inc()
+
+    def mps_client_ended(self, gpu_uuid: str, pod: str, reason: str) -> None:
+        """Count one MPS client ended by the per-pod policy."""
+        self._clients_ended.labels(gpu_uuid, pod, reason).inc()
 
     def health_changed(self, gpu_uuid: str, healthy: bool) -> None:
         """Count a GPU's vGPUs turning Healthy or Unhealthy."""

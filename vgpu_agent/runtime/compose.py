@@ -32,7 +32,7 @@ from vgpu_agent.agent.parts import (
 from vgpu_agent.agent.registration import Register, Registrar
 from vgpu_agent.config.dra import resolve_node_name
 from vgpu_agent.config.plan import simulated_mps
-from vgpu_agent.config.schema import Config, PluginConfig
+from vgpu_agent.config.schema import Config, MpsConfig, PluginConfig
 from vgpu_agent.frontends.deviceplugin import kubelet
 from vgpu_agent.frontends.deviceplugin.server import PluginServer, PluginServicer
 from vgpu_agent.frontends.dra.plugin import DraPlugin
@@ -47,6 +47,7 @@ from vgpu_agent.model.daemons import MpsDaemons, MpsInspector
 from vgpu_agent.model.gpu import ComputeMode, GpuBackend
 from vgpu_agent.model.node import Node
 from vgpu_agent.observability.attribution import gather
+from vgpu_agent.observability.enforcement import EndClient, HeldPods
 from vgpu_agent.observability.podresources import PodResourcesClient
 from vgpu_agent.observability.service import AgentCounts, Gather, Observability
 from vgpu_agent.standins.simulated import (
@@ -229,15 +230,33 @@ def control_server(path: str, handler: Callable[[ControlCommand], dict[str, Any]
     return ControlServer(path, handler)
 
 
+def client_ender(simulation: Optional[Simulation]) -> EndClient:
+    """How the per-pod policy ends an MPS client: ``terminate_client`` through the GPU's
+    daemon, or, where the daemons are simulated, by removing the simulated client."""
+    if simulation is not None and simulation.mps is not None:
+        return simulation.end_client
+    from vgpu_agent.mps.clients import end_client
+
+    def end(mps: MpsConfig, gpu_uuid: str, pid: int) -> Optional[str]:
+        return end_client(mps, gpu_uuid, pid)
+
+    return end
+
+
 def build_observability(
     config: Config,
     node: Node,
     agent: Callable[[], Optional[Agent]],
     gather_attribution: Gather = gather,
+    *,
+    end_client: Optional[EndClient] = None,
+    held_pods: Optional[HeldPods] = None,
 ) -> Observability:
     """Attribution, metrics and node labels for ``node``, reading the registration counts
     of the agent ``agent()`` returns (built after it); ``gather_attribution`` asks the
-    sources (tests and the demo point it at a /proc and cgroup tree of their own)."""
+    sources (tests and the demo point it at a /proc and cgroup tree of their own);
+    ``end_client`` ends the MPS clients the per-pod policy acts on (None: no policy), and
+    ``held_pods`` names the pods held at none."""
 
     pod_resources = PodResourcesClient()
 
@@ -255,6 +274,8 @@ def build_observability(
         list_pods=pod_resources,
         close_sources=pod_resources.close,
         gather_attribution=gather_attribution,
+        end_client=end_client,
+        held_pods=held_pods,
     )
 
 
@@ -294,6 +315,7 @@ def build_agent(
     watch: Optional[WatchFactory] = None,
     observer: Optional[Observer] = None,
     gather_attribution: Gather = gather,
+    held_pods: Optional[HeldPods] = None,
     backend_retry_initial_s: float = BACKEND_RETRY_INITIAL_S,
     backend_retry_max_s: float = BACKEND_RETRY_MAX_S,
     plugin_dir_guard: Optional[PluginDirGuard] = None,
@@ -302,7 +324,9 @@ def build_agent(
 ) -> Agent:
     """The agent for ``config`` with every collaborator built; each keyword replaces one
     (tests hand in fakes). ``notifier`` speaks to systemd; ``config_loader`` re-reads the
-    config on reload."""
+    config on reload; ``held_pods`` names the pods the per-pod client policy holds at no
+    MPS client (pod UID -> why)."""
+    simulation: Optional[Simulation] = None
     if config.gpus.backend == "simulated":
         simulation = Simulation.from_config(config)
         backend = simulation.backend
@@ -327,7 +351,12 @@ def build_agent(
     observe_latency: Optional[Callable[[str, float], None]] = None
     if observer is None:
         observed = build_observability(
-            config, node, lambda: built[0] if built else None, gather_attribution
+            config,
+            node,
+            lambda: built[0] if built else None,
+            gather_attribution,
+            end_client=client_ender(simulation),
+            held_pods=held_pods,
         )
         observe_latency = latency_observer(observed)
         observer = observed
