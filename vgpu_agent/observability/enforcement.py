@@ -65,15 +65,17 @@ def _no_pods_held() -> Mapping[str, str]:
     return {}
 
 
-def process_start_s(pid: int, proc_root: str = "/proc") -> Optional[float]:
-    """When process ``pid`` started, in seconds since boot (``/proc/<pid>/stat``, field 22);
-    None when it is gone or hidden."""
+def process_start_s(
+    pid: int, proc_root: str = "/proc", ticks_per_s: Optional[int] = None
+) -> Optional[float]:
+    """When process ``pid`` started, in seconds since boot (``/proc/<pid>/stat``, field 22,
+    in clock ticks: ``SC_CLK_TCK`` a second unless told); None when it is gone or hidden."""
     try:
         with open(os.path.join(proc_root, str(pid), "stat"), encoding="utf-8") as stat:
             text = stat.read()
         # The command name (field 2) may hold spaces and parentheses: count after its end.
         fields = text.rpartition(")")[2].split()
-        return int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        return int(fields[19]) / (ticks_per_s or os.sysconf("SC_CLK_TCK"))
     except (OSError, UnicodeDecodeError, IndexError, ValueError):
         return None
 

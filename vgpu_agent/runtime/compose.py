@@ -47,7 +47,8 @@ from vgpu_agent.model.daemons import MpsDaemons, MpsInspector
 from vgpu_agent.model.gpu import ComputeMode, GpuBackend
 from vgpu_agent.model.node import Node
 from vgpu_agent.observability.attribution import gather
-from vgpu_agent.observability.enforcement import EndClient, HeldPods
+from vgpu_agent.observability.enforcement import EndClient, HeldPods, process_start_s
+from vgpu_agent.observability.excess import StartTime
 from vgpu_agent.observability.podresources import PodResourcesClient
 from vgpu_agent.observability.service import AgentCounts, Gather, Observability
 from vgpu_agent.standins.simulated import (
@@ -251,12 +252,14 @@ def build_observability(
     *,
     end_client: Optional[EndClient] = None,
     held_pods: Optional[HeldPods] = None,
+    client_start_time: StartTime = process_start_s,
 ) -> Observability:
     """Attribution, metrics and node labels for ``node``, reading the registration counts
     of the agent ``agent()`` returns (built after it); ``gather_attribution`` asks the
     sources (tests and the demo point it at a /proc and cgroup tree of their own);
-    ``end_client`` ends the MPS clients the per-pod policy acts on (None: no policy), and
-    ``held_pods`` names the pods held at none."""
+    ``end_client`` ends the MPS clients the per-pod policy acts on (None: no policy),
+    ``held_pods`` names the pods held at none, ``client_start_time`` says when a client
+    started (tests point it at a /proc of their own)."""
 
     pod_resources = PodResourcesClient()
 
@@ -276,6 +279,7 @@ def build_observability(
         gather_attribution=gather_attribution,
         end_client=end_client,
         held_pods=held_pods,
+        client_start_time=client_start_time,
     )
 
 
@@ -316,6 +320,7 @@ def build_agent(
     observer: Optional[Observer] = None,
     gather_attribution: Gather = gather,
     held_pods: Optional[HeldPods] = None,
+    client_start_time: StartTime = process_start_s,
     backend_retry_initial_s: float = BACKEND_RETRY_INITIAL_S,
     backend_retry_max_s: float = BACKEND_RETRY_MAX_S,
     plugin_dir_guard: Optional[PluginDirGuard] = None,
@@ -325,7 +330,8 @@ def build_agent(
     """The agent for ``config`` with every collaborator built; each keyword replaces one
     (tests hand in fakes). ``notifier`` speaks to systemd; ``config_loader`` re-reads the
     config on reload; ``held_pods`` names the pods the per-pod client policy holds at no
-    MPS client (pod UID -> why)."""
+    MPS client (pod UID -> why), and ``client_start_time`` says when a client process
+    started."""
     simulation: Optional[Simulation] = None
     if config.gpus.backend == "simulated":
         simulation = Simulation.from_config(config)
@@ -357,6 +363,7 @@ def build_agent(
             gather_attribution,
             end_client=client_ender(simulation),
             held_pods=held_pods,
+            client_start_time=client_start_time,
         )
         observe_latency = latency_observer(observed)
         observer = observed
