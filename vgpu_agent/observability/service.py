@@ -423,19 +423,22 @@ class Observability:
             self._report(str(exc))
 
     def _due(self) -> tuple[bool, bool]:
-        """Whether the next pass is a full refresh (one asked for it, a scrape read the
-        last one, or the textfile is due), and whether there is a pass at all (also each
-        check of the client policy). Each call takes the request."""
+        """Whether the next pass is a full refresh, and whether there is a pass at all (each
+        call takes the request). Without the client policy: when a reader asked for one,
+        a scrape read the last one, or the textfile is written. With it every pass is a
+        check, and a full one (PodResources asked, the textfile written) when asked for or
+        once per ``attribution.refresh_interval_s``."""
         with self._lock:
-            due = self._refresh_wanted or self._read_since_refresh
+            wanted = self._refresh_wanted
+            read = self._read_since_refresh
             self._refresh_wanted = False
             self._read_since_refresh = False
-        metrics = self._config.metrics
-        enforcing = self._enforcing()
-        if metrics.enabled and bool(metrics.textfile_path):
+        if self._enforcing():
             interval = self._config.attribution.refresh_interval_s
-            due = due or not enforcing or self._clock() - self._full_at >= interval
-        return due, due or enforcing
+            return wanted or self._clock() - self._full_at >= interval, True
+        metrics = self._config.metrics
+        due = wanted or read or (metrics.enabled and bool(metrics.textfile_path))
+        return due, due
 
     def _run(self) -> None:
         first = True
