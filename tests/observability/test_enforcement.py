@@ -193,6 +193,23 @@ def test_a_failed_end_is_logged_once_and_tried_again(caplog: pytest.LogCaptureFi
     assert [entry["action"] for entry in enforcer.describe()["recent"]] == ["failed", "ended"]
 
 
+def test_a_client_gone_after_a_failed_attempt_counts_as_ended() -> None:
+    """An attempt that failed after terminate_client may have reached the daemon: when no
+    server lists the client at the next check, it is recorded as ended, not tried again."""
+    daemons = Daemons({10, 11})
+    daemons.refuse = "the server's clients could not be read back"
+    enforcer = _enforcer(daemons)
+    enforcer.check(_one_pod(1, (10, 11)))
+    daemons.refuse = None
+    daemons.clients.discard(11)
+    enforcer.check(_one_pod(1, (10, 11)))
+    recent = enforcer.describe()["recent"]
+    assert [(entry["action"], entry.get("detail", "")) for entry in recent][-1] == (
+        "ended",
+        "no MPS server lists it any more, after an earlier attempt",
+    )
+
+
 def test_a_client_no_server_lists_is_not_counted_as_ended(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -303,3 +320,21 @@ def test_this_process_has_a_start_time() -> None:
     started = process_start_s(os.getpid())
     assert started is not None
     assert 0 < started <= time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def test_pending_work_makes_a_quiet_check_look_again() -> None:
+    """A failed end to retry, or a pod newly held, is work for the next check even when no
+    client came or went; outside enforced confinement there is none."""
+    daemons = Daemons({10, 11})
+    held: dict[str, str] = {}
+    enforcer = ClientEnforcer(_config(), end_client=daemons.end, held=lambda: held)
+    enforcer.check(_one_pod(1, (10,)))
+    assert not enforcer.pending()
+    held[UID_WEB] = "3 faults in 10 min"
+    assert enforcer.pending()
+    enforcer.check(_one_pod(1, (10,)))
+    assert not enforcer.pending()
+    daemons.refuse = "no answer"
+    enforcer.check(_one_pod(1, (10, 11)))
+    assert enforcer.pending()
+    assert not _enforcer(daemons, _config("cooperative")).pending()

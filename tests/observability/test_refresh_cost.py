@@ -192,3 +192,24 @@ def test_checks_between_full_refreshes_reuse_the_pod_list_and_write_no_textfile(
     assert cooperative._interval() == 10.0, "no policy, no faster refresh"
     assert cooperative._due() == (True, True), "a reload asks for a refresh"
     assert cooperative._due() == (False, False), "then only readers do"
+
+
+def test_a_quiet_check_only_lists_the_clients(tmp_path: Path) -> None:
+    """Between full refreshes a check gathers only when NVML lists other clients than the
+    last attribution did, or the policy has a retry waiting."""
+    _write_checkpoint(tmp_path / CHECKPOINT_NAME, (UID_A,))
+    kubelet = Kubelet()
+    observability = _observability(tmp_path, kubelet, check_interval_s=0.5)
+    backend = SimulatedBackend([served.gpu for served in make_inventory((4,)).gpus])
+    observability._backend = backend
+    uuid0 = make_inventory((4,)).gpus[0].gpu.uuid
+    backend.add_mps_client(uuid0, 300, 10)
+    assert observability._check_due(), "a client the last attribution did not have"
+    observability.refresh_once(full=True)
+    assert not observability._check_due(), "nothing came or went"
+    backend.remove_mps_client(300)
+    assert observability._check_due(), "a client went"
+    observability.refresh_once(full=False)
+    assert not observability._check_due()
+    backend.fail_calls("driver gone")
+    assert observability._check_due(), "NVML fails: the gather says why"

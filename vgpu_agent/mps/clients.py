@@ -73,13 +73,23 @@ def _wait_until_gone(
     time (``settle``: seconds, clock, sleep)."""
     settle_s, clock, sleep = settle
     deadline = clock() + settle_s
-    while client_pid in client_pids(config, pipe_dir, server_pid):
+    unread = ""
+    while True:
+        try:
+            if client_pid not in client_pids(config, pipe_dir, server_pid):
+                return
+            unread = ""
+        except MpsError as exc:
+            # A command the daemon drops while clients connect: ask again until the deadline.
+            unread = f" (reading the list back: {exc})"
         if clock() >= deadline:
             said = f"answered {answer!r}" if answer else "gave no answer"
-            raise MpsError(
-                f"terminate_client {server_pid} {client_pid} {said}, and the server still "
-                f"lists the client after {settle_s:g} s"
+            after = (
+                f"the server's clients could not be read back within {settle_s:g} s{unread}"
+                if unread
+                else f"the server still lists the client after {settle_s:g} s"
             )
+            raise MpsError(f"terminate_client {server_pid} {client_pid} {said}, and {after}")
         sleep(END_POLL_S)
 
 

@@ -159,6 +159,17 @@ class ClientEnforcer:
         """Whether the config asks for the check (enforced confinement, MPS on)."""
         return clients_enforced(self._config)
 
+    def pending(self) -> bool:
+        """Whether the next check has work even if no client came or went: an end to try
+        again, a client to look for again, or other pods held than at the last check."""
+        if not self.active:
+            return False
+        if self._failed or self._unserved:
+            return True
+        held = self._held_pods()
+        with self._lock:
+            return held != self._held_now
+
     def _started(self, pid: int) -> Optional[float]:
         started = self._start_time(pid)
         return started if started is not None else self._first_seen.get(pid)
@@ -225,6 +236,11 @@ class ClientEnforcer:
                 return None
             self._failed.add(key)
             return self._record(client, FAILED, str(exc))
+        if where is None and key in self._failed:
+            # An earlier attempt failed after terminate_client may have reached the daemon
+            # (its answer could not be read back): the client is gone from every server
+            # now, by that attempt or because it exited. Either way it runs no CUDA work.
+            where = "no MPS server lists it any more, after an earlier attempt"
         if where is None:
             if key not in self._unserved:
                 self._unserved.add(key)

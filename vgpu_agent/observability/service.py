@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from vgpu_agent.config.schema import Config
 from vgpu_agent.config.values import split_listen_address
 from vgpu_agent.model.devices import HEALTHY, UNHEALTHY, Inventory, MpsGrantPolicy
-from vgpu_agent.model.errors import VgpuError
+from vgpu_agent.model.errors import GpuError, VgpuError
 from vgpu_agent.model.gpu import GpuBackend
 from vgpu_agent.observability.attribution import Attribution, ListPods, PodListCache, gather
 from vgpu_agent.observability.cgroups import PodCgroup
@@ -120,6 +120,8 @@ class Observability:
         self._hidden_cgroups: dict[int, Optional[PodCgroup]] = {}
         #: When the last full refresh (every source asked) was taken.
         self._full_at = clock()
+        #: The MPS clients (GPU UUID, pid) of the last attribution.
+        self._clients_listed: set[tuple[str, int]] = set()
         self.clients: Optional[ClientEnforcer] = None
         if end_client is not None:
             self.clients = ClientEnforcer(
@@ -375,6 +377,10 @@ class Observability:
             hidden_cgroups=self._hidden_cgroups,
         )
         self._report_problems(attribution.problems)
+        self._clients_listed = {
+            (usage.gpu_uuid, pid) for usage in attribution.pods for pid in usage.pids
+        }
+        self._clients_listed |= {(stray.gpu_uuid, stray.pid) for stray in attribution.strays}
         snapshot = AttributionSnapshot(attribution, self._clock())
         with self._lock:
             self._snapshot = snapshot
@@ -423,28 +429,47 @@ class Observability:
             self._report(str(exc))
 
     def _due(self) -> tuple[bool, bool]:
-        """Whether the next pass is a full refresh, and whether there is a pass at all (each
-        call takes the request). Without the client policy: when a reader asked for one,
-        a scrape read the last one, or the textfile is written. With it every pass is a
-        check, and a full one (PodResources asked, the textfile written) when asked for or
-        once per ``attribution.refresh_interval_s``."""
+        """Whether the next pass is a full refresh: a reader asked for one or a scrape read
+        the last one, or the textfile is due (each call takes the request). And whether
+        there is a pass at all: also every check interval while the client policy acts."""
         with self._lock:
-            wanted = self._refresh_wanted
-            read = self._read_since_refresh
+            asked, read = self._refresh_wanted, self._read_since_refresh
             self._refresh_wanted = False
             self._read_since_refresh = False
-        if self._enforcing():
-            interval = self._config.attribution.refresh_interval_s
-            return wanted or self._clock() - self._full_at >= interval, True
         metrics = self._config.metrics
-        due = wanted or read or (metrics.enabled and bool(metrics.textfile_path))
-        return due, due
+        textfile = metrics.enabled and bool(metrics.textfile_path)
+        if not self._enforcing():
+            due = asked or read or textfile
+            return due, due
+        if textfile:
+            # Writing the textfile reads the attribution itself: only its age counts.
+            interval = self._config.attribution.refresh_interval_s
+            return asked or self._clock() - self._full_at >= interval, True
+        return asked or read, True
+
+    def _check_due(self) -> bool:
+        """Whether a check between full refreshes has anything to look at: NVML lists other
+        MPS clients than the last attribution did (one call per GPU, the whole cost of a
+        quiet check), or the policy has a retry or a newly held pod waiting."""
+        backend = self._backend
+        if backend is None or self.clients is None:
+            return False
+        if self.clients.pending():
+            return True
+        listed: set[tuple[str, int]] = set()
+        for served in self._inventory().gpus:
+            try:
+                processes = backend.mps_client_processes(served.gpu.uuid)
+            except GpuError:
+                return True  # the gather names the problem
+            listed.update((served.gpu.uuid, process.pid) for process in processes)
+        return listed != self._clients_listed
 
     def _run(self) -> None:
         first = True
         while True:
             full, due = self._due()
-            if first or due:
+            if first or full or (due and self._check_due()):
                 try:
                     self.refresh_once(full=first or full)
                 except Exception:  # the refresher must outlive any one bad answer

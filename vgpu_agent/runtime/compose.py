@@ -32,7 +32,7 @@ from vgpu_agent.agent.parts import (
 from vgpu_agent.agent.registration import Register, Registrar
 from vgpu_agent.config.dra import resolve_node_name
 from vgpu_agent.config.plan import simulated_mps
-from vgpu_agent.config.schema import Config, MpsConfig, PluginConfig
+from vgpu_agent.config.schema import Config, PluginConfig
 from vgpu_agent.frontends.deviceplugin import kubelet
 from vgpu_agent.frontends.deviceplugin.server import PluginServer, PluginServicer
 from vgpu_agent.frontends.dra.plugin import DraPlugin
@@ -238,10 +238,7 @@ def client_ender(simulation: Optional[Simulation]) -> EndClient:
         return simulation.end_client
     from vgpu_agent.mps.clients import end_client
 
-    def end(mps: MpsConfig, gpu_uuid: str, pid: int) -> Optional[str]:
-        return end_client(mps, gpu_uuid, pid)
-
-    return end
+    return end_client
 
 
 def build_observability(
