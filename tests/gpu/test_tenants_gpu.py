@@ -136,10 +136,10 @@ def _report(client: Client) -> dict[str, Any]:
 
 def _acted_on(observability: Observability, action: str) -> list[dict[str, Any]]:
     """What the policy did to the multi-process pod's clients so far."""
-    assert observability.clients is not None
+    assert observability.client_policy is not None
     return [
         entry
-        for entry in observability.clients.describe()["recent"]
+        for entry in observability.client_policy.describe()["recent"]
         if entry["pod"] == f"{NAMESPACE}/{MULTI}" and entry["action"] == action
     ]
 
@@ -213,8 +213,8 @@ def _run_tenants(
         finally:
             observability.stop()
             backend.close()
-    assert observability.clients is not None
-    recent = observability.clients.describe()["recent"]
+    assert observability.client_policy is not None
+    recent = observability.client_policy.describe()["recent"]
     multi = [reports[f"{MULTI}-{index}"] for index in range(MULTI_PROCESSES)]
     neighbours = [reports[name] for name in NEIGHBOURS]
     neighbour_mean = sum(int(report["iterations"]) for report in neighbours) / len(neighbours)

@@ -122,9 +122,10 @@ class Observability:
         self._full_at = clock()
         #: The MPS clients (GPU UUID, pid) of the last attribution.
         self._clients_listed: set[tuple[str, int]] = set()
-        self.clients: Optional[ClientEnforcer] = None
+        #: The per-pod MPS client policy (None: no way to end a client was handed in).
+        self.client_policy: Optional[ClientEnforcer] = None
         if end_client is not None:
-            self.clients = ClientEnforcer(
+            self.client_policy = ClientEnforcer(
                 config,
                 end_client=end_client,
                 held=held_pods or (lambda: {}),
@@ -178,8 +179,8 @@ class Observability:
         """Apply a reloaded config: restart the endpoint if its settings changed."""
         old = self._config
         self._config = config
-        if self.clients is not None:
-            self.clients.reconfigure(config)
+        if self.client_policy is not None:
+            self.client_policy.reconfigure(config)
         if old.metrics != config.metrics:
             self._stop_metrics()
             if config.metrics.enabled:
@@ -338,7 +339,7 @@ class Observability:
 
     def _enforcing(self) -> bool:
         """Whether the per-pod client policy looks at each attribution."""
-        return self.clients is not None and self.clients.active
+        return self.client_policy is not None and self.client_policy.active
 
     def _interval(self) -> float:
         """Seconds between refreshes: the check interval while the client policy acts."""
@@ -384,10 +385,10 @@ class Observability:
         snapshot = AttributionSnapshot(attribution, self._clock())
         with self._lock:
             self._snapshot = snapshot
-        if self.clients is not None:
+        if self.client_policy is not None:
             # Before waiters are woken: a status that waited for this refresh shows what
             # the policy did with it.
-            self.clients.check(attribution)
+            self.client_policy.check(attribution)
         # Before waiters are woken: the textfile of a refresh they waited for is on disk.
         if full:
             self._write_textfile()
@@ -412,8 +413,8 @@ class Observability:
                 for served in inventory.gpus
             },
         }
-        if self.clients is not None:
-            shown["mps_client_policy"] = self.clients.describe()
+        if self.client_policy is not None:
+            shown["mps_client_policy"] = self.client_policy.describe()
         return shown
 
     def _write_textfile(self) -> None:
@@ -452,9 +453,9 @@ class Observability:
         MPS clients than the last attribution did (one call per GPU, the whole cost of a
         quiet check), or the policy has a retry or a newly held pod waiting."""
         backend = self._backend
-        if backend is None or self.clients is None:
+        if backend is None or self.client_policy is None:
             return False
-        if self.clients.pending():
+        if self.client_policy.pending():
             return True
         listed: set[tuple[str, int]] = set()
         for served in self._inventory().gpus:
