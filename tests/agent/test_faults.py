@@ -1,8 +1,9 @@
 """Application faults under MPS (issue 20 item 2): an XID of health.ignored_xids on a
 served GPU is recorded as an MPS fault of that GPU, naming the pods that had MPS clients on
 it; journald fields, a metrics counter per GPU and pod, recent faults in status; the GPU
-stays Healthy. And status says when a container runs more MPS clients than it holds vGPUs
-(item 1: seen, not yet enforced)."""
+stays Healthy. And status says when a container runs more MPS clients than it holds vGPUs,
+and what the per-pod policy does about it (item 1; tests/agent/test_tenants.py shows the
+policy acting)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,12 @@ from tests.harness import AgentRun, agent_runs, make_config, scrape_metrics, wai
 from tests.observability.test_observability_e2e import CONTAINER_ID, POD_UID, RESOURCE, _pods
 from vgpu_agent.agent.faults import ApplicationFault, FaultEvent, FaultLog
 from vgpu_agent.agent.offenders import OffenderPolicy
-from vgpu_agent.config.schema import AttributionConfig, FaultsConfig, MetricsConfig
+from vgpu_agent.config.schema import (
+    AttributionConfig,
+    FaultsConfig,
+    IsolationConfig,
+    MetricsConfig,
+)
 from vgpu_agent.model.commands import SimulateAction, SimulateCommand
 from vgpu_agent.model.pods import PodRef
 from vgpu_agent.observability.attribution import gather
@@ -101,7 +107,7 @@ def test_a_fault_under_mps_is_an_event_of_its_gpu_naming_its_pods(
 ) -> None:
     """A pod's MPS client on GPU 0, then XID 31 there: status lists the fault with the pod,
     the counter counts it for that pod, and the GPU stays Healthy; once the container runs
-    more clients than vGPUs, status calls it unsafe."""
+    more clients than vGPUs, status calls it unsafe and says the policy only reports it."""
     root = short_tmp_dir
     proc = tmp_path / "proc"
     for pid in ("4242", "4343", "4444"):
@@ -115,6 +121,8 @@ def test_a_fault_under_mps_is_an_event_of_its_gpu_naming_its_pods(
         root,
         attribution=AttributionConfig(pod_resources_socket=socket_path, refresh_interval_s=0.2),
         metrics=MetricsConfig(enabled=True, listen_address="127.0.0.1:0"),
+        # Reported, not ended: the third client stays, and so does the warning.
+        isolation=IsolationConfig(excess_clients="report", check_interval_s=0.1),
     )
     config = replace(config, mps=replace(config.mps, max_vgpus_per_container=2))
     run = start(
@@ -161,7 +169,9 @@ def test_a_fault_under_mps_is_an_event_of_its_gpu_naming_its_pods(
         wait_until(lambda: bool(warned()), WAIT_S, "the container's third client")
         assert warned() == [
             "container ns/web/app runs 3 MPS client processes on 2 vGPU(s): MPS holds each "
-            "process, not the container, to the ceiling, so it can use up to 3 shares"
+            "process, not the container, to the ceiling, so it can use up to 3 shares; only "
+            'reported (isolation.excess_clients = "report"): 1 beyond the 2 '
+            "isolation.clients_per_vgpu = 1 lets it run"
         ]
         samples = scrape_metrics(described["metrics_address"])
         assert samples[f"vgpu_mps_faults_total{{gpu_uuid={uuid0},pod=ns/web,xid=31}}"] == 1

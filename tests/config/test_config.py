@@ -22,6 +22,7 @@ from vgpu_agent.config.schema import (
     FaultsConfig,
     GpusConfig,
     HealthConfig,
+    IsolationConfig,
     MpsConfig,
     PluginConfig,
     SimulatedConfig,
@@ -89,6 +90,11 @@ mps_check_interval_s = 0.25
 recovery_quiet_period_s = 0
 poll_interval_s = 10
 
+[isolation]
+clients_per_vgpu = 2
+excess_clients = "report"
+check_interval_s = 0.5
+
 [simulated]
 
 [[simulated.gpus]]
@@ -147,6 +153,7 @@ FULL_CONFIG = Config(
         recovery_quiet_period_s=0.0,
         poll_interval_s=10.0,
     ),
+    isolation=IsolationConfig(clients_per_vgpu=2, excess_clients="report", check_interval_s=0.5),
     simulated=SimulatedConfig(
         gpus=(
             SimulatedGpu(

@@ -26,6 +26,13 @@ It behaves like the real program where the agent can tell (driver 580, see docs/
   appears in ``get_server_list`` with the daemon's defaults of that moment, and the
   per-server commands (``set_active_thread_percentage <pid> <n>``,
   ``set_device_pinned_mem_limit <pid> <dev> <value>`` and their ``get_`` forms) act on it.
+- ``get_client_list <server>`` lists the server's clients, one pid a line;
+  ``terminate_client <server> <client>`` removes the client from that list and answers
+  nothing. Which clients a server has is up to the test: ``fake_add_client <server>
+  <pid>`` (stand-in only) adds one, as a client connecting would; ``fake_refuse_terminate
+  1`` (stand-in only; ``0`` undoes it) makes ``terminate_client`` answer an error and end
+  nothing. An unknown server or client gets an answer that is no pid (the stand-in's own
+  words: the real daemon's were not recorded).
 - ``start_server -uid <uid>`` starts a server (a made-up pid from 5000000 up) unless one
   runs; ``fake_end_servers`` (stand-in only) ends every server, as a kill or a fault would.
   ``FAKE_MPS_NO_SERVER=1`` makes ``start_server`` start nothing (something else holds the
@@ -97,6 +104,33 @@ def _server_command(words: list[str], state: dict[str, str]) -> tuple[bool, str]
     return False, ""
 
 
+def _client_command(words: list[str], state: dict[str, str]) -> tuple[bool, str]:
+    """The commands on a server's clients: (True, reply); (False, "") for other commands."""
+    if words[0] == "fake_refuse_terminate" and len(words) == 2:
+        state["refuse_terminate"] = words[1]
+        return True, ""
+    if words[0] not in ("get_client_list", "terminate_client", "fake_add_client"):
+        return False, ""
+    if len(words) < 2 or f"server{words[1]}" not in state:
+        return True, f"Server {words[1] if len(words) > 1 else ''} not found"
+    key = f"clients@{words[1]}"
+    clients = state.get(key, "").split()
+    if words[0] == "get_client_list" and len(words) == 2:
+        return True, "\n".join(clients)
+    if words[0] == "fake_add_client" and len(words) == 3:
+        # Stand-in only: a client connecting to the server.
+        state[key] = " ".join([*clients, words[2]])
+        return True, ""
+    if words[0] == "terminate_client" and len(words) == 3:
+        if state.get("refuse_terminate") == "1":
+            return True, f"Failed to terminate client {words[2]} (stand-in refusal)"
+        if words[2] not in clients:
+            return True, f"Client {words[2]} not found on server {words[1]}"
+        state[key] = " ".join(client for client in clients if client != words[2])
+        return True, ""
+    return True, f"Unrecognized arguments to {words[0]}"
+
+
 #: Where the pids of servers started by ``start_server`` begin (above any real pid_max).
 FAKE_SERVER_PID = 5_000_000
 
@@ -130,9 +164,12 @@ def answer(command: str, state: dict[str, str]) -> str:
         return ""
     if words[0] == "fake_end_servers":
         # Stand-in only: every server gone (killed, or ended by a fault).
-        for key in [key for key in state if key.startswith("server")]:
+        for key in [key for key in state if key.startswith(("server", "clients@"))]:
             del state[key]
         return ""
+    handled, reply = _client_command(words, state)
+    if handled:
+        return reply
     handled, reply = _server_command(words, state)
     if handled:
         return reply

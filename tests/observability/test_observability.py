@@ -274,14 +274,14 @@ def test_status_shows_each_container_its_limits_and_memory() -> None:
 
 def test_the_refresher_gathers_only_what_is_read(node: _Node) -> None:
     """No reader, no refresh: a scrape's read, a status request or a textfile make the next
-    refresh due; an unread attribution is not gathered again."""
+    refresh due (and full); an unread attribution is not gathered again."""
     observability = node.build(node.config(metrics=MetricsConfig(enabled=True, listen_address="")))
-    assert not observability._due()
+    assert observability._due() == (False, False)
     observability._read_for_scrape()
-    assert observability._due()
-    assert not observability._due()
+    assert observability._due() == (True, True)
+    assert observability._due() == (False, False)
     observability.request_refresh()
-    assert observability._due()
+    assert observability._due() == (True, True)
     with_textfile = node.build(
         node.config(
             metrics=MetricsConfig(
@@ -289,8 +289,8 @@ def test_the_refresher_gathers_only_what_is_read(node: _Node) -> None:
             )
         )
     )
-    assert with_textfile._due()
-    assert with_textfile._due()
+    assert with_textfile._due() == (True, True)
+    assert with_textfile._due() == (True, True)
 
 
 def test_a_stale_attribution_is_refreshed_for_a_scrape(node: _Node) -> None:

@@ -109,7 +109,7 @@ def describe_node(
                     config,
                     backend,
                     served.gpu.uuid,
-                    excess_client_warnings(users.get(served.gpu.uuid)),
+                    excess_client_warnings(users.get(served.gpu.uuid), config),
                 ),
             }
             for served in inventory.gpus

@@ -11,7 +11,8 @@ of a daemon that is down would run outside MPS: its CUDA calls find no control s
 go straight to the GPU, with no error.
 
 `vgpu-agent status` also shows each GPU's compute mode, and says when it lets pods around
-MPS (:func:`vgpu_agent.config.isolation.compute_mode_risk`).
+MPS (:func:`vgpu_agent.config.isolation.compute_mode_risk`), and each container that runs
+more MPS clients than it holds vGPUs, with what the per-pod policy does about it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from vgpu_agent.config.isolation import compute_mode_risk
+from vgpu_agent.config.isolation import compute_mode_risk, excess_client_action
 from vgpu_agent.config.schema import Config
 from vgpu_agent.model.daemons import MpsDaemons
 from vgpu_agent.model.errors import GpuError
@@ -82,11 +83,12 @@ def isolation_status(
     return shown
 
 
-def excess_client_warnings(gpu_users: Optional[dict[str, Any]]) -> list[str]:
+def excess_client_warnings(gpu_users: Optional[dict[str, Any]], config: Config) -> list[str]:
     """Why a GPU's containers get more than their share: each container running more MPS
     client processes than it holds vGPUs (MPS limits each process, not the pod: a 1-vGPU
-    container with 4 processes got 3.99 shares on an H100). From `status`'s attribution of
-    the GPU (None: not known)."""
+    container with 4 processes got 3.99 shares on an H100), and what the per-pod policy
+    (``[isolation]``) does about it. From `status`'s attribution of the GPU (None: not
+    known)."""
     warnings = []
     for container in (gpu_users or {}).get("containers", []):
         clients, vgpus = len(container.get("pids", [])), len(container.get("vgpu_ids", []))
@@ -97,6 +99,7 @@ def excess_client_warnings(gpu_users: Optional[dict[str, Any]]) -> list[str]:
             warnings.append(
                 f"container {name}/{container.get('container', '?')} runs {clients} MPS client "
                 f"processes on {vgpus} vGPU(s): MPS holds each process, not the container, to "
-                f"the ceiling, so it can use up to {clients} shares"
+                f"the ceiling, so it can use up to {clients} shares; "
+                + excess_client_action(config, clients, vgpus)
             )
     return warnings

@@ -1,5 +1,6 @@
 """Judgements about a node's isolation made from the config and what the GPUs report
-(pure): which settings leave pods a way around MPS.
+(pure): which settings leave pods a way around MPS, and what the agent does about a pod
+running more MPS clients than it may (``[isolation]``).
 
 `vgpu-agent doctor` and `vgpu-agent status` say the same thing from the same rules.
 """
@@ -29,3 +30,64 @@ def compute_mode_risk(config: Config, mode: ComputeMode) -> Optional[str]:
     if mode is ComputeMode.DEFAULT:
         return DEFAULT_MODE_RISK
     return None
+
+
+# -- a pod's MPS clients, held together (isolation.*) ------------------------------------------
+
+
+def clients_enforced(config: Config) -> bool:
+    """Whether the agent acts on the pods' MPS clients (``[isolation]``): only with MPS on
+    and enforced confinement, where a pod is promised no more than its share."""
+    return config.mps.enabled and config.mps.confinement == "enforced"
+
+
+def client_allowance(config: Config, vgpus: int) -> int:
+    """How many MPS client processes a pod may run on a GPU where it holds ``vgpus``."""
+    return config.isolation.clients_per_vgpu * vgpus
+
+
+def client_policy_line(config: Config) -> str:
+    """One line saying what the agent does about a pod's MPS clients (for `status`)."""
+    if not config.mps.enabled:
+        return "off: MPS is off (mps.enabled = false)"
+    if not clients_enforced(config):
+        return (
+            "off: in cooperative confinement a pod's processes are not held to its share "
+            '(mps.confinement = "cooperative")'
+        )
+    isolation = config.isolation
+    per_vgpu = isolation.clients_per_vgpu
+    allowance = f"{per_vgpu} MPS client process{'es' if per_vgpu != 1 else ''} per vGPU"
+    done = (
+        "the newest beyond that are ended (terminate_client)"
+        if isolation.excess_clients == "end"
+        else 'those beyond that are only reported (isolation.excess_clients = "report")'
+    )
+    return (
+        f"a pod may run {allowance} it holds on a GPU; {done}; checked every "
+        f"{isolation.check_interval_s:g} s"
+    )
+
+
+def excess_client_action(config: Config, clients: int, vgpus: int) -> str:
+    """What the agent does about a pod running ``clients`` MPS clients on a GPU where it
+    holds ``vgpus`` vGPUs (the end of status's warning about it)."""
+    if not clients_enforced(config):
+        return (
+            "not acted on: the agent holds a pod's processes to its share only under "
+            'enforced confinement (mps.confinement = "enforced")'
+        )
+    per_vgpu = config.isolation.clients_per_vgpu
+    allowed = client_allowance(config, vgpus)
+    if clients <= allowed:
+        return f"accepted: isolation.clients_per_vgpu = {per_vgpu} lets it run {allowed}"
+    beyond = clients - allowed
+    if config.isolation.excess_clients == "end":
+        return (
+            f"the agent ends its newest {beyond} (isolation.clients_per_vgpu = {per_vgpu} "
+            f"lets it run {allowed})"
+        )
+    return (
+        f'only reported (isolation.excess_clients = "report"): {beyond} beyond the '
+        f"{allowed} isolation.clients_per_vgpu = {per_vgpu} lets it run"
+    )

@@ -33,6 +33,7 @@ from vgpu_agent.config.schema import (
     FaultsConfig,
     GpusConfig,
     HealthConfig,
+    IsolationConfig,
     LabelsConfig,
     MetricsConfig,
     MpsConfig,
@@ -45,6 +46,7 @@ from vgpu_agent.config.values import (
     _COMPUTE_MODES,
     _CONFINEMENTS,
     _DEVICE_LIST_STRATEGIES,
+    _EXCESS_CLIENTS,
     _LOG_LEVELS,
     _MPS_MANAGERS,
     _OFFENDER_ACTIONS,
@@ -344,6 +346,26 @@ def _parse_attribution(table: _Table) -> AttributionConfig:
     )
 
 
+def _parse_isolation(table: _Table) -> IsolationConfig:
+    defaults = IsolationConfig()
+    return IsolationConfig(
+        clients_per_vgpu=table.get(
+            "clients_per_vgpu",
+            defaults.clients_per_vgpu,
+            _int_range(
+                1,
+                MAX_REPLICAS_PER_GPU,
+                f"an integer from 1 to {MAX_REPLICAS_PER_GPU} (MPS client processes a pod "
+                "may run per vGPU it holds; a GPU serves at most that many clients)",
+            ),
+        ),
+        excess_clients=table.get(
+            "excess_clients", defaults.excess_clients, _choice(_EXCESS_CLIENTS)
+        ),
+        check_interval_s=table.get("check_interval_s", defaults.check_interval_s, _INTERVAL),
+    )
+
+
 def _parse_metrics(table: _Table) -> MetricsConfig:
     defaults = MetricsConfig()
     return MetricsConfig(
@@ -430,6 +452,7 @@ def parse(text: str, source: str = "<string>") -> Config:
         attribution=_parse_attribution(
             root.table("attribution", "[attribution]", _keys(AttributionConfig))
         ),
+        isolation=_parse_isolation(root.table("isolation", "[isolation]", _keys(IsolationConfig))),
         metrics=_parse_metrics(root.table("metrics", "[metrics]", _keys(MetricsConfig))),
         labels=_parse_labels(root.table("labels", "[labels]", _keys(LabelsConfig))),
         dra=parse_dra(document.get("dra"), source),

@@ -131,7 +131,8 @@ RESTART_ONLY_KEYS = (
     ("mps", "control_binary"),
     ("mps", "multi_user"),
     # Not the daemon defaults (mps.confinement, max_vgpus_per_container, daemon_*_limit):
-    # a reload sets the new ceiling on the running daemons (ApplyCeiling).
+    # a reload sets the new ceiling on the running daemons (ApplyCeiling). Nor [isolation]:
+    # the observer's per-pod client policy takes the new config when it is reconfigured.
     # The frontend and everything DRA mode names (sockets, CDI directory) are chosen at start.
     *DRA_RESTART_ONLY_KEYS,
 )

@@ -136,6 +136,15 @@ def to_toml(config: Config) -> str:
             ("refresh_interval_s", config.attribution.refresh_interval_s),
         ],
     )
+    isolation = config.isolation
+    table(
+        "isolation",
+        [
+            ("clients_per_vgpu", isolation.clients_per_vgpu),
+            ("excess_clients", isolation.excess_clients),
+            ("check_interval_s", isolation.check_interval_s),
+        ],
+    )
     table(
         "metrics",
         [

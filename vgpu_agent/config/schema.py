@@ -67,6 +67,9 @@ Confinement = Literal["enforced", "cooperative"]
 DeviceListStrategy = Literal["envvar", "volume-mounts", "cdi"]
 #: What becomes of a pod named as the culprit of too many MPS faults (docs/security.md).
 OffenderAction = Literal["hold", "report"]
+#: What the agent does with a pod's MPS clients beyond its allowance: "end" them
+#: (``terminate_client``), or only "report" them (docs/security.md, "Per pod").
+ExcessClients = Literal["end", "report"]
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,26 @@ class AttributionConfig:
 
 
 @dataclass(frozen=True)
+class IsolationConfig:
+    """Holding a pod's processes together to its share. ``[isolation]``
+
+    MPS limits each client process, not the pod; so under enforced confinement the agent
+    watches each pod's MPS clients and acts on those beyond its allowance. Nothing here
+    acts with MPS off or in cooperative confinement.
+    """
+
+    #: MPS client processes a pod may run on a GPU per vGPU it holds there; each runs with
+    #: the whole ceiling, so N clients per vGPU are up to N shares.
+    clients_per_vgpu: int = 1
+    #: "end": the newest clients beyond the allowance are ended (``terminate_client``);
+    #: "report": they are logged, counted and shown in status, and keep running.
+    excess_clients: ExcessClients = "end"
+    #: Seconds between looks at the pods' MPS clients (the attribution is refreshed this
+    #: often while enforcement is on).
+    check_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     """Prometheus metrics. ``[metrics]``"""
 
@@ -263,6 +286,7 @@ class Config:
     health: HealthConfig = field(default_factory=HealthConfig)
     simulated: SimulatedConfig = field(default_factory=SimulatedConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    isolation: IsolationConfig = field(default_factory=IsolationConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     labels: LabelsConfig = field(default_factory=LabelsConfig)
     dra: DraConfig = field(default_factory=DraConfig)

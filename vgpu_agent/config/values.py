@@ -40,6 +40,7 @@ from vgpu_agent.config.schema import (
     ComputeModeSetting,
     Confinement,
     DeviceListStrategy,
+    ExcessClients,
     MpsManager,
     MultiUser,
     OffenderAction,
@@ -86,6 +87,7 @@ _CONFINEMENTS: dict[str, Confinement] = {name: name for name in get_args(Confine
 _DEVICE_LIST_STRATEGIES: dict[str, DeviceListStrategy] = {
     name: name for name in get_args(DeviceListStrategy)
 }
+_EXCESS_CLIENTS: dict[str, ExcessClients] = {name: name for name in get_args(ExcessClients)}
 _LOG_LEVELS: dict[str, LogLevel] = {name: name for name in get_args(LogLevel)}
 _OFFENDER_ACTIONS: dict[str, OffenderAction] = {name: name for name in get_args(OffenderAction)}
 _POLICIES: dict[str, Literal["proportional", "none"]] = {

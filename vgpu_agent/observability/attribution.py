@@ -18,14 +18,15 @@ names, so their processes cannot be told apart: their memory is reported for the
 (:class:`PodGpuUsage`) and each of those containers says so (``memory_shared_with``) with no
 figure of its own.
 
-Everything here but :func:`gather` is pure. It asks the sources (the PodResources API through
-the function it is handed, the checkpoint through :mod:`vgpu_agent.observability.checkpoint`,
-the processes' cgroups through :mod:`vgpu_agent.observability.cgroups`), then calls the pure
-:func:`attribute`.
+Everything here but :func:`gather` (and :class:`PodListCache`, which it may be handed) is
+pure. It asks the sources (the PodResources API through the function it is handed, the
+checkpoint through :mod:`vgpu_agent.observability.checkpoint`, the processes' cgroups
+through :mod:`vgpu_agent.observability.cgroups`), then calls the pure :func:`attribute`.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -325,8 +326,14 @@ def gather(
     cgroup_root: str = "/sys/fs/cgroup",
     list_pods: ListPods,
     read_checkpoint_at: Callable[[str], list[CheckpointEntry]] = read_checkpoint,
+    hidden_cgroups: Optional[dict[int, Optional[PodCgroup]]] = None,
 ) -> Attribution:
-    """Ask every source once and join them; a source that fails is named in ``problems``."""
+    """Ask every source once and join them; a source that fails is named in ``problems``.
+
+    ``hidden_cgroups`` (pid -> pod, None for none) keeps, from one gather to the next, what
+    the cgroup tree said of processes ``/proc`` hides, so that a refresher looking every
+    second walks the tree only when a new hidden client comes (a process does not leave
+    its pod); it is left holding this gather's listed processes only."""
     problems: list[str] = []
     pod_devices: Optional[list[ContainerDevices]]
     try:
@@ -342,6 +349,8 @@ def gather(
         problems.append(str(exc))
     processes: list[tuple[GpuProcess, Optional[PodCgroup]]] = []
     by_pid: Optional[dict[int, PodCgroup]] = None
+    known = hidden_cgroups if hidden_cgroups is not None else {}
+    hidden: dict[int, Optional[PodCgroup]] = {}
     for served in inventory.gpus:
         try:
             listed = backend.mps_client_processes(served.gpu.uuid)
@@ -352,11 +361,18 @@ def gather(
             cgroup = read_process_cgroup(process.pid, proc_root)
             if cgroup is None:
                 # Hidden from /proc (ProtectProc=invisible), or really in no pod: the
-                # cgroup tree tells, read once per gather.
-                if by_pid is None:
-                    by_pid = pod_cgroups_by_pid(cgroup_root)
-                cgroup = by_pid.get(process.pid)
+                # cgroup tree tells, read at most once per gather.
+                if process.pid in known:
+                    cgroup = known[process.pid]
+                else:
+                    if by_pid is None:
+                        by_pid = pod_cgroups_by_pid(cgroup_root)
+                    cgroup = by_pid.get(process.pid)
+                hidden[process.pid] = cgroup
             processes.append((process, cgroup))
+    if hidden_cgroups is not None:
+        hidden_cgroups.clear()
+        hidden_cgroups.update(hidden)
     return attribute(
         served={served.gpu.uuid: served for served in inventory.gpus},
         resource_name=resource_name,
@@ -366,3 +382,43 @@ def gather(
         limits_for=limits_from(inventory, policy),
         problems=problems,
     )
+
+
+class PodListCache:
+    """The PodResources answer for the checks between full refreshes: asked again only
+    when the kubelet's device checkpoint changed (every Allocate rewrites it, so a pod that
+    got vGPUs since is never missed) or ``max_age_s`` passed (names of deleted pods)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._key: Optional[tuple[str, str, tuple[int, int, int]]] = None
+        self._answer: list[ContainerDevices] = []
+        self._taken_at = 0.0
+
+    def lister(self, list_pods: ListPods, checkpoint_path: str, max_age_s: float) -> ListPods:
+        """``list_pods``, answered from the last answer while it holds."""
+
+        def listed(socket_path: str, resource_name: str) -> list[ContainerDevices]:
+            try:
+                info = os.stat(checkpoint_path)
+            except OSError:
+                return self.remember(list_pods, None, socket_path, resource_name)
+            key = (socket_path, resource_name, (info.st_ino, info.st_size, info.st_mtime_ns))
+            if key == self._key and self._clock() - self._taken_at < max_age_s:
+                return list(self._answer)
+            return self.remember(list_pods, key, socket_path, resource_name)
+
+        return listed
+
+    def remember(
+        self,
+        list_pods: ListPods,
+        key: Optional[tuple[str, str, tuple[int, int, int]]],
+        socket_path: str,
+        resource_name: str,
+    ) -> list[ContainerDevices]:
+        """Ask the kubelet and keep its answer under ``key`` (nothing kept on an error)."""
+        self._key = None
+        answer = list_pods(socket_path, resource_name)
+        self._key, self._answer, self._taken_at = key, list(answer), self._clock()
+        return answer

@@ -308,6 +308,13 @@ class AgentMetrics:
             ["pod_uid", "pod"],
             registry=registry,
         )
+        self._clients_ended = Counter(
+            "vgpu_mps_clients_ended",
+            "MPS client processes the agent ended, by GPU, pod and reason: excess (beyond "
+            "isolation.clients_per_vgpu per vGPU the pod holds) or held (a pod held at none).",
+            ["gpu_uuid", "pod", "reason"],
+            registry=registry,
+        )
         self._allocate = Histogram(
             "vgpu_allocate_duration_seconds",
             "Time to answer the kubelet's Allocate calls.",
@@ -344,6 +351,10 @@ class AgentMetrics:
         self._held.clear()
         for pod_uid, pod in sorted(held.items()):
             self._held.labels(pod_uid, pod).set(1)
+
+    def mps_client_ended(self, gpu_uuid: str, pod: str, reason: str) -> None:
+        """Count one MPS client ended by the per-pod policy."""
+        self._clients_ended.labels(gpu_uuid, pod, reason).inc()
 
     def health_changed(self, gpu_uuid: str, healthy: bool) -> None:
         """Count a GPU's vGPUs turning Healthy or Unhealthy."""

@@ -6,6 +6,11 @@
   (:func:`vgpu_agent.observability.attribution.gather`) every
   ``attribution.refresh_interval_s`` and keeps the latest answer, so a scrape or a
   ``vgpu-agent status`` never waits on the kubelet or NVML;
+- under enforced confinement it also hands each attribution to the per-pod client policy
+  (:class:`~vgpu_agent.observability.enforcement.ClientEnforcer`), and then looks every
+  ``isolation.check_interval_s``: NVML and the processes' cgroups are read each time, the
+  kubelet's PodResources API only when its device checkpoint changed (a new allocation) or
+  ``attribution.refresh_interval_s`` has passed;
 - with ``metrics.enabled`` it serves ``/metrics`` and/or rewrites the textfile after each
   refresh;
 - with ``labels.enabled`` it rewrites the node-feature-discovery file whenever what the
@@ -28,12 +33,20 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from vgpu_agent.config.schema import Config
 from vgpu_agent.config.values import split_listen_address
 from vgpu_agent.model.devices import HEALTHY, UNHEALTHY, Inventory, MpsGrantPolicy
-from vgpu_agent.model.errors import VgpuError
+from vgpu_agent.model.errors import GpuError, VgpuError
 from vgpu_agent.model.gpu import GpuBackend
 from vgpu_agent.model.pods import PodRef, PodsPresent
-from vgpu_agent.observability.attribution import Attribution, ListPods, gather
-from vgpu_agent.observability.cgroups import pod_cgroups_by_pid, read_process_cgroup
+from vgpu_agent.observability.attribution import Attribution, ListPods, PodListCache, gather
+from vgpu_agent.observability.cgroups import PodCgroup, pod_cgroups_by_pid, read_process_cgroup
 from vgpu_agent.observability.checkpoint import CHECKPOINT_NAME, CachedCheckpoint
+from vgpu_agent.observability.enforcement import (
+    ClientEnforcer,
+    EndClient,
+    HeldPods,
+    policy_status_lines,
+    process_start_s,
+)
+from vgpu_agent.observability.excess import StartTime
 from vgpu_agent.observability.labels import (
     NodeLabels,
     node_labels,
@@ -89,7 +102,13 @@ class Observability:
         clock: Callable[[], float] = time.monotonic,
         proc_root: str = "/proc",
         cgroup_root: str = "/sys/fs/cgroup",
+        end_client: Optional[EndClient] = None,
+        held_pods: Optional[HeldPods] = None,
+        client_start_time: StartTime = process_start_s,
     ) -> None:
+        """``end_client`` ends an MPS client for the per-pod policy (None: no policy);
+        ``held_pods`` names the pods held at no client; ``client_start_time`` says when a
+        client process started."""
         self._config = config
         self._backend: Optional[GpuBackend] = None
         self._inventory = inventory
@@ -103,6 +122,23 @@ class Observability:
         #: The pods held as repeat offenders (UID -> shown name), for the held gauge.
         self._held: dict[str, str] = {}
         self._checkpoint = CachedCheckpoint()
+        self._pod_list = PodListCache(clock)
+        #: What the cgroup tree said of clients /proc hides (see gather).
+        self._hidden_cgroups: dict[int, Optional[PodCgroup]] = {}
+        #: When the last full refresh (every source asked) was taken.
+        self._full_at = clock()
+        #: The MPS clients (GPU UUID, pid) of the last attribution.
+        self._clients_listed: set[tuple[str, int]] = set()
+        #: The per-pod MPS client policy (None: no way to end a client was handed in).
+        self.client_policy: Optional[ClientEnforcer] = None
+        if end_client is not None:
+            self.client_policy = ClientEnforcer(
+                config,
+                end_client=end_client,
+                held=held_pods or (lambda: {}),
+                start_time=client_start_time,
+                count=self._count_client_ended,
+            )
         #: Whether a scrape read the attribution since the last refresh: the refresher
         #: gathers only what someone reads (or the textfile needs).
         self._read_since_refresh = False
@@ -150,6 +186,8 @@ class Observability:
         """Apply a reloaded config: restart the endpoint if its settings changed."""
         old = self._config
         self._config = config
+        if self.client_policy is not None:
+            self.client_policy.reconfigure(config)
         if old.metrics != config.metrics:
             self._stop_metrics()
             if config.metrics.enabled:
@@ -220,6 +258,10 @@ class Observability:
         """Count an application fault under MPS, once per pod it may have hit (metrics on)."""
         if self.metrics is not None:
             self.metrics.mps_fault(gpu_uuid, xid, pods)
+
+    def _count_client_ended(self, gpu_uuid: str, pod: str, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.mps_client_ended(gpu_uuid, pod, reason)
 
     def record_culprit(self, gpu_uuid: str, pod: str) -> None:
         """Count a fault's culprit (``""``: unknown; metrics on)."""
@@ -357,8 +399,21 @@ class Observability:
                 self._wake.wait(left)
             return self._snapshot
 
-    def refresh_once(self) -> AttributionSnapshot:
-        """Gather the attribution now on this thread, store it and write the textfile."""
+    def _enforcing(self) -> bool:
+        """Whether the per-pod client policy looks at each attribution."""
+        return self.client_policy is not None and self.client_policy.active
+
+    def _interval(self) -> float:
+        """Seconds between refreshes: the check interval while the client policy acts."""
+        interval = self._config.attribution.refresh_interval_s
+        if self._enforcing():
+            interval = min(interval, self._config.isolation.check_interval_s)
+        return interval
+
+    def refresh_once(self, *, full: bool = True) -> AttributionSnapshot:
+        """Gather the attribution now on this thread, store it, hand it to the client
+        policy and write the textfile. Not ``full``: a check between full refreshes, which
+        reuses the last PodResources answer while it holds, and writes no textfile."""
         config = self._config
         backend = self._backend
         if backend is None:
@@ -366,22 +421,39 @@ class Observability:
         with self._lock:
             self._begun += 1
             number = self._begun
+        checkpoint_path = os.path.join(config.plugin.plugin_dir, CHECKPOINT_NAME)
+        if full:
+            self._full_at = self._clock()
         attribution = self._gather(
             backend=backend,
             inventory=self._inventory(),
             policy=self._policy(),
             resource_name=config.plugin.resource_name,
             pod_resources_socket=config.attribution.pod_resources_socket,
-            checkpoint_path=os.path.join(config.plugin.plugin_dir, CHECKPOINT_NAME),
-            list_pods=self._list_pods,
+            checkpoint_path=checkpoint_path,
+            list_pods=self._pod_list.lister(
+                self._list_pods,
+                checkpoint_path,
+                0.0 if full else config.attribution.refresh_interval_s,
+            ),
             read_checkpoint_at=self._checkpoint,
+            hidden_cgroups=self._hidden_cgroups,
         )
         self._report_problems(attribution.problems)
+        self._clients_listed = {
+            (usage.gpu_uuid, pid) for usage in attribution.pods for pid in usage.pids
+        }
+        self._clients_listed |= {(stray.gpu_uuid, stray.pid) for stray in attribution.strays}
         snapshot = AttributionSnapshot(attribution, self._clock())
         with self._lock:
             self._snapshot = snapshot
+        if self.client_policy is not None:
+            # Before waiters are woken: a status that waited for this refresh shows what
+            # the policy did with it.
+            self.client_policy.check(attribution)
         # Before waiters are woken: the textfile of a refresh they waited for is on disk.
-        self._write_textfile()
+        if full:
+            self._write_textfile()
         with self._wake:
             self._finished = max(self._finished, number)
             self._wake.notify_all()
@@ -392,7 +464,7 @@ class Observability:
         its age and problems, and where metrics are served."""
         snapshot = self.fresh(wait_s) if wait_s > 0 else self.snapshot()
         attribution = snapshot.attribution
-        return {
+        shown: dict[str, Any] = {
             "attribution": {
                 "age_s": round(max(0.0, self._clock() - snapshot.taken_at), 1),
                 "problems": list(attribution.problems),
@@ -403,6 +475,9 @@ class Observability:
                 for served in inventory.gpus
             },
         }
+        if self.client_policy is not None:
+            shown["mps_client_policy"] = self.client_policy.describe()
+        return shown
 
     def _write_textfile(self) -> None:
         path = self._config.metrics.textfile_path
@@ -416,27 +491,55 @@ class Observability:
         except VgpuError as exc:
             self._report(str(exc))
 
-    def _due(self) -> bool:
-        """Whether the next refresh has a reader: one asked for it, a scrape read the last
-        one, or the textfile is written (each call takes the request)."""
+    def _due(self) -> tuple[bool, bool]:
+        """Whether the next pass is a full refresh: a reader asked for one or a scrape read
+        the last one, or the textfile is due (each call takes the request). And whether
+        there is a pass at all: also every check interval while the client policy acts."""
         with self._lock:
-            due = self._refresh_wanted or self._read_since_refresh
+            asked, read = self._refresh_wanted, self._read_since_refresh
             self._refresh_wanted = False
             self._read_since_refresh = False
         metrics = self._config.metrics
-        return due or (metrics.enabled and bool(metrics.textfile_path))
+        textfile = metrics.enabled and bool(metrics.textfile_path)
+        if not self._enforcing():
+            due = asked or read or textfile
+            return due, due
+        if textfile:
+            # Writing the textfile reads the attribution itself: only its age counts.
+            interval = self._config.attribution.refresh_interval_s
+            return asked or self._clock() - self._full_at >= interval, True
+        return asked or read, True
+
+    def _check_due(self) -> bool:
+        """Whether a check between full refreshes has anything to look at: NVML lists other
+        MPS clients than the last attribution did (one call per GPU, the whole cost of a
+        quiet check), or the policy has a retry or a newly held pod waiting."""
+        backend = self._backend
+        if backend is None or self.client_policy is None:
+            return False
+        if self.client_policy.pending():
+            return True
+        listed: set[tuple[str, int]] = set()
+        for served in self._inventory().gpus:
+            try:
+                processes = backend.mps_client_processes(served.gpu.uuid)
+            except GpuError:
+                return True  # the gather names the problem
+            listed.update((served.gpu.uuid, process.pid) for process in processes)
+        return listed != self._clients_listed
 
     def _run(self) -> None:
         first = True
         while True:
-            if first or self._due():
+            full, due = self._due()
+            if first or full or (due and self._check_due()):
                 try:
-                    self.refresh_once()
+                    self.refresh_once(full=first or full)
                 except Exception:  # the refresher must outlive any one bad answer
                     log.exception("refreshing the attribution failed")
             first = False
             with self._wake:
-                deadline = self._clock() + self._config.attribution.refresh_interval_s
+                deadline = self._clock() + self._interval()
                 while not self._refresh_wanted and not self._stopping:
                     left = deadline - self._clock()
                     if left <= 0:
@@ -553,11 +656,14 @@ def status_lines(gpu: Mapping[str, Any]) -> list[str]:
 
 def status_header_lines(answer: Mapping[str, Any]) -> list[str]:
     """The lines ``vgpu-agent status`` prints after the STATUS line: why attribution is
-    incomplete, and where metrics are served."""
+    incomplete, where metrics are served, the per-pod client policy and what it did last."""
     lines = [
         f"attribution: {problem}"
         for problem in (answer.get("attribution") or {}).get("problems", [])
     ]
     if answer.get("metrics_address"):
         lines.append(f"metrics: http://{answer['metrics_address']}/metrics")
+    policy = answer.get("mps_client_policy")
+    if policy:
+        lines.extend(policy_status_lines(policy))
     return lines

@@ -25,6 +25,7 @@ from vgpu_agent.config.schema import (
     Config,
     GpusConfig,
     HealthConfig,
+    IsolationConfig,
     MpsConfig,
     PluginConfig,
     SimulatedConfig,
@@ -35,6 +36,7 @@ from vgpu_agent.model.commands import SimulateAction, SimulateCommand
 from vgpu_agent.model.devices import HEALTHY, UNHEALTHY
 from vgpu_agent.observability.attribution import gather
 from vgpu_agent.observability.checkpoint import CHECKPOINT_NAME
+from vgpu_agent.observability.enforcement import policy_status_lines, process_start_s
 from vgpu_agent.observability.service import status_lines
 from vgpu_agent.ops.demo_capacity import run_capacity_demo
 from vgpu_agent.ops.demo_dra import run_dra_demo
@@ -47,6 +49,8 @@ WAIT_S = 10.0
 #: The demo's pod, and the pid of its simulated MPS client.
 DEMO_POD_UID = "5f0c2a7e-0000-4000-8000-000000000001"
 DEMO_CLIENT_PID = 4242
+#: A second process of the demo's pod, beyond what its one vGPU allows.
+DEMO_EXTRA_PID = 4343
 
 
 def demo_config(root: str) -> Config:
@@ -61,6 +65,7 @@ def demo_config(root: str) -> Config:
         attribution=AttributionConfig(
             pod_resources_socket=f"{root}/pod-resources/kubelet.sock", refresh_interval_s=0.2
         ),
+        isolation=IsolationConfig(check_interval_s=0.2),
         source="<demo>",
     )
 
@@ -80,20 +85,28 @@ def run_demo(echo: Echo) -> int:
         config.attribution.pod_resources_socket,
         checkpoint_path=os.path.join(config.plugin.plugin_dir, CHECKPOINT_NAME),
     )
-    # The demo's "/proc": the client process sits in a containerd pod's cgroup.
+    # The demo's "/proc": the client processes sit in a containerd pod's cgroup, the
+    # second started after the first.
     proc_root = os.path.join(root, "proc")
-    os.makedirs(os.path.join(proc_root, str(DEMO_CLIENT_PID)))
-    with open(os.path.join(proc_root, str(DEMO_CLIENT_PID), "cgroup"), "w") as cgroup:
-        cgroup.write(
-            "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod"
-            f"{DEMO_POD_UID.replace('-', '_')}.slice/cri-containerd-{'c' * 64}.scope\n"
-        )
+    for pid, started_ticks in ((DEMO_CLIENT_PID, 100), (DEMO_EXTRA_PID, 200)):
+        os.makedirs(os.path.join(proc_root, str(pid)))
+        with open(os.path.join(proc_root, str(pid), "cgroup"), "w") as cgroup:
+            cgroup.write(
+                "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod"
+                f"{DEMO_POD_UID.replace('-', '_')}.slice/cri-containerd-{'c' * 64}.scope\n"
+            )
+        with open(os.path.join(proc_root, str(pid), "stat"), "w") as stat:
+            stat.write(
+                f"{pid} (python3) S 1 {pid} {pid} 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 "
+                f"{started_ticks} 0\n"
+            )
     agent = build_agent(
         config,
         notifier=Notifier(None),
         gather_attribution=functools.partial(
             gather, proc_root=proc_root, cgroup_root=os.path.join(root, "cgroup")
         ),
+        client_start_time=functools.partial(process_start_s, proc_root=proc_root),
     )
     thread = threading.Thread(target=agent.run, name="vgpu-agent", daemon=True)
     try:
@@ -124,6 +137,7 @@ def run_demo(echo: Echo) -> int:
             mode = "ro" if mount.read_only else "rw"
             echo(f"   mount {mount.host_path} -> {mount.container_path} ({mode})")
         show_attribution(agent, pods, preferred, resource, echo)
+        show_extra_client(agent, preferred[0].split("::")[0], echo)
         gpu0 = agent.describe()["gpus"][0]["uuid"]
         echo(f"== simulating XID 79 (GPU fallen off the bus) on GPU 0 {gpu0}")
         agent.submit(SimulateCommand(SimulateAction.XID, "0", 79))
@@ -182,3 +196,23 @@ def show_attribution(
     echo(f"   status: GPU {entry['index']} {entry['uuid']}")
     for line in status_lines(entry):
         echo(f"   {line}")
+
+
+def show_extra_client(agent: Agent, gpu: str, echo: Echo) -> None:
+    """The pod starts a second CUDA process on its one vGPU: the agent ends it (MPS would
+    give it a whole share of its own)."""
+    agent.submit(
+        SimulateCommand(SimulateAction.MPS_CLIENT, gpu, pid=DEMO_EXTRA_PID, memory_mib=206)
+    )
+    echo(
+        f"== the pod starts a second CUDA process {DEMO_EXTRA_PID} on its one vGPU; MPS would "
+        "give it a share of its own, so the agent ends it (simulated terminate_client):"
+    )
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        policy = agent.describe(0)["mps_client_policy"]
+        if policy["recent"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    for line in policy_status_lines(policy):
+        echo(f"   {line.strip()}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 from vgpu_agent.agent.health import HealthMonitor
@@ -47,6 +48,8 @@ from vgpu_agent.model.daemons import DaemonLogs, MpsDaemons, MpsInspector
 from vgpu_agent.model.gpu import ComputeMode, GpuBackend
 from vgpu_agent.model.node import Node
 from vgpu_agent.observability.attribution import gather
+from vgpu_agent.observability.enforcement import EndClient, HeldPods, process_start_s
+from vgpu_agent.observability.excess import StartTime
 from vgpu_agent.observability.podresources import PodResourcesClient
 from vgpu_agent.observability.service import AgentCounts, Gather, Observability
 from vgpu_agent.standins.simulated import (
@@ -237,15 +240,32 @@ def control_server(path: str, handler: Callable[[ControlCommand], dict[str, Any]
     return ControlServer(path, handler)
 
 
+def client_ender(simulation: Optional[Simulation]) -> EndClient:
+    """How the per-pod policy ends an MPS client: ``terminate_client`` through the GPU's
+    daemon, or, where the daemons are simulated, by removing the simulated client."""
+    if simulation is not None and simulation.mps is not None:
+        return simulation.end_client
+    from vgpu_agent.mps.clients import end_client
+
+    return end_client
+
+
 def build_observability(
     config: Config,
     node: Node,
     agent: Callable[[], Optional[Agent]],
     gather_attribution: Gather = gather,
+    *,
+    end_client: Optional[EndClient] = None,
+    held_pods: Optional[HeldPods] = None,
+    client_start_time: StartTime = process_start_s,
 ) -> Observability:
     """Attribution, metrics and node labels for ``node``, reading the registration counts
     of the agent ``agent()`` returns (built after it); ``gather_attribution`` asks the
-    sources (tests and the demo point it at a /proc and cgroup tree of their own)."""
+    sources (tests and the demo point it at a /proc and cgroup tree of their own);
+    ``end_client`` ends the MPS clients the per-pod policy acts on (None: no policy),
+    ``held_pods`` names the pods held at none, ``client_start_time`` says when a client
+    started (tests point it at a /proc of their own)."""
 
     pod_resources = PodResourcesClient()
 
@@ -263,6 +283,9 @@ def build_observability(
         list_pods=pod_resources,
         close_sources=pod_resources.close,
         gather_attribution=gather_attribution,
+        end_client=end_client,
+        held_pods=held_pods,
+        client_start_time=client_start_time,
     )
 
 
@@ -303,6 +326,8 @@ def build_agent(
     watch: Optional[WatchFactory] = None,
     observer: Optional[Observer] = None,
     gather_attribution: Gather = gather,
+    held_pods: Optional[HeldPods] = None,
+    client_start_time: StartTime = process_start_s,
     backend_retry_initial_s: float = BACKEND_RETRY_INITIAL_S,
     backend_retry_max_s: float = BACKEND_RETRY_MAX_S,
     plugin_dir_guard: Optional[PluginDirGuard] = None,
@@ -311,7 +336,10 @@ def build_agent(
 ) -> Agent:
     """The agent for ``config`` with every collaborator built; each keyword replaces one
     (tests hand in fakes). ``notifier`` speaks to systemd; ``config_loader`` re-reads the
-    config on reload."""
+    config on reload; ``held_pods`` names the pods the per-pod client policy holds at no
+    MPS client (pod UID -> why), and ``client_start_time`` says when a client process
+    started."""
+    simulation: Optional[Simulation] = None
     if config.gpus.backend == "simulated":
         simulation = Simulation.from_config(config)
         backend = simulation.backend
@@ -339,9 +367,22 @@ def build_agent(
     node = Node()  # the agent sets its grant policy from the config
     built: list[Agent] = []
     observe_latency: Optional[Callable[[str, float], None]] = None
+    if held_pods is None:
+        # The repeat offenders of the fault policy (agent/offenders.py) run no MPS client.
+        def offenders_held() -> Mapping[str, str]:
+            return built[0].offenders.held() if built else {}
+
+        held_pods = offenders_held
+
     if observer is None:
         observed = build_observability(
-            config, node, lambda: built[0] if built else None, gather_attribution
+            config,
+            node,
+            lambda: built[0] if built else None,
+            gather_attribution,
+            end_client=client_ender(simulation),
+            held_pods=held_pods,
+            client_start_time=client_start_time,
         )
         observe_latency = latency_observer(observed)
         observer = observed

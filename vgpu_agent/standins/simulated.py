@@ -14,7 +14,7 @@ from collections import deque
 from typing import Optional
 
 from vgpu_agent.config.plan import simulated_mps
-from vgpu_agent.config.schema import Config, MultiUser, SimulatedConfig
+from vgpu_agent.config.schema import Config, MpsConfig, MultiUser, SimulatedConfig
 from vgpu_agent.model.commands import SimulateAction, SimulateCommand
 from vgpu_agent.model.daemons import MpsDaemonInfo, QuickCheck
 from vgpu_agent.model.devices import Ceiling, pipe_dir_for
@@ -319,6 +319,14 @@ class Simulation:
         if config.mps.enabled and simulated_mps(config):
             mps = SimulatedMpsDaemons(config.mps.pipe_root, config.mps.log_root)
         return cls(backend, mps)
+
+    def end_client(self, mps: MpsConfig, gpu_uuid: str, pid: int) -> Optional[str]:
+        """End a simulated MPS client as ``terminate_client`` would (the per-pod policy):
+        it leaves the GPU's client list. None when the GPU has no such client."""
+        if not any(process.pid == pid for process in self.backend.mps_client_processes(gpu_uuid)):
+            return None
+        self.backend.remove_mps_client(pid)
+        return "simulated MPS server"
 
     def inject(self, command: SimulateCommand, gpu_uuid: str) -> None:
         """Inject ``command``'s fault into the GPU; VgpuError when there is nothing to."""
