@@ -24,12 +24,14 @@ from click.testing import CliRunner
 
 from tests.builders import write_fake_control
 from tests.harness import AgentRun, agent_runs, scrape_metrics, wait_until
+from tests.mps.test_daemon_log import fatal_line
 from vgpu_agent.config.render import to_toml
 from vgpu_agent.config.schema import (
     AgentConfig,
     AttributionConfig,
     Config,
     Confinement,
+    FaultsConfig,
     GpusConfig,
     HealthConfig,
     IsolationConfig,
@@ -38,8 +40,10 @@ from vgpu_agent.config.schema import (
     PluginConfig,
     SimulatedConfig,
 )
+from vgpu_agent.model.commands import SimulateAction, SimulateCommand
 from vgpu_agent.mps.control import control_command, server_pids
 from vgpu_agent.mps.daemons import DirectMpsDaemons
+from vgpu_agent.mps.directories import log_dir_for
 from vgpu_agent.observability.attribution import gather
 from vgpu_agent.observability.checkpoint import CHECKPOINT_NAME
 from vgpu_agent.observability.enforcement import process_start_s
@@ -157,6 +161,7 @@ def start_tenant(
         *,
         held: Optional[Mapping[str, str]] = None,
         confinement: Confinement = "enforced",
+        faults: Optional[FaultsConfig] = None,
         reload_to: Optional[dict[str, Any]] = None,
         **isolation: Any,
     ) -> Tenant:
@@ -164,6 +169,8 @@ def start_tenant(
         config with the ``reload_to`` keys instead."""
         config = tenant_config(root, **isolation)
         config = replace(config, mps=replace(config.mps, confinement=confinement))
+        if faults is not None:
+            config = replace(config, faults=faults)
         config_loader = None
         if reload_to is not None:
             reloaded = tenant_config(root, **reload_to)
@@ -182,13 +189,15 @@ def start_tenant(
             config,
             open_backend=lambda _config: simulation.backend,
             make_mps=direct,
+            faults=simulation,
             gather_attribution=functools.partial(
                 gather, proc_root=str(proc), cgroup_root=str(root / "cgroup")
             ),
             client_start_time=functools.partial(
                 process_start_s, proc_root=str(proc), ticks_per_s=TICKS_PER_S
             ),
-            held_pods=lambda: held or {},
+            # None: the agent's own repeat offenders (agent/offenders.py), as on a node.
+            held_pods=(lambda: held) if held is not None else None,
             config_loader=config_loader,
         )
         devices = run.devices(lambda devs: len(devs) == 8)
@@ -379,3 +388,27 @@ def test_a_reload_changes_the_allowance(start_tenant: Callable[..., Tenant]) -> 
         f"terminate_client {tenant.server} 4444",
     ]
     assert tenant.policy()["clients_per_vgpu"] == 2
+
+
+def test_a_repeat_offender_of_the_fault_policy_gets_no_client(
+    start_tenant: Callable[..., Tenant],
+) -> None:
+    """The two policies together, as the agent wires them: a pod the daemon's output names
+    as the culprit of a fault (faults.repeat_limit = 1) becomes a repeat offender, and the
+    per-pod client policy ends its client, as held."""
+    tenant = start_tenant(faults=FaultsConfig(repeat_limit=1))
+    tenant.start_client(4242)
+    wait_until(lambda: tenant.attributed() == [4242], WAIT_S, "the pod's client attributed")
+    assert tenant.terminated() == []
+    control_log = Path(log_dir_for(tenant.config.mps.log_root, tenant.gpu_uuid)) / "control.log"
+    with control_log.open("a") as written:
+        written.write(fatal_line(4242, time.time()) + "\n")
+    tenant.run.agent.submit(SimulateCommand(SimulateAction.XID, "0", xid=31))
+    wait_until(lambda: bool(tenant.terminated()), WAIT_S, "the offender's client ended")
+    assert tenant.terminated() == [f"terminate_client {tenant.server} 4242"]
+    assert list(tenant.run.agent.offenders.held()) == [POD_UID]
+    wait_until(lambda: bool(tenant.policy()["recent"]), WAIT_S, "the ending shown")
+    policy = tenant.policy()
+    assert list(policy["held"]) == [POD_UID]
+    (entry,) = policy["recent"]
+    assert entry["reason"] == "held"
