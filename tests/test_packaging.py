@@ -15,7 +15,7 @@ DOC_DIR = "/usr/share/doc/vgpu-agent/"
 #: Where the installed path of a document can appear: what runs or ships on a node.
 SHIPPED_TEXT = [
     *sorted((REPO / "vgpu_agent").rglob("*.py")),
-    *sorted((REPO / "systemd").iterdir()),
+    *sorted(path for path in (REPO / "systemd").rglob("*") if path.is_file()),
     REPO / "packaging" / "config.toml",
     REPO / "packaging" / "deb" / "debian" / "control",
     REPO / "packaging" / "rpm" / "vgpu-agent.spec",
@@ -116,3 +116,56 @@ def test_purge_removes_only_what_the_package_made_in_etc() -> None:
     assert "rm -rf /etc/vgpu" not in postrm
     assert "rm -f /etc/vgpu/config.toml" in postrm
     assert "rmdir /etc/vgpu" in postrm
+
+
+def _unit_settings(path: Path, key: str) -> list[str]:
+    """Every value of ``key`` in a unit file, its continued lines joined, split at blanks."""
+    text = path.read_text(encoding="utf-8").replace("\\\n", " ")
+    values: list[str] = []
+    for line in text.splitlines():
+        if line.startswith(f"{key}="):
+            values.extend(line.split("=", 1)[1].split())
+    return values
+
+
+def test_every_unit_group_is_made_by_the_sysusers_file() -> None:
+    """A Group= a unit runs as is one the package's sysusers.d file creates, so that the
+    unit never fails with 216/GROUP on a node the package was installed on."""
+    created = {
+        line.split()[1]
+        for line in (REPO / "systemd/vgpu-agent.sysusers").read_text(encoding="utf-8").splitlines()
+        if line.startswith("g ")
+    }
+    groups = {
+        group
+        for unit in (REPO / "systemd").glob("*.service")
+        for group in _unit_settings(unit, "Group")
+    }
+    assert groups, "no unit runs as a group of its own"
+    assert groups <= created, f"not made by vgpu-agent.sysusers: {sorted(groups - created)}"
+
+
+def test_only_the_device_plugin_drop_in_hides_what_dra_needs() -> None:
+    """The node's kubelet credentials the DRA frontend authenticates with (its default
+    kubeconfig) and the plugin directories it serves in are hidden by the drop-in a DRA
+    node turns off, never by the unit itself, whose list a drop-in cannot take back."""
+    from vgpu_agent.config.dra import DraConfig
+
+    unit = set(_unit_settings(REPO / "systemd/vgpu-agent.service", "InaccessiblePaths"))
+    drop_in = set(
+        _unit_settings(
+            REPO / "systemd/vgpu-agent.service.d/10-device-plugin-only.conf", "InaccessiblePaths"
+        )
+    )
+    defaults = DraConfig()
+    needed = {
+        f"-{defaults.kubeconfig}",
+        "-/var/lib/kubelet/pki",
+        f"-{defaults.registry_dir}",
+        f"-{defaults.plugins_dir}",
+    }
+    assert needed <= drop_in
+    assert not unit & drop_in
+    assert not any(
+        path.startswith(("-/var/lib/kubelet/pki", "-/var/lib/kubelet/plugins")) for path in unit
+    )

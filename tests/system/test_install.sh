@@ -181,8 +181,9 @@ set_up_node() {
     # The kubelet's plugin directory, made before the package with a mode of the kubelet's
     # choosing: the package's tmpfiles entry must leave it so (issue 23).
     in_ct install -d -m 0711 /var/lib/kubelet/device-plugins
-    in_ct cp /mnt/fakes/fake_mps_control.py /mnt/fakes/sandbox-probe /mnt/fakes/lock-attack /usr/local/lib/vgpu-systest/
-    in_ct sh -c "printf '%s\n' '#!/bin/sh' 'exec /usr/bin/python3 /usr/local/lib/vgpu-systest/fake_mps_control.py \"\$@\"' > $FAKE_MPS && chmod 0755 $FAKE_MPS /usr/local/lib/vgpu-systest/sandbox-probe /usr/local/lib/vgpu-systest/lock-attack"
+    in_ct cp /mnt/fakes/fake_mps_control.py /mnt/fakes/sandbox-probe /mnt/fakes/lock-attack \
+        /mnt/fakes/listen /usr/local/lib/vgpu-systest/
+    in_ct sh -c "printf '%s\n' '#!/bin/sh' 'exec /usr/bin/python3 /usr/local/lib/vgpu-systest/fake_mps_control.py \"\$@\"' > $FAKE_MPS && chmod 0755 $FAKE_MPS /usr/local/lib/vgpu-systest/sandbox-probe /usr/local/lib/vgpu-systest/lock-attack /usr/local/lib/vgpu-systest/listen"
     in_ct sh -c "cat > /run/systemd/system/vgpu-agent.service.d/system-test.conf" <<'EOF2'
 [Service]
 Environment=VGPU_CONFIG=/etc/vgpu/system-test.toml
@@ -248,7 +249,8 @@ leftovers() {
         /run/systemd/system/systest-probe-target.service \
         "/run/systemd/system/$(mps_unit $GPU0).d" "/run/systemd/system/$(mps_unit $GPU1).d" \
         "/run/systemd/system/$(mps_unit $GPU2).d" \
-        /usr/local/lib/vgpu-systest /etc/vgpu/system-test.toml /etc/vgpu/compute-test.toml
+        /usr/local/lib/vgpu-systest /var/lib/vgpu-systest /etc/vgpu/system-test.toml \
+        /etc/vgpu/compute-test.toml
     in_ct rmdir /etc/vgpu 2>/dev/null
     in_ct systemctl daemon-reload
     in_ct systemctl reset-failed >/dev/null 2>&1
@@ -278,70 +280,166 @@ s.sendall(sys.argv[1].encode() + b"\n")
 print(s.makefile("rb").readline().decode().strip())' "$1"
 }
 
+# ---------------------------------------------------------------------------------------
+# The sandboxes, probed from inside (issues 14 and 20): tests/system/sandbox-probe runs as
+# an ExecStartPre= of the real unit, so with its exact sandbox, and once outside any. Its
+# names, by what each sandbox must do with them: "denied", "allowed" (still works
+# inside), and "open": what systemd 252 cannot take away, reported (docs/systemd.md says
+# why). Outside any sandbox every probe succeeds.
+SYSTEST_DIR=/usr/local/lib/vgpu-systest
+PROBE_GO=/var/lib/vgpu-systest/go
+PROBE_DENIED_EVERYWHERE="systemd-run systemctl-start write-etc write-usr write-mps-pipe-root
+    write-mps-log-root write-run-unit write-run-other dbus-socket systemd-private
+    containerd-socket crio-socket docker-socket runtime-socket-made-later abstract-socket
+    csi-plugin-socket read-shadow read-kubelet-pki read-node-kubeconfig
+    read-admin-kubeconfig read-pod-secret read-container-storage write-cdi-dir"
+AGENT_DENIED="$PROBE_DENIED_EVERYWHERE systemd-private-via-pid1 systemd-private-via-helper
+    read-pid1-environ"
+AGENT_ALLOWED="notify-socket journal-socket mps-units-socket"
+AGENT_OPEN="signal-pid1 signal-root-process"
+MPS_DENIED="$PROBE_DENIED_EVERYWHERE notify-socket mps-units-socket see-other-dir
+    systemd-private-via-pid1 systemd-private-via-helper read-pid1-environ"
+MPS_ALLOWED="journal-socket write-own-dir"
+MPS_OPEN="signal-pid1 signal-root-process"
+# With the DRA frontend's drop-ins (docs/dra.md): the node's credentials, the plugin
+# directories and the CDI directory open, the host's network (so its abstract sockets).
+DRA_DENIED="systemd-run systemctl-start write-etc write-usr write-run-unit dbus-socket
+    systemd-private systemd-private-via-pid1 containerd-socket crio-socket docker-socket
+    read-shadow read-admin-kubeconfig read-pod-secret read-container-storage read-pid1-environ"
+DRA_ALLOWED="read-kubelet-pki read-node-kubeconfig csi-plugin-socket write-cdi-dir
+    notify-socket journal-socket mps-units-socket"
+DRA_OPEN="abstract-socket signal-pid1 signal-root-process"
+
 probe_line() { grep -qx "sandbox-probe: $1 $2" <<<"$3"; }
-probe_lines() {
-    in_ct journalctl --no-pager -o cat _SYSTEMD_INVOCATION_ID="$(prop vgpu-agent.service InvocationID)" |
+# probe_lines_of UNIT: the probe's lines in the journal of UNIT's current invocation.
+probe_lines_of() {
+    in_ct journalctl --no-pager -o cat _SYSTEMD_INVOCATION_ID="$(prop "$1" InvocationID)" |
         grep '^sandbox-probe:'
 }
-PROBES=19
-probe_done() { [ "$(probe_lines | wc -l)" -ge $PROBES ]; }
-# The lines of the probe run as an ExecStartPre= of GPU0's MPS unit.
-mps_probe_lines() {
-    in_ct journalctl --no-pager -o cat _SYSTEMD_INVOCATION_ID="$(prop "$(mps_unit $GPU0)" InvocationID)" |
-        grep '^sandbox-probe:'
-}
-mps_probe_done() { [ "$(mps_probe_lines | wc -l)" -ge $PROBES ]; }
+probe_said() { probe_lines_of "$1" | grep -qx "sandbox-probe: $2"; }
 
 # Stand-ins for what the sandboxes must not reach, which the test's container lacks: the
-# container runtimes' sockets (listening, root's) and a root process to signal.
+# container runtimes' sockets, a CSI driver's and an abstract one (listening, root's), the
+# kubelet's and the cluster's credentials, a pod's secret, a container layer, a root
+# process to signal, the DRA frontend's CDI directory, and a unit only a process that may
+# start units can start. Made before the units are restarted with the probe, as on a node
+# where they exist before the agent starts.
 start_probe_targets() {
-    in_ct mkdir -p /run/containerd /run/crio
-    in_ct sh -c "/usr/bin/python3 -I -c 'import socket, time
-for path in (\"/run/containerd/containerd.sock\", \"/run/crio/crio.sock\", \"/run/docker.sock\"):
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(64)
-    globals()[path] = listener
-time.sleep(3600)' >/dev/null 2>&1 &"
-    in_ct sh -c 'sleep 3600 >/dev/null 2>&1 & echo $! > /run/systest-root-sleeper.pid'
-    wait_for 10 in_ct test -S /run/docker.sock
-}
-
-# From inside the agent's exact sandbox (an ExecStartPre= of the real unit), starting
-# units, systemd-run, writing /etc and /usr, D-Bus and systemd's private socket must all
-# fail, while sd_notify, journald and the MPS request socket keep working.
-sandbox_checks() {
-    log "$phase: what the agent's sandbox refuses"
     in_ct sh -c "printf '[Unit]\nDescription=system test: runs only if the probe may start units\n[Service]\nType=oneshot\nExecStart=/bin/touch /run/systest-probe-target-ran\n' > /run/systemd/system/systest-probe-target.service"
     in_ct systemctl daemon-reload
+    in_ct mkdir -p /var/lib/vgpu-systest /var/lib/kubelet/pki /etc/kubernetes \
+        /var/lib/kubelet/pods/systest-pod/volumes/secret /var/lib/containerd /run/cdi
+    in_ct sh -c 'echo key > /var/lib/kubelet/pki/kubelet-client-current.pem
+        echo kubeconfig > /var/lib/kubelet/kubeconfig
+        echo admin > /etc/kubernetes/admin.conf
+        echo token > /var/lib/kubelet/pods/systest-pod/volumes/secret/token
+        echo layer > /var/lib/containerd/systest-layer'
+    in_ct sh -c "$SYSTEST_DIR/listen /run/containerd/containerd.sock /run/crio/crio.sock /run/docker.sock /var/lib/kubelet/plugins/csi.systest/csi.sock @vgpu-systest-abstract >/dev/null 2>&1 &"
+    in_ct sh -c 'sleep 3600 >/dev/null 2>&1 & echo $! > /var/lib/vgpu-systest/root-sleeper.pid'
+    wait_for 10 in_ct test -S /var/lib/kubelet/plugins/csi.systest/csi.sock
+}
+
+# What a sandbox must not see either, made once it is built: a runtime that restarts
+# (docker's socket made anew) and one that starts later; and a vgpu-mps-units@ helper kept
+# waiting for its request line, so that its /proc/<pid>/root is there to be tried.
+make_late_targets() {
+    in_ct sh -c "$SYSTEST_DIR/listen /run/docker.sock /run/systest-late-runtime/runtime.sock >/dev/null 2>&1 &"
+    wait_for 10 in_ct test -S /run/systest-late-runtime/runtime.sock
+    # shellcheck disable=SC2016 # python, not shell
+    in_ct sh -c "/usr/bin/python3 -I -c 'import socket, time
+end = time.monotonic() + 60
+while time.monotonic() < end:
+    request = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    request.connect(\"/run/vgpu-mps-units.sock\")
+    request.recv(200)
+    request.close()' >/dev/null 2>&1 & echo \$! > /var/lib/vgpu-systest/helper-holder.pid"
+}
+stop_helper_holder() {
+    in_ct sh -c 'kill "$(cat /var/lib/vgpu-systest/helper-holder.pid)" 2>/dev/null; rm -f /var/lib/vgpu-systest/helper-holder.pid'
+}
+
+# probe_unit UNIT DROPIN [ASSIGNMENT...]: restart UNIT with the probe as an ExecStartPre=
+# (ASSIGNMENTs become its Environment=), make the late targets once the probe waits (its
+# sandbox is built then), let it run and print its lines; then drop the probe again.
+probe_unit() {
+    local unit=$1 dropin=$2 assignment environment=""
+    shift 2
+    for assignment in "$@"; do environment+="Environment=$assignment\n"; done
+    in_ct rm -rf "$PROBE_GO" /run/systest-late-runtime
+    in_ct sh -c "printf '[Service]\nExecStartPre=$SYSTEST_DIR/sandbox-probe\nEnvironment=SANDBOX_PROBE_GO=$PROBE_GO\n$environment' > $dropin"
+    in_ct systemctl daemon-reload
+    in_ct systemctl restart --no-block "$unit"
+    if wait_for 30 probe_said "$unit" waiting; then
+        make_late_targets
+        in_ct touch "$PROBE_GO"
+        wait_for 60 probe_said "$unit" done
+        stop_helper_holder
+        probe_lines_of "$unit"
+    else
+        echo "sandbox-probe: never ran in $unit"
+    fi
+    in_ct rm -f "$dropin"
+    in_ct systemctl daemon-reload
+}
+
+# check_probe WHERE LINES DENIED ALLOWED OPEN: the verdicts a sandbox must give.
+check_probe() {
+    local where=$1 lines=$2 name open=()
+    for name in $3; do check "$where: $name is refused" probe_line "$name" denied "$lines"; done
+    for name in $4; do check "$where: $name still works" probe_line "$name" allowed "$lines"; done
+    for name in $5; do open+=("$(grep -o "$name [a-z]*" <<<"$lines")"); done
+    info "$where, not enforceable there (docs/systemd.md): $(IFS='|'; echo "${open[*]}")"
+}
+
+# From inside the agent's exact sandbox: no systemd (not even through a helper's root),
+# no container runtime (also none that appears later), no secret, no kubelet credential,
+# writes nowhere but its own directories; sd_notify, journald and the request socket work.
+sandbox_checks() {
+    log "$phase: what the agent's sandbox refuses"
     start_probe_targets
-    local outside inside name
-    outside=$(in_ct /usr/local/lib/vgpu-systest/sandbox-probe)
+    make_late_targets
+    local outside inside
+    outside=$(in_ct env SANDBOX_PROBE_OWN_DIR="/run/nvidia-mps/$GPU0" \
+        SANDBOX_PROBE_OTHER_DIR="/run/nvidia-mps/$GPU1" "$SYSTEST_DIR/sandbox-probe")
+    stop_helper_holder
     info "probe outside any sandbox: $(tr '\n' '|' <<<"$outside")"
-    check "outside the sandbox the probe succeeds at all $PROBES (so its 'denied' means something)" \
-        bash -c '! grep -q denied <<<"$1" && [ "$(grep -c allowed <<<"$1")" -eq "$3" ] && [ -e "$2" ]' _ \
-        "$outside" "/proc/$container_pid/root/run/systest-probe-target-ran" "$PROBES"
+    check "outside any sandbox the probe succeeds at everything (so its 'denied' means something)" \
+        bash -c '! grep -q " denied$" <<<"$1" && grep -qx "sandbox-probe: done" <<<"$1" && grep -qx "sandbox-probe: helper seen" <<<"$1" && [ -e "$2" ]' _ \
+        "$outside" "/proc/$container_pid/root/run/systest-probe-target-ran"
     clean_probe_traces
-    in_ct sh -c "printf '[Service]\nExecStartPre=/usr/local/lib/vgpu-systest/sandbox-probe\n' > /run/systemd/system/vgpu-agent.service.d/sandbox-probe.conf"
+    inside=$(probe_unit vgpu-agent.service /run/systemd/system/vgpu-agent.service.d/sandbox-probe.conf)
+    info "probe in the agent's sandbox: $(tr '\n' '|' <<<"$inside")"
+    check_probe "in the agent's sandbox" "$inside" "$AGENT_DENIED" "$AGENT_ALLOWED" "$AGENT_OPEN"
+    check "in the agent's sandbox a vgpu-mps-units@ helper was there to be tried" \
+        probe_line helper seen "$inside"
+    check "nothing was started or written from inside the sandbox" nothing_left_by_probe
+    check "the agent (started after the probe) registers again" wait_for 30 registered
+    dra_sandbox_checks
+}
+
+# The agent's sandbox as docs/dra.md turns it into the DRA frontend's (its checked block:
+# the drop-in that hides the node's kubelet credentials and the plugin directories turned
+# off, the DRA drop-in added): those and the CDI directory are reachable, the rest holds.
+# The agent itself stays a device plugin here (there is no API server to talk to).
+dra_sandbox_checks() {
+    log "$phase: the agent's sandbox with docs/dra.md's drop-ins"
+    local blocks=$work/dra count inside
+    count=$(python3 "$here/doc_blocks.py" "$repo/docs/dra.md" "$blocks")
+    check "docs/dra.md has its checked block ($count)" [ "$count" -ge 1 ]
+    check "docs/dra.md's drop-ins install as written" \
+        in_ct bash -euo pipefail -c "$(cat "$blocks/01.sh")"
+    in_ct sh -c "printf '[Service]\nExecStartPre=$SYSTEST_DIR/sandbox-probe\n' > /run/systemd/system/vgpu-agent.service.d/sandbox-probe.conf"
     in_ct systemctl daemon-reload
     in_ct systemctl restart vgpu-agent.service
-    wait_for 30 agent_active
-    wait_for 10 probe_done
-    inside=$(probe_lines)
-    info "probe in the agent's sandbox: $(tr '\n' '|' <<<"$inside")"
-    for name in systemd-run systemctl-start write-etc write-usr write-mps-pipe-root write-run-unit \
-        dbus-socket systemd-private systemd-private-via-pid1 containerd-socket crio-socket \
-        docker-socket read-shadow read-pid1-environ write-run-other; do
-        check "in the agent's sandbox: $name is refused" probe_line "$name" denied "$inside"
-    done
-    info "in the agent's sandbox, signalling a root process: $(grep signal-root-process <<<"$inside") (open: root without capabilities still signals root's processes; see docs/systemd.md)"
-    for name in notify-socket journal-socket mps-units-socket; do
-        check "in the agent's sandbox: $name still works" probe_line "$name" allowed "$inside"
-    done
-    check "nothing was started or written from inside the sandbox" nothing_left_by_probe
-    in_ct rm -f /run/systemd/system/vgpu-agent.service.d/sandbox-probe.conf
+    inside=$(probe_lines_of vgpu-agent.service)
+    info "probe in the DRA frontend's sandbox: $(tr '\n' '|' <<<"$inside")"
+    check_probe "in the DRA frontend's sandbox" "$inside" "$DRA_DENIED" "$DRA_ALLOWED" "$DRA_OPEN"
+    in_ct rm -rf /run/systemd/system/vgpu-agent.service.d/sandbox-probe.conf \
+        /etc/systemd/system/vgpu-agent.service.d
+    clean_probe_traces
     in_ct systemctl daemon-reload
-    check "the agent (restarted with the probe) registers again" wait_for 30 registered
+    in_ct systemctl restart vgpu-agent.service
+    check "the agent, back in the device plugin's sandbox, registers again" wait_for 30 registered
 }
 
 # Issue 23: the documents messages name are installed where they say, uncompressed, and
@@ -367,37 +465,28 @@ admin_file_kept() {
 }
 
 nothing_left_by_probe() {
-    in_ct sh -c '[ ! -e /run/systest-probe-target-ran ] && [ ! -e /etc/vgpu-sandbox-probe ] && [ ! -e /usr/vgpu-sandbox-probe ] && [ ! -e /run/systemd/system/vgpu-sandbox-probe.service ] && [ ! -e /run/vgpu-sandbox-probe-file ]'
+    in_ct sh -c '[ ! -e /run/systest-probe-target-ran ] && [ ! -e /etc/vgpu-sandbox-probe ] && [ ! -e /usr/vgpu-sandbox-probe ] && [ ! -e /run/systemd/system/vgpu-sandbox-probe.service ] && [ ! -e /run/vgpu-sandbox-probe-file ] && [ ! -e /run/nvidia-mps/sandbox-probe ] && [ ! -e /var/log/nvidia-mps/sandbox-probe ]'
 }
 clean_probe_traces() {
     in_ct rm -rf /etc/vgpu-sandbox-probe /usr/vgpu-sandbox-probe /run/systest-probe-target-ran \
-        /run/nvidia-mps/sandbox-probe /run/systemd/system/vgpu-sandbox-probe.service \
-        /run/vgpu-sandbox-probe-file
+        /run/nvidia-mps/sandbox-probe /var/log/nvidia-mps/sandbox-probe \
+        "/run/nvidia-mps/$GPU0/sandbox-probe" /run/cdi/vgpu-sandbox-probe \
+        /run/systemd/system/vgpu-sandbox-probe.service /run/vgpu-sandbox-probe-file
 }
 
 # The same probe from inside GPU0's MPS unit (an ExecStartPre= of the instance, so with its
 # exact sandbox): the process every pod talks to reaches neither systemd nor the container
-# runtimes nor secrets, and writes nothing under /run but its own directory (issue 20).
+# runtimes nor secrets nor another GPU's pipe directory, and writes nothing but its own
+# pipe and log directories (issue 20).
 mps_sandbox_checks() {
     log "$phase: what the MPS unit's sandbox refuses"
-    local dropin="/run/systemd/system/$(mps_unit $GPU0).d/sandbox-probe.conf" inside name
-    in_ct sh -c "printf '[Service]\nExecStartPre=/usr/local/lib/vgpu-systest/sandbox-probe\n' > $dropin"
-    in_ct systemctl daemon-reload
-    in_ct systemctl restart "$(mps_unit $GPU0)"
-    wait_for 10 mps_probe_done
-    inside=$(mps_probe_lines)
+    local inside
+    inside=$(probe_unit "$(mps_unit $GPU0)" "/run/systemd/system/$(mps_unit $GPU0).d/sandbox-probe.conf" \
+        "SANDBOX_PROBE_OWN_DIR=/run/nvidia-mps/$GPU0" "SANDBOX_PROBE_OTHER_DIR=/run/nvidia-mps/$GPU1")
     info "probe in the MPS unit's sandbox: $(tr '\n' '|' <<<"$inside")"
-    for name in systemd-run systemctl-start write-etc write-usr write-run-unit dbus-socket \
-        systemd-private containerd-socket crio-socket docker-socket read-shadow write-run-other; do
-        check "in the MPS unit's sandbox: $name is refused" probe_line "$name" denied "$inside"
-    done
-    check "in the MPS unit's sandbox: its own directory under /run/nvidia-mps stays writable" \
-        probe_line write-mps-pipe-root allowed "$inside"
-    info "in the MPS unit's sandbox: $(grep -E 'read-pid1-environ|systemd-private-via-pid1|signal-root-process' <<<"$inside" | tr '\n' '|') (open: the daemon keeps CAP_SYS_PTRACE and CAP_KILL; see docs/systemd.md)"
+    check_probe "in the MPS unit's sandbox" "$inside" "$MPS_DENIED" "$MPS_ALLOWED" "$MPS_OPEN"
     check "nothing was started or written from inside the MPS unit's sandbox" nothing_left_by_probe
-    in_ct rm -f "$dropin"
     clean_probe_traces
-    in_ct systemctl daemon-reload
     in_ct systemctl restart "$(mps_unit $GPU0)"
     check "the MPS unit (restarted without the probe) answers with its ceiling and a server" \
         wait_for 20 mps_ceiling_and_server $GPU0
@@ -615,17 +704,18 @@ foreign_mps_files_kept() {
     in_ct rm -rf /var/log/nvidia-mps /run/nvidia-mps
 }
 
-# The exposure of each unit, no worse than before issue 14 (agent 0.9, compute mode
-# 1.2, MPS 3.4); the helper no worse than the agent's compute-mode step.
+# Each unit's exposure (systemd-analyze security), against its score before issue 20's
+# sandboxes (agent 0.9, compute mode 1.2, MPS 3.4, request helper 0.9): none may be worse.
 security_checks() {
-    local unit limit exposure
-    for unit in vgpu-agent.service:0.9 vgpu-compute-mode.service:1.2 "$(mps_unit $GPU_NONE):3.4" \
-        vgpu-mps-units@0.service:1.2; do
-        limit=${unit##*:}
-        unit=${unit%:*}
+    local entry unit before exposure
+    for entry in vgpu-agent.service:0.9 vgpu-compute-mode.service:1.2 "$(mps_unit $GPU_NONE):3.4" \
+        vgpu-mps-units@0.service:0.9; do
+        before=${entry##*:}
+        unit=${entry%:*}
         exposure=$(in_ct systemd-analyze security "$unit" 2>/dev/null | sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p')
-        check "systemd-analyze security $unit: ${exposure:-unknown} (at most $limit)" \
-            awk -v e="${exposure:-99}" -v l="$limit" 'BEGIN { exit !(e <= l) }'
+        info "systemd-analyze security $unit: before issue 20 $before, now ${exposure:-unknown}"
+        check "systemd-analyze security $unit: ${exposure:-unknown}, no worse than $before before issue 20" \
+            awk -v e="${exposure:-99}" -v l="$before" 'BEGIN { exit !(e <= l) }'
     done
 }
 
@@ -1119,7 +1209,7 @@ if [ -n "$RPM_OLD" ]; then
     cp "$RPM_OLD" "$work/pkgs/old.rpm"
     cp "$RPM_NEW" "$work/pkgs/new.rpm"
 fi
-cp "$repo/tests/fakes/fake_mps_control.py" "$here/sandbox-probe" "$here/lock-attack" \
+cp "$repo/tests/fakes/fake_mps_control.py" "$here/sandbox-probe" "$here/lock-attack" "$here/listen" \
     "$repo/scripts/apt-install" "$work/fakes/"
 
 deb_phase
