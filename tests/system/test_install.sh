@@ -297,10 +297,11 @@ AGENT_DENIED="$PROBE_DENIED_EVERYWHERE systemd-private-via-pid1 systemd-private-
     read-pid1-environ"
 AGENT_ALLOWED="notify-socket journal-socket mps-units-socket"
 AGENT_OPEN="signal-pid1 signal-root-process"
-MPS_DENIED="$PROBE_DENIED_EVERYWHERE notify-socket mps-units-socket see-other-dir
-    systemd-private-via-pid1 systemd-private-via-helper read-pid1-environ"
+MPS_DENIED="$PROBE_DENIED_EVERYWHERE notify-socket mps-units-socket see-other-dir"
 MPS_ALLOWED="journal-socket write-own-dir"
-MPS_OPEN="signal-pid1 signal-root-process"
+# While the daemon keeps CAP_SYS_PTRACE and runs as group root (docs/systemd.md).
+MPS_OPEN="systemd-private-via-pid1 systemd-private-via-helper read-pid1-environ signal-pid1
+    signal-root-process"
 # With the DRA frontend's drop-ins (docs/dra.md): the node's credentials, the plugin
 # directories and the CDI directory open, the host's network (so its abstract sockets).
 DRA_DENIED="systemd-run systemctl-start write-etc write-usr write-run-unit dbus-socket
