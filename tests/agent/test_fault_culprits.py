@@ -130,6 +130,7 @@ def _log(
     clock: Optional[Clock] = None,
     **settings: object,
 ) -> FaultLog:
+    settings.setdefault("offender_action", "hold")  # the default reports
     policy = OffenderPolicy(
         FaultsConfig(**settings),  # type: ignore[arg-type]
         clock=clock or Clock(),
@@ -237,7 +238,9 @@ def test_an_unknown_culprit_is_stated_and_counts_for_nobody(
     broken = _log(observer, ScriptedLogs(fails=RuntimeError("boom")))
     with caplog.at_level(logging.ERROR):
         assert _record(broken).culprit.note == "reading the MPS daemon's output failed: boom"
-    unread = FaultLog(observer, OffenderPolicy(FaultsConfig(repeat_limit=1)), None)
+    unread = FaultLog(
+        observer, OffenderPolicy(FaultsConfig(repeat_limit=1, offender_action="hold")), None
+    )
     assert _record(unread).culprit.note == "the MPS daemons' output is not read"
     assert faults.offenders.offenders() == []
     assert observer.culprits[-1] == (GPU, "")
@@ -373,7 +376,7 @@ def test_an_agent_names_the_culprit_from_its_daemons_log_and_holds_a_repeat_offe
         root,
         attribution=AttributionConfig(pod_resources_socket=socket_path, refresh_interval_s=0.2),
         metrics=MetricsConfig(enabled=True, listen_address="127.0.0.1:0"),
-        faults=FaultsConfig(repeat_limit=2),
+        faults=FaultsConfig(repeat_limit=2, offender_action="hold"),
     )
     config = replace(
         config,

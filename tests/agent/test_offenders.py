@@ -30,6 +30,8 @@ class Clock:
 
 
 def _policy(clock: Clock, **settings: object) -> OffenderPolicy:
+    # "hold" unless a test says otherwise: what these tests exercise (the default reports).
+    settings.setdefault("offender_action", "hold")
     config = FaultsConfig(**settings)  # type: ignore[arg-type]
     return OffenderPolicy(config, clock=clock, wall_clock=lambda: WALL_AT_ZERO + clock.now)
 
@@ -166,7 +168,7 @@ def test_reloading_to_report_ends_every_hold_and_new_settings_count_from_now() -
     clock = Clock()
     policy = _policy(clock, repeat_limit=1)
     assert policy.fault(POD, GPU) is not None
-    assert policy.configure(FaultsConfig(repeat_limit=1, hold_s=10.0)) == []
+    assert policy.configure(FaultsConfig(repeat_limit=1, hold_s=10.0, offender_action="hold")) == []
     clock.now = 10.0
     assert [release.offender.pod for release in policy.expire(None)] == [POD]
     assert policy.fault(POD, GPU) is not None

@@ -396,7 +396,7 @@ def test_a_repeat_offender_of_the_fault_policy_gets_no_client(
     """The two policies together, as the agent wires them: a pod the daemon's output names
     as the culprit of a fault (faults.repeat_limit = 1) becomes a repeat offender, and the
     per-pod client policy ends its client, as held."""
-    tenant = start_tenant(faults=FaultsConfig(repeat_limit=1))
+    tenant = start_tenant(faults=FaultsConfig(repeat_limit=1, offender_action="hold"))
     tenant.start_client(4242)
     wait_until(lambda: tenant.attributed() == [4242], WAIT_S, "the pod's client attributed")
     assert tenant.terminated() == []

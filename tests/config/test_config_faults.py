@@ -17,7 +17,7 @@ SOURCE = "/etc/vgpu/config.toml"
 
 def test_faults_defaults() -> None:
     """Three faults named on one pod within 10 minutes hold it for an hour."""
-    assert parse("", SOURCE).faults == FaultsConfig(3, 600.0, "hold", 3600.0)
+    assert parse("", SOURCE).faults == FaultsConfig(3, 600.0, "report", 3600.0)
 
 
 @pytest.mark.parametrize(
@@ -82,9 +82,9 @@ def test_faults_table_renders_back() -> None:
 def test_a_reload_applies_new_faults_settings() -> None:
     """A changed [faults] table is taken on by the running agent (no restart)."""
     running = parse("", SOURCE)
-    new = parse('[faults]\noffender_action = "report"\n', SOURCE)
+    new = parse('[faults]\noffender_action = "hold"\n', SOURCE)
     gpus = [make_gpu(0)]
     assert plan_reload(running, new, gpus, {gpu_uuid(0): 10}) == [
-        UseFaultsConfig(FaultsConfig(offender_action="report"))
+        UseFaultsConfig(FaultsConfig(offender_action="hold"))
     ]
     assert plan_reload(running, running, gpus, {gpu_uuid(0): 10}) == []

@@ -252,11 +252,12 @@ def _record_new(fault_log: FaultLog, seen: list[SeenFault], done: int) -> list[F
 
 def test_a_fault_under_mps_is_recorded_naming_every_pod_it_hit(make_node: NodeFactory) -> None:
     """Two long-running clients and one that makes an illegal memory access on the agent's
-    daemon: the health watcher hands the XID on as an MPS fault of the GPU; the fault log
-    names the faulting client's pod as the culprit, from the daemon's output, and all three
-    pods as hit. A second faulting client of the same pod (a container restarted) makes
-    the pod a repeat offender (faults.repeat_limit = 2): held. What each client saw and what
-    the daemon logged is printed (the blast radius as measured)."""
+    daemon: the health watcher hands the XID on as an MPS fault of the GPU and the fault log
+    names all three pods as hit, and the client the daemon's output names first, which must
+    be one of the three. Whether that is the faulting one is printed, not asserted: on an
+    H100 (driver 580, 2026-12-07) it was an innocent neighbour (docs/security.md, "Faults").
+    What each client saw and what the daemon logged is printed (the blast radius as
+    measured)."""
     from vgpu_agent.gpus.nvml import NvmlBackend
 
     node = make_node(replicas=REPLICAS, max_vgpus_per_container=1)
@@ -265,7 +266,7 @@ def test_a_fault_under_mps_is_recorded_naming_every_pod_it_hit(make_node: NodeFa
     daemon_logs = daemon_logs_for(node.config.mps)
     assert daemon_logs is not None, "the direct manager's output is read"
     daemon_logs.follow([gpu_uuid])
-    fault_log = FaultLog(pods, OffenderPolicy(FaultsConfig(repeat_limit=2)), daemon_logs)
+    fault_log = FaultLog(pods, OffenderPolicy(FaultsConfig()), daemon_logs)
     seen: list[SeenFault] = []
     arrived = threading.Event()
 
@@ -293,6 +294,7 @@ def test_a_fault_under_mps_is_recorded_naming_every_pod_it_hit(make_node: NodeFa
         _wait_for_clients(node, 3)
         pods.snapshot(node)
         print("clients before the fault:", pods.clients)
+        faulter_pid = next(pid for pid, pod in pods.clients.items() if pod.name == "faulter")
         assert arrived.wait(60), "no XID reached the health watcher"
         outcomes = {c.label: _report(c).get("error", "ran to the end") for c in [faulter, *victims]}
         for label, outcome in outcomes.items():
@@ -306,30 +308,18 @@ def test_a_fault_under_mps_is_recorded_naming_every_pod_it_hit(make_node: NodeFa
         assert set(events[0].pods) == {"victim-0", "victim-1", "faulter"}
         assert "illegal memory access" in outcomes["faulter"]
         named = [event.culprit for event in events if event.culprit.pod is not None]
-        assert [culprit.pod for culprit in named] == [PodRef("uid-faulter", "faulter")], (
-            f"the daemon's output names the faulting client once: {[e.culprit for e in events]}"
+        print(
+            json.dumps(
+                {
+                    "test": "fault-culprit",
+                    "faulter_pid": faulter_pid,
+                    "named": [(c.pid, c.pod.name if c.pod else None) for c in named],
+                    "named_the_faulter": [c.pid for c in named] == [faulter_pid],
+                }
+            )
         )
-        assert fault_log.offenders.held() == {}
-
-        # The same pod faults again (its container restarted): a repeat offender.
-        done = len(seen)
-        arrived.clear()
-        again = node.start_client(
-            node.allocate(0, 1, first=3), 1000, "faulter", ["--hold-s", "3", "--illegal-access"]
-        )
-        _wait_for_clients(node, 1)
-        pods.snapshot(node)
-        assert arrived.wait(60), "no XID for the second fault"
-        print("the faulter again:", _report(again).get("error", "ran to the end"))
-        time.sleep(1.0)
-        events = _record_new(fault_log, seen, done)
-        named = [event.culprit for event in events if event.culprit.pod is not None]
-        assert [culprit.pod for culprit in named] == [PodRef("uid-faulter", "faulter")], (
-            f"{[e.culprit for e in events]}; daemon output: {_daemon_output(node)}"
-        )
-        held = fault_log.offenders.held()
-        print("held:", held)
-        assert list(held) == ["uid-faulter"]
+        assert len(named) == 1, f"the daemon's output names one client: {events}"
+        assert named[0].pod in {PodRef(f"uid-{label}", label) for label in outcomes}
         after = node.start_client(node.allocate(0, 1, first=4), 1000, "after", ["--hold-s", "1"])
         print("a new client afterwards:", after.result().get("kernels"), "kernel batches")
         print("servers afterwards:", node.control(0, "get_server_list"))

@@ -206,7 +206,7 @@ class FaultsConfig:
     window_s: float = 600.0
     #: "hold": an offender is held (allowed no MPS clients; those it has are ended);
     #: "report": it is only logged and shown.
-    offender_action: OffenderAction = "hold"
+    offender_action: OffenderAction = "report"
     #: Seconds an offender stays held after its last fault; 0 = until the pod is gone.
     hold_s: float = 3600.0
 
