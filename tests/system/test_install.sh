@@ -295,7 +295,10 @@ PROBE_DENIED_EVERYWHERE="systemd-run systemctl-start write-etc write-usr write-m
     read-admin-kubeconfig read-pod-secret read-container-storage write-cdi-dir"
 AGENT_DENIED="$PROBE_DENIED_EVERYWHERE systemd-private-via-pid1 systemd-private-via-helper
     read-pid1-environ"
-AGENT_ALLOWED="notify-socket journal-socket mps-units-socket"
+# read-mps-journal: the vgpu-mps@ units' journal, which the agent reads for the client a
+# fault's server names (mps.manager = "systemd"); their stand-in daemons have logged by
+# then, as the probe outside any sandbox shows.
+AGENT_ALLOWED="notify-socket journal-socket mps-units-socket read-mps-journal"
 AGENT_OPEN="signal-pid1 signal-root-process"
 MPS_DENIED="$PROBE_DENIED_EVERYWHERE notify-socket mps-units-socket see-other-dir"
 MPS_ALLOWED="journal-socket write-own-dir"
@@ -308,7 +311,7 @@ DRA_DENIED="systemd-run systemctl-start write-etc write-usr write-run-unit dbus-
     systemd-private systemd-private-via-pid1 containerd-socket crio-socket docker-socket
     read-shadow read-admin-kubeconfig read-pod-secret read-container-storage read-pid1-environ"
 DRA_ALLOWED="read-kubelet-pki read-node-kubeconfig csi-plugin-socket write-cdi-dir
-    notify-socket journal-socket mps-units-socket"
+    notify-socket journal-socket mps-units-socket read-mps-journal"
 DRA_OPEN="abstract-socket signal-pid1 signal-root-process"
 
 probe_line() { grep -qx "sandbox-probe: $1 $2" <<<"$3"; }
