@@ -295,7 +295,10 @@ PROBE_DENIED_EVERYWHERE="systemd-run systemctl-start write-etc write-usr write-m
     read-admin-kubeconfig read-pod-secret read-container-storage write-cdi-dir"
 AGENT_DENIED="$PROBE_DENIED_EVERYWHERE systemd-private-via-pid1 systemd-private-via-helper
     read-pid1-environ"
-AGENT_ALLOWED="notify-socket journal-socket mps-units-socket"
+# read-mps-journal: the vgpu-mps@ units' journal, which the agent reads for the client a
+# fault's server names (mps.manager = "systemd"); their stand-in daemons have logged by
+# then, as the probe outside any sandbox shows.
+AGENT_ALLOWED="notify-socket journal-socket mps-units-socket read-mps-journal"
 AGENT_OPEN="signal-pid1 signal-root-process"
 MPS_DENIED="$PROBE_DENIED_EVERYWHERE notify-socket mps-units-socket see-other-dir"
 MPS_ALLOWED="journal-socket write-own-dir"
@@ -308,7 +311,7 @@ DRA_DENIED="systemd-run systemctl-start write-etc write-usr write-run-unit dbus-
     systemd-private systemd-private-via-pid1 containerd-socket crio-socket docker-socket
     read-shadow read-admin-kubeconfig read-pod-secret read-container-storage read-pid1-environ"
 DRA_ALLOWED="read-kubelet-pki read-node-kubeconfig csi-plugin-socket write-cdi-dir
-    notify-socket journal-socket mps-units-socket"
+    notify-socket journal-socket mps-units-socket read-mps-journal"
 DRA_OPEN="abstract-socket signal-pid1 signal-root-process"
 
 probe_line() { grep -qx "sandbox-probe: $1 $2" <<<"$3"; }
@@ -415,7 +418,31 @@ sandbox_checks() {
         probe_line helper seen "$inside"
     check "nothing was started or written from inside the sandbox" nothing_left_by_probe
     check "the agent (started after the probe) registers again" wait_for 30 registered
+    volatile_journal_checks
     dra_sandbox_checks
+}
+
+# The container's journal is persistent (/var/log/journal), which the probe above read. A
+# node whose journal is volatile keeps it in /run/log/journal, under the agent's private
+# /run: journald is made to write there (--relinquish-var), GPU0's MPS unit restarted so
+# that its new invocation logs only there, and the agent's sandbox must read that entry.
+volatile_journal_checks() {
+    log "$phase: the MPS units' journal, volatile, from the agent's sandbox"
+    local unit invocation inside
+    unit=$(mps_unit $GPU0)
+    in_ct journalctl --relinquish-var
+    in_ct systemctl restart "$unit"
+    invocation=$(prop "$unit" InvocationID)
+    check "with the journal volatile, $unit's new invocation logged into /run/log/journal" \
+        wait_for 10 in_ct sh -c "journalctl -D /run/log/journal --no-pager -q _SYSTEMD_INVOCATION_ID=$invocation | grep -q ."
+    inside=$(probe_unit vgpu-agent.service /run/systemd/system/vgpu-agent.service.d/sandbox-probe.conf \
+        "SANDBOX_PROBE_MPS_INVOCATION=$invocation")
+    info "probe in the agent's sandbox, journal volatile: $(grep -o 'read-mps-journal [a-z]*' <<<"$inside")"
+    check "in the agent's sandbox the volatile journal of $unit is read" \
+        probe_line read-mps-journal allowed "$inside"
+    in_ct journalctl --flush
+    clean_probe_traces
+    check "the agent (started after the probe) registers again" wait_for 30 registered
 }
 
 # The agent's sandbox as docs/dra.md turns it into the DRA frontend's (its checked block:
