@@ -130,6 +130,11 @@ class Attribution:
         """How many MPS client processes run on this GPU."""
         return dict(self.clients_by_gpu).get(gpu_uuid, 0)
 
+    def client_keys(self) -> frozenset[tuple[str, int]]:
+        """Every MPS client listed, pods' and strays', as (GPU UUID, pid)."""
+        keys = {(usage.gpu_uuid, pid) for usage in self.pods for pid in usage.pids}
+        return frozenset(keys | {(stray.gpu_uuid, stray.pid) for stray in self.strays})
+
 
 #: (GPU UUID, vGPUs held) -> (thread percentage, memory MiB), None for no limit.
 LimitsFor = Callable[[str, int], tuple[Optional[float], Optional[int]]]

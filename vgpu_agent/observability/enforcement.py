@@ -12,8 +12,8 @@ status`. An end that fails is logged once per client, with the daemon's answer, 
 again at the next check; a client ended already is never ended again.
 
 "Newest" is by process start time (``/proc/<pid>/stat``); where ``/proc`` hides a pod's
-processes (the agent's unit runs with ``ProtectProc=invisible``) it is when the agent first
-saw the client, which the check interval bounds.
+processes (``ProtectProc=invisible`` for an agent whose group is not root) it is when the
+agent first saw the client, which the check interval bounds.
 """
 
 from __future__ import annotations
@@ -189,13 +189,12 @@ class ClientEnforcer:
     def check(self, attribution: Attribution) -> list[ClientAction]:
         """Act on the clients ``attribution`` shows beyond their pods' allowance; what was
         done now (nothing when the config asks for no check)."""
-        present = {(usage.gpu_uuid, pid) for usage in attribution.pods for pid in usage.pids}
-        present |= {(stray.gpu_uuid, stray.pid) for stray in attribution.strays}
+        present = attribution.client_keys()
         now = self._boot_clock()
-        for pid in {pid for _gpu_uuid, pid in present} - set(self._first_seen):
-            self._first_seen[pid] = now
-        pids = {pid for _gpu_uuid, pid in present}
-        self._first_seen = {pid: seen for pid, seen in self._first_seen.items() if pid in pids}
+        # Seen before: when first seen; new: now; gone: forgotten.
+        self._first_seen = {
+            pid: self._first_seen.get(pid, now) for pid in {pid for _gpu_uuid, pid in present}
+        }
         # Gone clients are forgotten: a pid seen again later is another process.
         self._done = {key: done for key, done in self._done.items() if key in present}
         self._failed &= present

@@ -128,7 +128,7 @@ class Observability:
         #: When the last full refresh (every source asked) was taken.
         self._full_at = clock()
         #: The MPS clients (GPU UUID, pid) of the last attribution.
-        self._clients_listed: set[tuple[str, int]] = set()
+        self._clients_listed: frozenset[tuple[str, int]] = frozenset()
         #: The per-pod MPS client policy (None: no way to end a client was handed in).
         self.client_policy: Optional[ClientEnforcer] = None
         if end_client is not None:
@@ -440,10 +440,7 @@ class Observability:
             hidden_cgroups=self._hidden_cgroups,
         )
         self._report_problems(attribution.problems)
-        self._clients_listed = {
-            (usage.gpu_uuid, pid) for usage in attribution.pods for pid in usage.pids
-        }
-        self._clients_listed |= {(stray.gpu_uuid, stray.pid) for stray in attribution.strays}
+        self._clients_listed = attribution.client_keys()
         snapshot = AttributionSnapshot(attribution, self._clock())
         with self._lock:
             self._snapshot = snapshot
