@@ -5,9 +5,11 @@ issue 20), a client's illegal memory access (XID 31, an MMU fault) ended both ot
 clients of its GPU's MPS server ("an illegal memory access was encountered" in each), while
 the server stayed up and new clients ran. NVML reports such a fault as an XID that means an
 application fault (``health.ignored_xids``: it does not make the GPU Unhealthy). The kernel's
-XID line may name an innocent client's pid, so it is never used; the MPS server names the
-client that "encountered a fatal GPU error" in its daemon's output
-(:class:`~vgpu_agent.model.daemons.DaemonLogs`).
+XID line may name an innocent client's pid, so it is never used; the "culprit" here is the
+client the MPS server names as having "encountered a fatal GPU error" in its daemon's output
+(:class:`~vgpu_agent.model.daemons.DaemonLogs`), a lead, not proof: on an H100 (driver 580)
+that was an innocent neighbour too, which is why repeat offenders are only reported unless
+``faults.offender_action = "hold"``.
 
 Each such XID on a served GPU is recorded here as an MPS fault of that GPU in three steps:
 

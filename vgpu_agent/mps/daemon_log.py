@@ -1,11 +1,13 @@
-"""The output of each GPU's MPS control daemon, read for the client that faulted.
+"""The output of each GPU's MPS control daemon, read for the client the server names after a
+fault.
 
 Under MPS a fatal fault of one client ends every client of its GPU, and the kernel's XID line
-may name an innocent client's pid (measured twice on an H100, driver 580). The MPS server
-names the client that faulted first: after a client's illegal memory access it logged
-``Client {PID: 1523, Context: 1} encountered a fatal GPU error.``, then ``All clients
-belonging to error trigging process <pid> will be torn down`` for each client
-(bench/RESULTS.md). Lines carry a bracketed prefix (``[2024-04-05 12:49:05.086 Control 61]``
+may name an innocent client's pid (measured twice on an H100, driver 580). After a client's
+illegal memory access the MPS server logs ``Client {PID: <n>, Context: 1} encountered a fatal
+GPU error.`` for one client, then ``All clients belonging to error trigging process <pid>
+will be torn down`` for each client. That first client is a lead, not proof: on an H100
+(driver 580, 2026-12-07) it was an innocent neighbour, not the faulting client
+(bench/RESULTS.md, docs/security.md). Lines carry a bracketed prefix (``[2024-04-05 12:49:05.086 Control 61]``
 in NVIDIA's own logs); the text is looked for anywhere in a line, and the prefix's time is
 used when there is one.
 
