@@ -7,9 +7,9 @@ illegal memory access the MPS server logs ``Client {PID: <n>, Context: 1} encoun
 GPU error.`` for one client, then ``All clients belonging to error trigging process <pid>
 will be torn down`` for each client. That first client is a lead, not proof: on an H100
 (driver 580, 2026-12-07) it was an innocent neighbour, not the faulting client
-(bench/RESULTS.md, docs/security.md). Lines carry a bracketed prefix (``[2024-04-05 12:49:05.086 Control 61]``
-in NVIDIA's own logs); the text is looked for anywhere in a line, and the prefix's time is
-used when there is one.
+(bench/RESULTS.md, docs/security.md). Lines carry a bracketed prefix
+(``[2026-12-07 21:53:22.747 Server  1316]`` on that H100); the text is looked for anywhere
+in a line, and the prefix's time is used when there is one.
 
 Where the output goes depends on ``mps.manager``. The daemon runs in the foreground, and its
 own lines and its servers' go to its standard output:
