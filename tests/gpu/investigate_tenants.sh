@@ -5,6 +5,8 @@
 #   N. how soon a new client shows in `get_client_list` (and in control.log) compared with
 #      its first kernel (can a client be ended before it does anything?);
 #   F. which pid the MPS server's log names for a fatal fault, compared with the faulter's;
+#   G. the same with the faulter connecting first, and with the faulter alone (does the
+#      server name the first client it has, or the faulter?);
 #   E. what the daemon and its server open and call (strace, when STRACE points at one),
 #      for vgpu-mps@'s sandbox.
 # Run as root on a machine with an NVIDIA GPU. Changes no GPU setting: the daemon lives
@@ -139,6 +141,23 @@ echo "-- server.log"; tail -n 15 "$LOGD/server.log"
 dmesg 2>/dev/null | grep -i xid | tail -n 3
 echo "-- server list after: $(ctl get_server_list | tr '\n' ' ')"
 echo "-- the daemon's own output (foreground: its log and its servers' go here)"; grep -v "^\s*$" "$ROOT/daemon.out" | tail -n 30
+fi
+if want G; then
+step "G1. the faulter connects first, two neighbours after it"
+mark=$(wc -l <"$ROOT/daemon.out")
+run_client g-bad 12 7; sleep 2; run_client g-v1 12; sleep 1; run_client g-v2 12
+wait_clients
+for c in g-bad g-v1 g-v2; do echo "-- $c"; grep -v tick "$ROOT/$c.out" | cut -c1-200; done
+echo "-- daemon output since"; tail -n +"$((mark + 1))" "$ROOT/daemon.out" | grep -v "^\s*$" | tail -n 30
+sleep 2
+step "G2. the faulter alone on the GPU"
+mark=$(wc -l <"$ROOT/daemon.out")
+run_client g-solo 8 3
+wait_clients
+echo "-- g-solo"; grep -v tick "$ROOT/g-solo.out" | cut -c1-200
+echo "-- daemon output since"; tail -n +"$((mark + 1))" "$ROOT/daemon.out" | grep -v "^\s*$" | tail -n 30
+dmesg 2>/dev/null | grep -i xid | tail -n 4
+echo "-- server list after: $(ctl get_server_list | tr '\n' ' ')"
 fi
 stop_daemon
 
