@@ -21,11 +21,13 @@ import pytest
 
 from tests.builders import write_fake_control
 from tests.harness import AgentRun, agent_runs, make_config, scrape_metrics, wait_until
-from tests.mps.test_daemon_log import fatal_line
+from tests.mps.test_daemon_log import fatal_line, torn_down_line
 from tests.observability.test_observability_e2e import CONTAINER_ID, POD_UID, RESOURCE, _pods
 from vgpu_agent.agent.describe import fault_lines
 from vgpu_agent.agent.faults import (
     ApplicationFault,
+    NAMED,
+    SOLE_CLIENT,
     Culprit,
     FaultLog,
     NamedFault,
@@ -130,7 +132,6 @@ def _log(
     clock: Optional[Clock] = None,
     **settings: object,
 ) -> FaultLog:
-    settings.setdefault("offender_action", "hold")  # the default reports
     policy = OffenderPolicy(
         FaultsConfig(**settings),  # type: ignore[arg-type]
         clock=clock or Clock(),
@@ -144,8 +145,10 @@ def _record(faults: FaultLog, gpu_uuid: str = GPU, xid: int = 31) -> Any:
     return faults.record(seen, faults.name(seen))
 
 
-def _named(pid: int) -> FaultCulprit:
-    return FaultCulprit(pid, "/var/log/nvidia-mps/GPU-1/control.log")
+def _named(pid: int, *torn_down: int) -> FaultCulprit:
+    """The server's answer: ``pid`` named, and the clients it tore down (``pid`` alone when
+    none are given: it was the only client)."""
+    return FaultCulprit(pid, "/var/log/nvidia-mps/GPU-1/control.log", "", torn_down or (pid,))
 
 
 def _events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, Any]]:
@@ -166,12 +169,19 @@ def test_the_fault_names_its_culprit_and_every_pod_it_hit(
     fault came: the journal entry, the counters and status name the culprit apart from the
     pods hit; the kernel's pid plays no part."""
     observer = RecordingObserver({GPU: {101: TRAINER, 202: SERVER}})
-    logs = ScriptedLogs(_named(101))
+    logs = ScriptedLogs(_named(101, 101, 202))
     faults = _log(observer, logs)
     with caplog.at_level(logging.WARNING):
         event = _record(faults)
     assert logs.asked == [(GPU, 1_800_000_000.0, 0.5)]
-    assert event.culprit == Culprit(101, TRAINER, f"named by {_named(101).source}")
+    assert event.culprit == Culprit(
+        101,
+        TRAINER,
+        f"named by {_named(101).source}; a lead: the server also tore down 1 client(s) of "
+        "other or unknown pods, and may name any of them",
+        NAMED,
+        (TRAINER, SERVER),
+    )
     assert event.pods == ("team-a/trainer", "team-b/server")
     (fields,) = _events(caplog, "mps-fault")
     assert fields == {
@@ -182,19 +192,75 @@ def test_the_fault_names_its_culprit_and_every_pod_it_hit(
         "VGPU_CULPRIT_POD": "team-a/trainer",
         "VGPU_CULPRIT_POD_UID": "uid-trainer",
         "VGPU_CULPRIT_PID": "101",
+        "VGPU_CULPRIT_EVIDENCE": "named",
     }
     assert observer.culprits == [(GPU, "team-a/trainer")]
     assert observer.faults == [(GPU, 31, ("team-a/trainer", "team-b/server"))]
     (shown,) = faults.recent()
-    assert (shown["culprit"], shown["culprit_pod_uid"], shown["culprit_pid"]) == (
-        "team-a/trainer",
-        "uid-trainer",
-        101,
-    )
+    assert (
+        shown["culprit"],
+        shown["culprit_pod_uid"],
+        shown["culprit_pid"],
+        shown["culprit_evidence"],
+    ) == ("team-a/trainer", "uid-trainer", 101, "named")
     assert fault_lines({"mps_faults": [shown]}) == [
-        f"MPS fault 2027-01-15T08:00:00Z: GPU {GPU} XID 31: culprit team-a/trainer (pid 101); "
-        "hit team-a/trainer, team-b/server"
+        f"MPS fault 2027-01-15T08:00:00Z: GPU {GPU} XID 31: culprit team-a/trainer (pid 101), "
+        "a lead (other pods' clients were torn down too); hit team-a/trainer, team-b/server"
     ]
+    assert faults.offenders.offenders() == [], "a lead counts for nobody by default"
+
+
+@pytest.mark.parametrize(
+    ("torn_down", "evidence", "why"),
+    [
+        ((101,), SOLE_CLIENT, "every client the server tore down (1) was this pod's"),
+        ((101, 102), SOLE_CLIENT, "every client the server tore down (2) was this pod's"),
+        ((), NAMED, "a lead: the server listed no clients it tore down"),
+        ((202,), NAMED, "a lead: the server did not list it among the clients it tore down"),
+        (
+            (101, 404),
+            NAMED,
+            "a lead: the server also tore down 1 client(s) of other or unknown pods, and may "
+            "name any of them",
+        ),
+    ],
+    ids=["alone", "two-of-its-own", "no-list", "not-listed", "unknown-beside"],
+)
+def test_a_culprit_is_sure_only_when_every_client_torn_down_was_its_pods(
+    torn_down: tuple[int, ...], evidence: str, why: str
+) -> None:
+    """The faulting client is always among those the server tears down: when they are all
+    one pod's, that pod faulted (whichever the server names first); beside any other or
+    unknown client the name is a lead. The attribution's other pods (202, gone by the
+    fault) do not make it a lead: the server's own list does."""
+    observer = RecordingObserver({GPU: {101: TRAINER, 102: TRAINER, 202: SERVER}})
+    answer = FaultCulprit(101, "control.log", "", torn_down)
+    event = _record(_log(observer, ScriptedLogs(answer)))
+    assert (event.culprit.evidence, event.culprit.note) == (
+        evidence,
+        f"named by control.log; {why}",
+    )
+    assert event.pods == ("team-a/trainer", "team-b/server")
+
+
+@pytest.mark.parametrize(
+    ("counted", "offender_after"),
+    [("sole-client", 2), ("named", 2)],
+)
+def test_which_faults_count_against_a_pod_is_the_operators_choice(
+    counted: str, offender_after: int
+) -> None:
+    """By default only faults where the pod's clients were the only ones torn down count;
+    with offender_evidence = "named" every fault it was named for does."""
+    observer = RecordingObserver({GPU: {101: TRAINER, 202: SERVER}})
+    logs = ScriptedLogs(_named(101, 101, 202), _named(101, 101, 202), _named(101), _named(101))
+    faults = _log(observer, logs, repeat_limit=2, offender_evidence=counted)
+    held_after = []
+    for number in range(1, 5):
+        _record(faults)
+        if faults.offenders.held() and not held_after:
+            held_after.append(number)
+    assert held_after == ([4] if counted == "sole-client" else [offender_after])
 
 
 def test_a_culprit_not_in_the_attribution_is_found_by_its_cgroup() -> None:
@@ -257,6 +323,7 @@ def test_a_repeat_offender_is_held_then_released(caplog: pytest.LogCaptureFixtur
     observer = RecordingObserver({GPU: {101: TRAINER, 202: SERVER}})
     logs = ScriptedLogs(_named(101), _named(101))
     faults = _log(observer, logs, clock, repeat_limit=2, window_s=60.0, hold_s=30.0)
+    assert faults.offenders.config.offender_action == "hold", "the default holds"
     with caplog.at_level(logging.WARNING):
         _record(faults)
         assert faults.offenders.held() == {}
@@ -418,6 +485,7 @@ def test_an_agent_names_the_culprit_from_its_daemons_log_and_holds_a_repeat_offe
             first_at = time.time()
             with control_log.open("a") as written:
                 written.write(fatal_line(4242, first_at) + "\n")
+                written.write(torn_down_line(4242, first_at) + "\n")
             run.agent.submit(SimulateCommand(SimulateAction.XID, "0", xid=31))
             wait_until(lambda: len(run.agent.describe()["mps_faults"]) == 1, WAIT_S, "fault 1")
             (fault,) = run.agent.describe()["mps_faults"]
@@ -426,10 +494,11 @@ def test_an_agent_names_the_culprit_from_its_daemons_log_and_holds_a_repeat_offe
                 POD_UID,
                 4242,
             )
-            assert (
-                fault["culprit_note"]
-                == f"named by {control_log} and {control_log.parent}/server.log"
+            assert fault["culprit_note"] == (
+                f"named by {control_log} and {control_log.parent}/server.log; every client "
+                "the server tore down (1) was this pod's"
             )
+            assert fault["culprit_evidence"] == "sole-client"
             assert fault["pods"] == ["ns/web"]
             assert run.agent.offenders.held() == {}
             # A later fault: past the first one's burst (a restarted client faults later).
@@ -437,7 +506,7 @@ def test_an_agent_names_the_culprit_from_its_daemons_log_and_holds_a_repeat_offe
             run.agent.submit(SimulateCommand(SimulateAction.XID, "0", xid=31))
             time.sleep(0.3)
             with control_log.open("a") as written:
-                written.write(fatal_line(4242) + "\n")
+                written.write(fatal_line(4242) + "\n" + torn_down_line(4242, time.time()) + "\n")
             wait_until(lambda: bool(run.agent.describe()["mps_offenders"]), WAIT_S, "the hold")
             described = run.agent.describe()
             (offender,) = described["mps_offenders"]

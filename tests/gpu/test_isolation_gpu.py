@@ -314,6 +314,7 @@ def test_a_fault_under_mps_is_recorded_naming_every_pod_it_hit(make_node: NodeFa
                     "test": "fault-culprit",
                     "faulter_pid": faulter_pid,
                     "named": [(c.pid, c.pod.name if c.pod else None) for c in named],
+                    "evidence": [c.evidence for c in named],
                     "named_the_faulter": [c.pid for c in named] == [faulter_pid],
                 }
             )

@@ -130,6 +130,10 @@ def fault_lines(answer: Mapping[str, Any]) -> list[str]:
         culprit = fault.get("culprit", "unknown")
         if fault.get("culprit_pid") is not None:
             culprit += f" (pid {fault['culprit_pid']})"
+        if fault.get("culprit_evidence") == "named":
+            culprit += ", a lead (other pods' clients were torn down too)"
+        elif fault.get("culprit_evidence") == "sole-client":
+            culprit += ", its clients the only ones torn down"
         lines.append(
             f"MPS fault {fault['at']}: GPU {fault['gpu_uuid']} XID {fault['xid']}: "
             f"culprit {culprit}; hit {pods}"

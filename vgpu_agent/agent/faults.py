@@ -50,6 +50,12 @@ RECENT_FAULTS = 20
 CULPRIT_WAIT_S = 3.0
 #: ``VGPU_CULPRIT_POD`` and status when no culprit is known.
 UNKNOWN = "unknown"
+#: A culprit's evidence: every client the server tore down for the fault was its pod's,
+#: so that pod faulted (``faults.offender_evidence = "sole-client"`` counts only these).
+SOLE_CLIENT = "sole-client"
+#: A culprit's evidence: the server named its client first, beside other pods' clients (or
+#: listed none it tore down): a lead, measured to be an innocent neighbour on an H100.
+NAMED = "named"
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,11 @@ class Culprit:
     pod: Optional[PodRef]
     #: Where it was found, or why it is unknown.
     note: str
+    #: :data:`SOLE_CLIENT` or :data:`NAMED` ("" when no pod is known).
+    evidence: str = ""
+    #: The pods of the clients the server said it tore down (the fault's blast radius as
+    #: the server saw it).
+    torn_down: tuple[PodRef, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -114,6 +125,7 @@ class FaultEvent:
             "culprit": pod.shown if pod is not None else UNKNOWN,
             "culprit_pod_uid": pod.uid if pod is not None else "",
             "culprit_pid": self.culprit.pid,
+            "culprit_evidence": self.culprit.evidence,
             "culprit_note": self.culprit.note,
         }
 
@@ -228,17 +240,7 @@ class FaultLog:
         if found.pid is None:
             return Culprit(None, None, found.why_unknown)
         named = f"named by {found.source}"
-        pod = seen.clients.get(found.pid)
-        if pod is None or not pod.uid:
-            try:
-                running = self._observer.pod_of_process(found.pid)
-            except Exception as exc:
-                log.warning("finding the pod of process %d: %s", found.pid, exc)
-                running = None
-            if running is not None:
-                pod = PodRef(
-                    running.uid, pod.name if pod is not None and pod.name else running.name
-                )
+        pod = self._pod_of(found.pid, seen)
         if pod is None:
             return Culprit(
                 found.pid,
@@ -246,13 +248,51 @@ class FaultLog:
                 f"pid {found.pid} ({named}) is in no pod the agent knows: no MPS client of "
                 "the latest attribution, and not running in a pod's cgroup",
             )
-        return Culprit(found.pid, pod, named)
+        down = {pid: self._pod_of(pid, seen) for pid in found.torn_down}
+        torn_down = tuple({p.uid or p.shown: p for p in down.values() if p is not None}.values())
+        if not found.torn_down:
+            why = "a lead: the server listed no clients it tore down"
+        elif found.pid not in down:
+            why = "a lead: the server did not list it among the clients it tore down"
+        elif any(other is None or other.uid != pod.uid for other in down.values()):
+            others = len(down) - sum(
+                1 for other in down.values() if other is not None and other.uid == pod.uid
+            )
+            why = (
+                f"a lead: the server also tore down {others} client(s) of other or unknown "
+                "pods, and may name any of them"
+            )
+        else:
+            return Culprit(
+                found.pid,
+                pod,
+                f"{named}; every client the server tore down ({len(down)}) was this pod's",
+                SOLE_CLIENT,
+                torn_down,
+            )
+        return Culprit(found.pid, pod, f"{named}; {why}", NAMED, torn_down)
+
+    def _pod_of(self, pid: int, seen: SeenFault) -> Optional[PodRef]:
+        """A client's pod: from the attribution taken as the fault arrived, with its UID
+        from the process's cgroup if the attribution lacks one and it still runs."""
+        pod = seen.clients.get(pid)
+        if pod is None or not pod.uid:
+            try:
+                running = self._observer.pod_of_process(pid)
+            except Exception as exc:
+                log.warning("finding the pod of process %d: %s", pid, exc)
+                running = None
+            if running is not None:
+                pod = PodRef(
+                    running.uid, pod.name if pod is not None and pod.name else running.name
+                )
+        return pod
 
     def record(self, seen: SeenFault, culprit: Culprit) -> FaultEvent:
         """Record the fault: the journal entry, the counters, the recent list, and the
         culprit's fault for the offender policy."""
         fault = seen.fault
-        hit = {pod.shown for pod in seen.clients.values()}
+        hit = {pod.shown for pod in (*seen.clients.values(), *culprit.torn_down)}
         if culprit.pod is not None:
             hit.add(culprit.pod.shown)
         pods = tuple(sorted(hit))
@@ -280,8 +320,12 @@ class FaultLog:
             VGPU_CULPRIT_POD=culprit.pod.shown if culprit.pod is not None else UNKNOWN,
             VGPU_CULPRIT_POD_UID=culprit.pod.uid if culprit.pod is not None else None,
             VGPU_CULPRIT_PID=str(culprit.pid) if culprit.pid is not None else None,
+            VGPU_CULPRIT_EVIDENCE=culprit.evidence or None,
         )
-        if culprit.pod is not None:
+        counts = culprit.evidence == SOLE_CLIENT or (
+            culprit.evidence == NAMED and self.offenders.config.offender_evidence == "named"
+        )
+        if culprit.pod is not None and counts:
             offender = self.offenders.fault(culprit.pod, fault.gpu_uuid)
             if offender is not None:
                 self._became(offender)

@@ -50,6 +50,7 @@ from vgpu_agent.config.values import (
     _LOG_LEVELS,
     _MPS_MANAGERS,
     _OFFENDER_ACTIONS,
+    _OFFENDER_EVIDENCE,
     _REPLICAS_ALLOWED,
     _UUID_ALLOWED,
     _absolute_path,
@@ -322,9 +323,12 @@ def _parse_faults(table: _Table) -> FaultsConfig:
         repeat_limit=table.get(
             "repeat_limit",
             defaults.repeat_limit,
-            _int_range(1, None, "an integer >= 1 (faults named on one pod within window_s)"),
+            _int_range(1, None, "an integer >= 1 (faults counted against one pod within window_s)"),
         ),
         window_s=table.get("window_s", defaults.window_s, _seconds(allow_zero=False)),
+        offender_evidence=table.get(
+            "offender_evidence", defaults.offender_evidence, _choice(_OFFENDER_EVIDENCE)
+        ),
         offender_action=table.get(
             "offender_action", defaults.offender_action, _choice(_OFFENDER_ACTIONS)
         ),

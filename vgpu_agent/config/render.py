@@ -125,6 +125,7 @@ def to_toml(config: Config) -> str:
         [
             ("repeat_limit", faults.repeat_limit),
             ("window_s", faults.window_s),
+            ("offender_evidence", faults.offender_evidence),
             ("offender_action", faults.offender_action),
             ("hold_s", faults.hold_s),
         ],

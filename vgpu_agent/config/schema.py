@@ -67,6 +67,10 @@ Confinement = Literal["enforced", "cooperative"]
 DeviceListStrategy = Literal["envvar", "volume-mounts", "cdi"]
 #: What becomes of a pod named as the culprit of too many MPS faults (docs/security.md).
 OffenderAction = Literal["hold", "report"]
+#: Which faults count against the pod named their culprit: only those where every client
+#: the MPS server tore down was that pod's ("sole-client"), or any it was named for
+#: ("named": the server's name was measured to be an innocent neighbour's).
+OffenderEvidence = Literal["sole-client", "named"]
 #: What the agent does with a pod's MPS clients beyond its allowance: "end" them
 #: (``terminate_client``), or only "report" them (docs/security.md, "Per pod").
 ExcessClients = Literal["end", "report"]
@@ -200,13 +204,16 @@ class FaultsConfig:
     """Pods whose MPS clients keep faulting (each fault ends every client of its GPU).
     ``[faults]``"""
 
-    #: Faults naming one pod as their culprit within ``window_s`` that make it an offender.
+    #: Faults counted against one pod within ``window_s`` that make it an offender.
     repeat_limit: int = 3
     #: Seconds over which a pod's faults are counted.
     window_s: float = 600.0
+    #: Which faults count against the pod named their culprit: "sole-client" (the server
+    #: tore down that pod's clients only, so it faulted) or "named" (any it was named for).
+    offender_evidence: OffenderEvidence = "sole-client"
     #: "hold": an offender is held (allowed no MPS clients; those it has are ended);
     #: "report": it is only logged and shown.
-    offender_action: OffenderAction = "report"
+    offender_action: OffenderAction = "hold"
     #: Seconds an offender stays held after its last fault; 0 = until the pod is gone.
     hold_s: float = 3600.0
 

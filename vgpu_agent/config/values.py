@@ -44,6 +44,7 @@ from vgpu_agent.config.schema import (
     MpsManager,
     MultiUser,
     OffenderAction,
+    OffenderEvidence,
 )
 from vgpu_agent.host.log import LogLevel
 from vgpu_agent.model.devices import LimitPolicy
@@ -90,6 +91,9 @@ _DEVICE_LIST_STRATEGIES: dict[str, DeviceListStrategy] = {
 _EXCESS_CLIENTS: dict[str, ExcessClients] = {name: name for name in get_args(ExcessClients)}
 _LOG_LEVELS: dict[str, LogLevel] = {name: name for name in get_args(LogLevel)}
 _OFFENDER_ACTIONS: dict[str, OffenderAction] = {name: name for name in get_args(OffenderAction)}
+_OFFENDER_EVIDENCE: dict[str, OffenderEvidence] = {
+    name: name for name in get_args(OffenderEvidence)
+}
 _POLICIES: dict[str, Literal["proportional", "none"]] = {
     "proportional": "proportional",
     "none": "none",

@@ -113,6 +113,10 @@ class FaultCulprit:
     source: str
     #: Why ``pid`` is None (empty when it is known).
     why_unknown: str = ""
+    #: Every client the server said it tore down for this fault, in the order named (empty:
+    #: it said none). The faulting client is one of them: when they are all one pod's, that
+    #: pod faulted, whichever client the server named.
+    torn_down: tuple[int, ...] = ()
 
 
 class DaemonLogs(Protocol):

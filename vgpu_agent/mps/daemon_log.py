@@ -50,6 +50,15 @@ log = logging.getLogger(__name__)
 FATAL_CLIENT_RE = re.compile(
     r"Client\s*\{\s*PID:\s*(?P<pid>\d+)[^}]*\}\s*encountered a fatal GPU error"
 )
+#: The server's line for each client it ends after a fault (its spelling, and the right one).
+TORN_DOWN_RE = re.compile(
+    r"error\s+trigg(?:er)?ing\s+process\s+(?P<pid>\d+)\s+will\s+be\s+torn\s+down"
+)
+#: The server's one line listing every client it ended for a fault.
+STICKY_RE = re.compile(
+    r"following\s+client\s+process(?:es)?\s+ha(?:ve|s)\s+a\s+sticky\s+error\s+set:?"
+    r"(?P<pids>(?:\s+\d+)+)"
+)
 #: The time in a line's bracketed prefix, local time as the daemon writes it.
 _STAMP_RE = re.compile(
     r"\[\s*(?P<date>\d{4}-\d{2}-\d{2})[ T](?P<time>\d{2}:\d{2}:\d{2})(?P<fraction>\.\d+)?"
@@ -61,6 +70,9 @@ LOOKBACK_S = 10.0
 #: Lines naming a fatal client within this long after the one taken belong to the same
 #: fault (the victims', should a server name them too): they name no later fault's culprit.
 BURST_S = 2.0
+#: How long after the culprit's line the lines naming the clients torn down are waited for
+#: (the server writes them at once; the one listing them all ends the wait).
+TEARDOWN_WAIT_S = 1.0
 #: How often the output is read again while waiting for the line.
 POLL_INTERVAL_S = 0.1
 #: How long one ``journalctl`` run may take.
@@ -88,6 +100,29 @@ def _stamp(text: str) -> Optional[float]:
     except (ValueError, OverflowError):
         return None
     return seconds + float(found["fraction"] or 0.0)
+
+
+@dataclass(frozen=True)
+class TornDown:
+    """A line naming clients the server ended for a fault: one (``... will be torn
+    down``), or all of them (``... have a sticky error set: ...``, ``complete``)."""
+
+    pids: tuple[int, ...]
+    complete: bool
+    logged_at: Optional[float] = None
+
+
+def torn_down(line: str) -> Optional[TornDown]:
+    """The clients a line of the daemon's output says the server ended for a fault, with
+    the time of the line's prefix; None for any other line."""
+    found = TORN_DOWN_RE.search(line)
+    if found is not None:
+        return TornDown((int(found["pid"]),), False, _stamp(line[: found.start()]))
+    listed = STICKY_RE.search(line)
+    if listed is not None:
+        pids = tuple(int(word) for word in listed["pids"].split())
+        return TornDown(pids, True, _stamp(line[: listed.start()]))
+    return None
 
 
 def fatal_client(line: str) -> Optional[FatalClient]:
@@ -285,8 +320,11 @@ def _journal_entry(raw: bytes) -> Optional[tuple[str, Optional[float]]]:
 
 @dataclass
 class _Sighting:
-    pid: int
+    #: The client named as having encountered the fatal error, or those torn down.
+    pids: tuple[int, ...]
     at: float
+    #: "fatal", "down" (one client torn down) or "all" (the list of every one).
+    kind: str
 
 
 class _GpuOutput:
@@ -347,7 +385,9 @@ class DaemonLogCulprits:
     def culprit(self, gpu_uuid: str, fault_at_epoch_s: float, wait_s: float) -> FaultCulprit:
         """The client the GPU's MPS server names for the fault seen at
         ``fault_at_epoch_s``: the first line naming one, written from :data:`LOOKBACK_S`
-        before the fault on, and after the last fault's burst; waits up to ``wait_s``."""
+        before the fault on, and after the last fault's burst; waits up to ``wait_s``. Then
+        the clients the server says it tore down for that fault, waited for up to
+        :data:`TEARDOWN_WAIT_S` more (until the line listing them all)."""
         self.follow([gpu_uuid])
         with self._lock:
             output = self._gpus.get(gpu_uuid)
@@ -355,6 +395,7 @@ class DaemonLogCulprits:
         earliest = fault_at_epoch_s - LOOKBACK_S
         if output is None:
             return FaultCulprit(None, "", "the agent is stopping")
+        taken: Optional[_Sighting] = None
         while True:
             # Only this GPU's output is held while it is read (journalctl may take seconds).
             with output.lock:
@@ -362,10 +403,15 @@ class DaemonLogCulprits:
                 if self._closed:
                     return FaultCulprit(None, where, "the agent is stopping")
                 problems = self._read(output, earliest)
-                taken = self._take(output, earliest)
-            if taken is not None:
-                return FaultCulprit(taken, where)
-            if self._clock() >= deadline:
+                if taken is None:
+                    taken = self._take(output, earliest)
+                    if taken is not None:
+                        deadline = self._clock() + TEARDOWN_WAIT_S
+                if taken is not None:
+                    down, complete = self._torn_down(output, taken)
+            if taken is not None and (complete or self._clock() >= deadline):
+                return FaultCulprit(taken.pids[0], where, torn_down=down)
+            if taken is None and self._clock() >= deadline:
                 why = "; ".join(problems) or (
                     f"no line naming a client that 'encountered a fatal GPU error' in {where} "
                     f"from {LOOKBACK_S:g} s before the fault to {wait_s:g} s after it"
@@ -399,15 +445,14 @@ class DaemonLogCulprits:
                     log.warning("naming the culprit of MPS faults: %s", problem)
                 continue
             for text, source_at in lines:
-                found = fatal_client(text)
-                if found is None:
-                    continue
-                at = source_at if source_at is not None else found.logged_at
-                at = at if at is not None else read_at
-                if not any(
-                    seen.pid == found.pid and abs(seen.at - at) < 1e-3 for seen in output.sightings
+                sighting = _sighting(text, source_at, read_at)
+                if sighting is not None and not any(
+                    seen.pids == sighting.pids
+                    and seen.kind == sighting.kind
+                    and abs(seen.at - sighting.at) < 1e-3
+                    for seen in output.sightings
                 ):
-                    output.sightings.append(_Sighting(found.pid, at))
+                    output.sightings.append(sighting)
         # The journal is asked again on every read: older lines are kept out by time.
         output.sightings = [
             seen for seen in output.sightings if seen.at >= read_at - 6 * LOOKBACK_S
@@ -415,12 +460,12 @@ class DaemonLogCulprits:
         return problems
 
     @staticmethod
-    def _take(output: _GpuOutput, earliest: float) -> Optional[int]:
+    def _take(output: _GpuOutput, earliest: float) -> Optional[_Sighting]:
         candidates = sorted(
             (
                 seen
                 for seen in output.sightings
-                if seen.at >= earliest and seen.at > output.burst_until
+                if seen.kind == "fatal" and seen.at >= earliest and seen.at > output.burst_until
             ),
             key=lambda seen: seen.at,
         )
@@ -428,8 +473,36 @@ class DaemonLogCulprits:
             return None
         first = candidates[0]
         output.burst_until = first.at + BURST_S
-        output.sightings = [seen for seen in output.sightings if seen.at > output.burst_until]
-        return first.pid
+        return first
+
+    @staticmethod
+    def _torn_down(output: _GpuOutput, taken: _Sighting) -> tuple[tuple[int, ...], bool]:
+        """The clients the server tore down for the fault of ``taken`` (lines within
+        :data:`BURST_S` of it), in the order named, and whether a line listed them all."""
+        pids: list[int] = []
+        complete = False
+        for seen in output.sightings:
+            if seen.kind == "fatal" or abs(seen.at - taken.at) > BURST_S:
+                continue
+            complete = complete or seen.kind == "all"
+            pids.extend(pid for pid in seen.pids if pid not in pids)
+        return tuple(pids), complete
+
+
+def _sighting(text: str, source_at: Optional[float], read_at: float) -> Optional[_Sighting]:
+    """What a line of the daemon's output says of a fault, at the source's time, else the
+    line's own, else when it was read; None for any other line."""
+    found = fatal_client(text)
+    if found is not None:
+        at = source_at if source_at is not None else found.logged_at
+        return _Sighting((found.pid,), at if at is not None else read_at, "fatal")
+    down = torn_down(text)
+    if down is not None:
+        at = source_at if source_at is not None else down.logged_at
+        return _Sighting(
+            down.pids, at if at is not None else read_at, "all" if down.complete else "down"
+        )
+    return None
 
 
 def _reason(exc: BaseException) -> str:
