@@ -25,9 +25,9 @@ from tests.mps.test_daemon_log import fatal_line, torn_down_line
 from tests.observability.test_observability_e2e import CONTAINER_ID, POD_UID, RESOURCE, _pods
 from vgpu_agent.agent.describe import fault_lines
 from vgpu_agent.agent.faults import (
-    ApplicationFault,
     NAMED,
     SOLE_CLIENT,
+    ApplicationFault,
     Culprit,
     FaultLog,
     NamedFault,
@@ -243,24 +243,21 @@ def test_a_culprit_is_sure_only_when_every_client_torn_down_was_its_pods(
     assert event.pods == ("team-a/trainer", "team-b/server")
 
 
-@pytest.mark.parametrize(
-    ("counted", "offender_after"),
-    [("sole-client", 2), ("named", 2)],
-)
+@pytest.mark.parametrize(("counted", "held_at"), [("sole-client", 4), ("named", 2)])
 def test_which_faults_count_against_a_pod_is_the_operators_choice(
-    counted: str, offender_after: int
+    counted: str, held_at: int
 ) -> None:
-    """By default only faults where the pod's clients were the only ones torn down count;
-    with offender_evidence = "named" every fault it was named for does."""
+    """Two faults where the server tore down another pod's client too, then two where it
+    tore down the named pod's only: by default only the last two count (held at the 4th);
+    with offender_evidence = "named" every fault it was named for does (held at the 2nd)."""
     observer = RecordingObserver({GPU: {101: TRAINER, 202: SERVER}})
     logs = ScriptedLogs(_named(101, 101, 202), _named(101, 101, 202), _named(101), _named(101))
     faults = _log(observer, logs, repeat_limit=2, offender_evidence=counted)
-    held_after = []
-    for number in range(1, 5):
+    held = []
+    for _ in range(4):
         _record(faults)
-        if faults.offenders.held() and not held_after:
-            held_after.append(number)
-    assert held_after == ([4] if counted == "sole-client" else [offender_after])
+        held.append(bool(faults.offenders.held()))
+    assert held.index(True) + 1 == held_at
 
 
 def test_a_culprit_not_in_the_attribution_is_found_by_its_cgroup() -> None:
