@@ -62,7 +62,7 @@ def test_repeat_limit_faults_within_the_window_hold_the_pod() -> None:
         True,
     )
     assert policy.held() == {
-        POD.uid: "named the culprit of 3 MPS faults within 600 s (the last on GPU GPU-1); "
+        POD.uid: "the culprit of 3 MPS faults counted within 600 s (the last on GPU GPU-1); "
         "held until 2027-01-15T09:03:20Z"
     }
     assert [entry.pod for entry in policy.offenders()] == [POD]
@@ -149,7 +149,7 @@ def test_report_mode_holds_nobody_but_lists_the_offender() -> None:
         "held": False,
         "since": "2027-01-15T08:00:00Z",
         "until": "2027-01-15T09:00:00Z",
-        "reason": "named the culprit of 1 MPS faults within 600 s (the last on GPU GPU-1); "
+        "reason": "the culprit of 1 MPS faults counted within 600 s (the last on GPU GPU-1); "
         'not held (faults.offender_action = "report")',
     }
 

@@ -24,7 +24,7 @@ from click.testing import CliRunner
 
 from tests.builders import write_fake_control
 from tests.harness import AgentRun, agent_runs, scrape_metrics, wait_until
-from tests.mps.test_daemon_log import fatal_line
+from tests.mps.test_daemon_log import fatal_line, torn_down_line
 from vgpu_agent.config.render import to_toml
 from vgpu_agent.config.schema import (
     AgentConfig,
@@ -393,16 +393,18 @@ def test_a_reload_changes_the_allowance(start_tenant: Callable[..., Tenant]) -> 
 def test_a_repeat_offender_of_the_fault_policy_gets_no_client(
     start_tenant: Callable[..., Tenant],
 ) -> None:
-    """The two policies together, as the agent wires them: a pod the daemon's output names
-    as the culprit of a fault (faults.repeat_limit = 1) becomes a repeat offender, and the
+    """The two policies together, as the agent wires them, with the default evidence and
+    action: a pod the daemon's output names as the culprit of a fault where its client was
+    the only one torn down (faults.repeat_limit = 1) becomes a repeat offender, and the
     per-pod client policy ends its client, as held."""
-    tenant = start_tenant(faults=FaultsConfig(repeat_limit=1, offender_action="hold"))
+    tenant = start_tenant(faults=FaultsConfig(repeat_limit=1))
     tenant.start_client(4242)
     wait_until(lambda: tenant.attributed() == [4242], WAIT_S, "the pod's client attributed")
     assert tenant.terminated() == []
     control_log = Path(log_dir_for(tenant.config.mps.log_root, tenant.gpu_uuid)) / "control.log"
     with control_log.open("a") as written:
-        written.write(fatal_line(4242, time.time()) + "\n")
+        now = time.time()
+        written.write(fatal_line(4242, now) + "\n" + torn_down_line(4242, now) + "\n")
     tenant.run.agent.submit(SimulateCommand(SimulateAction.XID, "0", xid=31))
     wait_until(lambda: bool(tenant.terminated()), WAIT_S, "the offender's client ended")
     assert tenant.terminated() == [f"terminate_client {tenant.server} 4242"]

@@ -16,8 +16,9 @@ SOURCE = "/etc/vgpu/config.toml"
 
 
 def test_faults_defaults() -> None:
-    """Three faults named on one pod within 10 minutes hold it for an hour."""
-    assert parse("", SOURCE).faults == FaultsConfig(3, 600.0, "report", 3600.0)
+    """Three faults surely the pod's (its clients the only ones torn down) within 10
+    minutes hold it for an hour."""
+    assert parse("", SOURCE).faults == FaultsConfig(3, 600.0, "hold", 3600.0, "sole-client")
 
 
 @pytest.mark.parametrize(
@@ -29,8 +30,22 @@ def test_faults_defaults() -> None:
         ('[faults]\noffender_action = "report"', FaultsConfig(offender_action="report")),
         ("[faults]\nhold_s = 0", FaultsConfig(hold_s=0.0)),
         ("faults.hold_s = 60", FaultsConfig(hold_s=60.0)),
+        ('faults.offender_evidence = "named"', FaultsConfig(offender_evidence="named")),
+        (
+            'faults.offender_evidence = "sole-client"',
+            FaultsConfig(offender_evidence="sole-client"),
+        ),
     ],
-    ids=["limit-1", "short-window", "week-window", "report", "until-gone", "dotted-key"],
+    ids=[
+        "limit-1",
+        "short-window",
+        "week-window",
+        "report",
+        "until-gone",
+        "dotted-key",
+        "named",
+        "sole-client",
+    ],
 )
 def test_faults_values(document: str, expected: FaultsConfig) -> None:
     """Each allowed value parses to the typed value."""
@@ -48,6 +63,8 @@ def test_faults_values(document: str, expected: FaultsConfig) -> None:
         ('faults.offender_action = "kill"', "faults.offender_action", '"hold", "report"'),
         ("faults.hold_s = -1", "faults.hold_s", "0 means until the pod is gone"),
         ("faults.limit = 3", "faults.limit", "unknown key"),
+        ('faults.offender_evidence = "xid"', "faults.offender_evidence", '"sole-client", "named"'),
+        ("faults.offender_evidence = 1", "faults.offender_evidence", '"sole-client", "named"'),
     ],
     ids=[
         "limit-zero",
@@ -58,6 +75,8 @@ def test_faults_values(document: str, expected: FaultsConfig) -> None:
         "unknown-action",
         "hold-negative",
         "unknown-key",
+        "unknown-evidence",
+        "evidence-not-text",
     ],
 )
 def test_bad_faults_values_name_the_key(document: str, key_path: str, reason: str) -> None:
@@ -72,7 +91,8 @@ def test_bad_faults_values_name_the_key(document: str, key_path: str, reason: st
 def test_faults_table_renders_back() -> None:
     """to_toml writes [faults] so parse reads back the same config."""
     config = parse(
-        '[faults]\nrepeat_limit = 2\nwindow_s = 30.5\noffender_action = "report"\nhold_s = 0\n',
+        '[faults]\nrepeat_limit = 2\nwindow_s = 30.5\noffender_action = "report"\nhold_s = 0\n'
+        'offender_evidence = "named"\n',
         SOURCE,
     )
     assert parse(to_toml(config), SOURCE) == config
@@ -82,9 +102,9 @@ def test_faults_table_renders_back() -> None:
 def test_a_reload_applies_new_faults_settings() -> None:
     """A changed [faults] table is taken on by the running agent (no restart)."""
     running = parse("", SOURCE)
-    new = parse('[faults]\noffender_action = "hold"\n', SOURCE)
+    new = parse('[faults]\noffender_action = "report"\n', SOURCE)
     gpus = [make_gpu(0)]
     assert plan_reload(running, new, gpus, {gpu_uuid(0): 10}) == [
-        UseFaultsConfig(FaultsConfig(offender_action="hold"))
+        UseFaultsConfig(FaultsConfig(offender_action="report"))
     ]
     assert plan_reload(running, running, gpus, {gpu_uuid(0): 10}) == []

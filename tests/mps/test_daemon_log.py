@@ -22,8 +22,10 @@ from vgpu_agent.mps.daemon_log import (
     DaemonLogCulprits,
     FatalClient,
     FileFollower,
+    TornDown,
     daemon_logs_for,
     fatal_client,
+    torn_down,
 )
 
 GPU = "GPU-3f2a8c1e-0000-4000-8000-000000000001"
@@ -48,6 +50,14 @@ def torn_down_line(pid: int, at: float) -> str:
     return (
         f"[{stamp(at)} Server  1477] All clients belonging to error trigging process {pid} "
         "will be torn down"
+    )
+
+
+def sticky_line(pids: tuple[int, ...], at: float) -> str:
+    """The server's line listing every client it ended for a fault."""
+    listed = " ".join(str(pid) for pid in pids)
+    return (
+        f"[{stamp(at)} Server  1477] The following client process have a sticky error set: {listed}"
     )
 
 
@@ -103,6 +113,39 @@ def test_the_fatal_client_line_is_found_with_or_without_its_prefix(
     """The client's pid wherever the text sits in the line, the prefix's time when it has
     one; every other line is no culprit."""
     assert fatal_client(line) == expected
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (
+            "[2026-12-07 10:11:12.346 Server 1477] All clients belonging to error trigging "
+            "process 1523 will be torn down",
+            TornDown((1523,), False, time.mktime((2026, 12, 7, 10, 11, 12, 0, 0, -1)) + 0.346),
+        ),
+        (
+            "All clients belonging to error triggering process 9 will be torn down",
+            TornDown((9,), False, None),
+        ),
+        (
+            "[2026-12-07 10:11:12.400 Server 1477] The following client process have a sticky "
+            "error set: 1359 1516 1363",
+            TornDown(
+                (1359, 1516, 1363), True, time.mktime((2026, 12, 7, 10, 11, 12, 0, 0, -1)) + 0.4
+            ),
+        ),
+        ("The following client processes has a sticky error set: 7", TornDown((7,), True, None)),
+        ("The following client process have a sticky error set:", None),
+        ("Client {PID: 1523, Context: 1} encountered a fatal GPU error.", None),
+        ("[2026-12-07 10:11:12.100 Server 1477] New client 1523 connected", None),
+    ],
+    ids=["measured-form", "spelled-right", "sticky-list", "plural", "empty-list", "fatal", "other"],
+)
+def test_the_lines_naming_clients_torn_down_are_read(
+    line: str, expected: Optional[TornDown]
+) -> None:
+    """Each client the server ends after a fault, one line each, and the list of them all."""
+    assert torn_down(line) == expected
 
 
 # -- a file followed -----------------------------------------------------------------------------
@@ -233,6 +276,47 @@ def test_the_culprit_is_the_first_client_named_near_the_fault(
         f"no line naming a client that 'encountered a fatal GPU error' in {again.source} "
         "from 10 s before the fault to 0.2 s after it"
     )
+
+
+def test_the_clients_torn_down_come_with_the_culprit(
+    direct: tuple[DaemonLogCulprits, Path],
+) -> None:
+    """The clients torn down within the burst of the culprit's line, in the order named and
+    once each; the list of them all ends the wait at once, and a later fault's lines are
+    its own."""
+    logs, control = direct
+    now = time.time()
+    _append(
+        control,
+        fatal_line(1359, now)
+        + "\n"
+        + "".join(torn_down_line(pid, now) + "\n" for pid in (1359, 1516))
+        + sticky_line((1359, 1516, 1363), now)
+        + "\n",
+    )
+    started = time.monotonic()
+    found = logs.culprit(GPU, now, wait_s=0.5)
+    assert (found.pid, found.torn_down) == (1359, (1359, 1516, 1363))
+    assert time.monotonic() - started < 0.5, "the full list ends the wait"
+    later = now + 5.0
+    _append(control, fatal_line(1516, later) + "\n" + torn_down_line(1516, later) + "\n")
+    started = time.monotonic()
+    alone = logs.culprit(GPU, later, wait_s=0.5)
+    assert (alone.pid, alone.torn_down) == (1516, (1516,))
+    assert time.monotonic() - started >= daemon_log.TEARDOWN_WAIT_S - 0.05, (
+        "without the full list it waits for more lines"
+    )
+
+
+def test_a_culprit_without_torn_down_lines_has_none(
+    direct: tuple[DaemonLogCulprits, Path],
+) -> None:
+    """A server that lists no client torn down: the culprit comes alone."""
+    logs, control = direct
+    now = time.time()
+    _append(control, fatal_line(42, now) + "\n" + torn_down_line(77, now - 30) + "\n")
+    found = logs.culprit(GPU, now, wait_s=0.2)
+    assert (found.pid, found.torn_down) == (42, ())
 
 
 def test_a_line_written_while_waiting_is_found(direct: tuple[DaemonLogCulprits, Path]) -> None:

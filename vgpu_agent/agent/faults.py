@@ -7,9 +7,11 @@ the server stayed up and new clients ran. NVML reports such a fault as an XID th
 application fault (``health.ignored_xids``: it does not make the GPU Unhealthy). The kernel's
 XID line may name an innocent client's pid, so it is never used; the "culprit" here is the
 client the MPS server names as having "encountered a fatal GPU error" in its daemon's output
-(:class:`~vgpu_agent.model.daemons.DaemonLogs`), a lead, not proof: on an H100 (driver 580)
-that was an innocent neighbour too, which is why repeat offenders are only reported unless
-``faults.offender_action = "hold"``.
+(:class:`~vgpu_agent.model.daemons.DaemonLogs`). Beside other pods' clients that name is a
+lead, not proof: on an H100 (driver 580) it was an innocent neighbour. The faulting client
+is always among the clients the server says it tore down, so when those are all the named
+pod's the culprit is sure (:data:`SOLE_CLIENT`), and by default
+(``faults.offender_evidence = "sole-client"``) only such faults count against a pod.
 
 Each such XID on a served GPU is recorded here as an MPS fault of that GPU in three steps:
 
@@ -408,7 +410,7 @@ class FaultLog:
         log_event(
             log,
             logging.WARNING,
-            f"pod {pod.shown} ({pod.uid}) was named the culprit of {offender.faults} MPS faults "
+            f"pod {pod.shown} ({pod.uid}) was the culprit of {offender.faults} MPS faults counted "
             f"within {offender.window_s:g} s (faults.repeat_limit = {config.repeat_limit}), the "
             f"last on GPU {offender.gpu_uuid}: {action}{lasting}",
             GPU_UUID=offender.gpu_uuid,

@@ -2,10 +2,12 @@
 
 Under MPS one client's fatal fault ends every client of its GPU, so a pod that keeps faulting
 (a crash-looping container faults again at every restart) keeps ending its neighbours' work.
-:class:`OffenderPolicy` counts the faults each pod is named the culprit of
-(:mod:`vgpu_agent.agent.faults` names it from the MPS daemon's output; a fault whose culprit
-is unknown counts for nobody, and the pods it merely hit never count). A pod named
-``faults.repeat_limit`` times within ``faults.window_s`` becomes an offender; with
+:class:`OffenderPolicy` counts the faults each pod is the culprit of
+(:mod:`vgpu_agent.agent.faults` names it from the MPS daemon's output and hands on only the
+faults ``faults.offender_evidence`` counts: by default those where every client the server
+tore down was the pod's; a fault whose culprit is unknown counts for nobody, and the pods it
+merely hit never count). A pod counted ``faults.repeat_limit`` times within
+``faults.window_s`` becomes an offender; with
 ``faults.offender_action = "hold"`` it is held until ``faults.hold_s`` after its last fault
 (0: until the pod is gone), and released early when it is gone.
 
@@ -61,7 +63,7 @@ class Release:
 
 
 class OffenderPolicy:
-    """Counts the faults each pod is named the culprit of and holds repeat offenders."""
+    """Counts the faults each pod is the counted culprit of and holds repeat offenders."""
 
     def __init__(
         self,
@@ -192,7 +194,7 @@ class OffenderPolicy:
 
     def _reason(self, offender: Offender) -> str:
         named = (
-            f"named the culprit of {offender.faults} MPS faults within "
+            f"the culprit of {offender.faults} MPS faults counted within "
             f"{offender.window_s:g} s (the last on GPU {offender.gpu_uuid})"
         )
         if not offender.held:

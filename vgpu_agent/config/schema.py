@@ -208,14 +208,14 @@ class FaultsConfig:
     repeat_limit: int = 3
     #: Seconds over which a pod's faults are counted.
     window_s: float = 600.0
-    #: Which faults count against the pod named their culprit: "sole-client" (the server
-    #: tore down that pod's clients only, so it faulted) or "named" (any it was named for).
-    offender_evidence: OffenderEvidence = "sole-client"
     #: "hold": an offender is held (allowed no MPS clients; those it has are ended);
     #: "report": it is only logged and shown.
     offender_action: OffenderAction = "hold"
     #: Seconds an offender stays held after its last fault; 0 = until the pod is gone.
     hold_s: float = 3600.0
+    #: Which faults count against the pod named their culprit: "sole-client" (the server
+    #: tore down that pod's clients only, so it faulted) or "named" (any it was named for).
+    offender_evidence: OffenderEvidence = "sole-client"
 
 
 @dataclass(frozen=True)

@@ -297,7 +297,7 @@ class AgentMetrics:
         )
         self._offenders = Counter(
             "vgpu_mps_offenders",
-            "Pods that became repeat offenders (named the culprit of faults.repeat_limit "
+            "Pods that became repeat offenders (the culprit of faults.repeat_limit counted "
             "faults within faults.window_s), by pod and faults.offender_action.",
             ["pod", "action"],
             registry=registry,
