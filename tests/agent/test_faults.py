@@ -83,6 +83,7 @@ def test_fault_log_names_the_pods_counts_and_keeps_the_latest(
         "VGPU_CULPRIT_POD": "unknown",
         "VGPU_CULPRIT_POD_UID": None,
         "VGPU_CULPRIT_PID": None,
+        "VGPU_CULPRIT_EVIDENCE": None,
     }
     assert "culprit unknown (not read here)" in entry.getMessage()
     assert "ns/a, ns/b" in entry.getMessage()
