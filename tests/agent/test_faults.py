@@ -99,6 +99,7 @@ def test_fault_log_names_the_pods_counts_and_keeps_the_latest(
         "culprit": "unknown",
         "culprit_pod_uid": "",
         "culprit_pid": None,
+        "culprit_evidence": "",
         "culprit_note": "not read here",
     }
 
