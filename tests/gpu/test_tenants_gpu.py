@@ -254,13 +254,17 @@ def test_a_pod_with_four_processes_gets_one_share(
     make_node: NodeFactory, pods: Pods, work_dir: Path
 ) -> None:
     """isolation.excess_clients = "end": the pod's three newest processes are ended within
-    a few checks of starting, each by its MPS server (the error says so) and nothing else;
+    a few checks of starting, each by its MPS server (the error says so: terminated, or the
+    device busy for one ended while it made its context) and nothing else;
     in the window the pod's four processes together get at most 1.1x a neighbour's share."""
     figures = _run_tenants(make_node, pods, work_dir, "end")
     newest = {f"{MULTI}-{index}" for index in range(1, MULTI_PROCESSES)}
     assert set(figures["errors"]) == newest, figures["errors"]
-    for phase_error in figures["errors"].values():
-        assert "terminated" in phase_error[1].lower(), phase_error
+    for phase, error in figures["errors"].values():
+        # Ended while still creating its context, a client is told the device is busy
+        # (measured on an H100, driver 580: bench/RESULTS.md, "Tenants, third day").
+        context_refused = phase == "context" and "busy or unavailable" in error.lower()
+        assert "terminated" in error.lower() or context_refused, (phase, error)
     ended = [
         entry
         for entry in figures["policy_recent"]
