@@ -28,7 +28,7 @@ import queue
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Callable, Union
 
 import pytest
 
@@ -36,21 +36,21 @@ from vgpu_agent.agent.faults import ApplicationFault, FaultEvent, FaultLog, Seen
 from vgpu_agent.agent.health import HealthChange, HealthMonitor
 from vgpu_agent.agent.offenders import OffenderPolicy
 from vgpu_agent.config.schema import AttributionConfig, FaultsConfig, HealthConfig
-from vgpu_agent.mps.clients import end_client
 from vgpu_agent.mps.daemon_log import daemon_logs_for
 from vgpu_agent.observability.checkpoint import CHECKPOINT_NAME
-from vgpu_agent.observability.podresources import list_pod_resources
-from vgpu_agent.observability.service import AgentCounts, Observability
-from vgpu_agent.standins.podresources import PodResourcesStandin, StandinContainer, StandinPod
+from vgpu_agent.standins.podresources import PodResourcesStandin
 
-from .conftest import RESOURCE, Client, Node
+from .conftest import Client, Node
 from .test_attribution_gpu import _enter
+from .test_isolation_gpu import _report
 from .test_tenants_gpu import (
     MULTI,
     NAMESPACE,
     NEIGHBOURS,
     REPLICAS,
     Pods,
+    _grant_pods,
+    _observability,
     _policy_config,
     _wait_for_clients,
     pods,  # noqa: F401 - the fixture
@@ -63,15 +63,6 @@ CRASHER = f"{NAMESPACE}/{MULTI}"
 FAULT_WAIT_S = 60.0
 #: How long after its first kernel the held crasher's process would fault.
 HELD_FAULT_AFTER_S = 8.0
-
-
-def _report(client: Client) -> dict[str, Any]:
-    """A client's JSON report, whether or not it ended in an error."""
-    stdout, stderr = client.process.communicate(timeout=180)
-    lines = [line for line in stdout.splitlines() if line.startswith("{")]
-    assert lines, f"client {client.label} gave no report: {stderr[-500:]}"
-    report: dict[str, Any] = json.loads(lines[-1])
-    return report
 
 
 def test_a_repeat_offender_is_held_off_its_neighbours(
@@ -92,26 +83,10 @@ def test_a_repeat_offender_is_held_off_its_neighbours(
         ),
         faults=FaultsConfig(repeat_limit=2, offender_action="hold", hold_s=600.0),
     )
-    names = (MULTI, *NEIGHBOURS)
-    grants = {name: node.allocate(0, 1, first=index) for index, name in enumerate(names)}
-    ids = node.vgpu_ids(0)
-    standin_pods = [
-        StandinPod(
-            NAMESPACE, name, pods.uids[name], (StandinContainer("main", RESOURCE, (ids[index],)),)
-        )
-        for index, name in enumerate(names)
-    ]
+    grants, standin_pods = _grant_pods(node, pods)
     offenders = OffenderPolicy(config.faults)
     backend = NvmlBackend()
-    observability = Observability(
-        config,
-        inventory=node.state.inventory,
-        counts=lambda: AgentCounts(True),
-        policy=lambda: node.state.grant_policy,
-        list_pods=list_pod_resources,
-        end_client=end_client,
-        held_pods=offenders.held,
-    )
+    observability = _observability(node, config, offenders.held)
     daemon_logs = daemon_logs_for(config.mps)
     assert daemon_logs is not None, "the direct manager's output is read"
     daemon_logs.follow([gpu_uuid])

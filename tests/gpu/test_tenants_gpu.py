@@ -28,10 +28,10 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import pytest
 
@@ -144,15 +144,9 @@ def _acted_on(observability: Observability, action: str) -> list[dict[str, Any]]
     ]
 
 
-def _run_tenants(
-    make_node: NodeFactory, pods: Pods, work_dir: Path, excess_clients: ExcessClients
-) -> dict[str, Any]:
-    """Start the pods' processes under the policy, wait until it acted on the three newest
-    (ended or reported), open the window, and return the figures."""
-    from vgpu_agent.gpus.nvml import NvmlBackend
-
-    node = make_node(replicas=REPLICAS, max_vgpus_per_container=1)
-    config = _policy_config(node, work_dir, excess_clients)
+def _grant_pods(node: Node, pods: Pods) -> tuple[dict[str, Any], list[StandinPod]]:
+    """One vGPU of GPU 0 for each pod (Allocate's answer by pod name), and the pods as the
+    PodResources stand-in reports them."""
     names = (MULTI, *NEIGHBOURS)
     grants = {name: node.allocate(0, 1, first=index) for index, name in enumerate(names)}
     ids = node.vgpu_ids(0)
@@ -165,17 +159,39 @@ def _run_tenants(
         )
         for index, name in enumerate(names)
     ]
-    start_file = str(work_dir / "window-start")
-    arguments = ["--loop-s", str(WINDOW_S), "--start-file", start_file]
-    backend = NvmlBackend()
-    observability = Observability(
+    return grants, standin_pods
+
+
+def _observability(
+    node: Node, config: Any, held_pods: Optional[Callable[[], Mapping[str, str]]] = None
+) -> Observability:
+    """The agent's attribution and per-pod client policy over the node's daemons, ending
+    clients with ``terminate_client``; ``held_pods`` names the pods held at no client."""
+    return Observability(
         config,
         inventory=node.state.inventory,
         counts=lambda: AgentCounts(True),
         policy=lambda: node.state.grant_policy,
         list_pods=list_pod_resources,
         end_client=end_client,
+        held_pods=held_pods,
     )
+
+
+def _run_tenants(
+    make_node: NodeFactory, pods: Pods, work_dir: Path, excess_clients: ExcessClients
+) -> dict[str, Any]:
+    """Start the pods' processes under the policy, wait until it acted on the three newest
+    (ended or reported), open the window, and return the figures."""
+    from vgpu_agent.gpus.nvml import NvmlBackend
+
+    node = make_node(replicas=REPLICAS, max_vgpus_per_container=1)
+    config = _policy_config(node, work_dir, excess_clients)
+    grants, standin_pods = _grant_pods(node, pods)
+    start_file = str(work_dir / "window-start")
+    arguments = ["--loop-s", str(WINDOW_S), "--start-file", start_file]
+    backend = NvmlBackend()
+    observability = _observability(node, config)
     clients: dict[str, Client] = {}
     with PodResourcesStandin(
         config.attribution.pod_resources_socket,
