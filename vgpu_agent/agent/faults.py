@@ -242,7 +242,9 @@ class FaultLog:
         if found.pid is None:
             return Culprit(None, None, found.why_unknown)
         named = f"named by {found.source}"
-        pod = self._pod_of(found.pid, seen)
+        # Each pid's pod once: a lookup may read the process's cgroup.
+        down = {pid: self._pod_of(pid, seen) for pid in found.torn_down}
+        pod = down[found.pid] if found.pid in down else self._pod_of(found.pid, seen)
         if pod is None:
             return Culprit(
                 found.pid,
@@ -250,16 +252,13 @@ class FaultLog:
                 f"pid {found.pid} ({named}) is in no pod the agent knows: no MPS client of "
                 "the latest attribution, and not running in a pod's cgroup",
             )
-        down = {pid: self._pod_of(pid, seen) for pid in found.torn_down}
         torn_down = tuple({p.uid or p.shown: p for p in down.values() if p is not None}.values())
+        others = sum(1 for other in down.values() if other is None or other.uid != pod.uid)
         if not found.torn_down:
             why = "a lead: the server listed no clients it tore down"
         elif found.pid not in down:
             why = "a lead: the server did not list it among the clients it tore down"
-        elif any(other is None or other.uid != pod.uid for other in down.values()):
-            others = len(down) - sum(
-                1 for other in down.values() if other is not None and other.uid == pod.uid
-            )
+        elif others:
             why = (
                 f"a lead: the server also tore down {others} client(s) of other or unknown "
                 "pods, and may name any of them"

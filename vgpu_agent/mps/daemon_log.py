@@ -493,16 +493,16 @@ def _sighting(text: str, source_at: Optional[float], read_at: float) -> Optional
     """What a line of the daemon's output says of a fault, at the source's time, else the
     line's own, else when it was read; None for any other line."""
     found = fatal_client(text)
+    down = torn_down(text) if found is None else None
+    pids: tuple[int, ...]
     if found is not None:
-        at = source_at if source_at is not None else found.logged_at
-        return _Sighting((found.pid,), at if at is not None else read_at, "fatal")
-    down = torn_down(text)
-    if down is not None:
-        at = source_at if source_at is not None else down.logged_at
-        return _Sighting(
-            down.pids, at if at is not None else read_at, "all" if down.complete else "down"
-        )
-    return None
+        pids, logged_at, kind = (found.pid,), found.logged_at, "fatal"
+    elif down is not None:
+        pids, logged_at, kind = down.pids, down.logged_at, "all" if down.complete else "down"
+    else:
+        return None
+    at = next((when for when in (source_at, logged_at) if when is not None), read_at)
+    return _Sighting(pids, at, kind)
 
 
 def _reason(exc: BaseException) -> str:
