@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Optional
 
+from vgpu_agent.config.schema import MpsConfig
 from vgpu_agent.model.devices import HealthReason, Inventory, ReasonKind, ServedGpu, make_vgpu_id
 from vgpu_agent.model.gpu import Gpu
 
@@ -127,3 +128,19 @@ def write_fake_control(binary: Path) -> Path:
     binary.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "{FAKE_CONTROL}" "$@"\n')
     binary.chmod(0o755)
     return binary
+
+
+def standin_mps_config(root: Path, control_timeout_s: float = 2.0) -> MpsConfig:
+    """A direct MPS manager under ``root`` (pipe directories in ``mps``, logs in ``mpslog``)
+    whose control program is the stand-in, written as ``root/nvidia-cuda-mps-control`` the
+    first time (never over a program a daemon may be running)."""
+    binary = root / "nvidia-cuda-mps-control"
+    if not binary.exists():
+        write_fake_control(binary)
+    return MpsConfig(
+        manager="direct",
+        pipe_root=str(root / "mps"),
+        log_root=str(root / "mpslog"),
+        control_binary=str(binary),
+        control_timeout_s=control_timeout_s,
+    )

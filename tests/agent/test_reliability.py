@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, cast
 import grpc
 import pytest
 
-from tests.builders import write_fake_control
+from tests.builders import standin_mps_config
 from tests.harness import RESOURCE, WAIT_S, AgentRun, make_config, wait_until
 from vgpu_agent.agent.loop import EXIT_OK
 from vgpu_agent.config.parse import parse
@@ -373,20 +373,6 @@ def test_second_agent_never_takes_over(
 # -- 3. agent killed with SIGKILL ---------------------------------------------------------------
 
 
-def _fake_mps_config(root: str) -> MpsConfig:
-    """MPS settings whose control program is the stand-in (tests/fakes)."""
-    binary = Path(root) / "nvidia-cuda-mps-control"
-    if not binary.exists():
-        write_fake_control(binary)
-    return MpsConfig(
-        manager="direct",
-        pipe_root=f"{root}/mps",
-        log_root=f"{root}/mpslog",
-        control_binary=str(binary),
-        control_timeout_s=1.0,
-    )
-
-
 def _daemon_pids(mps: MpsConfig) -> dict[str, int]:
     """GPU UUID -> pid of the MPS daemon serving its pipe directory (from its pid file)."""
     pids = {}
@@ -502,7 +488,7 @@ def test_sigkill_leaves_mps_daemons_untouched(short_tmp_dir: str) -> None:
     """An agent process (direct MPS manager) killed with SIGKILL: its MPS daemons keep
     running with the same pids and state; the next agent reuses them and serves again."""
     root = short_tmp_dir
-    mps = _fake_mps_config(root)
+    mps = standin_mps_config(Path(root), control_timeout_s=1.0)
     config_path = Path(root) / "config.toml"
     config_path.write_text(_config_text(root, mps))
     log_path = Path(root) / "agent.log"
@@ -612,7 +598,7 @@ def test_mps_daemon_fault_marks_gpu_then_heals(
 ) -> None:
     """A killed, stopped, or pipe-dir-less MPS daemon makes only its GPU's vGPUs
     Unhealthy, promptly; when the daemon is back they are Healthy again."""
-    mps = _fake_mps_config(short_tmp_dir)
+    mps = standin_mps_config(Path(short_tmp_dir), control_timeout_s=1.0)
     config = replace(
         make_config(short_tmp_dir),
         mps=mps,

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import pytest
 from click.testing import CliRunner
 
-from tests.builders import write_fake_control
+from tests.builders import standin_mps_config
 from tests.harness import AgentRun, agent_runs, scrape_metrics, wait_until
 from tests.mps.test_daemon_log import fatal_line, torn_down_line
 from vgpu_agent.config.render import to_toml
@@ -36,7 +36,6 @@ from vgpu_agent.config.schema import (
     HealthConfig,
     IsolationConfig,
     MetricsConfig,
-    MpsConfig,
     PluginConfig,
     SimulatedConfig,
 )
@@ -63,17 +62,11 @@ TICKS_PER_S = 100
 def tenant_config(root: Path, **isolation: Any) -> Config:
     """One simulated H100 as 8 vGPUs, its daemon the stand-in, attribution refreshed only
     every 10 s (the default) and the client policy looking every 0.1 s."""
-    binary = write_fake_control(root / "nvidia-cuda-mps-control")
     return Config(
         agent=AgentConfig(state_dir=str(root / "state")),
         plugin=PluginConfig(plugin_dir=str(root / "dp")),
         gpus=GpusConfig(backend="simulated", replicas_per_gpu=8),
-        mps=MpsConfig(
-            manager="direct",
-            pipe_root=str(root / "mps"),
-            log_root=str(root / "mpslog"),
-            control_binary=str(binary),
-        ),
+        mps=standin_mps_config(root),
         health=HealthConfig(mps_check_interval_s=0.05, poll_interval_s=0.2),
         simulated=SimulatedConfig(count=1),
         attribution=AttributionConfig(pod_resources_socket=str(root / "pr" / "kubelet.sock")),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.builders import write_fake_control
+from tests.builders import standin_mps_config
 from tests.mps.test_mps import GPU
 from vgpu_agent.config.schema import MpsConfig
 from vgpu_agent.model.errors import MpsError
@@ -51,14 +51,7 @@ def daemon(short_tmp_dir: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daem
     root = Path(short_tmp_dir)
     command_log = root / "commands"
     monkeypatch.setenv("FAKE_MPS_COMMAND_LOG", str(command_log))
-    binary = write_fake_control(root / "nvidia-cuda-mps-control")
-    config = MpsConfig(
-        manager="direct",
-        pipe_root=str(root / "pipe"),
-        log_root=str(root / "log"),
-        control_binary=str(binary),
-        control_timeout_s=2.0,
-    )
+    config = standin_mps_config(root)
     daemons = DirectMpsDaemons(config, start_timeout_s=10.0, stop_timeout_s=5.0)
     info = daemons.start(GPU)
     started = Daemon(config, info.pipe_dir, command_log)

@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import pytest
 from click.testing import CliRunner
 
-from tests.builders import write_fake_control
+from tests.builders import standin_mps_config
 from vgpu_agent.agent.loop import Agent
 from vgpu_agent.config.render import to_toml
 from vgpu_agent.config.schema import (
@@ -74,19 +74,6 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = WAIT
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
-
-
-def fake_mps_config(root: Path) -> MpsConfig:
-    """A direct MPS manager whose control program is the stand-in."""
-    binary = root / "nvidia-cuda-mps-control"
-    write_fake_control(binary)
-    return MpsConfig(
-        manager="direct",
-        pipe_root=str(root / "mps"),
-        log_root=str(root / "mpslog"),
-        control_binary=str(binary),
-        control_timeout_s=2.0,
-    )
 
 
 @dataclass
@@ -137,7 +124,7 @@ def node_config(root: Path, **mps_changes: object) -> Config:
         agent=AgentConfig(state_dir=str(root / "state")),
         plugin=PluginConfig(plugin_dir=str(root / "dp")),
         gpus=GpusConfig(backend="simulated", replicas_per_gpu=REPLICAS),
-        mps=replace(fake_mps_config(root), **mps_changes),  # type: ignore[arg-type]
+        mps=replace(standin_mps_config(root), **mps_changes),  # type: ignore[arg-type]
         health=HealthConfig(mps_check_interval_s=0.05, poll_interval_s=0.2),
         simulated=SimulatedConfig(count=1, memory_mib=MEMORY_MIB),
     )
@@ -332,7 +319,7 @@ def test_status_says_the_mode_and_each_ceiling(
 @pytest.fixture
 def direct(short_tmp_dir: str) -> Iterator[tuple[DirectMpsDaemons, MpsConfig]]:
     """A direct manager on the stand-in, its daemons quit afterwards."""
-    config = fake_mps_config(Path(short_tmp_dir))
+    config = standin_mps_config(Path(short_tmp_dir))
     daemons = DirectMpsDaemons(config, start_timeout_s=10.0)
     yield daemons, config
     daemons.stop_all()

@@ -19,11 +19,11 @@ from typing import Callable
 import grpc
 import pytest
 
+from tests.builders import standin_mps_config
 from tests.mps import test_confinement as confinement
 from tests.mps.test_confinement import (
     WAIT_S,
     Node,
-    fake_mps_config,
     node_config,
     node_gpu,
     wait_until,
@@ -48,7 +48,7 @@ start_agent = confinement.start_node
 @pytest.fixture
 def direct(short_tmp_dir: str) -> Iterator[tuple[DirectMpsDaemons, MpsConfig]]:
     """A direct manager on the stand-in (multi-user), its daemons quit afterwards."""
-    config = fake_mps_config(Path(short_tmp_dir))
+    config = standin_mps_config(Path(short_tmp_dir))
     daemons = DirectMpsDaemons(config, start_timeout_s=10.0)
     yield daemons, config
     daemons.stop_all()
@@ -93,7 +93,7 @@ def test_cooperative_mode_without_a_ceiling_still_gets_a_server(
 def test_a_single_user_daemon_is_left_without_a_server(short_tmp_dir: str) -> None:
     """A single-user daemon's server runs as its first client's uid, unknown beforehand:
     nothing is started."""
-    config = replace(fake_mps_config(Path(short_tmp_dir)), multi_user="off")
+    config = replace(standin_mps_config(Path(short_tmp_dir)), multi_user="off")
     daemons = DirectMpsDaemons(config, start_timeout_s=10.0)
     try:
         info = daemons.start(node_gpu())
@@ -125,7 +125,7 @@ def test_a_server_that_does_not_start_is_reported(
     """When no server appears (something outside MPS holds the GPU), hold_gpu says so and
     what to do."""
     monkeypatch.setenv("FAKE_MPS_NO_SERVER", "1")
-    config = fake_mps_config(Path(short_tmp_dir))
+    config = standin_mps_config(Path(short_tmp_dir))
     daemons = DirectMpsDaemons(config, start_timeout_s=10.0)
     try:
         info = daemons.start(node_gpu())

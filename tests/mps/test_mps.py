@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.builders import write_fake_control
+from tests.builders import standin_mps_config
 from tests.harness import wait_until
 from tests.mps.test_mps_units import request_server
 from vgpu_agent.config.schema import MpsConfig
@@ -82,17 +82,9 @@ class FakeMps:
 def fake_mps(short_tmp_dir: str) -> Iterator[FakeMps]:
     """An MPS config whose control binary is the fake, with pipe/log roots in a temp dir."""
     root = Path(short_tmp_dir)
-    binary = root / "nvidia-cuda-mps-control"
-    write_fake_control(binary)
-    config = MpsConfig(
-        manager="direct",
-        pipe_root=str(root / "pipe"),
-        log_root=str(root / "log"),
-        control_binary=str(binary),
-        control_timeout_s=2.0,
-    )
+    config = standin_mps_config(root)
     yield FakeMps(root, config)
-    for pipe_dir in (root / "pipe").glob("*"):
+    for pipe_dir in Path(config.pipe_root).glob("*"):
         pid_file = pipe_dir / "nvidia-cuda-mps-control.pid"
         if pid_file.exists():
             _kill(int(pid_file.read_text()))
