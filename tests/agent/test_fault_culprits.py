@@ -22,7 +22,12 @@ import pytest
 from tests.builders import write_fake_control
 from tests.harness import AgentRun, agent_runs, make_config, scrape_metrics, wait_until
 from tests.mps.test_daemon_log import fatal_line, torn_down_line
-from tests.observability.test_observability_e2e import CONTAINER_ID, POD_UID, RESOURCE, _pods
+from tests.observability.test_observability_e2e import (
+    POD_UID,
+    RESOURCE,
+    _pods,
+    pod_process,
+)
 from vgpu_agent.agent.describe import fault_lines
 from vgpu_agent.agent.faults import (
     NAMED,
@@ -429,11 +434,7 @@ def test_an_agent_names_the_culprit_from_its_daemons_log_and_holds_a_repeat_offe
     (repeat_limit = 2; the line coming after the XID this time) holds the pod."""
     root = short_tmp_dir
     proc = tmp_path / "proc"
-    (proc / "4242").mkdir(parents=True)
-    (proc / "4242" / "cgroup").write_text(
-        f"0::/kubepods.slice/kubepods-pod{POD_UID.replace('-', '_')}.slice/"
-        f"cri-containerd-{CONTAINER_ID}.scope\n"
-    )
+    pod_process(proc, 4242)
     socket_path = f"{root}/pr/kubelet.sock"
     binary = write_fake_control(Path(root) / "nvidia-cuda-mps-control")
     config = make_config(

@@ -18,7 +18,11 @@ import pytest
 
 from tests.agent.test_fault_culprits import RecordingObserver
 from tests.harness import AgentRun, agent_runs, make_config, scrape_metrics, wait_until
-from tests.observability.test_observability_e2e import CONTAINER_ID, POD_UID, RESOURCE, _pods
+from tests.observability.test_observability_e2e import (
+    RESOURCE,
+    _pods,
+    pod_process,
+)
 from vgpu_agent.agent.faults import ApplicationFault, FaultEvent, FaultLog
 from vgpu_agent.agent.offenders import OffenderPolicy
 from vgpu_agent.config.schema import (
@@ -112,12 +116,8 @@ def test_a_fault_under_mps_is_an_event_of_its_gpu_naming_its_pods(
     more clients than vGPUs, status calls it unsafe and says the policy only reports it."""
     root = short_tmp_dir
     proc = tmp_path / "proc"
-    for pid in ("4242", "4343", "4444"):
-        (proc / pid).mkdir(parents=True)
-        (proc / pid / "cgroup").write_text(
-            f"0::/kubepods.slice/kubepods-pod{POD_UID.replace('-', '_')}.slice/"
-            f"cri-containerd-{CONTAINER_ID}.scope\n"
-        )
+    for pid in (4242, 4343, 4444):
+        pod_process(proc, pid)
     socket_path = f"{root}/pr/kubelet.sock"
     config = make_config(
         root,

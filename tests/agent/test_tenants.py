@@ -25,6 +25,7 @@ from click.testing import CliRunner
 from tests.builders import standin_mps_config
 from tests.harness import AgentRun, agent_runs, scrape_metrics, wait_until
 from tests.mps.test_daemon_log import fatal_line, torn_down_line
+from tests.observability.test_observability_e2e import POD_UID, RESOURCE, WAIT_S, pod_process
 from vgpu_agent.config.render import to_toml
 from vgpu_agent.config.schema import (
     AgentConfig,
@@ -50,10 +51,6 @@ from vgpu_agent.ops.cli.root import cli
 from vgpu_agent.standins.podresources import PodResourcesStandin, StandinContainer, StandinPod
 from vgpu_agent.standins.simulated import Simulation
 
-RESOURCE = "eks.amazonaws.com/vgpu"
-WAIT_S = 20.0
-POD_UID = "0f0e0d0c-0b0a-0908-0706-050403020100"
-CONTAINER_ID = "e" * 64
 #: The pod's four client processes, oldest first (their start times, in clock ticks).
 CLIENTS = {4242: 100, 4343: 200, 4444: 300, 4545: 400}
 TICKS_PER_S = 100
@@ -100,12 +97,7 @@ class Tenant:
     def start_client(self, pid: int) -> None:
         """Process ``pid`` of the pod connects to the MPS server and gets a context: the
         daemon lists it, NVML lists it, /proc shows its pod and start time."""
-        directory = self.root / "proc" / str(pid)
-        directory.mkdir(parents=True)
-        (directory / "cgroup").write_text(
-            f"0::/kubepods.slice/kubepods-pod{POD_UID.replace('-', '_')}.slice/"
-            f"cri-containerd-{CONTAINER_ID}.scope\n"
-        )
+        directory = pod_process(self.root / "proc", pid)
         ticks = CLIENTS[pid]
         (directory / "stat").write_text(
             f"{pid} (python3) S 1 {pid} {pid} 0 -1 0 0 0 0 0 5 1 0 0 20 0 3 0 {ticks} 0\n"

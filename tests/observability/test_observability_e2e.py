@@ -42,6 +42,18 @@ POD_UID = "0f0e0d0c-0b0a-0908-0706-050403020100"
 CONTAINER_ID = "e" * 64
 
 
+def pod_process(proc: Path, pid: int) -> Path:
+    """Make process ``pid`` under the /proc stand-in ``proc`` a process of the test pod's
+    container (its cgroup line); its directory."""
+    directory = proc / str(pid)
+    directory.mkdir(parents=True)
+    (directory / "cgroup").write_text(
+        f"0::/kubepods.slice/kubepods-pod{POD_UID.replace('-', '_')}.slice/"
+        f"cri-containerd-{CONTAINER_ID}.scope\n"
+    )
+    return directory
+
+
 def _pods(ids: list[str]) -> list[StandinPod]:
     return [StandinPod("ns", "web", POD_UID, (StandinContainer("app", RESOURCE, tuple(ids)),))]
 
@@ -70,11 +82,7 @@ def test_an_agent_attributes_memory_and_counts_events(
     """In process: a pod's MPS client memory, limits, strays, XIDs and Allocate latency."""
     root = short_tmp_dir
     proc = tmp_path / "proc"
-    (proc / "4242").mkdir(parents=True)
-    (proc / "4242" / "cgroup").write_text(
-        f"0::/kubepods.slice/kubepods-pod{POD_UID.replace('-', '_')}.slice/"
-        f"cri-containerd-{CONTAINER_ID}.scope\n"
-    )
+    pod_process(proc, 4242)
     socket_path = f"{root}/pr/kubelet.sock"
     features = tmp_path / "features.d"
     config = make_config(
