@@ -32,6 +32,7 @@ from vgpu_agent.frontends.deviceplugin.kubelet import register
 from vgpu_agent.frontends.deviceplugin.server import PluginServer, PluginServicer
 from vgpu_agent.model import node as node_model
 from vgpu_agent.model.devices import Inventory, ServedGpu
+from vgpu_agent.model.errors import MpsError
 from vgpu_agent.model.gpu import Gpu
 from vgpu_agent.mps.control import control_command
 from vgpu_agent.mps.daemons import DirectMpsDaemons
@@ -224,12 +225,15 @@ class Node:
         return pids
 
     def wait_for_clients(self, gpu_index: int, count: int, timeout_s: float = 60.0) -> None:
-        """Wait until the GPU's daemon serves at least ``count`` clients."""
+        """Wait until the GPU's daemon serves at least ``count`` clients; a control command
+        the daemon drops while clients connect ("Cannot send command") is asked again."""
         deadline = time.monotonic() + timeout_s
-        while len(self.client_pids(gpu_index)) < count:
-            if time.monotonic() > deadline:
-                pytest.fail(f"fewer than {count} MPS clients after {timeout_s:g} s")
+        while time.monotonic() < deadline:
+            with contextlib.suppress(MpsError):
+                if len(self.client_pids(gpu_index)) >= count:
+                    return
             time.sleep(0.1)
+        pytest.fail(f"fewer than {count} MPS clients after {timeout_s:g} s")
 
     def close(self) -> None:
         """Stop clients, the plugin server, the stand-in and every daemon."""

@@ -31,12 +31,12 @@ from typing import Any, Callable, Optional, Union
 
 import pytest
 
-from vgpu_agent.agent.faults import ApplicationFault, FaultEvent, FaultLog, SeenFault
+from vgpu_agent.agent.faults import ApplicationFault, FaultEvent, FaultLog, NoObserver, SeenFault
 from vgpu_agent.agent.health import HealthChange, HealthMonitor
 from vgpu_agent.agent.offenders import OffenderPolicy
 from vgpu_agent.config.schema import FaultsConfig, HealthConfig
 from vgpu_agent.model.errors import MpsError
-from vgpu_agent.model.pods import PodRef, PodsPresent
+from vgpu_agent.model.pods import PodRef
 from vgpu_agent.mps.daemon_log import daemon_logs_for
 from vgpu_agent.mps.directories import LOCK_FILE, daemon_pid
 from vgpu_agent.mps.liveness import process_state
@@ -168,22 +168,10 @@ def _report(client: Any) -> dict[str, Any]:
     return report
 
 
-def _wait_for_clients(node: Node, count: int, timeout_s: float = 60.0) -> None:
-    """Wait until GPU 0's daemon serves ``count`` clients; a control command the daemon
-    drops while clients connect ("Cannot send command") is asked again."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(MpsError):
-            if len(node.client_pids(0)) >= count:
-                return
-        time.sleep(0.2)
-    pytest.fail(f"fewer than {count} MPS clients after {timeout_s:g} s")
-
-
-class _LabelledPods:
+class _LabelledPods(NoObserver):
     """The fault log's observer on the GPU machine, which has no kubelet: each MPS client's
     pod is its client's ``--label`` (pod UID ``uid-<label>``), read from /proc the way the
-    attribution snapshot would hold it before the fault."""
+    attribution snapshot would hold it before the fault. Nothing is counted (no metrics)."""
 
     def __init__(self, gpu_uuid: str) -> None:
         self.gpu_uuid = gpu_uuid
@@ -214,21 +202,6 @@ class _LabelledPods:
                 label = words[words.index(b"--label") + 1].decode()
                 return PodRef(f"uid-{label}", label)
         return None
-
-    def pods_present(self) -> Optional[PodsPresent]:
-        return None
-
-    def record_fault(self, gpu_uuid: str, xid: int, pods: tuple[str, ...]) -> None:
-        """Not counted here."""
-
-    def record_culprit(self, gpu_uuid: str, pod: str) -> None:
-        """Not counted here."""
-
-    def record_offender(self, pod_uid: str, pod: str, held: bool) -> None:
-        """Not counted here."""
-
-    def release_offender(self, pod_uid: str) -> None:
-        """Not counted here."""
 
 
 def _daemon_output(node: Node) -> str:
@@ -287,11 +260,11 @@ def test_a_fault_under_mps_is_recorded_naming_every_pod_it_hit(make_node: NodeFa
             )
             for index in (0, 1)
         ]
-        _wait_for_clients(node, 2)
+        node.wait_for_clients(0, 2)
         faulter = node.start_client(
             node.allocate(0, 1, first=2), 1000, "faulter", ["--hold-s", "4", "--illegal-access"]
         )
-        _wait_for_clients(node, 3)
+        node.wait_for_clients(0, 3)
         pods.snapshot(node)
         print("clients before the fault:", pods.clients)
         faulter_pid = next(pid for pid, pod in pods.clients.items() if pod.name == "faulter")

@@ -52,7 +52,6 @@ from .test_tenants_gpu import (
     _grant_pods,
     _observability,
     _policy_config,
-    _wait_for_clients,
     pods,  # noqa: F401 - the fixture
 )
 
@@ -127,7 +126,7 @@ def test_a_repeat_offender_is_held_off_its_neighbours(
         try:
             # 1. Two long-running neighbours and the crasher.
             victims = [start(name, name, ["--hold-s", "60"]) for name in NEIGHBOURS[:2]]
-            _wait_for_clients(node, 2)
+            node.wait_for_clients(0, 2, timeout_s=90.0)
             crasher = start(f"{MULTI}-1", MULTI, ["--hold-s", "4", "--illegal-access"])
             first = next_fault()
             outcomes = {

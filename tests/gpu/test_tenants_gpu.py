@@ -23,7 +23,6 @@ with ``scripts/test-gpu -k tenants -s`` (``-s`` shows the JSON lines).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -41,7 +40,6 @@ from vgpu_agent.config.schema import (
     IsolationConfig,
     PluginConfig,
 )
-from vgpu_agent.model.errors import MpsError
 from vgpu_agent.mps.clients import end_client
 from vgpu_agent.observability.checkpoint import CHECKPOINT_NAME
 from vgpu_agent.observability.podresources import list_pod_resources
@@ -114,18 +112,6 @@ def _policy_config(node: Node, work_dir: Path, excess_clients: ExcessClients) ->
             clients_per_vgpu=1, excess_clients=excess_clients, check_interval_s=CHECK_INTERVAL_S
         ),
     )
-
-
-def _wait_for_clients(node: Node, count: int, timeout_s: float = 90.0) -> None:
-    """Wait until GPU 0's daemon serves ``count`` clients (a command the daemon drops while
-    clients connect is asked again)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(MpsError):
-            if len(node.client_pids(0)) >= count:
-                return
-        time.sleep(0.2)
-    pytest.fail(f"fewer than {count} MPS clients after {timeout_s:g} s")
 
 
 def _report(client: Client) -> dict[str, Any]:
@@ -209,7 +195,7 @@ def _run_tenants(
             start(f"{MULTI}-0", MULTI)
             for name in NEIGHBOURS:
                 start(name, name)
-            _wait_for_clients(node, 1 + len(NEIGHBOURS))
+            node.wait_for_clients(0, 1 + len(NEIGHBOURS), timeout_s=90.0)
             newest = [f"{MULTI}-{index}" for index in range(1, MULTI_PROCESSES)]
             started_newest = time.time()
             for label in newest:
